@@ -1,0 +1,215 @@
+"""The ``sam4med`` command line: one verb per stage, each a thin shell over a documented function."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import typer
+
+from sam4med.engine.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.")
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def _one_line_errors(command: F) -> F:
+    """Bad input ends the command with one line naming the file or argument, exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _configure_torch(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam (bundled), medsam, mobilesam, sam_vit_b/l/h.")]
+CheckpointOption = Annotated[Optional[Path], typer.Option(help="Weights file; required for every model but litemedsam.")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ...; default: CUDA when present.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for PyTorch (default: PyTorch's choice).")]
+
+
+@app.command()
+def models() -> None:
+    """List the registered models and how each preprocesses its input."""
+    from sam4med.engine.models import MODELS
+
+    for spec in MODELS.values():
+        weights = "bundled" if spec.bundled_checkpoint else "--checkpoint"
+        points = "points+boxes" if spec.takes_point_prompts else "boxes only"
+        typer.echo(f"{spec.name:11s} {spec.image_size:5d}px  {spec.resize:12s} {spec.normalisation:9s} "
+                   f"{points:12s} {weights:12s} {spec.description}")
+
+
+@app.command()
+@_one_line_errors
+def benchmark(
+    data: Annotated[list[Path], typer.Option(help="Data set folder(s) in the sam4med layout (repeatable).")],
+    out: Annotated[Path, typer.Option(help="Results folder (results.jsonl, protocol.json, overlays/).")],
+    model: ModelOption = "litemedsam",
+    checkpoint: CheckpointOption = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated prompt modes.")] = "",
+    mask_rule: Annotated[Optional[str], typer.Option(help="single, oracle (COSMOS) or iou (SAM-Med2D); default: the model's.")] = None,
+    seed: int = 0,
+    jitter: Annotated[float, typer.Option(help="box_jitter amount.")] = 5.0,
+    jitter_unit: Annotated[str, typer.Option(help="px or percent (of the box side).")] = "px",
+    jitter_kind: Annotated[str, typer.Option(help="corners, shift or scale.")] = "corners",
+    points_sampler: Annotated[str, typer.Option(help="stride (COSMOS) or random, for pointsK modes.")] = "stride",
+    negative_region: Annotated[str, typer.Option(help="double_box (COSMOS) or image (SAM-Med2D).")] = "double_box",
+    interactive_start: Annotated[str, typer.Option(help="box or point_center.")] = "box",
+    rounds: Annotated[int, typer.Option(help="Corrective clicks in interactive mode.")] = 5,
+    click_rule: Annotated[str, typer.Option(help="largest (RITM) or random (SAM-Med2D) error click.")] = "largest",
+    one_object: Annotated[bool, typer.Option(help="Treat each mask as one object instead of its connected components.")] = False,
+    max_objects: Annotated[int, typer.Option(help="Objects per image, drawn by seed when more (0: all).")] = 20,
+    max_images: Annotated[int, typer.Option(help="Images per data set (0: all).")] = 0,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache folder (re-runs skip the encoder).")] = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Evaluate a model on data sets under every prompt mode (COSMOS protocol); resumable."""
+    from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
+    from sam4med.evaluation.modes import DEFAULT_MODES, PromptSettings
+
+    _configure_torch(threads)
+    config = BenchmarkConfig(
+        model=model,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        modes=tuple(m.strip() for m in modes.split(",") if m.strip()) or DEFAULT_MODES,
+        mask_rule=mask_rule,
+        seed=seed,
+        as_one_object=one_object,
+        max_objects_per_image=max_objects or None,
+        max_images=max_images or None,
+        prompts=PromptSettings(jitter, jitter_unit, jitter_kind, points_sampler, negative_region,
+                               interactive_start, rounds, click_rule),
+    )
+    results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir)
+    _print_summary(results.parent)
+
+
+def _print_summary(results_dir: Path) -> None:
+    from rich.console import Console
+
+    from sam4med.evaluation.summary import failures, load_results, mean_table
+
+    frame = load_results(results_dir)
+    console = Console()
+    console.print("mean Dice (data set x mode):")
+    console.print(mean_table(frame, "dice").round(3).to_string())
+    failed = failures(frame)
+    if len(failed):
+        console.print(f"{len(failed)} image(s) failed; see {results_dir / 'results.jsonl'} (status = error)")
+
+
+@app.command()
+@_one_line_errors
+def report(results: Annotated[Path, typer.Argument(help="Results folder of a benchmark run.")]) -> None:
+    """Write tables (CSV) and an HTML report with plots and example overlays."""
+    from sam4med.evaluation.report import write_report
+
+    if not (results / "results.jsonl").exists():
+        raise InputError(f"{results}: no results.jsonl here (run `sam4med benchmark --out {results}` first)")
+    typer.echo(str(write_report(results)))
+
+
+@app.command()
+@_one_line_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo data, results and report go.")] = Path("runs/demo"),
+    threads: ThreadsOption = None,
+) -> None:
+    """The main job on the bundled default: LiteMedSAM, 9 prompt modes on an offline phantom data set."""
+    from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
+    from sam4med.evaluation.demo import build_demo_dataset
+    from sam4med.evaluation.report import write_report
+
+    _configure_torch(threads)
+    dataset = build_demo_dataset(out / "data")
+    results = run_benchmark([dataset], out / "results", BenchmarkConfig(max_objects_per_image=4))
+    _print_summary(results.parent)
+    typer.echo(f"report: {write_report(results.parent)}")
+
+
+def _parse_point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--point '{text}': expected X,Y") from None
+    return x, y
+
+
+@app.command()
+@_one_line_errors
+def segment(
+    image: Annotated[Path, typer.Argument(help="Image file (PNG, JPG, TIFF; 8/16 bit; gray, RGB or RGBA).")],
+    out: Annotated[Path, typer.Option(help="Output mask PNG (0/255).")],
+    box: Annotated[Optional[tuple[float, float, float, float]], typer.Option(help="x0 y0 x1 y1 in pixels.")] = None,
+    point: Annotated[Optional[list[str]], typer.Option(help="X,Y in pixels (repeatable).")] = None,
+    label: Annotated[Optional[list[int]], typer.Option(help="1 (object) or 0 (background) per --point.")] = None,
+    overlay: Annotated[Optional[Path], typer.Option(help="Also write the mask drawn over the image.")] = None,
+    model: ModelOption = "litemedsam",
+    checkpoint: CheckpointOption = None,
+    mask_rule: Annotated[Optional[str], typer.Option(help="single or iou; default: the model's.")] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Segment one object in one image from a box and/or points."""
+    import numpy as np
+    from PIL import Image
+
+    from sam4med.engine.data import read_image
+    from sam4med.engine.models import load_model
+    from sam4med.engine.predictor import Predictor
+    from sam4med.engine.prompts import Prompt
+    from sam4med.engine.segment import segment_image
+
+    points = [_parse_point(p) for p in point or []]
+    if label and len(label) != len(points):
+        raise InputError(f"--label given {len(label)} times for {len(points)} --point")
+    prompt = Prompt(points=points or None, labels=label or None, box=box)
+    pixels = read_image(image)
+    mask = segment_image(Predictor(load_model(model, checkpoint, device)), pixels, prompt, mask_rule)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((mask * 255).astype(np.uint8)).save(out)
+    if overlay:
+        from sam4med.evaluation.report import write_overlay
+
+        write_overlay(overlay, pixels, mask, [{"mode": "segment", "object": 0, "_mask": mask}])
+    typer.echo(f"{out}: {int(mask.sum())} foreground pixels")
+
+
+@app.command("segment-volume")
+@_one_line_errors
+def segment_volume_command(
+    volume: Annotated[Path, typer.Argument(help="NIfTI, NRRD, MHA or a DICOM series folder.")],
+    box3d: Annotated[tuple[float, float, float, float, float, float], typer.Option(help="x0 y0 z0 x1 y1 z1 (voxels).")],
+    out: Annotated[Path, typer.Option(help="Output label volume (.nii.gz, .nrrd, ...), aligned with the input.")],
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    model: ModelOption = "litemedsam",
+    checkpoint: CheckpointOption = None,
+    device: DeviceOption = None,
+) -> None:
+    """Segment one object in a volume from a 3D box, propagated slice by slice from the middle."""
+    from sam4med.engine.models import load_model
+    from sam4med.engine.predictor import Predictor
+    from sam4med.engine.segment import segment_volume
+    from sam4med.engine.volumes import read_volume, window, write_label_volume
+
+    image = read_volume(volume)
+    windowed = window(image.array, lower_percentile, upper_percentile)
+    labels = segment_volume(Predictor(load_model(model, checkpoint, device)), list(windowed), box3d)
+    write_label_volume(labels.astype("uint8"), image, out)
+    typer.echo(f"{out}: {int(labels.sum())} foreground voxels in {int(labels.any(axis=(1, 2)).sum())} slices")

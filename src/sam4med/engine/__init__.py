@@ -1,0 +1,1 @@
+"""The shared engine: model registry, predictor, prompts, everything mode, metrics and data."""

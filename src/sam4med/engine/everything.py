@@ -1,0 +1,202 @@
+"""Everything mode: every object SAM finds in an image without a user prompt.
+
+Two proposal sources, one filter chain:
+
+- ``points``: SAM's automatic mask generator recipe (a regular point grid, 3 masks per point)
+  for models that follow point prompts.
+- ``boxes``: for box-only medical models such as LiteMedSAM, which return empty masks for
+  point-only prompts. Proposals are sliding windows at several scales plus the boxes of regions
+  of a graph-based over-segmentation of the image (Felzenszwalb), so that boxes land on
+  structures rather than only on a grid. Each kept mask is re-prompted once with its own tight
+  box, since these models were trained on tight boxes.
+
+Both are filtered by predicted IoU and stability score (SAM's definitions) and de-duplicated by
+non-maximum suppression on mask IoU, highest score first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+import torch
+from skimage.segmentation import felzenszwalb
+from skimage.transform import resize as sk_resize
+from scipy import ndimage
+
+from sam4med.engine.models import Decoded
+from sam4med.engine.predictor import Predictor
+from sam4med.engine.prompts import Prompt
+
+Method = Literal["auto", "points", "boxes"]
+
+
+@dataclass
+class EverythingSettings:
+    """All knobs of everything mode; ``record()`` is stored with every result."""
+
+    method: Method = "auto"
+    points_per_side: int = 16
+    pred_iou_thresh: float | None = None  # None: 0.88 for points (SAM), 0.8 for boxes
+    stability_thresh: float | None = None  # None: 0.92 for points (SAM: 0.95), 0.8 for boxes
+    stability_offset: float = 1.0
+    nms_thresh: float = 0.7
+    min_area_fraction: float = 0.0005
+    max_area_fraction: float = 0.95
+    box_scales: tuple[float, ...] = (0.5,)
+    box_overlap: float = 0.5
+    region_proposals: int = 16
+    refine_boxes: bool = True
+
+    def resolved(self, model_takes_points: bool) -> EverythingSettings:
+        """A copy with ``auto`` and the per-method thresholds made explicit (what gets recorded).
+
+        LiteMedSAM's predicted IoU and stability barely rank its box proposals (Spearman 0.2 with
+        Dice on Kvasir-SEG), so box mode uses looser thresholds and leaves the rest to NMS.
+        """
+        method = self.method if self.method != "auto" else ("points" if model_takes_points else "boxes")
+        points = method == "points"
+        return replace(
+            self,
+            method=method,
+            pred_iou_thresh=self.pred_iou_thresh if self.pred_iou_thresh is not None else (0.88 if points else 0.8),
+            stability_thresh=self.stability_thresh if self.stability_thresh is not None else (0.92 if points else 0.8),
+        )
+
+    def record(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass
+class ProposedMask:
+    mask: np.ndarray
+    predicted_iou: float
+    stability: float
+    prompt: Prompt = field(repr=False)
+
+    @property
+    def score(self) -> float:
+        return self.predicted_iou * self.stability
+
+
+def stability_score(logits: torch.Tensor, offset: float) -> torch.Tensor:
+    """SAM's stability: IoU of the masks thresholded at +offset and -offset (logits (N, H, W))."""
+    high = (logits > offset).flatten(1).sum(1).float()
+    low = (logits > -offset).flatten(1).sum(1).float()
+    return torch.where(low > 0, high / low.clamp(min=1), torch.zeros_like(low))
+
+
+def point_grid(size: tuple[int, int], per_side: int) -> np.ndarray:
+    """A regular grid of pixel-centre points (SAM's ``build_point_grid``) scaled to the image."""
+    offsets = (np.arange(per_side) + 0.5) / per_side
+    xs, ys = np.meshgrid(offsets * size[1], offsets * size[0])
+    return np.stack([xs.ravel(), ys.ravel()], axis=1).clip(0, np.array([size[1] - 1, size[0] - 1]))
+
+
+def window_boxes(size: tuple[int, int], scales: tuple[float, ...], overlap: float) -> list[np.ndarray]:
+    """Square-ish sliding windows of each scale (a fraction of each side), whole image included."""
+    height, width = size
+    boxes = [np.array([0, 0, width - 1, height - 1], dtype=np.float32)]
+    for scale in scales:
+        box_w, box_h = scale * width, scale * height
+        step_w, step_h = box_w * (1 - overlap), box_h * (1 - overlap)
+        for y0 in np.arange(0, height - box_h + 1e-6, step_h):
+            for x0 in np.arange(0, width - box_w + 1e-6, step_w):
+                boxes.append(np.array([x0, y0, x0 + box_w - 1, y0 + box_h - 1], dtype=np.float32))
+    return boxes
+
+
+def region_boxes(image: np.ndarray, count: int, min_area_fraction: float) -> list[np.ndarray]:
+    """Boxes of the ``count`` largest regions of a Felzenszwalb over-segmentation (at <=256 px)."""
+    if count <= 0:
+        return []
+    height, width = image.shape[:2]
+    factor = min(1.0, 256 / max(height, width))
+    small = image if factor == 1.0 else (sk_resize(image, (round(height * factor), round(width * factor)),
+                                                   anti_aliasing=True, preserve_range=True)).astype(np.uint8)
+    segments = felzenszwalb(small, scale=200, sigma=0.8, min_size=max(20, int(small.size / 3 * min_area_fraction)))
+    sizes = np.bincount(segments.ravel())
+    boxes = []
+    for label in np.argsort(sizes)[::-1]:
+        if sizes[label] > 0.5 * segments.size:  # the background region boxes the whole image
+            continue
+        slices = ndimage.find_objects((segments == label).astype(np.int32))[0]
+        y, x = slices
+        boxes.append(np.array([x.start, y.start, x.stop - 1, y.stop - 1], dtype=np.float32) / factor)
+        if len(boxes) == count:
+            break
+    return [np.minimum(b, [width - 1, height - 1, width - 1, height - 1]).astype(np.float32) for b in boxes]
+
+
+def _candidates(decoded: Decoded, prompts: list[Prompt], settings: EverythingSettings) -> list[ProposedMask]:
+    logits = decoded.logits  # (B, M, H, W)
+    batch, outputs = logits.shape[:2]
+    flat = logits.flatten(0, 1)
+    ious = decoded.iou.flatten()
+    stability = stability_score(flat, settings.stability_offset)
+    area_total = flat.shape[-1] * flat.shape[-2]
+    areas = (flat > 0).flatten(1).sum(1).float() / area_total
+    keep = (
+        (ious >= settings.pred_iou_thresh)
+        & (stability >= settings.stability_thresh)
+        & (areas >= settings.min_area_fraction)
+        & (areas <= settings.max_area_fraction)
+    )
+    return [
+        ProposedMask((flat[i] > 0).cpu().numpy(), float(ious[i]), float(stability[i]), prompts[i // outputs])
+        for i in torch.nonzero(keep).flatten().tolist()
+    ]
+
+
+def mask_nms(candidates: list[ProposedMask], threshold: float) -> list[ProposedMask]:
+    """Greedy NMS on mask IoU, best score first (masks, not boxes, so nested organs survive)."""
+    kept: list[ProposedMask] = []
+    for candidate in sorted(candidates, key=lambda c: c.score, reverse=True):
+        area = candidate.mask.sum()
+        duplicate = False
+        for other in kept:
+            intersection = np.logical_and(candidate.mask, other.mask).sum()
+            if intersection / (area + other.mask.sum() - intersection) > threshold:
+                duplicate = True
+                break
+        if not duplicate:
+            kept.append(candidate)
+    return kept
+
+
+def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: EverythingSettings) -> list[ProposedMask]:
+    """Re-prompt each candidate with its mask's tight box; keep whichever scores higher."""
+    if not candidates:
+        return candidates
+    prompts = []
+    for candidate in candidates:
+        ys, xs = np.nonzero(candidate.mask)
+        prompts.append(Prompt(box=[xs.min(), ys.min(), xs.max(), ys.max()]))
+    refined = predictor.predict(prompts, multimask=False)
+    stability = stability_score(refined.logits[:, 0], settings.stability_offset)
+    results = []
+    for i, candidate in enumerate(candidates):
+        new = ProposedMask((refined.logits[i, 0] > 0).cpu().numpy(), float(refined.iou[i, 0]),
+                           float(stability[i]), prompts[i])
+        results.append(new if new.score >= candidate.score and new.mask.any() else candidate)
+    return results
+
+
+def generate_masks(predictor: Predictor, image: np.ndarray, settings: EverythingSettings | None = None) -> list[ProposedMask]:
+    """All masks of everything mode for one image, best score first."""
+    settings = (settings or EverythingSettings()).resolved(predictor.model.spec.takes_point_prompts)
+    predictor.set_image(image)
+    size = image.shape[:2]
+    if settings.method == "points":
+        prompts = [Prompt(points=[p], labels=[1]) for p in point_grid(size, settings.points_per_side)]
+        candidates = _candidates(predictor.predict(prompts, multimask=True), prompts, settings)
+    else:
+        boxes = window_boxes(size, settings.box_scales, settings.box_overlap)
+        boxes += region_boxes(image, settings.region_proposals, settings.min_area_fraction)
+        prompts = [Prompt(box=b) for b in boxes]
+        candidates = _candidates(predictor.predict(prompts, multimask=False), prompts, settings)
+        candidates = mask_nms(candidates, settings.nms_thresh)
+        if settings.refine_boxes:
+            candidates = _refine(predictor, candidates, settings)
+    return mask_nms(candidates, settings.nms_thresh)

@@ -1,0 +1,98 @@
+"""A predictor that encodes each image once and serves every prompt from that embedding.
+
+An optional on-disk cache makes re-runs skip the encoder: the key covers the model, its weights'
+sha256, the preprocessing and the image's pixels, so a changed image or model never hits a stale
+entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sam4med.engine.models import Decoded, Embedding, SamModel
+from sam4med.engine.prompts import Prompt
+
+
+class EmbeddingCache:
+    """Image embeddings stored as one ``.pt`` file per key (written atomically)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(model: SamModel, image: np.ndarray) -> str:
+        digest = hashlib.sha256(json.dumps(model.protocol(), sort_keys=True).encode())
+        digest.update(str(image.shape).encode())
+        digest.update(np.ascontiguousarray(image).tobytes())
+        return digest.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.pt"
+
+    def load(self, key: str, device: torch.device) -> torch.Tensor | None:
+        path = self._path(key)
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location=device, weights_only=True)
+        except Exception:  # a truncated entry (killed mid-write elsewhere) is recomputed
+            path.unlink(missing_ok=True)
+            return None
+
+    def store(self, key: str, features: torch.Tensor) -> None:
+        path = self._path(key)
+        partial = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(features.detach().cpu(), partial)
+        partial.replace(path)
+
+
+class Predictor:
+    """Holds one image's embedding; ``predict`` decodes any number of prompts against it."""
+
+    def __init__(self, model: SamModel, cache: EmbeddingCache | None = None, batch_size: int = 16):
+        self.model = model
+        self.cache = cache
+        self.batch_size = batch_size
+        self.embedding: Embedding | None = None
+        self.image: np.ndarray | None = None
+        self.encoder_calls = 0
+
+    def set_image(self, image: np.ndarray) -> Embedding:
+        """Encode ``image`` (or load its cached embedding); a no-op for the image already set."""
+        if image is self.image and self.embedding is not None:
+            return self.embedding
+        self.image = image
+        key = self.cache.key(self.model, image) if self.cache else None
+        features = self.cache.load(key, self.model.device) if self.cache else None
+        if features is None:
+            self.embedding = self.model.encode(image)
+            self.encoder_calls += 1
+            if self.cache:
+                self.cache.store(key, self.embedding.features)
+        else:
+            self.embedding = Embedding(features, self.model.geometry(image.shape[:2]))
+        return self.embedding
+
+    def predict(
+        self, prompts: Sequence[Prompt], mask_input: torch.Tensor | None = None, multimask: bool = False
+    ) -> Decoded:
+        """Decode prompts of one structure in batches of ``batch_size`` (bounded memory)."""
+        if self.embedding is None:
+            raise RuntimeError("call set_image before predict")
+        parts = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk_mask = None if mask_input is None else mask_input[start : start + self.batch_size]
+            parts.append(self.model.decode(self.embedding, prompts[start : start + self.batch_size],
+                                           chunk_mask, multimask))
+        if len(parts) == 1:
+            return parts[0]
+        return Decoded(torch.cat([p.low_res for p in parts]), torch.cat([p.iou for p in parts]),
+                       self.embedding.geometry, self.model)

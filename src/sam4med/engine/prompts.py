@@ -1,0 +1,234 @@
+"""Prompt simulation from ground-truth masks, seeded, with every parameter recorded.
+
+Coordinates are in original image pixels: points are (x, y) pixel indices, boxes are
+(x0, y0, x1, y1) with inclusive pixel indices, as ``segment_anything`` takes them.
+The samplers follow the published protocols they are named after:
+
+- COSMOS 1050K (Huang et al. 2024): centroid point, stride sampling of k points, negatives
+  from the box doubled about its centre, oracle mask selection.
+- SAM-Med2D (Cheng et al. 2023): negatives from the whole background, random error clicks,
+  mask selected by predicted IoU.
+- RITM (Sofiiuk et al. 2022): the next click at the interior point of the largest error region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+from sam4med.engine.errors import InputError
+
+JitterKind = Literal["corners", "shift", "scale"]
+JitterUnit = Literal["px", "percent"]
+NegativeRegion = Literal["double_box", "image"]
+
+
+@dataclass
+class Prompt:
+    """Points and/or a box for one object; ``labels`` are 1 (foreground) or 0 (background)."""
+
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    box: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.points is not None:
+            self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
+            labels = np.ones(len(self.points)) if self.labels is None else self.labels
+            self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+            if len(self.labels) != len(self.points):
+                raise InputError(f"{len(self.points)} points but {len(self.labels)} labels")
+        if self.box is not None:
+            self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
+            if self.box[2] < self.box[0] or self.box[3] < self.box[1]:
+                raise InputError(f"box {self.box.tolist()} must be x0 y0 x1 y1 with x0 <= x1 and y0 <= y1")
+        if self.points is None and self.box is None:
+            raise InputError("a prompt needs points, a box, or both")
+
+    @property
+    def structure(self) -> str:
+        """Prompts decode together in one batch only when their structures match."""
+        n_points = 0 if self.points is None else len(self.points)
+        return f"box={self.box is not None},points={n_points}"
+
+    def check_inside(self, size: tuple[int, int]) -> None:
+        height, width = size
+        coords = []
+        if self.points is not None:
+            coords.append(self.points)
+        if self.box is not None:
+            coords.append(self.box.reshape(2, 2))
+        xy = np.concatenate(coords)
+        if (xy < 0).any() or (xy[:, 0] > width - 1).any() or (xy[:, 1] > height - 1).any():
+            raise InputError(f"prompt {self.to_record()} lies outside the {width}x{height} image")
+
+    def add_point(self, xy: tuple[float, float], label: int) -> Prompt:
+        points = np.asarray([xy], dtype=np.float32)
+        labels = np.asarray([label])
+        if self.points is not None:
+            points = np.concatenate([self.points, points])
+            labels = np.concatenate([self.labels, labels])
+        return Prompt(points, labels, self.box)
+
+    def to_record(self) -> dict[str, list]:
+        record: dict[str, list] = {}
+        if self.points is not None:
+            record["points"] = self.points.round(2).tolist()
+            record["labels"] = self.labels.tolist()
+        if self.box is not None:
+            record["box"] = self.box.round(2).tolist()
+        return record
+
+
+# --- points --------------------------------------------------------------------------------
+def centroid_point(mask: np.ndarray) -> tuple[float, float]:
+    """Centre of mass (COSMOS); it can fall outside a non-convex object, which COSMOS accepted."""
+    y, x = ndimage.center_of_mass(mask)
+    return float(round(x)), float(round(y))
+
+
+def center_point(mask: np.ndarray) -> tuple[float, float]:
+    """The interior point farthest from the boundary: always inside the object."""
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return float(x), float(y)
+
+
+def random_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k foreground pixels drawn uniformly (with replacement only when the object is smaller than k)."""
+    ys, xs = np.nonzero(mask)
+    index = rng.choice(len(ys), size=k, replace=len(ys) < k)
+    return np.stack([xs[index], ys[index]], axis=1).astype(np.float32)
+
+
+def stride_points(mask: np.ndarray, k: int) -> np.ndarray:
+    """COSMOS stride sampling: k evenly spaced pixels of the raster-ordered foreground list."""
+    ys, xs = np.nonzero(mask)
+    index = np.linspace(0, len(ys) - 1, num=k + 2)[1:-1].round().astype(int)
+    return np.stack([xs[index], ys[index]], axis=1).astype(np.float32)
+
+
+def negative_points(
+    object_mask: np.ndarray,
+    foreground: np.ndarray,
+    k: int,
+    rng: np.random.Generator,
+    region: NegativeRegion = "double_box",
+) -> np.ndarray:
+    """k background pixels: inside the object's box doubled about its centre (COSMOS) or anywhere
+    in the image (SAM-Med2D). ``foreground`` (all objects) is excluded so negatives are true
+    background; falls back to the whole image when the doubled box holds no background."""
+    background = ~foreground
+    if region == "double_box":
+        x0, y0, x1, y1 = tight_box(object_mask)
+        half_w, half_h = (x1 - x0 + 1), (y1 - y0 + 1)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        window = np.zeros_like(background)
+        height, width = background.shape
+        window[max(0, int(cy - half_h)) : min(height, int(cy + half_h) + 1),
+               max(0, int(cx - half_w)) : min(width, int(cx + half_w) + 1)] = True
+        if (background & window).any():
+            background = background & window
+    if not background.any():
+        raise InputError("no background pixel to place a negative point on")
+    return random_points(background, k, rng)
+
+
+# --- boxes ---------------------------------------------------------------------------------
+def tight_box(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        raise InputError("cannot place a box on an empty mask")
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+
+
+def jitter_box(
+    box: np.ndarray,
+    image_size: tuple[int, int],
+    rng: np.random.Generator,
+    amount: float,
+    unit: JitterUnit = "px",
+    kind: JitterKind = "corners",
+) -> np.ndarray:
+    """Perturb a box by up to ``amount`` pixels or percent of its side, clipped to the image.
+
+    ``corners`` moves each coordinate independently (SAM-Med2D's and SAM-UNet's rule, up to 5 px),
+    ``shift`` translates the whole box, ``scale`` grows or shrinks it about its centre.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    width, height = x1 - x0 + 1, y1 - y0 + 1
+    limit = np.array([width, height, width, height]) * amount / 100 if unit == "percent" else np.full(4, amount)
+    if kind == "corners":
+        delta = rng.uniform(-1, 1, size=4) * limit
+    elif kind == "shift":
+        dx, dy = rng.uniform(-1, 1, size=2) * limit[:2]
+        delta = np.array([dx, dy, dx, dy])
+    else:
+        grow_x, grow_y = rng.uniform(-1, 1, size=2) * limit[:2] / 2
+        delta = np.array([-grow_x, -grow_y, grow_x, grow_y])
+    jittered = np.array([x0, y0, x1, y1]) + delta
+    height_px, width_px = image_size
+    jittered[[0, 2]] = np.clip(jittered[[0, 2]], 0, width_px - 1)
+    jittered[[1, 3]] = np.clip(jittered[[1, 3]], 0, height_px - 1)
+    jittered[2] = max(jittered[2], jittered[0])
+    jittered[3] = max(jittered[3], jittered[1])
+    return jittered.astype(np.float32)
+
+
+# --- mask selection --------------------------------------------------------------------------
+def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Plain Dice for selection and click loops (both empty counts as 1)."""
+    total = pred.sum() + gt.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(pred, gt).sum() / total)
+
+
+def select_mask(masks: np.ndarray, predicted_iou: np.ndarray, rule: str, gt: np.ndarray | None = None) -> int:
+    """Index of the output to keep among a prompt's masks (M, H, W).
+
+    ``oracle``: best Dice against ground truth (COSMOS); ``iou``: highest predicted IoU (SAM-Med2D);
+    ``single``: the model's single-mask output, so M must be 1.
+    """
+    if rule == "single":
+        if len(masks) != 1:
+            raise InputError(f"mask rule 'single' expects 1 output, got {len(masks)}")
+        return 0
+    if rule == "iou":
+        return int(np.argmax(predicted_iou))
+    if rule == "oracle":
+        if gt is None:
+            raise InputError("mask rule 'oracle' needs the ground truth")
+        return int(np.argmax([dice_score(mask, gt) for mask in masks]))
+    raise InputError(f"unknown mask rule '{rule}'; use single, oracle or iou")
+
+
+# --- interactive correction ------------------------------------------------------------------
+def error_click(
+    pred: np.ndarray, gt: np.ndarray, rng: np.random.Generator, rule: Literal["largest", "random"] = "largest"
+) -> tuple[tuple[float, float], int] | None:
+    """Next corrective click: ((x, y), label), or None when the prediction is perfect.
+
+    ``largest`` (RITM): the interior point of the largest error region, positive where the
+    object was missed and negative on a false positive. ``random`` (SAM-Med2D): a uniformly drawn
+    error pixel, labelled by what it should be.
+    """
+    missed, extra = gt & ~pred, pred & ~gt
+    if not (missed.any() or extra.any()):
+        return None
+    if rule == "random":
+        errors = missed | extra
+        (x, y), = random_points(errors, 1, rng)
+        return (float(x), float(y)), int(gt[int(y), int(x)])
+    best: tuple[float, np.ndarray, int] | None = None
+    for region, label in ((missed, 1), (extra, 0)):
+        labels, count = ndimage.label(region, structure=np.ones((3, 3)))
+        if count == 0:
+            continue
+        sizes = np.bincount(labels.ravel())[1:]
+        largest = int(np.argmax(sizes)) + 1
+        if best is None or sizes[largest - 1] > best[0]:
+            best = (sizes[largest - 1], labels == largest, label)
+    assert best is not None
+    return center_point(best[1]), best[2]

@@ -1,0 +1,292 @@
+"""3D input: reading volumes (NIfTI, NRRD, MetaImage, DICOM series), windowing and slicing them
+for 8-bit 2D models, and writing label volumes back on the same grid.
+
+Arrays are in numpy order (z, y, x) and ``Volume.spacing`` follows that order, so
+``array.shape[i]`` and ``spacing[i]`` always belong together. ``origin`` and ``direction`` stay
+in ITK's physical (x, y, z) convention, unchanged from the file, so that a written label
+volume lands exactly on the image in any viewer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from sam4med.engine.errors import InputError
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+@dataclass
+class Volume:
+    """A scalar 3D image: ``array`` (z, y, x) float32, ``spacing`` (z, y, x) in mm,
+    ``origin`` (x, y, z) in mm and ``direction`` (3x3 row-major) as ITK gives them."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    path: Path | None = None
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read a volume file, or a folder holding a DICOM series (the series with most slices)."""
+    path = Path(path)
+    image = _read_itk(path)
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise InputError(f"{path}: volume contains {bad} NaN or inf voxels")
+    return Volume(
+        array=array,
+        spacing=_zyx(image.GetSpacing()),
+        origin=tuple(float(v) for v in image.GetOrigin()),
+        direction=tuple(float(v) for v in image.GetDirection()),
+        path=path,
+    )
+
+
+def read_label_volume(path: str | Path, like: Volume | None = None) -> np.ndarray:
+    """Read a label volume as an integer array (z, y, x) in its stored type (float files with
+    whole values become int32); with ``like``, check that it lies on the same voxel grid as
+    that image, since labels off the grid would be misaligned."""
+    path = Path(path)
+    image = _read_itk(path)
+    labels = sitk.GetArrayFromImage(image)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
+            raise InputError(f"{path}: label volume has non-integer values")
+        labels = labels.astype(np.int32)
+    if like is not None:
+        _check_same_grid(path, labels.shape, image, like)
+    return labels
+
+
+def write_label_volume(labels: np.ndarray, like: Volume, path: str | Path) -> Path:
+    """Write labels with the spacing, origin and direction of ``like``, so that the segmentation
+    opens aligned with its image in a viewer. The smallest fitting integer type is used."""
+    path = Path(path)
+    labels = np.asarray(labels)
+    if labels.shape != like.array.shape:
+        raise InputError(f"{path}: labels have shape {labels.shape} but the image volume has {like.array.shape}")
+    if not _has_volume_suffix(path):
+        raise InputError(f"{path}: unknown volume extension (expected one of {', '.join(VOLUME_SUFFIXES)})")
+    if not (labels.dtype == bool or np.issubdtype(labels.dtype, np.integer)):
+        raise InputError(f"{path}: labels must be bool or integer, not {labels.dtype}")
+    image = sitk.GetImageFromArray(labels.astype(_label_dtype(labels)))
+    image.SetSpacing(tuple(reversed(like.spacing)))
+    image.SetOrigin(like.origin)
+    image.SetDirection(like.direction)
+    try:
+        sitk.WriteImage(image, str(path), useCompression=True)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: cannot write label volume ({_itk_reason(exc)})") from exc
+    return path
+
+
+def window(
+    array: np.ndarray,
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    *,
+    level_width: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Map intensities to uint8 for models trained on 8-bit photos.
+
+    By default the window is the [0.5, 99.5] percentile range of the whole array (one window
+    for a whole volume keeps slices comparable; the percentiles ignore a few extreme voxels
+    that would otherwise squash the contrast). If that range is empty (a nearly constant
+    image) the min-max range is used, and a constant array maps to 0. ``level_width`` gives a
+    fixed window instead, such as a CT window in HU: (40, 400) for soft tissue.
+    """
+    values = np.asarray(array, dtype=np.float32)
+    if values.size == 0:
+        raise InputError("window: array is empty")
+    if not np.isfinite(values).all():
+        raise InputError("window: array contains NaN or inf values")
+    if level_width is not None:
+        level, width = level_width
+        if width <= 0:
+            raise InputError(f"window: width must be positive, got level_width={level_width}")
+        low, high = level - width / 2, level + width / 2
+    else:
+        if not 0 <= lower_percentile < upper_percentile <= 100:
+            raise InputError(
+                f"window: need 0 <= lower_percentile < upper_percentile <= 100, "
+                f"got {lower_percentile} and {upper_percentile}"
+            )
+        low, high = np.percentile(values, [lower_percentile, upper_percentile])
+        if high <= low:
+            low, high = values.min(), values.max()
+        if high <= low:
+            return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
+
+
+def slices(volume_array: np.ndarray, axis: int = 0) -> Iterator[np.ndarray]:
+    """The 2D slices (views) of a (z, y, x) array across ``axis``: 0 axial, 1 coronal, 2 sagittal."""
+    array = np.asarray(volume_array)
+    if array.ndim != 3:
+        raise InputError(f"slices: expected a 3D array, got shape {array.shape}")
+    return iter(np.moveaxis(array, _axis(axis), 0))
+
+
+def slice_spacing(spacing: tuple[float, float, float], axis: int) -> tuple[float, float]:
+    """The (row, column) pixel spacing of the slices that ``slices(array, axis)`` yields."""
+    if len(spacing) != 3:
+        raise InputError(f"slice_spacing: expected a (z, y, x) spacing, got {tuple(spacing)}")
+    kept = [float(s) for i, s in enumerate(spacing) if i != _axis(axis)]
+    return kept[0], kept[1]
+
+
+def _read_itk(path: Path) -> sitk.Image:
+    """One scalar 3D ITK image from a file or DICOM folder, every failure as InputError."""
+    if path.is_dir():
+        image = _read_dicom_series(path)
+    elif not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    elif not _has_volume_suffix(path):
+        raise InputError(
+            f"{path}: unknown volume extension (expected one of {', '.join(VOLUME_SUFFIXES)}, or a DICOM folder)"
+        )
+    else:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_length(path)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise InputError(f"{path}: cannot read volume ({_itk_reason(exc)})") from exc
+    if image.GetDimension() != 3:
+        raise InputError(f"{path}: image is {image.GetDimension()}D; a volume must be 3D")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise InputError(f"{path}: {components} components per voxel; a volume must be scalar")
+    return image
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    """The series with the most files (first series UID on ties): folders often hold scouts too."""
+    series = sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    if not series:
+        raise InputError(f"{folder}: no DICOM series found in the folder")
+    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series), key=len)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{folder}: cannot read DICOM series ({_itk_reason(exc)})") from exc
+    _check_even_slices(folder, reader, image)
+    return image
+
+
+def _check_even_slices(folder: Path, reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
+    """A slice that GDCM could not parse (a truncated file) silently leaves a gap and ITK
+    only prints a warning; the volume's z spacing would then be wrong, so refuse it."""
+    key = "0020|0032"  # Image Position (Patient)
+    count = len(reader.GetFileNames())
+    if count < 3 or not all(reader.HasMetaDataKey(i, key) for i in range(count)):
+        return
+    normal = np.asarray(image.GetDirection()).reshape(3, 3)[:, 2]
+    positions = np.array([[float(v) for v in reader.GetMetaData(i, key).split("\\")] for i in range(count)])
+    steps = np.diff(np.sort(positions @ normal))
+    if steps.max() - steps.min() > 0.01 * np.median(steps) + 1e-3:
+        raise InputError(
+            f"{folder}: DICOM series has missing or unevenly spaced slices "
+            f"(steps from {steps.min():.3g} to {steps.max():.3g} mm)"
+        )
+
+
+def _check_same_grid(path: Path, shape: tuple[int, ...], image: sitk.Image, like: Volume) -> None:
+    if shape != like.array.shape:
+        raise InputError(f"{path}: label volume has shape {shape} but the image volume has {like.array.shape}")
+    for what, mine, theirs in (
+        ("spacing", _zyx(image.GetSpacing()), like.spacing),
+        ("origin", image.GetOrigin(), like.origin),
+        ("direction", image.GetDirection(), like.direction),
+    ):
+        if not np.allclose(mine, theirs, rtol=1e-4, atol=1e-3):
+            raise InputError(
+                f"{path}: label volume {what} {_rounded(mine)} differs from the image's {_rounded(theirs)}"
+            )
+
+
+def _label_dtype(labels: np.ndarray) -> type:
+    if labels.size == 0 or labels.dtype == bool:
+        return np.uint8
+    low, high = int(labels.min()), int(labels.max())
+    if low >= 0:
+        return np.uint8 if high < 2**8 else np.uint16 if high < 2**16 else np.uint32
+    return np.int16 if -(2**15) <= low and high < 2**15 else np.int32
+
+
+def _has_volume_suffix(path: Path) -> bool:
+    return path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def _axis(axis: int) -> int:
+    if not -3 <= axis <= 2:
+        raise InputError(f"axis must be 0, 1 or 2 for a (z, y, x) volume, got {axis}")
+    return axis % 3
+
+
+def _zyx(spacing: tuple[float, ...]) -> tuple[float, float, float]:
+    z, y, x = (float(v) for v in reversed(spacing))
+    return z, y, x
+
+
+def _rounded(values: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(round(float(v), 4) for v in values)
+
+
+def _itk_reason(exc: RuntimeError) -> str:
+    """ITK's message on one line: the error line and the innermost reason (the last line),
+    without the source location that comes first, nor the chain of callers in between."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = lines[1:] or lines
+    reason = " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+    return re.sub(r"(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", reason) or type(exc).__name__
+
+
+def _check_nifti_length(path: Path) -> None:
+    """ITK reads a truncated NIfTI file without complaint, zero-filling the missing voxels, so
+    compare the data length that the header declares with what the (decompressed) file holds."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            header = stream.read(540)
+            length = len(header) + sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 22), b""))
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: cannot read volume ({' '.join(str(exc).split())})") from exc
+    expected = _nifti_declared_length(header)
+    if expected is not None and length < expected:
+        raise InputError(f"{path}: truncated file ({length} of the {expected} bytes its header declares)")
+
+
+def _nifti_declared_length(header: bytes) -> int | None:
+    """Header plus voxel data bytes of a NIfTI-1 or NIfTI-2 header; None if it is not one."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
+            dims = struct.unpack(f"{order}8h", header[40:56])
+            (bitpix,) = struct.unpack(f"{order}h", header[72:74])
+            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
+        elif len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
+            (bitpix,) = struct.unpack(f"{order}h", header[14:16])
+            dims = struct.unpack(f"{order}8q", header[16:80])
+            (offset,) = struct.unpack(f"{order}q", header[168:176])
+        else:
+            continue
+        if not 1 <= dims[0] <= 7:
+            return None
+        return offset + int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    return None

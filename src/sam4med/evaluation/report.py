@@ -1,0 +1,420 @@
+"""Figures and the self-contained HTML report of a benchmark run.
+
+Drawing uses matplotlib's Agg canvas directly (no pyplot state, no display needed); every plot
+and overlay is embedded in ``report.html`` as a base64 PNG, so the file can be sent on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+
+from sam4med.engine.errors import InputError
+from sam4med.evaluation.summary import (
+    FACTORS,
+    RESULTS_FILE,
+    _ok,
+    _order,
+    clicks_curve,
+    factor_analysis,
+    failures,
+    load_results,
+    mean_table,
+    metrics_table,
+    summary_table,
+    timing_table,
+    write_tables,
+)
+
+PROTOCOL_FILE = "protocol.json"
+REPORT_FILE = "report.html"
+OVERLAY_DIR = "overlays"
+MAX_OVERLAYS = 12
+OVERLAY_DPI = 80
+PANEL_IN = 2.2
+PANELS_PER_ROW = 5
+OVERLAY_MAX_SIDE = 384  # pixels drawn per image side; larger images are subsampled
+GT_COLOR = "#00ff66"
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf", "#393b79", "#ad494a", "#637939", "#843c39", "#7b4173", "#3182bd")
+MAX_SCATTER_POINTS = 1500
+FACTOR_LABELS = {"object_area": "log10 object area (px)", "boundary_complexity": "boundary complexity",
+                 "contrast": "contrast"}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings and no stray output while drawing."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _figure(width: float, height: float, dpi: int = OVERLAY_DPI) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+# ----------------------------------------------------------------------------------- overlays
+def _display_image(image: np.ndarray) -> np.ndarray:
+    """uint8 HxW or HxWx3 for imshow."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    if image.ndim == 3 and image.shape[-1] > 3:
+        image = image[..., :3]
+    if image.dtype != np.uint8:
+        values = image.astype(float)
+        low, high = np.nanmin(values), np.nanmax(values)
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = np.nan_to_num((values - low) * scale).clip(0, 255).astype(np.uint8)
+    return image
+
+
+def _mean_dice(rows: Sequence[dict]) -> float:
+    values = [float(r["dice"]) for r in rows if r.get("dice") is not None and np.isfinite(float(r["dice"]))]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _draw_panel(ax, image: np.ndarray, gt: np.ndarray, masks: Sequence[np.ndarray], title: str) -> None:
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
+    if masks:
+        layer = np.zeros((*gt.shape, 4))
+        for index, mask in enumerate(masks):
+            layer[mask] = to_rgba(PALETTE[index % len(PALETTE)], 0.45)
+        ax.imshow(layer, interpolation="nearest")
+    if gt.any() and not gt.all():
+        ax.contour(gt.astype(float), levels=[0.5], colors=[GT_COLOR], linewidths=1.0)
+    ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+
+
+def write_overlay(path: str | Path, image: np.ndarray, gt: np.ndarray, rows: Sequence[dict]) -> Path:
+    """One small PNG per image: the image with the ground-truth contour, then one panel per mode with
+    that mode's predicted masks (``row["_mask"]``) of all objects, titled ``mode  Dice 0.xx``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = _display_image(image)
+    gt = np.asarray(gt)
+    gt = (gt.any(axis=-1) if gt.ndim == 3 else gt).astype(bool)
+    step = max(1, math.ceil(max(gt.shape) / OVERLAY_MAX_SIDE))
+    shown_image, shown_gt = image[::step, ::step], gt[::step, ::step]
+
+    by_mode: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("mode") is not None:
+            by_mode.setdefault(str(row["mode"]), []).append(row)
+    panels: list[tuple[str, list[np.ndarray]]] = [("image + GT", [])]
+    for mode, mode_rows in by_mode.items():
+        masks = []
+        for row in mode_rows:
+            mask = row.get("_mask")
+            if mask is None:
+                continue
+            mask = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask).astype(bool)
+            if mask.shape == gt.shape:
+                masks.append(mask[::step, ::step])
+        dice = _mean_dice(mode_rows)
+        panels.append((f"{mode}  Dice {dice:.2f}" if np.isfinite(dice) else f"{mode}  Dice n/a", masks))
+
+    columns = min(len(panels), PANELS_PER_ROW)
+    lines = math.ceil(len(panels) / columns)
+    aspect = shown_gt.shape[0] / max(shown_gt.shape[1], 1)
+    with _quiet():
+        figure = _figure(columns * PANEL_IN, lines * (PANEL_IN * min(max(aspect, 0.4), 2.0) + 0.25))
+        axes = figure.subplots(lines, columns, squeeze=False).ravel()
+        for ax, (title, masks) in zip(axes, panels):
+            _draw_panel(ax, shown_image, shown_gt, masks, title)
+        for ax in axes[len(panels):]:
+            ax.set_axis_off()
+        figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (lines * PANEL_IN + 0.3),
+                               wspace=0.05, hspace=0.2)
+        figure.savefig(path, dpi=OVERLAY_DPI, format="png")
+    return path
+
+
+# ------------------------------------------------------------------------------------- plots
+def _png_uri(figure: Figure, dpi: int = 90) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _mode_colors(modes: Iterable[str]) -> dict[str, str]:
+    return {mode: PALETTE[i % len(PALETTE)] for i, mode in enumerate(modes)}
+
+
+def _boxplot_figure(ok: pd.DataFrame, modes: list[str]) -> Figure | None:
+    """Dice per mode: all data, then one panel per modality (when there is more than one)."""
+    modality = ok["modality"].fillna("unknown").astype(str) if "modality" in ok.columns else pd.Series("unknown", ok.index)
+    groups: list[tuple[str, pd.DataFrame]] = [("all data sets", ok)]
+    modalities = _order(modality)
+    if len(modalities) > 1:
+        groups += [(f"modality: {m}", ok[modality == m]) for m in modalities]
+    figure = _figure(max(4.0, 0.55 * len(modes) + 1.5), 2.6 * len(groups))
+    axes = figure.subplots(len(groups), 1, squeeze=False).ravel()
+    drawn = False
+    for ax, (title, group) in zip(axes, groups):
+        data, labels = [], []
+        for mode in modes:
+            values = group.loc[group["mode"] == mode, "dice"].dropna().to_numpy()
+            if len(values):
+                data.append(values)
+                labels.append(mode)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("Dice")
+        ax.set_ylim(-0.02, 1.02)
+        if not data:
+            continue
+        drawn = True
+        boxes = ax.boxplot(data, patch_artist=True, widths=0.6, flierprops={"markersize": 2},
+                           medianprops={"color": "black"})
+        colors = _mode_colors(modes)
+        for patch, label in zip(boxes["boxes"], labels):
+            patch.set_facecolor(to_rgba(colors[label], 0.5))
+        ax.set_xticks(range(1, len(labels) + 1), labels, rotation=35, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return figure if drawn else None
+
+
+def _clicks_figure(curve: pd.DataFrame) -> Figure | None:
+    round_columns = [c for c in curve.columns if c.startswith("dice_r")]
+    if curve.empty or not round_columns:
+        return None
+    figure = _figure(5.0, 3.2)
+    ax = figure.subplots()
+    clicks = [int(c[6:]) for c in round_columns]
+    for i, row in curve.reset_index(drop=True).iterrows():
+        ax.plot(clicks, row[round_columns].astype(float).to_numpy(), marker="o", markersize=3,
+                color=PALETTE[i % len(PALETTE)], label=f"{row['dataset']} (n={int(row['n'])})")
+    ax.set_xlabel("corrective clicks (0 = initial prompt)")
+    ax.set_ylabel("mean Dice")
+    ax.set_xticks(clicks)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def _factor_figure(ok: pd.DataFrame, modes: list[str], max_datasets: int = 6) -> Figure | None:
+    """Dice against each factor: one row per factor, one column per data set, colored by mode."""
+    factors = [f for f in FACTORS if f in ok.columns and ok[f].notna().any()]
+    datasets = _order(ok["dataset"])[:max_datasets]
+    if not factors or not datasets:
+        return None
+    colors = _mode_colors(modes)
+    rng = np.random.default_rng(0)
+    height = 2.4 * len(factors) + 0.4
+    figure = _figure(2.8 * len(datasets) + 0.4, height)
+    axes = figure.subplots(len(factors), len(datasets), squeeze=False)
+    for r, factor in enumerate(factors):
+        for c, dataset in enumerate(datasets):
+            ax = axes[r][c]
+            group = ok[(ok["dataset"] == dataset) & ok[factor].notna() & ok["dice"].notna()]
+            if factor == "object_area":
+                group = group[group[factor] > 0]
+            if len(group) > MAX_SCATTER_POINTS:
+                group = group.iloc[np.sort(rng.choice(len(group), MAX_SCATTER_POINTS, replace=False))]
+            for mode in modes:
+                part = group[group["mode"] == mode]
+                if part.empty:
+                    continue
+                x = np.log10(part[factor]) if factor == "object_area" else part[factor]
+                ax.scatter(x, part["dice"], s=9, alpha=0.6, color=colors[mode], label=mode, linewidths=0)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if r == 0:
+                ax.set_title(str(dataset), fontsize=9)
+            if c == 0:
+                ax.set_ylabel("Dice", fontsize=8)
+            ax.set_xlabel(FACTOR_LABELS.get(factor, factor), fontsize=8)
+    handles = [axes[0][0].scatter([], [], s=12, color=colors[m], label=m) for m in modes]
+    figure.legend(handles=handles, loc="upper center", ncol=min(len(modes), 6), fontsize=7, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 1 - (0.25 + 0.15 * math.ceil(len(modes) / 6)) / height))
+    return figure
+
+
+# -------------------------------------------------------------------------------------- HTML
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
+       padding: 0 1em; color: #222; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
+table.data { border-collapse: collapse; font-size: 13px; margin: .5em 0; }
+table.data th, table.data td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+table.data th { background: #f0f0f0; }
+table.data tr:nth-child(even) td { background: #fafafa; }
+pre { background: #f6f6f6; padding: 1em; overflow-x: auto; font-size: 12px; max-height: 30em; }
+img { max-width: 100%; }
+figure { display: inline-block; margin: .5em; vertical-align: top; }
+figcaption { font-size: 12px; color: #555; }
+.note { color: #666; font-style: italic; }
+"""
+
+
+def _fmt(digits: str) -> Callable[[object], str]:
+    def format_value(value: object) -> str:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return html.escape(str(value))
+        if not np.isfinite(number):
+            return "—"
+        return format(number, digits)
+
+    return format_value
+
+
+def _table(df: pd.DataFrame, index: bool = False, formats: dict[str, str] | None = None,
+           default: str = ".3f") -> str:
+    if df is None or df.empty:
+        return '<p class="note">none</p>'
+    formats = formats or {}
+    formatters = {}
+    for column in df.columns:
+        if pd.api.types.is_float_dtype(df[column]):
+            formatters[column] = _fmt(next((f for key, f in formats.items() if key in str(column)), default))
+    return df.to_html(index=index, formatters=formatters, na_rep="—", classes="data", border=0, escape=True)
+
+
+def _factor_wide(factors: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (dataset, mode), group in factors.groupby(["dataset", "mode"], sort=False):
+        row: dict[str, object] = {"dataset": dataset, "mode": mode, "n": int(group["n"].max())}
+        for _, item in group.iterrows():
+            row[f"{item['factor']} rho"] = item["rho"]
+            row[f"{item['factor']} p"] = item["p"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _overlay_files(results_dir: Path, limit: int = MAX_OVERLAYS) -> list[Path]:
+    """Up to ``limit`` overlay PNGs, taken in turn from each data set."""
+    files = sorted((results_dir / OVERLAY_DIR).glob("*.png"))
+    by_dataset: dict[str, list[Path]] = {}
+    for file in files:
+        by_dataset.setdefault(file.stem.split("__")[0], []).append(file)
+    chosen: list[Path] = []
+    while len(chosen) < limit and any(by_dataset.values()):
+        for queue in by_dataset.values():
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return chosen
+
+
+def _img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``results_dir/report.html`` (or ``out``): protocol, tables, plots and example overlays,
+    all embedded; also writes the CSV tables (:func:`write_tables`) beside the results."""
+    results_dir = Path(results_dir)
+    if not (results_dir / RESULTS_FILE).exists():
+        raise InputError(f"{results_dir}: no {RESULTS_FILE} found; run `sam4med benchmark` first")
+    out = Path(out) if out is not None else results_dir / REPORT_FILE
+    with _quiet():
+        body = _report_body(results_dir)
+    title = "sam4med benchmark report"
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def _report_body(results_dir: Path) -> str:
+    write_tables(results_dir)
+    df = load_results(results_dir)
+    ok = _ok(df, "dice", "modality", *FACTORS)
+    modes = _order(ok["mode"])
+    protocol_path = results_dir / PROTOCOL_FILE
+    protocol: dict | None = None
+    if protocol_path.exists():
+        try:
+            protocol = json.loads(protocol_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError):
+            protocol = None
+    errors = failures(df)
+
+    models = _order(df["model"]) if "model" in df.columns else []
+    if not models and isinstance(protocol, dict) and protocol.get("model"):
+        models = [protocol["model"]]
+    parts = [f"<h1>sam4med benchmark report{': ' + html.escape(', '.join(map(str, models))) if models else ''}</h1>"]
+    parts.append(
+        f"<p>{len(_order(ok['dataset']))} data set(s), {ok.drop_duplicates(['dataset', 'image']).shape[0]} image(s), "
+        f"{len(ok)} result row(s) in {len(modes)} mode(s); {len(errors)} failed image(s). "
+        f"Results: <code>{html.escape(str(results_dir.resolve()))}</code></p>"
+    )
+
+    parts.append("<h2>Protocol</h2>")
+    if protocol is not None:
+        parts.append(f"<pre>{html.escape(json.dumps(protocol, indent=2, sort_keys=False))}</pre>")
+    else:
+        parts.append(f'<p class="note">{PROTOCOL_FILE} missing or unreadable.</p>')
+
+    parts.append("<h2>Mean Dice (data set × mode)</h2>")
+    parts.append(_table(mean_table(df, "dice").reset_index()))
+    parts.append("<h2>Dice summary</h2>")
+    parts.append(_table(summary_table(df, "dice")))
+    parts.append("<h2>All metrics (means)</h2>")
+    parts.append('<p class="note">Distances (hd95, hd, asd) in pixels, averaged over the objects where '
+                 "both masks are non-empty; nsd is the normalised surface Dice.</p>")
+    parts.append(_table(metrics_table(df), formats={"hd": ".2f", "asd": ".2f"}))
+
+    parts.append("<h2>Dice distribution per mode and modality</h2>")
+    figure = _boxplot_figure(ok, modes) if not ok.empty else None
+    parts.append(_img(_png_uri(figure), "Dice box plots") if figure else '<p class="note">no successful rows</p>')
+
+    parts.append("<h2>Interactive: Dice against clicks</h2>")
+    curve = clicks_curve(df)
+    figure = _clicks_figure(curve)
+    if figure is None:
+        parts.append('<p class="note">no interactive rows</p>')
+    else:
+        parts.append(_img(_png_uri(figure), "Dice against clicks"))
+        parts.append(_table(curve, formats={"noc": ".2f"}))
+
+    parts.append("<h2>Object factors</h2>")
+    figure = _factor_figure(ok, modes) if not ok.empty else None
+    parts.append(_img(_png_uri(figure), "Dice against object factors") if figure
+                 else '<p class="note">no factor data</p>')
+    parts.append("<h3>Spearman correlation of Dice with each factor</h3>")
+    parts.append(_table(_factor_wide(factor_analysis(df, "dice")), formats={" p": ".2g"}))
+
+    parts.append("<h2>Timing (seconds)</h2>")
+    parts.append('<p class="note">encode_s per image; decode_s per prompt (interactive: per round); '
+                 "everything_s per image.</p>")
+    parts.append(_table(timing_table(df), default=".4f"))
+
+    parts.append("<h2>Failures</h2>")
+    parts.append(_table(errors) if not errors.empty else '<p class="note">no failures</p>')
+
+    parts.append("<h2>Example overlays</h2>")
+    overlays = _overlay_files(results_dir)
+    if overlays:
+        parts.append(f'<p class="note">Ground truth contour in green; predicted masks filled. '
+                     f"{len(overlays)} of {len(list((results_dir / OVERLAY_DIR).glob('*.png')))} overlays.</p>")
+        for file in overlays:
+            uri = "data:image/png;base64," + base64.b64encode(file.read_bytes()).decode("ascii")
+            parts.append(f"<figure>{_img(uri, file.stem)}<figcaption>{html.escape(file.stem)}</figcaption></figure>")
+    else:
+        parts.append('<p class="note">no overlays</p>')
+    return "\n".join(parts)

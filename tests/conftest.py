@@ -1,0 +1,41 @@
+"""Shared fixtures: the bundled model (loaded once), synthetic images, and the real data when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.draw import ellipse
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data sets in ../shared/data, which a fresh clone does not have."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data not present (real data sets are not part of the repository)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    """The bundled default model on the CPU, loaded once for the whole session."""
+    from sam4med.engine.models import load_model
+
+    return load_model("litemedsam", device="cpu")
+
+
+def make_ellipse_image(height=200, width=300, centre=(100, 150), radii=(40, 70), seed=0):
+    """A bright noisy ellipse on a dark background, and its exact mask."""
+    mask = np.zeros((height, width), bool)
+    rr, cc = ellipse(*centre, *radii, shape=mask.shape)
+    mask[rr, cc] = True
+    image = np.where(mask[..., None], 200.0, 40.0) + np.random.default_rng(seed).normal(0, 10, (height, width, 3))
+    return image.clip(0, 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="session")
+def ellipse_image():
+    return make_ellipse_image()

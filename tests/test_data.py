@@ -1,0 +1,424 @@
+"""2D data sets: reading images and masks, data set layouts, objects, splits and factors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image, ImageFile
+from skimage.draw import disk
+
+from sam4med.engine.data import (
+    Dataset,
+    Sample,
+    load_dataset,
+    load_pair,
+    mask_objects,
+    object_factors,
+    predefined_split,
+    read_image,
+    read_mask,
+    require_objects,
+    split_samples,
+)
+from sam4med.engine.errors import InputError
+from sam4med.engine.volumes import window
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+
+
+def save(array: np.ndarray, path: Path, **kwargs) -> Path:
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def square_mask(shape=(40, 50), box=(5, 25, 10, 30)) -> np.ndarray:
+    mask = np.zeros(shape, dtype=np.uint8)
+    mask[box[0] : box[1], box[2] : box[3]] = 255
+    return mask
+
+
+def make_dataset(root: Path, ids, *, meta=None, image_ext="png", fov=False) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for image_id in ids:
+        save(RGB, root / "images" / f"{image_id}.{image_ext}")
+        save(square_mask(), root / "masks" / f"{image_id}.png")
+        if fov:
+            (root / "fov").mkdir(exist_ok=True)
+            save(np.full((40, 50), 255, np.uint8), root / "fov" / f"{image_id}.png")
+    if meta is not None:
+        (root / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+    return root
+
+
+def synthetic_dataset(group_sizes: list[int] | None, n: int = 0) -> Dataset:
+    samples = []
+    if group_sizes is None:
+        samples = [Sample(f"s{i:03d}", Path(f"s{i:03d}.png"), Path(f"m{i:03d}.png")) for i in range(n)]
+    else:
+        for g, size in enumerate(group_sizes):
+            samples += [
+                Sample(f"g{g:02d}_{i:02d}", Path(f"g{g:02d}_{i:02d}.png"), group=f"patient{g:02d}") for i in range(size)
+            ]
+    return Dataset("synthetic", "unknown", "unknown", Path("."), sorted(samples, key=lambda s: s.id))
+
+
+# --- read_image ---------------------------------------------------------------------------
+
+
+def test_rgb_png_round_trips(tmp_path):
+    image = read_image(save(RGB, tmp_path / "rgb.png"))
+    assert image.dtype == np.uint8 and image.shape == (40, 50, 3)
+    np.testing.assert_array_equal(image, RGB)
+
+
+def test_8bit_gray_is_replicated_to_three_channels(tmp_path):
+    gray = RGB[..., 0]
+    image = read_image(save(gray, tmp_path / "gray.png"))
+    assert image.shape == (40, 50, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(image[..., channel], gray)
+
+
+def test_rgba_drops_alpha(tmp_path):
+    rgba = np.dstack([RGB, np.full((40, 50), 7, np.uint8)])
+    np.testing.assert_array_equal(read_image(save(rgba, tmp_path / "rgba.png")), RGB)
+
+
+def test_palette_image_is_expanded_to_rgb(tmp_path):
+    palette_image = Image.fromarray(RGB).quantize(colors=16)
+    palette_image.save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "palette.png"), np.asarray(palette_image.convert("RGB")))
+
+
+def test_16bit_gray_tiff_is_percentile_windowed(tmp_path):
+    gray16 = (RNG.random((40, 50)) * 4000).astype(np.uint16)  # 12-bit data in a 16-bit file
+    image = read_image(save(gray16, tmp_path / "gray16.tif"))
+    assert image.dtype == np.uint8 and image.shape == (40, 50, 3)
+    np.testing.assert_array_equal(image[..., 0], window(gray16))
+    assert image.max() == 255 and image.min() == 0
+
+
+def test_16bit_rgb_tiff_keeps_its_low_bits(tmp_path):
+    rgb16 = (RGB.astype(np.uint16) * 16)  # 12-bit colour: the high byte alone would be dark
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb16)
+    image = read_image(tmp_path / "rgb16.tif")
+    np.testing.assert_array_equal(image, window(rgb16))
+    assert image.max() == 255
+
+
+def test_float_tiff_with_nan_is_rejected(tmp_path):
+    values = RNG.random((40, 50)).astype(np.float32)
+    assert read_image(save(values, tmp_path / "float.tif")).dtype == np.uint8
+    values[3, 4] = np.nan
+    with pytest.raises(InputError, match="nan_float.tif.*NaN"):
+        read_image(save(values, tmp_path / "nan_float.tif"))
+
+
+def test_jpeg_reads_close_to_original(tmp_path):
+    smooth = np.dstack([np.tile(np.linspace(0, 255, 50, dtype=np.uint8), (40, 1))] * 3)
+    image = read_image(save(smooth, tmp_path / "smooth.jpg", quality=95))
+    assert image.shape == (40, 50, 3)
+    assert np.abs(image.astype(int) - smooth).mean() < 3
+
+
+@pytest.mark.parametrize("ext", ["png", "jpg", "tif"])
+@pytest.mark.parametrize("load_truncated", [False, True])
+def test_truncated_file_is_an_input_error(tmp_path, monkeypatch, ext, load_truncated):
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated)  # as other code may set it
+    data = save(RGB, tmp_path / f"full.{ext}").read_bytes()
+    truncated = tmp_path / f"truncated.{ext}"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=f"truncated.{ext}") as error:
+        read_image(truncated)
+    assert "\n" not in str(error.value)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is load_truncated
+
+
+def test_unknown_extension_and_missing_file(tmp_path):
+    with pytest.raises(InputError, match=r"image.gif: unknown image extension"):
+        read_image(tmp_path / "image.gif")
+    with pytest.raises(InputError, match=r"missing.png: no such file"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_multi_page_tiff_is_rejected(tmp_path):
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 40, 50), np.uint8))
+    with pytest.raises(InputError, match="stack.tif: 5 frames"):
+        read_image(tmp_path / "stack.tif")
+
+
+# --- read_mask ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("foreground", [255, 1, 7])
+def test_mask_foreground_is_nonzero(tmp_path, foreground):
+    mask = square_mask() // 255 * foreground
+    np.testing.assert_array_equal(read_mask(save(mask, tmp_path / "mask.png")), mask > 0)
+
+
+def test_rgb_mask_uses_first_channel(tmp_path):
+    mask = np.dstack([square_mask(), np.zeros((40, 50), np.uint8), np.full((40, 50), 255, np.uint8)])
+    np.testing.assert_array_equal(read_mask(save(mask, tmp_path / "mask.png")), square_mask() > 0)
+
+
+def test_jpeg_mask_ignores_compression_noise(tmp_path):
+    mask = read_mask(save(square_mask(), tmp_path / "mask.jpg", quality=75))
+    assert (mask != (square_mask() > 0)).sum() < 10
+
+
+def test_mask_size_mismatch_names_file_and_both_sizes(tmp_path):
+    path = save(square_mask(), tmp_path / "mask.png")
+    assert read_mask(path, (40, 50, 3)).shape == (40, 50)
+    with pytest.raises(InputError, match=r"mask.png: mask is 40x50 \(HxW\) but the image is 40x60"):
+        read_mask(path, (40, 60))
+
+
+def test_load_pair_checks_sizes_and_mask(tmp_path):
+    image = save(RGB, tmp_path / "a.png")
+    good = Sample("a", image, save(square_mask(), tmp_path / "a_mask.png"))
+    loaded, mask = load_pair(good)
+    assert loaded.shape == (40, 50, 3) and mask.dtype == bool and mask.sum() == 20 * 20
+    with pytest.raises(InputError, match=r"b_mask.png: mask is 30x50 \(HxW\) but the image is 40x50"):
+        load_pair(Sample("b", image, save(square_mask((30, 50)), tmp_path / "b_mask.png")))
+    with pytest.raises(InputError, match="a.png: sample 'a' has no mask"):
+        load_pair(Sample("a", image))
+
+
+# --- objects ------------------------------------------------------------------------------
+
+
+def test_objects_are_8_connected_components_in_raster_order():
+    mask = np.zeros((20, 20), bool)
+    mask[10:15, 2:7] = True  # 25 px, starts lower
+    mask[1:3, 12:14] = True  # 4 px, starts first in raster order
+    mask[3, 14] = True  # touches the 2x2 square diagonally only
+    mask[18, 18] = True  # a speck
+    objects = mask_objects(mask)
+    assert [int(o.sum()) for o in objects] == [5, 25, 1]
+    assert [int(o.sum()) for o in mask_objects(mask, connectivity=1)] == [4, 1, 25, 1]
+    assert [int(o.sum()) for o in mask_objects(mask, min_area=2)] == [5, 25]
+    (whole,) = mask_objects(mask, as_one_object=True, min_area=2)
+    assert whole.sum() == 30 and not whole[18, 18]
+    assert mask_objects(np.zeros((5, 5), bool)) == []
+    assert mask_objects(np.zeros((5, 5), bool), as_one_object=True) == []
+
+
+def test_require_objects_names_the_file(tmp_path):
+    require_objects(square_mask() > 0, tmp_path / "full.png")
+    with pytest.raises(InputError, match=r"empty.png: mask is empty"):
+        require_objects(np.zeros((4, 4), bool), tmp_path / "empty.png")
+
+
+def test_mask_objects_rejects_bad_input():
+    with pytest.raises(InputError, match="2D"):
+        mask_objects(np.zeros((2, 4, 4), bool))
+    with pytest.raises(InputError, match="connectivity"):
+        mask_objects(np.zeros((4, 4), bool), connectivity=3)
+
+
+# --- load_dataset -------------------------------------------------------------------------
+
+
+def test_dataset_folder_with_description_groups_and_fov(tmp_path):
+    meta = {"name": "toy", "modality": "CT", "target": "liver", "groups": {"b": "p1", "a": "p1", "c": "p2"}}
+    root = make_dataset(tmp_path / "toy_folder", ["c", "a", "b"], meta=meta, fov=True)
+    (root / "images" / ".DS_Store").write_bytes(b"junk")  # hidden files are skipped
+    dataset = load_dataset(root)
+    assert (dataset.name, dataset.modality, dataset.target, len(dataset)) == ("toy", "CT", "liver", 3)
+    assert [s.id for s in dataset] == ["a", "b", "c"]
+    assert {g: [s.id for s in members] for g, members in dataset.groups.items()} == {"p1": ["a", "b"], "p2": ["c"]}
+    assert dataset.samples[0] == Sample(
+        "a", root / "images" / "a.png", root / "masks" / "a.png", "p1", root / "fov" / "a.png"
+    )
+    assert load_dataset(root, modality="MRI").modality == "MRI"
+
+
+def test_dataset_folder_without_description(tmp_path):
+    dataset = load_dataset(make_dataset(tmp_path / "plain", ["x", "y"], image_ext="jpg"))
+    assert (dataset.name, dataset.modality, dataset.target) == ("plain", "unknown", "unknown")
+    assert [s.image_path.name for s in dataset] == ["x.jpg", "y.jpg"]
+    assert all(s.group is None and s.fov_path is None for s in dataset)
+    image, mask = load_pair(dataset.samples[0])
+    assert image.shape == (40, 50, 3) and mask.sum() == 400
+
+
+def test_explicit_image_and_mask_folders_match_by_stem(tmp_path):
+    (tmp_path / "study" / "img").mkdir(parents=True)
+    (tmp_path / "study" / "gt").mkdir()
+    for image_id in ["02", "01"]:
+        save(RGB, tmp_path / "study" / "img" / f"{image_id}.tif")
+        save(square_mask(), tmp_path / "study" / "gt" / f"{image_id}.png")
+    dataset = load_dataset(images=tmp_path / "study" / "img", masks=tmp_path / "study" / "gt", name="study2")
+    assert dataset.name == "study2" and [s.id for s in dataset] == ["01", "02"]
+    assert dataset.samples[1].mask_path == tmp_path / "study" / "gt" / "02.png"
+    assert len(load_dataset(tmp_path / "study", images="img", masks="gt")) == 2
+
+
+def test_image_without_mask(tmp_path):
+    root = make_dataset(tmp_path / "d", ["a", "b"])
+    (root / "masks" / "b.png").unlink()
+    with pytest.raises(InputError, match=r"images/b.png: no mask in .*masks"):
+        load_dataset(root)
+    dataset = load_dataset(root, require_masks=False)
+    assert [s.mask_path is None for s in dataset] == [False, True]
+    with pytest.raises(InputError, match="no masks folder"):
+        load_dataset(images=root / "images")
+    assert len(load_dataset(images=root / "images", require_masks=False)) == 2
+
+
+def test_mask_without_image(tmp_path):
+    root = make_dataset(tmp_path / "d", ["a"])
+    save(square_mask(), root / "masks" / "orphan.png")
+    with pytest.raises(InputError, match=r"masks/orphan.png: mask without an image of id 'orphan'"):
+        load_dataset(root)
+
+
+def test_unknown_file_in_images_is_named(tmp_path):
+    root = make_dataset(tmp_path / "d", ["a"])
+    (root / "images" / "notes.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(InputError, match=r"images/notes.txt: not an image file"):
+        load_dataset(root)
+
+
+def test_duplicate_ids_are_rejected(tmp_path):
+    root = make_dataset(tmp_path / "d", ["a"])
+    save(RGB, root / "images" / "a.jpg")
+    with pytest.raises(InputError, match=r"a.png: id 'a' is also used by a.jpg"):
+        load_dataset(root)
+
+
+def test_bad_description_and_missing_group(tmp_path):
+    root = make_dataset(tmp_path / "d", ["a", "b"])
+    (root / "dataset.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(InputError, match=r"dataset.json: cannot read"):
+        load_dataset(root)
+    (root / "dataset.json").write_text(json.dumps({"groups": {"a": "p1"}}), encoding="utf-8")
+    with pytest.raises(InputError, match=r"images/b.png: no entry in dataset.json groups"):
+        load_dataset(root)
+
+
+def test_missing_folders(tmp_path):
+    with pytest.raises(InputError, match="images folder not found"):
+        load_dataset(tmp_path)
+    with pytest.raises(InputError, match="give a data set folder"):
+        load_dataset()
+
+
+# --- splits -------------------------------------------------------------------------------
+
+
+def test_group_split_keeps_each_group_on_one_side():
+    dataset = synthetic_dataset([1, 7, 3, 12, 5, 2, 9, 4, 6, 8, 3, 10, 2, 5, 7])
+    for seed in range(5):
+        split = split_samples(dataset, seed=seed)
+        assert sorted(s.id for side in split.values() for s in side) == [s.id for s in dataset]
+        sides_of_group: dict[str, set[str]] = {}
+        for side, members in split.items():
+            for sample in members:
+                sides_of_group.setdefault(sample.group, set()).add(side)
+        assert all(len(sides) == 1 for sides in sides_of_group.values())
+        assert abs(len(split["train"]) / len(dataset) - 0.7) < 0.15
+        assert all(split.values())
+    assert split_samples(dataset, seed=3) == split_samples(dataset, seed=3)
+    assert split_samples(dataset, seed=3) != split_samples(dataset, seed=4)
+
+
+def test_split_without_groups_reaches_fractions():
+    dataset = synthetic_dataset(None, 100)
+    split = split_samples(dataset, seed=1)
+    assert {side: len(members) for side, members in split.items()} == {"train": 70, "val": 10, "test": 20}
+    assert split == split_samples(dataset, seed=1)
+    assert len(split_samples(dataset, {"a": 0.5, "b": 0.5})["a"]) == 50
+    members = split["test"]
+    assert members == sorted(members, key=lambda s: s.id)  # data-set order within a side
+
+
+def test_bad_fractions():
+    with pytest.raises(InputError, match="fractions"):
+        split_samples(synthetic_dataset(None, 10), {"train": 0.8, "test": 0.3})
+    with pytest.raises(InputError, match="fractions"):
+        split_samples(synthetic_dataset(None, 10), {"train": 1.0, "test": 0.0})
+
+
+def test_predefined_split():
+    samples = [
+        Sample("a", Path("a.png"), group="training"),
+        Sample("b", Path("b.png"), group="Test"),
+        Sample("c", Path("c.png"), group="validation"),
+        Sample("d", Path("d.png"), group="train"),
+    ]
+    dataset = Dataset("toy", "unknown", "unknown", Path("."), samples)
+    split = predefined_split(dataset)
+    assert list(split) == ["train", "val", "test"]
+    assert [s.id for s in split["train"]] == ["a", "d"]
+    with pytest.raises(InputError, match="use predefined_split"):
+        split_samples(dataset)
+    with pytest.raises(InputError, match="sample 'g00_00' has group 'patient00', not a split name"):
+        predefined_split(synthetic_dataset([2, 2]))
+
+
+# --- object factors -----------------------------------------------------------------------
+
+
+def test_object_factors_of_a_disc():
+    mask = np.zeros((200, 200), bool)
+    mask[disk((100, 100), 30)] = True
+    image = np.full((200, 200, 3), 50, np.uint8)
+    image[mask] = 200
+    factors = object_factors(image, mask)
+    assert factors["object_area"] == mask.sum()
+    assert factors["area_fraction"] == pytest.approx(mask.sum() / 200**2)
+    assert factors["boundary_complexity"] == pytest.approx(1, abs=0.1)
+    assert factors["contrast"] == pytest.approx(150 / 255)
+
+
+def test_object_factors_ragged_shape_and_edge_cases():
+    comb = np.zeros((60, 60), bool)
+    comb[10:50, 10:50:2] = True
+    comb[10:12, 10:50] = True
+    image = np.zeros((60, 60), np.uint8)
+    assert object_factors(image, comb)["boundary_complexity"] > 3
+    assert object_factors(image, comb)["contrast"] == 0
+    assert np.isnan(object_factors(image, np.ones((60, 60), bool))["contrast"])
+    with pytest.raises(InputError, match="empty"):
+        object_factors(image, np.zeros((60, 60), bool))
+    with pytest.raises(InputError, match="60x50 but the image is 60x60"):
+        object_factors(image, np.ones((60, 50), bool))
+
+
+# --- real data ----------------------------------------------------------------------------
+
+REAL_PAIRS = {"kvasir_seg": 998, "cvc_clinicdb": 609, "monuseg": 30, "drive": 40, "isbi2012_em": 30, "brain_mr": 10}
+
+
+@pytest.mark.parametrize("name", REAL_PAIRS)
+def test_real_dataset_loads(shared_data, name):
+    dataset = load_dataset(shared_data / name)
+    assert dataset.name == name and len(dataset) == REAL_PAIRS[name]
+    for sample in dataset:
+        image, mask = load_pair(sample)
+        assert image.dtype == np.uint8 and image.shape[2] == 3
+        require_objects(mask, sample.mask_path)
+    assert all(s.fov_path is not None for s in dataset) == (name == "drive")
+
+
+def test_real_cvc_split_keeps_video_sequences_together(shared_data):
+    dataset = load_dataset(shared_data / "cvc_clinicdb")
+    assert len(dataset.groups) == 29
+    split = split_samples(dataset, seed=0)
+    groups_by_side = {side: {s.group for s in members} for side, members in split.items()}
+    assert not groups_by_side["train"] & groups_by_side["val"]
+    assert not groups_by_side["train"] & groups_by_side["test"]
+    assert not groups_by_side["val"] & groups_by_side["test"]
+    assert sum(len(members) for members in split.values()) == 609
+
+
+def test_real_predefined_splits(shared_data):
+    drive = predefined_split(load_dataset(shared_data / "drive"))
+    assert {side: len(members) for side, members in drive.items()} == {"train": 20, "test": 20}
+    monuseg = predefined_split(load_dataset(shared_data / "monuseg"))
+    assert {side: len(members) for side, members in monuseg.items()} == {"train": 24, "val": 6}

@@ -1,0 +1,96 @@
+"""The model registry: bundled LiteMedSAM on real numbers, user checkpoints through the same loader."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sam4med.engine.errors import InputError
+from sam4med.engine.models import MODELS, _build_vit_sam, load_model
+from sam4med.engine.prompts import Prompt, tight_box
+
+
+def test_litemedsam_follows_a_box_on_a_clean_ellipse(litemedsam, ellipse_image):
+    image, mask = ellipse_image
+    embedding = litemedsam.encode(image)
+    assert embedding.features.shape == (1, 256, 64, 64)
+    decoded = litemedsam.decode(embedding, [Prompt(box=tight_box(mask))])
+    pred = decoded.masks()[0, 0]
+    assert pred.shape == mask.shape
+    dice = 2 * (pred & mask).sum() / (pred.sum() + mask.sum())
+    assert dice > 0.95
+    assert decoded.low_res.shape == (1, 1, 256, 256)
+    assert 0.5 < float(decoded.iou[0, 0]) <= 1.1
+
+
+def test_litemedsam_ignores_point_only_prompts(litemedsam, ellipse_image):
+    """Measured, not hoped: LiteMedSAM was trained on boxes; a point alone gives (almost) nothing."""
+    image, mask = ellipse_image
+    decoded = litemedsam.decode(litemedsam.encode(image), [Prompt(points=[(150, 100)])])
+    pred = decoded.masks()[0, 0]
+    assert 2 * (pred & mask).sum() / (pred.sum() + mask.sum()) < 0.2
+
+
+def test_geometry_maps_boxes_like_the_model_input(litemedsam):
+    geometry = litemedsam.geometry((200, 300))
+    assert geometry.resized_size == (171, 256)
+    assert geometry.scale_xy == pytest.approx((256 / 300, 171 / 200))
+    model_input, _ = litemedsam.preprocess(np.zeros((200, 300, 3), np.uint8) + np.arange(300, dtype=np.uint8)[None, :, None] % 200)
+    assert model_input.shape == (1, 3, 256, 256)
+    assert float(model_input.max()) == pytest.approx(1.0) and float(model_input.min()) == 0.0
+    assert float(model_input[..., 171:, :].abs().max()) == 0.0  # padding below the content
+
+
+def test_bundled_weights_are_hash_checked(litemedsam):
+    assert litemedsam.weights_sha256 == MODELS["litemedsam"].expected_sha256
+    assert not litemedsam.network.training
+
+
+@pytest.mark.parametrize("name", ["sam_vit_b", "sam_vit_h", "medsam", "mobilesam"])
+def test_user_checkpoint_loads_through_the_same_code(tmp_path: Path, monkeypatch, name: str):
+    """A small randomly initialised checkpoint stands in for a user's file (no downloads here).
+
+    ViT models get a 2-block, 32-wide encoder (same classes, same loader) to keep the test fast;
+    MobileSAM's TinyViT is small enough to test at full size.
+    """
+    spec = MODELS[name]
+    if name != "mobilesam":
+        spec = replace(spec, build=partial(_build_vit_sam, 32, 2, 2, (1,)))
+        monkeypatch.setitem(MODELS, name, spec)
+    network = spec.build()
+    path = tmp_path / f"{name}.pth"
+    torch.save({"model": network.state_dict()}, path)  # a training checkpoint's usual wrapping
+    model = load_model(name, path, device="cpu")
+    image = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    decoded = model.decode(model.encode(image), [Prompt(box=[5, 5, 30, 20])], multimask=True)
+    assert decoded.logits.shape == (1, 3, 40, 60)
+    assert torch.isfinite(decoded.logits).all()
+
+
+def test_bad_checkpoints_give_one_line_errors(tmp_path: Path):
+    with pytest.raises(InputError, match="not found"):
+        load_model("sam_vit_b", tmp_path / "missing.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="garbage.pth: not a loadable"):
+        load_model("sam_vit_b", garbage)
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"image_encoder.foo": torch.zeros(1)}, wrong)
+    with pytest.raises(InputError, match="do not fit model 'mobilesam'") as info:
+        load_model("mobilesam", wrong)
+    assert "\n" not in str(info.value)
+    with pytest.raises(InputError, match="ships no weights"):
+        load_model("sam_vit_h")
+    with pytest.raises(InputError, match="unknown model"):
+        load_model("vit_z")
+
+
+def test_prompt_outside_the_image_is_rejected(litemedsam, ellipse_image):
+    image, _ = ellipse_image
+    with pytest.raises(InputError, match="outside the 300x200 image"):
+        litemedsam.decode(litemedsam.encode(image), [Prompt(box=[10, 10, 320, 50])])
