@@ -8,7 +8,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
+from monai.metrics import (
+    compute_average_surface_distance,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+    compute_surface_dice,
+)
 from scipy.ndimage import binary_dilation
 
 from sam4med.engine.errors import InputError
@@ -263,6 +269,56 @@ def test_cropping_gives_the_uncropped_numbers(seed: int) -> None:
     for key, value in reference.items():
         assert cropped[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
     assert cropped["hd"] > 0  # random blobs do not coincide: the comparison is not 0 == 0
+
+
+def _random_pair(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A gt of random blobs and a pred that is either independent blobs or gt shifted, grown or shrunk, then
+    speckled, so that many edge distances fall near the NSD tolerances, not only far beyond them."""
+    gt = _random_blobs(rng, shape, int(rng.integers(1, 4)))
+    if rng.random() < 0.3:
+        pred = _random_blobs(rng, shape, int(rng.integers(1, 4)))
+    else:
+        pred = np.roll(gt, tuple(int(v) for v in rng.integers(-2, 3, gt.ndim)), axis=tuple(range(gt.ndim)))
+        if rng.random() < 0.5:
+            pred = binary_dilation(pred, iterations=int(rng.integers(1, 3)))
+        pred ^= rng.random(shape) < 0.01
+    return pred, gt
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_one_pass_of_edge_distances_gives_monais_own_numbers() -> None:
+    """Every number of segmentation_metrics (and of the one-metric functions) against MONAI's compute_* on the
+    uncropped arrays, for 2D and 3D pairs, with and without (anisotropic) spacing and at several tolerances."""
+    rng = np.random.default_rng(2024)
+    tolerances = (0.0, 1.0, math.sqrt(2), 1.5, 2.0, 3.7)
+    partial_nsd = 0
+    for case in range(20):
+        shape = (int(rng.integers(20, 90)), int(rng.integers(20, 90))) if case % 4 else tuple(
+            int(v) for v in rng.integers(8, 24, 3)
+        )
+        spacing = None if case % 2 else tuple(float(v) for v in rng.uniform(0.3, 2.5, len(shape)))
+        tolerance = tolerances[case % len(tolerances)]
+        pred, gt = _random_pair(rng, shape)
+        while not (pred.any() and gt.any()):
+            pred, gt = _random_pair(rng, shape)
+        scores = segmentation_metrics(pred, gt, spacing=spacing, nsd_tolerance=tolerance)
+        reference = _uncropped(pred, gt, spacing, tolerance)
+        p, g = torch.from_numpy(pred)[None, None].float(), torch.from_numpy(gt)[None, None].float()
+        reference["dice"] = compute_dice(p, g, include_background=True).item()
+        reference["iou"] = compute_iou(p, g, include_background=True).item()
+        assert scores.keys() == reference.keys()
+        for key, value in reference.items():
+            assert scores[key] == pytest.approx(value, rel=1e-6, abs=1e-6), (case, key)
+        single = {
+            "hd95": hausdorff95(pred, gt, spacing),
+            "hd": hausdorff(pred, gt, spacing),
+            "asd": average_surface_distance(pred, gt, spacing),
+            "nsd": normalized_surface_dice(pred, gt, tolerance, spacing),
+        }
+        assert single == {key: scores[key] for key in single}, case
+        assert scores["hd"] > 0, case  # the masks differ: the comparison is not 0 == 0
+        partial_nsd += 0 < scores["nsd"] < 1
+    assert partial_nsd >= 10  # most tolerances cut through the distances, so NSD is not just 0 or 1
 
 
 # ------------------------------------------------------------------------------------------------ instances

@@ -1,8 +1,10 @@
 """Segmentation metrics of the COSMOS SAM-evaluation study and of SAMAug: overlap, surface distance, instances.
 
-Surface distances come from MONAI (its edge extraction and KD-tree), called on ``[1, 1, *spatial]`` tensors cut
-to the bounding box of ``pred | gt``; what MONAI lacks (soft Dice, the instance scores, the empty-mask rules) is
-written here.
+Surface distances come from MONAI (its edge extraction and KD-tree), called on the masks cut to the bounding box of
+``pred | gt``: one call of ``get_edge_surface_distance`` gives the distances of each mask's edge pixels to the other
+mask's edge, and hd95, hd, asd and nsd are all read off them, with the definitions of MONAI's ``compute_*``
+functions (which would each find the edges and build the KD-trees again). What MONAI lacks (soft Dice, the
+instance scores, the empty-mask rules) is written here.
 
 Empty-mask rules, the same for every metric, and applied before MONAI is called (it would warn and return inf/nan):
 
@@ -23,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance, compute_surface_dice
+from monai.metrics.utils import get_edge_surface_distance
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 from skimage.measure import label as connected_components
@@ -138,61 +140,95 @@ def _crop_to_union(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.nda
     return pred[tuple(box)], gt[tuple(box)]
 
 
-def _as_batch(mask: np.ndarray) -> torch.Tensor:
-    """MONAI's layout [batch, channel, *spatial]: one image, one foreground channel."""
-    return torch.from_numpy(np.ascontiguousarray(mask))[None, None]
+class _SurfaceDistances(NamedTuple):
+    """MONAI's float32 distances from each edge pixel of one mask to the nearest edge pixel of the other."""
+
+    pred_to_gt: torch.Tensor  # (n_pred_edge,)
+    gt_to_pred: torch.Tensor  # (n_gt_edge,)
 
 
-def _monai_distance(
-    metric: Callable[..., torch.Tensor], pred: np.ndarray, gt: np.ndarray, spacing: _Spacing, **options: object
-) -> float:
-    """One MONAI surface metric on masks that both have foreground (MONAI's own empty handling warns).
+def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: _Spacing) -> _SurfaceDistances:
+    """Both directions' edge distances of two masks that both have foreground, already cut by :func:`_crop_to_union`.
 
-    MONAI 1.5-1.6 passes its own deprecated ``always_return_as_numpy`` internally; that FutureWarning says nothing
-    about our call, so only it is silenced.
+    This is the step every MONAI ``compute_*`` surface metric starts with (edges by erosion, without subvoxels, and
+    a KD-tree per direction); the metrics below only reduce its output. MONAI 1.5-1.6 passes its own deprecated
+    ``always_return_as_numpy`` internally; that FutureWarning says nothing about our call, so only it is silenced.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
-        value = metric(
-            _as_batch(pred), _as_batch(gt), include_background=True, spacing=None if spacing is None else [spacing],
-            **options,
+        _, (pred_to_gt, gt_to_pred), _ = get_edge_surface_distance(
+            torch.from_numpy(np.ascontiguousarray(pred)),
+            torch.from_numpy(np.ascontiguousarray(gt)),
+            spacing=spacing,
+            symmetric=True,
         )
-    return float(value.item())
+    return _SurfaceDistances(pred_to_gt, gt_to_pred)
+
+
+def _hd95(d: _SurfaceDistances) -> float:
+    """MONAI's compute_hausdorff_distance(percentile=95, directed=False): the larger directed 95th percentile.
+
+    ``torch.quantile`` runs on MONAI's float32 distances as MONAI runs it, so the interpolation matches exactly.
+    """
+    return float(max(torch.quantile(d.pred_to_gt, 0.95).item(), torch.quantile(d.gt_to_pred, 0.95).item()))
+
+
+def _hd(d: _SurfaceDistances) -> float:
+    """MONAI's compute_hausdorff_distance(percentile=None, directed=False): the largest distance either way."""
+    return float(max(d.pred_to_gt.max().item(), d.gt_to_pred.max().item()))
+
+
+def _asd(d: _SurfaceDistances) -> float:
+    """MONAI's compute_average_surface_distance(symmetric=True): the mean over both directions' distances together.
+
+    Summed in float64, so that a long edge does not lose precision to float32 accumulation.
+    """
+    both = torch.cat((d.pred_to_gt, d.gt_to_pred)).to(torch.float64)
+    return float(both.mean().item())
+
+
+def _nsd(d: _SurfaceDistances, tolerance: float) -> float:
+    """MONAI's compute_surface_dice without subvoxels: edge pixels within ``tolerance`` over all edge pixels.
+
+    The float32 distances are compared with the tolerance as MONAI compares them; the counts are exact integers.
+    """
+    within = int(torch.count_nonzero(d.pred_to_gt <= tolerance)) + int(torch.count_nonzero(d.gt_to_pred <= tolerance))
+    return within / (d.pred_to_gt.numel() + d.gt_to_pred.numel())
 
 
 def _distances(pred: np.ndarray, gt: np.ndarray, spacing: _Spacing, tolerance: float) -> dict[str, float]:
-    """hd95, hd, asd and nsd of two non-empty masks, on their cropped union."""
-    p, g = _crop_to_union(pred, gt)
-    return {
-        "hd95": _monai_distance(compute_hausdorff_distance, p, g, spacing, percentile=95),
-        "hd": _monai_distance(compute_hausdorff_distance, p, g, spacing, percentile=None),
-        "asd": _monai_distance(compute_average_surface_distance, p, g, spacing, symmetric=True),
-        "nsd": _monai_distance(compute_surface_dice, p, g, spacing, class_thresholds=[tolerance]),
-    }
+    """hd95, hd, asd and nsd of two non-empty cropped masks, from one set of edge distances."""
+    d = _surface_distances(pred, gt, spacing)
+    return {"hd95": _hd95(d), "hd": _hd(d), "asd": _asd(d), "nsd": _nsd(d, tolerance)}
+
+
+def _one_distance(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float] | None,
+    key: str,
+    reduce: Callable[[_SurfaceDistances], float],
+) -> float:
+    """One surface metric: validation, the empty-mask rule for ``key``, else ``reduce`` of the edge distances."""
+    p, g, s = _surface_inputs(pred, gt, spacing)
+    if (fixed := _empty_case(p, g)) is not None:
+        return fixed[key]
+    return reduce(_surface_distances(*_crop_to_union(p, g), s))
 
 
 def hausdorff95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """95th-percentile Hausdorff distance (max of the two directed percentiles): robust to a few stray pixels."""
-    p, g, s = _surface_inputs(pred, gt, spacing)
-    if (fixed := _empty_case(p, g)) is not None:
-        return fixed["hd95"]
-    return _monai_distance(compute_hausdorff_distance, *_crop_to_union(p, g), s, percentile=95)
+    return _one_distance(pred, gt, spacing, "hd95", _hd95)
 
 
 def hausdorff(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """Hausdorff distance (the maximum): the worst boundary error, however few pixels make it."""
-    p, g, s = _surface_inputs(pred, gt, spacing)
-    if (fixed := _empty_case(p, g)) is not None:
-        return fixed["hd"]
-    return _monai_distance(compute_hausdorff_distance, *_crop_to_union(p, g), s, percentile=None)
+    return _one_distance(pred, gt, spacing, "hd", _hd)
 
 
 def average_surface_distance(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = None) -> float:
     """Symmetric average surface distance: the mean over the edge pixels of both masks of the distance to the other."""
-    p, g, s = _surface_inputs(pred, gt, spacing)
-    if (fixed := _empty_case(p, g)) is not None:
-        return fixed["asd"]
-    return _monai_distance(compute_average_surface_distance, *_crop_to_union(p, g), s, symmetric=True)
+    return _one_distance(pred, gt, spacing, "asd", _asd)
 
 
 def normalized_surface_dice(
@@ -203,10 +239,7 @@ def normalized_surface_dice(
     It forgives boundary errors below the tolerance (an annotator's own variability), which Dice and HD do not.
     """
     _check_tolerance(tolerance)
-    p, g, s = _surface_inputs(pred, gt, spacing)
-    if (fixed := _empty_case(p, g)) is not None:
-        return fixed["nsd"]
-    return _monai_distance(compute_surface_dice, *_crop_to_union(p, g), s, class_thresholds=[tolerance])
+    return _one_distance(pred, gt, spacing, "nsd", lambda d: _nsd(d, tolerance))
 
 
 def segmentation_metrics(
@@ -214,12 +247,14 @@ def segmentation_metrics(
 ) -> dict[str, float]:
     """The per-object record of the benchmark: dice, iou, hd95, hd, asd and nsd (at ``nsd_tolerance``).
 
-    Validates and crops once for all six, so it is the call to use when more than one metric is wanted.
+    Validates, crops and finds the edge distances once for all six, so it is the call to use when more than one
+    metric is wanted.
     """
     _check_tolerance(nsd_tolerance)
     p, g, s = _surface_inputs(pred, gt, spacing)
     if (fixed := _empty_case(p, g)) is not None:
         return dict(fixed)
+    p, g = _crop_to_union(p, g)  # the box holds every foreground pixel, so the overlap counts do not change
     return {"dice": _dice(p, g), "iou": _iou(p, g), **_distances(p, g, s, nsd_tolerance)}
 
 

@@ -300,7 +300,7 @@ class SamModel:
         if image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"image must be (H, W, 3) RGB, got shape {tuple(image.shape)}")
         geometry = self.geometry(image.shape[:2])
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+        pixels = torch.tensor(image, device=self.device)  # a copy: callers may pass read-only arrays
         pixels = pixels.permute(2, 0, 1)[None].float()
         resized = F.interpolate(pixels, size=geometry.resized_size, mode="bilinear", align_corners=False,
                                 antialias=True)

@@ -70,16 +70,25 @@ def _rng(seed: int, *keys: object) -> np.random.Generator:
 
 
 def _finished_images(path: Path) -> set[tuple[str, str]]:
-    done: set[tuple[str, str]] = set()
+    """Images whose rows are all in the results file.
+
+    A kill can leave a cut last line or part of an image's rows: each row carries ``image_rows``
+    (the size of its image's block), so incomplete images are found, dropped and redone.
+    """
     if not path.exists():
-        return done
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: its image is redone
-                continue
-            done.add((row["dataset"], row["image"]))
+        return set()
+    lines = path.read_bytes().split(b"\n")
+    rows = [json.loads(line) for line in lines[:-1]]  # the last piece is b"" or a cut line
+    counts: dict[tuple[str, str], int] = {}
+    expected: dict[tuple[str, str], int] = {}
+    for row in rows:
+        key = (row["dataset"], row["image"])
+        counts[key] = counts.get(key, 0) + 1
+        expected[key] = row["image_rows"]
+    done = {key for key, count in counts.items() if count == expected[key]}
+    if lines[-1] or len(done) != len(counts):
+        kept = [line + b"\n" for line, row in zip(lines, rows) if (row["dataset"], row["image"]) in done]
+        path.write_bytes(b"".join(kept))
     return done
 
 
@@ -236,7 +245,7 @@ def run_benchmark(
     work = [(d, s) for d in datasets for s in d.samples[: config.max_images]]
     overlay_dir = out / "overlays"
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not show_progress) as progress, results_path.open("a", encoding="utf-8") as handle:
+                  disable=not show_progress) as progress, results_path.open("ab", buffering=0) as handle:
         task = progress.add_task("benchmark", total=len(work))
         overlays_done: dict[str, int] = {}
         for dataset, sample in work:
@@ -260,13 +269,14 @@ def run_benchmark(
 
                     write_overlay(overlay_dir / f"{dataset.name}__{sample.id}.png", image, gt, rows)
                     overlays_done[dataset.name] = overlays_done.get(dataset.name, 0) + 1
+            block = []
             for row in rows:
                 row.pop("_mask", None)
                 row.setdefault("status", "ok")
-                row = {**base, **row, "encode_s": encode_s,
+                row = {**base, **row, "encode_s": encode_s, "image_rows": len(rows),
                        "mode_params": protocol["modes"].get(row.get("mode"), None)}
-                handle.write(json.dumps(row, default=_json_default) + "\n")
-            handle.flush()
+                block.append(json.dumps(row, default=_json_default) + "\n")
+            handle.write("".join(block).encode())  # one unbuffered write per image
             progress.advance(task)
     return results_path
 

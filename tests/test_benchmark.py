@@ -1,0 +1,133 @@
+"""The benchmark end to end on a tiny synthetic data set: rows, resume, failures, report, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_ellipse_image
+from PIL import Image
+from typer.testing import CliRunner
+
+from sam4med.cli import app
+from sam4med.engine.errors import InputError
+from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
+from sam4med.evaluation.modes import DEFAULT_MODES, PromptSettings, make_mode
+from sam4med.evaluation.summary import load_results
+
+
+def write_dataset(root: Path, broken: bool = True) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index in range(2):
+        image, mask = make_ellipse_image(128, 160, centre=(60 + 5 * index, 80), radii=(25, 35), seed=index)
+        Image.fromarray(image).save(root / "images" / f"case{index}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"case{index}.png")
+    if broken:  # a truncated image: recorded as a failure, the run goes on
+        good = (root / "images" / "case0.png").read_bytes()
+        (root / "images" / "case9.png").write_bytes(good[: len(good) // 2])
+        Image.fromarray(np.zeros((128, 160), np.uint8)).save(root / "masks" / "case9.png")
+    (root / "dataset.json").write_text(json.dumps({"name": "ellipses", "modality": "synthetic", "target": "ellipse"}),
+                                       encoding="utf-8")
+    return root
+
+
+FAST_MODES = ("box", "box_jitter", "points2_neg2", "interactive")
+
+
+def test_benchmark_rows_resume_and_failures(tmp_path):
+    data = write_dataset(tmp_path / "ellipses")
+    config = BenchmarkConfig(modes=FAST_MODES, prompts=PromptSettings(interactive_rounds=2))
+    results = run_benchmark([data], tmp_path / "out", config, device="cpu", show_progress=False)
+    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 2 * len(FAST_MODES)
+    failed = [r for r in rows if r["status"] == "error"]
+    assert len(failed) == 1 and failed[0]["image"] == "case9" and "case9.png" in failed[0]["error"]
+    box = [r for r in ok if r["mode"] == "box"]
+    assert all(r["dice"] > 0.95 for r in box)
+    assert all(r["model"] == "litemedsam" and r["mask_rule"] == "single" and r["seed"] == 0 for r in ok)
+    jitter = next(r for r in ok if r["mode"] == "box_jitter")
+    assert jitter["mode_params"] == {"prompt": "jittered box", "jitter": 5.0, "jitter_unit": "px", "jitter_kind": "corners"}
+    interactive = next(r for r in ok if r["mode"] == "interactive")
+    assert len(interactive["dice_per_round"]) == 3 and interactive["noc85"] == 1
+    assert {"object_area", "boundary_complexity", "contrast", "hd95", "nsd", "encode_s"} <= set(box[0])
+    protocol = json.loads((tmp_path / "out" / "protocol.json").read_text(encoding="utf-8"))
+    assert protocol["model_protocol"]["weights_sha256"] and protocol["mask_rule"] == "single"
+    assert list((tmp_path / "out" / "overlays").glob("*.png"))
+
+    # re-running continues: finished images are skipped, nothing is duplicated
+    before = results.read_text(encoding="utf-8")
+    run_benchmark([data], tmp_path / "out", config, device="cpu", show_progress=False)
+    assert results.read_text(encoding="utf-8") == before
+
+    # a killed run (half of an image's rows written, the last line cut) is completed on re-run
+    lines = before.splitlines()
+    keep = [line for line in lines if json.loads(line)["image"] != "case1"]
+    case1 = [line for line in lines if json.loads(line)["image"] == "case1"]
+    results.write_text("\n".join(keep + case1[:2]) + "\n" + case1[2][:20], encoding="utf-8")
+    run_benchmark([data], tmp_path / "out", config, device="cpu", show_progress=False)
+    again = load_results(tmp_path / "out")
+    assert len(again[again.status == "ok"]) == 2 * len(FAST_MODES)
+    first = {(r["image"], r["mode"]): r["dice"] for r in ok}
+    for row in again[again.status == "ok"].itertuples():
+        assert row.dice == pytest.approx(first[(row.image, row.mode)], abs=1e-6)
+
+    # a different protocol into the same folder is refused
+    with pytest.raises(InputError, match="different protocol .*seed"):
+        run_benchmark([data], tmp_path / "out", BenchmarkConfig(modes=FAST_MODES, seed=1), device="cpu",
+                      show_progress=False)
+
+
+def test_default_modes_are_the_nine_of_the_study():
+    assert len(DEFAULT_MODES) == 9
+    for name in DEFAULT_MODES:
+        make_mode(name, PromptSettings())
+    with pytest.raises(InputError, match="unknown mode 'boxes'"):
+        make_mode("boxes", PromptSettings())
+    assert make_mode("points3_neg2", PromptSettings()).params["prompt"] == "3 positive + 2 negative points"
+
+
+def test_cli_benchmark_report_and_segment(tmp_path):
+    data = write_dataset(tmp_path / "ellipses", broken=False)
+    runner = CliRunner()
+    out = tmp_path / "results"
+    result = runner.invoke(app, ["benchmark", "--data", str(data), "--out", str(out), "--modes", "box,everything",
+                                 "--max-images", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "mean Dice" in result.output
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "everything" in html and "data:image/png;base64," in html
+
+    mask_path = tmp_path / "mask.png"
+    result = runner.invoke(app, ["segment", str(data / "images" / "case0.png"), "--box", "45", "35", "115", "85",
+                                 "--out", str(mask_path), "--overlay", str(tmp_path / "overlay.png"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    predicted = np.array(Image.open(mask_path)) > 0
+    truth = np.array(Image.open(data / "masks" / "case0.png")) > 0
+    assert 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()) > 0.95
+    assert (tmp_path / "overlay.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["segment", "missing.png", "--box", "1", "1", "5", "5", "--out", "m.png"], "missing.png"),
+        (["segment", "{image}", "--box", "1", "1", "500", "5", "--out", "m.png"], "outside the 160x128 image"),
+        (["segment", "{image}", "--point", "3;4", "--out", "m.png"], "--point '3;4'"),
+        (["segment", "{image}", "--box", "1", "1", "5", "5", "--model", "sam_vit_b", "--out", "m.png"], "--checkpoint"),
+        (["report", "{tmp}"], "no results.jsonl"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
+    data = write_dataset(tmp_path / "ellipses", broken=False)
+    image = data / "images" / "case0.png"
+    args = [a.format(image=image, tmp=tmp_path) for a in args]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output

@@ -1,0 +1,132 @@
+"""Predictor, embedding cache, everything mode, interactive correction and volume propagation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_ellipse_image
+
+from sam4med.engine.everything import (
+    EverythingSettings,
+    generate_masks,
+    mask_nms,
+    point_grid,
+    stability_score,
+    window_boxes,
+    ProposedMask,
+)
+from sam4med.engine.interactive import InteractiveResult, run_interactive
+from sam4med.engine.predictor import EmbeddingCache, Predictor
+from sam4med.engine.prompts import Prompt, tight_box
+from sam4med.engine.segment import segment_volume
+
+
+def dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_batched_prediction_equals_one_prompt_at_a_time(litemedsam, ellipse_image):
+    image, mask = ellipse_image
+    predictor = Predictor(litemedsam, batch_size=2)
+    predictor.set_image(image)
+    prompts = [Prompt(box=tight_box(mask) + offset) for offset in (0, 2, -3, 4, 1)]
+    batched = predictor.predict(prompts)
+    for index, prompt in enumerate(prompts):
+        single = predictor.predict([prompt])
+        assert torch.allclose(batched.low_res[index], single.low_res[0], atol=1e-4)
+        assert torch.allclose(batched.iou[index], single.iou[0], atol=1e-5)
+    assert predictor.encoder_calls == 1
+
+
+def test_embedding_cache_skips_the_encoder_and_returns_the_same_embedding(litemedsam, ellipse_image, tmp_path):
+    image, _ = ellipse_image
+    first = Predictor(litemedsam, EmbeddingCache(tmp_path))
+    features = first.set_image(image).features.clone()
+    assert first.encoder_calls == 1 and len(list(tmp_path.glob("*.pt"))) == 1
+    second = Predictor(litemedsam, EmbeddingCache(tmp_path))
+    assert torch.equal(second.set_image(image.copy()).features, features)
+    assert second.encoder_calls == 0
+    changed = image.copy()
+    changed[0, 0, 0] ^= 1  # one pixel differs: a different key
+    second.set_image(changed)
+    assert second.encoder_calls == 1
+    # a corrupt entry is recomputed, not trusted
+    for entry in tmp_path.glob("*.pt"):
+        entry.write_bytes(b"truncated")
+    third = Predictor(litemedsam, EmbeddingCache(tmp_path))
+    assert torch.allclose(third.set_image(image).features, features, atol=1e-5)
+    assert third.encoder_calls == 1
+
+
+def test_stability_score_matches_its_definition():
+    logits = torch.tensor([[[-2.0, -0.5, 0.5, 2.0]]])
+    # >+1: one pixel; >-1: three pixels
+    assert stability_score(logits, 1.0).item() == pytest.approx(1 / 3)
+
+
+def test_point_grid_and_windows_cover_the_image():
+    grid = point_grid((100, 200), 4)
+    assert grid.shape == (16, 2)
+    assert grid[:, 0].min() == pytest.approx(25) and grid[:, 0].max() == pytest.approx(175)
+    boxes = window_boxes((100, 200), (0.5,), 0.5)
+    assert len(boxes) == 1 + 9
+    assert max(b[2] for b in boxes) == pytest.approx(199) and max(b[3] for b in boxes) == pytest.approx(99)
+
+
+def test_mask_nms_keeps_the_best_of_duplicates_and_nested_objects():
+    big = np.zeros((20, 20), bool)
+    big[2:18, 2:18] = True
+    small = np.zeros_like(big)
+    small[5:9, 5:9] = True
+    prompt = Prompt(box=[0, 0, 1, 1])
+    candidates = [ProposedMask(big, 0.9, 0.9, prompt), ProposedMask(big.copy(), 0.95, 0.95, prompt),
+                  ProposedMask(small, 0.8, 0.9, prompt)]
+    kept = mask_nms(candidates, 0.7)
+    assert [c.predicted_iou for c in kept] == [0.95, 0.8]
+
+
+def test_everything_mode_with_box_proposals_finds_separate_objects(litemedsam):
+    """LiteMedSAM takes no point prompts, so its everything mode runs on box proposals."""
+    image, first = make_ellipse_image(256, 256, centre=(70, 70), radii=(30, 40))
+    second_image, second = make_ellipse_image(256, 256, centre=(180, 170), radii=(35, 30), seed=1)
+    image = np.where(second[..., None], second_image, image)
+    settings = EverythingSettings()
+    masks = generate_masks(Predictor(litemedsam), image, settings)
+    assert settings.resolved(False).method == "boxes"
+    best = [max(dice(m.mask, gt) for m in masks) for gt in (first, second)]
+    assert min(best) > 0.85, best
+    scores = [m.score for m in masks]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_interactive_records_every_round_and_counts_clicks(litemedsam, ellipse_image):
+    image, mask = ellipse_image
+    predictor = Predictor(litemedsam)
+    predictor.set_image(image)
+    result = run_interactive(predictor, mask, Prompt(box=tight_box(mask)), rounds=3, rng=np.random.default_rng(0))
+    assert len(result.dice_per_round) == 4
+    assert result.dice_per_round[0] > 0.95  # the box alone already segments the clean ellipse
+    assert result.clicks_to_reach(0.85) == 1
+    assert len(result.prompts[-1].points) == len(result.prompts) - 1
+
+
+def test_clicks_to_reach_is_capped_when_never_reached():
+    result = InteractiveResult([0.5, 0.7, 0.86, 0.88], [], np.zeros(1))
+    assert result.clicks_to_reach(0.85) == 3
+    assert result.clicks_to_reach(0.90) == 4
+
+
+def test_volume_propagates_a_box_from_the_middle_slice(litemedsam):
+    """A cylinder through 7 slices: the 3D box names slices 1..5, so only those are labelled."""
+    slices, truth = [], []
+    for z in range(7):
+        image, mask = make_ellipse_image(96, 96, centre=(48, 48), radii=(20 + z, 25), seed=z)
+        slices.append(image[..., 0])
+        truth.append(mask)
+    ys, xs = np.nonzero(truth[3])
+    labels = segment_volume(Predictor(litemedsam), slices, (xs.min(), ys.min(), 1, xs.max(), ys.max(), 5))
+    assert labels.shape == (7, 96, 96)
+    assert not labels[0].any() and not labels[6].any()
+    for z in range(1, 6):
+        assert dice(labels[z], truth[z]) > 0.9, z
