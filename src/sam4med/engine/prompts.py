@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from sam4med.engine.errors import InputError
+from sam4med.engine.metrics import dice
 
 JitterKind = Literal["corners", "shift", "scale"]
 JitterUnit = Literal["px", "percent"]
@@ -179,12 +180,6 @@ def jitter_box(
 
 
 # --- mask selection --------------------------------------------------------------------------
-def dice_score(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Plain Dice for selection and click loops (both empty counts as 1)."""
-    total = pred.sum() + gt.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(pred, gt).sum() / total)
-
-
 def select_mask(masks: np.ndarray, predicted_iou: np.ndarray, rule: str, gt: np.ndarray | None = None) -> int:
     """Index of the output to keep among a prompt's masks (M, H, W).
 
@@ -200,7 +195,7 @@ def select_mask(masks: np.ndarray, predicted_iou: np.ndarray, rule: str, gt: np.
     if rule == "oracle":
         if gt is None:
             raise InputError("mask rule 'oracle' needs the ground truth")
-        return int(np.argmax([dice_score(mask, gt) for mask in masks]))
+        return int(np.argmax([dice(mask, gt) for mask in masks]))
     raise InputError(f"unknown mask rule '{rule}'; use single, oracle or iou")
 
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from sam4med.engine.data import Dataset, Sample, load_dataset, load_pair, mask_objects, object_factors
+from sam4med.engine.data import Sample, load_dataset, load_pair, mask_objects, object_factors
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings, ProposedMask, generate_masks
 from sam4med.engine.interactive import run_interactive
-from sam4med.engine.metrics import segmentation_metrics
+from sam4med.engine.metrics import dice, segmentation_metrics
 from sam4med.engine.models import SamModel, load_model
 from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.prompts import Prompt, center_point, select_mask, tight_box
@@ -51,13 +51,15 @@ class BenchmarkConfig:
     prompts: PromptSettings = field(default_factory=PromptSettings)
     everything: EverythingSettings = field(default_factory=EverythingSettings)
 
-    def protocol(self, model: SamModel, datasets: Sequence[Dataset]) -> dict[str, object]:
+    def protocol(self, model: SamModel) -> dict[str, object]:
+        """The choices that make numbers comparable; the scope (data sets, image count) is not one,
+        so a run can be extended to more images or data sets."""
         record = asdict(self)
+        del record["max_images"]
         record["mask_rule"] = self.resolved_mask_rule(model)
         record["everything"] = self.everything.resolved(model.spec.takes_point_prompts).record()
         record["model_protocol"] = model.protocol()
         record["modes"] = {name: make_mode(name, self.prompts).params for name in self.modes}
-        record["datasets"] = [str(d.root) for d in datasets]
         return record
 
     def resolved_mask_rule(self, model: SamModel) -> str:
@@ -94,10 +96,11 @@ def _finished_images(path: Path) -> set[tuple[str, str]]:
 
 def _check_protocol(out: Path, protocol: dict[str, object]) -> None:
     path = out / PROTOCOL_FILE
+    current = json.loads(json.dumps(protocol))  # tuples become lists, as in the stored file
     if path.exists():
         previous = json.loads(path.read_text(encoding="utf-8"))
-        if previous != json.loads(json.dumps(protocol)):
-            changed = sorted(k for k in set(previous) | set(protocol) if previous.get(k) != json.loads(json.dumps(protocol)).get(k))
+        if previous != current:
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
             raise InputError(f"{out}: holds results of a different protocol (differs in {', '.join(changed)}); use another --out")
     else:
         path.write_text(json.dumps(protocol, indent=2), encoding="utf-8")
@@ -170,7 +173,7 @@ class ImageEvaluator:
         rows = []
         for obj in objects:
             empty = np.zeros_like(obj)
-            best = max(proposals, key=lambda p: _dice(p.mask, obj), default=None)
+            best = max(proposals, key=lambda p: dice(p.mask, obj), default=None)
             mask = best.mask if best is not None else empty
             rows.append({
                 **self._score(mask, obj),
@@ -208,11 +211,6 @@ class ImageEvaluator:
         return rows, encode_s
 
 
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    total = pred.sum() + gt.sum()
-    return 1.0 if total == 0 else 2 * float(np.logical_and(pred, gt).sum()) / total
-
-
 def run_benchmark(
     data: Sequence[str | Path],
     out: str | Path,
@@ -234,7 +232,7 @@ def run_benchmark(
     datasets = [load_dataset(path) for path in data]
     model = load_model(config.model, config.checkpoint, device)
     modes = [make_mode(name, config.prompts) for name in config.modes]
-    protocol = config.protocol(model, datasets)
+    protocol = config.protocol(model)
     _check_protocol(out, protocol)
     results_path = out / RESULTS_FILE
     finished = _finished_images(results_path)
