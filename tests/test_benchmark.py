@@ -143,3 +143,28 @@ def test_real_polyps_with_a_box(shared_data, tmp_path):
     assert box.dice.mean() > 0.85
     # the honest counterpart: a single point gives LiteMedSAM almost nothing
     assert frame[frame["mode"] == "point_center"].dice.mean() < 0.3
+
+
+def test_cli_segment_volume_along_an_axis(tmp_path):
+    """A synthetic NRRD volume: a cylinder along x, segmented on sagittal slices (axis 2)."""
+    import SimpleITK as sitk
+
+    volume = np.full((40, 64, 12), 30.0, np.float32)
+    zz, yy = np.mgrid[:40, :64]
+    disc = (zz - 20) ** 2 / 12**2 + (yy - 32) ** 2 / 18**2 <= 1
+    volume[disc, 2:10] = 220.0
+    image = sitk.GetImageFromArray(volume)
+    image.SetSpacing((0.8, 0.8, 2.5))
+    path = tmp_path / "cylinder.nrrd"
+    sitk.WriteImage(image, str(path))
+    out = tmp_path / "labels.nii.gz"
+    ys, xs = np.nonzero(disc)  # rows are z (40), columns are y (64) on a sagittal slice
+    result = CliRunner().invoke(app, ["segment-volume", str(path), "--axis", "2", "--out", str(out), "--device", "cpu",
+                                      "--box3d", str(xs.min()), str(ys.min()), "3", str(xs.max()), str(ys.max()), "8"])
+    assert result.exit_code == 0, result.output
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
+    assert labels.shape == volume.shape
+    truth = np.zeros_like(labels)
+    truth[disc, 3:9] = True
+    assert 2 * (labels & truth).sum() / (labels.sum() + truth.sum()) > 0.9
+    assert sitk.ReadImage(str(out)).GetSpacing() == pytest.approx((0.8, 0.8, 2.5))

@@ -130,3 +130,25 @@ def test_volume_propagates_a_box_from_the_middle_slice(litemedsam):
     assert not labels[0].any() and not labels[6].any()
     for z in range(1, 6):
         assert dice(labels[z], truth[z]) > 0.9, z
+
+
+def test_everything_mode_with_a_point_grid_on_a_point_taking_model(litemedsam):
+    """The point-grid path (SAM's recipe) runs end to end; LiteMedSAM's weights stand in for a
+    point-taking model here, so only the mechanics are checked: filters, box NMS, ordering."""
+    from dataclasses import replace
+
+    point_model = type(litemedsam)(replace(litemedsam.spec, takes_point_prompts=True), litemedsam.network,
+                                   litemedsam.weights_sha256, litemedsam.device)
+    image, _ = make_ellipse_image(128, 128, centre=(64, 64), radii=(30, 40))
+    settings = EverythingSettings(points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0, min_area_fraction=0.0)
+    masks = generate_masks(Predictor(point_model), image, settings)
+    assert settings.resolved(True).method == "points"
+    assert 1 <= len(masks) <= 16 * 3
+    from torchvision.ops import box_iou
+
+    boxes = torch.tensor([[m.mask.nonzero()[1].min(), m.mask.nonzero()[0].min(), m.mask.nonzero()[1].max(),
+                           m.mask.nonzero()[0].max()] for m in masks], dtype=torch.float32)
+    overlap = box_iou(boxes, boxes).fill_diagonal_(0).nan_to_num(0.0)  # 1-pixel-wide boxes have no area
+    assert float(overlap.max()) <= settings.nms_thresh  # box NMS, as SAM's generator
+    scores = [m.score for m in masks]
+    assert scores == sorted(scores, reverse=True)

@@ -196,6 +196,8 @@ def segment_volume_command(
     volume: Annotated[Path, typer.Argument(help="NIfTI, NRRD, MHA or a DICOM series folder.")],
     box3d: Annotated[tuple[float, float, float, float, float, float], typer.Option(help="x0 y0 z0 x1 y1 z1 (voxels).")],
     out: Annotated[Path, typer.Option(help="Output label volume (.nii.gz, .nrrd, ...), aligned with the input.")],
+    axis: Annotated[int, typer.Option(help="Slicing axis of the (z, y, x) array: 0 axial, 1 coronal, 2 sagittal; "
+                                           "the box's z is the index along it.")] = 0,
     lower_percentile: float = 0.5,
     upper_percentile: float = 99.5,
     model: ModelOption = "litemedsam",
@@ -208,8 +210,13 @@ def segment_volume_command(
     from sam4med.engine.segment import segment_volume
     from sam4med.engine.volumes import read_volume, window, write_label_volume
 
+    import numpy as np
+
+    if axis not in (0, 1, 2):
+        raise InputError(f"--axis {axis}: must be 0, 1 or 2")
     image = read_volume(volume)
-    windowed = window(image.array, lower_percentile, upper_percentile)
+    windowed = np.moveaxis(window(image.array, lower_percentile, upper_percentile), axis, 0)
     labels = segment_volume(Predictor(load_model(model, checkpoint, device)), list(windowed), box3d)
+    labels = np.moveaxis(labels, 0, axis)
     write_label_volume(labels.astype("uint8"), image, out)
     typer.echo(f"{out}: {int(labels.sum())} foreground voxels in {int(labels.any(axis=(1, 2)).sum())} slices")

@@ -10,8 +10,9 @@ Two proposal sources, one filter chain:
   structures rather than only on a grid. Each kept mask is re-prompted once with its own tight
   box, since these models were trained on tight boxes.
 
-Both are filtered by predicted IoU and stability score (SAM's definitions) and de-duplicated by
-non-maximum suppression on mask IoU, highest score first.
+Both are filtered by predicted IoU and stability score (SAM's definitions). The point grid is
+de-duplicated by box NMS, as SAM's generator does; box proposals by NMS on mask IoU, because
+windows of different scales often return the same object with slightly different boxes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 from skimage.segmentation import felzenszwalb
+from torchvision.ops import nms
 from skimage.transform import resize as sk_resize
 from scipy import ndimage
 
@@ -140,6 +142,7 @@ def _candidates(decoded: Decoded, prompts: list[Prompt], settings: EverythingSet
     keep = (
         (ious >= settings.pred_iou_thresh)
         & (stability >= settings.stability_thresh)
+        & (areas > 0)
         & (areas >= settings.min_area_fraction)
         & (areas <= settings.max_area_fraction)
     )
@@ -165,14 +168,25 @@ def mask_nms(candidates: list[ProposedMask], threshold: float) -> list[ProposedM
     return kept
 
 
+def box_nms(candidates: list[ProposedMask], threshold: float) -> list[ProposedMask]:
+    """SAM's de-duplication: NMS on the masks' bounding boxes, scored by predicted IoU."""
+    if not candidates:
+        return candidates
+    boxes = torch.tensor(np.stack([_mask_box(c.mask) for c in candidates]), dtype=torch.float32)
+    scores = torch.tensor([c.predicted_iou for c in candidates])
+    return [candidates[i] for i in nms(boxes, scores, threshold).tolist()]
+
+
+def _mask_box(mask: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+
+
 def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: EverythingSettings) -> list[ProposedMask]:
     """Re-prompt each candidate with its mask's tight box; keep whichever scores higher."""
     if not candidates:
         return candidates
-    prompts = []
-    for candidate in candidates:
-        ys, xs = np.nonzero(candidate.mask)
-        prompts.append(Prompt(box=[xs.min(), ys.min(), xs.max(), ys.max()]))
+    prompts = [Prompt(box=_mask_box(candidate.mask)) for candidate in candidates]
     refined = predictor.predict(prompts, multimask=False)
     stability = stability_score(refined.logits[:, 0], settings.stability_offset)
     results = []
@@ -183,6 +197,16 @@ def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: Ever
     return results
 
 
+def _filtered(predictor: Predictor, prompts: list[Prompt], settings: EverythingSettings, multimask: bool,
+              chunk: int = 32) -> list[ProposedMask]:
+    """Decode and filter in chunks, so full-size logits of a whole grid never sit in memory at once."""
+    kept: list[ProposedMask] = []
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start : start + chunk]
+        kept += _candidates(predictor.predict(part, multimask=multimask), part, settings)
+    return kept
+
+
 def generate_masks(predictor: Predictor, image: np.ndarray, settings: EverythingSettings | None = None) -> list[ProposedMask]:
     """All masks of everything mode for one image, best score first."""
     settings = (settings or EverythingSettings()).resolved(predictor.model.spec.takes_point_prompts)
@@ -190,13 +214,12 @@ def generate_masks(predictor: Predictor, image: np.ndarray, settings: Everything
     size = image.shape[:2]
     if settings.method == "points":
         prompts = [Prompt(points=[p], labels=[1]) for p in point_grid(size, settings.points_per_side)]
-        candidates = _candidates(predictor.predict(prompts, multimask=True), prompts, settings)
-    else:
-        boxes = window_boxes(size, settings.box_scales, settings.box_overlap)
-        boxes += region_boxes(image, settings.region_proposals, settings.min_area_fraction)
-        prompts = [Prompt(box=b) for b in boxes]
-        candidates = _candidates(predictor.predict(prompts, multimask=False), prompts, settings)
-        candidates = mask_nms(candidates, settings.nms_thresh)
-        if settings.refine_boxes:
-            candidates = _refine(predictor, candidates, settings)
+        candidates = box_nms(_filtered(predictor, prompts, settings, multimask=True), settings.nms_thresh)
+        return sorted(candidates, key=lambda c: c.score, reverse=True)
+    boxes = window_boxes(size, settings.box_scales, settings.box_overlap)
+    boxes += region_boxes(image, settings.region_proposals, settings.min_area_fraction)
+    prompts = [Prompt(box=b) for b in boxes]
+    candidates = mask_nms(_filtered(predictor, prompts, settings, multimask=False), settings.nms_thresh)
+    if settings.refine_boxes:
+        candidates = _refine(predictor, candidates, settings)
     return mask_nms(candidates, settings.nms_thresh)
