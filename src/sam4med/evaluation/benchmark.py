@@ -245,7 +245,7 @@ def run_benchmark(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not show_progress) as progress, results_path.open("ab", buffering=0) as handle:
         task = progress.add_task("benchmark", total=len(work))
-        overlays_done: dict[str, int] = {}
+        overlays_done = {d.name: len(list(overlay_dir.glob(f"{d.name}__*.png"))) for d in datasets}
         for dataset, sample in work:
             progress.update(task, description=f"{dataset.name}/{sample.id}")
             if (dataset.name, sample.id) in finished:
@@ -262,11 +262,11 @@ def run_benchmark(
                     message = f"{type(error).__name__}: {message} ({traceback.extract_tb(error.__traceback__)[-1].name})"
                 rows, encode_s = [{"status": "error", "error": message}], None
             else:
-                if overlays_done.get(dataset.name, 0) < overlays_per_dataset:
+                if overlays_done[dataset.name] < overlays_per_dataset:
                     from sam4med.evaluation.report import write_overlay
 
                     write_overlay(overlay_dir / f"{dataset.name}__{sample.id}.png", image, gt, rows)
-                    overlays_done[dataset.name] = overlays_done.get(dataset.name, 0) + 1
+                    overlays_done[dataset.name] += 1
             block = []
             for row in rows:
                 row.pop("_mask", None)
