@@ -24,6 +24,7 @@ from sam4med.engine.everything import EverythingSettings, generate_masks
 from sam4med.engine.models import load_model
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt
+from sam4med.engine.runtime import configure_cpu
 
 
 def median_seconds(function: Callable[[], object], repeats: int) -> float:
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--image", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure_cpu(args.threads)
     model = load_model(args.model, args.checkpoint, "cpu")
     if args.image:
         image = read_image(args.image)

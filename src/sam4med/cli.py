@@ -10,6 +10,7 @@ from typing import Annotated, Optional, TypeVar
 import typer
 
 from sam4med.engine.errors import InputError
+from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.")
 F = TypeVar("F", bound=Callable[..., object])
@@ -27,13 +28,6 @@ def _one_line_errors(command: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _configure_torch(threads: int | None) -> None:
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
 
 
 ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam (bundled), medsam, mobilesam, sam_vit_b/l/h.")]
@@ -83,7 +77,7 @@ def benchmark(
     from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
     from sam4med.evaluation.modes import DEFAULT_MODES, PromptSettings
 
-    _configure_torch(threads)
+    configure_cpu(threads)
     config = BenchmarkConfig(
         model=model,
         checkpoint=str(checkpoint) if checkpoint else None,
@@ -136,7 +130,7 @@ def demo(
     from sam4med.evaluation.demo import build_demo_dataset
     from sam4med.evaluation.report import write_report
 
-    _configure_torch(threads)
+    configure_cpu(threads)
     dataset = build_demo_dataset(out / "data")
     results = run_benchmark([dataset], out / "results", BenchmarkConfig(max_objects_per_image=4))
     _print_summary(results.parent)
@@ -175,6 +169,7 @@ def segment(
     from sam4med.engine.prompts import Prompt
     from sam4med.engine.segment import segment_image
 
+    configure_cpu()
     points = [_parse_point(p) for p in point or []]
     if label and len(label) != len(points):
         raise InputError(f"--label given {len(label)} times for {len(points)} --point")
@@ -212,6 +207,7 @@ def segment_volume_command(
 
     import numpy as np
 
+    configure_cpu()
     if axis not in (0, 1, 2):
         raise InputError(f"--axis {axis}: must be 0, 1 or 2")
     image = read_volume(volume)

@@ -196,14 +196,12 @@ def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     return image, read_mask(sample.mask_path, image.shape)
 
 
-def mask_objects(
-    mask: np.ndarray, *, as_one_object: bool = False, min_area: int = 1, connectivity: int = 2
-) -> list[np.ndarray]:
-    """Split a binary mask into objects: its connected components (connectivity 2 = 8-connected,
-    1 = 4-connected), in label order, i.e. raster order of each component's first pixel, so
-    the order is reproducible. Components under ``min_area`` pixels are dropped (specks);
-    ``as_one_object`` returns the kept foreground as a single object. An empty result is
-    returned as [], leaving to the caller whether that is an error (see ``require_objects``).
+def object_labels(mask: np.ndarray, *, min_area: int = 1, connectivity: int = 2) -> tuple[np.ndarray, list[int]]:
+    """Connected-component labels of a binary mask and the ids of components of at least
+    ``min_area`` pixels, in label order (raster order of each component's first pixel).
+
+    Callers that keep only some objects (a benchmark capping hundreds of nuclei) build masks
+    for those alone instead of one full-size array per component.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
@@ -212,7 +210,19 @@ def mask_objects(
         raise InputError(f"mask_objects: connectivity must be 1 or 2, got {connectivity}")
     labels, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(2, connectivity))
     areas = np.bincount(labels.ravel(), minlength=count + 1)
-    kept = [label for label in range(1, count + 1) if areas[label] >= min_area]
+    return labels, [label for label in range(1, count + 1) if areas[label] >= min_area]
+
+
+def mask_objects(
+    mask: np.ndarray, *, as_one_object: bool = False, min_area: int = 1, connectivity: int = 2
+) -> list[np.ndarray]:
+    """Split a binary mask into objects: its connected components (connectivity 2 = 8-connected,
+    1 = 4-connected), in label order, so the order is reproducible. Components under
+    ``min_area`` pixels are dropped (specks); ``as_one_object`` returns the kept foreground as a
+    single object. An empty result is returned as [], leaving to the caller whether that is an
+    error (see ``require_objects``).
+    """
+    labels, kept = object_labels(mask, min_area=min_area, connectivity=connectivity)
     if as_one_object:
         return [np.isin(labels, kept)] if kept else []
     return [labels == label for label in kept]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from sam4med.engine.data import Sample, load_dataset, load_pair, mask_objects, object_factors
+from sam4med.engine.data import Sample, load_dataset, load_pair, object_factors, object_labels
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings, ProposedMask, generate_masks
 from sam4med.engine.interactive import run_interactive
@@ -114,7 +114,6 @@ class ImageEvaluator:
         self.config = config
         self.modes = modes
         self.mask_rule = config.resolved_mask_rule(predictor.model)
-        self.everything = config.everything
 
     def _score(self, pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
         return segmentation_metrics(pred, gt, nsd_tolerance=self.config.nsd_tolerance)
@@ -168,13 +167,12 @@ class ImageEvaluator:
 
     def _everything(self, objects: list[np.ndarray], image: np.ndarray) -> list[dict]:
         start = time.perf_counter()
-        proposals: list[ProposedMask] = generate_masks(self.predictor, image, self.everything)
+        proposals: list[ProposedMask] = generate_masks(self.predictor, image, self.config.everything)
         seconds = time.perf_counter() - start
         rows = []
-        for obj in objects:
-            empty = np.zeros_like(obj)
+        for obj in objects:  # COSMOS matching: each object scored against its best mask
             best = max(proposals, key=lambda p: dice(p.mask, obj), default=None)
-            mask = best.mask if best is not None else empty
+            mask = best.mask if best is not None else np.zeros_like(obj)
             rows.append({
                 **self._score(mask, obj),
                 "n_masks": len(proposals),
@@ -186,14 +184,17 @@ class ImageEvaluator:
         return rows
 
     def evaluate(self, sample: Sample, image: np.ndarray, gt: np.ndarray) -> tuple[list[dict], float]:
-        objects = mask_objects(gt, as_one_object=self.config.as_one_object, min_area=self.config.min_object_area)
-        if not objects:
+        labels, ids = object_labels(gt, min_area=self.config.min_object_area)
+        if not ids:
             raise InputError(f"{sample.mask_path}: mask has no object of at least {self.config.min_object_area} pixels")
-        indices = list(range(len(objects)))
-        cap = self.config.max_objects_per_image
-        if cap is not None and len(objects) > cap:
-            indices = sorted(_rng(self.config.seed, sample.id, "objects").choice(len(objects), cap, replace=False).tolist())
-            objects = [objects[i] for i in indices]
+        if self.config.as_one_object:
+            indices, objects = [0], [np.isin(labels, ids)]
+        else:
+            indices = list(range(len(ids)))
+            cap = self.config.max_objects_per_image
+            if cap is not None and len(ids) > cap:
+                indices = sorted(_rng(self.config.seed, sample.id, "objects").choice(len(ids), cap, replace=False).tolist())
+            objects = [labels == ids[i] for i in indices]
         start = time.perf_counter()
         self.predictor.set_image(image)
         encode_s = time.perf_counter() - start
