@@ -1,0 +1,1 @@
+"""SAMAug: SAM everything-mode priors as input augmentation for standard segmenters."""

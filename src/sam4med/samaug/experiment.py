@@ -1,0 +1,123 @@
+"""SAMAug's comparison, run the same way for every arm: raw-input training vs dual training.
+
+For each seed, one U-Net is trained on raw input (``raw`` arm) and one on raw + augmented input
+(``dual`` arm), with the same split, epochs, image size and network. The dual model is scored under
+every prediction mode (raw, aug, mean, confident, entropy), the raw model under ``raw``. Arms are
+named ``<training>/<mode>``: ``raw/raw`` is the baseline, ``dual/confident`` is SAMAug.
+
+The summary gives mean +- std over seeds of the per-seed mean score, and for every arm the paired
+difference to the baseline: per test image, averaged over seeds, with a bootstrap 95% interval
+over images (the test images are the sample; seeds are averaged out rather than resampled).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sam4med.samaug.inference import evaluate  # noqa: E402
+from sam4med.samaug.training import TrainConfig, train  # noqa: E402
+
+BASELINE = "raw/raw"
+METRICS_FILE = "metrics.csv"
+
+
+def run_experiment(
+    data: str | Path,
+    priors: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    seeds: Sequence[int] = (0, 1, 2),
+    trainings: Sequence[str] = ("raw", "dual"),
+    instances: bool = False,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Train and score every (training, seed); finished runs are skipped, so a killed run resumes.
+
+    Returns one row per test image x arm x seed; also written to ``out/metrics.csv``.
+    """
+    out = Path(out)
+    frames = []
+    for seed in seeds:
+        for training in trainings:
+            run = out / f"{training}_seed{seed}"
+            scored = run / METRICS_FILE
+            if not scored.is_file():
+                result = train([data], priors if training != "raw" else None, run,
+                               replace(config, input=training, seed=seed), show_progress=show_progress)
+                (run / "result.json").write_text(json.dumps({"best_val_dice": result.best_val_dice,
+                                                             "best_epoch": result.best_epoch,
+                                                             "train_seconds": result.seconds}), encoding="utf-8")
+                evaluate(run / "best.pt", [data], priors if training != "raw" else None, "test", instances, run)
+            frame = pd.read_csv(scored)
+            frame["arm"] = training + "/" + frame["mode"]
+            frame["seed"] = seed
+            frames.append(frame)
+    results = pd.concat(frames, ignore_index=True)
+    out.mkdir(parents=True, exist_ok=True)
+    results.to_csv(out / METRICS_FILE, index=False)
+    (out / "protocol.json").write_text(json.dumps({"config": asdict(config), "seeds": list(seeds),
+                                                   "trainings": list(trainings), "data": str(data),
+                                                   "priors": str(priors)}, indent=2), encoding="utf-8")
+    return results
+
+
+def paired_bootstrap(differences: np.ndarray, resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of paired differences and its percentile bootstrap 95% interval."""
+    differences = np.asarray(differences, dtype=float)
+    if differences.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = differences[rng.integers(0, differences.size, (resamples, differences.size))].mean(axis=1)
+    return float(differences.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarise(results: pd.DataFrame, metrics: Sequence[str] = ("dice", "iou", "soft_dice_authors", "aji", "object_f1"),
+              baseline: str = BASELINE) -> pd.DataFrame:
+    """One row per arm x metric: mean +- std over seeds, and the paired difference to ``baseline``."""
+    rows = []
+    for metric in [m for m in metrics if m in results]:
+        per_image = results.groupby(["arm", "image"])[metric].mean().unstack("arm")
+        per_seed = results.groupby(["arm", "seed"])[metric].mean().unstack("arm")
+        for arm in per_image.columns:
+            row = {"metric": metric, "arm": arm, "mean": per_seed[arm].mean(), "std": per_seed[arm].std(ddof=1),
+                   "seeds": int(per_seed[arm].notna().sum()), "images": int(per_image[arm].notna().sum())}
+            if baseline in per_image and arm != baseline:
+                paired = (per_image[arm] - per_image[baseline]).dropna().to_numpy()
+                row["diff"], row["diff_low"], row["diff_high"] = paired_bootstrap(paired)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_summary(out: str | Path, results: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``summary.csv`` and ``summary.png`` (per-arm means with seed std, and paired differences)."""
+    out = Path(out)
+    results = results if results is not None else pd.read_csv(out / METRICS_FILE)
+    table = summarise(results)
+    table.to_csv(out / "summary.csv", index=False)
+    metrics = list(dict.fromkeys(table["metric"]))
+    figure, axes = plt.subplots(2, len(metrics), figsize=(3.2 * len(metrics), 6), squeeze=False)
+    for column, metric in enumerate(metrics):
+        part = table[table["metric"] == metric]
+        axes[0, column].bar(part["arm"], part["mean"], yerr=part["std"].fillna(0), color="0.6", capsize=3)
+        axes[0, column].set_title(f"{metric} (mean +- std over seeds)", fontsize=9)
+        diffs = part.dropna(subset=["diff"]) if "diff" in part else part.iloc[0:0]
+        axes[1, column].errorbar(diffs["arm"], diffs["diff"], fmt="o",
+                                 yerr=[diffs["diff"] - diffs["diff_low"], diffs["diff_high"] - diffs["diff"]])
+        axes[1, column].axhline(0, color="k", lw=0.8)
+        axes[1, column].set_title(f"paired diff. vs {BASELINE} (95% bootstrap)", fontsize=9)
+        for axis in axes[:, column]:
+            axis.tick_params(axis="x", labelrotation=60, labelsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "summary.png", dpi=90)
+    plt.close(figure)
+    return table

@@ -1,0 +1,194 @@
+"""Prediction and evaluation with a trained SAMAug segmenter.
+
+Every image is run on raw input and (for models trained with priors) on augmented input; the
+two probability maps are combined by a mode (:data:`~sam4med.samaug.training.PREDICT_MODES`):
+``raw``, ``aug``, ``mean``, ``confident`` (the map with the larger mean |p - 0.5|, SAMAug's rule)
+or ``entropy`` (the map with the lower mean binary entropy). Probabilities are brought back to
+the image's own size before thresholding at 0.5 and scoring.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sam4med.engine.data import Dataset, Sample, load_dataset, read_mask
+from sam4med.engine.errors import InputError
+from sam4med.engine.metrics import aggregated_jaccard_index, dice, iou, label_instances, object_f1, soft_dice
+from sam4med.samaug.networks import build_network
+from sam4med.samaug.store import PriorStore
+from sam4med.samaug.training import (
+    PREDICT_MODES,
+    SPLIT_FILE,
+    TrainConfig,
+    combine,
+    default_mode,
+    prepare_images,
+    probabilities,
+)
+
+
+@dataclass
+class TrainedSegmenter:
+    """A network with the configuration and prior keys it was trained with."""
+
+    network: torch.nn.Module
+    config: TrainConfig
+    gray: bool
+    prior_keys: dict[str, str]
+
+    @property
+    def uses_priors(self) -> bool:
+        return self.config.input != "raw"
+
+
+def load_segmenter(checkpoint: str | Path) -> TrainedSegmenter:
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint (train with `sam4med train` first)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if "network" not in saved or "config" not in saved:
+        raise InputError(f"{path}: not a sam4med SAMAug checkpoint")
+    config = TrainConfig(**saved["config"])
+    network = build_network(config.net, saved["in_channels"], config.features, config.image_size)
+    network.load_state_dict(saved["network"])
+    network.eval()
+    return TrainedSegmenter(network, config, saved["gray"], saved["prior_keys"])
+
+
+def _store(segmenter: TrainedSegmenter, priors: str | Path | None, dataset: Dataset) -> PriorStore | None:
+    if not segmenter.uses_priors:
+        return None
+    if priors is None:
+        raise InputError(f"the model was trained with --input {segmenter.config.input}: give --priors")
+    store = PriorStore(Path(priors) / dataset.name)
+    expected = segmenter.prior_keys.get(dataset.name)
+    if expected is not None and store.record["key"] != expected:
+        raise InputError(f"{store.folder}: priors made with other settings than the model was trained on")
+    return store
+
+
+def _to_size(prob: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    if tuple(prob.shape) != size:
+        prob = F.interpolate(prob[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return prob.clamp(0, 1).numpy()
+
+
+def predict_probabilities(segmenter: TrainedSegmenter, dataset: Dataset, samples: Sequence[Sample],
+                          priors: str | Path | None) -> Iterator[tuple[Sample, dict[str, np.ndarray], np.ndarray | None]]:
+    """For each sample: its probability map (at the image's size) under every applicable mode, and
+    its mask (None when the sample has none)."""
+    store = _store(segmenter, priors, dataset)
+    config = segmenter.config
+    modes = PREDICT_MODES if segmenter.uses_priors else ("raw",)
+    for sample in samples:
+        item = prepare_images(dataset, [sample], store, config.working_side, segmenter.gray, need_masks=False)[0]
+        raw = probabilities(segmenter.network, item.image, None, config.policy, config.image_size)
+        aug = probabilities(segmenter.network, item.image, item.priors, config.policy, config.image_size) \
+            if segmenter.uses_priors else raw
+        maps = {mode: _to_size(combine(raw, aug, mode), item.original_size) for mode in modes}
+        gt = read_mask(sample.mask_path, item.original_size) if sample.mask_path is not None else None
+        yield sample, maps, gt
+
+
+def authors_soft_dice(prob: np.ndarray, gt: np.ndarray) -> float:
+    """The SAMAug authors' reported Dice: the probability map min-max normalised, then soft Dice
+    with smoothing 1 (their polyp test loop). Not comparable with thresholded Dice."""
+    low, high = float(prob.min()), float(prob.max())
+    normalised = (prob - low) / (high - low + 1e-8)
+    return soft_dice(normalised, gt, eps=1.0)
+
+
+def score(prob: np.ndarray, gt: np.ndarray, instances: bool) -> dict[str, float]:
+    """Thresholded Dice and IoU, soft Dice (plain and the authors'), and AJI / object F1 on
+    connected components when ``instances``."""
+    pred = prob > 0.5
+    row = {"dice": dice(pred, gt), "iou": iou(pred, gt), "soft_dice": soft_dice(prob, gt),
+           "soft_dice_authors": authors_soft_dice(prob, gt)}
+    if instances:
+        pred_labels, gt_labels = label_instances(pred), label_instances(gt)
+        row["aji"] = aggregated_jaccard_index(pred_labels, gt_labels)
+        row["object_f1"] = object_f1(pred_labels, gt_labels).f1
+    return row
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: Sequence[str | Path],
+    priors: str | Path | None = None,
+    split: str | None = "test",
+    instances: bool = False,
+    out: str | Path | None = None,
+) -> pd.DataFrame:
+    """Score a trained segmenter: one row per image x mode.
+
+    ``split`` names the side of the run's ``split.json`` (next to the checkpoint) to score; None
+    scores every image of the data sets. ``out`` also writes ``metrics.csv`` there.
+    """
+    checkpoint = Path(checkpoint)
+    segmenter = load_segmenter(checkpoint)
+    split_ids = _split_ids(checkpoint.parent, split) if split else None
+    rows = []
+    for folder in data:
+        dataset = load_dataset(folder)
+        samples = dataset.samples
+        if split_ids is not None:
+            if dataset.name not in split_ids:
+                raise InputError(f"{folder}: data set '{dataset.name}' was not part of this run's split")
+            wanted = set(split_ids[dataset.name])
+            samples = [s for s in samples if s.id in wanted]
+        for sample, maps, gt in predict_probabilities(segmenter, dataset, samples, priors):
+            for mode, prob in maps.items():
+                rows.append({"dataset": dataset.name, "image": sample.id, "mode": mode,
+                             "default_mode": mode == default_mode(segmenter.config.input),
+                             **score(prob, gt, instances)})  # type: ignore[arg-type]
+    frame = pd.DataFrame(rows)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        frame.to_csv(Path(out) / "metrics.csv", index=False)
+    return frame
+
+
+def _split_ids(run: Path, side: str) -> dict[str, list[str]]:
+    path = run / SPLIT_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: missing; give --split all to score every image")
+    split = json.loads(path.read_text(encoding="utf-8"))
+    if any(side not in sides for sides in split.values()):
+        raise InputError(f"--split {side!r}: not a side of {path}")
+    return {name: sides[side] for name, sides in split.items()}
+
+
+def predict(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    priors: str | Path | None = None,
+    mode: str | None = None,
+) -> int:
+    """Write one 0/255 PNG mask per image of ``data`` (masks not needed) to ``out``; returns the count.
+
+    ``mode`` defaults to the model's own: raw, aug, or confident for dual-trained models.
+    """
+    segmenter = load_segmenter(checkpoint)
+    mode = mode or default_mode(segmenter.config.input)
+    if mode not in PREDICT_MODES:
+        raise InputError(f"--mode {mode!r}: choose one of {', '.join(PREDICT_MODES)}")
+    if mode != "raw" and not segmenter.uses_priors:
+        raise InputError(f"--mode {mode}: the model was trained on raw input only; use --mode raw")
+    dataset = load_dataset(data, require_masks=False)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for sample, maps, _ in predict_probabilities(segmenter, dataset, dataset.samples, priors):
+        Image.fromarray(((maps[mode] > 0.5) * 255).astype(np.uint8)).save(out / f"{sample.id}.png")
+        count += 1
+    return count

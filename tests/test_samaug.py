@@ -1,0 +1,262 @@
+"""SAMAug: priors, augmented input, training, prediction modes, evaluation and the comparison's statistics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.draw import disk
+from skimage.segmentation import find_boundaries
+from typer.testing import CliRunner
+
+from sam4med.cli import app
+from sam4med.engine.errors import InputError
+from sam4med.engine.everything import ProposedMask
+from sam4med.engine.prompts import Prompt
+from sam4med.samaug.experiment import paired_bootstrap, summarise
+from sam4med.samaug.priors import (
+    PriorSettings,
+    Priors,
+    _tiles,
+    augment,
+    compose_input,
+    input_channels,
+    priors_from_masks,
+    settings_key,
+)
+from sam4med.samaug.store import PriorStore, generate_priors
+from sam4med.samaug.training import TrainConfig, combine, confidence, mean_entropy, train, training_split
+from sam4med.samaug.inference import authors_soft_dice, evaluate, load_segmenter, predict
+
+from conftest import make_ellipse_image
+
+
+def _proposal(mask: np.ndarray, iou: float, stability: float) -> ProposedMask:
+    return ProposedMask(mask, iou, stability, Prompt(box=np.array([0, 0, 1, 1], dtype=np.float32)))
+
+
+def _disk(shape, centre, radius) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[disk(centre, radius, shape=shape)] = True
+    return mask
+
+
+def test_segmentation_prior_sums_weights_and_boundary_is_binary():
+    a, b = _disk((40, 40), (15, 15), 8), _disk((40, 40), (22, 22), 8)
+    priors = priors_from_masks([_proposal(a, 0.7, 0.9), _proposal(b, 0.6, 0.8)], (40, 40))
+    assert priors.segmentation[a & b].min() == pytest.approx(1.7)
+    assert priors.segmentation[a & ~b].max() == pytest.approx(0.9)
+    assert priors.segmentation[~a & ~b].max() == 0
+    expected_boundary = find_boundaries(a, mode="thick") | find_boundaries(b, mode="thick")
+    np.testing.assert_array_equal(priors.boundary.astype(bool), expected_boundary)
+    assert set(np.unique(priors.boundary)) == {0.0, 1.0}
+    by_iou = priors_from_masks([_proposal(a, 0.7, 0.9), _proposal(b, 0.6, 0.8)], (40, 40), weight="iou")
+    assert by_iou.segmentation[a & b].min() == pytest.approx(1.3)
+    counted = priors_from_masks([_proposal(a, 0.7, 0.9), _proposal(b, 0.6, 0.8)], (40, 40), weight="one",
+                                normalise=True)
+    assert counted.segmentation.max() == 1.0 and counted.segmentation[a & ~b].max() == 0.5
+
+
+def test_augment_adds_priors_to_channels_1_and_2_or_appends_them():
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    priors = Priors(np.full((10, 12), 0.5, np.float32), np.eye(10, 12, dtype=np.float32))
+    added = augment(rgb, priors, "add")
+    assert added.shape == (3, 10, 12)
+    np.testing.assert_allclose(added[0], rgb[..., 0] / 255, atol=1e-6)
+    np.testing.assert_allclose(added[1], rgb[..., 1] / 255 + 0.5, atol=1e-6)
+    np.testing.assert_allclose(added[2], rgb[..., 2] / 255 + np.eye(10, 12), atol=1e-6)
+    appended = augment(rgb, priors, "concat")
+    assert appended.shape == (5, 10, 12) and input_channels(3, "concat") == 5
+    np.testing.assert_allclose(appended[3:], priors.as_channels())
+    gray = augment(rgb[..., 0], priors, "add")
+    assert gray.shape == (3, 10, 12) and input_channels(1, "add") == 3
+    np.testing.assert_allclose(gray[1], 0.5)
+    raw = augment(rgb, None, "add")
+    np.testing.assert_allclose(raw, np.moveaxis(rgb / 255, -1, 0), atol=1e-6)
+    with pytest.raises(ValueError, match="priors of size"):
+        compose_input(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 4, 4))
+
+
+def test_tiles_cover_the_side_exactly():
+    for size, tile in [(1000, 500), (1000, 300), (256, 256), (257, 256)]:
+        tiles = _tiles(size, tile)
+        assert tiles[0][0] == 0 and tiles[-1][1] == size
+        assert all(stop - start <= tile for start, stop in tiles)
+        assert all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
+
+
+def _write_dataset(root, count=2, size=96, seed=0, gray=False):
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        centre = (int(rng.integers(30, size - 30)), int(rng.integers(30, size - 30)))
+        image, mask = make_ellipse_image(size, size, centre, (int(rng.integers(12, 22)), int(rng.integers(12, 22))),
+                                         seed=index)
+        Image.fromarray(image[..., 0] if gray else image).save(root / "images" / f"img{index:02d}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"img{index:02d}.png")
+    (root / "dataset.json").write_text(json.dumps({"name": root.name, "modality": "synthetic", "target": "ellipse"}))
+    return root
+
+
+def test_generate_priors_with_litemedsam_caches_resumes_and_refuses_other_settings(tmp_path, litemedsam):
+    data = _write_dataset(tmp_path / "ellipses", count=2, size=128)
+    out = tmp_path / "priors"
+    [summary] = generate_priors([data], out, litemedsam, figures_per_dataset=1, show_progress=False)
+    assert (summary.computed, summary.skipped, summary.failed) == (2, 0, 0)
+    store = PriorStore(out / "ellipses")
+    assert store.record["settings"]["everything"]["method"] == "boxes"
+    assert store.record["model"]["weights_sha256"] == litemedsam.weights_sha256
+    assert (out / "ellipses" / "figures" / "img00.png").is_file()
+    for sample_id in ("img00", "img01"):
+        priors = store.load(sample_id)
+        mask = np.asarray(Image.open(data / "masks" / f"{sample_id}.png")) > 0
+        assert priors.masks >= 1
+        # SAM finds the ellipse (and the background around it): a kept mask covers the whole ellipse
+        # with a stability weight, and the boundary prior traces the ellipse's outline
+        assert (priors.segmentation[mask] > 0.5).mean() > 0.95
+        assert priors.boundary[find_boundaries(mask, mode="thick")].mean() > 0.8
+    [again] = generate_priors([data], out, litemedsam, show_progress=False)
+    assert (again.computed, again.skipped) == (0, 2)
+    with pytest.raises(InputError, match="other settings"):
+        generate_priors([data], out, litemedsam, settings=PriorSettings(weight="one"), show_progress=False)
+
+
+def test_a_failing_image_is_recorded_and_the_run_goes_on(tmp_path, litemedsam):
+    data = _write_dataset(tmp_path / "ellipses", count=2, size=64)
+    (data / "images" / "img01.png").write_bytes(b"not a png")
+    [summary] = generate_priors([data], tmp_path / "priors", litemedsam, figures_per_dataset=0, show_progress=False)
+    assert (summary.computed, summary.failed) == (1, 1)
+    failure = json.loads((tmp_path / "priors" / "ellipses" / "failures.jsonl").read_text().splitlines()[0])
+    assert failure["image"] == "img01" and "img01.png" in failure["error"]
+
+
+def _oracle_priors(data, out):
+    """Priors that are the ground truth itself, so a model that reads them can solve a task raw input cannot."""
+    store = PriorStore(out / data.name)
+    settings = PriorSettings()
+    key = settings_key({"model": "oracle"}, settings)
+    store.claim({"key": key, "settings": settings.record()})
+    for path in sorted((data / "masks").glob("*.png")):
+        mask = (np.asarray(Image.open(path)) > 0).astype(np.float32)
+        store.save(path.stem, Priors(mask, find_boundaries(mask > 0, mode="thick").astype(np.float32), 1), key)
+    return out
+
+
+def _noise_dataset(root, count=16, size=32):
+    """Masks of random disks over images of pure noise: nothing in the image tells where the disk is."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(count):
+        radius = size // 6
+        mask = _disk((size, size), tuple(rng.integers(radius, size - radius, 2)), radius)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "images" / f"n{index:02d}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"n{index:02d}.png")
+    (root / "dataset.json").write_text(json.dumps({"name": root.name}))
+    return root
+
+
+def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task(tmp_path):
+    data = _noise_dataset(tmp_path / "noise")
+    priors = _oracle_priors(data, tmp_path / "priors")
+    base = TrainConfig(image_size=32, features=8, epochs=12, batch_size=4, learning_rate=1e-2, patches_per_image=8,
+                       fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    scores, frames = {}, {}
+    for kind in ("raw", "samaug", "dual"):
+        run = tmp_path / kind
+        result = train([data], priors if kind != "raw" else None, run, TrainConfig(**{**base.__dict__, "input": kind}),
+                       show_progress=False)
+        assert len((run / "history.jsonl").read_text().splitlines()) == 12
+        frame = evaluate(run / "best.pt", [data], priors if kind != "raw" else None, "test")
+        scores[kind] = frame.groupby("mode")["dice"].mean()
+        frames[kind] = frame
+        assert result.best_epoch >= 1
+    assert scores["raw"]["raw"] < 0.5
+    assert scores["samaug"]["aug"] > 0.8
+    assert scores["dual"]["aug"] > 0.8
+    assert scores["dual"]["raw"] < 0.5  # without priors the dual model is as blind as the raw one
+    # confident selection takes, image by image, one of the two maps whole
+    per_image = frames["dual"].pivot(index="image", columns="mode", values="dice")
+    assert ((per_image["confident"] == per_image["raw"]) | (per_image["confident"] == per_image["aug"])).all()
+    assert set(scores["dual"].index) == {"raw", "aug", "mean", "confident", "entropy"}
+
+    masks = predict(tmp_path / "dual" / "best.pt", data, tmp_path / "pred", priors, "confident")
+    assert masks == 16
+    predicted = np.asarray(Image.open(tmp_path / "pred" / "n00.png"))
+    assert predicted.shape == (32, 32) and set(np.unique(predicted)) <= {0, 255}
+    with pytest.raises(InputError, match="give --priors"):
+        evaluate(tmp_path / "dual" / "best.pt", [data], None, "test")
+
+
+def test_training_resumes_and_refuses_another_configuration(tmp_path):
+    data = _noise_dataset(tmp_path / "noise", count=8, size=32)
+    config = TrainConfig(input="raw", image_size=32, features=4, epochs=2, batch_size=4,
+                         fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    first = train([data], None, tmp_path / "run", config, show_progress=False)
+    assert first.epochs_run == 2
+    again = train([data], None, tmp_path / "run", config, show_progress=False)
+    assert again.epochs_run == 2 and len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(InputError, match="another configuration.*learning_rate"):
+        train([data], None, tmp_path / "run", TrainConfig(**{**config.__dict__, "learning_rate": 0.1}),
+              show_progress=False)
+    assert load_segmenter(tmp_path / "run" / "best.pt").config.input == "raw"
+
+
+def test_split_keeps_a_named_split_and_draws_validation_from_training(tmp_path):
+    from sam4med.engine.data import load_dataset
+
+    data = _noise_dataset(tmp_path / "named", count=10, size=16)
+    groups = {f"n{i:02d}": ("train" if i < 8 else "val") for i in range(10)}
+    (data / "dataset.json").write_text(json.dumps({"name": "named", "groups": groups}))
+    sides = training_split(load_dataset(data), {"train": 0.7, "val": 0.1, "test": 0.2}, 0)
+    assert [s.id for s in sides["test"]] == ["n08", "n09"]  # the given validation side is the test side
+    assert len(sides["val"]) == 1 and len(sides["train"]) == 7
+    assert not {s.id for s in sides["val"]} & {s.id for s in sides["train"]}
+
+
+def test_prediction_modes():
+    sure = torch.tensor([[0.02, 0.98], [0.99, 0.01]])
+    unsure = torch.tensor([[0.4, 0.6], [0.55, 0.45]])
+    assert confidence(sure) > confidence(unsure)
+    assert mean_entropy(sure) < mean_entropy(unsure)
+    assert combine(unsure, sure, "confident") is sure and combine(sure, unsure, "confident") is sure
+    assert combine(unsure, sure, "entropy") is sure
+    torch.testing.assert_close(combine(sure, unsure, "mean"), (sure + unsure) / 2)
+    with pytest.raises(InputError, match="--mode"):
+        combine(sure, unsure, "best")
+
+
+def test_authors_soft_dice_normalises_the_map_first():
+    gt = np.zeros((4, 4), bool)
+    gt[:2] = True
+    prob = np.where(gt, 0.6, 0.4)  # after min-max normalisation: exactly the mask
+    assert authors_soft_dice(prob, gt) == pytest.approx(1.0)
+
+
+def test_paired_bootstrap_and_summary():
+    mean, low, high = paired_bootstrap(np.array([0.1, 0.12, 0.09, 0.11, 0.1]))
+    assert mean == pytest.approx(0.104) and 0.09 <= low < mean < high <= 0.12
+    rows = []
+    for seed in (0, 1):
+        for image in ("a", "b", "c"):
+            rows.append({"arm": "raw/raw", "seed": seed, "image": image, "dice": 0.5})
+            rows.append({"arm": "dual/confident", "seed": seed, "image": image, "dice": 0.6 + 0.01 * seed})
+    table = summarise(__import__("pandas").DataFrame(rows)).set_index("arm")
+    assert table.loc["dual/confident", "diff"] == pytest.approx(0.105)
+    assert table.loc["dual/confident", "std"] == pytest.approx(np.std([0.6, 0.61], ddof=1))
+    assert np.isnan(table.loc["raw/raw", "diff"])
+
+
+def test_cli_train_rejects_bad_arguments_in_one_line(tmp_path):
+    data = _noise_dataset(tmp_path / "noise", count=4, size=16)
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--net", "resnet"])
+    assert result.exit_code == 2 and "--net 'resnet'" in result.output
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "needs --priors" in result.output
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "missing.pt"), "--data", str(data), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "missing.pt: no such checkpoint" in result.output
