@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from sam4med.engine.decoder import ImageState, SharedImageDecoder
+from sam4med.engine.decoder import supports as supports_shared_decoding
 from sam4med.engine.errors import InputError
 from sam4med.engine.prompts import Prompt
 
@@ -252,6 +254,7 @@ class Embedding:
     features: torch.Tensor  # (1, 256, 64, 64)
     geometry: ImageGeometry
     intermediate: list[torch.Tensor] = field(default_factory=list)
+    decoder_state: ImageState | None = None  # the shared decoder's per-image work, made on first decode
 
 
 @dataclass
@@ -282,11 +285,16 @@ class Decoded:
 class SamModel:
     """A SAM-family network with its preprocessing: one interface for every registered model."""
 
-    def __init__(self, spec: ModelSpec, network: Sam, weights_sha256: str | None, device: torch.device):
+    def __init__(self, spec: ModelSpec, network: Sam, weights_sha256: str | None, device: torch.device,
+                 shared_decoder: bool = True):
         self.spec = spec
         self.network = network.to(device).eval()
         self.weights_sha256 = weights_sha256
         self.device = device
+        # Same outputs as the reference decoder up to float rounding, several times less work per
+        # prompt (see engine.decoder); False gives segment_anything's own decoder call.
+        self.shared_decoder = SharedImageDecoder(network.mask_decoder) \
+            if shared_decoder and supports_shared_decoding(network.mask_decoder) else None
 
     @property
     def name(self) -> str:
@@ -373,13 +381,19 @@ class SamModel:
         sparse, dense = self.network.prompt_encoder(points=points, boxes=boxes, masks=masks)
         if sparse.shape[0] != len(prompts):  # a mask-only prompt carries no sparse token
             sparse = sparse.expand(len(prompts), -1, -1)
-        low_res, iou = self.network.mask_decoder(
-            image_embeddings=embedding.features,
-            image_pe=self.network.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
+        image_pe = self.network.prompt_encoder.get_dense_pe()
+        if self.shared_decoder is not None and mask_input is None:
+            if embedding.decoder_state is None:
+                embedding.decoder_state = self.shared_decoder.prepare(embedding.features, image_pe, dense[:1])
+            low_res, iou = self.shared_decoder(embedding.decoder_state, sparse, multimask)
+        else:
+            low_res, iou = self.network.mask_decoder(
+                image_embeddings=embedding.features,
+                image_pe=image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
         return Decoded(low_res.float(), iou.float(), embedding.geometry, self)
 
     def upscale(self, low_res: torch.Tensor, geometry: ImageGeometry) -> torch.Tensor:
@@ -409,8 +423,11 @@ def load_model(
     name: str = "litemedsam",
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
+    shared_decoder: bool = True,
 ) -> SamModel:
     """Build a registered model and load its weights (bundled ones for LiteMedSAM).
+
+    ``shared_decoder=False`` decodes with segment_anything's own decoder call (the reference path).
 
     Weights are loaded with ``weights_only=True`` and their sha256 is recorded; bundled weights
     are checked against the published hash. The network is put in ``eval()`` after loading, which
@@ -438,4 +455,4 @@ def load_model(
         summary = str(error).splitlines()[0] + " " + " ".join(str(error).split())[:300]
         raise InputError(f"{path}: weights do not fit model '{name}': {summary}") from None
     torch_device = torch.device(device) if device is not None else default_device()
-    return SamModel(spec, network.eval(), sha256, torch_device)
+    return SamModel(spec, network.eval(), sha256, torch_device, shared_decoder)

@@ -1,0 +1,213 @@
+"""SAM's mask decoder for many prompts on one image: the same function, less work per prompt.
+
+``segment_anything``'s ``MaskDecoder`` copies the image embedding once per prompt and runs every
+projection of the 4096 image tokens for every prompt. On a CPU that makes the decoder, not the
+encoder, the cost of everything mode and of a benchmark. :class:`SharedImageDecoder` wraps a
+decoder (its weights, not a copy of its code) and computes the same outputs with three changes:
+
+1. Work that does not depend on the prompt is done once per image: the image embedding plus the
+   dense "no mask" embedding, and the first layer's projections of image tokens (keys and values of
+   token-to-image attention, queries of image-to-token attention).
+2. Attention between a few prompt tokens (T, about 7) and many image tokens (N = 4096) is
+   re-associated so image tokens are never projected per prompt: for token-to-image attention
+   ``q (X Wk)^T = (q Wk) X^T`` and ``P (X Wv) = (P X) Wv``; for image-to-token attention the output
+   projection is folded into the values, ``P (V Wo) `` instead of ``(P V) Wo``. The key bias adds a
+   constant to each softmax row and is dropped; the value bias passes through since rows sum to 1.
+3. The upscaling (two 2x2 stride-2 transposed convolutions with LayerNorm and GELU) is computed as
+   two matrix products in sub-pixel layout, and only the final few mask maps are shuffled to pixels.
+
+Outputs equal the reference decoder up to float rounding (a test holds them to it). Mask prompts
+(dense embeddings that differ per prompt) and decoders of other classes use the reference path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.mask_decoder import MaskDecoder
+from segment_anything.modeling.transformer import Attention, TwoWayTransformer
+from torch import Tensor
+
+
+def supports(decoder: torch.nn.Module) -> bool:
+    """Whether ``decoder`` is exactly SAM's decoder (subclasses may change the computation)."""
+    if type(decoder) is not MaskDecoder or type(decoder.transformer) is not TwoWayTransformer:
+        return False
+    upscaling = list(decoder.output_upscaling)
+    return (len(upscaling) == 5 and isinstance(upscaling[1], LayerNorm2d)
+            and all(isinstance(upscaling[i], torch.nn.ConvTranspose2d) and upscaling[i].kernel_size == (2, 2)
+                    and upscaling[i].stride == (2, 2) for i in (0, 3)))
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """(..., N, H*d) -> (..., H, N, d)."""
+    *lead, n, c = x.shape
+    return x.reshape(*lead, n, heads, c // heads).transpose(-3, -2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """(B, H, T, d) -> (B, T, H*d)."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def _head_weights(linear: torch.nn.Linear, heads: int) -> Tensor:
+    """A projection C -> H*d as per-head matrices (H, d, C)."""
+    out_features, in_features = linear.weight.shape
+    return linear.weight.reshape(heads, out_features // heads, in_features)
+
+
+@dataclass
+class ImageState:
+    """Prompt-independent tensors of one image (tokens-major, no batch axis)."""
+
+    keys: Tensor  # (N, C) image embedding + dense embedding
+    pe: Tensor  # (N, C) positional encoding
+    first_k: Tensor  # (H, N, d) layer-0 token-to-image keys
+    first_v: Tensor  # (H, N, d) layer-0 token-to-image values
+    first_q: Tensor  # (H, N, d) layer-0 image-to-token queries
+    size: tuple[int, int]
+
+
+class SharedImageDecoder:
+    """Decode B prompts against one image embedding with :class:`MaskDecoder`'s weights."""
+
+    def __init__(self, decoder: MaskDecoder):
+        if not supports(decoder):
+            raise TypeError(f"{type(decoder).__name__} is not segment_anything's MaskDecoder")
+        self.decoder = decoder
+        self.transformer: TwoWayTransformer = decoder.transformer  # type: ignore[assignment]
+
+    @torch.inference_mode()
+    def prepare(self, image_embedding: Tensor, image_pe: Tensor, dense: Tensor) -> ImageState:
+        """The per-image work: ``image_embedding``, ``image_pe`` and ``dense`` are (1, C, h, w)."""
+        _, c, h, w = image_embedding.shape
+        keys = (image_embedding + dense).reshape(c, h * w).t().contiguous()
+        pe = image_pe.reshape(c, h * w).t().contiguous()
+        first = self.transformer.layers[0]
+        heads = first.cross_attn_token_to_image.num_heads
+        keyed = keys + pe
+        return ImageState(
+            keys=keys,
+            pe=pe,
+            first_k=_heads(first.cross_attn_token_to_image.k_proj(keyed), heads),
+            first_v=_heads(first.cross_attn_token_to_image.v_proj(keys), heads),
+            first_q=_heads(first.cross_attn_image_to_token.q_proj(keyed), heads),
+            size=(h, w),
+        )
+
+    @torch.inference_mode()
+    def __call__(self, state: ImageState, sparse: Tensor, multimask: bool) -> tuple[Tensor, Tensor]:
+        """Low-res mask logits (B, M, 4h, 4w) and predicted IoU (B, M), as ``MaskDecoder.forward``."""
+        decoder = self.decoder
+        batch = sparse.shape[0]
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
+        queries, keys = self._transformer(state, tokens)
+
+        selected = range(1, decoder.num_mask_tokens) if multimask else range(0, 1)
+        hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i]) for i in selected], dim=1)
+        masks = self._upscaled_masks(keys, hyper_in, state.size)
+        iou = decoder.iou_prediction_head(queries[:, 0])
+        return masks, iou[:, 1:] if multimask else iou[:, :1]
+
+    # --- transformer -----------------------------------------------------------------------
+    def _transformer(self, state: ImageState, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
+        transformer = self.transformer
+        query_pe = point_embedding
+        queries = point_embedding
+        keys: Tensor | None = None  # (B, N, C) once prompt-dependent
+        for index, layer in enumerate(transformer.layers):
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + query_pe
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+
+            q = queries + query_pe
+            keyed = None if keys is None else keys + state.pe  # image tokens with positions, for both attentions
+            if keys is None:
+                attention = _token_to_shared_image(layer.cross_attn_token_to_image, q, state.first_k, state.first_v)
+            else:
+                attention = _token_to_image(layer.cross_attn_token_to_image, q, keyed, keys)
+            queries = layer.norm2(queries + attention)
+            queries = layer.norm3(queries + layer.mlp(queries))
+
+            q = queries + query_pe
+            if keys is None:
+                update = _image_to_token(layer.cross_attn_image_to_token, None, state.first_q, q, queries)
+                keys = layer.norm4(state.keys + update)
+            else:
+                update = _image_to_token(layer.cross_attn_image_to_token, keyed, None, q, queries)
+                keys = layer.norm4(keys + update)
+        assert keys is not None
+        q = queries + query_pe
+        queries = queries + _token_to_image(transformer.final_attn_token_to_image, q, keys + state.pe, keys)
+        return transformer.norm_final_attn(queries), keys
+
+    # --- upscaling ---------------------------------------------------------------------------
+    def _upscaled_masks(self, keys: Tensor, hyper_in: Tensor, size: tuple[int, int]) -> Tensor:
+        """``hyper_in @ output_upscaling(keys)`` in sub-pixel layout; (B, M, 4h, 4w)."""
+        first, norm, act1, second, act2 = self.decoder.output_upscaling
+        batch, n, c = keys.shape
+        mid, out = first.out_channels, second.out_channels
+        # a 2x2 stride-2 transposed convolution is one linear map per input pixel to its 4 sub-pixels
+        w1 = first.weight.permute(2, 3, 1, 0).reshape(4 * mid, c)  # ([a1 b1 o], C)
+        x = F.linear(keys, w1, first.bias.repeat(4)).reshape(batch, n, 4, mid)
+        x = act1(F.layer_norm(x, (mid,), norm.weight, norm.bias, norm.eps))
+        w2 = second.weight.permute(2, 3, 1, 0).reshape(4 * out, mid)  # ([a2 b2 o], mid)
+        x = act2(F.linear(x, w2, second.bias.repeat(4)).reshape(batch, n, 4, 4, out))
+        h, w = size
+        masks = torch.einsum("bnpqo,bmo->bmnpq", x, hyper_in)  # (B, M, N, [a1 b1], [a2 b2])
+        masks = masks.reshape(batch, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
+        return masks.reshape(batch, -1, 4 * h, 4 * w)
+
+
+def _token_to_shared_image(attention: Attention, q_in: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Tokens (B, T, C) attend to one image's projected keys/values (H, N, d)."""
+    q = _heads(attention.q_proj(q_in), attention.num_heads)  # (B, H, T, d)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return attention.out_proj(_merge_heads(torch.softmax(scores, dim=-1) @ v))
+
+
+def _token_to_image(attention: Attention, q_in: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
+    """Tokens (B, T, C) attend to per-prompt image tokens (B, N, C) without projecting them."""
+    heads = attention.num_heads
+    q = _heads(attention.q_proj(q_in), heads)  # (B, H, T, d)
+    batch, _, tokens, d = q.shape
+    query_keys = torch.einsum("bhtd,hdc->bhtc", q, _head_weights(attention.k_proj, heads)) / math.sqrt(d)
+    scores = query_keys.reshape(batch, heads * tokens, -1) @ k_in.transpose(1, 2)  # (B, H*T, N)
+    context = (torch.softmax(scores, dim=-1) @ v_in).reshape(batch, heads, tokens, -1)  # (B, H, T, C)
+    values = torch.einsum("bhtc,hdc->bhtd", context, _head_weights(attention.v_proj, heads))
+    values = values + attention.v_proj.bias.reshape(heads, 1, d)
+    return attention.out_proj(_merge_heads(values))
+
+
+def _image_to_token(attention: Attention, q_in: Tensor | None, q_shared: Tensor | None, k_in: Tensor,
+                    v_in: Tensor) -> Tensor:
+    """Image tokens attend to the prompt tokens (B, T, C); returns the update (B, N, C).
+
+    Queries are either per-prompt image tokens ``q_in`` (B, N, C), projected through the product
+    of the query and key weights, or the image's shared projected queries ``q_shared`` (H, N, d).
+    """
+    heads = attention.num_heads
+    k = _heads(attention.k_proj(k_in), heads)  # (B, H, T, d)
+    v = _heads(attention.v_proj(v_in), heads)
+    batch, _, tokens, d = k.shape
+    if q_shared is not None:
+        scores = (q_shared @ k.transpose(-1, -2)).permute(0, 2, 1, 3)  # (B, N, H, T)
+    else:
+        assert q_in is not None
+        weights = _head_weights(attention.q_proj, heads)  # (H, d, C)
+        query_map = torch.einsum("hdc,bhtd->bcht", weights, k).reshape(batch, -1, heads * tokens)
+        bias = torch.einsum("hd,bhtd->bht", attention.q_proj.bias.reshape(heads, d), k).reshape(batch, 1, -1)
+        scores = (q_in @ query_map + bias).reshape(batch, -1, heads, tokens)
+    probabilities = torch.softmax(scores / math.sqrt(d), dim=-1).reshape(batch, -1, heads * tokens)
+    out_weights = attention.out_proj.weight.reshape(-1, heads, d)  # (C, H, d)
+    folded = torch.einsum("bhtd,chd->bhtc", v, out_weights).reshape(batch, heads * tokens, -1)
+    return probabilities @ folded + attention.out_proj.bias

@@ -1,0 +1,97 @@
+"""The shared-image decoder computes what segment_anything's MaskDecoder computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from segment_anything.modeling.mask_decoder import MaskDecoder
+
+from sam4med.engine.decoder import SharedImageDecoder, supports
+from sam4med.engine.models import Embedding, SamModel
+from sam4med.engine.prompts import Prompt
+
+from conftest import make_ellipse_image
+
+# Logits reach about +-40 (LiteMedSAM's unused multimask outputs about +-0.5); the re-associated
+# products differ from the reference by float rounding (measured: at most 1e-6 of the logits' range),
+# far below anything that moves a mask boundary.
+RELATIVE_TOLERANCE = 1e-5
+IOU_TOLERANCE = 1e-5
+
+
+def _assert_logits_close(fast: torch.Tensor, slow: torch.Tensor) -> None:
+    scale = float(slow.abs().max())
+    assert scale > 0.1  # real logits, not an empty comparison
+    assert float((fast - slow).abs().max()) <= RELATIVE_TOLERANCE * scale + 1e-6
+
+
+@pytest.fixture(scope="module")
+def reference(litemedsam) -> SamModel:
+    return SamModel(litemedsam.spec, litemedsam.network, litemedsam.weights_sha256, litemedsam.device,
+                    shared_decoder=False)
+
+
+@pytest.fixture(scope="module")
+def embedding(litemedsam) -> Embedding:
+    image, _ = make_ellipse_image()
+    return litemedsam.encode(image)
+
+
+def _prompts(kind: str, count: int, seed: int = 0) -> list[Prompt]:
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(count):
+        x0, y0 = rng.uniform(0, 150), rng.uniform(0, 100)
+        box = np.array([x0, y0, x0 + rng.uniform(20, 140), y0 + rng.uniform(20, 95)])
+        points = [rng.uniform([0, 0], [299, 199]), rng.uniform([0, 0], [299, 199])]
+        if kind == "box":
+            prompts.append(Prompt(box=box))
+        elif kind == "points":
+            prompts.append(Prompt(points=points, labels=[1, 0]))
+        else:
+            prompts.append(Prompt(box=box, points=points[:1], labels=[1]))
+    return prompts
+
+
+@pytest.mark.parametrize("kind", ["box", "points", "box_point"])
+@pytest.mark.parametrize("count", [1, 5])
+@pytest.mark.parametrize("multimask", [False, True])
+def test_shared_decoder_matches_reference(litemedsam, reference, embedding, kind, count, multimask):
+    assert litemedsam.shared_decoder is not None and reference.shared_decoder is None
+    prompts = _prompts(kind, count)
+    fast = litemedsam.decode(Embedding(embedding.features, embedding.geometry), prompts, multimask=multimask)
+    slow = reference.decode(Embedding(embedding.features, embedding.geometry), prompts, multimask=multimask)
+    assert fast.low_res.shape == slow.low_res.shape == (count, 3 if multimask else 1, 256, 256)
+    _assert_logits_close(fast.low_res, slow.low_res)
+    torch.testing.assert_close(fast.iou, slow.iou, atol=IOU_TOLERANCE, rtol=0)
+
+
+def test_state_is_made_once_per_embedding_and_reused(litemedsam, reference, embedding):
+    shared = Embedding(embedding.features, embedding.geometry)
+    litemedsam.decode(shared, _prompts("box", 2, seed=1))
+    state = shared.decoder_state
+    assert state is not None and state.keys.shape == (64 * 64, 256)
+    second = litemedsam.decode(shared, _prompts("box", 3, seed=2))
+    assert shared.decoder_state is state
+    expected = reference.decode(Embedding(embedding.features, embedding.geometry), _prompts("box", 3, seed=2))
+    _assert_logits_close(second.low_res, expected.low_res)
+
+
+def test_mask_input_uses_the_reference_path(litemedsam, reference, embedding):
+    prompts = _prompts("box", 2, seed=3)
+    previous = torch.randn(2, 1, 256, 256) * 5
+    fast = litemedsam.decode(Embedding(embedding.features, embedding.geometry), prompts, mask_input=previous)
+    slow = reference.decode(Embedding(embedding.features, embedding.geometry), prompts, mask_input=previous)
+    torch.testing.assert_close(fast.low_res, slow.low_res, atol=0, rtol=0)
+
+
+def test_subclassed_decoders_are_not_taken_over(litemedsam):
+    class Changed(MaskDecoder):
+        pass
+
+    decoder = litemedsam.network.mask_decoder
+    changed = Changed(transformer_dim=256, transformer=decoder.transformer)
+    assert supports(decoder) and not supports(changed)
+    with pytest.raises(TypeError, match="not segment_anything's MaskDecoder"):
+        SharedImageDecoder(changed)
