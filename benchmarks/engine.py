@@ -1,33 +1,58 @@
-"""Engine timings on this machine: encoder, decoder per prompt, everything mode (medians).
+"""Engine speed on this machine: the reference path against the optimised one, same weights, same outputs.
 
     python benchmarks/engine.py [--model litemedsam] [--threads 2] [--repeats 5] [--image PATH]
+                                [--protocol-data ../shared/data/kvasir_seg --protocol-images 20]
 
-Prints seconds and achieved GFLOP/s (FLOPs counted by PyTorch's FlopCounterMode), plus the
-process's peak resident memory. Without --image it times a synthetic 256x256 image; the decoder
-and everything mode depend on the image only through the number of kept masks.
+Each measurement runs in a fresh subprocess, so peak memory and allocator settings belong to one path:
+
+- reference: the straightforward eager use of the model: one encoder call per image, one
+  segment_anything MaskDecoder call per prompt, no embedding cache, glibc's default allocator;
+- optimised: what sam4med does: allocator tuned at start-up, the shared-image decoder
+  (``engine.decoder``) on batches of the predictor's size.
+
+Printed per component: median time of each path, their ratio, GFLOP/s (FLOPs of the reference
+computation, counted by PyTorch's FlopCounterMode, divided by each path's time: useful work per
+second), and the subprocess's peak resident memory. Everything mode also prints the IoU of the two
+paths' summed mask maps (1.0 = the same masks). With --protocol-data the 9-mode COSMOS benchmark
+runs on the first N images of that data set by both paths and the time for all its images is
+projected from the per-image rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from sam4med.engine.data import read_image
-from sam4med.engine.everything import EverythingSettings, generate_masks
-from sam4med.engine.models import load_model
-from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompts import Prompt
-from sam4med.engine.runtime import configure_cpu
+PATHS = ("reference", "optimised")
+FP32_FLOP_PER_CYCLE = 32  # two 256-bit FMA units: 2 x 8 lanes x 2 FLOP (AVX2 + FMA)
 
 
-def median_seconds(function: Callable[[], object], repeats: int) -> float:
+def _peak_gflops(threads: int) -> float | None:
+    """The machine's fp32 floor for ``threads`` cores, from /proc/cpuinfo's clock (None elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    clocks = [float(line.split(":")[1]) for line in lines if line.startswith("cpu MHz")]
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    if not clocks or " fma" not in flags or " avx2" not in flags:
+        return None
+    return threads * max(clocks) / 1000 * FP32_FLOP_PER_CYCLE
+
+
+def _median_seconds(function: Callable[[], object], repeats: int) -> float:
     function()  # warm-up: first calls allocate and pick kernels
     times = []
     for _ in range(repeats):
@@ -37,10 +62,120 @@ def median_seconds(function: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def flops(function: Callable[[], object]) -> int:
+def _flops(function: Callable[[], object]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         function()
     return counter.get_total_flops()
+
+
+def _image(path: str | None) -> np.ndarray:
+    from sam4med.engine.data import read_image
+
+    if path:
+        return read_image(path)
+    yy, xx = np.mgrid[:256, :256]
+    blob = ((yy - 120) / 60) ** 2 + ((xx - 130) / 80) ** 2 <= 1
+    return np.repeat(np.where(blob, 190, 50).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def _measure(args: argparse.Namespace) -> dict[str, object]:
+    """One component on one path, in this (fresh) process."""
+    import torch
+
+    from sam4med.engine.runtime import tune_allocator
+
+    optimised = args.path == "optimised"
+    if optimised:
+        tune_allocator()
+    torch.set_num_threads(args.threads)
+    from sam4med.engine.everything import EverythingSettings, generate_masks
+    from sam4med.engine.models import Embedding, load_model
+    from sam4med.engine.predictor import Predictor
+    from sam4med.engine.prompts import Prompt
+
+    model = load_model(args.model, args.checkpoint, "cpu", shared_decoder=optimised)
+    image = _image(args.image)
+    result: dict[str, object] = {}
+    if args.component == "encoder":
+        result["flops"] = _flops(lambda: model.encode(image))
+        result["seconds"] = _median_seconds(lambda: model.encode(image), args.repeats)
+    elif args.component == "decoder":
+        embedding = model.encode(image)
+        boxes = [Prompt(box=[40 + i, 50, 200 + i, 190]) for i in range(16)]
+        reference = load_model(args.model, args.checkpoint, "cpu", shared_decoder=False)
+        result["flops"] = _flops(lambda: reference.decode(embedding, boxes[:1]))
+        batch = 1 if not optimised else args.batch
+
+        def decode_all() -> None:
+            fresh = Embedding(embedding.features, embedding.geometry)  # per-image work counted every time
+            for start in range(0, len(boxes), batch):
+                model.decode(fresh, boxes[start : start + batch])
+
+        result["seconds"] = _median_seconds(decode_all, args.repeats) / len(boxes)
+        result["batch"] = batch
+    else:
+        method = args.component.split("_", 1)[1]
+        predictor = Predictor(model, batch_size=args.batch if optimised else 1)
+        settings = EverythingSettings(method=method)  # type: ignore[arg-type]
+        masks = generate_masks(predictor, image, settings)  # also encodes the image once
+        result["seconds"] = _median_seconds(lambda: generate_masks(predictor, image, settings),
+                                            max(1, args.repeats // 2))
+        summed = np.zeros(image.shape[:2], np.int32)
+        for mask in masks:
+            summed += mask.mask
+        result["masks"] = len(masks)
+        result["summed"] = summed.tolist()
+    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _run_child(args: argparse.Namespace, component: str, path: str) -> dict[str, object]:
+    command = [sys.executable, __file__, "--child", "--component", component, "--path", path,
+               "--model", args.model, "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--batch", str(args.batch)]
+    if args.checkpoint:
+        command += ["--checkpoint", args.checkpoint]
+    if args.image:
+        command += ["--image", args.image]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _protocol(args: argparse.Namespace, path: str) -> dict[str, float]:
+    """The 9-mode benchmark on the first images of a data set, in a subprocess of its own."""
+    out = Path(tempfile.mkdtemp(prefix=f"sam4med-bench-{path}-"))
+    code = (
+        "import sys, time, resource, json\n"
+        f"optimised = {path == 'optimised'!r}\n"
+        "from sam4med.engine.runtime import tune_allocator\n"
+        "if optimised: tune_allocator()\n"
+        "import torch\n"
+        f"torch.set_num_threads({args.threads})\n"
+        "import sam4med.evaluation.benchmark as b\n"
+        "from sam4med.engine import models\n"
+        "load = models.load_model\n"
+        "b.load_model = lambda *a, **k: load(*a, **k, shared_decoder=optimised)\n"
+        f"config = b.BenchmarkConfig(model={args.model!r}, max_images={args.protocol_images})\n"
+        "start = time.perf_counter()\n"
+        f"b.run_benchmark([{args.protocol_data!r}], {str(out)!r}, config, device='cpu', overlays_per_dataset=0,"
+        " show_progress=False)\n"
+        "print(json.dumps({'seconds': time.perf_counter() - start,"
+        " 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    )
+    try:
+        output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _iou(a: list[list[int]], b: list[list[int]]) -> float:
+    """IoU of two summed mask maps: sum of minima over sum of maxima."""
+    x, y = np.asarray(a), np.asarray(b)
+    union = np.maximum(x, y).sum()
+    return float(np.minimum(x, y).sum() / union) if union else 1.0
 
 
 def main() -> None:
@@ -49,40 +184,53 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4, help="prompts per decoder call on the optimised path")
     parser.add_argument("--image", default=None)
+    parser.add_argument("--protocol-data", default=None)
+    parser.add_argument("--protocol-images", type=int, default=20)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--component", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    configure_cpu(args.threads)
-    model = load_model(args.model, args.checkpoint, "cpu")
-    if args.image:
-        image = read_image(args.image)
-    else:
-        yy, xx = np.mgrid[:256, :256]
-        blob = ((yy - 120) / 60) ** 2 + ((xx - 130) / 80) ** 2 <= 1
-        image = np.repeat(np.where(blob, 190, 50).astype(np.uint8)[..., None], 3, axis=2)
-    print(f"model {model.name}, {args.threads} threads, image {image.shape[1]}x{image.shape[0]}, "
-          f"median of {args.repeats}")
+    if args.child:
+        print(json.dumps(_measure(args)))
+        return
 
-    encode_flops = flops(lambda: model.encode(image))
-    encode_s = median_seconds(lambda: model.encode(image), args.repeats)
-    print(f"encoder            {encode_s * 1000:8.1f} ms/image   {encode_flops / 1e9:6.1f} GFLOP  "
-          f"{encode_flops / encode_s / 1e9:6.1f} GFLOP/s")
+    print(f"model {args.model}, {args.threads} threads (of {os.cpu_count()} CPUs), "
+          f"image {args.image or 'synthetic 256x256'}, median of {args.repeats}")
+    peak = _peak_gflops(args.threads)
+    if peak:
+        print(f"fp32 floor of {args.threads} AVX2/FMA cores: {peak:.0f} GFLOP/s")
+    print(f"{'component':22s} {'reference':>12s} {'optimised':>12s} {'ratio':>6s} {'GFLOP/s ref/opt':>16s} "
+          f"{'peak MB ref/opt':>16s}")
+    for component, unit in (("encoder", "s/image"), ("decoder", "ms/prompt"), ("everything_boxes", "s/image"),
+                            ("everything_points", "s/image")):
+        ref, opt = (_run_child(args, component, path) for path in PATHS)
+        scale = 1000 if unit == "ms/prompt" else 1
+        rate = ""
+        if "flops" in ref:
+            rate = f"{ref['flops'] / ref['seconds'] / 1e9:7.1f}/{ref['flops'] / opt['seconds'] / 1e9:<7.1f}"
+        extra = ""
+        if "summed" in ref:
+            extra = f"  masks {ref['masks']}/{opt['masks']}, IoU of summed maps {_iou(ref['summed'], opt['summed']):.4f}"
+        if component == "decoder":
+            extra = f"  {ref['flops'] / 1e9:.2f} GFLOP/prompt, optimised batch {opt['batch']}"
+        if component == "encoder":
+            extra = f"  {ref['flops'] / 1e9:.1f} GFLOP/image"
+            if peak:
+                extra += f", optimised at {ref['flops'] / opt['seconds'] / 1e9 / peak:.0%} of the floor"
+        print(f"{component + ' (' + unit + ')':22s} {ref['seconds'] * scale:12.3f} {opt['seconds'] * scale:12.3f} "
+              f"{ref['seconds'] / opt['seconds']:6.2f} {rate:>16s} {ref['peak_mb']:7.0f}/{opt['peak_mb']:<7.0f}{extra}")
+    if args.protocol_data:
+        from sam4med.engine.data import load_dataset
 
-    embedding = model.encode(image)
-    boxes = [Prompt(box=[40 + i, 50, 200 + i, 190]) for i in range(16)]
-    decode_flops = flops(lambda: model.decode(embedding, boxes[:1]))
-    for batch in (1, 4, 16):
-        seconds = median_seconds(lambda: model.decode(embedding, boxes[:batch]), args.repeats) / batch
-        print(f"decoder batch {batch:2d}   {seconds * 1000:8.1f} ms/prompt  {decode_flops / 1e9:6.1f} GFLOP  "
-              f"{decode_flops / seconds / 1e9:6.1f} GFLOP/s")
-
-    predictor = Predictor(model)
-    predictor.set_image(image)
-    settings = EverythingSettings()
-    kept = len(generate_masks(predictor, image, settings))
-    everything_s = median_seconds(lambda: generate_masks(predictor, image, settings), max(1, args.repeats // 2))
-    print(f"everything (boxes) {everything_s:8.2f} s/image     {kept} masks kept")
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak memory        {peak_mb:8.0f} MB")
+        total = len(load_dataset(args.protocol_data))
+        ref, opt = (_protocol(args, path) for path in PATHS)
+        n = args.protocol_images
+        print(f"{'protocol (s/image)':22s} {ref['seconds'] / n:12.3f} {opt['seconds'] / n:12.3f} "
+              f"{ref['seconds'] / opt['seconds']:6.2f} {'':>16s} {ref['peak_mb']:7.0f}/{opt['peak_mb']:<7.0f}"
+              f"  9 modes on {n} images; all {total}: {ref['seconds'] / n * total / 60:.1f} / "
+              f"{opt['seconds'] / n * total / 60:.1f} min projected")
 
 
 if __name__ == "__main__":
