@@ -7,8 +7,9 @@ Each measurement runs in a fresh subprocess, so peak memory and allocator settin
 
 - reference: the straightforward eager use of the model: one encoder call per image, one
   segment_anything MaskDecoder call per prompt, no embedding cache, glibc's default allocator;
-- optimised: what sam4med does: allocator tuned at start-up, the shared-image decoder
-  (``engine.decoder``) on batches of the predictor's size.
+- optimised: what sam4med does: allocator tuned at start-up, the encoder on ONNX Runtime
+  (``--encoder onnx``, the default when onnxruntime is installed), the shared-image decoder
+  (``engine.decoder``) on batches of ``--batch`` prompts.
 
 Printed per component: median time of each path, their ratio, GFLOP/s (FLOPs of the reference
 computation, counted by PyTorch's FlopCounterMode, divided by each path's time: useful work per
@@ -95,16 +96,17 @@ def _measure(args: argparse.Namespace) -> dict[str, object]:
     from sam4med.engine.predictor import Predictor
     from sam4med.engine.prompts import Prompt
 
-    model = load_model(args.model, args.checkpoint, "cpu", shared_decoder=optimised)
+    model = load_model(args.model, args.checkpoint, "cpu", shared_decoder=optimised,
+                       encoder_backend=args.encoder if optimised else "torch")
     image = _image(args.image)
     result: dict[str, object] = {}
+    reference = load_model(args.model, args.checkpoint, "cpu", shared_decoder=False)  # counts the FLOPs
     if args.component == "encoder":
-        result["flops"] = _flops(lambda: model.encode(image))
+        result["flops"] = _flops(lambda: reference.encode(image))
         result["seconds"] = _median_seconds(lambda: model.encode(image), args.repeats)
     elif args.component == "decoder":
         embedding = model.encode(image)
         boxes = [Prompt(box=[40 + i, 50, 200 + i, 190]) for i in range(16)]
-        reference = load_model(args.model, args.checkpoint, "cpu", shared_decoder=False)
         result["flops"] = _flops(lambda: reference.decode(embedding, boxes[:1]))
         batch = 1 if not optimised else args.batch
 
@@ -115,6 +117,17 @@ def _measure(args: argparse.Namespace) -> dict[str, object]:
 
         result["seconds"] = _median_seconds(decode_all, args.repeats) / len(boxes)
         result["batch"] = batch
+    elif args.component == "protocol":
+        from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
+
+        out = Path(tempfile.mkdtemp(prefix=f"sam4med-bench-{args.path}-"))
+        start = time.perf_counter()
+        try:
+            run_benchmark([args.protocol_data], out, BenchmarkConfig(model=args.model, max_images=args.protocol_images),
+                          overlays_per_dataset=0, show_progress=False, model=model)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        result["seconds"] = time.perf_counter() - start
     else:
         method = args.component.split("_", 1)[1]
         predictor = Predictor(model, batch_size=args.batch if optimised else 1)
@@ -134,40 +147,14 @@ def _measure(args: argparse.Namespace) -> dict[str, object]:
 def _run_child(args: argparse.Namespace, component: str, path: str) -> dict[str, object]:
     command = [sys.executable, __file__, "--child", "--component", component, "--path", path,
                "--model", args.model, "--threads", str(args.threads), "--repeats", str(args.repeats),
-               "--batch", str(args.batch)]
+               "--batch", str(args.batch), "--encoder", args.encoder]
+    if args.protocol_data:
+        command += ["--protocol-data", args.protocol_data, "--protocol-images", str(args.protocol_images)]
     if args.checkpoint:
         command += ["--checkpoint", args.checkpoint]
     if args.image:
         command += ["--image", args.image]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
-def _protocol(args: argparse.Namespace, path: str) -> dict[str, float]:
-    """The 9-mode benchmark on the first images of a data set, in a subprocess of its own."""
-    out = Path(tempfile.mkdtemp(prefix=f"sam4med-bench-{path}-"))
-    code = (
-        "import sys, time, resource, json\n"
-        f"optimised = {path == 'optimised'!r}\n"
-        "from sam4med.engine.runtime import tune_allocator\n"
-        "if optimised: tune_allocator()\n"
-        "import torch\n"
-        f"torch.set_num_threads({args.threads})\n"
-        "import sam4med.evaluation.benchmark as b\n"
-        "from sam4med.engine import models\n"
-        "load = models.load_model\n"
-        "b.load_model = lambda *a, **k: load(*a, **k, shared_decoder=optimised)\n"
-        f"config = b.BenchmarkConfig(model={args.model!r}, max_images={args.protocol_images})\n"
-        "start = time.perf_counter()\n"
-        f"b.run_benchmark([{args.protocol_data!r}], {str(out)!r}, config, device='cpu', overlays_per_dataset=0,"
-        " show_progress=False)\n"
-        "print(json.dumps({'seconds': time.perf_counter() - start,"
-        " 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
-    )
-    try:
-        output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -186,18 +173,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="prompts per decoder call on the optimised path")
     parser.add_argument("--image", default=None)
+    parser.add_argument("--encoder", choices=("torch", "onnx"), default=None,
+                        help="encoder backend of the optimised path (default: onnx when onnxruntime is installed)")
     parser.add_argument("--protocol-data", default=None)
     parser.add_argument("--protocol-images", type=int, default=20)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--component", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.encoder is None:
+        from sam4med.engine.onnx_encoder import onnx_runtime_available
+
+        args.encoder = "onnx" if onnx_runtime_available() else "torch"
     if args.child:
         print(json.dumps(_measure(args)))
         return
 
     print(f"model {args.model}, {args.threads} threads (of {os.cpu_count()} CPUs), "
-          f"image {args.image or 'synthetic 256x256'}, median of {args.repeats}")
+          f"image {args.image or 'synthetic 256x256'}, median of {args.repeats}, optimised encoder: {args.encoder}")
     peak = _peak_gflops(args.threads)
     if peak:
         print(f"fp32 floor of {args.threads} AVX2/FMA cores: {peak:.0f} GFLOP/s")
@@ -225,7 +218,7 @@ def main() -> None:
         from sam4med.engine.data import load_dataset
 
         total = len(load_dataset(args.protocol_data))
-        ref, opt = (_protocol(args, path) for path in PATHS)
+        ref, opt = (_run_child(args, "protocol", path) for path in PATHS)
         n = args.protocol_images
         print(f"{'protocol (s/image)':22s} {ref['seconds'] / n:12.3f} {opt['seconds'] / n:12.3f} "
               f"{ref['seconds'] / opt['seconds']:6.2f} {'':>16s} {ref['peak_mb']:7.0f}/{opt['peak_mb']:<7.0f}"

@@ -27,8 +27,8 @@ PRESETS = {
     # 1000 px H&E tiles: halved to 512 px so nuclei keep ~10 px, trained on 8 random 128 px patches per image
     "monuseg": (replace(BASE, scale_to=512, patches_per_image=8, epochs=40), True),
     # 256 px frames: whole images at 128 px; CVC split by video sequence (groups), Kvasir by seed 0
-    "cvc_clinicdb": (replace(BASE, epochs=30), False),
-    "kvasir_seg": (replace(BASE, epochs=30), False),
+    "cvc_clinicdb": (replace(BASE, epochs=20), False),
+    "kvasir_seg": (replace(BASE, epochs=20), False),
 }
 
 

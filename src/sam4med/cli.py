@@ -34,6 +34,8 @@ ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam (bu
 CheckpointOption = Annotated[Optional[Path], typer.Option(help="Weights file; required for every model but litemedsam.")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ...; default: CUDA when present.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for PyTorch (default: PyTorch's choice).")]
+EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, or onnx (ONNX Runtime, CPU; "
+                                                 "pip install onnxruntime).")]
 
 
 @app.command()
@@ -70,6 +72,7 @@ def benchmark(
     max_objects: Annotated[int, typer.Option(help="Objects per image, drawn by seed when more (0: all).")] = 20,
     max_images: Annotated[int, typer.Option(help="Images per data set (0: all).")] = 0,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache folder (re-runs skip the encoder).")] = None,
+    encoder: EncoderOption = "torch",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -90,7 +93,7 @@ def benchmark(
         prompts=PromptSettings(jitter, jitter_unit, jitter_kind, points_sampler, negative_region,
                                interactive_start, rounds, click_rule),
     )
-    results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir)
+    results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir, encoder_backend=encoder)
     _print_summary(results.parent)
 
 
@@ -231,6 +234,7 @@ def priors(
     region_proposals: Annotated[Optional[int], typer.Option(help="Box mode: region proposals per image (default 16).")] = None,
     figures: Annotated[int, typer.Option(help="Figures of image / priors / augmented input per data set.")] = 4,
     max_images: Annotated[int, typer.Option(help="Images per data set (0: all).")] = 0,
+    encoder: EncoderOption = "torch",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -250,7 +254,8 @@ def priors(
     if region_proposals is not None:
         everything = replace(everything, region_proposals=region_proposals)
     settings = PriorSettings(weight=weight, normalise=normalise, tile=tile or None, everything=everything)  # type: ignore[arg-type]
-    for summary in generate_priors(data, out, model, checkpoint, settings, device, figures, max_images or None):
+    for summary in generate_priors(data, out, model, checkpoint, settings, device, figures, max_images or None,
+                                   encoder_backend=encoder):
         typer.echo(f"{summary.folder}: {summary.computed} computed, {summary.skipped} already there, "
                    f"{summary.failed} failed, {summary.seconds_per_image:.2f} s/image")
 

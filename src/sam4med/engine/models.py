@@ -13,7 +13,7 @@ import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -26,6 +26,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from sam4med.engine.decoder import ImageState, SharedImageDecoder
 from sam4med.engine.decoder import supports as supports_shared_decoding
 from sam4med.engine.errors import InputError
+from sam4med.engine.onnx_encoder import OnnxEncoder
 from sam4med.engine.prompts import Prompt
 
 Resize = Literal["longest_side", "stretch"]
@@ -34,6 +35,7 @@ MaskRule = Literal["single", "oracle", "iou"]
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+ENCODER_BACKENDS = ("torch", "onnx")
 LOW_RES = 256  # side of the decoder's low-resolution logits for every SAM-family model
 
 
@@ -253,7 +255,6 @@ class Embedding:
 
     features: torch.Tensor  # (1, 256, 64, 64)
     geometry: ImageGeometry
-    intermediate: list[torch.Tensor] = field(default_factory=list)
     decoder_state: ImageState | None = None  # the shared decoder's per-image work, made on first decode
 
 
@@ -286,11 +287,16 @@ class SamModel:
     """A SAM-family network with its preprocessing: one interface for every registered model."""
 
     def __init__(self, spec: ModelSpec, network: Sam, weights_sha256: str | None, device: torch.device,
-                 shared_decoder: bool = True):
+                 shared_decoder: bool = True, encoder_backend: str = "torch"):
+        if encoder_backend not in ENCODER_BACKENDS:
+            raise InputError(f"encoder backend {encoder_backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
         self.spec = spec
         self.network = network.to(device).eval()
         self.weights_sha256 = weights_sha256
         self.device = device
+        # ONNX Runtime runs the encoder on CPUs only; made (and exported, once) on the first encode.
+        self.encoder_backend = encoder_backend if device.type == "cpu" else "torch"
+        self._onnx_encoder: OnnxEncoder | None = None
         # Same outputs as the reference decoder up to float rounding, several times less work per
         # prompt (see engine.decoder); False gives segment_anything's own decoder call.
         self.shared_decoder = SharedImageDecoder(network.mask_decoder) \
@@ -337,6 +343,11 @@ class SamModel:
     @torch.inference_mode()
     def encode(self, image: np.ndarray) -> Embedding:
         model_input, geometry = self.preprocess(image)
+        if self.encoder_backend == "onnx":
+            if self._onnx_encoder is None:
+                self._onnx_encoder = OnnxEncoder(self.network.image_encoder, self.spec.image_size, self.name,
+                                                 self.weights_sha256)
+            return Embedding(self._onnx_encoder(model_input).to(self.device), geometry)
         return Embedding(self.network.image_encoder(model_input), geometry)
 
     def _prompt_tensors(
@@ -424,10 +435,12 @@ def load_model(
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
     shared_decoder: bool = True,
+    encoder_backend: str = "torch",
 ) -> SamModel:
     """Build a registered model and load its weights (bundled ones for LiteMedSAM).
 
-    ``shared_decoder=False`` decodes with segment_anything's own decoder call (the reference path).
+    ``shared_decoder=False`` decodes with segment_anything's own decoder call (the reference path);
+    ``encoder_backend="onnx"`` runs the encoder with ONNX Runtime on CPUs (optional dependency).
 
     Weights are loaded with ``weights_only=True`` and their sha256 is recorded; bundled weights
     are checked against the published hash. The network is put in ``eval()`` after loading, which
@@ -455,4 +468,4 @@ def load_model(
         summary = str(error).splitlines()[0] + " " + " ".join(str(error).split())[:300]
         raise InputError(f"{path}: weights do not fit model '{name}': {summary}") from None
     torch_device = torch.device(device) if device is not None else default_device()
-    return SamModel(spec, network.eval(), sha256, torch_device, shared_decoder)
+    return SamModel(spec, network.eval(), sha256, torch_device, shared_decoder, encoder_backend)

@@ -220,18 +220,25 @@ def run_benchmark(
     cache_dir: str | Path | None = None,
     overlays_per_dataset: int = 3,
     show_progress: bool = True,
+    encoder_backend: str = "torch",
+    model: SamModel | None = None,
 ) -> Path:
     """Evaluate a model on data sets under every prompt mode; returns the results file.
 
     Each data set is a folder in the sam4med dataset layout (dataset.json, images/, masks/).
     Failures (unreadable files, size mismatches, empty masks) are recorded as rows with
-    ``status = "error"`` and the run goes on.
+    ``status = "error"`` and the run goes on. ``encoder_backend="onnx"`` encodes with ONNX Runtime
+    (same embeddings to float rounding, so not part of the protocol). ``model`` reuses a loaded
+    model (it must be ``config.model``) instead of loading one.
     """
     config = config or BenchmarkConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     datasets = [load_dataset(path) for path in data]
-    model = load_model(config.model, config.checkpoint, device)
+    if model is None:
+        model = load_model(config.model, config.checkpoint, device, encoder_backend=encoder_backend)
+    elif model.name != config.model:
+        raise InputError(f"run_benchmark: model '{model.name}' given for a config of '{config.model}'")
     modes = [make_mode(name, config.prompts) for name in config.modes]
     protocol = config.protocol(model)
     _check_protocol(out, protocol)

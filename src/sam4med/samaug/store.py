@@ -104,6 +104,7 @@ def generate_priors(
     figures_per_dataset: int = 4,
     max_images: int | None = None,
     show_progress: bool = True,
+    encoder_backend: str = "torch",
 ) -> list[PriorRunSummary]:
     """Compute and cache SAMAug priors for every image of the data sets under ``out/<data set>/``.
 
@@ -114,7 +115,8 @@ def generate_priors(
     from sam4med.samaug.figures import write_prior_figure
 
     settings = settings or PriorSettings()
-    sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device)
+    sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device,
+                                                                encoder_backend=encoder_backend)
     resolved = settings.resolved(sam.spec.takes_point_prompts)
     key = settings_key(sam.protocol(), resolved)
     datasets = [d if isinstance(d, Dataset) else load_dataset(d, require_masks=False) for d in data]
