@@ -28,7 +28,8 @@ from sam4med.samaug.priors import (
     settings_key,
 )
 from sam4med.samaug.store import PriorStore, generate_priors
-from sam4med.samaug.training import TrainConfig, combine, confidence, mean_entropy, train, training_split
+from sam4med.engine.data import training_split
+from sam4med.samaug.training import TrainConfig, combine, confidence, mean_entropy, train
 from sam4med.samaug.inference import authors_soft_dice, evaluate, load_segmenter, predict
 
 from conftest import make_ellipse_image

@@ -278,6 +278,34 @@ def predefined_split(dataset: Dataset) -> dict[str, list[Sample]]:
     return {side: sides[side] for side in ("train", "val", "test") if side in sides}
 
 
+def training_split(dataset: Dataset, fractions: dict[str, float], split_seed: int) -> dict[str, list[Sample]]:
+    """train / val / test samples of a data set.
+
+    A data set whose groups name its split (MoNuSeg's train/val, DRIVE's training/test) keeps it;
+    when it names no test side, its validation side is the test side. A missing validation side is
+    drawn from the training side (one eighth, at least one image) by ``split_seed``. Otherwise the
+    group-aware :func:`split_samples` (video sequences and patients never straddle two sides).
+    """
+    groups = dataset.groups
+    if groups and all(group.lower() in SPLIT_NAMES for group in groups):
+        sides = predefined_split(dataset)
+        if "test" not in sides and "val" in sides:
+            sides["test"] = sides.pop("val")
+        if "val" not in sides:
+            train = sides["train"]
+            order = np.random.default_rng(split_seed).permutation(len(train))
+            count = max(1, round(len(train) / 8))
+            held = set(order[:count].tolist())
+            sides["val"] = [s for i, s in enumerate(train) if i in held]
+            sides["train"] = [s for i, s in enumerate(train) if i not in held]
+    else:
+        sides = split_samples(dataset, fractions, split_seed)
+    for side in ("train", "val", "test"):
+        if not sides.get(side):
+            raise InputError(f"{dataset.name}: the {side} side of the split is empty (too few images or groups)")
+    return {side: sides[side] for side in ("train", "val", "test")}
+
+
 def object_factors(image: np.ndarray, object_mask: np.ndarray) -> dict[str, float]:
     """Per-object factors for the benchmark's factor analysis (as in the COSMOS 1050K study).
 
