@@ -81,7 +81,8 @@ def paired_bootstrap(differences: np.ndarray, resamples: int = 10000, seed: int 
     return float(differences.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def summarise(results: pd.DataFrame, metrics: Sequence[str] = ("dice", "iou", "soft_dice_authors", "aji", "object_f1"),
+def summarise(results: pd.DataFrame,
+              metrics: Sequence[str] = ("dice", "iou", "soft_dice_authors", "aji", "object_f1", "picked_aug"),
               baseline: str = BASELINE) -> pd.DataFrame:
     """One row per arm x metric: mean +- std over seeds, and the paired difference to ``baseline``."""
     rows = []
@@ -89,9 +90,11 @@ def summarise(results: pd.DataFrame, metrics: Sequence[str] = ("dice", "iou", "s
         per_image = results.groupby(["arm", "image"])[metric].mean().unstack("arm")
         per_seed = results.groupby(["arm", "seed"])[metric].mean().unstack("arm")
         for arm in per_image.columns:
+            if per_seed[arm].notna().sum() == 0:  # e.g. picked_aug exists only for selection modes
+                continue
             row = {"metric": metric, "arm": arm, "mean": per_seed[arm].mean(), "std": per_seed[arm].std(ddof=1),
                    "seeds": int(per_seed[arm].notna().sum()), "images": int(per_image[arm].notna().sum())}
-            if baseline in per_image and arm != baseline:
+            if baseline in per_image and arm != baseline and metric != "picked_aug":
                 paired = (per_image[arm] - per_image[baseline]).dropna().to_numpy()
                 row["diff"], row["diff_low"], row["diff_high"] = paired_bootstrap(paired)
             rows.append(row)

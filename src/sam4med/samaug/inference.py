@@ -128,7 +128,8 @@ def evaluate(
     instances: bool = False,
     out: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Score a trained segmenter: one row per image x mode.
+    """Score a trained segmenter: one row per image x mode (``picked_aug``: 1 where a selection
+    mode kept the augmented-input map).
 
     ``split`` names the side of the run's ``split.json`` (next to the checkpoint) to score; None
     scores every image of the data sets. ``out`` also writes ``metrics.csv`` there.
@@ -147,9 +148,12 @@ def evaluate(
             samples = [s for s in samples if s.id in wanted]
         for sample, maps, gt in predict_probabilities(segmenter, dataset, samples, priors):
             for mode, prob in maps.items():
-                rows.append({"dataset": dataset.name, "image": sample.id, "mode": mode,
-                             "default_mode": mode == default_mode(segmenter.config.input),
-                             **score(prob, gt, instances)})  # type: ignore[arg-type]
+                row = {"dataset": dataset.name, "image": sample.id, "mode": mode,
+                       "default_mode": mode == default_mode(segmenter.config.input),
+                       **score(prob, gt, instances)}  # type: ignore[arg-type]
+                if mode in ("confident", "entropy"):  # which input the selection kept for this image
+                    row["picked_aug"] = float(np.array_equal(prob, maps["aug"]))
+                rows.append(row)
     frame = pd.DataFrame(rows)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
