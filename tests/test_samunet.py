@@ -43,3 +43,54 @@ def test_unknown_conv_branch_is_refused(litemedsam):
     network = copy.deepcopy(litemedsam.network)
     with pytest.raises(InputError, match="--conv-branch 'vgg'"):
         SamUNet(network.image_encoder, network.prompt_encoder, network.mask_decoder, 256, "vgg")
+
+
+def _ellipse_dataset(root, count=6, size=96):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import make_ellipse_image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        centre = tuple(int(v) for v in rng.integers(30, size - 30, 2))
+        image, mask = make_ellipse_image(size, size, centre, (int(rng.integers(10, 20)), int(rng.integers(10, 20))),
+                                         seed=index)
+        Image.fromarray(image).save(root / "images" / f"e{index}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"e{index}.png")
+    (root / "dataset.json").write_text(json.dumps({"name": "ellipses"}))
+    return root
+
+
+@pytest.mark.parametrize("method", ["decoder", "samunet"])
+def test_training_writes_a_checkpoint_that_loads_as_an_engine_model(tmp_path, method):
+    import numpy as np
+
+    from sam4med.engine.data import read_image
+    from sam4med.engine.models import load_model
+    from sam4med.engine.predictor import Predictor
+    from sam4med.engine.prompts import Prompt
+    from sam4med.samunet.training import PromptTrainConfig, train_promptable
+
+    data = _ellipse_dataset(tmp_path / "ellipses")
+    config = PromptTrainConfig(method=method, epochs=1, images_per_step=2, masks_per_image=1,
+                               fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    result = train_promptable([data], tmp_path / "run", config, show_progress=False)
+    assert result.epochs_run == 1 and 0 <= result.best_val_dice <= 1
+    again = train_promptable([data], tmp_path / "run", config, show_progress=False)  # resumes: nothing to do
+    assert again.epochs_run == 1
+
+    model = load_model("litemedsam", tmp_path / "run" / "best.pt", device="cpu")
+    assert model.name == f"litemedsam+{method}" and model.protocol()["weights_sha256"] != load_model(
+        "litemedsam", device="cpu").weights_sha256
+    image = read_image(data / "images" / "e0.png")
+    predictor = Predictor(model)
+    predictor.set_image(image)
+    masks = predictor.predict([Prompt(box=np.array([10.0, 10, 80, 80]))]).masks()
+    assert masks.shape == (1, 1, 96, 96)
+    with pytest.raises(InputError, match="not 'medsam'"):
+        load_model("medsam", tmp_path / "run" / "best.pt")

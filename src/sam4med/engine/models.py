@@ -13,7 +13,7 @@ import hashlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -256,6 +256,7 @@ class Embedding:
     features: torch.Tensor  # (1, 256, 64, 64)
     geometry: ImageGeometry
     decoder_state: ImageState | None = None  # the shared decoder's per-image work, made on first decode
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # model-specific, e.g. SAM-UNet's features
 
 
 @dataclass
@@ -285,6 +286,8 @@ class Decoded:
 
 class SamModel:
     """A SAM-family network with its preprocessing: one interface for every registered model."""
+
+    cacheable = True  # whether Embedding.features alone can be stored and reused
 
     def __init__(self, spec: ModelSpec, network: Sam, weights_sha256: str | None, device: torch.device,
                  shared_decoder: bool = True, encoder_backend: str = "torch"):
@@ -417,11 +420,18 @@ class SamModel:
         return F.interpolate(logits, size=geometry.original_size, mode="bilinear", align_corners=False)
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+TRAINED_CHECKPOINT_KIND = "sam4med-promptable"  # SAM-UNet / decoder fine-tuning runs (sam4med.samunet)
+
+
+def _load_checkpoint(path: Path) -> object:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and torch errors all mean the same to the user
         raise InputError(f"{path}: not a loadable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    checkpoint = _load_checkpoint(path)
     for key in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
             checkpoint = checkpoint[key]
@@ -457,6 +467,13 @@ def load_model(
         path = Path(checkpoint)
         if not path.is_file():
             raise InputError(f"{path}: checkpoint file not found")
+        saved = _load_checkpoint(path)
+        if isinstance(saved, dict) and saved.get("kind") == TRAINED_CHECKPOINT_KIND:
+            from sam4med.samunet.loading import load_trained  # the method builds on the engine, not vice versa
+
+            if saved.get("backbone") != name:
+                raise InputError(f"{path}: trained on backbone '{saved.get('backbone')}', not '{name}'")
+            return load_trained(path, device)
     sha256 = file_sha256(path)
     if checkpoint is None and spec.expected_sha256 and sha256 != spec.expected_sha256:
         raise InputError(f"{path}: sha256 {sha256} differs from the published {spec.expected_sha256}")

@@ -70,13 +70,14 @@ class Predictor:
         if image is self.image and self.embedding is not None:
             return self.embedding
         self.image = image
-        key = self.cache.key(self.model, image) if self.cache else None
-        features = self.cache.load(key, self.model.device) if self.cache else None
+        cache = self.cache if self.model.cacheable else None
+        key = cache.key(self.model, image) if cache else None
+        features = cache.load(key, self.model.device) if cache else None
         if features is None:
             self.embedding = self.model.encode(image)
             self.encoder_calls += 1
-            if self.cache:
-                self.cache.store(key, self.embedding.features)
+            if cache:
+                cache.store(key, self.embedding.features)
         else:
             self.embedding = Embedding(features, self.model.geometry(image.shape[:2]))
         return self.embedding
