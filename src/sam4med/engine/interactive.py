@@ -24,8 +24,8 @@ class InteractiveResult:
 
     def clicks_to_reach(self, threshold: float) -> int:
         """Interactions (initial prompt = 1) until Dice >= threshold; capped at rounds + 1 (NoC)."""
-        for index, dice in enumerate(self.dice_per_round):
-            if dice >= threshold:
+        for index, score in enumerate(self.dice_per_round):
+            if score >= threshold:
                 return index + 1
         return len(self.dice_per_round)
 
