@@ -54,7 +54,7 @@ def load_segmenter(checkpoint: str | Path) -> TrainedSegmenter:
     path = Path(checkpoint)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint (train with `sam4med train` first)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     if "network" not in saved or "config" not in saved:
         raise InputError(f"{path}: not a sam4med SAMAug checkpoint")
     config = TrainConfig(**saved["config"])

@@ -281,7 +281,7 @@ def train(
     loss_function = DiceCELoss(sigmoid=True)
     state = {"epoch": 0, "best_val_dice": -1.0, "best_epoch": -1, "seconds": 0.0}
     if (out / "last.pt").is_file():
-        last = torch.load(out / "last.pt", weights_only=False)
+        last = torch.load(out / "last.pt", weights_only=True)
         network.load_state_dict(last["network"])
         optimizer.load_state_dict(last["optimizer"])
         scheduler.load_state_dict(last["scheduler"])
