@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,31 +67,35 @@ def _ellipse_dataset(root, count=6, size=96):
     return root
 
 
-@pytest.mark.parametrize("method", ["decoder", "samunet"])
-def test_training_writes_a_checkpoint_that_loads_as_an_engine_model(tmp_path, method):
-    import numpy as np
+def test_comparison_trains_both_methods_and_scores_three_rows(tmp_path):
+    import pandas as pd
 
     from sam4med.engine.data import read_image
     from sam4med.engine.models import load_model
     from sam4med.engine.predictor import Predictor
     from sam4med.engine.prompts import Prompt
+    from sam4med.samunet.comparison import paired_gain, run_comparison
     from sam4med.samunet.training import PromptTrainConfig, train_promptable
 
     data = _ellipse_dataset(tmp_path / "ellipses")
-    config = PromptTrainConfig(method=method, epochs=1, images_per_step=2, masks_per_image=1,
+    config = PromptTrainConfig(epochs=1, images_per_step=2, masks_per_image=1,
                                fractions={"train": 0.5, "val": 0.25, "test": 0.25})
-    result = train_promptable([data], tmp_path / "run", config, show_progress=False)
-    assert result.epochs_run == 1 and 0 <= result.best_val_dice <= 1
-    again = train_promptable([data], tmp_path / "run", config, show_progress=False)  # resumes: nothing to do
-    assert again.epochs_run == 1
+    table = run_comparison([data], [], tmp_path / "cmp", config, show_progress=False)
+    assert sorted(table["row"]) == ["decoder", "samunet", "zero_shot"]
+    assert (table["setting"] == "in_domain").all() and (table["count"] > 0).all()
+    zero_shot = table.set_index("row").loc["zero_shot", "mean"]
+    assert zero_shot > 0.8  # LiteMedSAM segments clean ellipses from their boxes
+    scores = pd.read_csv(tmp_path / "cmp" / "scores.csv")
+    gain = paired_gain(scores, "decoder")
+    assert len(gain) == 1 and gain["count"].iloc[0] == table["count"].iloc[0]
 
-    model = load_model("litemedsam", tmp_path / "run" / "best.pt", device="cpu")
-    assert model.name == f"litemedsam+{method}" and model.protocol()["weights_sha256"] != load_model(
-        "litemedsam", device="cpu").weights_sha256
-    image = read_image(data / "images" / "e0.png")
-    predictor = Predictor(model)
-    predictor.set_image(image)
-    masks = predictor.predict([Prompt(box=np.array([10.0, 10, 80, 80]))]).masks()
-    assert masks.shape == (1, 1, 96, 96)
+    for method in ("decoder", "samunet"):
+        run = tmp_path / "cmp" / method
+        assert train_promptable([data], run, replace(config, method=method), show_progress=False).epochs_run == 1
+        model = load_model("litemedsam", run / "best.pt", device="cpu")
+        assert model.name == f"litemedsam+{method}"
+        predictor = Predictor(model)
+        predictor.set_image(read_image(data / "images" / "e0.png"))
+        assert predictor.predict([Prompt(box=[10.0, 10, 80, 80])]).masks().shape == (1, 1, 96, 96)
     with pytest.raises(InputError, match="not 'medsam'"):
-        load_model("medsam", tmp_path / "run" / "best.pt")
+        load_model("medsam", tmp_path / "cmp" / "samunet" / "best.pt")
