@@ -4,8 +4,10 @@
         --train ../shared/data/isbi2012_em --zero-shot ../shared/data/drive --zero-shot ../shared/data/brain_mr \
         --out runs/samunet/litemedsam --threads 2
 
-CPU default (about an hour per method on 2 cores): 4 epochs over at most 150 training images per data
-set, 2 images x 4 masks per step. GPU recipe: --epochs 20 --images-per-step 8 --max-train-images 0.
+CPU defaults: 4 epochs over at most 150 training images per data set, 2 images x 4 masks per step. A
+SAM-UNet step on LiteMedSAM took about 10 s for 2 images on one shared core here, so three data sets at
+these defaults are some hours; lower --max-train-images or --epochs to fit a budget (decoder fine-tuning is
+cheaper: no gradients through the encoder). GPU recipe: --epochs 20 --images-per-step 8 --max-train-images 0.
 Writes OUT/scores.csv (one row per object x model), OUT/table.csv (Dice mean, std, count per data set
 and model) and OUT/protocol.json (configuration, data, training times).
 """
