@@ -261,3 +261,18 @@ def test_cli_train_rejects_bad_arguments_in_one_line(tmp_path):
     assert result.exit_code == 2 and "needs --priors" in result.output
     result = runner.invoke(app, ["evaluate", str(tmp_path / "missing.pt"), "--data", str(data), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "missing.pt: no such checkpoint" in result.output
+
+
+def test_tiled_priors_put_each_tiles_masks_back_in_place(litemedsam):
+    from sam4med.engine.predictor import Predictor
+    from sam4med.samaug.priors import compute_priors
+
+    left, left_mask = make_ellipse_image(128, 128, (64, 60), (30, 22), seed=1)
+    right, right_mask = make_ellipse_image(128, 128, (50, 70), (22, 34), seed=2)
+    image = np.concatenate([left, right], axis=1)
+    mask = np.concatenate([left_mask, right_mask], axis=1)
+    priors = compute_priors(Predictor(litemedsam), image, PriorSettings(tile=128))
+    assert priors.segmentation.shape == (128, 256)
+    for half in (slice(0, 128), slice(128, 256)):  # each tile's ellipse is covered where it lies
+        assert (priors.segmentation[:, half][mask[:, half]] > 0.5).mean() > 0.95
+        assert priors.boundary[:, half][find_boundaries(mask[:, half], mode="thick")].mean() > 0.8
