@@ -430,8 +430,8 @@ def _load_checkpoint(path: Path) -> object:
         raise InputError(f"{path}: not a loadable PyTorch checkpoint ({type(error).__name__}: {error})") from None
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    checkpoint = _load_checkpoint(path)
+def _state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint (plain, or under "model" / "state_dict")."""
     for key in ("model", "state_dict"):
         if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
             checkpoint = checkpoint[key]
@@ -467,18 +467,18 @@ def load_model(
         path = Path(checkpoint)
         if not path.is_file():
             raise InputError(f"{path}: checkpoint file not found")
-        saved = _load_checkpoint(path)
-        if isinstance(saved, dict) and saved.get("kind") == TRAINED_CHECKPOINT_KIND:
-            from sam4med.samunet.loading import load_trained  # the method builds on the engine, not vice versa
+    saved = _load_checkpoint(path) if checkpoint is not None else None  # bundled: hash checked before loading
+    if isinstance(saved, dict) and saved.get("kind") == TRAINED_CHECKPOINT_KIND:
+        from sam4med.samunet.loading import load_trained  # the method builds on the engine, not vice versa
 
-            if saved.get("backbone") != name:
-                raise InputError(f"{path}: trained on backbone '{saved.get('backbone')}', not '{name}'")
-            return load_trained(path, device)
+        if saved.get("backbone") != name:
+            raise InputError(f"{path}: trained on backbone '{saved.get('backbone')}', not '{name}'")
+        return load_trained(path, saved, device)
     sha256 = file_sha256(path)
     if checkpoint is None and spec.expected_sha256 and sha256 != spec.expected_sha256:
         raise InputError(f"{path}: sha256 {sha256} differs from the published {spec.expected_sha256}")
     network = spec.build()
-    state = _state_dict(path)
+    state = _state_dict(saved if saved is not None else _load_checkpoint(path), path)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -62,12 +62,14 @@ class SamUNetModel(SamModel):
         return Decoded(low_res.float(), torch.ones(len(prompts), 1), embedding.geometry, self)
 
 
-def load_trained(path: str | Path, device: str | torch.device | None = None) -> SamModel:
-    """A trained checkpoint as a SamModel on its (re-verified) backbone."""
+def load_trained(path: str | Path, saved: dict, device: str | torch.device | None = None) -> SamModel:
+    """A trained checkpoint (``saved``, as loaded from ``path``) as a SamModel on its re-verified backbone.
+
+    Called by ``load_model`` when a checkpoint is a training run's, so the file is read once.
+    """
     from sam4med.samunet.training import PromptTrainConfig
 
     path = Path(path)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
     config = PromptTrainConfig(**saved["config"])
     backbone = load_model(config.backbone, config.backbone_checkpoint, device)
     if backbone.weights_sha256 != saved["backbone_sha256"]:
@@ -78,9 +80,8 @@ def load_trained(path: str | Path, device: str | torch.device | None = None) -> 
         result = backbone.network.load_state_dict(saved["state"], strict=False)
         if result.unexpected_keys:
             raise InputError(f"{path}: keys that do not fit {config.backbone}: {result.unexpected_keys[:3]}")
-        model = SamModel(replace(backbone.spec, name=f"{backbone.spec.name}+decoder"), backbone.network,
-                         trained_sha256, backbone.device)
-        return model
+        return SamModel(replace(backbone.spec, name=f"{backbone.spec.name}+decoder"), backbone.network,
+                        trained_sha256, backbone.device)
     network = backbone.network
     samunet = SamUNet(network.image_encoder, network.prompt_encoder, network.mask_decoder, backbone.spec.image_size,
                       config.conv_branch)
