@@ -23,11 +23,11 @@ from PIL import Image
 from sam4med.engine.data import Dataset, Sample, load_dataset, read_mask
 from sam4med.engine.errors import InputError
 from sam4med.engine.metrics import aggregated_jaccard_index, dice, iou, label_instances, object_f1, soft_dice
+from sam4med.engine.runs import SPLIT_FILE
 from sam4med.samaug.networks import build_network
 from sam4med.samaug.store import PriorStore
 from sam4med.samaug.training import (
     PREDICT_MODES,
-    SPLIT_FILE,
     TrainConfig,
     combine,
     default_mode,

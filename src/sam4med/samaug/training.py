@@ -14,7 +14,6 @@ degrees (MONAI transforms). Loss: Dice + BCE (MONAI ``DiceCELoss``); Adam with c
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -35,15 +34,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sam4med.engine.data import DEFAULT_FRACTIONS, Dataset, Sample, load_dataset, read_image, read_mask, training_split
 from sam4med.engine.errors import InputError
 from sam4med.engine.metrics import dice
+from sam4med.engine.runs import append_history, claim_run_folder, write_split
 from sam4med.samaug.networks import NETWORKS, build_network
 from sam4med.samaug.priors import POLICIES, compose_input, image_channels_first, input_channels
 from sam4med.samaug.store import PriorStore
 
 INPUTS: tuple[str, ...] = ("raw", "samaug", "dual")
 DUAL_UPDATES: tuple[str, ...] = ("summed", "alternate")
-CONFIG_FILE = "config.json"
-SPLIT_FILE = "split.json"
-HISTORY_FILE = "history.jsonl"
 
 
 @dataclass
@@ -216,16 +213,6 @@ def _validation_dice(network: torch.nn.Module, images: list[PreparedImage], conf
     return float(np.mean(scores))
 
 
-def _check_resume(out: Path, config: TrainConfig) -> None:
-    path = out / CONFIG_FILE
-    if path.is_file():
-        existing = json.loads(path.read_text(encoding="utf-8"))
-        if existing != json.loads(json.dumps(asdict(config))):
-            changed = sorted(k for k in existing if existing.get(k) != asdict(config).get(k))
-            raise InputError(f"{out}: holds a run with another configuration ({', '.join(changed)} differ); "
-                             "choose another --out")
-
-
 @dataclass
 class TrainResult:
     out: Path
@@ -255,14 +242,9 @@ def train(
     datasets = [load_dataset(d) for d in data]
     stores = {d.name: PriorStore(Path(priors) / d.name) if priors is not None else None for d in datasets}
     prior_keys = {name: store.record["key"] for name, store in stores.items() if store is not None}
-    _check_resume(out, config)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
-
+    claim_run_folder(out, asdict(config))
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
-    (out / SPLIT_FILE).write_text(json.dumps(
-        {name: {side: [s.id for s in samples] for side, samples in sides.items()} for name, sides in splits.items()},
-        indent=1), encoding="utf-8")
+    write_split(out, splits)
     gray = all(is_gray([read_image(s.image_path) for s in d.samples[:8]]) for d in datasets)
     train_items: list[PreparedImage] = []
     val_items: list[PreparedImage] = []
@@ -320,8 +302,7 @@ def train(
             torch.save({**checkpoint_meta, "network": network.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "state": state, "torch_rng": torch.get_rng_state()},
                        out / "last.pt")
-            with (out / HISTORY_FILE).open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_history(out, row)
             progress.update(task, advance=1, status=f"loss {row['loss']:.3f} val Dice {val_dice:.3f}")
     return TrainResult(out, state["best_val_dice"], state["best_epoch"], state["seconds"], state["epoch"])
 

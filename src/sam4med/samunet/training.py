@@ -11,7 +11,6 @@ against the object's mask in the model's input frame. Adam with step decay. ``OU
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from sam4med.engine.data import DEFAULT_FRACTIONS, Sample, load_dataset, load_pa
 from sam4med.engine.errors import InputError
 from sam4med.engine.models import LOW_RES, TRAINED_CHECKPOINT_KIND, ImageGeometry, SamModel, load_model
 from sam4med.engine.prompts import jitter_box, tight_box
+from sam4med.engine.runs import append_history, claim_run_folder, write_split
 from sam4med.samunet.model import CONV_BRANCHES, SamUNet
 
 METHODS = ("samunet", "decoder")
@@ -198,17 +198,10 @@ def train_promptable(data: Sequence[str | Path], out: str | Path, config: Prompt
     config = config or PromptTrainConfig()
     config.check()
     out = Path(out)
-    config_path = out / "config.json"
-    if config_path.is_file() and json.loads(config_path.read_text(encoding="utf-8")) != json.loads(json.dumps(asdict(config))):
-        raise InputError(f"{out}: holds a run with another configuration; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(asdict(config), indent=2), encoding="utf-8")
-
+    claim_run_folder(out, asdict(config))
     datasets = [load_dataset(d) for d in data]
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
-    (out / "split.json").write_text(json.dumps(
-        {name: {side: [s.id for s in samples] for side, samples in sides.items()} for name, sides in splits.items()},
-        indent=1), encoding="utf-8")
+    write_split(out, splits)
     train_items = [item for d in datasets
                    for item in _prepare(splits[d.name]["train"][: config.max_train_images], config.min_object_area)]
     val_items = [item for d in datasets
@@ -270,12 +263,9 @@ def train_promptable(data: Sequence[str | Path], out: str | Path, config: Prompt
                 state.update(best_val_dice=val_dice, best_epoch=epoch + 1)
                 torch.save({**meta, "state": model.trained_state(), "epoch": epoch + 1, "val_dice": val_dice},
                            out / "best.pt")
-            torch.save({**meta, "model": {k: v for k, v in model.state_dict().items()},
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
+            torch.save({**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
                        out / "last.pt")
-            with (out / "history.jsonl").open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_dice": val_dice,
-                                         "lr": scheduler.get_last_lr()[0],
-                                         "seconds": round(time.perf_counter() - start, 2)}) + "\n")
+            append_history(out, {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_dice": val_dice,
+                                 "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)})
             progress.update(task, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
     return PromptTrainResult(out, state["best_val_dice"], state["best_epoch"], state["seconds"], state["epoch"])
