@@ -34,6 +34,10 @@ ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam (bu
 CheckpointOption = Annotated[Optional[Path], typer.Option(help="Weights file; required for every model but litemedsam.")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ...; default: CUDA when present.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for PyTorch (default: PyTorch's choice).")]
+TrainDataOption = Annotated[list[Path], typer.Option(help="Data set folder(s) (repeatable); split per data set.")]
+RunFolderOption = Annotated[Path, typer.Option(help="Run folder (config.json, split.json, history.jsonl, best.pt, "
+                                                    "last.pt).")]
+MaxTrainImagesOption = Annotated[int, typer.Option(help="Training images per data set (0: all).")]
 EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, or onnx (ONNX Runtime, CPU; "
                                                  "pip install onnxruntime).")]
 
@@ -263,8 +267,8 @@ def priors(
 @app.command()
 @_one_line_errors
 def train(
-    data: Annotated[list[Path], typer.Option(help="Data set folder(s) (repeatable); split per data set.")],
-    out: Annotated[Path, typer.Option(help="Run folder (config.json, split.json, history.jsonl, best.pt, last.pt).")],
+    data: TrainDataOption,
+    out: RunFolderOption,
     priors: Annotated[Optional[Path], typer.Option(help="Folder given to `sam4med priors --out`; needed unless --input raw.")] = None,
     net: Annotated[str, typer.Option(help="unet, attention_unet or swin_unet (MONAI).")] = "unet",
     input: Annotated[str, typer.Option(help="raw, samaug or dual (raw + augmented every batch, SAMAug).")] = "dual",
@@ -279,7 +283,7 @@ def train(
     learning_rate: float = 1e-3,
     seed: int = 0,
     split_seed: Annotated[int, typer.Option(help="Seed of the train/val/test split (kept apart from --seed).")] = 0,
-    max_train_images: Annotated[int, typer.Option(help="Training images per data set (0: all).")] = 0,
+    max_train_images: MaxTrainImagesOption = 0,
     threads: ThreadsOption = None,
 ) -> None:
     """Train a U-Net / Attention U-Net / Swin-UNETR on raw, SAMAug or dual input; resumable."""
@@ -350,8 +354,8 @@ def _train_promptable(method: str, data: list[Path], out: Path, backbone: str, c
 @app.command("train-samunet")
 @_one_line_errors
 def train_samunet(
-    data: Annotated[list[Path], typer.Option(help="Data set folder(s) (repeatable); split per data set.")],
-    out: Annotated[Path, typer.Option(help="Run folder (config.json, split.json, history.jsonl, best.pt, last.pt).")],
+    data: TrainDataOption,
+    out: RunFolderOption,
     backbone: Annotated[str, typer.Option(help="Registered SAM backbone (frozen encoder).")] = "litemedsam",
     checkpoint: CheckpointOption = None,
     conv_branch: Annotated[str, typer.Option(help="resnet34 or resnet50 (timm, randomly initialised).")] = "resnet34",
@@ -360,7 +364,7 @@ def train_samunet(
     masks_per_image: int = 4,
     learning_rate: float = 1e-4,
     seed: int = 0,
-    max_train_images: Annotated[int, typer.Option(help="Training images per data set (0: all).")] = 0,
+    max_train_images: MaxTrainImagesOption = 0,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -373,8 +377,8 @@ def train_samunet(
 @app.command()
 @_one_line_errors
 def finetune(
-    data: Annotated[list[Path], typer.Option(help="Data set folder(s) (repeatable); split per data set.")],
-    out: Annotated[Path, typer.Option(help="Run folder (config.json, split.json, history.jsonl, best.pt, last.pt).")],
+    data: TrainDataOption,
+    out: RunFolderOption,
     backbone: Annotated[str, typer.Option(help="Registered SAM backbone.")] = "litemedsam",
     checkpoint: CheckpointOption = None,
     epochs: int = 4,
@@ -382,7 +386,7 @@ def finetune(
     masks_per_image: int = 4,
     learning_rate: float = 1e-4,
     seed: int = 0,
-    max_train_images: Annotated[int, typer.Option(help="Training images per data set (0: all).")] = 0,
+    max_train_images: MaxTrainImagesOption = 0,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:

@@ -121,7 +121,7 @@ class SharedImageDecoder:
         query_pe = point_embedding
         queries = point_embedding
         keys: Tensor | None = None  # (B, N, C) once prompt-dependent
-        for index, layer in enumerate(transformer.layers):
+        for layer in transformer.layers:
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
             else:
