@@ -16,7 +16,7 @@ from sam4med.cli import app
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import ProposedMask
 from sam4med.engine.prompts import Prompt
-from sam4med.samaug.experiment import paired_bootstrap, summarise
+from sam4med.samaug.experiment import images_used, paired_bootstrap, summarise
 from sam4med.samaug.priors import (
     PriorSettings,
     Priors,
@@ -28,7 +28,7 @@ from sam4med.samaug.priors import (
     settings_key,
 )
 from sam4med.samaug.store import PriorStore, generate_priors
-from sam4med.engine.data import training_split
+from sam4med.engine.data import load_dataset, training_split
 from sam4med.samaug.training import TrainConfig, combine, confidence, mean_entropy, train
 from sam4med.samaug.inference import authors_soft_dice, evaluate, load_segmenter, predict
 
@@ -133,6 +133,18 @@ def test_a_failing_image_is_recorded_and_the_run_goes_on(tmp_path, litemedsam):
     assert (summary.computed, summary.failed) == (1, 1)
     failure = json.loads((tmp_path / "priors" / "ellipses" / "failures.jsonl").read_text().splitlines()[0])
     assert failure["image"] == "img01" and "img01.png" in failure["error"]
+
+
+def test_priors_only_for_the_images_an_experiment_uses(tmp_path, litemedsam):
+    data = _write_dataset(tmp_path / "ellipses", count=10, size=64)
+    used = images_used(data, TrainConfig(max_train_images=2))
+    sides = training_split(load_dataset(data), TrainConfig().fractions, 0)
+    assert len(used) == 2 + len(sides["val"]) + len(sides["test"]) < 10
+    [summary] = generate_priors([data], tmp_path / "priors", litemedsam, figures_per_dataset=0, show_progress=False,
+                                image_ids=used)
+    assert summary.computed == len(used)
+    store = PriorStore(tmp_path / "priors" / "ellipses")
+    assert {f"img{i:02d}" for i in range(10) if store.has(f"img{i:02d}")} == used
 
 
 def _oracle_priors(data, out):

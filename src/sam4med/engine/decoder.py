@@ -199,15 +199,17 @@ def _image_to_token(attention: Attention, q_in: Tensor | None, q_shared: Tensor 
     k = _heads(attention.k_proj(k_in), heads)  # (B, H, T, d)
     v = _heads(attention.v_proj(v_in), heads)
     batch, _, tokens, d = k.shape
+    # scores are laid out tokens-major, (B, H, T, N): a softmax over the few tokens then runs along a
+    # strided axis, vectorised over the image tokens, not along a contiguous axis of length T (slow)
     if q_shared is not None:
-        scores = (q_shared @ k.transpose(-1, -2)).permute(0, 2, 1, 3)  # (B, N, H, T)
+        scores = k @ q_shared.transpose(-1, -2)  # (B, H, T, N)
     else:
         assert q_in is not None
         weights = _head_weights(attention.q_proj, heads)  # (H, d, C)
-        query_map = torch.einsum("hdc,bhtd->bcht", weights, k).reshape(batch, -1, heads * tokens)
-        bias = torch.einsum("hd,bhtd->bht", attention.q_proj.bias.reshape(heads, d), k).reshape(batch, 1, -1)
-        scores = (q_in @ query_map + bias).reshape(batch, -1, heads, tokens)
-    probabilities = torch.softmax(scores / math.sqrt(d), dim=-1).reshape(batch, -1, heads * tokens)
+        query_map = torch.einsum("hdc,bhtd->bhtc", weights, k).reshape(batch, heads * tokens, -1)
+        bias = torch.einsum("hd,bhtd->bht", attention.q_proj.bias.reshape(heads, d), k).reshape(batch, -1, 1)
+        scores = torch.baddbmm(bias, query_map, q_in.transpose(1, 2)).reshape(batch, heads, tokens, -1)
+    probabilities = torch.softmax(scores / math.sqrt(d), dim=2).reshape(batch, heads * tokens, -1)
     out_weights = attention.out_proj.weight.reshape(-1, heads, d)  # (C, H, d)
     folded = torch.einsum("bhtd,chd->bhtc", v, out_weights).reshape(batch, heads * tokens, -1)
-    return probabilities @ folded + attention.out_proj.bias
+    return torch.baddbmm(attention.out_proj.bias, probabilities.transpose(1, 2), folded)

@@ -24,11 +24,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from sam4med.engine.data import load_dataset, training_split  # noqa: E402
 from sam4med.samaug.inference import evaluate  # noqa: E402
 from sam4med.samaug.training import TrainConfig, train  # noqa: E402
 
 BASELINE = "raw/raw"
 METRICS_FILE = "metrics.csv"
+
+
+def images_used(data: str | Path, config: TrainConfig) -> set[str]:
+    """Ids of the images an experiment reads (training side up to ``max_train_images``, validation,
+    test), so priors can be computed for those alone."""
+    sides = training_split(load_dataset(data), config.fractions, config.split_seed)
+    return {s.id for s in sides["train"][: config.max_train_images] + sides["val"] + sides["test"]}
 
 
 def run_experiment(

@@ -13,7 +13,7 @@ import json
 import os
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +105,11 @@ def generate_priors(
     max_images: int | None = None,
     show_progress: bool = True,
     encoder_backend: str = "torch",
+    image_ids: Collection[str] | None = None,
 ) -> list[PriorRunSummary]:
     """Compute and cache SAMAug priors for every image of the data sets under ``out/<data set>/``.
+
+    ``image_ids`` restricts the run to those images (an experiment that uses part of a data set).
 
     Images whose priors exist are skipped, so calling again resumes. A failing image is recorded in
     ``failures.jsonl`` and the run goes on. The first ``figures_per_dataset`` images also get a
@@ -126,7 +129,8 @@ def generate_priors(
         store = PriorStore(Path(out) / dataset.name)
         store.claim({"key": key, "dataset": dataset.name, "data": str(dataset.root),
                      "model": sam.protocol(), "settings": resolved.record()})
-        samples = dataset.samples[:max_images] if max_images else dataset.samples
+        samples = [s for s in dataset.samples if image_ids is None or s.id in image_ids]
+        samples = samples[:max_images] if max_images else samples
         todo = [s for s in samples if not store.has(s.id)]
         with_figure = {s.id for s in samples[:figures_per_dataset]}
         seconds: list[float] = []
