@@ -78,12 +78,21 @@ def test_state_is_made_once_per_embedding_and_reused(litemedsam, reference, embe
     _assert_logits_close(second.low_res, expected.low_res)
 
 
-def test_mask_input_uses_the_reference_path(litemedsam, reference, embedding):
-    prompts = _prompts("box", 2, seed=3)
-    previous = torch.randn(2, 1, 256, 256) * 5
-    fast = litemedsam.decode(Embedding(embedding.features, embedding.geometry), prompts, mask_input=previous)
-    slow = reference.decode(Embedding(embedding.features, embedding.geometry), prompts, mask_input=previous)
-    torch.testing.assert_close(fast.low_res, slow.low_res, atol=0, rtol=0)
+@pytest.mark.parametrize("multimask", [False, True])
+def test_mask_input_matches_reference_and_leaves_the_shared_state_alone(litemedsam, reference, embedding, multimask):
+    """Interactive rounds feed the previous logits back: a per-prompt dense embedding."""
+    shared = Embedding(embedding.features, embedding.geometry)
+    prompts = _prompts("box_point", 3, seed=3)
+    previous = reference.decode(Embedding(embedding.features, embedding.geometry), prompts).low_res
+    fast = litemedsam.decode(shared, prompts, mask_input=previous, multimask=multimask)
+    slow = reference.decode(Embedding(embedding.features, embedding.geometry), prompts, mask_input=previous,
+                            multimask=multimask)
+    _assert_logits_close(fast.low_res, slow.low_res)
+    torch.testing.assert_close(fast.iou, slow.iou, atol=IOU_TOLERANCE, rtol=0)
+    # the image's state (made during a mask-input call) still serves prompts without a mask input
+    plain = litemedsam.decode(shared, _prompts("box", 2, seed=4))
+    expected = reference.decode(Embedding(embedding.features, embedding.geometry), _prompts("box", 2, seed=4))
+    _assert_logits_close(plain.low_res, expected.low_res)
 
 
 def test_subclassed_decoders_are_not_taken_over(litemedsam):

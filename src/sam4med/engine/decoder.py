@@ -65,7 +65,8 @@ def _head_weights(linear: torch.nn.Linear, heads: int) -> Tensor:
 class ImageState:
     """Prompt-independent tensors of one image (tokens-major, no batch axis)."""
 
-    keys: Tensor  # (N, C) image embedding + dense embedding
+    image: Tensor  # (N, C) image embedding alone, for prompts with their own dense embedding
+    keys: Tensor  # (N, C) image embedding + the no-mask dense embedding
     pe: Tensor  # (N, C) positional encoding
     first_k: Tensor  # (H, N, d) layer-0 token-to-image keys
     first_v: Tensor  # (H, N, d) layer-0 token-to-image values
@@ -83,15 +84,18 @@ class SharedImageDecoder:
         self.transformer: TwoWayTransformer = decoder.transformer  # type: ignore[assignment]
 
     @torch.inference_mode()
-    def prepare(self, image_embedding: Tensor, image_pe: Tensor, dense: Tensor) -> ImageState:
-        """The per-image work: ``image_embedding``, ``image_pe`` and ``dense`` are (1, C, h, w)."""
+    def prepare(self, image_embedding: Tensor, image_pe: Tensor, no_mask_dense: Tensor) -> ImageState:
+        """The per-image work: ``image_embedding`` and ``image_pe`` are (1, C, h, w), ``no_mask_dense``
+        the dense embedding of a prompt without a mask input, broadcastable to them."""
         _, c, h, w = image_embedding.shape
-        keys = (image_embedding + dense).reshape(c, h * w).t().contiguous()
+        image = image_embedding.reshape(c, h * w).t().contiguous()
+        keys = (image_embedding + no_mask_dense).reshape(c, h * w).t().contiguous()
         pe = image_pe.reshape(c, h * w).t().contiguous()
         first = self.transformer.layers[0]
         heads = first.cross_attn_token_to_image.num_heads
         keyed = keys + pe
         return ImageState(
+            image=image,
             keys=keys,
             pe=pe,
             first_k=_heads(first.cross_attn_token_to_image.k_proj(keyed), heads),
@@ -101,13 +105,19 @@ class SharedImageDecoder:
         )
 
     @torch.inference_mode()
-    def __call__(self, state: ImageState, sparse: Tensor, multimask: bool) -> tuple[Tensor, Tensor]:
-        """Low-res mask logits (B, M, 4h, 4w) and predicted IoU (B, M), as ``MaskDecoder.forward``."""
+    def __call__(self, state: ImageState, sparse: Tensor, multimask: bool,
+                 dense: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Low-res mask logits (B, M, 4h, 4w) and predicted IoU (B, M), as ``MaskDecoder.forward``.
+
+        ``dense`` (B, C, h, w) is given for prompts with a mask input (interactive rounds): their
+        first layer cannot use the image's shared projections but still skips the image-sized ones.
+        """
         decoder = self.decoder
         batch = sparse.shape[0]
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
-        queries, keys = self._transformer(state, tokens)
+        keys = None if dense is None else state.image + dense.flatten(2).transpose(1, 2)
+        queries, keys = self._transformer(state, tokens, keys)
 
         selected = range(1, decoder.num_mask_tokens) if multimask else range(0, 1)
         hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i]) for i in selected], dim=1)
@@ -116,11 +126,12 @@ class SharedImageDecoder:
         return masks, iou[:, 1:] if multimask else iou[:, :1]
 
     # --- transformer -----------------------------------------------------------------------
-    def _transformer(self, state: ImageState, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
+    def _transformer(self, state: ImageState, point_embedding: Tensor,
+                     keys: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``keys`` (B, N, C) are per-prompt image tokens, or None while they are the image's own."""
         transformer = self.transformer
         query_pe = point_embedding
         queries = point_embedding
-        keys: Tensor | None = None  # (B, N, C) once prompt-dependent
         for layer in transformer.layers:
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)

@@ -396,10 +396,12 @@ class SamModel:
         if sparse.shape[0] != len(prompts):  # a mask-only prompt carries no sparse token
             sparse = sparse.expand(len(prompts), -1, -1)
         image_pe = self.network.prompt_encoder.get_dense_pe()
-        if self.shared_decoder is not None and mask_input is None:
+        if self.shared_decoder is not None:
             if embedding.decoder_state is None:
-                embedding.decoder_state = self.shared_decoder.prepare(embedding.features, image_pe, dense[:1])
-            low_res, iou = self.shared_decoder(embedding.decoder_state, sparse, multimask)
+                no_mask = self.network.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+                embedding.decoder_state = self.shared_decoder.prepare(embedding.features, image_pe, no_mask)
+            low_res, iou = self.shared_decoder(embedding.decoder_state, sparse, multimask,
+                                               None if mask_input is None else dense)
         else:
             low_res, iou = self.network.mask_decoder(
                 image_embeddings=embedding.features,
