@@ -7,8 +7,10 @@ import pytest
 import torch
 from segment_anything.modeling.mask_decoder import MaskDecoder
 
-from sam4med.engine.decoder import SharedImageDecoder, supports
+from sam4med.engine.decoder import REJECTED_LOGIT, SharedImageDecoder, supports
+from sam4med.engine.everything import EverythingSettings, generate_masks
 from sam4med.engine.models import Embedding, SamModel
+from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt
 
 from conftest import make_ellipse_image
@@ -104,3 +106,28 @@ def test_subclassed_decoders_are_not_taken_over(litemedsam):
     assert supports(decoder) and not supports(changed)
     with pytest.raises(TypeError, match="not segment_anything's MaskDecoder"):
         SharedImageDecoder(changed)
+
+
+@pytest.mark.parametrize("multimask", [False, True])
+def test_early_rejection_skips_only_prompts_below_the_iou_threshold(litemedsam, reference, embedding, multimask):
+    prompts = _prompts("box", 6, seed=5)
+    slow = reference.decode(Embedding(embedding.features, embedding.geometry), prompts, multimask=multimask)
+    threshold = float(slow.iou.max(dim=1).values.median())  # about half the prompts pass
+    fast = litemedsam.decode(Embedding(embedding.features, embedding.geometry), prompts, multimask=multimask,
+                             min_iou=threshold)
+    torch.testing.assert_close(fast.iou, slow.iou, atol=IOU_TOLERANCE, rtol=0)
+    kept = (slow.iou >= threshold).any(dim=1)
+    assert 0 < int(kept.sum()) < len(prompts)
+    _assert_logits_close(fast.low_res[kept], slow.low_res[kept])
+    assert bool((fast.low_res[~kept] == REJECTED_LOGIT).all())
+
+
+def test_everything_mode_keeps_the_same_masks_with_early_rejection(litemedsam, reference):
+    image, _ = make_ellipse_image()
+    settings = EverythingSettings(method="boxes")
+    fast = generate_masks(Predictor(litemedsam), image, settings)
+    slow = generate_masks(Predictor(reference, batch_size=1), image, settings)
+    assert len(fast) == len(slow) >= 1
+    for a, b in zip(fast, slow):
+        assert np.logical_xor(a.mask, b.mask).sum() <= 0.001 * a.mask.size
+        assert a.predicted_iou == pytest.approx(b.predicted_iou, abs=IOU_TOLERANCE)

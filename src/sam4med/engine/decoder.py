@@ -61,6 +61,9 @@ def _head_weights(linear: torch.nn.Linear, heads: int) -> Tensor:
     return linear.weight.reshape(heads, out_features // heads, in_features)
 
 
+REJECTED_LOGIT = -1e4  # logits of a prompt rejected before upscaling: an empty mask, far from any threshold
+
+
 @dataclass
 class ImageState:
     """Prompt-independent tensors of one image (tokens-major, no batch axis)."""
@@ -105,12 +108,14 @@ class SharedImageDecoder:
         )
 
     @torch.inference_mode()
-    def __call__(self, state: ImageState, sparse: Tensor, multimask: bool,
-                 dense: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(self, state: ImageState, sparse: Tensor, multimask: bool, dense: Tensor | None = None,
+                 min_iou: float | None = None) -> tuple[Tensor, Tensor]:
         """Low-res mask logits (B, M, 4h, 4w) and predicted IoU (B, M), as ``MaskDecoder.forward``.
 
         ``dense`` (B, C, h, w) is given for prompts with a mask input (interactive rounds): their
         first layer cannot use the image's shared projections but still skips the image-sized ones.
+        ``min_iou`` rejects early: a prompt none of whose masks reaches that predicted IoU skips the
+        upscaling (half the per-prompt work) and gets logits of ``REJECTED_LOGIT`` everywhere.
         """
         decoder = self.decoder
         batch = sparse.shape[0]
@@ -121,9 +126,16 @@ class SharedImageDecoder:
 
         selected = range(1, decoder.num_mask_tokens) if multimask else range(0, 1)
         hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i]) for i in selected], dim=1)
-        masks = self._upscaled_masks(keys, hyper_in, state.size)
         iou = decoder.iou_prediction_head(queries[:, 0])
-        return masks, iou[:, 1:] if multimask else iou[:, :1]
+        iou = iou[:, 1:] if multimask else iou[:, :1]
+        if min_iou is None:
+            return self._upscaled_masks(keys, hyper_in, state.size), iou
+        h, w = state.size
+        masks = torch.full((batch, len(selected), 4 * h, 4 * w), REJECTED_LOGIT, dtype=keys.dtype)
+        kept = (iou >= min_iou).any(dim=1)
+        if kept.any():
+            masks[kept] = self._upscaled_masks(keys[kept], hyper_in[kept], state.size)
+        return masks, iou
 
     # --- transformer -----------------------------------------------------------------------
     def _transformer(self, state: ImageState, point_embedding: Tensor,

@@ -203,7 +203,8 @@ def _filtered(predictor: Predictor, prompts: list[Prompt], settings: EverythingS
     kept: list[ProposedMask] = []
     for start in range(0, len(prompts), chunk):
         part = prompts[start : start + chunk]
-        kept += _candidates(predictor.predict(part, multimask=multimask), part, settings)
+        decoded = predictor.predict(part, multimask=multimask, min_iou=settings.pred_iou_thresh)
+        kept += _candidates(decoded, part, settings)
     return kept
 
 

@@ -377,11 +377,14 @@ class SamModel:
         prompts: Sequence[Prompt],
         mask_input: torch.Tensor | None = None,
         multimask: bool = False,
+        min_iou: float | None = None,
     ) -> Decoded:
         """Decode prompts that share one structure (same number of points, box or not).
 
         Returns logits for 3 masks per prompt when ``multimask`` else 1. ``mask_input`` is the
-        (B, 1, 256, 256) low-res logits of a previous round (interactive correction).
+        (B, 1, 256, 256) low-res logits of a previous round (interactive correction). ``min_iou``
+        lets a decoder skip the masks of prompts whose predicted IoUs all fall below it (empty
+        logits instead); for callers that would drop those masks anyway (everything mode).
         """
         if not prompts:
             raise InputError("decode needs at least one prompt")
@@ -401,7 +404,7 @@ class SamModel:
                 no_mask = self.network.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
                 embedding.decoder_state = self.shared_decoder.prepare(embedding.features, image_pe, no_mask)
             low_res, iou = self.shared_decoder(embedding.decoder_state, sparse, multimask,
-                                               None if mask_input is None else dense)
+                                               None if mask_input is None else dense, min_iou)
         else:
             low_res, iou = self.network.mask_decoder(
                 image_embeddings=embedding.features,

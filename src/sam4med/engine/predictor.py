@@ -83,7 +83,8 @@ class Predictor:
         return self.embedding
 
     def predict(
-        self, prompts: Sequence[Prompt], mask_input: torch.Tensor | None = None, multimask: bool = False
+        self, prompts: Sequence[Prompt], mask_input: torch.Tensor | None = None, multimask: bool = False,
+        min_iou: float | None = None,
     ) -> Decoded:
         """Decode prompts of one structure in batches of ``batch_size``.
 
@@ -97,7 +98,7 @@ class Predictor:
         for start in range(0, len(prompts), self.batch_size):
             chunk_mask = None if mask_input is None else mask_input[start : start + self.batch_size]
             parts.append(self.model.decode(self.embedding, prompts[start : start + self.batch_size],
-                                           chunk_mask, multimask))
+                                           chunk_mask, multimask, min_iou))
         if len(parts) == 1:
             return parts[0]
         return Decoded(torch.cat([p.low_res for p in parts]), torch.cat([p.iou for p in parts]),

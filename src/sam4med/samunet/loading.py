@@ -47,7 +47,8 @@ class SamUNetModel(SamModel):
 
     @torch.inference_mode()
     def decode(self, embedding: Embedding, prompts: Sequence[Prompt], mask_input: torch.Tensor | None = None,
-               multimask: bool = False) -> Decoded:
+               multimask: bool = False, min_iou: float | None = None) -> Decoded:
+        """One mask per prompt from the multi-scale decoder (``multimask`` and ``min_iou`` do not apply)."""
         if not prompts:
             raise InputError("decode needs at least one prompt")
         for prompt in prompts:
