@@ -9,7 +9,12 @@ Each measurement runs in a fresh subprocess, so peak memory and allocator settin
   segment_anything MaskDecoder call per prompt, no embedding cache, glibc's default allocator;
 - optimised: what sam4med does: allocator tuned at start-up, the encoder on ONNX Runtime
   (``--encoder onnx``, the default when onnxruntime is installed), the shared-image decoder
-  (``engine.decoder``) on batches of ``--batch`` prompts.
+  (``engine.decoder``) on batches of ``--batch`` prompts, mask inputs included, and everything mode's
+  early rejection (prompts below the predicted-IoU threshold skip the upscaling).
+
+In the protocol rows both paths use the benchmark's own predictor, which hands the reference decoder
+4 prompts per call where a mode has several (everything mode); segment_anything's decoder costs about
+the same per prompt at 1 to 4.
 
 Printed per component: median time of each path, their ratio, GFLOP/s (FLOPs of the reference
 computation, counted by PyTorch's FlopCounterMode, divided by each path's time: useful work per
