@@ -8,8 +8,10 @@ CPU defaults: 4 epochs over at most 150 training images per data set, 2 images x
 SAM-UNet step on LiteMedSAM took about 10 s for 2 images on one shared core here, so three data sets at
 these defaults are some hours; lower --max-train-images or --epochs to fit a budget (decoder fine-tuning is
 cheaper: no gradients through the encoder). GPU recipe: --epochs 20 --images-per-step 8 --max-train-images 0.
-Writes OUT/scores.csv (one row per object x model), OUT/table.csv (Dice mean, std, count per data set
-and model) and OUT/protocol.json (configuration, data, training times).
+Training can run apart (`sam4med finetune` / `sam4med train-samunet --out OUT/decoder|samunet`, two
+processes, a GPU) and be scored with --score-only. Writes OUT/scores.csv (one row per object x model),
+OUT/table.csv (Dice mean, std, count per data set and model) and OUT/protocol.json (configuration,
+data, and each run's own configuration, epochs done, best epoch and training seconds).
 """
 
 from __future__ import annotations
@@ -34,12 +36,15 @@ def main() -> None:
     parser.add_argument("--images-per-step", type=int, default=2)
     parser.add_argument("--max-train-images", type=int, default=150, help="per data set (0: all)")
     parser.add_argument("--max-test-images", type=int, default=0, help="per data set (0: all)")
+    parser.add_argument("--score-only", action="store_true",
+                        help="score the runs in OUT/decoder and OUT/samunet as they are (trained by the CLI or stopped early)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     configure_cpu(args.threads)
     config = PromptTrainConfig(backbone=args.backbone, conv_branch=args.conv_branch, epochs=args.epochs,
                                images_per_step=args.images_per_step, max_train_images=args.max_train_images or None)
-    table = run_comparison(args.train, args.zero_shot, args.out, config, args.max_test_images or None)
+    table = run_comparison(args.train, args.zero_shot, args.out, config, args.max_test_images or None,
+                           train=not args.score_only)
     print(table.round(4).to_string(index=False))
     scores = pd.read_csv(f"{args.out}/scores.csv")
     for row in ("decoder", "samunet"):

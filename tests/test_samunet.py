@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 
 import pytest
@@ -88,6 +89,13 @@ def test_comparison_trains_both_methods_and_scores_three_rows(tmp_path):
     scores = pd.read_csv(tmp_path / "cmp" / "scores.csv")
     gain = paired_gain(scores, "decoder")
     assert len(gain) == 1 and gain["count"].iloc[0] == table["count"].iloc[0]
+    runs = json.loads((tmp_path / "cmp" / "protocol.json").read_text())["runs"]
+    assert runs["samunet"]["epochs_done"] == 1 and runs["decoder"]["config"]["method"] == "decoder"
+    # scoring the trained runs again, without training, gives the same table
+    again = run_comparison([data], [], tmp_path / "cmp", config, show_progress=False, train=False)
+    pd.testing.assert_frame_equal(again, table)
+    with pytest.raises(InputError, match="no best.pt"):
+        run_comparison([data], [], tmp_path / "empty", config, show_progress=False, train=False)
 
     for method in ("decoder", "samunet"):
         run = tmp_path / "cmp" / method

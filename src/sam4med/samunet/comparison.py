@@ -9,7 +9,6 @@ from the same split rule.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,10 +16,12 @@ from pathlib import Path
 import pandas as pd
 
 from sam4med.engine.data import Sample, load_dataset, load_pair, mask_objects, training_split
+from sam4med.engine.errors import InputError
 from sam4med.engine.metrics import dice, iou
 from sam4med.engine.models import SamModel, load_model
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, tight_box
+from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE
 from sam4med.samunet.training import PromptTrainConfig, train_promptable
 
 def box_prompt_scores(model: SamModel, dataset: str, samples: Sequence[Sample], min_area: int = 10,
@@ -41,18 +42,36 @@ def box_prompt_scores(model: SamModel, dataset: str, samples: Sequence[Sample], 
     return pd.DataFrame(rows)
 
 
+def trained_run_record(run: Path) -> dict[str, object]:
+    """What a run folder says of its training: its configuration, epochs done, best epoch, seconds."""
+    if not (run / "best.pt").is_file():
+        raise InputError(f"{run}: no best.pt; train it first (sam4med finetune / train-samunet)")
+    history = [json.loads(line) for line in (run / HISTORY_FILE).read_text(encoding="utf-8").splitlines() if line]
+    best = max(history, key=lambda row: row["val_dice"])
+    return {"config": json.loads((run / CONFIG_FILE).read_text(encoding="utf-8")), "epochs_done": len(history),
+            "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
+            "train_seconds": round(sum(row["seconds"] for row in history), 1)}
+
+
 def run_comparison(train_data: Sequence[str | Path], zero_shot_data: Sequence[str | Path], out: str | Path,
                    config: PromptTrainConfig, max_test_images: int | None = None,
-                   show_progress: bool = True) -> pd.DataFrame:
-    """Train both methods (resumable), score the three rows, write ``scores.csv`` and ``table.csv``."""
+                   show_progress: bool = True, train: bool = True) -> pd.DataFrame:
+    """Train both methods (resumable), score the three rows, write ``scores.csv`` and ``table.csv``.
+
+    ``train=False`` scores the runs already in ``out/decoder`` and ``out/samunet`` (trained by the
+    CLI, elsewhere, or stopped early) as they are; each run's own configuration and epochs done are
+    recorded, and the test split is the one in their ``config.json``.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings = {}
     for method in ("decoder", "samunet"):
-        start = time.perf_counter()
-        result = train_promptable(train_data, out / method, replace(config, method=method), show_progress=show_progress)
-        timings[method] = {"train_seconds": result.seconds, "best_epoch": result.best_epoch,
-                           "wall_seconds_this_call": time.perf_counter() - start}
+        if train:
+            train_promptable(train_data, out / method, replace(config, method=method), show_progress=show_progress)
+    runs = {method: trained_run_record(out / method) for method in ("decoder", "samunet")}
+    for method, record in runs.items():
+        fractions, split_seed = record["config"]["fractions"], record["config"]["split_seed"]  # type: ignore[index]
+        if (fractions, split_seed) != (config.fractions, config.split_seed):
+            raise InputError(f"{out / method}: trained on another split (fractions {fractions}, seed {split_seed})")
     models = {
         "zero_shot": load_model(config.backbone, config.backbone_checkpoint),
         "decoder": load_model(config.backbone, out / "decoder" / "best.pt"),
@@ -74,7 +93,7 @@ def run_comparison(train_data: Sequence[str | Path], zero_shot_data: Sequence[st
     table.to_csv(out / "table.csv", index=False)
     (out / "protocol.json").write_text(json.dumps({"config": asdict(config), "train_data": [str(d) for d in train_data],
                                                    "zero_shot_data": [str(d) for d in zero_shot_data],
-                                                   "timings": timings, "prompt": "tight box per object, no jitter",
+                                                   "runs": runs, "prompt": "tight box per object, no jitter",
                                                    "max_test_images": max_test_images}, indent=2), encoding="utf-8")
     return table
 
