@@ -1,7 +1,7 @@
-"""SAM-UNet against the zero-shot backbone and decoder-only fine-tuning, in-domain and zero-shot.
+"""SAM-UNet against the zero-shot backbone and decoder-only fine-tuning, in-domain and on left-out data sets.
 
     python experiments/samunet_comparison.py --train ../shared/data/kvasir_seg --train ../shared/data/monuseg \
-        --train ../shared/data/isbi2012_em --zero-shot ../shared/data/drive --zero-shot ../shared/data/brain_mr \
+        --train ../shared/data/isbi2012_em --left-out ../shared/data/drive --left-out ../shared/data/brain_mr \
         --out runs/samunet/litemedsam --threads 2
 
 CPU defaults: 4 epochs over at most 150 training images per data set, 2 images x 4 masks per step. A
@@ -28,14 +28,16 @@ from sam4med.samunet.training import PromptTrainConfig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", action="append", required=True, help="data set trained on (repeatable)")
-    parser.add_argument("--zero-shot", action="append", default=[], help="data set left out of training")
+    parser.add_argument("--left-out", action="append", default=[],
+                        help="data set left out of training, scored on all its images (repeatable)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--backbone", default="litemedsam")
     parser.add_argument("--conv-branch", default="resnet34")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--images-per-step", type=int, default=2)
     parser.add_argument("--max-train-images", type=int, default=150, help="per data set (0: all)")
-    parser.add_argument("--max-test-images", type=int, default=0, help="per data set (0: all)")
+    parser.add_argument("--max-test-images", type=int, default=0,
+                        help="per data set, the first N of its test images (0: all)")
     parser.add_argument("--score-only", action="store_true",
                         help="score the runs in OUT/decoder and OUT/samunet as they are (trained by the CLI or stopped early)")
     parser.add_argument("--threads", type=int, default=None)
@@ -43,7 +45,7 @@ def main() -> None:
     configure_cpu(args.threads)
     config = PromptTrainConfig(backbone=args.backbone, conv_branch=args.conv_branch, epochs=args.epochs,
                                images_per_step=args.images_per_step, max_train_images=args.max_train_images or None)
-    table = run_comparison(args.train, args.zero_shot, args.out, config, args.max_test_images or None,
+    table = run_comparison(args.train, args.left_out, args.out, config, args.max_test_images or None,
                            train=not args.score_only)
     print(table.round(4).to_string(index=False))
     scores = pd.read_csv(f"{args.out}/scores.csv")

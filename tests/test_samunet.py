@@ -47,7 +47,7 @@ def test_unknown_conv_branch_is_refused(litemedsam):
         SamUNet(network.image_encoder, network.prompt_encoder, network.mask_decoder, 256, "vgg")
 
 
-def _ellipse_dataset(root, count=6, size=96):
+def _ellipse_dataset(root, count=6, size=96, name="ellipses"):
     import json
 
     import numpy as np
@@ -64,7 +64,7 @@ def _ellipse_dataset(root, count=6, size=96):
                                          seed=index)
         Image.fromarray(image).save(root / "images" / f"e{index}.png")
         Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"e{index}.png")
-    (root / "dataset.json").write_text(json.dumps({"name": "ellipses"}))
+    (root / "dataset.json").write_text(json.dumps({"name": name}))
     return root
 
 
@@ -81,18 +81,22 @@ def test_comparison_trains_both_methods_and_scores_three_rows(tmp_path):
     data = _ellipse_dataset(tmp_path / "ellipses")
     config = PromptTrainConfig(epochs=1, images_per_step=2, masks_per_image=1,
                                fractions={"train": 0.5, "val": 0.25, "test": 0.25})
-    table = run_comparison([data], [], tmp_path / "cmp", config, show_progress=False)
-    assert sorted(table["row"]) == ["decoder", "samunet", "zero_shot"]
-    assert (table["setting"] == "in_domain").all() and (table["count"] > 0).all()
-    zero_shot = table.set_index("row").loc["zero_shot", "mean"]
+    # two images have no three-way split: a left-out set is scored on all its images instead
+    left_out = _ellipse_dataset(tmp_path / "left_out", count=2, name="unseen")
+    table = run_comparison([data], [left_out], tmp_path / "cmp", config, show_progress=False)
+    in_domain = table[table["setting"] == "in_domain"]
+    assert sorted(in_domain["row"]) == ["decoder", "samunet", "zero_shot"] and (in_domain["count"] > 0).all()
+    unseen = table[table["setting"] == "left_out"]
+    assert set(unseen["dataset"]) == {"unseen"} and (unseen["count"] == 2).all() and len(unseen) == 3
+    zero_shot = in_domain.set_index("row").loc["zero_shot", "mean"]
     assert zero_shot > 0.8  # LiteMedSAM segments clean ellipses from their boxes
     scores = pd.read_csv(tmp_path / "cmp" / "scores.csv")
-    gain = paired_gain(scores, "decoder")
-    assert len(gain) == 1 and gain["count"].iloc[0] == table["count"].iloc[0]
+    gain = paired_gain(scores, "decoder").set_index("setting")
+    assert len(gain) == 2 and gain.loc["in_domain", "count"] == in_domain["count"].iloc[0]
     runs = json.loads((tmp_path / "cmp" / "protocol.json").read_text())["runs"]
     assert runs["samunet"]["epochs_done"] == 1 and runs["decoder"]["config"]["method"] == "decoder"
     # scoring the trained runs again, without training, gives the same table
-    again = run_comparison([data], [], tmp_path / "cmp", config, show_progress=False, train=False)
+    again = run_comparison([data], [left_out], tmp_path / "cmp", config, show_progress=False, train=False)
     pd.testing.assert_frame_equal(again, table)
     with pytest.raises(InputError, match="no best.pt"):
         run_comparison([data], [], tmp_path / "empty", config, show_progress=False, train=False)

@@ -48,6 +48,10 @@ class OnnxEncoder:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's arena and planned memory pattern held about 710 MB after three 256 px encodes
+        # against 455 MB without them, at the same speed here: memory is what a long run is bounded by
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
         self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
         if len(inputs) != 1:  # e.g. exported under a tracing mode that folded the input away
