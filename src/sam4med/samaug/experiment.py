@@ -122,6 +122,10 @@ def write_summary(out: str | Path, results: pd.DataFrame | None = None) -> pd.Da
         axes[0, column].bar(part["arm"], part["mean"], yerr=part["std"].fillna(0), color="0.6", capsize=3)
         axes[0, column].set_title(f"{metric} (mean +- std over seeds)", fontsize=9)
         diffs = part.dropna(subset=["diff"]) if "diff" in part else part.iloc[0:0]
+        if diffs.empty:  # picked_aug has no baseline to differ from
+            axes[1, column].set_visible(False)
+            axes[0, column].tick_params(axis="x", labelrotation=60, labelsize=7)
+            continue
         axes[1, column].errorbar(diffs["arm"], diffs["diff"], fmt="o",
                                  yerr=[diffs["diff"] - diffs["diff_low"], diffs["diff_high"] - diffs["diff"]])
         axes[1, column].axhline(0, color="k", lw=0.8)
