@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--backbone", default="litemedsam")
     parser.add_argument("--conv-branch", default="resnet34")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="SAM-UNet's new output token and feature paths from random values (the paper)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--images-per-step", type=int, default=2)
     parser.add_argument("--max-train-images", type=int, default=150, help="per data set (0: all)")
@@ -43,7 +45,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     configure_cpu(args.threads)
-    config = PromptTrainConfig(backbone=args.backbone, conv_branch=args.conv_branch, epochs=args.epochs,
+    config = PromptTrainConfig(backbone=args.backbone, conv_branch=args.conv_branch,
+                               warm_start=not args.cold_start, epochs=args.epochs,
                                images_per_step=args.images_per_step, max_train_images=args.max_train_images or None)
     table = run_comparison(args.train, args.left_out, args.out, config, args.max_test_images or None,
                            train=not args.score_only)

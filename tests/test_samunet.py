@@ -41,6 +41,41 @@ def test_closed_gates_give_the_backbone_embedding_and_gradients_reach_the_conv_b
     assert samunet.prompt_encoder.point_embeddings[2].weight.grad.abs().sum() > 0  # box corner embedding
 
 
+def test_warm_start_segments_as_the_backbone_before_training(samunet, litemedsam, ellipse_image):
+    image, mask = ellipse_image
+    images, geometry = litemedsam.preprocess(image)
+    ys, xs = mask.nonzero()
+    box = torch.tensor([[xs.min(), ys.min(), xs.max(), ys.max()]], dtype=torch.float32) * geometry.scale_xy[0]
+    network = litemedsam.network
+    with torch.no_grad():
+        embedding, multi_scale = samunet.encode(images)
+        warm = samunet.decode(embedding, multi_scale, boxes=box)[0, 0] > 0
+        sparse, dense = network.prompt_encoder(points=None, boxes=box, masks=None)
+        own, _ = network.mask_decoder(image_embeddings=embedding, image_pe=network.prompt_encoder.get_dense_pe(),
+                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                      multimask_output=False)
+        torch.manual_seed(0)
+        cold_network = copy.deepcopy(network)
+        cold = SamUNet(cold_network.image_encoder, cold_network.prompt_encoder, cold_network.mask_decoder, 256,
+                       "resnet34", warm_start=False)
+        cold_mask = cold.decode(*cold.encode(images), boxes=box)[0, 0] > 0
+    backbone = own[0, 0] > 0
+    assert backbone.sum() > 1000  # the backbone finds the ellipse
+
+    def agreement(a, b):
+        return 2 * (a & b).sum().item() / (a.sum() + b.sum()).item()
+
+    assert agreement(warm, backbone) > 0.95  # only the extra context token differs
+    assert agreement(cold_mask, backbone) < 0.9  # a fresh token starts from scratch
+
+
+def test_samunet_checkpoint_from_before_the_warm_start_is_refused(tmp_path):
+    from sam4med.samunet.loading import load_trained
+
+    with pytest.raises(InputError, match="earlier SAM-UNet decoder"):
+        load_trained(tmp_path / "old.pt", {"config": {"method": "samunet", "backbone": "litemedsam"}})
+
+
 def test_unknown_conv_branch_is_refused(litemedsam):
     network = copy.deepcopy(litemedsam.network)
     with pytest.raises(InputError, match="--conv-branch 'vgg'"):

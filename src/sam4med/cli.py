@@ -339,12 +339,13 @@ def evaluate(
 
 def _train_promptable(method: str, data: list[Path], out: Path, backbone: str, checkpoint: Optional[Path],
                       epochs: int, images_per_step: int, masks_per_image: int, learning_rate: float, seed: int,
-                      max_train_images: int, conv_branch: str = "resnet34", device: Optional[str] = None) -> None:
+                      max_train_images: int, conv_branch: str = "resnet34", device: Optional[str] = None,
+                      warm_start: bool = True) -> None:
     from sam4med.samunet.training import PromptTrainConfig, train_promptable
 
     config = PromptTrainConfig(method=method, backbone=backbone,
                                backbone_checkpoint=str(checkpoint) if checkpoint else None, conv_branch=conv_branch,
-                               epochs=epochs, images_per_step=images_per_step, masks_per_image=masks_per_image,
+                               warm_start=warm_start, epochs=epochs, images_per_step=images_per_step, masks_per_image=masks_per_image,
                                learning_rate=learning_rate, seed=seed, max_train_images=max_train_images or None)
     result = train_promptable(data, out, config, device)
     typer.echo(f"{out}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "
@@ -359,6 +360,8 @@ def train_samunet(
     backbone: Annotated[str, typer.Option(help="Registered SAM backbone (frozen encoder).")] = "litemedsam",
     checkpoint: CheckpointOption = None,
     conv_branch: Annotated[str, typer.Option(help="resnet34 or resnet50 (timm, randomly initialised).")] = "resnet34",
+    cold_start: Annotated[bool, typer.Option(help="Start the new output token and feature paths from random "
+                                                   "values (the paper) instead of from the backbone's output.")] = False,
     epochs: Annotated[int, typer.Option(help="Epochs (CPU default; a GPU recipe: 20+ epochs, 8 images per step).")] = 4,
     images_per_step: int = 2,
     masks_per_image: int = 4,
@@ -371,7 +374,7 @@ def train_samunet(
     """Train SAM-UNet on box prompts jittered by up to 5 px; resumable."""
     configure_cpu(threads)
     _train_promptable("samunet", data, out, backbone, checkpoint, epochs, images_per_step, masks_per_image,
-                      learning_rate, seed, max_train_images, conv_branch, device)
+                      learning_rate, seed, max_train_images, conv_branch, device, warm_start=not cold_start)
 
 
 @app.command()

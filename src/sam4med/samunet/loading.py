@@ -71,6 +71,9 @@ def load_trained(path: str | Path, saved: dict, device: str | torch.device | Non
     from sam4med.samunet.training import PromptTrainConfig
 
     path = Path(path)
+    if saved["config"].get("method") == "samunet" and "warm_start" not in saved["config"]:
+        raise InputError(f"{path}: trained by an earlier SAM-UNet decoder (without SAM's tokens as context); "
+                         "train it again")
     config = PromptTrainConfig(**saved["config"])
     backbone = load_model(config.backbone, config.backbone_checkpoint, device)
     if backbone.weights_sha256 != saved["backbone_sha256"]:
@@ -85,7 +88,7 @@ def load_trained(path: str | Path, saved: dict, device: str | torch.device | Non
                         trained_sha256, backbone.device)
     network = backbone.network
     samunet = SamUNet(network.image_encoder, network.prompt_encoder, network.mask_decoder, backbone.spec.image_size,
-                      config.conv_branch)
+                      config.conv_branch, config.warm_start)
     result = samunet.load_state_dict(saved["state"], strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("stages.encoder.")]
     if missing or result.unexpected_keys:

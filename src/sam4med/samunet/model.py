@@ -11,10 +11,17 @@ SAM image encoder, and a mask decoder that reads multi-scale encoder features.
   three transformer stages (after the convolutional stage and after each stage's downsampling).
 - Multi-scale fusion decoder: the tokens after every fusion stage but the last, and the final
   embedding, are each upscaled 4x (two 2x2 transposed convolutions) to the decoder's mask-feature
-  resolution and summed; the sum is added to SAM's upscaled mask features after a small
-  convolutional block, and a new output token (replacing SAM's IoU and mask tokens) reads one mask
-  from them, HQ-SAM style. SAM's decoder transformer and the prompt encoder are trained; the image
-  encoder is frozen but gradients flow through its later blocks to the convolutional branch.
+  resolution and summed; the sum is added to SAM's upscaled mask features, together with a small
+  residual convolutional block on them, and a new output token reads one mask from the result. As in
+  HQ-SAM, the new token joins SAM's IoU and mask tokens in the decoder's transformer (they stay as
+  context; only the new token's mask is output). SAM's decoder transformer and the prompt encoder
+  are trained; the image encoder is frozen but gradients flow through its later blocks to the
+  convolutional branch.
+- Warm start (ours, default; ``warm_start=False`` for the paper's fresh token): the new token and its
+  hypernetwork start as copies of SAM's single-mask token and hypernetwork, and the last layer of
+  every added feature path starts at 0, so the untrained network segments as the backbone does
+  (within the extra token's effect on attention) instead of from scratch: a few CPU epochs then
+  refine the backbone rather than relearn it.
 """
 
 from __future__ import annotations
@@ -148,6 +155,12 @@ class ConvToTokens(nn.Module):
         return self.gate * out
 
 
+def zero_last_layer(path: nn.Sequential) -> None:
+    """Start a residual feature path at 0 (its last layer's weight and bias)."""
+    nn.init.zeros_(path[-1].weight)
+    nn.init.zeros_(path[-1].bias)
+
+
 def _upscale_4x(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
         nn.ConvTranspose2d(in_channels, 64, 2, 2), LayerNorm2d(64), nn.GELU(),
@@ -158,7 +171,7 @@ def _upscale_4x(in_channels: int, out_channels: int) -> nn.Sequential:
 class MultiScaleMaskDecoder(nn.Module):
     """SAM's decoder with one new output token and multi-scale features added to its mask features."""
 
-    def __init__(self, decoder: MaskDecoder):
+    def __init__(self, decoder: MaskDecoder, warm_start: bool = True):
         super().__init__()
         self.sam = decoder
         dim = decoder.transformer_dim
@@ -169,18 +182,24 @@ class MultiScaleMaskDecoder(nn.Module):
             nn.Conv2d(self.feature_channels, dim // 4, 3, padding=1), LayerNorm2d(dim // 4), nn.GELU(),
             nn.Conv2d(dim // 4, self.feature_channels, 3, padding=1),
         )
+        if warm_start:  # SAM's single-mask output (token 0, hypernetwork 0) is the starting point
+            with torch.no_grad():
+                self.output_token.weight.copy_(decoder.mask_tokens.weight[:1])
+            self.hypernetwork.load_state_dict(decoder.output_hypernetworks_mlps[0].state_dict())
+            zero_last_layer(self.mask_features)
 
     def forward(self, embedding: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor,
                 multi_scale: Tensor) -> Tensor:
         """Mask logits (P, 1, 4h, 4w) for P prompts on one image (embedding (1, C, h, w))."""
         prompts = sparse.shape[0]
-        tokens = torch.cat([self.output_token.weight.unsqueeze(0).expand(prompts, -1, -1), sparse], dim=1)
+        output_tokens = torch.cat([self.output_token.weight, self.sam.iou_token.weight, self.sam.mask_tokens.weight])
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(prompts, -1, -1), sparse], dim=1)
         src = embedding.expand(prompts, -1, -1, -1) + dense
         pos = image_pe.expand(prompts, -1, -1, -1)
         batch, channels, h, w = src.shape
         hs, src = self.sam.transformer(src, pos, tokens)
         upscaled = self.sam.output_upscaling(src.transpose(1, 2).reshape(batch, channels, h, w))
-        features = self.mask_features(upscaled) + multi_scale
+        features = upscaled + self.mask_features(upscaled) + multi_scale
         hyper = self.hypernetwork(hs[:, 0]).unsqueeze(1)  # (P, 1, C')
         return (hyper @ features.flatten(2)).reshape(prompts, 1, *features.shape[-2:])
 
@@ -189,7 +208,7 @@ class SamUNet(nn.Module):
     """The SAM-UNet network around a SAM backbone's modules (which it reuses, not copies)."""
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
-                 image_size: int, conv_branch: str = "resnet34"):
+                 image_size: int, conv_branch: str = "resnet34", warm_start: bool = True):
         super().__init__()
         if conv_branch not in CONV_BRANCHES:
             raise InputError(f"--conv-branch {conv_branch!r}: choose one of {', '.join(CONV_BRANCHES)}")
@@ -197,7 +216,7 @@ class SamUNet(nn.Module):
         for parameter in image_encoder.parameters():
             parameter.requires_grad_(False)
         self.prompt_encoder = prompt_encoder
-        self.mask_decoder = MultiScaleMaskDecoder(mask_decoder)
+        self.mask_decoder = MultiScaleMaskDecoder(mask_decoder, warm_start)
         points = self.stages.fusion_points
         self.conv_branch = timm.create_model(conv_branch, pretrained=False, features_only=True,
                                              out_indices=tuple(range(1, 1 + len(points))))
@@ -207,6 +226,9 @@ class SamUNet(nn.Module):
         feature_channels = self.mask_decoder.feature_channels
         self.bridges = nn.ModuleList(_upscale_4x(width, feature_channels) for width in self.stages.map_channels)
         self.embedding_upscale = _upscale_4x(mask_decoder.transformer_dim, feature_channels)
+        if warm_start:
+            for path in (self.embedding_upscale, *self.bridges):
+                zero_last_layer(path)
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Preprocessed images (B, 3, S, S) -> embeddings (B, 256, h, w) and multi-scale features

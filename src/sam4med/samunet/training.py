@@ -42,6 +42,7 @@ class PromptTrainConfig:
     backbone: str = "litemedsam"
     backbone_checkpoint: str | None = None
     conv_branch: str = "resnet34"
+    warm_start: bool = True  # SAM-UNet's new output path starts as the backbone's (samunet.model)
     epochs: int = 4
     images_per_step: int = 2
     masks_per_image: int = 4
@@ -93,11 +94,11 @@ class DecoderFineTune(nn.Module):
 class SamUNetTrainable(nn.Module):
     """SAM-UNet as the loop sees it (encode with gradients, decode one image's boxes)."""
 
-    def __init__(self, backbone: SamModel, conv_branch: str):
+    def __init__(self, backbone: SamModel, conv_branch: str, warm_start: bool):
         super().__init__()
         sam = backbone.network
         self.net = SamUNet(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, backbone.spec.image_size,
-                           conv_branch)
+                           conv_branch, warm_start)
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         return self.net.encode(images)
@@ -112,7 +113,7 @@ class SamUNetTrainable(nn.Module):
 
 
 def build_trainable(backbone: SamModel, config: PromptTrainConfig) -> nn.Module:
-    return SamUNetTrainable(backbone, config.conv_branch) if config.method == "samunet" else DecoderFineTune(backbone)
+    return SamUNetTrainable(backbone, config.conv_branch, config.warm_start) if config.method == "samunet" else DecoderFineTune(backbone)
 
 
 @dataclass
