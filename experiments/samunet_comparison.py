@@ -52,9 +52,11 @@ def main() -> None:
                            train=not args.score_only)
     print(table.round(4).to_string(index=False))
     scores = pd.read_csv(f"{args.out}/scores.csv")
-    for row in ("decoder", "samunet"):
-        print(f"\nDice gain of {row} over the zero-shot backbone (paired by object):")
-        print(paired_gain(scores, row).round(4).to_string(index=False))
+    for row, baseline in (("decoder", "zero_shot"), ("samunet", "zero_shot"), ("samunet", "decoder")):
+        gain = paired_gain(scores, row, baseline)
+        gain.to_csv(f"{args.out}/gain_{row}_vs_{baseline}.csv", index=False)
+        print(f"\nDice gain of {row} over {baseline} (paired by object; 95% interval resampling images):")
+        print(gain.round(4).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from sam4med.engine.metrics import (
     hausdorff95,
     iou,
     label_instances,
+    paired_bootstrap,
     normalized_surface_dice,
     object_dice,
     object_f1,
@@ -464,3 +465,16 @@ def test_instance_metrics_on_a_monuseg_sized_tile() -> None:
     assert aggregated_jaccard_index(pred, gt) == pytest.approx(2 / 3)
     assert object_f1(pred, gt) == (1.0, 1.0, 1.0)
     assert object_dice(pred, gt) == pytest.approx(2 * 8 / 20)
+
+
+def test_grouped_bootstrap_resamples_whole_images():
+    # two images, 50 objects each: one image gains 0.2 everywhere, the other loses 0.1; objects of
+    # one image move together, so with only two images the interval must span both image means
+    differences = np.array([0.2] * 50 + [-0.1] * 50)
+    images = ["a"] * 50 + ["b"] * 50
+    mean, low, high = paired_bootstrap(differences, groups=images)
+    assert mean == pytest.approx(0.05)
+    assert low == pytest.approx(-0.1) and high == pytest.approx(0.2)
+    _, naive_low, naive_high = paired_bootstrap(differences)  # objects as independent: far too narrow
+    assert naive_high - naive_low < 0.1
+    assert np.isnan(paired_bootstrap(np.array([]))[0])

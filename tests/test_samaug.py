@@ -16,7 +16,8 @@ from sam4med.cli import app
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import ProposedMask
 from sam4med.engine.prompts import Prompt
-from sam4med.samaug.experiment import images_used, paired_bootstrap, summarise
+from sam4med.engine.metrics import paired_bootstrap
+from sam4med.samaug.experiment import images_used, summarise
 from sam4med.samaug.priors import (
     PriorSettings,
     Priors,

@@ -21,10 +21,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sam4med.engine.data import load_dataset, training_split  # noqa: E402
+from sam4med.engine.metrics import paired_bootstrap  # noqa: E402
 from sam4med.samaug.inference import evaluate  # noqa: E402
 from sam4med.samaug.training import TrainConfig, train  # noqa: E402
 
@@ -77,16 +77,6 @@ def run_experiment(
                                                    "trainings": list(trainings), "data": str(data),
                                                    "priors": str(priors)}, indent=2), encoding="utf-8")
     return results
-
-
-def paired_bootstrap(differences: np.ndarray, resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of paired differences and its percentile bootstrap 95% interval."""
-    differences = np.asarray(differences, dtype=float)
-    if differences.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = differences[rng.integers(0, differences.size, (resamples, differences.size))].mean(axis=1)
-    return float(differences.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def summarise(results: pd.DataFrame,

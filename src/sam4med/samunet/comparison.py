@@ -17,7 +17,7 @@ import pandas as pd
 
 from sam4med.engine.data import Sample, load_dataset, load_pair, mask_objects, training_split
 from sam4med.engine.errors import InputError
-from sam4med.engine.metrics import dice, iou
+from sam4med.engine.metrics import dice, iou, paired_bootstrap
 from sam4med.engine.models import SamModel, load_model
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, tight_box
@@ -101,8 +101,15 @@ def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str
 
 
 def paired_gain(scores: pd.DataFrame, row: str, baseline: str = "zero_shot") -> pd.DataFrame:
-    """Mean Dice difference per object between ``row`` and ``baseline``, per data set."""
+    """Mean Dice difference per object between ``row`` and ``baseline``, per data set, with a 95%
+    bootstrap interval that resamples whole images (objects of one image are not independent)."""
     keys = ["setting", "dataset", "image", "object"]
     left = scores[scores["row"] == row].set_index(keys)["dice"]
     right = scores[scores["row"] == baseline].set_index(keys)["dice"]
-    return (left - right).groupby(level=["setting", "dataset"]).agg(["mean", "count"]).reset_index()
+    differences = (left - right).dropna().reset_index(name="diff")
+    rows = []
+    for (setting, dataset), group in differences.groupby(["setting", "dataset"]):
+        mean, low, high = paired_bootstrap(group["diff"].to_numpy(), groups=group["image"].to_numpy())
+        rows.append({"setting": setting, "dataset": dataset, "mean": mean, "low": low, "high": high,
+                     "count": len(group), "images": group["image"].nunique()})
+    return pd.DataFrame(rows)
