@@ -41,6 +41,35 @@ def test_closed_gates_give_the_backbone_embedding_and_gradients_reach_the_conv_b
     assert samunet.prompt_encoder.point_embeddings[2].weight.grad.abs().sum() > 0  # box corner embedding
 
 
+def test_vit_fusion_is_before_each_global_attention_block():
+    # a small random SAM ViT (no ViT weights offline): two windowed and one global block per third
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    torch.manual_seed(0)
+    encoder = ImageEncoderViT(img_size=64, patch_size=16, embed_dim=32, depth=6, num_heads=2, out_chans=64,
+                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
+                              window_size=2, global_attn_indexes=(2, 5))
+    prompt_encoder = PromptEncoder(embed_dim=64, image_embedding_size=(4, 4), input_image_size=(64, 64),
+                                   mask_in_chans=16)
+    decoder = MaskDecoder(transformer_dim=64, transformer=TwoWayTransformer(depth=2, embedding_dim=64, mlp_dim=128,
+                                                                            num_heads=2))
+    network = SamUNet(encoder, prompt_encoder, decoder, 64, "resnet34")
+    assert network.stages.global_blocks == [2, 5]
+    assert [(p.grid, p.channels) for p in network.stages.fusion_points] == [((4, 4), 32), ((4, 4), 32)]
+    images = torch.randn(2, 3, 64, 64)
+    embedding, multi_scale = network.encode(images)
+    with torch.no_grad():
+        torch.testing.assert_close(embedding, encoder(images), atol=1e-5, rtol=0)  # gates start at 0
+    assert multi_scale.shape == (2, 8, 16, 16)
+    logits = network.decode(embedding[:1], multi_scale[:1], boxes=torch.tensor([[8.0, 8, 40, 48]]))
+    assert logits.shape == (1, 1, 16, 16)
+    logits.square().mean().backward()
+    assert all(fusion.gate.grad is not None and fusion.gate.grad.abs() > 0 for fusion in network.fusions)
+    assert all(p.grad is None for p in encoder.parameters())
+
+
 def test_warm_start_segments_as_the_backbone_before_training(samunet, litemedsam, ellipse_image):
     image, mask = ellipse_image
     images, geometry = litemedsam.preprocess(image)
