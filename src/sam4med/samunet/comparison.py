@@ -112,4 +112,4 @@ def paired_gain(scores: pd.DataFrame, row: str, baseline: str = "zero_shot") -> 
         mean, low, high = paired_bootstrap(group["diff"].to_numpy(), groups=group["image"].to_numpy())
         rows.append({"setting": setting, "dataset": dataset, "mean": mean, "low": low, "high": high,
                      "count": len(group), "images": group["image"].nunique()})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["setting", "dataset", "mean", "low", "high", "count", "images"])
