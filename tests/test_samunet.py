@@ -68,6 +68,13 @@ def test_vit_fusion_is_before_each_global_attention_block():
     logits.square().mean().backward()
     assert all(fusion.gate.grad is not None and fusion.gate.grad.abs() > 0 for fusion in network.fusions)
     assert all(p.grad is None for p in encoder.parameters())
+    # the registered SAM ViT-B (random weights): the paper's fusion points, blocks 2, 5, 8 and 11
+    from sam4med.engine.models import MODELS
+    from sam4med.samunet.model import encoder_stages
+
+    vit_b = encoder_stages(MODELS["sam_vit_b"].build().image_encoder)
+    assert vit_b.global_blocks == [2, 5, 8, 11]
+    assert [(p.grid, p.channels) for p in vit_b.fusion_points] == [((64, 64), 768)] * 4
 
 
 def test_warm_start_segments_as_the_backbone_before_training(samunet, litemedsam, ellipse_image):

@@ -345,7 +345,8 @@ def _train_promptable(method: str, data: list[Path], out: Path, backbone: str, c
 
     config = PromptTrainConfig(method=method, backbone=backbone,
                                backbone_checkpoint=str(checkpoint) if checkpoint else None, conv_branch=conv_branch,
-                               warm_start=warm_start, epochs=epochs, images_per_step=images_per_step, masks_per_image=masks_per_image,
+                               warm_start=warm_start, epochs=epochs, images_per_step=images_per_step,
+                               masks_per_image=masks_per_image,
                                learning_rate=learning_rate, seed=seed, max_train_images=max_train_images or None)
     result = train_promptable(data, out, config, device)
     typer.echo(f"{out}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "

@@ -113,7 +113,9 @@ class SamUNetTrainable(nn.Module):
 
 
 def build_trainable(backbone: SamModel, config: PromptTrainConfig) -> nn.Module:
-    return SamUNetTrainable(backbone, config.conv_branch, config.warm_start) if config.method == "samunet" else DecoderFineTune(backbone)
+    if config.method == "samunet":
+        return SamUNetTrainable(backbone, config.conv_branch, config.warm_start)
+    return DecoderFineTune(backbone)
 
 
 @dataclass
