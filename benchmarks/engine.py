@@ -77,7 +77,7 @@ def _flops(function: Callable[[], object]) -> int:
 
 
 def _image(path: str | None) -> np.ndarray:
-    from sam4med.engine.data import read_image
+    from sam4med.engine.imageio import read_image
 
     if path:
         return read_image(path)
@@ -97,11 +97,12 @@ def _measure(args: argparse.Namespace) -> dict[str, object]:
         tune_allocator()
     torch.set_num_threads(args.threads)
     from sam4med.engine.everything import EverythingSettings, generate_masks
-    from sam4med.engine.models import Embedding, load_model
+    from sam4med.engine.models import load_model
+    from sam4med.engine.sam_model import Embedding
     from sam4med.engine.predictor import Predictor
     from sam4med.engine.prompts import Prompt
 
-    model = load_model(args.model, args.checkpoint, "cpu", shared_decoder=optimised,
+    model = load_model(args.model, args.checkpoint, "cpu", use_shared_decoder=optimised,
                        encoder_backend=args.encoder if optimised else "torch")
     image = _image(args.image)
     result: dict[str, object] = {}
@@ -223,7 +224,7 @@ def main() -> None:
         print(f"{component + ' (' + unit + ')':22s} {ref['seconds'] * scale:12.3f} {opt['seconds'] * scale:12.3f} "
               f"{ref['seconds'] / opt['seconds']:6.2f} {rate:>16s} {ref['peak_mb']:7.0f}/{opt['peak_mb']:<7.0f}{extra}")
     if args.protocol_data:
-        from sam4med.engine.data import load_dataset
+        from sam4med.engine.datasets import load_dataset
 
         total = len(load_dataset(args.protocol_data))
         ref, opt = (_run_child(args, "protocol", path) for path in PATHS)

@@ -1,9 +1,9 @@
 """SAMAug's comparison on the real data sets: U-Net on raw input vs U-Net with SAMAug (dual training).
 
 Priors missing from --priors are computed first for the images the experiment uses (LiteMedSAM's
-everything mode, SAMAug's weights, the preset's tiling), or run `sam4med priors` beforehand. Example:
+everything mode, SAMAug's weights, the preset's tiling), or run `sam4med samaug priors` beforehand.
 
-    python experiments/samaug_comparison.py monuseg --data ../shared/data/monuseg \
+    python experiments/samaug_comparison.py monuseg --data ../shared/data/monuseg \\
         --priors runs/samaug/priors --out runs/samaug/monuseg --threads 1
 
 Each preset fixes image size, scale, epochs, prior tiling and metrics for one data set, identical for
@@ -12,11 +12,14 @@ every arm and seed; writes OUT/metrics.csv (image x arm x seed), OUT/summary.csv
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
 
 import torch
+import typer
 
+from sam4med.cli.options import EncoderOption, MaxTrainImagesOption, ThreadsOption
 from sam4med.engine.runtime import configure_cpu
 from sam4med.samaug.experiment import images_used, run_experiment, write_summary
 from sam4med.samaug.priors import PriorSettings
@@ -35,35 +38,32 @@ PRESETS = {  # training, priors, instance metrics
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("preset", choices=sorted(PRESETS))
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--priors", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    parser.add_argument("--max-train-images", type=int, default=None,
-                        help="train on the first N images of the training side (same validation and test sides)")
-    parser.add_argument("--encoder", choices=("torch", "onnx"), default="torch", help="encoder backend for priors")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    configure_cpu(args.threads)
-    config, prior_settings, instances = PRESETS[args.preset]
-    if args.epochs:
-        config = replace(config, epochs=args.epochs)
-    if args.max_train_images:
-        config = replace(config, max_train_images=args.max_train_images)
-    for summary in generate_priors([args.data], args.priors, settings=prior_settings, encoder_backend=args.encoder,
-                                   image_ids=images_used(args.data, config)):
-        print(f"{summary.folder}: {summary.computed} computed, {summary.skipped} already there, "
-              f"{summary.failed} failed, {summary.seconds_per_image:.2f} s/image")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    results = run_experiment(args.data, args.priors, args.out, config, seeds, instances=instances)
-    table = write_summary(args.out, results)
+def main(
+    preset: Annotated[str, typer.Argument(help=f"One of {', '.join(sorted(PRESETS))}.")],
+    data: Annotated[Path, typer.Option(help="The preset's data set folder.")],
+    priors: Annotated[Path, typer.Option(help="Priors folder (missing priors are computed).")],
+    out: Annotated[Path, typer.Option(help="Results folder.")],
+    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
+    epochs: Annotated[int, typer.Option(help="Override the preset's epochs (0: the preset's).")] = 0,
+    max_train_images: MaxTrainImagesOption = 0,
+    encoder: EncoderOption = "torch",
+    threads: ThreadsOption = None,
+) -> None:
+    """Train and score every arm and seed (resumable), then write the summary table and figure."""
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"choose one of {', '.join(sorted(PRESETS))}", param_hint="PRESET")
+    configure_cpu(threads)
+    config, prior_settings, instances = PRESETS[preset]
+    config = replace(config, epochs=epochs or config.epochs, max_train_images=max_train_images or None)
+    for summary in generate_priors([data], priors, settings=prior_settings, encoder_backend=encoder,
+                                   image_ids=images_used(data, config)):
+        print(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
+              f"{summary.failed} failed, {summary.seconds_per_item:.2f} s/image")
+    results = run_experiment(data, priors, out, config, [int(s) for s in seeds.split(",")], instances=instances)
+    table = write_summary(out, results)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(table.round(4).to_string(index=False))
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

@@ -22,14 +22,15 @@ from typing import Literal
 
 import numpy as np
 import torch
-from skimage.segmentation import felzenszwalb
-from torchvision.ops import nms
-from skimage.transform import resize as sk_resize
 from scipy import ndimage
+from segment_anything.utils.amg import build_point_grid, calculate_stability_score
+from skimage.segmentation import felzenszwalb
+from skimage.transform import resize as sk_resize
+from torchvision.ops import nms
 
-from sam4med.engine.models import Decoded
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompts import Prompt
+from sam4med.engine.prompts import Prompt, tight_boxes
+from sam4med.engine.sam_model import Decoded
 
 Method = Literal["auto", "points", "boxes"]
 
@@ -39,7 +40,7 @@ class EverythingSettings:
     """All knobs of everything mode; ``record()`` is stored with every result."""
 
     method: Method = "auto"
-    points_per_side: int = 16  # SAM uses 32: 4x the decoder calls, about 100 s per image on 2 CPU cores
+    points_per_side: int = 16  # SAM uses 32: 4x the decoder calls
     pred_iou_thresh: float | None = None  # None: 0.88 for points (SAM's), 0.8 for boxes
     stability_thresh: float | None = None  # None: 0.95 for points (SAM's), 0.8 for boxes
     stability_offset: float = 1.0
@@ -82,18 +83,10 @@ class ProposedMask:
         return self.predicted_iou * self.stability
 
 
-def stability_score(logits: torch.Tensor, offset: float) -> torch.Tensor:
-    """SAM's stability: IoU of the masks thresholded at +offset and -offset (logits (N, H, W))."""
-    high = (logits > offset).flatten(1).sum(1).float()
-    low = (logits > -offset).flatten(1).sum(1).float()
-    return torch.where(low > 0, high / low.clamp(min=1), torch.zeros_like(low))
-
-
-def point_grid(size: tuple[int, int], per_side: int) -> np.ndarray:
-    """A regular grid of pixel-centre points (SAM's ``build_point_grid``) scaled to the image."""
-    offsets = (np.arange(per_side) + 0.5) / per_side
-    xs, ys = np.meshgrid(offsets * size[1], offsets * size[0])
-    return np.stack([xs.ravel(), ys.ravel()], axis=1).clip(0, np.array([size[1] - 1, size[0] - 1]))
+def grid_points(size: tuple[int, int], per_side: int) -> np.ndarray:
+    """SAM's point grid (``build_point_grid``) scaled to an image of ``size`` (H, W), in pixels."""
+    scale = np.array(size[::-1], dtype=np.float64)
+    return (build_point_grid(per_side) * scale).clip(0, scale - 1)
 
 
 def window_boxes(size: tuple[int, int], scales: tuple[float, ...], overlap: float) -> list[np.ndarray]:
@@ -136,7 +129,7 @@ def _candidates(decoded: Decoded, prompts: list[Prompt], settings: EverythingSet
     batch, outputs = logits.shape[:2]
     flat = logits.flatten(0, 1)
     ious = decoded.iou.flatten()
-    stability = stability_score(flat, settings.stability_offset)
+    stability = calculate_stability_score(flat, 0.0, settings.stability_offset)
     area_total = flat.shape[-1] * flat.shape[-2]
     areas = (flat > 0).flatten(1).sum(1).float() / area_total
     keep = (
@@ -172,23 +165,18 @@ def box_nms(candidates: list[ProposedMask], threshold: float) -> list[ProposedMa
     """SAM's de-duplication: NMS on the masks' bounding boxes, scored by predicted IoU."""
     if not candidates:
         return candidates
-    boxes = torch.tensor(np.stack([_mask_box(c.mask) for c in candidates]), dtype=torch.float32)
+    boxes = tight_boxes(torch.from_numpy(np.stack([c.mask for c in candidates])))
     scores = torch.tensor([c.predicted_iou for c in candidates])
     return [candidates[i] for i in nms(boxes, scores, threshold).tolist()]
-
-
-def _mask_box(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
 
 
 def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: EverythingSettings) -> list[ProposedMask]:
     """Re-prompt each candidate with its mask's tight box; keep whichever scores higher."""
     if not candidates:
         return candidates
-    prompts = [Prompt(box=_mask_box(candidate.mask)) for candidate in candidates]
+    prompts = [Prompt(box=box) for box in tight_boxes(torch.from_numpy(np.stack([c.mask for c in candidates]))).numpy()]
     refined = predictor.predict(prompts, multimask=False)
-    stability = stability_score(refined.logits[:, 0], settings.stability_offset)
+    stability = calculate_stability_score(refined.logits[:, 0], 0.0, settings.stability_offset)
     results = []
     for i, candidate in enumerate(candidates):
         new = ProposedMask((refined.logits[i, 0] > 0).cpu().numpy(), float(refined.iou[i, 0]),
@@ -214,7 +202,7 @@ def generate_masks(predictor: Predictor, image: np.ndarray, settings: Everything
     predictor.set_image(image)
     size = image.shape[:2]
     if settings.method == "points":
-        prompts = [Prompt(points=[p], labels=[1]) for p in point_grid(size, settings.points_per_side)]
+        prompts = [Prompt(points=[p], labels=[1]) for p in grid_points(size, settings.points_per_side)]
         candidates = box_nms(_filtered(predictor, prompts, settings, multimask=True), settings.nms_thresh)
         return sorted(candidates, key=lambda c: c.score, reverse=True)
     boxes = window_boxes(size, settings.box_scales, settings.box_overlap)

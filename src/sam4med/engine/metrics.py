@@ -28,9 +28,9 @@ import torch
 from monai.metrics.utils import get_edge_surface_distance
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
-from skimage.measure import label as connected_components
 
 from sam4med.engine.errors import InputError
+from sam4med.engine.objects import connected_components
 
 _BOTH_EMPTY = {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "hd": 0.0, "asd": 0.0, "nsd": 1.0}
 _ONE_EMPTY = {"dice": 0.0, "iou": 0.0, "hd95": math.nan, "hd": math.nan, "asd": math.nan, "nsd": 0.0}
@@ -411,3 +411,13 @@ def paired_bootstrap(differences: np.ndarray, groups: Sequence[object] | None = 
         picks = rng.integers(0, sums.size, (resamples, sums.size))
         means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
     return float(differences.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def batch_dice(logits: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Dice of each thresholded logit map (B, ...) against its 0/1 target (1 where both are empty):
+    validation of trainers on the decoder's low-res frame."""
+    pred = logits > 0
+    truth = targets > 0.5
+    inter = (pred & truth).flatten(1).sum(1).float()
+    total = pred.flatten(1).sum(1).float() + truth.flatten(1).sum(1).float()
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).tolist()

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam4med.engine.models import Decoded, Embedding, SamModel
+from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 from sam4med.engine.prompts import Prompt
 
 
@@ -88,9 +88,9 @@ class Predictor:
     ) -> Decoded:
         """Decode prompts of one structure in batches of ``batch_size``.
 
-        The default batch is what 2 CPU cores liked (LiteMedSAM): the shared-image decoder took 26.6 ms
-        per prompt one at a time, 21.9 at 4, 20.9 at 8 and 20.7 at 16; segment_anything's own decoder
-        is memory-bound and cost twice as much per prompt at 16 as at 1-4.
+        The default batch sizes are where the per-prompt cost stopped falling on a 2-core CPU: the
+        shared-image decoder gains little past 8, and segment_anything's own decoder is memory-bound
+        and grows more costly per prompt past 4 (figures: benchmarks/engine.py and the README).
         """
         if self.embedding is None:
             raise RuntimeError("call set_image before predict")

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import torch
 from scipy import ndimage
+from segment_anything.utils.amg import batched_mask_to_box
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.metrics import dice
+from sam4med.engine.objects import connected_components
 
 JitterKind = Literal["corners", "shift", "scale"]
 JitterUnit = Literal["px", "percent"]
@@ -139,11 +142,21 @@ def negative_points(
 
 
 # --- boxes ---------------------------------------------------------------------------------
-def tight_box(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
+def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Boxes (N, 4) of masks (N, H, W), x0 y0 x1 y1 inclusive (segment_anything's ``batched_mask_to_box``;
+    [0, 0, 0, 0] for an empty mask)."""
+    return batched_mask_to_box(masks.bool()).float()
+
+
+def tight_box(mask: np.ndarray, margin: float = 0) -> np.ndarray:
+    """The box of a mask's foreground, grown by ``margin`` pixels and clipped to the image."""
+    if not mask.any():
         raise InputError("cannot place a box on an empty mask")
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+    box = tight_boxes(torch.from_numpy(np.ascontiguousarray(mask))[None])[0].numpy()
+    if margin:
+        height, width = mask.shape
+        box = np.clip(box + np.array([-margin, -margin, margin, margin]), 0, [width - 1, height - 1] * 2)
+    return box.astype(np.float32)
 
 
 def jitter_box(
@@ -218,8 +231,8 @@ def error_click(
         return (float(x), float(y)), int(gt[int(y), int(x)])
     best: tuple[float, np.ndarray, int] | None = None
     for region, label in ((missed, 1), (extra, 0)):
-        labels, count = ndimage.label(region, structure=np.ones((3, 3)))
-        if count == 0:
+        labels = connected_components(region)
+        if not labels.any():
             continue
         sizes = np.bincount(labels.ravel())[1:]
         largest = int(np.argmax(sizes)) + 1

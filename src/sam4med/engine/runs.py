@@ -1,40 +1,58 @@
-"""A training run's folder, the same for every trainer: ``config.json`` (checked on resume),
-``split.json`` (image ids per data set and side) and ``history.jsonl`` (one row per epoch)."""
+"""Output folders that record what made them: a folder is claimed for one configuration, and asking
+for another configuration in it is refused instead of mixing two kinds of results.
+
+The same for every job: a training run's ``config.json`` (with ``split.json`` and ``history.jsonl``),
+a benchmark's ``protocol.json``, a prior store's ``priors.json``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from sam4med.engine.data import Sample
+from sam4med.engine.datasets import Sample
 from sam4med.engine.errors import InputError
 
 CONFIG_FILE = "config.json"
+PROTOCOL_FILE = "protocol.json"
 SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 
 
-def claim_run_folder(out: Path, config: Mapping[str, object]) -> None:
-    """Record ``config`` in ``out``, or refuse a folder that holds a run with another configuration."""
-    path = out / CONFIG_FILE
-    record = json.loads(json.dumps(config))
+def write_json(path: Path, record: object) -> None:
+    """Write JSON atomically (temporary file + rename), so a kill never leaves half a record."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -> None:
+    """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one."""
+    path = folder / record_file
+    current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
     if path.is_file():
         existing = json.loads(path.read_text(encoding="utf-8"))
-        if existing != record:
-            changed = sorted(k for k in existing.keys() | record.keys() if existing.get(k) != record.get(k))
-            raise InputError(f"{out}: holds a run with another configuration ({', '.join(changed)} differ); "
+        if existing != current:
+            changed = sorted(k for k in existing.keys() | current.keys() if existing.get(k) != current.get(k))
+            raise InputError(f"{folder}: holds results made with other settings ({', '.join(changed)} differ); "
                              "choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(path, current)
 
 
 def write_split(out: Path, splits: Mapping[str, Mapping[str, list[Sample]]]) -> None:
     """``split.json``: data set -> side -> image ids."""
-    ids = {name: {side: [s.id for s in samples] for side, samples in sides.items()} for name, sides in splits.items()}
-    (out / SPLIT_FILE).write_text(json.dumps(ids, indent=1), encoding="utf-8")
+    write_json(out / SPLIT_FILE, {name: {side: [s.id for s in samples] for side, samples in sides.items()}
+                                  for name, sides in splits.items()})
 
 
-def append_history(out: Path, row: Mapping[str, object]) -> None:
-    with (out / HISTORY_FILE).open("a", encoding="utf-8") as handle:
+def append_jsonl(path: Path, row: Mapping[str, object]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -17,8 +17,8 @@ def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
 
     SAM's encoder and decoder allocate and free tens of MB per call; with glibc's defaults each
     such block is an mmap/munmap pair whose pages are zeroed again on every call. Raising the
-    mmap and trim thresholds keeps them in the heap: measured on a 2-core machine, the
-    LiteMedSAM encoder went from 4.6-5.2 s to 3.0 s under load (about 1.9 s to 0.9 s idle).
+    mmap and trim thresholds keeps them in the heap, which roughly halved the encoder's time on a
+    2-core machine (figures: benchmarks/engine.py).
     Returns False (and changes nothing) where the C library is not glibc.
     """
     if not sys.platform.startswith("linux"):

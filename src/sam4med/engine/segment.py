@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from sam4med.engine.errors import InputError
+from sam4med.engine.imageio import read_image
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompts import Prompt, select_mask
+from sam4med.engine.prompts import Prompt, select_mask, tight_box
+from sam4med.engine.volumes import VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
 
 
 def segment_image(predictor: Predictor, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None) -> np.ndarray:
@@ -20,13 +24,6 @@ def segment_image(predictor: Predictor, image: np.ndarray, prompt: Prompt, mask_
     decoded = predictor.predict([prompt], multimask=rule != "single")
     masks = decoded.masks()[0]
     return masks[select_mask(masks, decoded.iou[0].cpu().numpy(), rule)]
-
-
-def _mask_box(mask: np.ndarray, margin: int, size: tuple[int, int]) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    height, width = size
-    return np.array([max(xs.min() - margin, 0), max(ys.min() - margin, 0),
-                     min(xs.max() + margin, width - 1), min(ys.max() + margin, height - 1)], dtype=np.float32)
 
 
 def segment_volume(
@@ -60,7 +57,38 @@ def segment_volume(
         for z in range(middle + step, stop + step, step):
             if not previous.any():
                 break
-            box = _mask_box(previous, margin, previous.shape)
+            box = tight_box(previous, margin)
             labels[z] = segment_image(predictor, rgb(z), Prompt(box=box), mask_rule)
             previous = labels[z]
+    return labels
+
+
+def segment_image_file(predictor: Predictor, image_path: Path, prompt: Prompt, out: Path,
+                       overlay: Path | None = None, mask_rule: str | None = None) -> np.ndarray:
+    """Segment one object of an image file; write the mask as a 0/255 PNG (and the overlay, if asked)."""
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--out {out}: the mask is written as PNG; name a .png file")
+    pixels = read_image(image_path)
+    mask = segment_image(predictor, pixels, prompt, mask_rule)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((mask * 255).astype(np.uint8)).save(out)
+    if overlay:
+        from sam4med.engine.overlays import write_overlay
+
+        write_overlay(overlay, pixels, mask, [("segment", [mask], float("nan"))])
+    return mask
+
+
+def segment_volume_file(predictor: Predictor, volume_path: Path, box3d: Sequence[float], out: Path, axis: int = 0,
+                        percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Segment one object of a volume file from a 3D box whose z is the index along ``axis`` of the
+    (z, y, x) array (0 axial, 1 coronal, 2 sagittal); write the label volume on the image's grid."""
+    if axis not in (0, 1, 2):
+        raise InputError(f"--axis {axis}: must be 0, 1 or 2")
+    if not out.name.lower().endswith(VOLUME_SUFFIXES):
+        raise InputError(f"--out {out}: unknown volume extension (expected one of {', '.join(VOLUME_SUFFIXES)})")
+    image = read_volume(volume_path)
+    labels = segment_volume(predictor, list(slices(window(image.array, *percentiles), axis)), box3d)
+    labels = np.moveaxis(labels, 0, axis)
+    write_label_volume(labels.astype(np.uint8), image, out)
     return labels

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import re
-import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,14 +139,6 @@ def slices(volume_array: np.ndarray, axis: int = 0) -> Iterator[np.ndarray]:
     return iter(np.moveaxis(array, _axis(axis), 0))
 
 
-def slice_spacing(spacing: tuple[float, float, float], axis: int) -> tuple[float, float]:
-    """The (row, column) pixel spacing of the slices that ``slices(array, axis)`` yields."""
-    if len(spacing) != 3:
-        raise InputError(f"slice_spacing: expected a (z, y, x) spacing, got {tuple(spacing)}")
-    kept = [float(s) for i, s in enumerate(spacing) if i != _axis(axis)]
-    return kept[0], kept[1]
-
-
 def _read_itk(path: Path) -> sitk.Image:
     """One scalar 3D ITK image from a file or DICOM folder, every failure as InputError."""
     if path.is_dir():
@@ -260,33 +251,23 @@ def _itk_reason(exc: RuntimeError) -> str:
 
 def _check_nifti_length(path: Path) -> None:
     """ITK reads a truncated NIfTI file without complaint, zero-filling the missing voxels, so
-    compare the data length that the header declares with what the (decompressed) file holds."""
+    compare the data length that the header declares (read by ITK) with what the (decompressed)
+    file holds."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise InputError(f"{path}: cannot read volume ({_itk_reason(exc)})") from exc
+    if not (reader.HasMetaDataKey("vox_offset") and reader.HasMetaDataKey("bitpix")):
+        return
+    expected = int(float(reader.GetMetaData("vox_offset"))) + \
+        int(np.prod(reader.GetSize(), dtype=np.int64)) * int(reader.GetMetaData("bitpix")) // 8
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as stream:
-            header = stream.read(540)
-            length = len(header) + sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 22), b""))
+            length = sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 22), b""))
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: cannot read volume ({' '.join(str(exc).split())})") from exc
-    expected = _nifti_declared_length(header)
-    if expected is not None and length < expected:
+    if length < expected:
         raise InputError(f"{path}: truncated file ({length} of the {expected} bytes its header declares)")
-
-
-def _nifti_declared_length(header: bytes) -> int | None:
-    """Header plus voxel data bytes of a NIfTI-1 or NIfTI-2 header; None if it is not one."""
-    for order in "<>":
-        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
-            dims = struct.unpack(f"{order}8h", header[40:56])
-            (bitpix,) = struct.unpack(f"{order}h", header[72:74])
-            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
-        elif len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
-            (bitpix,) = struct.unpack(f"{order}h", header[14:16])
-            dims = struct.unpack(f"{order}8q", header[16:80])
-            (offset,) = struct.unpack(f"{order}q", header[168:176])
-        else:
-            continue
-        if not 1 <= dims[0] <= 7:
-            return None
-        return offset + int(np.prod(dims[1 : dims[0] + 1], dtype=np.int64)) * bitpix // 8
-    return None

@@ -7,27 +7,26 @@ and overlay is embedded in ``report.html`` as a base64 PNG, so the file can be s
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
 import math
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from sam4med.engine.errors import InputError
+from sam4med.engine.items import RESULTS_FILE
+from sam4med.engine.runs import PROTOCOL_FILE
+from sam4med.engine.overlays import PALETTE, new_figure, quiet
 from sam4med.evaluation.summary import (
     FACTORS,
-    RESULTS_FILE,
-    _ok,
-    _order,
+    ok_rows,
+    ordered,
     clicks_curve,
     factor_analysis,
     failures,
@@ -39,112 +38,12 @@ from sam4med.evaluation.summary import (
     write_tables,
 )
 
-PROTOCOL_FILE = "protocol.json"
 REPORT_FILE = "report.html"
 OVERLAY_DIR = "overlays"
 MAX_OVERLAYS = 12
-OVERLAY_DPI = 80
-PANEL_IN = 2.2
-PANELS_PER_ROW = 5
-OVERLAY_MAX_SIDE = 384  # pixels drawn per image side; larger images are subsampled
-GT_COLOR = "#00ff66"
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf", "#393b79", "#ad494a", "#637939", "#843c39", "#7b4173", "#3182bd")
 MAX_SCATTER_POINTS = 1500
 FACTOR_LABELS = {"object_area": "log10 object area (px)", "boundary_complexity": "boundary complexity",
                  "contrast": "contrast"}
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """No warnings and no stray output while drawing."""
-    with warnings.catch_warnings(), np.errstate(all="ignore"), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
-def _figure(width: float, height: float, dpi: int = OVERLAY_DPI) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-# ----------------------------------------------------------------------------------- overlays
-def _display_image(image: np.ndarray) -> np.ndarray:
-    """uint8 HxW or HxWx3 for imshow."""
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim == 3 and image.shape[-1] > 3:
-        image = image[..., :3]
-    if image.dtype != np.uint8:
-        values = image.astype(float)
-        low, high = np.nanmin(values), np.nanmax(values)
-        scale = 255.0 / (high - low) if high > low else 0.0
-        image = np.nan_to_num((values - low) * scale).clip(0, 255).astype(np.uint8)
-    return image
-
-
-def _mean_dice(rows: Sequence[dict]) -> float:
-    values = [float(r["dice"]) for r in rows if r.get("dice") is not None and np.isfinite(float(r["dice"]))]
-    return float(np.mean(values)) if values else math.nan
-
-
-def _draw_panel(ax, image: np.ndarray, gt: np.ndarray, masks: Sequence[np.ndarray], title: str) -> None:
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
-    if masks:
-        layer = np.zeros((*gt.shape, 4))
-        for index, mask in enumerate(masks):
-            layer[mask] = to_rgba(PALETTE[index % len(PALETTE)], 0.45)
-        ax.imshow(layer, interpolation="nearest")
-    if gt.any() and not gt.all():
-        ax.contour(gt.astype(float), levels=[0.5], colors=[GT_COLOR], linewidths=1.0)
-    ax.set_title(title, fontsize=8)
-    ax.set_axis_off()
-
-
-def write_overlay(path: str | Path, image: np.ndarray, gt: np.ndarray, rows: Sequence[dict]) -> Path:
-    """One small PNG per image: the image with the ground-truth contour, then one panel per mode with
-    that mode's predicted masks (``row["_mask"]``) of all objects, titled ``mode  Dice 0.xx``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = _display_image(image)
-    gt = np.asarray(gt)
-    gt = (gt.any(axis=-1) if gt.ndim == 3 else gt).astype(bool)
-    step = max(1, math.ceil(max(gt.shape) / OVERLAY_MAX_SIDE))
-    shown_image, shown_gt = image[::step, ::step], gt[::step, ::step]
-
-    by_mode: dict[str, list[dict]] = {}
-    for row in rows:
-        if row.get("mode") is not None:
-            by_mode.setdefault(str(row["mode"]), []).append(row)
-    panels: list[tuple[str, list[np.ndarray]]] = [("image + GT", [])]
-    for mode, mode_rows in by_mode.items():
-        masks = []
-        for row in mode_rows:
-            mask = row.get("_mask")
-            if mask is None:
-                continue
-            mask = np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask).astype(bool)
-            if mask.shape == gt.shape:
-                masks.append(mask[::step, ::step])
-        dice = _mean_dice(mode_rows)
-        panels.append((f"{mode}  Dice {dice:.2f}" if np.isfinite(dice) else f"{mode}  Dice n/a", masks))
-
-    columns = min(len(panels), PANELS_PER_ROW)
-    lines = math.ceil(len(panels) / columns)
-    aspect = shown_gt.shape[0] / max(shown_gt.shape[1], 1)
-    with _quiet():
-        figure = _figure(columns * PANEL_IN, lines * (PANEL_IN * min(max(aspect, 0.4), 2.0) + 0.25))
-        axes = figure.subplots(lines, columns, squeeze=False).ravel()
-        for ax, (title, masks) in zip(axes, panels):
-            _draw_panel(ax, shown_image, shown_gt, masks, title)
-        for ax in axes[len(panels):]:
-            ax.set_axis_off()
-        figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (lines * PANEL_IN + 0.3),
-                               wspace=0.05, hspace=0.2)
-        figure.savefig(path, dpi=OVERLAY_DPI, format="png")
-    return path
 
 
 # ------------------------------------------------------------------------------------- plots
@@ -162,10 +61,10 @@ def _boxplot_figure(ok: pd.DataFrame, modes: list[str]) -> Figure | None:
     """Dice per mode: all data, then one panel per modality (when there is more than one)."""
     modality = ok["modality"].fillna("unknown").astype(str) if "modality" in ok.columns else pd.Series("unknown", ok.index)
     groups: list[tuple[str, pd.DataFrame]] = [("all data sets", ok)]
-    modalities = _order(modality)
+    modalities = ordered(modality)
     if len(modalities) > 1:
         groups += [(f"modality: {m}", ok[modality == m]) for m in modalities]
-    figure = _figure(max(4.0, 0.55 * len(modes) + 1.5), 2.6 * len(groups))
+    figure = new_figure(max(4.0, 0.55 * len(modes) + 1.5), 2.6 * len(groups))
     axes = figure.subplots(len(groups), 1, squeeze=False).ravel()
     drawn = False
     for ax, (title, group) in zip(axes, groups):
@@ -196,7 +95,7 @@ def _clicks_figure(curve: pd.DataFrame) -> Figure | None:
     round_columns = [c for c in curve.columns if c.startswith("dice_r")]
     if curve.empty or not round_columns:
         return None
-    figure = _figure(5.0, 3.2)
+    figure = new_figure(5.0, 3.2)
     ax = figure.subplots()
     clicks = [int(c[6:]) for c in round_columns]
     for i, row in curve.reset_index(drop=True).iterrows():
@@ -215,13 +114,13 @@ def _clicks_figure(curve: pd.DataFrame) -> Figure | None:
 def _factor_figure(ok: pd.DataFrame, modes: list[str], max_datasets: int = 6) -> Figure | None:
     """Dice against each factor: one row per factor, one column per data set, colored by mode."""
     factors = [f for f in FACTORS if f in ok.columns and ok[f].notna().any()]
-    datasets = _order(ok["dataset"])[:max_datasets]
+    datasets = ordered(ok["dataset"])[:max_datasets]
     if not factors or not datasets:
         return None
     colors = _mode_colors(modes)
     rng = np.random.default_rng(0)
     height = 2.4 * len(factors) + 0.4
-    figure = _figure(2.8 * len(datasets) + 0.4, height)
+    figure = new_figure(2.8 * len(datasets) + 0.4, height)
     axes = figure.subplots(len(factors), len(datasets), squeeze=False)
     for r, factor in enumerate(factors):
         for c, dataset in enumerate(datasets):
@@ -328,9 +227,9 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     all embedded; also writes the CSV tables (:func:`write_tables`) beside the results."""
     results_dir = Path(results_dir)
     if not (results_dir / RESULTS_FILE).exists():
-        raise InputError(f"{results_dir}: no {RESULTS_FILE} found; run `sam4med benchmark` first")
+        raise InputError(f"{results_dir}: no {RESULTS_FILE} found; run `sam4med eval benchmark` first")
     out = Path(out) if out is not None else results_dir / REPORT_FILE
-    with _quiet():
+    with quiet():
         body = _report_body(results_dir)
     title = "sam4med benchmark report"
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
@@ -343,8 +242,8 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
 def _report_body(results_dir: Path) -> str:
     write_tables(results_dir)
     df = load_results(results_dir)
-    ok = _ok(df, "dice", "modality", *FACTORS)
-    modes = _order(ok["mode"])
+    ok = ok_rows(df, "dice", "modality", *FACTORS)
+    modes = ordered(ok["mode"])
     protocol_path = results_dir / PROTOCOL_FILE
     protocol: dict | None = None
     if protocol_path.exists():
@@ -354,12 +253,12 @@ def _report_body(results_dir: Path) -> str:
             protocol = None
     errors = failures(df)
 
-    models = _order(df["model"]) if "model" in df.columns else []
+    models = ordered(df["model"]) if "model" in df.columns else []
     if not models and isinstance(protocol, dict) and protocol.get("model"):
         models = [protocol["model"]]
     parts = [f"<h1>sam4med benchmark report{': ' + html.escape(', '.join(map(str, models))) if models else ''}</h1>"]
     parts.append(
-        f"<p>{len(_order(ok['dataset']))} data set(s), {ok.drop_duplicates(['dataset', 'image']).shape[0]} image(s), "
+        f"<p>{len(ordered(ok['dataset']))} data set(s), {ok.drop_duplicates(['dataset', 'image']).shape[0]} image(s), "
         f"{len(ok)} result row(s) in {len(modes)} mode(s); {len(errors)} failed image(s). "
         f"Results: <code>{html.escape(str(results_dir.resolve()))}</code></p>"
     )

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-RESULTS_FILE = "results.jsonl"
+from sam4med.engine.items import RESULTS_FILE
+
 METRICS = ("dice", "iou", "hd95", "hd", "asd", "nsd")
 FACTORS = ("object_area", "boundary_complexity", "contrast")
 NUMERIC_COLUMNS = (
@@ -24,7 +25,6 @@ NUMERIC_COLUMNS = (
     "encode_s", "decode_s", "everything_s", "noc85", "noc90", "n_masks", "predicted_iou", "stability",
 )
 BASE_COLUMNS = ("dataset", "modality", "target", "image", "object", "mode", "status", "error")
-TABLE_FILES = ("summary.csv", "mean_dice.csv", "factors.csv", "clicks.csv", "timing.csv", "failures.csv")
 
 
 def load_results(results: str | Path) -> pd.DataFrame:
@@ -56,7 +56,7 @@ def load_results(results: str | Path) -> pd.DataFrame:
     return df
 
 
-def _ok(df: pd.DataFrame, *columns: str) -> pd.DataFrame:
+def ok_rows(df: pd.DataFrame, *columns: str) -> pd.DataFrame:
     """The successful rows, with the given columns present (NaN where absent)."""
     ok = df[df["status"].fillna("ok") == "ok"] if "status" in df.columns else df
     ok = ok[ok["mode"].notna()] if "mode" in ok.columns else ok.iloc[0:0]
@@ -67,14 +67,14 @@ def _ok(df: pd.DataFrame, *columns: str) -> pd.DataFrame:
     return ok
 
 
-def _order(values: pd.Series) -> list:
+def ordered(values: pd.Series) -> list:
     """Distinct values in order of first appearance."""
     return list(pd.unique(values.dropna()))
 
 
 def summary_table(df: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     """Per data set × mode: n (non-missing values), mean, std, median of ``metric``."""
-    ok = _ok(df, metric)
+    ok = ok_rows(df, metric)
     columns = ["dataset", "mode", "metric", "n", "mean", "std", "median"]
     if ok.empty:
         return pd.DataFrame(columns=columns)
@@ -88,19 +88,19 @@ def summary_table(df: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
 
 def mean_table(df: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     """Wide table of mean ``metric``: one row per data set, one column per mode (run order)."""
-    ok = _ok(df, metric)
+    ok = ok_rows(df, metric)
     if ok.empty:
         return pd.DataFrame(index=pd.Index([], name="dataset"))
     values = pd.to_numeric(ok[metric], errors="coerce")
     table = values.groupby([ok["dataset"], ok["mode"]], sort=False).mean().unstack("mode")
-    table = table.reindex(index=_order(ok["dataset"]), columns=_order(ok["mode"]))
+    table = table.reindex(index=ordered(ok["dataset"]), columns=ordered(ok["mode"]))
     table.index.name, table.columns.name = "dataset", None
     return table
 
 
 def metrics_table(df: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> pd.DataFrame:
     """Per data set × mode: n and the mean of every metric (distances ignore missing values)."""
-    ok = _ok(df, *metrics)
+    ok = ok_rows(df, *metrics)
     if ok.empty:
         return pd.DataFrame(columns=["dataset", "mode", "n", *metrics])
     grouped = ok.groupby(["dataset", "mode"], sort=False)
@@ -129,7 +129,7 @@ def factor_analysis(df: pd.DataFrame, metric: str = "dice",
     Columns: dataset, mode, factor, n (complete pairs), rho, p. ``rho`` is NaN with fewer than
     three pairs or a constant input, as in the COSMOS study's factor analysis.
     """
-    ok = _ok(df, metric, *factors)
+    ok = ok_rows(df, metric, *factors)
     rows = []
     for (dataset, mode), group in ok.groupby(["dataset", "mode"], sort=False):
         for factor in factors:
@@ -144,7 +144,7 @@ def clicks_curve(df: pd.DataFrame) -> pd.DataFrame:
     ``dice_r0`` is the Dice of the initial prompt, ``dice_rK`` the Dice after K corrective clicks
     (the mean over the objects that have that round).
     """
-    ok = _ok(df, "dice_per_round", "noc85", "noc90")
+    ok = ok_rows(df, "dice_per_round", "noc85", "noc90")
     ok = ok[ok["dice_per_round"].map(lambda v: isinstance(v, (list, tuple)))]
     if ok.empty:
         return pd.DataFrame(columns=["dataset", "n", "noc85", "noc90"])
@@ -173,10 +173,10 @@ def _float(value: object) -> float:
 def timing_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per data set: images, mean encode_s per image, mean decode_s per prompt for each mode
     (interactive: per round) and mean everything_s per image (everything mode)."""
-    ok = _ok(df, "encode_s", "decode_s", "everything_s")
+    ok = ok_rows(df, "encode_s", "decode_s", "everything_s")
     if ok.empty:
         return pd.DataFrame(columns=["dataset", "images", "encode_s"])
-    modes = _order(ok["mode"])
+    modes = ordered(ok["mode"])
     rows = []
     for dataset, group in ok.groupby("dataset", sort=False):
         per_image = group.drop_duplicates("image")
@@ -214,7 +214,7 @@ def write_tables(results_dir: str | Path) -> list[Path]:
     failures.csv into ``results_dir``; returns their paths."""
     results_dir = Path(results_dir)
     df = load_results(results_dir)
-    ok = _ok(df)
+    ok = ok_rows(df)
     metrics = [m for m in METRICS if m in ok.columns and ok[m].notna().any()] or ["dice"]
     summary = pd.concat([summary_table(df, m) for m in metrics], ignore_index=True)
     tables = {

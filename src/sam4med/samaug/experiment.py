@@ -12,21 +12,19 @@ over images (the test images are the sample; seeds are averaged out rather than 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from sam4med.engine.data import load_dataset, training_split  # noqa: E402
-from sam4med.engine.metrics import paired_bootstrap  # noqa: E402
-from sam4med.samaug.inference import evaluate  # noqa: E402
-from sam4med.samaug.training import TrainConfig, train  # noqa: E402
+from sam4med.engine.datasets import load_dataset
+from sam4med.engine.metrics import paired_bootstrap
+from sam4med.engine.runs import PROTOCOL_FILE, write_json
+from sam4med.engine.splits import training_split
+from sam4med.samaug.inference import evaluate
+from sam4med.samaug.training import TrainConfig, train
 
 BASELINE = "raw/raw"
 METRICS_FILE = "metrics.csv"
@@ -61,10 +59,9 @@ def run_experiment(
             scored = run / METRICS_FILE
             if not scored.is_file():
                 result = train([data], priors if training != "raw" else None, run,
-                               replace(config, input=training, seed=seed), show_progress=show_progress)
-                (run / "result.json").write_text(json.dumps({"best_val_dice": result.best_val_dice,
-                                                             "best_epoch": result.best_epoch,
-                                                             "train_seconds": result.seconds}), encoding="utf-8")
+                               replace(config, input_kind=training, seed=seed), show_progress=show_progress)
+                write_json(run / "result.json", {"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
+                                                 "train_seconds": result.seconds})
                 evaluate(run / "best.pt", [data], priors if training != "raw" else None, "test", instances, run)
             frame = pd.read_csv(scored)
             frame["arm"] = training + "/" + frame["mode"]
@@ -73,9 +70,8 @@ def run_experiment(
     results = pd.concat(frames, ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / METRICS_FILE, index=False)
-    (out / "protocol.json").write_text(json.dumps({"config": asdict(config), "seeds": list(seeds),
-                                                   "trainings": list(trainings), "data": str(data),
-                                                   "priors": str(priors)}, indent=2), encoding="utf-8")
+    write_json(out / PROTOCOL_FILE, {"config": asdict(config), "seeds": list(seeds), "trainings": list(trainings),
+                                     "data": str(data), "priors": str(priors)})
     return results
 
 
@@ -106,7 +102,8 @@ def write_summary(out: str | Path, results: pd.DataFrame | None = None) -> pd.Da
     table = summarise(results)
     table.to_csv(out / "summary.csv", index=False)
     metrics = list(dict.fromkeys(table["metric"]))
-    figure, axes = plt.subplots(2, len(metrics), figsize=(3.2 * len(metrics), 6), squeeze=False)
+    figure = Figure(figsize=(3.2 * len(metrics), 6))
+    axes = figure.subplots(2, len(metrics), squeeze=False)
     for column, metric in enumerate(metrics):
         part = table[table["metric"] == metric]
         axes[0, column].bar(part["arm"], part["mean"], yerr=part["std"].fillna(0), color="0.6", capsize=3)
@@ -124,5 +121,4 @@ def write_summary(out: str | Path, results: pd.DataFrame | None = None) -> pd.Da
             axis.tick_params(axis="x", labelrotation=60, labelsize=7)
     figure.tight_layout()
     figure.savefig(out / "summary.png", dpi=90)
-    plt.close(figure)
     return table

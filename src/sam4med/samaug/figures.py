@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sam4med.samaug.priors import Priors, augment  # noqa: E402
+from sam4med.samaug.inputs import augment
+from sam4med.samaug.priors import Priors
 
 
 def write_prior_figure(path: str | Path, image: np.ndarray, priors: Priors) -> Path:
@@ -20,7 +18,8 @@ def write_prior_figure(path: str | Path, image: np.ndarray, priors: Priors) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     augmented = augment(image, priors, "add")
     shown = np.clip(np.moveaxis(augmented, 0, -1), 0, 1)
-    figure, axes = plt.subplots(1, 4, figsize=(12, 3.3))
+    figure = Figure(figsize=(12, 3.3))  # drawn without pyplot: the caller's backend stays as it is
+    axes = figure.subplots(1, 4)
     panels = [
         (image, "image", "gray"),
         (priors.segmentation, f"segmentation prior (max {priors.segmentation.max():.2f})", "magma"),
@@ -34,5 +33,4 @@ def write_prior_figure(path: str | Path, image: np.ndarray, priors: Priors) -> P
     figure.suptitle(f"{priors.masks} everything-mode masks", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)
     return path

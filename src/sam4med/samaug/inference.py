@@ -20,20 +20,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sam4med.engine.data import Dataset, Sample, load_dataset, read_mask
+from sam4med.engine.datasets import Dataset, Sample, load_dataset
+from sam4med.engine.imageio import read_mask
 from sam4med.engine.errors import InputError
 from sam4med.engine.metrics import aggregated_jaccard_index, dice, iou, label_instances, object_f1, soft_dice
+from sam4med.engine.checkpoints import read_trained_checkpoint
 from sam4med.engine.runs import SPLIT_FILE
+from sam4med.samaug.inputs import prepare_images
 from sam4med.samaug.networks import build_network
+from sam4med.samaug.prediction import PREDICT_MODES, combine, default_mode, probabilities
 from sam4med.samaug.store import PriorStore
-from sam4med.samaug.training import (
-    PREDICT_MODES,
-    TrainConfig,
-    combine,
-    default_mode,
-    prepare_images,
-    probabilities,
-)
+from sam4med.samaug.training import CHECKPOINT_KIND, TrainConfig
 
 
 @dataclass
@@ -47,28 +44,23 @@ class TrainedSegmenter:
 
     @property
     def uses_priors(self) -> bool:
-        return self.config.input != "raw"
+        return self.config.input_kind != "raw"
 
 
 def load_segmenter(checkpoint: str | Path) -> TrainedSegmenter:
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint (train with `sam4med train` first)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if "network" not in saved or "config" not in saved:
-        raise InputError(f"{path}: not a sam4med SAMAug checkpoint")
+    saved = read_trained_checkpoint(Path(checkpoint), CHECKPOINT_KIND)
     config = TrainConfig(**saved["config"])
-    network = build_network(config.net, saved["in_channels"], config.features, config.image_size)
-    network.load_state_dict(saved["network"])
+    network = build_network(config.net, saved["meta"]["in_channels"], config.features, config.image_size)
+    network.load_state_dict(saved["weights"])
     network.eval()
-    return TrainedSegmenter(network, config, saved["gray"], saved["prior_keys"])
+    return TrainedSegmenter(network, config, saved["meta"]["gray"], saved["meta"]["prior_keys"])
 
 
 def _store(segmenter: TrainedSegmenter, priors: str | Path | None, dataset: Dataset) -> PriorStore | None:
     if not segmenter.uses_priors:
         return None
     if priors is None:
-        raise InputError(f"the model was trained with --input {segmenter.config.input}: give --priors")
+        raise InputError(f"the model was trained with --input {segmenter.config.input_kind}: give --priors")
     store = PriorStore(Path(priors) / dataset.name)
     expected = segmenter.prior_keys.get(dataset.name)
     if expected is not None and store.record["key"] != expected:
@@ -149,7 +141,7 @@ def evaluate(
         for sample, maps, gt in predict_probabilities(segmenter, dataset, samples, priors):
             for mode, prob in maps.items():
                 row = {"dataset": dataset.name, "image": sample.id, "mode": mode,
-                       "default_mode": mode == default_mode(segmenter.config.input),
+                       "default_mode": mode == default_mode(segmenter.config.input_kind),
                        **score(prob, gt, instances)}  # type: ignore[arg-type]
                 if mode in ("confident", "entropy"):  # which input the selection kept for this image
                     row["picked_aug"] = float(np.array_equal(prob, maps["aug"]))
@@ -183,7 +175,7 @@ def predict(
     ``mode`` defaults to the model's own: raw, aug, or confident for dual-trained models.
     """
     segmenter = load_segmenter(checkpoint)
-    mode = mode or default_mode(segmenter.config.input)
+    mode = mode or default_mode(segmenter.config.input_kind)
     if mode not in PREDICT_MODES:
         raise InputError(f"--mode {mode!r}: choose one of {', '.join(PREDICT_MODES)}")
     if mode != "raw" and not segmenter.uses_priors:

@@ -7,10 +7,7 @@ maps that a standard segmenter reads alongside the image:
   to its pixels, so overlapping masks sum and the map can exceed 1;
 - the boundary prior: the thick boundaries of every kept mask, accumulated and binarised.
 
-The augmented input is the image in [0, 1] with the segmentation prior added to channel 1 and the
-boundary prior to channel 2 (``add``, the authors' code), or the image with the two maps as extra
-channels (``concat``). A gray image has no channels to add to, so under ``add`` it becomes
-[image, segmentation prior, boundary prior].
+How a segmenter reads them is in :mod:`sam4med.samaug.inputs`.
 """
 
 from __future__ import annotations
@@ -21,16 +18,15 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
-import torch
 from skimage.segmentation import find_boundaries
 
+from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings, ProposedMask, generate_masks
 from sam4med.engine.predictor import Predictor
+from sam4med.engine.registry import model_spec
 
 Weight = Literal["stability", "iou", "one"]
-Policy = Literal["add", "concat"]
 WEIGHTS: tuple[str, ...] = ("stability", "iou", "one")
-POLICIES: tuple[str, ...] = ("add", "concat")
 
 
 def samaug_everything_settings(model_takes_points: bool) -> EverythingSettings:
@@ -52,7 +48,7 @@ class PriorSettings:
 
     weight: Weight = "stability"
     normalise: bool = False  # divide the segmentation prior by its maximum (the authors do not)
-    tile: int | None = None  # run everything mode on tiles of this many pixels (large histology images)
+    tile: int | None = None  # everything mode on tiles of at most this many pixels (see tile_boxes)
     everything: EverythingSettings | None = None  # None: samaug_everything_settings for the model
 
     def resolved(self, model_takes_points: bool) -> PriorSettings:
@@ -62,6 +58,17 @@ class PriorSettings:
 
     def record(self) -> dict[str, object]:
         return asdict(self)
+
+
+def prior_settings(model: str, weight: str = "stability", normalise: bool = False, tile: int | None = None,
+                   region_proposals: int | None = None) -> PriorSettings:
+    """Prior settings for a registered model: SAMAug's generator where the model takes points."""
+    if weight not in WEIGHTS:
+        raise InputError(f"--weight {weight!r}: choose one of {', '.join(WEIGHTS)}")
+    everything = samaug_everything_settings(model_spec(model).takes_point_prompts)
+    if region_proposals is not None:
+        everything = replace(everything, region_proposals=region_proposals)
+    return PriorSettings(weight=weight, normalise=normalise, tile=tile, everything=everything)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -99,11 +106,16 @@ def priors_from_masks(masks: list[ProposedMask], shape: tuple[int, int], weight:
     return Priors(segmentation, boundary.astype(np.float32), len(masks))
 
 
-def _tiles(size: int, tile: int) -> list[tuple[int, int]]:
-    """Start/stop pairs of equal-as-possible tiles no larger than ``tile`` covering ``size``."""
-    count = max(1, -(-size // tile))
-    edges = np.linspace(0, size, count + 1).round().astype(int)
-    return list(zip(edges[:-1], edges[1:]))
+def tile_boxes(size: tuple[int, int], tile: int) -> list[tuple[int, int, int, int]]:
+    """Tiles (x0, y0, x1, y1, ends exclusive) of at most ``tile`` pixels a side, as equal as possible,
+    counted per axis. segment_anything's ``generate_crop_boxes`` does not fit here: its layers cut
+    both axes into the same 2^k crops, so a 128x256 image with 128 px tiles would become four 64x128
+    crops instead of two 128x128 ones."""
+    def edges(length: int) -> list[tuple[int, int]]:
+        cuts = np.linspace(0, length, max(1, -(-length // tile)) + 1).round().astype(int)
+        return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+
+    return [(x0, y0, x1, y1) for y0, y1 in edges(size[0]) for x0, x1 in edges(size[1])]
 
 
 def compute_priors(predictor: Predictor, image: np.ndarray, settings: PriorSettings) -> Priors:
@@ -120,70 +132,16 @@ def compute_priors(predictor: Predictor, image: np.ndarray, settings: PriorSetti
     segmentation = np.zeros((height, width), dtype=np.float32)
     boundary = np.zeros((height, width), dtype=np.float32)
     count = 0
-    for y0, y1 in _tiles(height, resolved.tile):
-        for x0, x1 in _tiles(width, resolved.tile):
-            crop = np.ascontiguousarray(image[y0:y1, x0:x1])
-            part = priors_from_masks(generate_masks(predictor, crop, resolved.everything), crop.shape[:2],
-                                     resolved.weight, normalise=False)
-            segmentation[y0:y1, x0:x1] = part.segmentation
-            boundary[y0:y1, x0:x1] = part.boundary
-            count += part.masks
+    for x0, y0, x1, y1 in tile_boxes((height, width), resolved.tile):
+        crop = np.ascontiguousarray(image[y0:y1, x0:x1])
+        part = priors_from_masks(generate_masks(predictor, crop, resolved.everything), crop.shape[:2],
+                                 resolved.weight, normalise=False)
+        segmentation[y0:y1, x0:x1] = part.segmentation
+        boundary[y0:y1, x0:x1] = part.boundary
+        count += part.masks
     if resolved.normalise and segmentation.max() > 0:
         segmentation /= segmentation.max()
     return Priors(segmentation, boundary, count)
-
-
-def image_to_unit(image: np.ndarray) -> np.ndarray:
-    """An 8- or 16-bit (or float) image as float32 in [0, 1], channels last."""
-    image = np.asarray(image)
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
-    image = image.astype(np.float32)
-    low, high = float(image.min()), float(image.max())
-    return (image - low) / (high - low) if high > low else np.zeros_like(image)
-
-
-def input_channels(image_channels: int, policy: Policy) -> int:
-    """How many channels the segmenter's input has under a policy."""
-    if policy == "add":
-        return 3
-    if policy == "concat":
-        return image_channels + 2
-    raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-
-
-def compose_input(images: torch.Tensor, priors: torch.Tensor | None, policy: Policy = "add") -> torch.Tensor:
-    """The segmenter's input for a batch: images (B, C, H, W) in [0, 1] and priors (B, 2, H, W).
-
-    ``priors=None`` gives the raw input in the same layout (zero priors), so one network can take
-    both raw and augmented input, as SAMAug's dual training needs.
-    """
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if priors is None:
-        priors = images.new_zeros((images.shape[0], 2, *images.shape[2:]))
-    elif priors.shape[2:] != images.shape[2:]:
-        raise ValueError(f"priors of size {tuple(priors.shape[2:])} for images of size {tuple(images.shape[2:])}")
-    if policy == "concat" or images.shape[1] == 1:
-        return torch.cat([images, priors], dim=1)
-    if images.shape[1] != 3:
-        raise ValueError(f"policy 'add' needs gray or RGB images, got {images.shape[1]} channels")
-    return torch.cat([images[:, :1], images[:, 1:2] + priors[:, :1], images[:, 2:3] + priors[:, 1:2]], dim=1)
-
-
-def image_channels_first(image: np.ndarray) -> np.ndarray:
-    """An image as float32 (C, H, W) in [0, 1]."""
-    unit = image_to_unit(image)
-    return unit[None] if unit.ndim == 2 else np.moveaxis(unit, -1, 0)
-
-
-def augment(image: np.ndarray, priors: Priors | None, policy: Policy = "add") -> np.ndarray:
-    """One image's segmenter input (C, H, W): :func:`compose_input` for a single numpy image."""
-    channels = torch.from_numpy(np.ascontiguousarray(image_channels_first(image)))[None]
-    maps = None if priors is None else torch.from_numpy(priors.as_channels())[None]
-    return compose_input(channels, maps, policy)[0].numpy()
 
 
 def settings_key(model_protocol: dict[str, object], settings: PriorSettings) -> str:

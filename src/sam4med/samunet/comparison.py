@@ -15,38 +15,45 @@ from pathlib import Path
 
 import pandas as pd
 
-from sam4med.engine.data import Sample, load_dataset, load_pair, mask_objects, training_split
+from sam4med.engine.datasets import Dataset, Sample, load_dataset
 from sam4med.engine.errors import InputError
-from sam4med.engine.metrics import dice, iou, paired_bootstrap
-from sam4med.engine.models import SamModel, load_model
+from sam4med.engine.imageio import load_pair
+from sam4med.engine.items import WorkItem
+from sam4med.engine.metrics import paired_bootstrap
+from sam4med.engine.models import load_model
+from sam4med.engine.objects import object_labels
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompts import Prompt, tight_box
-from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE
+from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, PROTOCOL_FILE, read_jsonl, write_json
+from sam4med.engine.sam_model import SamModel
+from sam4med.engine.splits import training_split
+from sam4med.evaluation.benchmark import BenchmarkConfig, ImageEvaluator
+from sam4med.evaluation.modes import make_mode
 from sam4med.samunet.training import PromptTrainConfig, train_promptable
 
-def box_prompt_scores(model: SamModel, dataset: str, samples: Sequence[Sample], min_area: int = 10,
+
+def box_prompt_scores(model: SamModel, dataset: Dataset, samples: Sequence[Sample], min_area: int = 10,
                       max_objects: int = 20) -> pd.DataFrame:
-    """Dice and IoU of every object (the first ``max_objects`` per image) from its tight box."""
-    predictor = Predictor(model)
+    """Dice and IoU of every object (at most ``max_objects`` per image, drawn by seed as the benchmark
+    does) from its tight box: the benchmark's ``box`` mode, run on each image."""
+    config = BenchmarkConfig(model=model.name, modes=("box",), min_object_area=min_area,
+                             max_objects_per_image=max_objects)
+    evaluator = ImageEvaluator(Predictor(model), config, [make_mode("box", config.prompts)])
     rows = []
     for sample in samples:
         image, mask = load_pair(sample)
-        objects = mask_objects(mask, min_area=min_area)[:max_objects]
-        if not objects:
+        if not object_labels(mask, min_area=min_area)[1]:
             continue
-        predictor.set_image(image)
-        masks = predictor.predict([Prompt(box=tight_box(o)) for o in objects]).masks()[:, 0]
-        for index, (obj, pred) in enumerate(zip(objects, masks)):
-            rows.append({"dataset": dataset, "image": sample.id, "object": index,
-                         "dice": dice(pred, obj), "iou": iou(pred, obj)})
+        for row in evaluator(WorkItem(dataset, sample)):
+            rows.append({"dataset": dataset.name, "image": sample.id, "object": row["object"],
+                         "dice": row["dice"], "iou": row["iou"]})
     return pd.DataFrame(rows)
 
 
 def trained_run_record(run: Path) -> dict[str, object]:
     """What a run folder says of its training: its configuration, epochs done, best epoch, seconds."""
     if not (run / "best.pt").is_file():
-        raise InputError(f"{run}: no best.pt; train it first (sam4med finetune / train-samunet)")
-    history = [json.loads(line) for line in (run / HISTORY_FILE).read_text(encoding="utf-8").splitlines() if line]
+        raise InputError(f"{run}: no best.pt; train it first (sam4med samunet train --method decoder|samunet)")
+    history = read_jsonl(run / HISTORY_FILE)
     best = max(history, key=lambda row: row["val_dice"])
     return {"config": json.loads((run / CONFIG_FILE).read_text(encoding="utf-8")), "epochs_done": len(history),
             "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
@@ -85,7 +92,7 @@ def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str
                        if setting == "in_domain" else dataset.samples)
             test = samples[:max_test_images]
             for row, model in models.items():
-                frame = box_prompt_scores(model, dataset.name, test, config.min_object_area)
+                frame = box_prompt_scores(model, dataset, test, config.min_object_area)
                 frame["row"], frame["setting"], frame["modality"] = row, setting, dataset.modality
                 frames.append(frame)
     scores = pd.concat(frames, ignore_index=True)
@@ -93,10 +100,10 @@ def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str
     table = (scores.groupby(["setting", "dataset", "modality", "row"])["dice"]
              .agg(["mean", "std", "count"]).reset_index())
     table.to_csv(out / "table.csv", index=False)
-    (out / "protocol.json").write_text(json.dumps({"config": asdict(config), "train_data": [str(d) for d in train_data],
-                                                   "left_out_data": [str(d) for d in left_out_data],
-                                                   "runs": runs, "prompt": "tight box per object, no jitter",
-                                                   "max_test_images": max_test_images}, indent=2), encoding="utf-8")
+    write_json(out / PROTOCOL_FILE, {"config": asdict(config), "train_data": [str(d) for d in train_data],
+                                     "left_out_data": [str(d) for d in left_out_data], "runs": runs,
+                                     "prompt": "tight box per object (the benchmark's box mode), no jitter",
+                                     "max_test_images": max_test_images})
     return table
 
 

@@ -248,6 +248,3 @@ class SamUNet(nn.Module):
         """Low-res logits (P, 1, 4h, 4w) for the prompts of one image (embedding (1, C, h, w))."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=None)
         return self.mask_decoder(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, multi_scale)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]

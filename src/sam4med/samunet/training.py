@@ -5,33 +5,36 @@ Per step: ``images_per_step`` training images, up to ``masks_per_image`` objects
 8-connected components of the mask), each prompted with its tight box jittered by up to
 ``jitter_px`` pixels per coordinate (SAM-Med2D's rule, which the SAM-UNet authors use); no jitter at
 validation or test. Loss: focal + ``dice_weight`` x Dice (MONAI) on the decoder's 256x256 logits
-against the object's mask in the model's input frame. Adam with step decay. ``OUT/config.json``,
-``split.json``, ``history.jsonl``, ``last.pt`` (resume) and ``best.pt`` (best validation Dice).
+against the object's mask in the model's input frame. Adam with step decay. The run folder and
+resuming are the shared training loop's (``sam4med.engine.training``).
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceLoss, FocalLoss
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor, nn
 
-from sam4med.engine.data import DEFAULT_FRACTIONS, Sample, load_dataset, load_pair, object_labels, training_split
+from sam4med.engine.datasets import Sample, load_dataset
 from sam4med.engine.errors import InputError
-from sam4med.engine.models import LOW_RES, TRAINED_CHECKPOINT_KIND, ImageGeometry, SamModel, load_model
+from sam4med.engine.imageio import load_pair
+from sam4med.engine.metrics import batch_dice
+from sam4med.engine.models import load_model
+from sam4med.engine.objects import object_labels
+from sam4med.engine.preprocessing import ImageGeometry, low_res_target
 from sam4med.engine.prompts import jitter_box, tight_box
-from sam4med.engine.runs import append_history, claim_run_folder, write_split
+from sam4med.engine.sam_model import SamModel
+from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
+from sam4med.engine.training import TrainingTask, TrainResult, fit, seed_everything, start_run
 from sam4med.samunet.model import CONV_BRANCHES, SamUNet
 
 METHODS = ("samunet", "decoder")
+CHECKPOINT_KIND = "promptable"  # SAM-UNet and decoder fine-tuning runs; loaded by samunet.loading
 
 
 @dataclass
@@ -112,12 +115,6 @@ class SamUNetTrainable(nn.Module):
         return {k: v for k, v in self.net.state_dict().items() if not k.startswith("stages.encoder.")}
 
 
-def build_trainable(backbone: SamModel, config: PromptTrainConfig) -> nn.Module:
-    if config.method == "samunet":
-        return SamUNetTrainable(backbone, config.conv_branch, config.warm_start)
-    return DecoderFineTune(backbone)
-
-
 @dataclass
 class PreparedObjects:
     """One image with its object labels; targets are cut on demand (MoNuSeg has hundreds)."""
@@ -126,17 +123,6 @@ class PreparedObjects:
     image: np.ndarray
     labels: np.ndarray
     objects: list[int]
-
-
-def low_res_target(mask: np.ndarray, geometry: ImageGeometry) -> Tensor:
-    """An original-size mask in the model's input frame (resize, pad), at the decoder's 256 px."""
-    pixels = torch.from_numpy(mask.astype(np.float32))[None, None]
-    resized = F.interpolate(pixels, size=geometry.resized_size, mode="bilinear", align_corners=False)
-    side = geometry.input_size
-    padded = F.pad(resized, (0, side - geometry.resized_size[1], 0, side - geometry.resized_size[0]))
-    if side != LOW_RES:
-        padded = F.interpolate(padded, size=(LOW_RES, LOW_RES), mode="bilinear", align_corners=False)
-    return (padded[0] > 0.5).float()
 
 
 def _prepare(samples: Sequence[Sample], min_area: int) -> list[PreparedObjects]:
@@ -149,126 +135,107 @@ def _prepare(samples: Sequence[Sample], min_area: int) -> list[PreparedObjects]:
     return prepared
 
 
-def _boxes_and_targets(item: PreparedObjects, chosen: Sequence[int], geometry: ImageGeometry,
-                       rng: np.random.Generator | None, jitter_px: float) -> tuple[Tensor, Tensor]:
-    """Boxes in the model's input frame (jittered when ``rng``) and low-res targets (P, 1, 256, 256)."""
-    boxes, targets = [], []
-    scale = np.array(geometry.scale_xy * 2)
+def _boxes(item: PreparedObjects, chosen: Sequence[int], geometry: ImageGeometry,
+           rng: np.random.Generator | None, jitter_px: float) -> Tensor:
+    """Boxes (P, 4) of the chosen objects in the model's input frame, jittered when ``rng``."""
+    boxes = []
     for label in chosen:
-        mask = item.labels == label
-        box = tight_box(mask)
+        box = tight_box(item.labels == label)
         if rng is not None and jitter_px > 0:
-            box = jitter_box(box, mask.shape, rng, jitter_px)
-        boxes.append(box * scale)
-        targets.append(low_res_target(mask, geometry))
-    return torch.tensor(np.stack(boxes), dtype=torch.float32), torch.stack(targets)
+            box = jitter_box(box, item.labels.shape, rng, jitter_px)
+        boxes.append(box * np.array(geometry.scale_xy * 2))
+    return torch.tensor(np.stack(boxes), dtype=torch.float32)
 
 
-def _dice(logits: Tensor, targets: Tensor) -> list[float]:
-    pred = logits > 0
-    truth = targets > 0.5
-    inter = (pred & truth).flatten(1).sum(1).float()
-    total = pred.flatten(1).sum(1).float() + truth.flatten(1).sum(1).float()
-    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).tolist()
+def _targets(item: PreparedObjects, chosen: Sequence[int], geometry: ImageGeometry) -> Tensor:
+    """Low-res targets (P, 1, 256, 256) of the chosen objects."""
+    return torch.stack([low_res_target(torch.from_numpy(item.labels == label), geometry) for label in chosen])
 
 
-def _validate(model: nn.Module, backbone: SamModel, items: list[PreparedObjects], max_objects: int) -> float:
-    model.eval()
-    scores: list[float] = []
-    with torch.no_grad():
-        for item in items:
-            images, geometry = backbone.preprocess(item.image)
-            embedding, multi_scale = model.encode(images)
+class PromptableTask(TrainingTask):
+    """Box-prompted training of SAM-UNet or of the mask decoder, for the shared loop."""
+
+    kind = CHECKPOINT_KIND
+
+    def __init__(self, config: PromptTrainConfig, backbone: SamModel, train_items: list[PreparedObjects],
+                 val_items: list[PreparedObjects], datasets: list[str]):
+        self.config = config
+        self.backbone = backbone
+        self.train_items = train_items
+        self.val_items = val_items
+        self.datasets = datasets
+        self.module = SamUNetTrainable(backbone, config.conv_branch, config.warm_start) \
+            if config.method == "samunet" else DecoderFineTune(backbone)
+        self.optimizer = torch.optim.Adam([p for p in self.module.parameters() if p.requires_grad],
+                                          lr=config.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_step_epochs, config.lr_gamma)
+        self.focal = FocalLoss()
+        self.dice_loss = DiceLoss(sigmoid=True)
+
+    def batches(self, epoch: int, rng: np.random.Generator) -> list[list[tuple[PreparedObjects, list[int], Tensor]]]:
+        """Per step: images, the objects drawn from each and their (jittered) boxes."""
+        order = rng.permutation(len(self.train_items))
+        batches = []
+        for first in range(0, len(order), self.config.images_per_step):
+            batch = []
+            for index in order[first : first + self.config.images_per_step]:
+                item = self.train_items[index]
+                chosen = rng.choice(item.objects, size=min(self.config.masks_per_image, len(item.objects)),
+                                    replace=False).tolist()
+                geometry = self.backbone.geometry(item.image.shape[:2])
+                batch.append((item, chosen, _boxes(item, chosen, geometry, rng, self.config.jitter_px)))
+            batches.append(batch)
+        return batches
+
+    def step(self, batch: list[tuple[PreparedObjects, list[int], Tensor]]) -> float:
+        self.optimizer.zero_grad()
+        loss = torch.zeros(())
+        for item, chosen, boxes in batch:
+            images, geometry = self.backbone.preprocess(item.image)
+            targets = _targets(item, chosen, geometry)
+            embedding, multi_scale = self.module.encode(images)
+            logits = self.module.decode(embedding, multi_scale, boxes)
+            loss = loss + self.focal(logits, targets) + self.config.dice_weight * self.dice_loss(logits, targets)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def validate(self, max_objects: int = 8) -> float:
+        scores: list[float] = []
+        for item in self.val_items:
+            images, geometry = self.backbone.preprocess(item.image)
+            embedding, multi_scale = self.module.encode(images)
             chosen = item.objects[:max_objects]
-            boxes, targets = _boxes_and_targets(item, chosen, geometry, None, 0.0)
-            scores += _dice(model.decode(embedding, multi_scale, boxes), targets)
-    model.train()
-    return float(np.mean(scores)) if scores else float("nan")
+            logits = self.module.decode(embedding, multi_scale, _boxes(item, chosen, geometry, None, 0.0))
+            scores += batch_dice(logits, _targets(item, chosen, geometry))
+        return float(np.mean(scores)) if scores else float("nan")
 
+    def trained_weights(self) -> dict[str, Tensor]:
+        return self.module.trained_state()
 
-@dataclass
-class PromptTrainResult:
-    out: Path
-    best_val_dice: float
-    best_epoch: int
-    seconds: float
-    epochs_run: int
+    def checkpoint_meta(self) -> dict[str, object]:
+        return {"backbone": self.config.backbone, "backbone_sha256": self.backbone.weights_sha256,
+                "datasets": self.datasets}
 
 
 def train_promptable(data: Sequence[str | Path], out: str | Path, config: PromptTrainConfig | None = None,
-                     device: str | None = None, show_progress: bool = True) -> PromptTrainResult:
+                     device: str | None = None, show_progress: bool = True) -> TrainResult:
     """Train SAM-UNet (``method="samunet"``) or fine-tune the mask decoder (``"decoder"``); resumable."""
     config = config or PromptTrainConfig()
     config.check()
     out = Path(out)
-    claim_run_folder(out, asdict(config))
     datasets = [load_dataset(d) for d in data]
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
-    write_split(out, splits)
+    start_run(out, asdict(config), splits)
     train_items = [item for d in datasets
                    for item in _prepare(splits[d.name]["train"][: config.max_train_images], config.min_object_area)]
     val_items = [item for d in datasets
                  for item in _prepare(splits[d.name]["val"][: config.max_val_images], config.min_object_area)]
     if not train_items:
         raise InputError("no training image has an object of at least --min-object-area pixels")
-
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    backbone = load_model(config.backbone, config.backbone_checkpoint, device or "cpu", shared_decoder=False)
-    model = build_trainable(backbone, config)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_epochs, gamma=config.lr_gamma)
-    focal, dice_loss = FocalLoss(), DiceLoss(sigmoid=True)
-    state = {"epoch": 0, "best_val_dice": -1.0, "best_epoch": -1, "seconds": 0.0}
-    if (out / "last.pt").is_file():
-        last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(last["model"], strict=False)
-        optimizer.load_state_dict(last["optimizer"])
-        scheduler.load_state_dict(last["scheduler"])
-        state = last["state"]
-    meta = {"kind": TRAINED_CHECKPOINT_KIND, "config": asdict(config), "backbone": config.backbone,
-            "backbone_sha256": backbone.weights_sha256, "datasets": [d.name for d in datasets]}
-
-    model.train()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeElapsedColumn(), disable=not show_progress) as progress:
-        steps = -(-len(train_items) // config.images_per_step)
-        task = progress.add_task(f"train {config.method} ({config.backbone})", total=config.epochs * steps,
-                                 completed=state["epoch"] * steps, status="")
-        for epoch in range(state["epoch"], config.epochs):
-            start = time.perf_counter()
-            rng = np.random.default_rng([config.seed, epoch])
-            order = rng.permutation(len(train_items))
-            losses = []
-            for first in range(0, len(order), config.images_per_step):
-                optimizer.zero_grad()
-                loss = torch.zeros(())
-                for index in order[first : first + config.images_per_step]:
-                    item = train_items[index]
-                    images, geometry = backbone.preprocess(item.image)
-                    count = min(config.masks_per_image, len(item.objects))
-                    chosen = rng.choice(item.objects, size=count, replace=False)
-                    boxes, targets = _boxes_and_targets(item, chosen, geometry, rng, config.jitter_px)
-                    embedding, multi_scale = model.encode(images)
-                    logits = model.decode(embedding, multi_scale, boxes)
-                    loss = loss + focal(logits, targets) + config.dice_weight * dice_loss(logits, targets)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                progress.update(task, advance=1, status=f"loss {losses[-1]:.3f}")
-            scheduler.step()
-            val_dice = _validate(model, backbone, val_items, 8)
-            state["seconds"] += time.perf_counter() - start
-            state["epoch"] = epoch + 1
-            if val_dice > state["best_val_dice"]:
-                state.update(best_val_dice=val_dice, best_epoch=epoch + 1)
-                torch.save({**meta, "state": model.trained_state(), "epoch": epoch + 1, "val_dice": val_dice},
-                           out / "best.pt")
-            torch.save({**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
-                       out / "last.pt")
-            append_history(out, {"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_dice": val_dice,
-                                 "lr": scheduler.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)})
-            progress.update(task, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
-    return PromptTrainResult(out, state["best_val_dice"], state["best_epoch"], state["seconds"], state["epoch"])
+    seed_everything(config.seed)
+    backbone = load_model(config.backbone, config.backbone_checkpoint, device or "cpu", use_shared_decoder=False)
+    task = PromptableTask(config, backbone, train_items, val_items, [d.name for d in datasets])
+    return fit(task, out, asdict(config), config.epochs, config.seed, f"train {config.method} ({config.backbone})",
+               show_progress)

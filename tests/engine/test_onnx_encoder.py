@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sam4med.engine.errors import InputError
-from sam4med.engine.models import SamModel, load_model
+from sam4med.engine.models import load_model
+from sam4med.engine.sam_model import SamModel
 
 from conftest import make_ellipse_image
 

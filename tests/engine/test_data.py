@@ -9,19 +9,10 @@ import tifffile
 from PIL import Image, ImageFile
 from skimage.draw import disk
 
-from sam4med.engine.data import (
-    Dataset,
-    Sample,
-    load_dataset,
-    load_pair,
-    mask_objects,
-    object_factors,
-    predefined_split,
-    read_image,
-    read_mask,
-    require_objects,
-    split_samples,
-)
+from sam4med.engine.datasets import Dataset, Sample, load_dataset
+from sam4med.engine.imageio import load_pair, read_image, read_mask
+from sam4med.engine.objects import object_factors, object_labels
+from sam4med.engine.splits import predefined_split, split_samples
 from sam4med.engine.errors import InputError
 from sam4med.engine.volumes import window
 
@@ -191,33 +182,28 @@ def test_load_pair_checks_sizes_and_mask(tmp_path):
 # --- objects ------------------------------------------------------------------------------
 
 
+def sizes(mask, **kwargs):
+    labels, kept = object_labels(mask, **kwargs)
+    return [int((labels == label).sum()) for label in kept]
+
+
 def test_objects_are_8_connected_components_in_raster_order():
     mask = np.zeros((20, 20), bool)
     mask[10:15, 2:7] = True  # 25 px, starts lower
     mask[1:3, 12:14] = True  # 4 px, starts first in raster order
     mask[3, 14] = True  # touches the 2x2 square diagonally only
     mask[18, 18] = True  # a speck
-    objects = mask_objects(mask)
-    assert [int(o.sum()) for o in objects] == [5, 25, 1]
-    assert [int(o.sum()) for o in mask_objects(mask, connectivity=1)] == [4, 1, 25, 1]
-    assert [int(o.sum()) for o in mask_objects(mask, min_area=2)] == [5, 25]
-    (whole,) = mask_objects(mask, as_one_object=True, min_area=2)
-    assert whole.sum() == 30 and not whole[18, 18]
-    assert mask_objects(np.zeros((5, 5), bool)) == []
-    assert mask_objects(np.zeros((5, 5), bool), as_one_object=True) == []
+    assert sizes(mask) == [5, 25, 1]
+    assert sizes(mask, connectivity=1) == [4, 1, 25, 1]
+    assert sizes(mask, min_area=2) == [5, 25]
+    assert sizes(np.zeros((5, 5), bool)) == []
 
 
-def test_require_objects_names_the_file(tmp_path):
-    require_objects(square_mask() > 0, tmp_path / "full.png")
-    with pytest.raises(InputError, match=r"empty.png: mask is empty"):
-        require_objects(np.zeros((4, 4), bool), tmp_path / "empty.png")
-
-
-def test_mask_objects_rejects_bad_input():
+def test_object_labels_rejects_bad_input():
     with pytest.raises(InputError, match="2D"):
-        mask_objects(np.zeros((2, 4, 4), bool))
+        object_labels(np.zeros((2, 4, 4), bool))
     with pytest.raises(InputError, match="connectivity"):
-        mask_objects(np.zeros((4, 4), bool), connectivity=3)
+        object_labels(np.zeros((4, 4), bool), connectivity=3)
 
 
 # --- load_dataset -------------------------------------------------------------------------
@@ -402,7 +388,7 @@ def test_real_dataset_loads(shared_data, name):
     for sample in dataset:
         image, mask = load_pair(sample)
         assert image.dtype == np.uint8 and image.shape[2] == 3
-        require_objects(mask, sample.mask_path)
+        assert mask.any(), sample.mask_path
     assert all(s.fov_path is not None for s in dataset) == (name == "drive")
 
 

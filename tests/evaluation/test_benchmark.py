@@ -76,7 +76,7 @@ def test_benchmark_rows_resume_and_failures(tmp_path):
         assert row.dice == pytest.approx(first[(row.image, row.mode)], abs=1e-6)
 
     # a different protocol into the same folder is refused
-    with pytest.raises(InputError, match="different protocol .*seed"):
+    with pytest.raises(InputError, match="holds results made with other settings .*seed.* differ"):
         run_benchmark([data], tmp_path / "out", BenchmarkConfig(modes=FAST_MODES, seed=1), device="cpu",
                       show_progress=False)
 
@@ -94,11 +94,11 @@ def test_cli_benchmark_report_and_segment(tmp_path):
     data = write_dataset(tmp_path / "ellipses", broken=False)
     runner = CliRunner()
     out = tmp_path / "results"
-    result = runner.invoke(app, ["benchmark", "--data", str(data), "--out", str(out), "--modes", "box,everything",
+    result = runner.invoke(app, ["eval", "benchmark", "--data", str(data), "--out", str(out), "--modes", "box,everything",
                                  "--max-images", "1", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "mean Dice" in result.output
-    result = runner.invoke(app, ["report", str(out)])
+    result = runner.invoke(app, ["eval", "report", str(out)])
     assert result.exit_code == 0, result.output
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "everything" in html and "data:image/png;base64," in html
@@ -120,7 +120,7 @@ def test_cli_benchmark_report_and_segment(tmp_path):
         (["segment", "{image}", "--box", "1", "1", "500", "5", "--out", "m.png"], "outside the 160x128 image"),
         (["segment", "{image}", "--point", "3;4", "--out", "m.png"], "--point '3;4'"),
         (["segment", "{image}", "--box", "1", "1", "5", "5", "--model", "sam_vit_b", "--out", "m.png"], "--checkpoint"),
-        (["report", "{tmp}"], "no results.jsonl"),
+        (["eval", "report", "{tmp}"], "no results.jsonl"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message):

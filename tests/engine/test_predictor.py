@@ -11,8 +11,7 @@ from sam4med.engine.everything import (
     EverythingSettings,
     generate_masks,
     mask_nms,
-    point_grid,
-    stability_score,
+    grid_points,
     window_boxes,
     ProposedMask,
 )
@@ -59,14 +58,8 @@ def test_embedding_cache_skips_the_encoder_and_returns_the_same_embedding(liteme
     assert third.encoder_calls == 1
 
 
-def test_stability_score_matches_its_definition():
-    logits = torch.tensor([[[-2.0, -0.5, 0.5, 2.0]]])
-    # >+1: one pixel; >-1: three pixels
-    assert stability_score(logits, 1.0).item() == pytest.approx(1 / 3)
-
-
 def test_point_grid_and_windows_cover_the_image():
-    grid = point_grid((100, 200), 4)
+    grid = grid_points((100, 200), 4)
     assert grid.shape == (16, 2)
     assert grid[:, 0].min() == pytest.approx(25) and grid[:, 0].max() == pytest.approx(175)
     boxes = window_boxes((100, 200), (0.5,), 0.5)

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from sam4med.engine.errors import InputError
-from sam4med.engine.models import MODELS, _build_vit_sam, load_model
+from sam4med.engine.networks import build_vit_sam
+from sam4med.engine.models import load_model
+from sam4med.engine.registry import MODELS
 from sam4med.engine.prompts import Prompt, tight_box
 
 
@@ -47,7 +49,7 @@ def test_geometry_maps_boxes_like_the_model_input(litemedsam):
 
 
 def test_bundled_weights_are_hash_checked(litemedsam):
-    assert litemedsam.weights_sha256 == MODELS["litemedsam"].expected_sha256
+    assert litemedsam.weights_sha256 == MODELS["litemedsam"].expected_sha256()
     assert not litemedsam.network.training
 
 
@@ -60,7 +62,7 @@ def test_user_checkpoint_loads_through_the_same_code(tmp_path: Path, monkeypatch
     """
     spec = MODELS[name]
     if name != "mobilesam":
-        spec = replace(spec, build=partial(_build_vit_sam, 32, 2, 2, (1,)))
+        spec = replace(spec, build=partial(build_vit_sam, 32, 2, 2, (1,)))
         monkeypatch.setitem(MODELS, name, spec)
     network = spec.build()
     path = tmp_path / f"{name}.pth"

@@ -69,7 +69,7 @@ def test_vit_fusion_is_before_each_global_attention_block():
     assert all(fusion.gate.grad is not None and fusion.gate.grad.abs() > 0 for fusion in network.fusions)
     assert all(p.grad is None for p in encoder.parameters())
     # the registered SAM ViT-B (random weights): the paper's fusion points, blocks 2, 5, 8 and 11
-    from sam4med.engine.models import MODELS
+    from sam4med.engine.registry import MODELS
     from sam4med.samunet.model import encoder_stages
 
     vit_b = encoder_stages(MODELS["sam_vit_b"].build().image_encoder)
@@ -105,13 +105,6 @@ def test_warm_start_segments_as_the_backbone_before_training(samunet, litemedsam
     assert agreement(cold_mask, backbone) < 0.9  # a fresh token starts from scratch
 
 
-def test_samunet_checkpoint_from_before_the_warm_start_is_refused(tmp_path):
-    from sam4med.samunet.loading import load_trained
-
-    with pytest.raises(InputError, match="earlier SAM-UNet decoder"):
-        load_trained(tmp_path / "old.pt", {"config": {"method": "samunet", "backbone": "litemedsam"}})
-
-
 def test_unknown_conv_branch_is_refused(litemedsam):
     network = copy.deepcopy(litemedsam.network)
     with pytest.raises(InputError, match="--conv-branch 'vgg'"):
@@ -142,7 +135,7 @@ def _ellipse_dataset(root, count=6, size=96, name="ellipses"):
 def test_comparison_trains_both_methods_and_scores_three_rows(tmp_path):
     import pandas as pd
 
-    from sam4med.engine.data import read_image
+    from sam4med.engine.imageio import read_image
     from sam4med.engine.models import load_model
     from sam4med.engine.predictor import Predictor
     from sam4med.engine.prompts import Prompt

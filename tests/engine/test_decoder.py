@@ -9,7 +9,7 @@ from segment_anything.modeling.mask_decoder import MaskDecoder
 
 from sam4med.engine.decoder import REJECTED_LOGIT, SharedImageDecoder, supports
 from sam4med.engine.everything import EverythingSettings, generate_masks
-from sam4med.engine.models import Embedding, SamModel
+from sam4med.engine.sam_model import Embedding, SamModel
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt
 
@@ -31,7 +31,7 @@ def _assert_logits_close(fast: torch.Tensor, slow: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def reference(litemedsam) -> SamModel:
     return SamModel(litemedsam.spec, litemedsam.network, litemedsam.weights_sha256, litemedsam.device,
-                    shared_decoder=False)
+                    use_shared_decoder=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sam4med.evaluation.report import write_overlay, write_report
+from sam4med.engine.overlays import write_overlay
+from sam4med.evaluation.report import write_report
 from sam4med.evaluation.summary import (
     clicks_curve,
     factor_analysis,
@@ -184,7 +185,7 @@ def test_write_tables_writes_the_csvs(results: Path) -> None:
     assert len(pd.read_csv(results / "failures.csv")) == 1
 
 
-def _overlay_inputs(size: tuple[int, int] = (64, 80)) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def _overlay_inputs(size: tuple[int, int] = (64, 80)) -> tuple[np.ndarray, np.ndarray, list[tuple[str, list[np.ndarray], float]]]:
     h, w = size
     yy, xx = np.mgrid[:h, :w]
     image = np.stack([(xx * 3) % 256, (yy * 3) % 256, np.full_like(xx, 128)], axis=-1).astype(np.uint8)
@@ -192,14 +193,12 @@ def _overlay_inputs(size: tuple[int, int] = (64, 80)) -> tuple[np.ndarray, np.nd
     obj1 = (yy - 2 * h // 3) ** 2 + (xx - 2 * w // 3) ** 2 < (min(h, w) // 8) ** 2
     gt = obj0 | obj1
     shifted = np.roll(obj0, 3, axis=1)
-    rows = [
-        {"object": 0, "mode": "box", "dice": 0.9, "_mask": shifted},
-        {"object": 1, "mode": "box", "dice": 0.7, "_mask": obj1},
-        {"object": 0, "mode": "point_center", "dice": 0.4, "_mask": np.zeros_like(obj0)},
-        {"object": 1, "mode": "point_center", "dice": 0.6},  # no mask kept
-        {"object": 0, "mode": "interactive", "dice": 0.95, "_mask": obj0},
+    panels = [
+        ("box", [shifted, obj1], 0.8),
+        ("point_center", [np.zeros_like(obj0)], 0.5),
+        ("interactive", [obj0], 0.95),
     ]
-    return image, gt, rows
+    return image, gt, panels
 
 
 def test_write_overlay_writes_a_png(tmp_path: Path) -> None:
@@ -219,8 +218,8 @@ def test_write_overlay_large_grayscale_image_many_modes(tmp_path: Path) -> None:
     image = (np.arange(h * w).reshape(h, w) % 251).astype(np.uint8)
     gt = np.zeros((h, w), bool)
     gt[200:600, 300:700] = True
-    rows = [{"object": 0, "mode": f"mode{i}", "dice": 0.1 * i, "_mask": gt} for i in range(9)]
-    path = write_overlay(tmp_path / "big.png", image, gt, rows)
+    panels = [(f"mode{i}", [gt], 0.1 * i) for i in range(9)]
+    path = write_overlay(tmp_path / "big.png", image, gt, panels)
     with Image.open(path) as png:
         assert png.format == "PNG"
         width, height = png.size

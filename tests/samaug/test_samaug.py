@@ -18,19 +18,13 @@ from sam4med.engine.everything import ProposedMask
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.metrics import paired_bootstrap
 from sam4med.samaug.experiment import images_used, summarise
-from sam4med.samaug.priors import (
-    PriorSettings,
-    Priors,
-    _tiles,
-    augment,
-    compose_input,
-    input_channels,
-    priors_from_masks,
-    settings_key,
-)
+from sam4med.samaug.inputs import augment, compose_input, input_channels
+from sam4med.samaug.priors import PriorSettings, Priors, priors_from_masks, settings_key, tile_boxes
 from sam4med.samaug.store import PriorStore, generate_priors
-from sam4med.engine.data import load_dataset, training_split
-from sam4med.samaug.training import TrainConfig, combine, confidence, mean_entropy, train
+from sam4med.engine.datasets import load_dataset
+from sam4med.engine.splits import training_split
+from sam4med.samaug.prediction import combine, confidence, mean_entropy
+from sam4med.samaug.training import TrainConfig, train
 from sam4med.samaug.inference import authors_soft_dice, evaluate, load_segmenter, predict
 
 from conftest import make_ellipse_image
@@ -82,12 +76,16 @@ def test_augment_adds_priors_to_channels_1_and_2_or_appends_them():
         compose_input(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 4, 4))
 
 
-def test_tiles_cover_the_side_exactly():
-    for size, tile in [(1000, 500), (1000, 300), (256, 256), (257, 256)]:
-        tiles = _tiles(size, tile)
-        assert tiles[0][0] == 0 and tiles[-1][1] == size
-        assert all(stop - start <= tile for start, stop in tiles)
-        assert all(a[1] == b[0] for a, b in zip(tiles, tiles[1:]))
+def test_tiles_cover_the_image_exactly_once():
+    for size, tile, count in [((1000, 1000), 500, 4), ((1000, 600), 300, 8), ((256, 256), 256, 1),
+                              ((257, 256), 256, 2), ((128, 256), 128, 2)]:
+        tiles = tile_boxes(size, tile)
+        assert len(tiles) == count
+        assert all(x1 - x0 <= tile and y1 - y0 <= tile for x0, y0, x1, y1 in tiles)
+        cover = np.zeros(size, int)
+        for x0, y0, x1, y1 in tiles:
+            cover[y0:y1, x0:x1] += 1
+        assert (cover == 1).all()
 
 
 def _write_dataset(root, count=2, size=96, seed=0, gray=False):
@@ -132,7 +130,8 @@ def test_a_failing_image_is_recorded_and_the_run_goes_on(tmp_path, litemedsam):
     (data / "images" / "img01.png").write_bytes(b"not a png")
     [summary] = generate_priors([data], tmp_path / "priors", litemedsam, figures_per_dataset=0, show_progress=False)
     assert (summary.computed, summary.failed) == (1, 1)
-    failure = json.loads((tmp_path / "priors" / "ellipses" / "failures.jsonl").read_text().splitlines()[0])
+    rows = [json.loads(line) for line in (tmp_path / "priors" / "ellipses" / "results.jsonl").read_text().splitlines()]
+    [failure] = [row for row in rows if row["status"] == "error"]
     assert failure["image"] == "img01" and "img01.png" in failure["error"]
 
 
@@ -145,7 +144,7 @@ def test_priors_only_for_the_images_an_experiment_uses(tmp_path, litemedsam):
                                 image_ids=used)
     assert summary.computed == len(used)
     store = PriorStore(tmp_path / "priors" / "ellipses")
-    assert {f"img{i:02d}" for i in range(10) if store.has(f"img{i:02d}")} == used
+    assert {f"img{i:02d}" for i in range(10) if store.path(f"img{i:02d}").is_file()} == used
 
 
 def _oracle_priors(data, out):
@@ -182,7 +181,7 @@ def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task
     scores, frames = {}, {}
     for kind in ("raw", "samaug", "dual"):
         run = tmp_path / kind
-        result = train([data], priors if kind != "raw" else None, run, TrainConfig(**{**base.__dict__, "input": kind}),
+        result = train([data], priors if kind != "raw" else None, run, TrainConfig(**{**base.__dict__, "input_kind": kind}),
                        show_progress=False)
         assert len((run / "history.jsonl").read_text().splitlines()) == 12
         frame = evaluate(run / "best.pt", [data], priors if kind != "raw" else None, "test")
@@ -208,20 +207,20 @@ def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task
 
 def test_training_resumes_and_refuses_another_configuration(tmp_path):
     data = _noise_dataset(tmp_path / "noise", count=8, size=32)
-    config = TrainConfig(input="raw", image_size=32, features=4, epochs=2, batch_size=4,
+    config = TrainConfig(input_kind="raw", image_size=32, features=4, epochs=2, batch_size=4,
                          fractions={"train": 0.5, "val": 0.25, "test": 0.25})
     first = train([data], None, tmp_path / "run", config, show_progress=False)
     assert first.epochs_run == 2
     again = train([data], None, tmp_path / "run", config, show_progress=False)
     assert again.epochs_run == 2 and len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 2
-    with pytest.raises(InputError, match="another configuration.*learning_rate"):
+    with pytest.raises(InputError, match="holds results made with other settings .learning_rate differ."):
         train([data], None, tmp_path / "run", TrainConfig(**{**config.__dict__, "learning_rate": 0.1}),
               show_progress=False)
-    assert load_segmenter(tmp_path / "run" / "best.pt").config.input == "raw"
+    assert load_segmenter(tmp_path / "run" / "best.pt").config.input_kind == "raw"
 
 
 def test_split_keeps_a_named_split_and_draws_validation_from_training(tmp_path):
-    from sam4med.engine.data import load_dataset
+    from sam4med.engine.datasets import load_dataset
 
     data = _noise_dataset(tmp_path / "named", count=10, size=16)
     groups = {f"n{i:02d}": ("train" if i < 8 else "val") for i in range(10)}
@@ -268,12 +267,12 @@ def test_paired_bootstrap_and_summary():
 def test_cli_train_rejects_bad_arguments_in_one_line(tmp_path):
     data = _noise_dataset(tmp_path / "noise", count=4, size=16)
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--net", "resnet"])
+    result = runner.invoke(app, ["samaug", "train", "--data", str(data), "--out", str(tmp_path / "r"), "--net", "resnet"])
     assert result.exit_code == 2 and "--net 'resnet'" in result.output
-    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r")])
+    result = runner.invoke(app, ["samaug", "train", "--data", str(data), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "needs --priors" in result.output
-    result = runner.invoke(app, ["evaluate", str(tmp_path / "missing.pt"), "--data", str(data), "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "missing.pt: no such checkpoint" in result.output
+    result = runner.invoke(app, ["samaug", "evaluate", str(tmp_path / "missing.pt"), "--data", str(data), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "missing.pt: checkpoint file not found" in result.output
 
 
 def test_tiled_priors_put_each_tiles_masks_back_in_place(litemedsam):

@@ -1,0 +1,109 @@
+"""The ``sam4med`` command line: engine verbs at the top, one group of verbs per method, each verb a
+thin shell over one documented function (as micro-sam's are)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sam4med.cli import evaluation, samaug, samunet
+from sam4med.cli.options import CheckpointOption, DeviceOption, ModelOption, ThreadsOption, one_line_errors
+from sam4med.engine.errors import InputError
+from sam4med.engine.runtime import configure_cpu
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.")
+app.add_typer(evaluation.app, name="eval")
+app.add_typer(samaug.app, name="samaug")
+app.add_typer(samunet.app, name="samunet")
+
+
+@app.command()
+def models() -> None:
+    """List the registered models and how each preprocesses its input."""
+    from sam4med.engine.registry import MODELS
+
+    for spec in MODELS.values():
+        weights = "bundled" if spec.bundled_checkpoint else "--checkpoint"
+        points = "points+boxes" if spec.takes_point_prompts else "boxes only"
+        typer.echo(f"{spec.name:11s} {spec.image_size:5d}px  {spec.resize:12s} {spec.normalisation:9s} "
+                   f"{points:12s} {weights:12s} {spec.description}")
+
+
+def _parse_point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--point '{text}': expected X,Y") from None
+    return x, y
+
+
+@app.command()
+@one_line_errors
+def segment(
+    image: Annotated[Path, typer.Argument(help="Image file (PNG, JPG, TIFF; 8/16 bit; gray, RGB or RGBA).")],
+    out: Annotated[Path, typer.Option(help="Output mask PNG (0/255).")],
+    box: Annotated[Optional[tuple[float, float, float, float]], typer.Option(help="x0 y0 x1 y1 in pixels.")] = None,
+    point: Annotated[Optional[list[str]], typer.Option(help="X,Y in pixels (repeatable).")] = None,
+    label: Annotated[Optional[list[int]], typer.Option(help="1 (object) or 0 (background) per --point.")] = None,
+    overlay: Annotated[Optional[Path], typer.Option(help="Also write the mask drawn over the image.")] = None,
+    model: ModelOption = "litemedsam",
+    checkpoint: CheckpointOption = None,
+    mask_rule: Annotated[Optional[str], typer.Option(help="single or iou; default: the model's.")] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Segment one object in one image from a box and/or points."""
+    from sam4med.engine.models import load_model
+    from sam4med.engine.predictor import Predictor
+    from sam4med.engine.prompts import Prompt
+    from sam4med.engine.segment import segment_image_file
+
+    configure_cpu()
+    points = [_parse_point(p) for p in point or []]
+    if label and len(label) != len(points):
+        raise InputError(f"--label given {len(label)} times for {len(points)} --point")
+    prompt = Prompt(points=points or None, labels=label or None, box=box)
+    mask = segment_image_file(Predictor(load_model(model, checkpoint, device)), image, prompt, out, overlay, mask_rule)
+    typer.echo(f"{out}: {int(mask.sum())} foreground pixels")
+
+
+@app.command("segment-volume")
+@one_line_errors
+def segment_volume(
+    volume: Annotated[Path, typer.Argument(help="NIfTI, NRRD, MHA or a DICOM series folder.")],
+    box3d: Annotated[tuple[float, float, float, float, float, float], typer.Option(help="x0 y0 z0 x1 y1 z1 (voxels).")],
+    out: Annotated[Path, typer.Option(help="Output label volume (.nii.gz, .nrrd, ...), aligned with the input.")],
+    axis: Annotated[int, typer.Option(help="Slicing axis of the (z, y, x) array: 0 axial, 1 coronal, 2 sagittal; "
+                                           "the box's z is the index along it.")] = 0,
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    model: ModelOption = "litemedsam",
+    checkpoint: CheckpointOption = None,
+    device: DeviceOption = None,
+) -> None:
+    """Segment one object in a volume from a 3D box, propagated slice by slice from the middle."""
+    from sam4med.engine.models import load_model
+    from sam4med.engine.predictor import Predictor
+    from sam4med.engine.segment import segment_volume_file
+
+    configure_cpu()
+    labels = segment_volume_file(Predictor(load_model(model, checkpoint, device)), volume, box3d, out, axis,
+                                 (lower_percentile, upper_percentile))
+    typer.echo(f"{out}: {int(labels.sum())} foreground voxels in "
+               f"{int(labels.any(axis=tuple(a for a in range(3) if a != axis)).sum())} slices")
+
+
+@app.command()
+@one_line_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo data, results and report go.")] = Path("runs/demo"),
+    threads: ThreadsOption = None,
+) -> None:
+    """The main job on the bundled default: LiteMedSAM, 9 prompt modes on an offline phantom data set."""
+    from sam4med.evaluation.demo import run_demo
+
+    configure_cpu(threads)
+    results, report = run_demo(out)
+    evaluation.print_summary(results.parent)
+    typer.echo(f"report: {report}")

@@ -1,0 +1,92 @@
+"""``sam4med eval``: the COSMOS-style benchmark and its report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sam4med.cli.options import (
+    CheckpointOption,
+    DataOption,
+    DeviceOption,
+    EncoderOption,
+    MaxImagesOption,
+    ModelOption,
+    ThreadsOption,
+    one_line_errors,
+)
+from sam4med.engine.runtime import configure_cpu
+
+app = typer.Typer(no_args_is_help=True, help="Evaluate SAM-family models on medical images (COSMOS protocol).")
+
+
+@app.command()
+@one_line_errors
+def benchmark(
+    data: DataOption,
+    out: Annotated[Path, typer.Option(help="Results folder (results.jsonl, protocol.json, overlays/).")],
+    model: ModelOption = "litemedsam",
+    checkpoint: CheckpointOption = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated prompt modes.")] = "",
+    mask_rule: Annotated[Optional[str], typer.Option(help="single, oracle (COSMOS) or iou (SAM-Med2D); default: the model's.")] = None,
+    seed: int = 0,
+    jitter: Annotated[float, typer.Option(help="box_jitter amount.")] = 5.0,
+    jitter_unit: Annotated[str, typer.Option(help="px or percent (of the box side).")] = "px",
+    jitter_kind: Annotated[str, typer.Option(help="corners, shift or scale.")] = "corners",
+    points_sampler: Annotated[str, typer.Option(help="stride (COSMOS) or random, for pointsK modes.")] = "stride",
+    negative_region: Annotated[str, typer.Option(help="double_box (COSMOS) or image (SAM-Med2D).")] = "double_box",
+    interactive_start: Annotated[str, typer.Option(help="box or point_center.")] = "box",
+    rounds: Annotated[int, typer.Option(help="Corrective clicks in interactive mode.")] = 5,
+    click_rule: Annotated[str, typer.Option(help="largest (RITM) or random (SAM-Med2D) error click.")] = "largest",
+    one_object: Annotated[bool, typer.Option(help="Treat each mask as one object instead of its connected components.")] = False,
+    max_objects: Annotated[int, typer.Option(help="Objects per image, drawn by seed when more (0: all).")] = 20,
+    max_images: MaxImagesOption = 0,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache folder (re-runs skip the encoder).")] = None,
+    encoder: EncoderOption = "torch",
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Evaluate a model on data sets under every prompt mode (COSMOS protocol); resumable."""
+    from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
+    from sam4med.evaluation.modes import DEFAULT_MODES, PromptSettings
+
+    configure_cpu(threads)
+    config = BenchmarkConfig(
+        model=model,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        modes=tuple(m.strip() for m in modes.split(",") if m.strip()) or DEFAULT_MODES,
+        mask_rule=mask_rule,
+        seed=seed,
+        as_one_object=one_object,
+        max_objects_per_image=max_objects or None,
+        max_images=max_images or None,
+        prompts=PromptSettings(jitter, jitter_unit, jitter_kind, points_sampler, negative_region,  # type: ignore[arg-type]
+                               interactive_start, rounds, click_rule),
+    )
+    results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir, encoder_backend=encoder)
+    print_summary(results.parent)
+
+
+def print_summary(results_dir: Path) -> None:
+    from rich.console import Console
+
+    from sam4med.evaluation.summary import failures, load_results, mean_table
+
+    frame = load_results(results_dir)
+    console = Console()
+    console.print("mean Dice (data set x mode):")
+    console.print(mean_table(frame, "dice").round(3).to_string())
+    failed = failures(frame)
+    if len(failed):
+        console.print(f"{len(failed)} image(s) failed; see {results_dir / 'results.jsonl'} (status = error)")
+
+
+@app.command()
+@one_line_errors
+def report(results: Annotated[Path, typer.Argument(help="Results folder of a benchmark run.")]) -> None:
+    """Write tables (CSV) and an HTML report with plots and example overlays."""
+    from sam4med.evaluation.report import write_report
+
+    typer.echo(str(write_report(results)))

@@ -1,0 +1,105 @@
+"""Checkpoint files: reading them safely, the one layout every sam4med trainer writes, and the
+registry of checkpoint kinds that turns a trained checkpoint back into a model.
+
+Layout (``best.pt`` and ``last.pt`` alike)::
+
+    {"format": CHECKPOINT_FORMAT, "kind": <registered kind>, "config": {...}, "meta": {...},
+     "weights": <what was trained>, "epoch": int, "val_dice": float,
+     "resume": {...}}   # last.pt only: the whole module, optimiser, scheduler and loop state
+
+The engine names no method: a method registers a loader for its kind with
+:func:`register_checkpoint_kind`, or declares one under the ``sam4med.checkpoint_kinds`` entry-point
+group so that ``load_model`` finds it without the caller importing the method first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sam4med.engine.errors import InputError
+
+CHECKPOINT_FORMAT = "sam4med-checkpoint/1"
+ENTRY_POINT_GROUP = "sam4med.checkpoint_kinds"
+
+CheckpointLoader = Callable[[Path, dict, "str | torch.device | None"], Any]
+_LOADERS: dict[str, CheckpointLoader] = {}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: Path) -> object:
+    """A checkpoint loaded with ``weights_only=True``: a pickle can never run code here."""
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip and torch errors all mean the same to the user
+        raise InputError(f"{path}: not a loadable PyTorch checkpoint ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:200]})") from None
+
+
+def is_trained_checkpoint(saved: object, path: Path) -> bool:
+    """True for a sam4med training checkpoint; an earlier sam4med layout is refused."""
+    if not isinstance(saved, dict):
+        return False
+    if saved.get("format") == CHECKPOINT_FORMAT:
+        return True
+    if "format" in saved or saved.get("kind") == "sam4med-promptable" or {"network", "config"} <= saved.keys():
+        raise InputError(f"{path}: written by an earlier sam4med in another checkpoint layout; train it again")
+    return False
+
+
+def read_trained_checkpoint(path: Path, kind: str) -> dict:
+    """A sam4med checkpoint of ``kind``, or one InputError saying what the file is instead."""
+    saved = read_checkpoint(path)
+    if not is_trained_checkpoint(saved, path):
+        raise InputError(f"{path}: not a sam4med training checkpoint")
+    assert isinstance(saved, dict)
+    if saved["kind"] != kind:
+        raise InputError(f"{path}: a '{saved['kind']}' checkpoint, not '{kind}'")
+    return saved
+
+
+def save_checkpoint(path: Path, record: Mapping[str, object]) -> None:
+    """Write ``record`` in the checkpoint layout, atomically (temporary file + rename)."""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"format": CHECKPOINT_FORMAT, **record}, temporary)
+    os.replace(temporary, path)
+
+
+def register_checkpoint_kind(kind: str, loader: CheckpointLoader) -> None:
+    """Make ``load_model`` turn checkpoints of ``kind`` into models with ``loader(path, saved, device)``."""
+    _LOADERS[kind] = loader
+
+
+def checkpoint_loader(kind: str, path: Path) -> CheckpointLoader:
+    if kind not in _LOADERS:
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            if entry.name == kind:
+                register_checkpoint_kind(kind, entry.load())
+    if kind not in _LOADERS:
+        raise InputError(f"{path}: a '{kind}' checkpoint, which no installed package turns into a model")
+    return _LOADERS[kind]
+
+
+def state_dict_of(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a published checkpoint (plain, or under "model" / "state_dict")."""
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint, dict) and key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{path}: checkpoint holds a {type(checkpoint).__name__}, not a state dict")
+    return checkpoint

@@ -1,0 +1,167 @@
+"""A data set on disk: ``images/<id>.<ext>`` and ``masks/<id>.png`` (0 = background,
+foreground > 0), optionally ``dataset.json`` (name, modality, target, ``groups``: {image id: group})
+and ``fov/<id>.png`` (field-of-view masks, as in DRIVE). An image and its mask share the file stem
+``<id>``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sam4med.engine.errors import InputError, one_line
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image with its mask (None when masks were not required) and optional group / FOV."""
+
+    id: str
+    image_path: Path
+    mask_path: Path | None = None
+    group: str | None = None
+    fov_path: Path | None = None
+
+
+@dataclass
+class Dataset:
+    """The samples of one data set, sorted by id, with its descriptive metadata."""
+
+    name: str
+    modality: str
+    target: str
+    root: Path
+    samples: list[Sample]
+
+    @property
+    def groups(self) -> dict[str, list[Sample]]:
+        """Group name -> its samples (sorted group names); empty when no sample has a group."""
+        groups: dict[str, list[Sample]] = {}
+        for sample in self.samples:
+            if sample.group is not None:
+                groups.setdefault(sample.group, []).append(sample)
+        return dict(sorted(groups.items()))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+
+def load_dataset(
+    path: str | Path | None = None,
+    *,
+    images: str | Path | None = None,
+    masks: str | Path | None = None,
+    name: str | None = None,
+    modality: str | None = None,
+    target: str | None = None,
+    require_masks: bool = True,
+) -> Dataset:
+    """Index a data set folder, or an explicit ``images=``/``masks=`` pair of folders.
+
+    ``path`` may hold ``dataset.json`` and ``fov/``; ``images`` and ``masks`` default to its
+    ``images/`` and ``masks/`` and, when relative, are taken inside it. Arguments override
+    dataset.json; the name falls back to the folder name and modality/target to "unknown".
+    Hidden files are skipped; any other non-image file is an error rather than silently
+    left out, as is an image without a mask (unless ``require_masks=False``) or a mask
+    without an image.
+    """
+    if path is None and images is None:
+        raise InputError("load_dataset: give a data set folder or images=")
+    base = Path(path) if path is not None else Path()
+    images_dir = base / (images if images is not None else "images")
+    if masks is not None:
+        masks_dir: Path | None = base / masks
+    else:
+        masks_dir = base / "masks" if path is not None and (base / "masks").is_dir() else None
+    root = Path(path) if path is not None else images_dir.parent
+    meta = _read_meta(root / "dataset.json") if path is not None and (root / "dataset.json").is_file() else {}
+    groups: dict[str, str] = meta.get("groups", {})
+
+    image_files = _index_folder(images_dir, "images")
+    if not image_files:
+        raise InputError(f"{images_dir}: no images in the folder")
+    if masks_dir is not None:
+        mask_files = _match(image_files, _index_folder(masks_dir, "masks"), masks_dir, "mask", require_masks)
+    elif require_masks:
+        raise InputError(f"{root}: no masks folder (give masks=, or require_masks=False to load images only)")
+    else:
+        mask_files = {}
+    fov_dir = root / "fov"
+    fov_files: dict[str, Path] = {}
+    if path is not None and fov_dir.is_dir():
+        fov_files = _match(image_files, _index_folder(fov_dir, "fov"), fov_dir, "fov mask", True)
+
+    if groups:
+        missing = next((i for i in image_files if i not in groups), None)
+        if missing is not None:
+            raise InputError(f"{image_files[missing]}: no entry in dataset.json groups (every image needs a group)")
+    samples = [
+        Sample(
+            id=image_id,
+            image_path=image_files[image_id],
+            mask_path=mask_files.get(image_id),
+            group=groups.get(image_id),
+            fov_path=fov_files.get(image_id),
+        )
+        for image_id in sorted(image_files)
+    ]
+    return Dataset(
+        name=name or meta.get("name") or root.resolve().name,
+        modality=modality or meta.get("modality") or "unknown",
+        target=target or meta.get("target") or "unknown",
+        root=root,
+        samples=samples,
+    )
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read data set description ({one_line(exc)})") from exc
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    groups = meta.get("groups", {})
+    if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
+        raise InputError(f'{path}: "groups" must map image ids to group names')
+    return meta
+
+
+def _index_folder(folder: Path, what: str) -> dict[str, Path]:
+    """File stem -> file for one folder of images or masks."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: {what} folder not found")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise InputError(
+                f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)}); "
+                "remove it or hide it with a leading '.'"
+            )
+        if path.stem in found:
+            raise InputError(f"{path}: id '{path.stem}' is also used by {found[path.stem].name}")
+        found[path.stem] = path
+    return found
+
+
+def _match(
+    images: dict[str, Path], others: dict[str, Path], folder: Path, what: str, required: bool
+) -> dict[str, Path]:
+    """Pair masks (or FOV masks) with images by id; unpaired files on either side are errors."""
+    for other_id, other in others.items():
+        if other_id not in images:
+            raise InputError(f"{other}: {what} without an image of id '{other_id}'")
+    if required:
+        for image_id, image in images.items():
+            if image_id not in others:
+                raise InputError(f"{image}: no {what} in {folder} (expected {folder / image_id}.png)")
+    return others

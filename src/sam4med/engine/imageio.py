@@ -1,0 +1,112 @@
+"""Reading 2D images and masks as SAM-family models take them: every decoding failure is one InputError."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, ImageFile
+
+from sam4med.engine.datasets import IMAGE_EXTENSIONS, Sample
+from sam4med.engine.errors import InputError, hw, one_line
+from sam4med.engine.volumes import window
+
+# PIL modes whose pixels numpy takes as they are stored; others go through convert("RGB").
+_HIGH_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "F"}
+_NUMPY_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"} | _HIGH_BIT_MODES
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a 2D image as HxWx3 uint8 RGB, the input of SAM-family models.
+
+    8-bit gray is replicated to three channels, alpha is dropped and palettes are expanded.
+    Images of more than 8 bits (16-bit or float gray or colour) are mapped to 8 bits with the
+    [0.5, 99.5] percentile window of all their channels together (see ``volumes.window``).
+    """
+    path = Path(path)
+    with _opened(path) as image:
+        pixels = np.asarray(image.convert("RGB")) if image.mode in ("P", "PA") else _pixels(image, path)
+    if pixels.ndim == 3:
+        pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., 0]  # drop alpha
+    if pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8) * 255
+    elif pixels.dtype != np.uint8:
+        if not np.isfinite(pixels).all():
+            raise InputError(f"{path}: image contains NaN or inf values")
+        pixels = window(pixels)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    return np.ascontiguousarray(pixels)
+
+
+def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read a binary mask as HxW bool: foreground is value > 0 of the first channel (label
+    images count as one foreground); JPEG masks use > 127, since compression leaves faint
+    non-zero pixels around the object. ``shape`` (HxW, or an image's HxWxC) must match."""
+    path = Path(path)
+    with _opened(path) as image:
+        pixels = _pixels(image, path)
+    if pixels.ndim == 3:
+        pixels = pixels[..., 0]
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise InputError(f"{path}: mask contains NaN or inf values")
+    mask = pixels > (127 if path.suffix.lower() in (".jpg", ".jpeg") else 0)
+    if shape is not None and mask.shape != tuple(shape[:2]):
+        raise InputError(f"{path}: mask is {hw(mask.shape)} (HxW) but the image is {hw(shape)}")
+    return mask
+
+
+def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """The image (HxWx3 uint8) and mask (HxW bool) of a sample, checked to be the same size."""
+    if sample.mask_path is None:
+        raise InputError(f"{sample.image_path}: sample '{sample.id}' has no mask")
+    image = read_image(sample.image_path)
+    return image, read_mask(sample.mask_path, image.shape)
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """A fully decoded single-frame image; every decoding failure becomes one InputError.
+
+    Truncated files must fail here rather than come back partly gray, so PIL's global
+    LOAD_TRUNCATED_IMAGES (which other code may have set) is forced off while decoding.
+    """
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise InputError(f"{path}: unknown image extension (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as image:
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                raise InputError(
+                    f"{path}: {frames} frames; a 2D image or mask must have one "
+                    "(read 3D data with sam4med.engine.volumes.read_volume)"
+                )
+            image.load()
+            yield image
+    except InputError:
+        raise
+    except Exception as exc:  # PIL and tifffile raise many types for corrupt files
+        raise InputError(f"{path}: cannot read image ({one_line(exc)})") from exc
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _pixels(image: Image.Image, path: Path) -> np.ndarray:
+    """Pixel values as stored (palette indices for palette images), channels last."""
+    if image.format == "TIFF" and image.mode not in _HIGH_BIT_MODES and _bits(image) > 8:
+        return tifffile.imread(path, key=0)  # PIL cuts colour samples over 8 bits to their high byte
+    if image.mode in _NUMPY_MODES:
+        return np.asarray(image)
+    return np.asarray(image.convert("RGB"))
+
+
+def _bits(image: Image.Image) -> int:
+    bits = image.tag_v2.get(258, 1)  # TIFF BitsPerSample, one value or one per channel
+    return max(bits) if isinstance(bits, tuple) else int(bits)

@@ -1,0 +1,126 @@
+"""The one resumable loop over images: skip what is done, run one image, append its rows, record
+failures as rows, show progress.
+
+The work for one image is a plain function of that image returning its result rows, kept apart from
+the loop, so that another executor can run the same function. Rows stream to ``results.jsonl``, one
+block per image written with one unbuffered write; every row carries ``dataset``, ``image`` and
+``image_rows`` (the size of its block), so a block cut by a kill is found, dropped and redone, and
+running the same command again continues after the last finished image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from sam4med.engine.datasets import Dataset, Sample
+from sam4med.engine.errors import InputError
+
+RESULTS_FILE = "results.jsonl"
+ItemKey = tuple[str, str]  # (data set name, image id)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    dataset: Dataset
+    sample: Sample
+
+    @property
+    def key(self) -> ItemKey:
+        return self.dataset.name, self.sample.id
+
+
+@dataclass
+class ItemRunSummary:
+    """What one pass of the loop did."""
+
+    results: Path
+    computed: int
+    skipped: int
+    failed: int
+    seconds_per_item: float
+
+
+def finished_items(path: Path) -> set[ItemKey]:
+    """Images whose rows are all in the results file; a cut last line or a partial block is removed."""
+    if not path.exists():
+        return set()
+    lines = path.read_bytes().split(b"\n")
+    rows = [json.loads(line) for line in lines[:-1]]  # the last piece is b"" or a cut line
+    counts: dict[ItemKey, int] = {}
+    expected: dict[ItemKey, int] = {}
+    for row in rows:
+        key = (row["dataset"], row["image"])
+        counts[key] = counts.get(key, 0) + 1
+        expected[key] = row["image_rows"]
+    done = {key for key, count in counts.items() if count == expected[key]}
+    if lines[-1] or len(done) != len(counts):
+        kept = [line + b"\n" for line, row in zip(lines, rows) if (row["dataset"], row["image"]) in done]
+        path.write_bytes(b"".join(kept))
+    return done
+
+
+def failure_message(error: BaseException) -> str:
+    """One line: the InputError's own, or the type, message and the function that raised it."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, InputError):
+        return message
+    return f"{type(error).__name__}: {message} ({traceback.extract_tb(error.__traceback__)[-1].name})"
+
+
+def run_items(
+    items: Sequence[WorkItem],
+    process: Callable[[WorkItem], list[dict]],
+    results: Path,
+    description: str,
+    error_fields: Callable[[WorkItem], Mapping[str, object]] = lambda item: {},
+    show_progress: bool = True,
+) -> ItemRunSummary:
+    """Run ``process`` on every item not yet in ``results``; any failure becomes one error row
+    (``status = "error"``, ``error``, plus ``error_fields(item)``) and the loop goes on."""
+    finished = finished_items(results)
+    seconds: list[float] = []
+    failed = skipped = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not show_progress) as progress, results.open("ab", buffering=0) as handle:
+        task = progress.add_task(description, total=len(items))
+        for item in items:
+            progress.update(task, description=f"{description} {item.dataset.name}/{item.sample.id}")
+            if item.key in finished:
+                skipped += 1
+                progress.advance(task)
+                continue
+            start = time.perf_counter()
+            try:
+                rows = process(item)
+            except Exception as error:  # a batch run records any failure and goes on
+                failed += 1
+                rows = [{"dataset": item.dataset.name, "image": item.sample.id, **error_fields(item),
+                         "status": "error", "error": failure_message(error)}]
+            else:
+                seconds.append(time.perf_counter() - start)
+            block = []
+            for row in rows:
+                row.setdefault("status", "ok")
+                block.append(json.dumps({**row, "image_rows": len(rows)}, default=_json_default) + "\n")
+            handle.write("".join(block).encode())
+            finished.add(item.key)
+            progress.advance(task)
+    computed = len(items) - skipped - failed
+    return ItemRunSummary(results, computed, skipped, failed, float(np.mean(seconds)) if seconds else float("nan"))
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__}")

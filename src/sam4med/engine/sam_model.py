@@ -1,0 +1,187 @@
+"""A SAM-family network with its preprocessing behind one interface: preprocess, encode, decode.
+
+Every registered model, and every trained checkpoint that a method turns back into a model, is a
+:class:`SamModel`; a method that changes the encoder or the decoder subclasses it and overrides
+``encode`` or ``_decode_masks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+
+from sam4med.engine.decoder import ImageState, SharedImageDecoder
+from sam4med.engine.decoder import supports as supports_shared_decoding
+from sam4med.engine.errors import InputError
+from sam4med.engine.onnx_encoder import OnnxEncoder
+from sam4med.engine.preprocessing import (
+    ImageGeometry,
+    from_model_frame,
+    image_geometry,
+    normalise,
+    pad_to_input,
+    resize_content,
+)
+from sam4med.engine.prompts import Prompt
+from sam4med.engine.registry import ModelSpec
+
+ENCODER_BACKENDS = ("torch", "onnx")
+
+
+@dataclass
+class Embedding:
+    """An image's embedding and geometry: computed once, serves every prompt on that image."""
+
+    features: torch.Tensor  # (1, 256, 64, 64)
+    geometry: ImageGeometry
+    decoder_state: ImageState | None = None  # the shared decoder's per-image work, made on first decode
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # model-specific, e.g. SAM-UNet's features
+
+
+@dataclass
+class Decoded:
+    """Decoder output for a batch of prompts on one image.
+
+    ``low_res`` (B, M, 256, 256) are the logits to feed back as ``mask_input``; ``logits`` at the
+    original image size are computed on first use, since a large batch at full size can take GBs.
+    """
+
+    low_res: torch.Tensor
+    iou: torch.Tensor  # (B, M) predicted IoU
+    geometry: ImageGeometry
+    model: SamModel
+    _logits: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self.model.upscale(self.low_res, self.geometry)
+        return self._logits
+
+    def masks(self) -> np.ndarray:
+        """Binary masks (B, M, H, W) at the original size."""
+        return (self.logits > 0).cpu().numpy()
+
+
+class SamModel:
+    """A SAM-family network with its preprocessing: one interface for every registered model."""
+
+    cacheable = True  # whether Embedding.features alone can be stored and reused
+
+    def __init__(self, spec: ModelSpec, network: Sam, weights_sha256: str | None, device: torch.device,
+                 use_shared_decoder: bool = True, encoder_backend: str = "torch"):
+        if encoder_backend not in ENCODER_BACKENDS:
+            raise InputError(f"encoder backend {encoder_backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
+        self.spec = spec
+        self.network = network.to(device).eval()
+        self.weights_sha256 = weights_sha256
+        self.device = device
+        # ONNX Runtime runs the encoder on CPUs only; made (and exported, once) on the first encode.
+        self.encoder_backend = encoder_backend if device.type == "cpu" else "torch"
+        self._onnx_encoder: OnnxEncoder | None = None
+        # Same outputs as the reference decoder up to float rounding, several times less work per
+        # prompt (see engine.decoder); None decodes with segment_anything's own decoder call.
+        self.shared_decoder = SharedImageDecoder(network.mask_decoder) \
+            if use_shared_decoder and supports_shared_decoding(network.mask_decoder) else None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def protocol(self) -> dict[str, object]:
+        return {**self.spec.protocol(), "weights_sha256": self.weights_sha256}
+
+    # --- geometry -------------------------------------------------------------------------
+    def geometry(self, original_size: tuple[int, int]) -> ImageGeometry:
+        return image_geometry(self.spec, original_size)
+
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, ImageGeometry]:
+        """uint8 (H, W, 3) image -> (1, 3, S, S) model input and its geometry."""
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"image must be (H, W, 3) RGB, got shape {tuple(image.shape)}")
+        geometry = self.geometry(image.shape[:2])
+        pixels = torch.tensor(image, device=self.device)  # a copy: callers may pass read-only arrays
+        content = normalise(resize_content(pixels.permute(2, 0, 1)[None].float(), geometry), self.spec)
+        return pad_to_input(content, geometry), geometry
+
+    # --- encoder and decoder --------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray) -> Embedding:
+        model_input, geometry = self.preprocess(image)
+        if self.encoder_backend == "onnx":
+            if self._onnx_encoder is None:
+                self._onnx_encoder = OnnxEncoder(self.network.image_encoder, self.spec.image_size, self.name,
+                                                 self.weights_sha256)
+            return Embedding(self._onnx_encoder(model_input).to(self.device), geometry)
+        return Embedding(self.network.image_encoder(model_input), geometry)
+
+    def prompt_tensors(
+        self, prompts: Sequence[Prompt], geometry: ImageGeometry
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """Points (coords, labels) and boxes of prompts of one structure, in the model's input frame."""
+        scale = torch.tensor(geometry.scale_xy, device=self.device, dtype=torch.float32)
+        points = None
+        if prompts[0].points is not None:
+            coords = torch.as_tensor(np.stack([p.points for p in prompts]), dtype=torch.float32, device=self.device)
+            labels = torch.as_tensor(np.stack([p.labels for p in prompts]), dtype=torch.int64, device=self.device)
+            # Scaled exactly as segment_anything's SamPredictor does (its prompt encoder adds the
+            # half-pixel shift), so numbers stay comparable with published ones.
+            points = (coords * scale, labels)
+        boxes = None
+        if prompts[0].box is not None:
+            box = torch.as_tensor(np.stack([p.box for p in prompts]), dtype=torch.float32, device=self.device)
+            boxes = box * scale.repeat(2)
+        return points, boxes
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        embedding: Embedding,
+        prompts: Sequence[Prompt],
+        mask_input: torch.Tensor | None = None,
+        multimask: bool = False,
+        min_iou: float | None = None,
+    ) -> Decoded:
+        """Decode prompts that share one structure (same number of points, box or not).
+
+        Returns logits for 3 masks per prompt when ``multimask`` else 1. ``mask_input`` is the
+        (B, 1, 256, 256) low-res logits of a previous round (interactive correction). ``min_iou``
+        lets a decoder skip the masks of prompts whose predicted IoUs all fall below it (empty
+        logits instead); for callers that would drop those masks anyway (everything mode).
+        """
+        if not prompts:
+            raise InputError("decode needs at least one prompt")
+        structures = {p.structure for p in prompts}
+        if len(structures) != 1:
+            raise InputError(f"prompts in one decode call must share a structure, got {sorted(structures)}")
+        for prompt in prompts:
+            prompt.check_inside(embedding.geometry.original_size)
+        points, boxes = self.prompt_tensors(prompts, embedding.geometry)
+        masks = None if mask_input is None else mask_input.to(self.device, torch.float32)
+        sparse, dense = self.network.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        if sparse.shape[0] != len(prompts):  # a mask-only prompt carries no sparse token
+            sparse = sparse.expand(len(prompts), -1, -1)
+        low_res, iou = self._decode_masks(embedding, sparse, dense, mask_input is not None, multimask, min_iou)
+        return Decoded(low_res.float(), iou.float(), embedding.geometry, self)
+
+    def _decode_masks(self, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor, has_mask_input: bool,
+                      multimask: bool, min_iou: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits (B, M, 256, 256) and predicted IoUs (B, M) from encoded prompts."""
+        image_pe = self.network.prompt_encoder.get_dense_pe()
+        if self.shared_decoder is None:
+            return self.network.mask_decoder(image_embeddings=embedding.features, image_pe=image_pe,
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                             multimask_output=multimask)
+        if embedding.decoder_state is None:
+            no_mask = self.network.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            embedding.decoder_state = self.shared_decoder.prepare(embedding.features, image_pe, no_mask)
+        return self.shared_decoder(embedding.decoder_state, sparse, multimask, dense if has_mask_input else None,
+                                   min_iou)
+
+    def upscale(self, low_res: torch.Tensor, geometry: ImageGeometry) -> torch.Tensor:
+        """Low-res logits (B, M, 256, 256) -> logits at the original image size."""
+        return from_model_frame(low_res, geometry)

@@ -1,0 +1,139 @@
+"""The one training loop of sam4med: every trainer is a :class:`TrainingTask` (what to train, its
+batches, one step, validation); the loop owns the rest (resume, seeding, checkpoints, history,
+progress), the way micro-sam's and nnU-Net's trainers do.
+
+A run folder holds ``config.json`` (checked on resume), ``split.json``, ``history.jsonl`` (one row
+per epoch), ``best.pt`` (the best validation Dice) and ``last.pt`` (everything to resume), both in the
+layout of :mod:`sam4med.engine.checkpoints`. Each epoch's randomness depends only on (seed, epoch),
+so a run killed and started again trains exactly as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from sam4med.engine.checkpoints import read_trained_checkpoint, save_checkpoint
+from sam4med.engine.datasets import Sample
+from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, append_jsonl, claim_folder, write_split
+
+BEST_FILE = "best.pt"
+LAST_FILE = "last.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def start_run(out: Path, config: Mapping[str, object], splits: Mapping[str, Mapping[str, list[Sample]]]) -> None:
+    """Claim ``out`` for ``config`` (a rerun with the same config resumes) and record the split."""
+    claim_folder(out, CONFIG_FILE, config)
+    write_split(out, splits)
+
+
+class Batches(Protocol):
+    """An epoch's batches: a list, or a DataLoader (which knows its length)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[object]: ...
+
+
+class TrainingTask(ABC):
+    """What one method trains. ``module`` holds every parameter and buffer that changes in training."""
+
+    kind: str  # the checkpoint kind (see engine.checkpoints)
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @abstractmethod
+    def batches(self, epoch: int, rng: np.random.Generator) -> Batches:
+        """The epoch's batches, drawn with ``rng`` (seeded by the loop from seed and epoch)."""
+
+    @abstractmethod
+    def step(self, batch: object) -> float:
+        """One optimiser update (or several) on a batch; returns the loss."""
+
+    @abstractmethod
+    def validate(self) -> float:
+        """Mean validation Dice of the current weights."""
+
+    def trained_weights(self) -> dict[str, torch.Tensor]:
+        """What ``best.pt`` stores; by default the whole module."""
+        return self.module.state_dict()
+
+    def checkpoint_meta(self) -> dict[str, object]:
+        """Whatever a loader needs beside the config to rebuild the model (backbone, channels, ...)."""
+        return {}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    best_val_dice: float
+    best_epoch: int
+    seconds: float
+    epochs_run: int
+
+
+def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int, seed: int,
+        description: str, show_progress: bool = True) -> TrainResult:
+    """Train ``task`` for ``epochs`` in ``out``, continuing from ``last.pt`` when it is there
+    (``out`` is claimed for ``config`` first, as :func:`start_run` does)."""
+    claim_folder(out, CONFIG_FILE, config)
+    loop = {"epoch": 0, "best_val_dice": -1.0, "best_epoch": -1, "seconds": 0.0}
+    last_path = out / LAST_FILE
+    if last_path.is_file():
+        resume = read_trained_checkpoint(last_path, task.kind)["resume"]
+        task.module.load_state_dict(resume["module"])
+        task.optimizer.load_state_dict(resume["optimizer"])
+        task.scheduler.load_state_dict(resume["scheduler"])
+        loop = resume["loop"]
+    record = {"kind": task.kind, "config": dict(config), "meta": task.checkpoint_meta()}
+    task.module.train()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeElapsedColumn(), disable=not show_progress) as progress:
+        bar = progress.add_task(description, total=None, status="")
+        for epoch in range(loop["epoch"], epochs):
+            start = time.perf_counter()
+            seed_everything(seed * 100_003 + epoch)
+            batches = task.batches(epoch, np.random.default_rng([seed, epoch]))
+            progress.update(bar, total=epochs * len(batches), completed=epoch * len(batches))
+            losses = []
+            for batch in batches:
+                losses.append(task.step(batch))
+                progress.update(bar, advance=1, status=f"loss {losses[-1]:.3f}")
+            task.scheduler.step()
+            task.module.eval()
+            val_dice = task.validate()
+            task.module.train()
+            elapsed = time.perf_counter() - start
+            loop["seconds"] += elapsed
+            loop["epoch"] = epoch + 1
+            if val_dice > loop["best_val_dice"]:
+                loop.update(best_val_dice=val_dice, best_epoch=epoch + 1)
+                save_checkpoint(out / BEST_FILE, {**record, "weights": task.trained_weights(), "epoch": epoch + 1,
+                                                  "val_dice": val_dice})
+            save_checkpoint(last_path, {**record, "weights": task.trained_weights(), "epoch": epoch + 1,
+                                        "val_dice": val_dice,
+                                        "resume": {"module": task.module.state_dict(),
+                                                   "optimizer": task.optimizer.state_dict(),
+                                                   "scheduler": task.scheduler.state_dict(), "loop": loop}})
+            append_jsonl(out / HISTORY_FILE, {"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                                              "val_dice": val_dice, "lr": task.scheduler.get_last_lr()[0],
+                                              "seconds": round(elapsed, 2)})
+            progress.update(bar, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
+    return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"])

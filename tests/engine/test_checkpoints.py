@@ -1,0 +1,51 @@
+"""The one checkpoint layout: earlier layouts are refused, kinds are found through the registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sam4med.engine.checkpoints import CHECKPOINT_FORMAT, read_trained_checkpoint, register_checkpoint_kind, save_checkpoint
+from sam4med.engine.errors import InputError
+from sam4med.engine.models import load_model
+
+
+@pytest.mark.parametrize("old", [
+    {"kind": "sam4med-promptable", "config": {}, "state": {}},  # SAM-UNet / decoder runs before the shared loop
+    {"config": {}, "network": {}, "in_channels": 3},  # SAMAug segmenters before the shared loop
+])
+def test_checkpoints_in_an_earlier_layout_are_refused(tmp_path, old):
+    path = tmp_path / "old.pt"
+    torch.save(old, path)
+    with pytest.raises(InputError, match="old.pt: written by an earlier sam4med .*train it again"):
+        load_model("litemedsam", path)
+    with pytest.raises(InputError, match="earlier sam4med"):
+        read_trained_checkpoint(path, "promptable")
+
+
+def test_a_kind_no_package_registers_is_refused_and_a_registered_one_is_used(tmp_path):
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, {"kind": "test-kind", "config": {}, "meta": {"backbone": "litemedsam"}, "weights": {}})
+    assert torch.load(path, weights_only=True)["format"] == CHECKPOINT_FORMAT
+    with pytest.raises(InputError, match="'test-kind' checkpoint, which no installed package turns into a model"):
+        load_model("litemedsam", path)
+    register_checkpoint_kind("test-kind", lambda file, saved, device: ("loaded", file, saved["kind"]))
+    assert load_model("litemedsam", path) == ("loaded", path, "test-kind")
+    with pytest.raises(InputError, match="not 'samaug-segmenter'"):
+        read_trained_checkpoint(path, "samaug-segmenter")
+
+
+def test_the_engine_finds_a_methods_loader_without_importing_the_method_first(tmp_path):
+    """The promptable kind's loader is declared as an entry point: a fresh process that imports only the
+    engine still turns a SAM-UNet checkpoint into a model."""
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, {"kind": "promptable", "config": {}, "meta": {"backbone": "litemedsam"}, "weights": {}})
+    code = ("import sys\nfrom sam4med.engine.checkpoints import checkpoint_loader\nfrom pathlib import Path\n"
+            "assert 'sam4med.samunet' not in sys.modules\n"
+            "loader = checkpoint_loader('promptable', Path('x'))\n"
+            "print(loader.__module__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "sam4med.samunet.loading"

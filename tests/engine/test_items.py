@@ -1,0 +1,69 @@
+"""The resumable item loop: rows per image, failures as rows, cut blocks redone, nothing done twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sam4med.engine.datasets import Dataset, Sample
+from sam4med.engine.errors import InputError
+from sam4med.engine.items import WorkItem, run_items
+
+
+def items(names: list[str], dataset: str = "toy") -> list[WorkItem]:
+    data = Dataset(dataset, "test", "test", Path("."), [Sample(n, Path(f"{n}.png")) for n in names])
+    return [WorkItem(data, s) for s in data.samples]
+
+
+def two_rows(item: WorkItem) -> list[dict]:
+    if item.sample.id == "bad":
+        raise InputError(f"{item.sample.image_path}: cannot read image")
+    if item.sample.id == "crash":
+        raise ZeroDivisionError("division by zero")
+    return [{"dataset": item.dataset.name, "image": item.sample.id, "object": k} for k in range(2)]
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rows_and_failures_are_recorded_and_a_rerun_does_nothing_again(tmp_path):
+    results = tmp_path / "results.jsonl"
+    work = items(["a", "bad", "crash", "b"])
+    summary = run_items(work, two_rows, results, "test", lambda item: {"extra": None}, show_progress=False)
+    assert (summary.computed, summary.skipped, summary.failed) == (2, 0, 2)
+    rows = read(results)
+    assert [(r["image"], r["status"]) for r in rows] == [("a", "ok"), ("a", "ok"), ("bad", "error"),
+                                                         ("crash", "error"), ("b", "ok"), ("b", "ok")]
+    assert rows[2]["error"] == "bad.png: cannot read image" and rows[2]["extra"] is None
+    assert rows[3]["error"].startswith("ZeroDivisionError: division by zero (two_rows)")
+    assert all(r["image_rows"] == (1 if r["status"] == "error" else 2) for r in rows)
+    again = run_items(work, two_rows, results, "test", show_progress=False)
+    assert (again.computed, again.skipped, again.failed) == (0, 4, 0)
+    assert read(results) == rows
+
+
+def test_a_block_cut_by_a_kill_is_dropped_and_redone(tmp_path):
+    results = tmp_path / "results.jsonl"
+    run_items(items(["a", "b"]), two_rows, results, "test", show_progress=False)
+    complete = results.read_text()
+    lines = complete.splitlines(keepends=True)
+    results.write_text(lines[0] + lines[1] + lines[2] + lines[3][:10])  # b's second row cut mid-line
+    summary = run_items(items(["a", "b"]), two_rows, results, "test", show_progress=False)
+    assert (summary.computed, summary.skipped) == (1, 1)
+    assert results.read_text() == complete
+
+
+def test_the_same_image_twice_in_one_run_is_done_once(tmp_path):
+    results = tmp_path / "results.jsonl"
+    summary = run_items(items(["a", "a"]), two_rows, results, "test", show_progress=False)
+    assert (summary.computed, summary.skipped) == (1, 1) and len(read(results)) == 2
+
+
+@pytest.mark.parametrize("cut", [0, 1])
+def test_items_of_two_data_sets_with_one_id_are_kept_apart(tmp_path, cut):
+    results = tmp_path / "results.jsonl"
+    run_items(items(["a"], "one")[cut:] + items(["a"], "two"), two_rows, results, "test", show_progress=False)
+    assert {r["dataset"] for r in read(results)} == ({"one", "two"} if cut == 0 else {"two"})

@@ -1,0 +1,77 @@
+"""The one training loop: checkpoints in the shared layout, history, and a resume that trains exactly
+as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sam4med.engine.checkpoints import read_trained_checkpoint
+from sam4med.engine.errors import InputError
+from sam4med.engine.training import TrainingTask, fit
+
+
+class LineTask(TrainingTask):
+    """Fit y = 3x - 1 with noise drawn from the epoch's generator: every source of randomness the loop owns."""
+
+    kind = "test-line"
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.module = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=0.05)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 1, 0.9)
+
+    def batches(self, epoch: int, rng: np.random.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        x = torch.tensor(rng.uniform(-1, 1, (4, 16, 1)), dtype=torch.float32)
+        return list(zip(x, 3 * x - 1 + 0.1 * torch.randn_like(x)))
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+        x, y = batch
+        self.optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(self.module(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def validate(self) -> float:
+        with torch.no_grad():
+            x = torch.linspace(-1, 1, 50)[:, None]
+            return float(1 / (1 + torch.nn.functional.mse_loss(self.module(x), 3 * x - 1)))
+
+
+def history(out):
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path):
+    straight = fit(LineTask(), tmp_path / "straight", {"lr": 0.05}, 6, seed=3, description="line",
+                   show_progress=False)
+    assert straight.epochs_run == 6 and straight.best_val_dice > 0.5
+    fit(LineTask(), tmp_path / "resumed", {"lr": 0.05}, 2, seed=3, description="line", show_progress=False)
+    resumed = fit(LineTask(), tmp_path / "resumed", {"lr": 0.05}, 6, seed=3, description="line", show_progress=False)
+    drop = ("seconds",)
+    assert [{k: v for k, v in row.items() if k not in drop} for row in history(tmp_path / "resumed")] == \
+        [{k: v for k, v in row.items() if k not in drop} for row in history(tmp_path / "straight")]
+    assert (resumed.best_epoch, resumed.best_val_dice) == (straight.best_epoch, straight.best_val_dice)
+    for name in ("best.pt", "last.pt"):
+        a = read_trained_checkpoint(tmp_path / "straight" / name, "test-line")
+        b = read_trained_checkpoint(tmp_path / "resumed" / name, "test-line")
+        assert a["epoch"] == b["epoch"] and a["config"] == {"lr": 0.05}
+        for key, value in a["weights"].items():
+            torch.testing.assert_close(b["weights"][key], value, rtol=0, atol=0)
+
+
+def test_another_configuration_in_the_run_folder_is_refused(tmp_path):
+    fit(LineTask(), tmp_path, {"lr": 0.05}, 1, seed=0, description="line", show_progress=False)
+    with pytest.raises(InputError, match=r"other settings \(lr differ\)"):
+        fit(LineTask(), tmp_path, {"lr": 0.1}, 2, seed=0, description="line", show_progress=False)
+
+
+def test_checkpoints_name_their_kind(tmp_path):
+    fit(LineTask(), tmp_path, {}, 1, seed=0, description="line", show_progress=False)
+    with pytest.raises(InputError, match="a 'test-line' checkpoint, not 'promptable'"):
+        read_trained_checkpoint(tmp_path / "last.pt", "promptable")
