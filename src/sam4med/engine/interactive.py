@@ -13,7 +13,7 @@ import numpy as np
 
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.metrics import dice
-from sam4med.engine.prompts import Prompt, error_click, select_mask
+from sam4med.engine.prompts import Prompt, error_click, select_mask, wants_multimask
 
 
 @dataclass
@@ -40,7 +40,6 @@ def run_interactive(
     mask_rule: str = "single",
 ) -> InteractiveResult:
     """Simulate ``rounds`` corrective clicks on one object of the image set in ``predictor``."""
-    multimask = mask_rule != "single"
     prompt, mask_input = initial, None
     dice_per_round: list[float] = []
     prompts: list[Prompt] = []
@@ -52,7 +51,7 @@ def run_interactive(
                 dice_per_round.append(dice_per_round[-1])
                 continue
             prompt = prompt.add_point(*click)
-        decoded = predictor.predict([prompt], mask_input=mask_input, multimask=multimask)
+        decoded = predictor.predict([prompt], mask_input=mask_input, multimask=wants_multimask(mask_rule, prompt))
         masks = decoded.masks()[0]
         choice = select_mask(masks, decoded.iou[0].cpu().numpy(), mask_rule, gt)
         mask = masks[choice]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from segment_anything.modeling import Sam
 
 from sam4med.engine.checkpoints import (
     checkpoint_loader,
@@ -18,6 +20,31 @@ from sam4med.engine.registry import model_spec
 from sam4med.engine.sam_model import SamModel
 
 
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+PROMPT_PARTS = ("prompt_encoder.", "mask_decoder.")
+
+
+def load_prompt_weights(network: Sam, name: str, folder: Path = WEIGHTS_DIR) -> str:
+    """Load sam4med's own trained prompt encoder and mask decoder (``folder/<name>.pt``, fp16) over a
+    network, after checking the file against the sha256 in its model card (``<name>.json``)."""
+    card_path = folder / f"{name}.json"
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        path, expected = folder / card["file"], card["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{card_path}: model card missing or unreadable ({type(error).__name__}); reinstall sam4med") from None
+    sha256 = file_sha256(path) if path.is_file() else "missing"
+    if sha256 != expected:
+        raise InputError(f"{path}: sha256 {sha256} differs from its model card's {expected}; reinstall sam4med")
+    state = state_dict_of(read_checkpoint(path), path)
+    if not state or not all(key.startswith(PROMPT_PARTS) for key in state):
+        raise InputError(f"{path}: holds more than a prompt encoder and a mask decoder")
+    result = network.load_state_dict({key: value.float() for key, value in state.items()}, strict=False)
+    if result.unexpected_keys or any(key.startswith(PROMPT_PARTS) for key in result.missing_keys):
+        raise InputError(f"{path}: does not fit the network ({(result.unexpected_keys or result.missing_keys)[:3]})")
+    return sha256
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -29,7 +56,7 @@ def load_model(
     use_shared_decoder: bool = True,
     encoder_backend: str = "torch",
 ) -> SamModel:
-    """Build a registered model and load its weights (bundled ones for LiteMedSAM).
+    """Build a registered model and load its weights (bundled ones for LiteMedSAM and LiteMedSAM-click).
 
     ``checkpoint`` is the model's published weights, or a sam4med training run's ``best.pt`` /
     ``last.pt``, which the loader registered for its kind rebuilds on its (re-verified) backbone.
@@ -66,5 +93,8 @@ def load_model(
     except RuntimeError as error:
         summary = str(error).splitlines()[0] + " " + " ".join(str(error).split())[:300]
         raise InputError(f"{path}: weights do not fit model '{name}': {summary}") from None
+    base_sha256 = None
+    if spec.prompt_weights is not None and checkpoint is None:  # sam4med's own prompt weights over the bundled ones
+        base_sha256, sha256 = sha256, load_prompt_weights(network, spec.prompt_weights)
     torch_device = torch.device(device) if device is not None else default_device()
-    return SamModel(spec, network.eval(), sha256, torch_device, use_shared_decoder, encoder_backend)
+    return SamModel(spec, network.eval(), sha256, torch_device, use_shared_decoder, encoder_backend, base_sha256)

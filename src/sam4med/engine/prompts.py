@@ -193,23 +193,38 @@ def jitter_box(
 
 
 # --- mask selection --------------------------------------------------------------------------
+MASK_RULES = ("single", "auto", "oracle", "iou")
+
+
+def wants_multimask(rule: str, prompt: Prompt) -> bool:
+    """Whether a prompt is decoded to SAM's 3 masks under a mask rule: always for ``oracle`` and ``iou``,
+    never for ``single``, and for ``auto`` only for one lone click, the ambiguous prompt that SAM's
+    multi-mask outputs were trained for (SAM's own recommendation)."""
+    if rule not in MASK_RULES:
+        raise InputError(f"unknown mask rule '{rule}'; use {', '.join(MASK_RULES)}")
+    if rule == "auto":
+        return prompt.box is None and prompt.points is not None and len(prompt.points) == 1
+    return rule != "single"
+
+
 def select_mask(masks: np.ndarray, predicted_iou: np.ndarray, rule: str, gt: np.ndarray | None = None) -> int:
     """Index of the output to keep among a prompt's masks (M, H, W).
 
     ``oracle``: best Dice against ground truth (COSMOS); ``iou``: highest predicted IoU (SAM-Med2D);
-    ``single``: the model's single-mask output, so M must be 1.
+    ``single``: the model's single-mask output, so M must be 1; ``auto``: the highest predicted IoU
+    of 3 outputs, or the single one.
     """
     if rule == "single":
         if len(masks) != 1:
             raise InputError(f"mask rule 'single' expects 1 output, got {len(masks)}")
         return 0
-    if rule == "iou":
+    if rule in ("iou", "auto"):
         return int(np.argmax(predicted_iou))
     if rule == "oracle":
         if gt is None:
             raise InputError("mask rule 'oracle' needs the ground truth")
         return int(np.argmax([dice(mask, gt) for mask in masks]))
-    raise InputError(f"unknown mask rule '{rule}'; use single, oracle or iou")
+    raise InputError(f"unknown mask rule '{rule}'; use {', '.join(MASK_RULES)}")
 
 
 # --- interactive correction ------------------------------------------------------------------

@@ -17,7 +17,7 @@ from sam4med.engine.networks import build_tinyvit_sam, build_vit_sam, quiet_impo
 
 Resize = Literal["longest_side", "stretch"]
 Normalisation = Literal["minmax", "sam_pixel"]
-MaskRule = Literal["single", "oracle", "iou"]
+MaskRule = Literal["single", "auto", "oracle", "iou"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class ModelSpec:
     default_mask_rule: MaskRule
     bundled_checkpoint: Callable[[], Path] | None = None
     expected_sha256: Callable[[], str] | None = None  # called when the bundled weights are loaded
+    # prompt encoder and mask decoder trained by sam4med, loaded over the bundled weights (src/sam4med/weights)
+    prompt_weights: str | None = None
 
     def protocol(self) -> dict[str, object]:
         """The preprocessing choices, recorded with every result."""

@@ -73,12 +73,13 @@ class SamModel:
     cacheable = True  # whether Embedding.features alone can be stored and reused
 
     def __init__(self, spec: ModelSpec, network: Sam, weights_sha256: str | None, device: torch.device,
-                 use_shared_decoder: bool = True, encoder_backend: str = "torch"):
+                 use_shared_decoder: bool = True, encoder_backend: str = "torch", base_weights_sha256: str | None = None):
         if encoder_backend not in ENCODER_BACKENDS:
             raise InputError(f"encoder backend {encoder_backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
         self.spec = spec
         self.network = network.to(device).eval()
         self.weights_sha256 = weights_sha256
+        self.base_weights_sha256 = base_weights_sha256  # the bundled weights under sam4med's own prompt weights
         self.device = device
         # ONNX Runtime runs the encoder on CPUs only; made (and exported, once) on the first encode.
         self.encoder_backend = encoder_backend if device.type == "cpu" else "torch"
@@ -93,7 +94,10 @@ class SamModel:
         return self.spec.name
 
     def protocol(self) -> dict[str, object]:
-        return {**self.spec.protocol(), "weights_sha256": self.weights_sha256}
+        record = {**self.spec.protocol(), "weights_sha256": self.weights_sha256}
+        if self.base_weights_sha256:
+            record["base_weights_sha256"] = self.base_weights_sha256
+        return record
 
     # --- geometry -------------------------------------------------------------------------
     def geometry(self, original_size: tuple[int, int]) -> ImageGeometry:

@@ -11,17 +11,17 @@ from PIL import Image
 from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import read_image
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompts import Prompt, select_mask, tight_box
+from sam4med.engine.prompts import Prompt, select_mask, tight_box, wants_multimask
 from sam4med.engine.volumes import VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
 
 
 def segment_image(predictor: Predictor, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None) -> np.ndarray:
-    """Binary mask (H, W) for one prompt; ``mask_rule`` single or iou (oracle needs ground truth)."""
+    """Binary mask (H, W) for one prompt; ``mask_rule`` single, auto or iou (oracle needs ground truth)."""
     rule = mask_rule or predictor.model.spec.default_mask_rule
     if rule == "oracle":
         rule = "iou"  # no ground truth here: the model's own ranking is the honest choice
     predictor.set_image(image)
-    decoded = predictor.predict([prompt], multimask=rule != "single")
+    decoded = predictor.predict([prompt], multimask=wants_multimask(rule, prompt))
     masks = decoded.masks()[0]
     return masks[select_mask(masks, decoded.iou[0].cpu().numpy(), rule)]
 

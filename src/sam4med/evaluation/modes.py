@@ -35,6 +35,7 @@ from sam4med.engine.prompts import (
     select_mask,
     stride_points,
     tight_box,
+    wants_multimask,
 )
 
 DEFAULT_MODES = (
@@ -116,7 +117,8 @@ class PromptMode(Mode):
         results: list[ObjectResult | None] = [None] * len(prompts)
         for positions in by_structure.values():
             start = time.perf_counter()
-            decoded = image.predictor.predict([prompts[p] for p in positions], multimask=image.mask_rule != "single")
+            decoded = image.predictor.predict([prompts[p] for p in positions],
+                                              multimask=wants_multimask(image.mask_rule, prompts[positions[0]]))
             masks, ious = decoded.masks(), decoded.iou.cpu().numpy()
             seconds = (time.perf_counter() - start) / len(positions)
             for batch_index, position in enumerate(positions):

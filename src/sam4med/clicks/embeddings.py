@@ -1,0 +1,106 @@
+"""Image embeddings cached once for click training: fp16 features and the objects in the decoder's frame.
+
+Layout: ``EMBEDDINGS/<data set>/embeddings.json`` (model and weights hash, flips, minimum object area),
+one ``<image id>.pt`` (and ``<image id>.hflip.pt``, the image flipped left-right) per image, and
+``results.jsonl`` with one row per embedded image: the shared resumable item loop runs them, so a killed
+run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sam4med.engine.datasets import Dataset, Sample
+from sam4med.engine.imageio import load_pair
+from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
+from sam4med.engine.objects import connected_components
+from sam4med.engine.preprocessing import labels_to_low_res
+from sam4med.engine.runs import claim_folder, read_jsonl
+from sam4med.engine.sam_model import SamModel
+
+RECORD_FILE = "embeddings.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """One cached training image: where its embedding is, and how many objects it holds."""
+
+    dataset: str
+    image: str
+    path: Path
+    objects: int
+
+
+def embedding_path(folder: Path, image_id: str, flip: bool) -> Path:
+    return folder / f"{image_id}{'.hflip' if flip else ''}.pt"
+
+
+def load_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (1, 256, 64, 64) float32 and the object ids (256, 256) in the decoder's frame."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return saved["features"].float()[None], saved["labels"].long()
+
+
+class EmbeddingWorker:
+    """The work for one image: encode it (and its mirror image), store features and object labels."""
+
+    def __init__(self, model: SamModel, folder: Path, flips: Sequence[bool], min_area: int):
+        self.model = model
+        self.folder = folder
+        self.flips = flips
+        self.min_area = min_area
+
+    def __call__(self, item: WorkItem) -> list[dict]:
+        image, mask = load_pair(item.sample)
+        rows = []
+        for flip in self.flips:
+            pixels, truth = (image[:, ::-1].copy(), mask[:, ::-1].copy()) if flip else (image, mask)
+            embedding = self.model.encode(pixels)
+            labels = labels_to_low_res(torch.from_numpy(connected_components(truth)), embedding.geometry)
+            areas = torch.bincount(labels.flatten())
+            kept = [i for i in range(1, len(areas)) if areas[i] >= self.min_area]
+            path = embedding_path(self.folder, item.sample.id, flip)
+            temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            torch.save({"features": embedding.features[0].to(torch.float16).cpu(),
+                        "labels": torch.where(torch.isin(labels, torch.tensor(kept)), labels, 0).to(torch.int16)},
+                       temporary)
+            os.replace(temporary, path)
+            rows.append({"dataset": item.dataset.name, "image": item.sample.id, "flip": flip, "objects": len(kept),
+                         "bytes": path.stat().st_size})
+        return rows
+
+
+def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample]]], out: Path,
+                   flips: Sequence[bool] = (False, True), min_area: int = 16,
+                   show_progress: bool = True) -> list[ItemRunSummary]:
+    """Embed the given samples of each data set under ``out/<data set>/`` (resumable)."""
+    summaries = []
+    for name, (dataset, samples) in splits.items():
+        folder = out / name
+        claim_folder(folder, RECORD_FILE, {"model": model.protocol(), "flips": list(flips), "min_area": min_area,
+                                           "features": "fp16 (256, 64, 64)", "labels": "int16 (256, 256)"})
+        worker = EmbeddingWorker(model, folder, flips, min_area)
+        summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, folder / RESULTS_FILE,
+                                   f"embed {name}", show_progress=show_progress))
+    return summaries
+
+
+def embedded_images(out: Path, dataset: str, image_ids: Sequence[str]) -> list[EmbeddedImage]:
+    """The cached images of ``image_ids`` that hold at least one object, both flips, in id order."""
+    wanted = set(image_ids)
+    folder = out / dataset
+    rows = [r for r in read_jsonl(folder / RESULTS_FILE) if r["status"] == "ok" and r["image"] in wanted]
+    return [EmbeddedImage(dataset, r["image"], embedding_path(folder, r["image"], r["flip"]), r["objects"])
+            for r in sorted(rows, key=lambda r: (r["image"], r["flip"])) if r["objects"] > 0]
+
+
+def bytes_per_image(out: Path) -> float:
+    """Mean size of one cached embedding file (features and labels)."""
+    sizes = [r["bytes"] for path in out.glob(f"*/{RESULTS_FILE}") for r in read_jsonl(path) if r["status"] == "ok"]
+    return float(np.mean(sizes)) if sizes else float("nan")

@@ -1,0 +1,54 @@
+"""Click-training checkpoints as engine models, and their export as the weights sam4med ships.
+
+``load_trained`` is the loader of the ``clicks`` checkpoint kind (an entry point, so the engine finds it
+without naming this package): ``load_model("litemedsam", checkpoint=RUN/best.pt)`` gives the backbone
+with the trained prompt encoder and decoder, which takes clicks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint
+from sam4med.engine.errors import InputError
+from sam4med.engine.models import load_model
+from sam4med.engine.sam_model import SamModel
+from sam4med.engine.runs import write_json
+
+CHECKPOINT_KIND = "clicks"
+
+
+def load_trained(path: Path, saved: dict, device: str | torch.device | None = None) -> SamModel:
+    """A click-training checkpoint as a SamModel: its backbone with the trained prompt parts."""
+    backbone = load_model(saved["meta"]["backbone"], device=device)
+    if backbone.weights_sha256 != saved["meta"]["backbone_sha256"]:
+        raise InputError(f"{path}: trained on other {backbone.name} weights than the installed ones")
+    result = backbone.network.load_state_dict(saved["weights"], strict=False)
+    if result.unexpected_keys:
+        raise InputError(f"{path}: keys that do not fit {backbone.name}: {result.unexpected_keys[:3]}")
+    spec = replace(backbone.spec, name=f"{backbone.name}+clicks", takes_point_prompts=True, default_mask_rule="auto")
+    return SamModel(spec, backbone.network, file_sha256(path), backbone.device,
+                    base_weights_sha256=backbone.weights_sha256)
+
+
+def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,
+                          card: dict[str, object] | None = None) -> Path:
+    """Write a run's prompt encoder and mask decoder as fp16 ``folder/<name>.pt`` with its model card
+    ``<name>.json`` (sha256, base weights, training configuration, and what ``card`` adds)."""
+    checkpoint, folder = Path(checkpoint), Path(folder)
+    saved = read_trained_checkpoint(checkpoint, CHECKPOINT_KIND)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.pt"
+    torch.save({key: value.to(torch.float16) if value.is_floating_point() else value
+                for key, value in saved["weights"].items()}, path)
+    write_json(folder / f"{name}.json", {
+        "file": path.name, "sha256": file_sha256(path), "dtype": "float16",
+        "base_model": saved["meta"]["backbone"], "base_weights_sha256": saved["meta"]["backbone_sha256"],
+        "trained_parts": ["prompt_encoder", "mask_decoder"], "epoch": saved["epoch"], "val_dice": saved["val_dice"],
+        "config": saved["config"], "training": {k: v for k, v in saved["meta"].items() if k != "embeddings"},
+        **(card or {}),
+    })
+    return path

@@ -1,0 +1,301 @@
+"""Training LiteMedSAM's prompt encoder and mask decoder for clicks, on cached image embeddings.
+
+Iterative click simulation, as SAM and SAM-Med2D train:
+
+- each object's first prompt is drawn from {one point, 2-5 points, tight box, jittered box, box + point};
+- then ``rounds`` corrective rounds: one click in an error region of the current mask (SAM-Med2D's
+  uniformly drawn error pixel or RITM's centre of the largest error region, half the time each;
+  missed object -> positive click, false positive -> negative), with the previous low-resolution
+  logits fed back as the mask input;
+- a lone first click is decoded to SAM's 3 masks and only the best one (lowest loss) is trained, SAM's
+  ambiguity rule; every other prompt trains the single-mask output;
+- loss per round: 20 x focal + Dice (SAM's 20:1) on the 256 px logits, plus the MSE of the IoU head
+  against each mask's real IoU.
+
+The image encoder is frozen and never run: embeddings come from :mod:`sam4med.clicks.embeddings`
+(computed once, mirror images included). Everything else (run folder, resume, checkpoints, history) is
+the shared training loop's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceLoss
+from segment_anything.modeling import Sam
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding
+from sam4med.engine.datasets import load_dataset
+from sam4med.engine.errors import InputError
+from sam4med.engine.models import load_model
+from sam4med.engine.metrics import dice
+from sam4med.engine.preprocessing import LOW_RES
+from sam4med.engine.prompts import center_point, error_click, jitter_box, random_points, tight_box
+from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
+from sam4med.engine.training import TrainingTask, TrainResult, fit, seed_everything, start_run
+
+CHECKPOINT_KIND = "clicks"
+FIRST_PROMPTS = ("point", "points", "box", "box_jitter", "box_point")
+
+
+@dataclass
+class ClickTrainConfig:
+    """Every choice of a click-training run; stored with its checkpoints."""
+
+    backbone: str = "litemedsam"
+    first_prompt_weights: tuple[float, ...] = (0.35, 0.15, 0.2, 0.15, 0.15)  # over FIRST_PROMPTS
+    rounds: int = 3
+    max_points: int = 5
+    box_jitter_percent: float = 10.0
+    images_per_step: int = 2
+    objects_per_image: int = 4
+    steps_per_epoch: int = 200
+    epochs: int = 10
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    lr_gamma: float = 0.8  # per epoch
+    focal_weight: float = 20.0
+    min_object_area: int = 16  # pixels in the 256 px frame
+    max_train_images: int | None = 200  # per data set
+    max_val_images: int = 4  # per data set
+    flips: bool = True
+    seed: int = 0
+    split_seed: int = 0
+    fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
+
+    def check(self) -> None:
+        if len(self.first_prompt_weights) != len(FIRST_PROMPTS) or min(self.first_prompt_weights) < 0 \
+                or sum(self.first_prompt_weights) <= 0:
+            raise InputError(f"first_prompt_weights: {len(FIRST_PROMPTS)} non-negative weights for {FIRST_PROMPTS}")
+        if min(self.images_per_step, self.objects_per_image, self.steps_per_epoch, self.epochs, self.max_points) < 1 \
+                or self.rounds < 0:
+            raise InputError("--rounds must be >= 0; steps, epochs, images and objects per step >= 1")
+
+
+class PromptParts(nn.Module):
+    """What click training changes: the prompt encoder and the mask decoder of a SAM network."""
+
+    def __init__(self, network: Sam):
+        super().__init__()
+        self.prompt_encoder = network.prompt_encoder
+        self.mask_decoder = network.mask_decoder
+
+    def forward(self, features: Tensor, points: tuple[Tensor, Tensor] | None, boxes: Tensor | None,
+                mask_input: Tensor | None, multimask: bool) -> tuple[Tensor, Tensor]:
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return self.mask_decoder(image_embeddings=features, image_pe=self.prompt_encoder.get_dense_pe(),
+                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                 multimask_output=multimask)
+
+
+@dataclass
+class ObjectPrompts:
+    """The prompts of K objects of one image, in the 256 px frame, grown click by click."""
+
+    points: np.ndarray | None  # (K, n, 2) x, y
+    labels: np.ndarray | None  # (K, n) 1 positive, 0 negative, -1 no click (ignored by SAM)
+    boxes: np.ndarray | None  # (K, 4)
+
+    def add_clicks(self, clicks: Sequence[tuple[tuple[float, float], int] | None]) -> None:
+        new_points = np.array([c[0] if c else (0.0, 0.0) for c in clicks], dtype=np.float32)[:, None]
+        new_labels = np.array([c[1] if c else -1 for c in clicks], dtype=np.int64)[:, None]
+        self.points = new_points if self.points is None else np.concatenate([self.points, new_points], axis=1)
+        self.labels = new_labels if self.labels is None else np.concatenate([self.labels, new_labels], axis=1)
+
+    def tensors(self, scale: float) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
+        points = None if self.points is None else \
+            (torch.from_numpy(self.points * scale), torch.from_numpy(self.labels))  # type: ignore[operator]
+        boxes = None if self.boxes is None else torch.from_numpy(self.boxes * scale)
+        return points, boxes
+
+
+def first_prompts(kind: str, objects: Sequence[np.ndarray], rng: np.random.Generator, max_points: int,
+                  jitter_percent: float) -> ObjectPrompts:
+    """The first prompt of each object (masks in the 256 px frame); all K share one structure."""
+    size = objects[0].shape
+    prompts = ObjectPrompts(None, None, None)
+    if kind in ("box", "box_jitter", "box_point"):
+        boxes = [tight_box(o) for o in objects]
+        if kind == "box_jitter":
+            boxes = [jitter_box(b, size, rng, jitter_percent, "percent") for b in boxes]
+        prompts.boxes = np.stack(boxes).astype(np.float32)
+    if kind in ("point", "box_point"):
+        prompts.add_clicks([(tuple(random_points(o, 1, rng)[0]), 1) for o in objects])
+    elif kind == "points":
+        count = int(rng.integers(2, max_points + 1))
+        prompts.points = np.stack([random_points(o, count, rng) for o in objects]).astype(np.float32)
+        prompts.labels = np.ones((len(objects), count), dtype=np.int64)
+    return prompts
+
+
+def mask_losses(logits: Tensor, targets: Tensor, focal_weight: float, dice: DiceLoss) -> Tensor:
+    """Focal x weight + Dice per mask: logits (K, M, H, W), targets (K, 1, H, W) -> (K, M)."""
+    expanded = targets.expand_as(logits)
+    focal = sigmoid_focal_loss(logits, expanded, reduction="none").flatten(2).mean(2)
+    overlap = dice(logits.flatten(0, 1)[:, None], expanded.flatten(0, 1)[:, None]).reshape(logits.shape[:2])
+    return focal_weight * focal + overlap
+
+
+def real_iou(logits: Tensor, targets: Tensor) -> Tensor:
+    pred = logits > 0
+    truth = targets.expand_as(pred) > 0.5
+    inter = (pred & truth).flatten(2).sum(2).float()
+    union = (pred | truth).flatten(2).sum(2).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+@dataclass
+class ImageStep:
+    image: EmbeddedImage
+    object_ids: list[int]
+    kind: str
+    seed: int
+
+
+class ClickTask(TrainingTask):
+    """Click training of a SAM network's prompt parts, for the shared loop."""
+
+    kind = CHECKPOINT_KIND
+
+    def __init__(self, config: ClickTrainConfig, network: Sam, image_size: int, train: list[EmbeddedImage],
+                 val: list[EmbeddedImage], meta: dict[str, object]):
+        self.config = config
+        self.scale = image_size / LOW_RES  # 256 px frame -> model input frame
+        self.train_images = train
+        self.val_images = val
+        self.meta = meta
+        self.module = PromptParts(network)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=config.learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_gamma)
+        self.dice = DiceLoss(sigmoid=True, reduction="none")
+        weights = np.array(config.first_prompt_weights, dtype=float)
+        self.kind_probabilities = weights / weights.sum()
+
+    def batches(self, epoch: int, rng: np.random.Generator) -> list[list[ImageStep]]:
+        batches = []
+        for _ in range(self.config.steps_per_epoch):
+            step = []
+            for index in rng.choice(len(self.train_images), self.config.images_per_step, replace=False):
+                image = self.train_images[index]
+                count = min(self.config.objects_per_image, image.objects)
+                step.append(ImageStep(image, [], str(rng.choice(FIRST_PROMPTS, p=self.kind_probabilities)),
+                                      int(rng.integers(2**31))))
+                step[-1].object_ids = rng.permutation(image.objects)[:count].tolist()  # ranks among kept objects
+            batches.append(step)
+        return batches
+
+    def _objects(self, labels: Tensor, ranks: Sequence[int]) -> list[np.ndarray]:
+        ids = torch.unique(labels)
+        ids = ids[ids > 0]
+        return [(labels == ids[r]).numpy() for r in ranks]
+
+    def step(self, batch: list[ImageStep]) -> float:
+        self.optimizer.zero_grad()
+        total = 0.0
+        for item in batch:
+            features, labels = load_embedding(item.image.path)
+            objects = self._objects(labels, item.object_ids)
+            rng = np.random.default_rng(item.seed)
+            prompts = first_prompts(item.kind, objects, rng, self.config.max_points, self.config.box_jitter_percent)
+            loss = self._rollout(features, objects, prompts, item.kind == "point", rng, train=True)[0]
+            (loss / len(batch)).backward()
+            total += loss.item() / len(batch)
+        self.optimizer.step()
+        return total
+
+    def _rollout(self, features: Tensor, objects: list[np.ndarray], prompts: ObjectPrompts, lone_click: bool,
+                 rng: np.random.Generator, train: bool, rounds: int | None = None) -> tuple[Tensor, list[list[float]]]:
+        """The first prompts, then corrective rounds; returns the mean loss and each round's Dice per object.
+
+        ``lone_click``: the first prompt is one click, decoded to 3 masks (the best one is kept)."""
+        config = self.config
+        rounds = config.rounds if rounds is None else rounds
+        targets = torch.from_numpy(np.stack(objects)).float()[:, None]
+        mask_input = None
+        loss = torch.zeros(())
+        dice_per_round = []
+        for round_index in range(rounds + 1):
+            multimask = lone_click and round_index == 0
+            points, boxes = prompts.tensors(self.scale)
+            logits, predicted_iou = self.module(features, points, boxes, mask_input, multimask)
+            losses = mask_losses(logits, targets, config.focal_weight, self.dice)
+            if multimask and not train:  # as at inference: the mask the model itself ranks highest
+                best = predicted_iou.argmax(1)
+            else:
+                best = losses.argmin(1)
+            chosen = logits[torch.arange(len(objects)), best]
+            iou_target = real_iou(logits.detach(), targets)
+            loss = loss + losses.gather(1, best[:, None]).mean() + nn.functional.mse_loss(predicted_iou, iou_target)
+            masks = (chosen.detach() > 0).numpy()
+            dice_per_round.append([dice(m, o) for m, o in zip(masks, objects)])
+            if round_index < rounds:
+                rule = "largest" if not train or rng.random() < 0.5 else "random"
+                prompts.add_clicks([error_click(m, o, rng, rule) for m, o in zip(masks, objects)])  # type: ignore[arg-type]
+                mask_input = chosen.detach()[:, None]
+        return loss / (rounds + 1), dice_per_round
+
+    @torch.no_grad()
+    def validate(self, max_objects: int = 4) -> float:
+        """Mean Dice over validation objects of: a tight box, one centre click, and the centre click
+        after 2 corrective clicks (centre of the largest error region)."""
+        scores = []
+        for image in self.val_images:
+            features, labels = load_embedding(image.path)
+            objects = self._objects(labels, range(min(max_objects, image.objects)))
+            rng = np.random.default_rng(0)
+            boxes = ObjectPrompts(None, None, np.stack([tight_box(o) for o in objects]).astype(np.float32))
+            scores += self._rollout(features, objects, boxes, False, rng, train=False, rounds=0)[1][0]
+            centres = ObjectPrompts(np.array([[center_point(o)] for o in objects], dtype=np.float32),
+                                    np.ones((len(objects), 1), dtype=np.int64), None)
+            dice_per_round = self._rollout(features, objects, centres, True, rng, train=False, rounds=2)[1]
+            scores += dice_per_round[0] + dice_per_round[2]
+        return float(np.mean(scores)) if scores else float("nan")
+
+    def trained_weights(self) -> dict[str, Tensor]:
+        """The prompt encoder and mask decoder under the network's own key names."""
+        return self.module.state_dict()
+
+    def checkpoint_meta(self) -> dict[str, object]:
+        return self.meta
+
+
+def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrainConfig | None = None,
+                 embeddings: str | Path | None = None, encoder_backend: str = "torch",
+                 show_progress: bool = True) -> TrainResult:
+    """Train the prompt encoder and mask decoder of ``config.backbone`` for clicks; resumable.
+
+    The training side of every data set (its first ``max_train_images``) and a few validation images
+    are embedded once into ``embeddings`` (default ``OUT/embeddings``; share it between runs), then the
+    shared loop trains. ``best.pt`` loads as a model: ``load_model(backbone, checkpoint=best.pt)``.
+    """
+    config = config or ClickTrainConfig()
+    config.check()
+    out = Path(out)
+    datasets = [load_dataset(d) for d in data]
+    splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
+    start_run(out, asdict(config), splits)
+    store = Path(embeddings) if embeddings is not None else out / "embeddings"
+    backbone = load_model(config.backbone, device="cpu", encoder_backend=encoder_backend)
+    sides = {d.name: (splits[d.name]["train"][: config.max_train_images], splits[d.name]["val"][: config.max_val_images])
+             for d in datasets}
+    embed_datasets(backbone, {d.name: (d, sides[d.name][0] + sides[d.name][1]) for d in datasets}, store,
+                   (False, True) if config.flips else (False,), config.min_object_area, show_progress)
+    train = [e for d in datasets for e in embedded_images(store, d.name, [s.id for s in sides[d.name][0]])]
+    val = [e for d in datasets for e in embedded_images(store, d.name, [s.id for s in sides[d.name][1]])
+           if ".hflip" not in e.path.name]
+    if not train:
+        raise InputError(f"no training image has an object of at least {config.min_object_area} pixels at 256 px")
+    seed_everything(config.seed)
+    meta = {"backbone": config.backbone, "backbone_sha256": backbone.weights_sha256,
+            "datasets": [d.name for d in datasets], "train_images": len(train), "val_images": len(val),
+            "train_objects": sum(e.objects for e in train), "embeddings": str(store)}
+    task = ClickTask(config, backbone.network, backbone.spec.image_size, train, val, meta)
+    return fit(task, out, asdict(config), config.epochs, config.seed, f"train clicks ({config.backbone})",
+               show_progress)
