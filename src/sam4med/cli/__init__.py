@@ -28,7 +28,7 @@ def models() -> None:
     for spec in MODELS.values():
         weights = "bundled" if spec.bundled_checkpoint else "--checkpoint"
         points = "points+boxes" if spec.takes_point_prompts else "boxes only"
-        typer.echo(f"{spec.name:11s} {spec.image_size:5d}px  {spec.resize:12s} {spec.normalisation:9s} "
+        typer.echo(f"{spec.name:17s} {spec.image_size:5d}px  {spec.resize:12s} {spec.normalisation:9s} "
                    f"{points:12s} {weights:12s} {spec.description}")
 
 
@@ -51,7 +51,7 @@ def segment(
     overlay: Annotated[Optional[Path], typer.Option(help="Also write the mask drawn over the image.")] = None,
     model: ModelOption = "litemedsam",
     checkpoint: CheckpointOption = None,
-    mask_rule: Annotated[Optional[str], typer.Option(help="single or iou; default: the model's.")] = None,
+    mask_rule: Annotated[Optional[str], typer.Option(help="single, auto (3 masks for a lone click) or iou; default: the model's.")] = None,
     device: DeviceOption = None,
 ) -> None:
     """Segment one object in one image from a box and/or points."""

@@ -7,17 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from sam4med.cli.options import (
-    BackboneOption,
-    EncoderOption,
-    EpochsOption,
-    MaxTrainImagesOption,
-    RunFolderOption,
-    SeedOption,
-    ThreadsOption,
-    TrainDataOption,
-    one_line_errors,
-)
+from sam4med.cli.options import BackboneOption, EncoderOption, EpochsOption, MaxTrainImagesOption, RunFolderOption
+from sam4med.cli.options import SeedOption, ThreadsOption, TrainDataOption, echo_training_result, one_line_errors
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="A click-capable medical SAM: train the prompt encoder and decoder.")
@@ -51,9 +42,8 @@ def train(
                               images_per_step=images_per_step, objects_per_image=objects_per_image, epochs=epochs,
                               learning_rate=learning_rate, max_train_images=max_train_images or None, flips=flips,
                               seed=seed)
-    result = train_clicks(data, out, config, embeddings, encoder)
-    typer.echo(f"{out}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "
-               f"{result.seconds / 60:.1f} min of training; use with --model {backbone} --checkpoint {out / 'best.pt'}")
+    echo_training_result(out, train_clicks(data, out, config, embeddings, encoder),
+                         f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")
 
 
 @app.command()

@@ -30,7 +30,7 @@ def benchmark(
     model: ModelOption = "litemedsam",
     checkpoint: CheckpointOption = None,
     modes: Annotated[str, typer.Option(help="Comma-separated prompt modes.")] = "",
-    mask_rule: Annotated[Optional[str], typer.Option(help="single, oracle (COSMOS) or iou (SAM-Med2D); default: the model's.")] = None,
+    mask_rule: Annotated[Optional[str], typer.Option(help="single, auto (3 masks for a lone click), oracle (COSMOS) or iou (SAM-Med2D); default: the model's.")] = None,
     seed: int = 0,
     jitter: Annotated[float, typer.Option(help="box_jitter amount.")] = 5.0,
     jitter_unit: Annotated[str, typer.Option(help="px or percent (of the box side).")] = "px",
@@ -43,6 +43,8 @@ def benchmark(
     one_object: Annotated[bool, typer.Option(help="Treat each mask as one object instead of its connected components.")] = False,
     max_objects: Annotated[int, typer.Option(help="Objects per image, drawn by seed when more (0: all).")] = 20,
     max_images: MaxImagesOption = 0,
+    split: Annotated[Optional[str], typer.Option(help="Only this side (test, val, train) of the group-aware "
+                                                      "70/10/20 split the trainers use (seed 0).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache folder (re-runs skip the encoder).")] = None,
     encoder: EncoderOption = "torch",
     device: DeviceOption = None,
@@ -62,6 +64,7 @@ def benchmark(
         as_one_object=one_object,
         max_objects_per_image=max_objects or None,
         max_images=max_images or None,
+        split=split,
         prompts=PromptSettings(jitter, jitter_unit, jitter_kind, points_sampler, negative_region,  # type: ignore[arg-type]
                                interactive_start, rounds, click_rule),
     )

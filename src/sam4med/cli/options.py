@@ -28,7 +28,8 @@ def one_line_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam (bundled), medsam, mobilesam, sam_vit_b/l/h.")]
+ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam (bundled), litemedsam-click (bundled, "
+                                               "takes clicks), medsam, mobilesam, sam_vit_b/l/h.")]
 BackboneOption = Annotated[str, typer.Option(help="Registered SAM backbone (frozen encoder).")]
 CheckpointOption = Annotated[Optional[Path], typer.Option(help="Weights file; required for every model but litemedsam.")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ...; default: CUDA when present.")]
@@ -43,3 +44,9 @@ EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, 
                                                  "pip install onnxruntime).")]
 EpochsOption = Annotated[int, typer.Option(help="Training epochs.")]
 SeedOption = Annotated[int, typer.Option(help="Seed of the training randomness.")]
+
+
+def echo_training_result(out: Path, result: object, model_hint: str = "") -> None:
+    """One line on a finished (or resumed) training run: best validation Dice, epoch, minutes."""
+    typer.echo(f"{out}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "  # type: ignore[attr-defined]
+               f"{result.seconds / 60:.1f} min of training{model_hint}")  # type: ignore[attr-defined]

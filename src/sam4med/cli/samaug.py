@@ -7,20 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from sam4med.cli.options import (
-    CheckpointOption,
-    DeviceOption,
-    EncoderOption,
-    EpochsOption,
-    MaxImagesOption,
-    MaxTrainImagesOption,
-    ModelOption,
-    RunFolderOption,
-    SeedOption,
-    ThreadsOption,
-    TrainDataOption,
-    one_line_errors,
-)
+from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, EpochsOption, MaxImagesOption
+from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RunFolderOption, SeedOption, ThreadsOption
+from sam4med.cli.options import TrainDataOption, echo_training_result, one_line_errors
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="SAMAug (arXiv 2304.11332): SAM priors for a standard segmenter.")
@@ -88,9 +77,7 @@ def train(
                          scale_to=scale_to or None, patches_per_image=patches_per_image, features=features,
                          epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                          split_seed=split_seed, max_train_images=max_train_images or None)
-    result = train_segmenter(data, priors, out, config)
-    typer.echo(f"{out}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "
-               f"{result.seconds / 60:.1f} min of training")
+    echo_training_result(out, train_segmenter(data, priors, out, config))
 
 
 @app.command()

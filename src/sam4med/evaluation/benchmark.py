@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sam4med.engine.datasets import load_dataset
+from sam4med.engine.datasets import Dataset, Sample, load_dataset
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.imageio import load_pair
@@ -26,6 +26,7 @@ from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 from sam4med.engine.sam_model import SamModel
+from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
 from sam4med.evaluation.modes import DEFAULT_MODES, ImageObjects, Mode, PromptSettings, make_mode, object_rng
 from sam4med.engine.overlays import write_overlay
 
@@ -43,6 +44,8 @@ class BenchmarkConfig:
     min_object_area: int = 10
     max_objects_per_image: int | None = 20
     max_images: int | None = None
+    split: str | None = None  # "test": only the test side of the split every trainer uses (group-aware)
+    split_seed: int = 0
     nsd_tolerance: float = 2.0
     prompts: PromptSettings = field(default_factory=PromptSettings)
     everything: EverythingSettings = field(default_factory=EverythingSettings)
@@ -52,6 +55,8 @@ class BenchmarkConfig:
         so a run can be extended to more images or data sets."""
         record = asdict(self)
         del record["max_images"]
+        if self.split is None:
+            del record["split"], record["split_seed"]
         record["mask_rule"] = self.resolved_mask_rule(model)
         record["everything"] = self.everything.resolved(model.spec.takes_point_prompts).record()
         record["model_protocol"] = model.protocol()
@@ -60,6 +65,14 @@ class BenchmarkConfig:
 
     def resolved_mask_rule(self, model: SamModel) -> str:
         return self.mask_rule or model.spec.default_mask_rule
+
+    def samples(self, dataset: Dataset) -> list[Sample]:
+        """The data set's images under this protocol: all, or one side of the trainers' split."""
+        if self.split is None:
+            return dataset.samples
+        if self.split not in DEFAULT_FRACTIONS:
+            raise InputError(f"--split {self.split!r}: choose one of {', '.join(DEFAULT_FRACTIONS)}")
+        return training_split(dataset, DEFAULT_FRACTIONS, self.split_seed)[self.split]
 
 
 class ImageEvaluator:
@@ -158,6 +171,6 @@ def run_benchmark(
     claim_folder(out, PROTOCOL_FILE, config.protocol(model, modes))
     predictor = Predictor(model, EmbeddingCache(cache_dir) if cache_dir else None)
     evaluator = ImageEvaluator(predictor, config, modes, out / "overlays", overlays_per_dataset)
-    items = [WorkItem(d, s) for d in datasets for s in d.samples[: config.max_images]]
+    items = [WorkItem(d, s) for d in datasets for s in config.samples(d)[: config.max_images]]
     run_items(items, evaluator, out / RESULTS_FILE, "benchmark", evaluator.error_fields, show_progress)
     return out / RESULTS_FILE
