@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sam4med.engine.datasets import Dataset, Sample
@@ -99,8 +98,3 @@ def embedded_images(out: Path, dataset: str, image_ids: Sequence[str]) -> list[E
     return [EmbeddedImage(dataset, r["image"], embedding_path(folder, r["image"], r["flip"]), r["objects"])
             for r in sorted(rows, key=lambda r: (r["image"], r["flip"])) if r["objects"] > 0]
 
-
-def bytes_per_image(out: Path) -> float:
-    """Mean size of one cached embedding file (features and labels)."""
-    sizes = [r["bytes"] for path in out.glob(f"*/{RESULTS_FILE}") for r in read_jsonl(path) if r["status"] == "ok"]
-    return float(np.mean(sizes)) if sizes else float("nan")
