@@ -161,12 +161,16 @@ def mask_nms(candidates: list[ProposedMask], threshold: float) -> list[ProposedM
     return kept
 
 
+def _boxes_of(candidates: list[ProposedMask]) -> torch.Tensor:
+    return tight_boxes(torch.from_numpy(np.stack([c.mask for c in candidates])))
+
+
 def box_nms(candidates: list[ProposedMask], threshold: float) -> list[ProposedMask]:
     """SAM's de-duplication: NMS on the masks' bounding boxes, scored by predicted IoU."""
     if not candidates:
         return candidates
-    boxes = tight_boxes(torch.from_numpy(np.stack([c.mask for c in candidates])))
     scores = torch.tensor([c.predicted_iou for c in candidates])
+    boxes = _boxes_of(candidates)
     return [candidates[i] for i in nms(boxes, scores, threshold).tolist()]
 
 
@@ -174,7 +178,7 @@ def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: Ever
     """Re-prompt each candidate with its mask's tight box; keep whichever scores higher."""
     if not candidates:
         return candidates
-    prompts = [Prompt(box=box) for box in tight_boxes(torch.from_numpy(np.stack([c.mask for c in candidates]))).numpy()]
+    prompts = [Prompt(box=box) for box in _boxes_of(candidates).numpy()]
     refined = predictor.predict(prompts, multimask=False)
     stability = calculate_stability_score(refined.logits[:, 0], 0.0, settings.stability_offset)
     results = []
