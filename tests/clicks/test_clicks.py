@@ -15,13 +15,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_ellipse_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from sam4med.clicks.loading import export_prompt_weights
-from sam4med.clicks.training import ClickTrainConfig, train_clicks
+from sam4med.clicks.training import ClickTrainConfig, background_points, best_object_iou, train_clicks
 from sam4med.engine.errors import InputError
 from sam4med.engine.models import WEIGHTS_DIR, load_model, load_prompt_weights
 from sam4med.engine.predictor import Predictor
+from sam4med.engine.preprocessing import LOW_RES
 from sam4med.engine.prompts import Prompt, center_point
 from sam4med.engine.registry import MODELS, model_spec
 from sam4med.engine.segment import segment_image
@@ -141,3 +145,61 @@ def test_shipped_click_weights_load_with_their_hash():
     model = load_model(spec.name, device="cpu")
     assert model.weights_sha256 == card["sha256"] and model.base_weights_sha256 == card["base_weights_sha256"]
     assert (WEIGHTS_DIR / card["file"]).stat().st_size < 16 * 2**20
+
+
+def test_training_can_start_from_exported_weights(trained, tmp_path):
+    """--init: a run starts from given prompt weights (here: one step at a vanishing learning rate keeps them)."""
+    data, run, _ = trained
+    start = export_prompt_weights(run / "best.pt", tmp_path, "start")
+    config = ClickTrainConfig(**{**asdict(CONFIG), "epochs": 1, "steps_per_epoch": 1, "learning_rate": 1e-12,
+                                 "init_weights": str(start)})
+    train_clicks([data], tmp_path / "run", config, run / "embeddings", show_progress=False)
+    saved = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    initial = torch.load(start, weights_only=True)
+    assert saved["meta"]["init_weights_sha256"] == json.loads((tmp_path / "start.json").read_text())["sha256"]
+    for key, value in initial.items():
+        torch.testing.assert_close(saved["weights"][key], value.float(), atol=2e-3, rtol=2e-3)  # fp16 export
+    with pytest.raises(InputError, match="no such file"):
+        train_clicks([data], tmp_path / "other", ClickTrainConfig(init_weights=str(tmp_path / "missing.pt")))
+
+
+@settings(max_examples=50, deadline=None)
+@given(labels=arrays(np.int16, (LOW_RES, LOW_RES), elements=st.integers(0, 3)),
+       content=st.tuples(st.integers(1, LOW_RES), st.integers(1, LOW_RES)), seed=st.integers(0, 2**16))
+def test_background_clicks_fall_on_unlabelled_pixels_of_the_image(labels, content, seed):
+    points = background_points(torch.from_numpy(labels), content, 3, np.random.default_rng(seed))
+    background = labels[: content[0], : content[1]] == 0
+    assert len(points) == min(3, int(background.sum()))
+    for x, y in points.astype(int):
+        assert y < content[0] and x < content[1] and labels[y, x] == 0
+
+
+def test_background_masks_are_scored_against_the_object_they_overlap_best():
+    labels = torch.zeros(8, 8, dtype=torch.long)
+    labels[0:2, 0:4] = 1  # 8 pixels
+    labels[4:8, 4:8] = 2  # 16 pixels
+    masks = torch.full((1, 4, 8, 8), -1.0)
+    masks[0, 0, 4:8, 4:8] = 1  # object 2 exactly
+    masks[0, 1, 4:8, 4:6] = 1  # half of object 2
+    masks[0, 2, 0:2, 6:8] = 1  # background only
+    expected = torch.tensor([[1.0, 0.5, 0.0, 0.0]])  # the last mask is empty
+    torch.testing.assert_close(best_object_iou(masks, labels), expected)
+    torch.testing.assert_close(best_object_iou(masks, torch.zeros(8, 8, dtype=torch.long)), torch.zeros(1, 4))
+
+
+def test_click_model_keeps_the_base_models_box_masks(litemedsam, ellipse_image):
+    """litemedsam-click decodes a box alone with LiteMedSAM's own decoder (the same masks, bit for bit);
+    clicks, box + click and corrections go to the trained decoder."""
+    image, truth = ellipse_image
+    click_model = load_model("litemedsam-click", device="cpu")
+    assert click_model.protocol()["box_prompts"] == "base model's prompt encoder and decoder"
+    embedding = litemedsam.encode(image)
+    box = Prompt(box=np.array([70, 55, 230, 145], dtype=np.float32))
+    base = litemedsam.decode(embedding, [box])
+    routed = click_model.decode(embedding, [box])
+    assert torch.equal(base.low_res, routed.low_res) and torch.equal(base.iou, routed.iou)
+    with_click = Prompt(points=[center_point(truth)], labels=[1], box=box.box)
+    assert not torch.equal(litemedsam.decode(embedding, [with_click]).low_res,
+                           click_model.decode(embedding, [with_click]).low_res)
+    corrected = click_model.decode(embedding, [box], mask_input=base.low_res)
+    assert not torch.equal(litemedsam.decode(embedding, [box], mask_input=base.low_res).low_res, corrected.low_res)

@@ -9,7 +9,7 @@ import tifffile
 from PIL import Image, ImageFile
 from skimage.draw import disk
 
-from sam4med.engine.datasets import Dataset, Sample, load_dataset
+from sam4med.engine.datasets import Dataset, Sample, load_dataset, load_datasets
 from sam4med.engine.imageio import load_pair, read_image, read_mask
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.splits import predefined_split, split_samples
@@ -285,6 +285,30 @@ def test_bad_description_and_missing_group(tmp_path):
     (root / "dataset.json").write_text(json.dumps({"groups": {"a": "p1"}}), encoding="utf-8")
     with pytest.raises(InputError, match=r"images/b.png: no entry in dataset.json groups"):
         load_dataset(root)
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/anywhere", "..", "a\\b", "", " padded", "tab\tname", 7, ["x"]])
+def test_a_data_set_name_must_be_one_safe_path_component(tmp_path, name):
+    """The name becomes part of output paths (priors, overlays): it must not lead outside --out."""
+    root = make_dataset(tmp_path / "d", ["a"], meta={"name": name})
+    with pytest.raises(InputError, match="dataset.json|data set name"):
+        load_dataset(root)
+
+
+def test_modality_and_target_must_be_strings(tmp_path):
+    root = make_dataset(tmp_path / "d", ["a"], meta={"name": "ok", "modality": ["x"]})
+    with pytest.raises(InputError, match='"modality" must be a string'):
+        load_dataset(root)
+
+
+def test_the_same_data_set_twice_is_refused(tmp_path):
+    first = make_dataset(tmp_path / "one", ["a"], meta={"name": "polyps"})
+    second = make_dataset(tmp_path / "two", ["b"], meta={"name": "polyps"})
+    assert [d.name for d in load_datasets([first])] == ["polyps"]
+    with pytest.raises(InputError, match="also the name of"):
+        load_datasets([first, first])
+    with pytest.raises(InputError, match="two: data set name 'polyps' is also the name of"):
+        load_datasets([first, second])
 
 
 def test_missing_folders(tmp_path):

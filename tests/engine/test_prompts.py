@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.prompts import (
@@ -123,3 +125,37 @@ def test_prompt_validation():
     prompt = Prompt(box=[1, 2, 3, 4]).add_point((2, 3), 0)
     assert prompt.structure == "box=True,points=1"
     assert prompt.to_record() == {"points": [[2.0, 3.0]], "labels": [0], "box": [1.0, 2.0, 3.0, 4.0]}
+
+
+def test_prompt_rejects_nan_and_unknown_labels():
+    with pytest.raises(InputError, match="finite"):
+        Prompt(box=[float("nan"), 50, 200, 200])
+    with pytest.raises(InputError, match="finite"):
+        Prompt(points=[(float("inf"), 3)])
+    with pytest.raises(InputError, match="1 \\(foreground\\) or 0"):
+        Prompt(points=[(1, 1)], labels=[7])
+    with pytest.raises(InputError, match="four numbers"):
+        Prompt(box=[1, 2, 3])
+
+
+NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.integers(-10**6, 10**6))
+
+
+@settings(max_examples=300, deadline=None)
+@given(points=st.one_of(st.none(), st.lists(NUMBERS, max_size=7), st.lists(st.lists(NUMBERS, max_size=3), max_size=3),
+                        st.text(max_size=3)),
+       labels=st.one_of(st.none(), st.lists(NUMBERS, max_size=4), st.text(max_size=2)),
+       box=st.one_of(st.none(), st.lists(NUMBERS, max_size=6), st.text(max_size=2)),
+       size=st.tuples(st.integers(1, 500), st.integers(1, 500)))
+def test_prompt_constructor_gives_a_valid_prompt_or_one_input_error(points, labels, box, size):
+    """Whatever arrives from a command line or a request: a usable prompt, or InputError, nothing else."""
+    try:
+        prompt = Prompt(points=points, labels=labels, box=box)
+        prompt.check_inside(size)
+    except InputError:
+        return
+    if prompt.points is not None:
+        assert prompt.points.shape == (len(prompt.labels), 2) and np.isfinite(prompt.points).all()
+        assert set(prompt.labels.tolist()) <= {0, 1}
+    if prompt.box is not None:
+        assert np.isfinite(prompt.box).all() and prompt.box[0] <= prompt.box[2] and prompt.box[1] <= prompt.box[3]

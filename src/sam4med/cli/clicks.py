@@ -30,6 +30,12 @@ def train(
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (times 0.8 each epoch).")] = 1e-4,
     max_train_images: MaxTrainImagesOption = 200,
     flips: Annotated[bool, typer.Option(help="Also train on mirror images (encoded once more).")] = True,
+    background_clicks: Annotated[int, typer.Option(help="Lone clicks on background per image and step; they "
+                                                   "teach the IoU head what is not an object.")] = 2,
+    base_box_decoder: Annotated[bool, typer.Option(help="Decode a box alone with the frozen base decoder, as "
+                                                   "litemedsam-click does, and train only the corrections after it.")] = True,
+    init: Annotated[Optional[Path], typer.Option(help="Start from these prompt weights (an exported .pt or a "
+                                                 "run's checkpoint), e.g. src/sam4med/weights/litemedsam_click.pt.")] = None,
     seed: SeedOption = 0,
     encoder: EncoderOption = "torch",
     threads: ThreadsOption = None,
@@ -41,7 +47,8 @@ def train(
     config = ClickTrainConfig(backbone=backbone, rounds=rounds, steps_per_epoch=steps_per_epoch,
                               images_per_step=images_per_step, objects_per_image=objects_per_image, epochs=epochs,
                               learning_rate=learning_rate, max_train_images=max_train_images or None, flips=flips,
-                              seed=seed)
+                              background_clicks=background_clicks, base_box_decoder=base_box_decoder,
+                              init_weights=None if init is None else str(init), seed=seed)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")
 

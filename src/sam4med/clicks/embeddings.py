@@ -19,7 +19,7 @@ from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
 from sam4med.engine.objects import connected_components
-from sam4med.engine.preprocessing import labels_to_low_res
+from sam4med.engine.preprocessing import labels_to_low_res, low_res_content
 from sam4med.engine.runs import claim_folder, read_jsonl
 from sam4med.engine.sam_model import SamModel
 
@@ -34,6 +34,7 @@ class EmbeddedImage:
     image: str
     path: Path
     objects: int
+    content: tuple[int, int]  # (h, w) of the image inside the 256 px frame; the rest is padding
 
 
 def embedding_path(folder: Path, image_id: str, flip: bool) -> Path:
@@ -71,7 +72,7 @@ class EmbeddingWorker:
                        temporary)
             os.replace(temporary, path)
             rows.append({"dataset": item.dataset.name, "image": item.sample.id, "flip": flip, "objects": len(kept),
-                         "bytes": path.stat().st_size})
+                         "content": list(low_res_content(embedding.geometry)), "bytes": path.stat().st_size})
         return rows
 
 
@@ -95,6 +96,7 @@ def embedded_images(out: Path, dataset: str, image_ids: Sequence[str]) -> list[E
     wanted = set(image_ids)
     folder = out / dataset
     rows = [r for r in read_jsonl(folder / RESULTS_FILE) if r["status"] == "ok" and r["image"] in wanted]
-    return [EmbeddedImage(dataset, r["image"], embedding_path(folder, r["image"], r["flip"]), r["objects"])
+    return [EmbeddedImage(dataset, r["image"], embedding_path(folder, r["image"], r["flip"]), r["objects"],
+                          tuple(r["content"]))
             for r in sorted(rows, key=lambda r: (r["image"], r["flip"])) if r["objects"] > 0]
 

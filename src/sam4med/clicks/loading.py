@@ -14,7 +14,7 @@ import torch
 
 from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint
 from sam4med.engine.errors import InputError
-from sam4med.engine.models import load_model
+from sam4med.engine.models import base_prompt_path, load_model
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.runs import write_json
 
@@ -26,12 +26,13 @@ def load_trained(path: Path, saved: dict, device: str | torch.device | None = No
     backbone = load_model(saved["meta"]["backbone"], device=device)
     if backbone.weights_sha256 != saved["meta"]["backbone_sha256"]:
         raise InputError(f"{path}: trained on other {backbone.name} weights than the installed ones")
+    box_path = base_prompt_path(backbone.network) if saved["config"].get("base_box_decoder") else None
     result = backbone.network.load_state_dict(saved["weights"], strict=False)
     if result.unexpected_keys:
         raise InputError(f"{path}: keys that do not fit {backbone.name}: {result.unexpected_keys[:3]}")
     spec = replace(backbone.spec, name=f"{backbone.name}+clicks", takes_point_prompts=True, default_mask_rule="auto")
     return SamModel(spec, backbone.network, file_sha256(path), backbone.device,
-                    base_weights_sha256=backbone.weights_sha256)
+                    base_weights_sha256=backbone.weights_sha256, box_path=box_path)
 
 
 def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,

@@ -10,7 +10,12 @@ Iterative click simulation, as SAM and SAM-Med2D train:
 - a lone first click is decoded to SAM's 3 masks and only the best one (lowest loss) is trained, SAM's
   ambiguity rule; every other prompt trains the single-mask output;
 - loss per round: 20 x focal + Dice (SAM's 20:1) on the 256 px logits, plus the MSE of the IoU head
-  against each mask's real IoU.
+  against each mask's real IoU;
+- a box alone is decoded by the frozen base decoder (``base_box_decoder``), as the shipped model does at
+  inference so that boxes keep the base model's masks; the corrective rounds after it are trained;
+- a few lone clicks on background teach the IoU head what is not an object: their 3 masks are scored
+  against the best-overlapping labelled object (usually IoU 0), so SAM's point-grid everything mode can
+  filter them by predicted IoU. Their masks get no loss: an unlabelled region may still be a structure.
 
 The image encoder is frozen and never run: embeddings come from :mod:`sam4med.clicks.embeddings`
 (computed once, mirror images included). Everything else (run folder, resume, checkpoints, history) is
@@ -31,17 +36,20 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding
-from sam4med.engine.datasets import load_dataset
+from sam4med.engine.datasets import load_datasets
+from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.errors import InputError
-from sam4med.engine.models import load_model
+from sam4med.engine.models import base_prompt_path, load_model, load_prompt_parts
 from sam4med.engine.metrics import dice
 from sam4med.engine.preprocessing import LOW_RES
 from sam4med.engine.prompts import center_point, error_click, jitter_box, random_points, tight_box
+from sam4med.engine.sam_model import PromptPath
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
 from sam4med.engine.training import TrainingTask, TrainResult, fit, seed_everything, start_run
 
 CHECKPOINT_KIND = "clicks"
 FIRST_PROMPTS = ("point", "points", "box", "box_jitter", "box_point")
+BOX_ALONE = ("box", "box_jitter")
 
 
 @dataclass
@@ -65,6 +73,9 @@ class ClickTrainConfig:
     max_train_images: int | None = 200  # per data set
     max_val_images: int = 4  # per data set
     flips: bool = True
+    base_box_decoder: bool = True  # a box alone is decoded by the frozen base decoder (round 0 not trained)
+    background_clicks: int = 2  # lone clicks on background per image and step, for the IoU head
+    init_weights: str | None = None  # prompt weights to start from (exported .pt or a run's checkpoint)
     seed: int = 0
     split_seed: int = 0
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
@@ -74,24 +85,11 @@ class ClickTrainConfig:
                 or sum(self.first_prompt_weights) <= 0:
             raise InputError(f"first_prompt_weights: {len(FIRST_PROMPTS)} non-negative weights for {FIRST_PROMPTS}")
         if min(self.images_per_step, self.objects_per_image, self.steps_per_epoch, self.epochs, self.max_points) < 1 \
-                or self.rounds < 0:
-            raise InputError("--rounds must be >= 0; steps, epochs, images and objects per step >= 1")
-
-
-class PromptParts(nn.Module):
-    """What click training changes: the prompt encoder and the mask decoder of a SAM network."""
-
-    def __init__(self, network: Sam):
-        super().__init__()
-        self.prompt_encoder = network.prompt_encoder
-        self.mask_decoder = network.mask_decoder
-
-    def forward(self, features: Tensor, points: tuple[Tensor, Tensor] | None, boxes: Tensor | None,
-                mask_input: Tensor | None, multimask: bool) -> tuple[Tensor, Tensor]:
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        return self.mask_decoder(image_embeddings=features, image_pe=self.prompt_encoder.get_dense_pe(),
-                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                 multimask_output=multimask)
+                or self.rounds < 0 or self.background_clicks < 0:
+            raise InputError("--rounds and background clicks must be >= 0; steps, epochs, images and objects "
+                             "per step >= 1")
+        if self.init_weights is not None and not Path(self.init_weights).is_file():
+            raise InputError(f"{self.init_weights}: no such file (init weights)")
 
 
 @dataclass
@@ -150,6 +148,29 @@ def real_iou(logits: Tensor, targets: Tensor) -> Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def best_object_iou(logits: Tensor, labels: Tensor) -> Tensor:
+    """IoU of each mask (B, M, H, W logits) with the labelled object (H, W ids) it overlaps best; 0 for
+    a mask that touches none, an empty mask included."""
+    ids = torch.unique(labels)
+    ids = ids[ids > 0]
+    pred = (logits > 0).flatten(2).float()  # (B, M, HW)
+    if len(ids) == 0:
+        return torch.zeros(pred.shape[:2])
+    objects = (labels.flatten()[None] == ids[:, None]).float()  # (O, HW)
+    inter = pred @ objects.t()  # (B, M, O)
+    union = pred.sum(2, keepdim=True) + objects.sum(1) - inter
+    return (inter / union.clamp(min=1)).amax(2)
+
+
+def background_points(labels: Tensor, content: tuple[int, int], count: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to ``count`` (x, y) points on unlabelled pixels of the image content (not its padding)."""
+    y, x = np.nonzero(labels[: content[0], : content[1]].numpy() == 0)
+    if len(x) == 0 or count == 0:
+        return np.zeros((0, 2), dtype=np.float32)
+    chosen = rng.choice(len(x), min(count, len(x)), replace=False)
+    return np.stack([x[chosen], y[chosen]], axis=1).astype(np.float32)
+
+
 @dataclass
 class ImageStep:
     image: EmbeddedImage
@@ -164,13 +185,14 @@ class ClickTask(TrainingTask):
     kind = CHECKPOINT_KIND
 
     def __init__(self, config: ClickTrainConfig, network: Sam, image_size: int, train: list[EmbeddedImage],
-                 val: list[EmbeddedImage], meta: dict[str, object]):
+                 val: list[EmbeddedImage], meta: dict[str, object], base: PromptPath | None = None):
         self.config = config
         self.scale = image_size / LOW_RES  # 256 px frame -> model input frame
         self.train_images = train
         self.val_images = val
         self.meta = meta
-        self.module = PromptParts(network)
+        self.module = PromptPath(network.prompt_encoder, network.mask_decoder, use_shared_decoder=False)
+        self.base = base  # the frozen base prompt encoder and decoder: decodes a box alone, as at inference
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_gamma)
@@ -204,42 +226,65 @@ class ClickTask(TrainingTask):
             objects = self._objects(labels, item.object_ids)
             rng = np.random.default_rng(item.seed)
             prompts = first_prompts(item.kind, objects, rng, self.config.max_points, self.config.box_jitter_percent)
-            loss = self._rollout(features, objects, prompts, item.kind == "point", rng, train=True)[0]
-            (loss / len(batch)).backward()
+            loss = self._rollout(features, objects, prompts, item.kind == "point", rng, train=True,
+                                 base_first=item.kind in BOX_ALONE)[0]
+            loss = loss + self._background_loss(features, labels, item.image.content, rng)
+            if loss.requires_grad:
+                (loss / len(batch)).backward()
             total += loss.item() / len(batch)
         self.optimizer.step()
         return total
 
+    def _background_loss(self, features: Tensor, labels: Tensor, content: tuple[int, int],
+                         rng: np.random.Generator) -> Tensor:
+        """MSE of the IoU head for lone clicks on background (the point grid's most common case)."""
+        points = background_points(labels, content, self.config.background_clicks, rng)
+        if len(points) == 0:
+            return torch.zeros(())
+        coords = torch.from_numpy(points[:, None] * self.scale)
+        logits, predicted_iou = self.module(features, (coords, torch.ones(len(points), 1, dtype=torch.int64)),
+                                            None, None, True)
+        return nn.functional.mse_loss(predicted_iou, best_object_iou(logits.detach(), labels))
+
     def _rollout(self, features: Tensor, objects: list[np.ndarray], prompts: ObjectPrompts, lone_click: bool,
-                 rng: np.random.Generator, train: bool, rounds: int | None = None) -> tuple[Tensor, list[list[float]]]:
+                 rng: np.random.Generator, train: bool, rounds: int | None = None,
+                 base_first: bool = False) -> tuple[Tensor, list[list[float]]]:
         """The first prompts, then corrective rounds; returns the mean loss and each round's Dice per object.
 
-        ``lone_click``: the first prompt is one click, decoded to 3 masks (the best one is kept)."""
+        ``lone_click``: the first prompt is one click, decoded to 3 masks (the best one is kept).
+        ``base_first``: the first prompt is a box alone, decoded by the frozen base decoder when there is one."""
         config = self.config
         rounds = config.rounds if rounds is None else rounds
         targets = torch.from_numpy(np.stack(objects)).float()[:, None]
         mask_input = None
         loss = torch.zeros(())
+        trained_rounds = 0
         dice_per_round = []
         for round_index in range(rounds + 1):
             multimask = lone_click and round_index == 0
             points, boxes = prompts.tensors(self.scale)
-            logits, predicted_iou = self.module(features, points, boxes, mask_input, multimask)
-            losses = mask_losses(logits, targets, config.focal_weight, self.dice)
-            if multimask and not train:  # as at inference: the mask the model itself ranks highest
-                best = predicted_iou.argmax(1)
+            if base_first and round_index == 0 and self.base is not None:
+                with torch.no_grad():
+                    logits = self.base(features, points, boxes, None, False)[0]
+                chosen = logits[:, 0]
             else:
-                best = losses.argmin(1)
-            chosen = logits[torch.arange(len(objects)), best]
-            iou_target = real_iou(logits.detach(), targets)
-            loss = loss + losses.gather(1, best[:, None]).mean() + nn.functional.mse_loss(predicted_iou, iou_target)
+                logits, predicted_iou = self.module(features, points, boxes, mask_input, multimask)
+                losses = mask_losses(logits, targets, config.focal_weight, self.dice)
+                if multimask and not train:  # as at inference: the mask the model itself ranks highest
+                    best = predicted_iou.argmax(1)
+                else:
+                    best = losses.argmin(1)
+                chosen = logits[torch.arange(len(objects)), best]
+                iou_target = real_iou(logits.detach(), targets)
+                loss = loss + losses.gather(1, best[:, None]).mean() + nn.functional.mse_loss(predicted_iou, iou_target)
+                trained_rounds += 1
             masks = (chosen.detach() > 0).numpy()
             dice_per_round.append([dice(m, o) for m, o in zip(masks, objects)])
             if round_index < rounds:
                 rule = "largest" if not train or rng.random() < 0.5 else "random"
                 prompts.add_clicks([error_click(m, o, rng, rule) for m, o in zip(masks, objects)])  # type: ignore[arg-type]
                 mask_input = chosen.detach()[:, None]
-        return loss / (rounds + 1), dice_per_round
+        return loss / max(trained_rounds, 1), dice_per_round
 
     @torch.no_grad()
     def validate(self, max_objects: int = 4) -> float:
@@ -251,7 +296,7 @@ class ClickTask(TrainingTask):
             objects = self._objects(labels, range(min(max_objects, image.objects)))
             rng = np.random.default_rng(0)
             boxes = ObjectPrompts(None, None, np.stack([tight_box(o) for o in objects]).astype(np.float32))
-            scores += self._rollout(features, objects, boxes, False, rng, train=False, rounds=0)[1][0]
+            scores += self._rollout(features, objects, boxes, False, rng, train=False, rounds=0, base_first=True)[1][0]
             centres = ObjectPrompts(np.array([[center_point(o)] for o in objects], dtype=np.float32),
                                     np.ones((len(objects), 1), dtype=np.int64), None)
             dice_per_round = self._rollout(features, objects, centres, True, rng, train=False, rounds=2)[1]
@@ -278,11 +323,14 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     config = config or ClickTrainConfig()
     config.check()
     out = Path(out)
-    datasets = [load_dataset(d) for d in data]
+    datasets = load_datasets(data)
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
     start_run(out, asdict(config), splits)
     store = Path(embeddings) if embeddings is not None else out / "embeddings"
     backbone = load_model(config.backbone, device="cpu", encoder_backend=encoder_backend)
+    if backbone.box_path is not None or backbone.spec.prompt_weights is not None:
+        raise InputError(f"--backbone {config.backbone}: already carries trained prompt weights; train on its base "
+                         "model and start from them with --init")
     sides = {d.name: (splits[d.name]["train"][: config.max_train_images], splits[d.name]["val"][: config.max_val_images])
              for d in datasets}
     embed_datasets(backbone, {d.name: (d, sides[d.name][0] + sides[d.name][1]) for d in datasets}, store,
@@ -296,6 +344,11 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     meta = {"backbone": config.backbone, "backbone_sha256": backbone.weights_sha256,
             "datasets": [d.name for d in datasets], "train_images": len(train), "val_images": len(val),
             "train_objects": sum(e.objects for e in train), "embeddings": str(store)}
-    task = ClickTask(config, backbone.network, backbone.spec.image_size, train, val, meta)
+    base = base_prompt_path(backbone.network, use_shared_decoder=False)  # before --init replaces the prompt parts
+    if config.init_weights is not None:
+        load_prompt_parts(backbone.network, Path(config.init_weights))
+        meta["init_weights_sha256"] = file_sha256(Path(config.init_weights))
+    task = ClickTask(config, backbone.network, backbone.spec.image_size, train, val, meta,
+                     base if config.base_box_decoder else None)
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train clicks ({config.backbone})",
                show_progress)

@@ -7,11 +7,11 @@ and ``fov/<id>.png`` (field-of-view masks, as in DRIVE). An image and its mask s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sam4med.engine.errors import InputError, one_line
+from sam4med.engine.errors import InputError, one_line, path_component
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -113,12 +113,27 @@ def load_dataset(
         for image_id in sorted(image_files)
     ]
     return Dataset(
-        name=name or meta.get("name") or root.resolve().name,
+        name=path_component(name if name is not None else meta.get("name", root.resolve().name),
+                            f"{root}: data set name"),
         modality=modality or meta.get("modality") or "unknown",
         target=target or meta.get("target") or "unknown",
         root=root,
         samples=samples,
     )
+
+
+def load_datasets(paths: Iterable[str | Path | Dataset], require_masks: bool = True) -> list[Dataset]:
+    """Several data sets (folders, or data sets already loaded) whose names are unique: results are
+    keyed and stored by name."""
+    datasets: list[Dataset] = []
+    for path in paths:
+        dataset = path if isinstance(path, Dataset) else load_dataset(path, require_masks=require_masks)
+        other = next((d for d in datasets if d.name == dataset.name), None)
+        if other is not None:
+            raise InputError(f"{path}: data set name '{dataset.name}' is also the name of {other.root}; "
+                             "give each data set once, with its own name in dataset.json")
+        datasets.append(dataset)
+    return datasets
 
 
 def _read_meta(path: Path) -> dict:
@@ -128,6 +143,9 @@ def _read_meta(path: Path) -> dict:
         raise InputError(f"{path}: cannot read data set description ({one_line(exc)})") from exc
     if not isinstance(meta, dict):
         raise InputError(f"{path}: expected a JSON object")
+    for key in ("name", "modality", "target"):
+        if key in meta and not isinstance(meta[key], str):
+            raise InputError(f'{path}: "{key}" must be a string, got {type(meta[key]).__name__}')
     groups = meta.get("groups", {})
     if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
         raise InputError(f'{path}: "groups" must map image ids to group names')

@@ -13,3 +13,18 @@ def one_line(error: BaseException) -> str:
 def hw(shape: tuple[int, ...]) -> str:
     """A shape as HxW, the way messages name image sizes."""
     return f"{shape[0]}x{shape[1]}"
+
+
+def path_component(value: object, what: str) -> str:
+    """``value`` if it is one safe file name (it becomes part of output paths), else an InputError.
+
+    A data set's name or an image id decides where results are written: ``..``, a separator or an
+    absolute path would put them outside the output folder.
+    """
+    if not isinstance(value, str):
+        raise InputError(f"{what}: expected a string, got {type(value).__name__}")
+    if value in ("", ".", "..") or any(c in value for c in "/\\\0") or value != value.strip() \
+            or len(value.encode("utf-8")) > 200 or not value.isprintable():
+        raise InputError(f"{what}: {value!r} is not a safe file name (one path component: no '/', '\\', '..' "
+                         "or control characters, at most 200 bytes)")
+    return value

@@ -89,6 +89,11 @@ def grid_points(size: tuple[int, int], per_side: int) -> np.ndarray:
     return (build_point_grid(per_side) * scale).clip(0, scale - 1)
 
 
+def grid_prompts(size: tuple[int, int], settings: EverythingSettings) -> list[Prompt]:
+    """One positive click per point of SAM's grid."""
+    return [Prompt(points=[p], labels=[1]) for p in grid_points(size, settings.points_per_side)]
+
+
 def window_boxes(size: tuple[int, int], scales: tuple[float, ...], overlap: float) -> list[np.ndarray]:
     """Square-ish sliding windows of each scale (a fraction of each side), whole image included."""
     height, width = size
@@ -189,9 +194,11 @@ def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: Ever
     return results
 
 
-def _filtered(predictor: Predictor, prompts: list[Prompt], settings: EverythingSettings, multimask: bool,
-              chunk: int = 32) -> list[ProposedMask]:
-    """Decode and filter in chunks, so full-size logits of a whole grid never sit in memory at once."""
+def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: EverythingSettings, multimask: bool,
+                    chunk: int = 32) -> list[ProposedMask]:
+    """The masks of ``prompts`` on the predictor's image that pass the settings' thresholds, before NMS.
+
+    Decoded and filtered in chunks, so full-size logits of a whole grid never sit in memory at once."""
     kept: list[ProposedMask] = []
     for start in range(0, len(prompts), chunk):
         part = prompts[start : start + chunk]
@@ -206,13 +213,13 @@ def generate_masks(predictor: Predictor, image: np.ndarray, settings: Everything
     predictor.set_image(image)
     size = image.shape[:2]
     if settings.method == "points":
-        prompts = [Prompt(points=[p], labels=[1]) for p in grid_points(size, settings.points_per_side)]
-        candidates = box_nms(_filtered(predictor, prompts, settings, multimask=True), settings.nms_thresh)
+        candidates = box_nms(candidate_masks(predictor, grid_prompts(size, settings), settings, multimask=True),
+                             settings.nms_thresh)
         return sorted(candidates, key=lambda c: c.score, reverse=True)
     boxes = window_boxes(size, settings.box_scales, settings.box_overlap)
     boxes += region_boxes(image, settings.region_proposals, settings.min_area_fraction)
     prompts = [Prompt(box=b) for b in boxes]
-    candidates = mask_nms(_filtered(predictor, prompts, settings, multimask=False), settings.nms_thresh)
+    candidates = mask_nms(candidate_masks(predictor, prompts, settings, multimask=False), settings.nms_thresh)
     if settings.refine_boxes:
         candidates = _refine(predictor, candidates, settings)
     return mask_nms(candidates, settings.nms_thresh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from sam4med.engine.checkpoints import (
 )
 from sam4med.engine.errors import InputError
 from sam4med.engine.registry import model_spec
-from sam4med.engine.sam_model import SamModel
+from sam4med.engine.sam_model import PromptPath, SamModel
 
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -36,13 +37,21 @@ def load_prompt_weights(network: Sam, name: str, folder: Path = WEIGHTS_DIR) -> 
     sha256 = file_sha256(path) if path.is_file() else "missing"
     if sha256 != expected:
         raise InputError(f"{path}: sha256 {sha256} differs from its model card's {expected}; reinstall sam4med")
-    state = state_dict_of(read_checkpoint(path), path)
+    load_prompt_parts(network, path)
+    return sha256
+
+
+def load_prompt_parts(network: Sam, path: Path) -> None:
+    """Load a file holding only a prompt encoder and a mask decoder (exported weights, or the
+    ``weights`` of a click-training checkpoint) over a network."""
+    saved = read_checkpoint(path)
+    state = saved["weights"] if isinstance(saved, dict) and isinstance(saved.get("weights"), dict) \
+        else state_dict_of(saved, path)
     if not state or not all(key.startswith(PROMPT_PARTS) for key in state):
         raise InputError(f"{path}: holds more than a prompt encoder and a mask decoder")
     result = network.load_state_dict({key: value.float() for key, value in state.items()}, strict=False)
     if result.unexpected_keys or any(key.startswith(PROMPT_PARTS) for key in result.missing_keys):
         raise InputError(f"{path}: does not fit the network ({(result.unexpected_keys or result.missing_keys)[:3]})")
-    return sha256
 
 
 def default_device() -> torch.device:
@@ -93,8 +102,17 @@ def load_model(
     except RuntimeError as error:
         summary = str(error).splitlines()[0] + " " + " ".join(str(error).split())[:300]
         raise InputError(f"{path}: weights do not fit model '{name}': {summary}") from None
-    base_sha256 = None
+    base_sha256, box_path = None, None
     if spec.prompt_weights is not None and checkpoint is None:  # sam4med's own prompt weights over the bundled ones
+        if spec.boxes_by_base_decoder:
+            box_path = base_prompt_path(network, use_shared_decoder)
         base_sha256, sha256 = sha256, load_prompt_weights(network, spec.prompt_weights)
     torch_device = torch.device(device) if device is not None else default_device()
-    return SamModel(spec, network.eval(), sha256, torch_device, use_shared_decoder, encoder_backend, base_sha256)
+    return SamModel(spec, network.eval(), sha256, torch_device, use_shared_decoder, encoder_backend, base_sha256,
+                    box_path)
+
+
+def base_prompt_path(network: Sam, use_shared_decoder: bool = True) -> PromptPath:
+    """A frozen copy of a network's prompt encoder and decoder, taken before trained ones replace them."""
+    path = PromptPath(copy.deepcopy(network.prompt_encoder), copy.deepcopy(network.mask_decoder), use_shared_decoder)
+    return path.eval().requires_grad_(False)

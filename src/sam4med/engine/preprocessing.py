@@ -81,10 +81,15 @@ def low_res_target(mask: torch.Tensor, geometry: ImageGeometry) -> torch.Tensor:
     return (framed[0] > 0.5).float()
 
 
+def low_res_content(geometry: ImageGeometry) -> tuple[int, int]:
+    """(h, w) of the image content inside the decoder's 256 px frame (the rest is padding)."""
+    return round(geometry.resized_size[0] * LOW_RES / geometry.input_size), \
+        round(geometry.resized_size[1] * LOW_RES / geometry.input_size)
+
+
 def labels_to_low_res(labels: torch.Tensor, geometry: ImageGeometry) -> torch.Tensor:
     """An original-size label image (H, W) of object ids in the decoder's 256 px frame, nearest
     neighbour (ids stay ids), padded with 0 like the model input."""
-    side = round(geometry.resized_size[0] * LOW_RES / geometry.input_size), \
-        round(geometry.resized_size[1] * LOW_RES / geometry.input_size)
+    side = low_res_content(geometry)
     resized = F.interpolate(labels.float()[None, None], size=side, mode="nearest-exact")[0, 0]
     return F.pad(resized, (0, LOW_RES - side[1], 0, LOW_RES - side[0])).to(torch.int32)

@@ -40,13 +40,19 @@ class Prompt:
 
     def __post_init__(self) -> None:
         if self.points is not None:
-            self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 2)
+            self.points = _array(self.points, np.float32, "points", "x y pairs").reshape(-1, 2)
             labels = np.ones(len(self.points)) if self.labels is None else self.labels
-            self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+            self.labels = _array(labels, np.int64, "point labels", "integers").reshape(-1)
             if len(self.labels) != len(self.points):
                 raise InputError(f"{len(self.points)} points but {len(self.labels)} labels")
+            if not np.isfinite(self.points).all():
+                raise InputError(f"points {self.points.tolist()} must be finite numbers")
+            if not np.isin(self.labels, (0, 1)).all():
+                raise InputError(f"point labels {self.labels.tolist()} must be 1 (foreground) or 0 (background)")
         if self.box is not None:
-            self.box = np.asarray(self.box, dtype=np.float32).reshape(4)
+            self.box = _array(self.box, np.float32, "box", "four numbers x0 y0 x1 y1").reshape(4)
+            if not np.isfinite(self.box).all():
+                raise InputError(f"box {self.box.tolist()} must be four finite numbers")
             if self.box[2] < self.box[0] or self.box[3] < self.box[1]:
                 raise InputError(f"box {self.box.tolist()} must be x0 y0 x1 y1 with x0 <= x1 and y0 <= y1")
         if self.points is None and self.box is None:
@@ -85,6 +91,22 @@ class Prompt:
         if self.box is not None:
             record["box"] = self.box.round(2).tolist()
         return record
+
+
+def _array(values: object, dtype: type, what: str, expected: str) -> np.ndarray:
+    """``values`` as a numeric array of the shape a prompt part needs, or an InputError."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{what}: expected {expected}") from None
+    pairs = expected == "x y pairs"
+    if array.ndim > 2 or (pairs and array.size % 2) or (expected.startswith("four") and array.size != 4) \
+            or (pairs and array.size == 0):
+        raise InputError(f"{what} {array.tolist()}: expected {expected}")
+    if dtype is np.int64:
+        if not np.isfinite(array).all() or (array != np.round(array)).any():
+            raise InputError(f"{what} {array.tolist()}: expected {expected}")
+    return array.astype(dtype)
 
 
 # --- points --------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class ModelSpec:
     expected_sha256: Callable[[], str] | None = None  # called when the bundled weights are loaded
     # prompt encoder and mask decoder trained by sam4med, loaded over the bundled weights (src/sam4med/weights)
     prompt_weights: str | None = None
+    # box-only prompts decoded by the bundled prompt encoder and decoder, not by ``prompt_weights``: a box
+    # gives exactly the base model's mask, clicks and corrections go to the trained decoder
+    boxes_by_base_decoder: bool = False
 
     def protocol(self) -> dict[str, object]:
         """The preprocessing choices, recorded with every result."""
@@ -69,7 +72,7 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("litemedsam-click", "LiteMedSAM's encoder + sam4med's prompt encoder and decoder trained for clicks "
               "(src/sam4med/weights)", 256, "longest_side", "minmax", partial(build_tinyvit_sam, 256), True, "auto",
               bundled_checkpoint=_litemedsam_checkpoint, expected_sha256=_litemedsam_sha256,
-              prompt_weights="litemedsam_click"),
+              prompt_weights="litemedsam_click", boxes_by_base_decoder=True),
     ModelSpec("medsam", "MedSAM (ViT-B, 1024 px, image stretched to a square as its authors do)",
               1024, "stretch", "minmax", partial(build_vit_sam, 768, 12, 12, (2, 5, 8, 11)), False, "single"),
     ModelSpec("mobilesam", "MobileSAM (TinyViT distilled from SAM ViT-H, 1024 px)",

@@ -38,7 +38,8 @@ class Embedding:
 
     features: torch.Tensor  # (1, 256, 64, 64)
     geometry: ImageGeometry
-    decoder_state: ImageState | None = None  # the shared decoder's per-image work, made on first decode
+    # the shared decoders' per-image work, made on first decode ("main", and "box" for a routed model)
+    decoder_states: dict[str, ImageState] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # model-specific, e.g. SAM-UNet's features
 
 
@@ -67,13 +68,40 @@ class Decoded:
         return (self.logits > 0).cpu().numpy()
 
 
+class PromptPath(torch.nn.Module):
+    """A prompt encoder and the mask decoder that reads it, with the fast shared decoder when it applies."""
+
+    def __init__(self, prompt_encoder: torch.nn.Module, mask_decoder: torch.nn.Module, use_shared_decoder: bool):
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        # Same outputs as the reference decoder up to float rounding, several times less work per
+        # prompt (see engine.decoder); None decodes with segment_anything's own decoder call.
+        self.shared_decoder = SharedImageDecoder(mask_decoder) \
+            if use_shared_decoder and supports_shared_decoding(mask_decoder) else None
+
+    def forward(self, features: torch.Tensor, points: tuple[torch.Tensor, torch.Tensor] | None,
+                boxes: torch.Tensor | None, mask_input: torch.Tensor | None,
+                multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """segment_anything's own (differentiable) prompt encoding and decoding, in the model's input frame."""
+        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        return self.mask_decoder(image_embeddings=features, image_pe=self.prompt_encoder.get_dense_pe(),
+                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                 multimask_output=multimask)
+
+
 class SamModel:
-    """A SAM-family network with its preprocessing: one interface for every registered model."""
+    """A SAM-family network with its preprocessing: one interface for every registered model.
+
+    ``box_path``: a second prompt encoder and decoder for prompts that are boxes alone (no click, no mask
+    input), so that a model trained for clicks on top of a box model keeps that model's box masks exactly.
+    """
 
     cacheable = True  # whether Embedding.features alone can be stored and reused
 
     def __init__(self, spec: ModelSpec, network: Sam, weights_sha256: str | None, device: torch.device,
-                 use_shared_decoder: bool = True, encoder_backend: str = "torch", base_weights_sha256: str | None = None):
+                 use_shared_decoder: bool = True, encoder_backend: str = "torch", base_weights_sha256: str | None = None,
+                 box_path: PromptPath | None = None):
         if encoder_backend not in ENCODER_BACKENDS:
             raise InputError(f"encoder backend {encoder_backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
         self.spec = spec
@@ -84,10 +112,12 @@ class SamModel:
         # ONNX Runtime runs the encoder on CPUs only; made (and exported, once) on the first encode.
         self.encoder_backend = encoder_backend if device.type == "cpu" else "torch"
         self._onnx_encoder: OnnxEncoder | None = None
-        # Same outputs as the reference decoder up to float rounding, several times less work per
-        # prompt (see engine.decoder); None decodes with segment_anything's own decoder call.
-        self.shared_decoder = SharedImageDecoder(network.mask_decoder) \
-            if use_shared_decoder and supports_shared_decoding(network.mask_decoder) else None
+        self.main_path = PromptPath(network.prompt_encoder, network.mask_decoder, use_shared_decoder)
+        self.box_path = None if box_path is None else box_path.to(device).eval()
+
+    @property
+    def shared_decoder(self) -> SharedImageDecoder | None:
+        return self.main_path.shared_decoder
 
     @property
     def name(self) -> str:
@@ -97,6 +127,8 @@ class SamModel:
         record = {**self.spec.protocol(), "weights_sha256": self.weights_sha256}
         if self.base_weights_sha256:
             record["base_weights_sha256"] = self.base_weights_sha256
+        if self.box_path is not None:
+            record["box_prompts"] = "base model's prompt encoder and decoder"
         return record
 
     # --- geometry -------------------------------------------------------------------------
@@ -166,25 +198,37 @@ class SamModel:
             prompt.check_inside(embedding.geometry.original_size)
         points, boxes = self.prompt_tensors(prompts, embedding.geometry)
         masks = None if mask_input is None else mask_input.to(self.device, torch.float32)
-        sparse, dense = self.network.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        box_only = self.box_path is not None and points is None and boxes is not None and masks is None
+        path = self.box_path if box_only else self.main_path
+        assert path is not None
+        sparse, dense = path.prompt_encoder(points=points, boxes=boxes, masks=masks)
         if sparse.shape[0] != len(prompts):  # a mask-only prompt carries no sparse token
             sparse = sparse.expand(len(prompts), -1, -1)
-        low_res, iou = self._decode_masks(embedding, sparse, dense, mask_input is not None, multimask, min_iou)
+        if box_only:
+            low_res, iou = self._decode_on_path(path, "box", embedding, sparse, dense, False, multimask, min_iou)
+        else:
+            low_res, iou = self._decode_masks(embedding, sparse, dense, mask_input is not None, multimask, min_iou)
         return Decoded(low_res.float(), iou.float(), embedding.geometry, self)
 
     def _decode_masks(self, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor, has_mask_input: bool,
                       multimask: bool, min_iou: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res logits (B, M, 256, 256) and predicted IoUs (B, M) from encoded prompts."""
-        image_pe = self.network.prompt_encoder.get_dense_pe()
-        if self.shared_decoder is None:
-            return self.network.mask_decoder(image_embeddings=embedding.features, image_pe=image_pe,
-                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                             multimask_output=multimask)
-        if embedding.decoder_state is None:
-            no_mask = self.network.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-            embedding.decoder_state = self.shared_decoder.prepare(embedding.features, image_pe, no_mask)
-        return self.shared_decoder(embedding.decoder_state, sparse, multimask, dense if has_mask_input else None,
-                                   min_iou)
+        return self._decode_on_path(self.main_path, "main", embedding, sparse, dense, has_mask_input, multimask,
+                                    min_iou)
+
+    @staticmethod
+    def _decode_on_path(path: PromptPath, key: str, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor,
+                        has_mask_input: bool, multimask: bool, min_iou: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        image_pe = path.prompt_encoder.get_dense_pe()
+        if path.shared_decoder is None:
+            return path.mask_decoder(image_embeddings=embedding.features, image_pe=image_pe,
+                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                     multimask_output=multimask)
+        if key not in embedding.decoder_states:
+            no_mask = path.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+            embedding.decoder_states[key] = path.shared_decoder.prepare(embedding.features, image_pe, no_mask)
+        return path.shared_decoder(embedding.decoder_states[key], sparse, multimask,
+                                   dense if has_mask_input else None, min_iou)
 
     def upscale(self, low_res: torch.Tensor, geometry: ImageGeometry) -> torch.Tensor:
         """Low-res logits (B, M, 256, 256) -> logits at the original image size."""

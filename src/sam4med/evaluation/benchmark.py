@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sam4med.engine.datasets import Dataset, Sample, load_dataset
+from sam4med.engine.datasets import Dataset, Sample, load_datasets
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.imageio import load_pair
@@ -162,7 +162,7 @@ def run_benchmark(
     """
     config = config or BenchmarkConfig()
     out = Path(out)
-    datasets = [load_dataset(path) for path in data]
+    datasets = load_datasets(data)
     modes = [make_mode(name, config.prompts, config.everything) for name in config.modes]
     if model is None:
         model = load_model(config.model, config.checkpoint, device, encoder_backend=encoder_backend)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sam4med.engine.datasets import Dataset, load_dataset
+from sam4med.engine.datasets import Dataset, load_datasets
 from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import read_image
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
@@ -108,11 +108,11 @@ def generate_priors(
     figure of image / segmentation prior / boundary prior / augmented input.
     """
     settings = settings or PriorSettings()
+    datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
     sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device,
                                                                 encoder_backend=encoder_backend)
     resolved = settings.resolved(sam.spec.takes_point_prompts)
     key = settings_key(sam.protocol(), resolved)
-    datasets = [d if isinstance(d, Dataset) else load_dataset(d, require_masks=False) for d in data]
     predictor = Predictor(sam)
     summaries = []
     for dataset in datasets:

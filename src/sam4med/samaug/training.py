@@ -25,7 +25,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, SpatialPadd
 from monai.utils import convert_to_tensor, set_determinism
 
-from sam4med.engine.datasets import load_dataset
+from sam4med.engine.datasets import load_datasets
 from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import read_image
 from sam4med.engine.metrics import dice
@@ -151,7 +151,7 @@ def train(
     out = Path(out)
     if config.input_kind != "raw" and priors is None:
         raise InputError(f"--input {config.input_kind}: needs --priors (run `sam4med samaug priors` first)")
-    datasets = [load_dataset(d) for d in data]
+    datasets = load_datasets(data)
     stores = {d.name: PriorStore(Path(priors) / d.name) if priors is not None else None for d in datasets}
     prior_keys = {name: store.record["key"] for name, store in stores.items() if store is not None}
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}

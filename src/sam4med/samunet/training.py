@@ -20,7 +20,7 @@ import torch
 from monai.losses import DiceLoss, FocalLoss
 from torch import Tensor, nn
 
-from sam4med.engine.datasets import Sample, load_dataset
+from sam4med.engine.datasets import Sample, load_datasets
 from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.metrics import batch_dice
@@ -225,7 +225,7 @@ def train_promptable(data: Sequence[str | Path], out: str | Path, config: Prompt
     config = config or PromptTrainConfig()
     config.check()
     out = Path(out)
-    datasets = [load_dataset(d) for d in data]
+    datasets = load_datasets(data)
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
     start_run(out, asdict(config), splits)
     train_items = [item for d in datasets

@@ -1,0 +1,92 @@
+"""Which predicted-IoU and stability thresholds let a click model's point grid find the objects.
+
+    python experiments/everything_thresholds.py --data ../shared/data/kvasir_seg --data ../shared/data/glas ... \\
+        --model litemedsam-click --out runs/clicks/everything_thresholds.csv --max-images 8
+
+SAM's generator keeps a grid point's mask when its predicted IoU >= 0.88 and its stability >= 0.95, values
+tuned for SAM's own IoU head. A model trained by sam4med has its own calibration, so its thresholds are
+chosen here, on the validation side of each data set (split seed 0, never the test side the README's tables
+use): every candidate mask of the grid is kept once at the loosest thresholds, then for each pair the
+candidates are filtered, de-duplicated by SAM's box NMS, and scored by the share of labelled objects matched
+by a mask of Dice >= 0.5 (recall) and the share of kept masks that match an object (precision).
+"""
+
+from __future__ import annotations
+
+from itertools import product
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import typer
+
+from sam4med.cli.options import ThreadsOption
+from sam4med.engine.datasets import load_datasets
+from sam4med.engine.everything import EverythingSettings, ProposedMask, box_nms, candidate_masks, grid_prompts
+from sam4med.engine.imageio import load_pair
+from sam4med.engine.models import load_model
+from sam4med.engine.objects import object_labels
+from sam4med.engine.predictor import Predictor
+from sam4med.engine.runtime import configure_cpu
+from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
+
+IOU_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.88)
+STABILITY_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+MATCH_DICE = 0.5
+
+
+def _dice_matrix(masks: list[ProposedMask], labels: np.ndarray, ids: list[int]) -> np.ndarray:
+    """Dice of every kept mask (rows) with every labelled object (columns)."""
+    if not masks or not ids:
+        return np.zeros((len(masks), len(ids)))
+    flat = np.stack([m.mask.ravel() for m in masks]).astype(np.float32)
+    truth = np.stack([(labels == i).ravel() for i in ids]).astype(np.float32)
+    inter = flat @ truth.T
+    return 2 * inter / (flat.sum(1)[:, None] + truth.sum(1)[None] + 1e-9)
+
+
+def main(
+    data: Annotated[list[Path], typer.Option(help="Data set folder (repeatable); its validation side is used.")],
+    out: Annotated[Path, typer.Option(help="CSV: one row per data set and threshold pair.")],
+    model: Annotated[str, typer.Option(help="A registered model that takes clicks.")] = "litemedsam-click",
+    max_images: Annotated[int, typer.Option(help="Validation images per data set.")] = 8,
+    min_object_area: Annotated[int, typer.Option(help="Objects smaller than this (pixels) are not counted.")] = 10,
+    threads: ThreadsOption = None,
+) -> None:
+    """Print recall and precision of the point grid for every threshold pair, per data set and overall."""
+    configure_cpu(threads)
+    predictor = Predictor(load_model(model, encoder_backend="onnx"))
+    loosest = EverythingSettings(method="points", pred_iou_thresh=min(IOU_THRESHOLDS),
+                                 stability_thresh=min(STABILITY_THRESHOLDS))
+    rows = []
+    for dataset in load_datasets(data):
+        for sample in training_split(dataset, DEFAULT_FRACTIONS, 0)["val"][:max_images]:
+            image, truth = load_pair(sample)
+            labels, ids = object_labels(truth, min_area=min_object_area)
+            count = len(ids)
+            predictor.set_image(image)
+            candidates = candidate_masks(predictor, grid_prompts(image.shape[:2], loosest), loosest, multimask=True)
+            for iou_thresh, stability_thresh in product(IOU_THRESHOLDS, STABILITY_THRESHOLDS):
+                kept = box_nms([c for c in candidates if c.predicted_iou >= iou_thresh
+                                and c.stability >= stability_thresh], loosest.nms_thresh)
+                dice = _dice_matrix(kept, labels, ids)
+                rows.append({"dataset": dataset.name, "image": sample.id, "pred_iou_thresh": iou_thresh,
+                             "stability_thresh": stability_thresh, "objects": count, "masks": len(kept),
+                             "found": int((dice.max(0) >= MATCH_DICE).sum()) if len(kept) else 0,
+                             "true_masks": int((dice.max(1) >= MATCH_DICE).sum()) if count else 0})
+    table = pd.DataFrame(rows).groupby(["dataset", "pred_iou_thresh", "stability_thresh"], as_index=False).sum(
+        numeric_only=True)
+    overall = table.groupby(["pred_iou_thresh", "stability_thresh"], as_index=False).sum(numeric_only=True)
+    table = pd.concat([table, overall.assign(dataset="all")])
+    table["recall"] = table["found"] / table["objects"].clip(lower=1)
+    table["precision"] = table["true_masks"] / table["masks"].clip(lower=1)
+    table["model"] = model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False)
+    summary = table[table.dataset == "all"].sort_values(["recall", "precision"], ascending=False)
+    print(summary[["pred_iou_thresh", "stability_thresh", "recall", "precision", "masks"]].round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    typer.run(main)
