@@ -38,3 +38,26 @@ def test_bad_input_in_a_group_verb_is_one_line_with_exit_2(tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "none" in lines[0]
+
+
+@pytest.mark.parametrize(("arguments", "named"), [
+    (["--jitter", "nan"], "--jitter"),
+    (["--max-images", "-1"], "--max-images"),
+    (["--max-objects", "-1"], "--max-objects"),
+    (["--rounds", "-1"], "--rounds"),
+    (["--mask-rule", "biggest"], "--mask-rule"),
+    (["--modes", "points0"], "points0"),
+    (["--click-rule", "nearest"], "--click-rule"),
+    (["--threads", "-3"], "--threads"),
+    (["--split", "holdout"], "--split"),
+])
+def test_bad_benchmark_settings_stop_before_anything_is_written(tmp_path, arguments, named):
+    """Checked where they enter: one line naming the argument, exit 2, and no protocol.json or results."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    result = CliRunner().invoke(app, ["eval", "benchmark", "--data", str(data), "--out", str(tmp_path / "out"),
+                                      *arguments])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from sam4med.engine.errors import InputError
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -33,6 +35,8 @@ def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
 
 def configure_cpu(threads: int | None = None) -> None:
     """Allocator tuning plus an optional PyTorch thread count."""
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads}: must be >= 1 (or unset for PyTorch's choice)")
     tune_allocator()
     if threads:
         torch.set_num_threads(threads)

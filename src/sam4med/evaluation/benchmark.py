@@ -9,6 +9,7 @@ protocol is refused rather than mixed into one table.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.predictor import EmbeddingCache, Predictor
+from sam4med.engine.prompts import MASK_RULES
 from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
@@ -49,6 +51,24 @@ class BenchmarkConfig:
     nsd_tolerance: float = 2.0
     prompts: PromptSettings = field(default_factory=PromptSettings)
     everything: EverythingSettings = field(default_factory=EverythingSettings)
+
+    def check(self) -> None:
+        """Every choice within its range, before a model is loaded or a file written."""
+        if self.mask_rule is not None and self.mask_rule not in MASK_RULES:
+            raise InputError(f"--mask-rule {self.mask_rule!r}: choose one of {', '.join(MASK_RULES)}")
+        if self.min_object_area < 1:
+            raise InputError(f"--min-object-area {self.min_object_area}: must be >= 1")
+        if self.max_objects_per_image is not None and self.max_objects_per_image < 1:
+            raise InputError(f"--max-objects {self.max_objects_per_image}: must be >= 1 (or unset for all)")
+        if self.max_images is not None and self.max_images < 1:
+            raise InputError(f"--max-images {self.max_images}: must be >= 1 (or unset for all)")
+        if self.split is not None and self.split not in DEFAULT_FRACTIONS:
+            raise InputError(f"--split {self.split!r}: choose one of {', '.join(DEFAULT_FRACTIONS)}")
+        if not math.isfinite(self.nsd_tolerance) or self.nsd_tolerance < 0:
+            raise InputError(f"--nsd-tolerance {self.nsd_tolerance}: must be a finite number >= 0")
+        if not self.modes:
+            raise InputError("--modes: give at least one mode")
+        self.prompts.check()
 
     def protocol(self, model: SamModel, modes: Sequence[Mode]) -> dict[str, object]:
         """The choices that make numbers comparable; the scope (data sets, image count) is not one,
@@ -161,9 +181,10 @@ def run_benchmark(
     model (it must be ``config.model``) instead of loading one.
     """
     config = config or BenchmarkConfig()
+    config.check()
     out = Path(out)
-    datasets = load_datasets(data)
     modes = [make_mode(name, config.prompts, config.everything) for name in config.modes]
+    datasets = load_datasets(data)
     if model is None:
         model = load_model(config.model, config.checkpoint, device, encoder_backend=encoder_backend)
     elif model.name != config.model:

@@ -8,6 +8,7 @@ exact prompt protocol that made it. A new prompt mode is one :class:`PromptMode`
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import zlib
@@ -56,6 +57,20 @@ class PromptSettings:
     interactive_start: str = "box"  # box or point_center
     interactive_rounds: int = 5
     click_rule: str = "largest"  # largest (RITM) or random (SAM-Med2D)
+
+    def check(self) -> None:
+        """Every setting within its range, before any work or any file: one InputError otherwise."""
+        if not math.isfinite(self.jitter) or self.jitter < 0:
+            raise InputError(f"--jitter {self.jitter}: must be a finite number >= 0")
+        choices = {"jitter_unit": ("px", "percent"), "jitter_kind": ("corners", "shift", "scale"),
+                   "points_sampler": ("stride", "random"), "negative_region": ("double_box", "image"),
+                   "interactive_start": ("box", "point_center"), "click_rule": ("largest", "random")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                option = "--" + name.replace("_", "-")
+                raise InputError(f"{option} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.interactive_rounds < 1:
+            raise InputError(f"--rounds {self.interactive_rounds}: must be >= 1")
 
 
 def object_rng(seed: int, *keys: object) -> np.random.Generator:
@@ -196,6 +211,8 @@ class PointsMode(PromptMode):
         assert match is not None
         self.name, self.settings = name, settings
         self.positives, self.negatives = int(match.group(1)), int(match.group(2) or 0)
+        if self.positives < 1:
+            raise InputError(f"mode '{name}': needs at least one positive point (points1 or more)")
         if settings.points_sampler not in ("stride", "random"):
             raise InputError(f"unknown --points-sampler '{settings.points_sampler}'; use stride or random")
         self.params: dict[str, object] = {"prompt": f"{self.positives} positive points",
