@@ -65,7 +65,8 @@ def segment(
     if label and len(label) != len(points):
         raise InputError(f"--label given {len(label)} times for {len(points)} --point")
     prompt = Prompt(points=points or None, labels=label or None, box=box)
-    mask = segment_image_file(Predictor(load_model(model, checkpoint, device)), image, prompt, out, overlay, mask_rule)
+    mask = segment_image_file(lambda: Predictor(load_model(model, checkpoint, device)), image, prompt, out, overlay,
+                              mask_rule)
     typer.echo(f"{out}: {int(mask.sum())} foreground pixels")
 
 
@@ -89,7 +90,7 @@ def segment_volume(
     from sam4med.engine.segment import segment_volume_file
 
     configure_cpu()
-    labels = segment_volume_file(Predictor(load_model(model, checkpoint, device)), volume, box3d, out, axis,
+    labels = segment_volume_file(lambda: Predictor(load_model(model, checkpoint, device)), volume, box3d, out, axis,
                                  (lower_percentile, upper_percentile))
     typer.echo(f"{out}: {int(labels.sum())} foreground voxels in "
                f"{int(labels.any(axis=tuple(a for a in range(3) if a != axis)).sum())} slices")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +11,38 @@ from PIL import Image
 from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import read_image
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompts import Prompt, select_mask, tight_box, wants_multimask
+from sam4med.engine.prompts import MASK_RULES, Prompt, select_mask, tight_box, wants_multimask
 from sam4med.engine.volumes import VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
+
+
+# A predictor, or a function that makes one: called only once every argument and input file is checked,
+# so that a bad argument never waits for a model to load.
+PredictorSource = Predictor | Callable[[], Predictor]
+
+
+def _ready(source: PredictorSource) -> Predictor:
+    return source if isinstance(source, Predictor) else source()
+
+
+def _check_mask_rule(mask_rule: str | None) -> None:
+    if mask_rule is not None and mask_rule not in MASK_RULES:
+        raise InputError(f"--mask-rule {mask_rule!r}: choose one of {', '.join(MASK_RULES)}")
+
+
+def _check_box3d(box3d: Sequence[float], depth: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in box3d)
+    if len(values) != 6 or not np.isfinite(values).all():
+        raise InputError(f"--box3d {list(box3d)}: expected six finite numbers x0 y0 z0 x1 y1 z1")
+    if not (0 <= values[2] <= values[5] < depth):
+        raise InputError(f"--box3d z range {values[2]:g}..{values[5]:g} lies outside the volume's {depth} slices")
+    return values
+
+
+def _check_output(out: Path, what: str, suffixes: tuple[str, ...]) -> None:
+    if out.is_dir():
+        raise InputError(f"{what} {out}: is a folder; name a file ({', '.join(suffixes)})")
+    if not out.name.lower().endswith(suffixes):
+        raise InputError(f"{what} {out}: unknown extension (expected {', '.join(suffixes)})")
 
 
 def segment_image(predictor: Predictor, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None) -> np.ndarray:
@@ -40,10 +70,8 @@ def segment_volume(
     mask (plus ``margin`` pixels), outwards to both ends of the range; propagation stops in a
     direction once a slice comes back empty.
     """
-    x0, y0, z0, x1, y1, z1 = (float(v) for v in box3d)
     depth = len(slices)
-    if not (0 <= z0 <= z1 < depth):
-        raise InputError(f"--box3d z range {z0:g}..{z1:g} lies outside the volume's {depth} slices")
+    x0, y0, z0, x1, y1, z1 = _check_box3d(box3d, depth)
     labels = np.zeros((depth, *slices[0].shape[:2]), dtype=bool)
     middle = int(round((z0 + z1) / 2))
 
@@ -63,13 +91,18 @@ def segment_volume(
     return labels
 
 
-def segment_image_file(predictor: Predictor, image_path: Path, prompt: Prompt, out: Path,
+def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Prompt, out: Path,
                        overlay: Path | None = None, mask_rule: str | None = None) -> np.ndarray:
-    """Segment one object of an image file; write the mask as a 0/255 PNG (and the overlay, if asked)."""
-    if out.suffix.lower() != ".png":
-        raise InputError(f"--out {out}: the mask is written as PNG; name a .png file")
+    """Segment one object of an image file; write the mask as a 0/255 PNG (and the overlay, if asked).
+
+    Outputs, mask rule, image and prompt are checked before ``predictor`` is made (when it is a function)."""
+    _check_output(out, "--out", (".png",))
+    if overlay is not None:
+        _check_output(overlay, "--overlay", (".png",))
+    _check_mask_rule(mask_rule)
     pixels = read_image(image_path)
-    mask = segment_image(predictor, pixels, prompt, mask_rule)
+    prompt.check_inside(pixels.shape[:2])
+    mask = segment_image(_ready(predictor), pixels, prompt, mask_rule)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((mask * 255).astype(np.uint8)).save(out)
     if overlay:
@@ -79,16 +112,19 @@ def segment_image_file(predictor: Predictor, image_path: Path, prompt: Prompt, o
     return mask
 
 
-def segment_volume_file(predictor: Predictor, volume_path: Path, box3d: Sequence[float], out: Path, axis: int = 0,
-                        percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+def segment_volume_file(predictor: PredictorSource, volume_path: Path, box3d: Sequence[float], out: Path,
+                        axis: int = 0, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
     """Segment one object of a volume file from a 3D box whose z is the index along ``axis`` of the
-    (z, y, x) array (0 axial, 1 coronal, 2 sagittal); write the label volume on the image's grid."""
+    (z, y, x) array (0 axial, 1 coronal, 2 sagittal); write the label volume on the image's grid.
+
+    Output, axis, volume and box are checked before ``predictor`` is made (when it is a function)."""
     if axis not in (0, 1, 2):
         raise InputError(f"--axis {axis}: must be 0, 1 or 2")
-    if not out.name.lower().endswith(VOLUME_SUFFIXES):
-        raise InputError(f"--out {out}: unknown volume extension (expected one of {', '.join(VOLUME_SUFFIXES)})")
+    _check_output(out, "--out", VOLUME_SUFFIXES)
     image = read_volume(volume_path)
-    labels = segment_volume(predictor, list(slices(window(image.array, *percentiles), axis)), box3d)
+    stack = list(slices(window(image.array, *percentiles), axis))
+    _check_box3d(box3d, len(stack))
+    labels = segment_volume(_ready(predictor), stack, box3d)
     labels = np.moveaxis(labels, 0, axis)
     write_label_volume(labels.astype(np.uint8), image, out)
     return labels

@@ -1,0 +1,58 @@
+"""segment_image_file and segment_volume_file check every argument and input file before a model loads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from sam4med.engine.errors import InputError
+from sam4med.engine.prompts import Prompt
+from sam4med.engine.segment import segment_image_file, segment_volume_file
+
+
+def never_loaded():
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
+@pytest.fixture()
+def image_path(tmp_path):
+    path = tmp_path / "image.png"
+    Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(("out", "overlay", "prompt", "rule", "message"), [
+    ("mask.jpg", None, Prompt(box=[1, 1, 20, 20]), None, "unknown extension"),
+    ("folder", None, Prompt(box=[1, 1, 20, 20]), None, "is a folder"),
+    ("mask.png", "overlay.tif", Prompt(box=[1, 1, 20, 20]), None, "--overlay"),
+    ("mask.png", None, Prompt(box=[1, 1, 20, 200]), None, "outside the 60x40 image"),
+    ("mask.png", None, Prompt(box=[1, 1, 20, 20]), "biggest", "--mask-rule"),
+])
+def test_image_arguments_are_checked_before_the_model_loads(tmp_path, image_path, out, overlay, prompt, rule, message):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(InputError, match=message):
+        segment_image_file(never_loaded, image_path, prompt, tmp_path / out,
+                           tmp_path / overlay if overlay else None, rule)
+    assert not (tmp_path / "mask.png").exists()
+
+
+def test_unreadable_image_is_reported_before_the_model_loads(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match="broken.png"):
+        segment_image_file(never_loaded, tmp_path / "broken.png", Prompt(box=[1, 1, 5, 5]), tmp_path / "mask.png")
+
+
+@pytest.mark.parametrize(("out", "box3d", "axis", "message"), [
+    ("labels.png", (1, 1, 0, 5, 5, 2), 0, "unknown extension"),
+    ("labels.nii.gz", (1, 1, 0, 5, 5, 9), 0, "outside the volume's 4 slices"),
+    ("labels.nii.gz", (1, float("nan"), 0, 5, 5, 2), 0, "six finite numbers"),
+    ("labels.nii.gz", (1, 1, 0, 5, 5, 2), 3, "--axis"),
+])
+def test_volume_arguments_are_checked_before_the_model_loads(tmp_path, out, box3d, axis, message):
+    volume = tmp_path / "volume.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((4, 16, 16)).astype(np.float32)), str(volume))
+    with pytest.raises(InputError, match=message):
+        segment_volume_file(never_loaded, volume, box3d, tmp_path / out, axis)
+    assert not (tmp_path / out).exists()
