@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -61,3 +63,37 @@ def test_bad_benchmark_settings_stop_before_anything_is_written(tmp_path, argume
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def _benchmark_in(tmp_path, out):
+    from conftest import make_ellipse_image
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    (data / "masks").mkdir(exist_ok=True)
+    image, mask = make_ellipse_image(64, 64, (32, 32), (12, 16))
+    Image.fromarray(image).save(data / "images" / "a.png")
+    Image.fromarray(mask.astype("uint8") * 255).save(data / "masks" / "a.png")
+    return CliRunner().invoke(app, ["eval", "benchmark", "--data", str(data), "--out", str(out), "--modes", "box",
+                                    "--device", "cpu"])
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_an_out_that_is_a_file_or_a_damaged_record_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    assert "is a file, not a folder" in _one_error_line(_benchmark_in(tmp_path, tmp_path / "taken"))
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "protocol.json").write_text('{"model": "litem')
+    assert "protocol.json: damaged" in _one_error_line(_benchmark_in(tmp_path, tmp_path / "damaged"))
+
+
+def test_a_folder_the_file_system_refuses_is_one_line(tmp_path):
+    """/proc takes no new folders, even from root: the OSError becomes one line naming the path."""
+    line = _one_error_line(_benchmark_in(tmp_path, Path("/proc/sam4med-test/out")))
+    assert "/proc/sam4med-test" in line

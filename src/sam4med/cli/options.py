@@ -9,7 +9,7 @@ from typing import Annotated, Optional, TypeVar
 
 import typer
 
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, one_line
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -23,6 +23,10 @@ def one_line_errors(command: F) -> F:
             return command(*args, **kwargs)
         except InputError as error:
             typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as error:  # the file system refused: permissions, a full or read-only disk
+            where = error.filename if error.filename is not None else "file system"
+            typer.echo(f"error: {where}: {error.strerror or one_line(error)}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -22,18 +22,33 @@ HISTORY_FILE = "history.jsonl"
 
 
 def write_json(path: Path, record: object) -> None:
-    """Write JSON atomically (temporary file + rename), so a kill never leaves half a record."""
+    """Write JSON atomically (temporary file, fsync, rename), so a kill or a full disk never leaves half a
+    record where a whole one was."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, indent=2, default=str))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -> None:
     """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one."""
     path = folder / record_file
     current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: is a file, not a folder; choose another --out")
     if path.is_file():
-        existing = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InputError(f"{path}: damaged (not JSON); it records how the results in {folder} were made, "
+                             "so they cannot be resumed: choose another --out") from None
+        if not isinstance(existing, dict):
+            raise InputError(f"{path}: damaged (not a JSON object); choose another --out")
         if existing != current:
             changed = sorted(k for k in existing.keys() | current.keys() if existing.get(k) != current.get(k))
             raise InputError(f"{folder}: holds results made with other settings ({', '.join(changed)} differ); "
