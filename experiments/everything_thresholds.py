@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from itertools import product
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import numpy as np
 import pandas as pd
@@ -50,13 +50,15 @@ def main(
     data: Annotated[list[Path], typer.Option(help="Data set folder (repeatable); its validation side is used.")],
     out: Annotated[Path, typer.Option(help="CSV: one row per data set and threshold pair.")],
     model: Annotated[str, typer.Option(help="A registered model that takes clicks.")] = "litemedsam-click",
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A click run's best.pt (on --model's backbone).")] = None,
     max_images: Annotated[int, typer.Option(help="Validation images per data set.")] = 8,
     min_object_area: Annotated[int, typer.Option(help="Objects smaller than this (pixels) are not counted.")] = 10,
     threads: ThreadsOption = None,
 ) -> None:
     """Print recall and precision of the point grid for every threshold pair, per data set and overall."""
     configure_cpu(threads)
-    predictor = Predictor(load_model(model, encoder_backend="onnx"))
+    sam = load_model(model, checkpoint, encoder_backend="onnx")
+    predictor = Predictor(sam)
     loosest = EverythingSettings(method="points", pred_iou_thresh=min(IOU_THRESHOLDS),
                                  stability_thresh=min(STABILITY_THRESHOLDS))
     rows = []
@@ -81,7 +83,8 @@ def main(
     table = pd.concat([table, overall.assign(dataset="all")])
     table["recall"] = table["found"] / table["objects"].clip(lower=1)
     table["precision"] = table["true_masks"] / table["masks"].clip(lower=1)
-    table["model"] = model
+    table["model"] = sam.name
+    table["weights_sha256"] = sam.weights_sha256
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     summary = table[table.dataset == "all"].sort_values(["recall", "precision"], ascending=False)

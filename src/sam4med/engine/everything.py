@@ -41,8 +41,8 @@ class EverythingSettings:
 
     method: Method = "auto"
     points_per_side: int = 16  # SAM uses 32: 4x the decoder calls
-    pred_iou_thresh: float | None = None  # None: 0.88 for points (SAM's), 0.8 for boxes
-    stability_thresh: float | None = None  # None: 0.95 for points (SAM's), 0.8 for boxes
+    pred_iou_thresh: float | None = None  # None: the model's for points (else SAM's 0.88), 0.8 for boxes
+    stability_thresh: float | None = None  # None: the model's for points (else SAM's 0.95), 0.8 for boxes
     stability_offset: float = 1.0
     nms_thresh: float = 0.7
     min_area_fraction: float = 0.0005
@@ -52,19 +52,22 @@ class EverythingSettings:
     region_proposals: int = 16
     refine_boxes: bool = True
 
-    def resolved(self, model_takes_points: bool) -> EverythingSettings:
+    def resolved(self, model_takes_points: bool,
+                 point_thresholds: tuple[float, float] | None = None) -> EverythingSettings:
         """A copy with ``auto`` and the per-method thresholds made explicit (what gets recorded).
 
-        LiteMedSAM's predicted IoU and stability barely rank its box proposals (Spearman 0.2 with
-        Dice on Kvasir-SEG), so box mode uses looser thresholds and leaves the rest to NMS.
+        ``point_thresholds``: the model's own (predicted IoU, stability) thresholds for the point grid
+        (``ModelSpec.point_grid_thresholds``); SAM's 0.88 and 0.95 otherwise. LiteMedSAM's predicted IoU
+        and stability barely rank its box proposals (Spearman 0.2 with Dice on Kvasir-SEG), so box mode
+        uses looser thresholds and leaves the rest to NMS.
         """
         method = self.method if self.method != "auto" else ("points" if model_takes_points else "boxes")
-        points = method == "points"
+        iou, stability = (point_thresholds or (0.88, 0.95)) if method == "points" else (0.8, 0.8)
         return replace(
             self,
             method=method,
-            pred_iou_thresh=self.pred_iou_thresh if self.pred_iou_thresh is not None else (0.88 if points else 0.8),
-            stability_thresh=self.stability_thresh if self.stability_thresh is not None else (0.95 if points else 0.8),
+            pred_iou_thresh=self.pred_iou_thresh if self.pred_iou_thresh is not None else iou,
+            stability_thresh=self.stability_thresh if self.stability_thresh is not None else stability,
         )
 
     def record(self) -> dict[str, object]:
@@ -209,7 +212,8 @@ def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: Every
 
 def generate_masks(predictor: Predictor, image: np.ndarray, settings: EverythingSettings | None = None) -> list[ProposedMask]:
     """All masks of everything mode for one image, best score first."""
-    settings = (settings or EverythingSettings()).resolved(predictor.model.spec.takes_point_prompts)
+    spec = predictor.model.spec
+    settings = (settings or EverythingSettings()).resolved(spec.takes_point_prompts, spec.point_grid_thresholds)
     predictor.set_image(image)
     size = image.shape[:2]
     if settings.method == "points":

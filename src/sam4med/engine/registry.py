@@ -39,6 +39,9 @@ class ModelSpec:
     # box-only prompts decoded by the bundled prompt encoder and decoder, not by ``prompt_weights``: a box
     # gives exactly the base model's mask, clicks and corrections go to the trained decoder
     boxes_by_base_decoder: bool = False
+    # everything mode's point grid: (predicted IoU, stability) thresholds for this model's own IoU head;
+    # None: SAM's (0.88, 0.95)
+    point_grid_thresholds: tuple[float, float] | None = None
 
     def protocol(self) -> dict[str, object]:
         """The preprocessing choices, recorded with every result."""
