@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.errors import InputError
 from sam4med.engine.items import WorkItem, run_items
+from sam4med.engine.runs import read_jsonl
 
 
 def items(names: list[str], dataset: str = "toy") -> list[WorkItem]:
@@ -67,3 +70,44 @@ def test_items_of_two_data_sets_with_one_id_are_kept_apart(tmp_path, cut):
     results = tmp_path / "results.jsonl"
     run_items(items(["a"], "one")[cut:] + items(["a"], "two"), two_rows, results, "test", show_progress=False)
     assert {r["dataset"] for r in read(results)} == ({"one", "two"} if cut == 0 else {"two"})
+
+
+def test_a_damaged_middle_line_is_reported_and_its_image_redone(tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    run_items(items(["a", "b", "c"]), two_rows, results, "test", show_progress=False)
+    complete = results.read_text()
+    lines = complete.splitlines(keepends=True)
+    lines[2] = '{"dataset": "toy", "ima\x00ge"\n'  # b's first row damaged in the middle of the file
+    results.write_text("".join(lines))
+    summary = run_items(items(["a", "b", "c"]), two_rows, results, "test", show_progress=False)
+    assert (summary.computed, summary.skipped) == (1, 2)
+    assert sorted(read(results), key=lambda r: r["image"]) == sorted(
+        [json.loads(line) for line in complete.splitlines()], key=lambda r: r["image"])
+    err = capsys.readouterr().err
+    assert "line 3 is damaged" in err and "1 image(s) with missing or damaged rows are computed again" in err
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 KB tmpfs: a disk that fills up (skipped where mounting is not allowed)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_stops_the_loop_and_leaves_what_was_written_readable(small_disk):
+    results = small_disk / "results.jsonl"
+    work = items([f"i{n:02d}" for n in range(20)])
+
+    def big_rows(item: WorkItem) -> list[dict]:
+        return [{"dataset": item.dataset.name, "image": item.sample.id, "payload": "x" * 6000} for _ in range(2)]
+
+    with pytest.raises(OSError) as error:
+        run_items(work, big_rows, results, "test", show_progress=False)
+    assert error.value.errno == errno.ENOSPC
+    rows = read_jsonl(results)  # what was written whole is readable; a cut block at the end is left out
+    assert 0 < len({row["image"] for row in rows}) < len(work)
+    assert all(len(row["payload"]) == 6000 for row in rows)

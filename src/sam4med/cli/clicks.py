@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sam4med.cli.options import BackboneOption, EncoderOption, EpochsOption, MaxTrainImagesOption, RunFolderOption
+from sam4med.cli.options import BackboneOption, DeviceOption, EncoderOption, EpochsOption, MaxTrainImagesOption, RunFolderOption
 from sam4med.cli.options import SeedOption, ThreadsOption, TrainDataOption, echo_training_result, one_line_errors
 from sam4med.engine.runtime import configure_cpu
 
@@ -38,6 +38,7 @@ def train(
                                                  "run's checkpoint), e.g. src/sam4med/weights/litemedsam_click.pt.")] = None,
     seed: SeedOption = 0,
     encoder: EncoderOption = "torch",
+    device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Train for clicks on cached embeddings (iterative click simulation); resumable."""
@@ -49,7 +50,7 @@ def train(
                               learning_rate=learning_rate, max_train_images=max_train_images or None, flips=flips,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
                               init_weights=None if init is None else str(init), seed=seed)
-    echo_training_result(out, train_clicks(data, out, config, embeddings, encoder),
+    echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")
 
 

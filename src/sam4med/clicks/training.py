@@ -106,10 +106,10 @@ class ObjectPrompts:
         self.points = new_points if self.points is None else np.concatenate([self.points, new_points], axis=1)
         self.labels = new_labels if self.labels is None else np.concatenate([self.labels, new_labels], axis=1)
 
-    def tensors(self, scale: float) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
-        points = None if self.points is None else \
-            (torch.from_numpy(self.points * scale), torch.from_numpy(self.labels))  # type: ignore[operator]
-        boxes = None if self.boxes is None else torch.from_numpy(self.boxes * scale)
+    def tensors(self, scale: float, device: torch.device) -> tuple[tuple[Tensor, Tensor] | None, Tensor | None]:
+        points = None if self.points is None else (torch.from_numpy(self.points * scale).to(device),
+                                                   torch.from_numpy(self.labels).to(device))  # type: ignore[arg-type]
+        boxes = None if self.boxes is None else torch.from_numpy(self.boxes * scale).to(device)
         return points, boxes
 
 
@@ -155,7 +155,7 @@ def best_object_iou(logits: Tensor, labels: Tensor) -> Tensor:
     ids = ids[ids > 0]
     pred = (logits > 0).flatten(2).float()  # (B, M, HW)
     if len(ids) == 0:
-        return torch.zeros(pred.shape[:2])
+        return torch.zeros(pred.shape[:2], device=pred.device)
     objects = (labels.flatten()[None] == ids[:, None]).float()  # (O, HW)
     inter = pred @ objects.t()  # (B, M, O)
     union = pred.sum(2, keepdim=True) + objects.sum(1) - inter
@@ -185,14 +185,17 @@ class ClickTask(TrainingTask):
     kind = CHECKPOINT_KIND
 
     def __init__(self, config: ClickTrainConfig, network: Sam, image_size: int, train: list[EmbeddedImage],
-                 val: list[EmbeddedImage], meta: dict[str, object], base: PromptPath | None = None):
+                 val: list[EmbeddedImage], meta: dict[str, object], base: PromptPath | None = None,
+                 device: torch.device | str = "cpu"):
         self.config = config
+        self.device = torch.device(device)
         self.scale = image_size / LOW_RES  # 256 px frame -> model input frame
         self.train_images = train
         self.val_images = val
         self.meta = meta
-        self.module = PromptPath(network.prompt_encoder, network.mask_decoder, use_shared_decoder=False)
-        self.base = base  # the frozen base prompt encoder and decoder: decodes a box alone, as at inference
+        self.module = PromptPath(network.prompt_encoder, network.mask_decoder, use_shared_decoder=False).to(self.device)
+        # the frozen base prompt encoder and decoder: decodes a box alone, as at inference
+        self.base = None if base is None else base.to(self.device)
         self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_gamma)
@@ -223,6 +226,7 @@ class ClickTask(TrainingTask):
         total = 0.0
         for item in batch:
             features, labels = load_embedding(item.image.path)
+            features = features.to(self.device)
             objects = self._objects(labels, item.object_ids)
             rng = np.random.default_rng(item.seed)
             prompts = first_prompts(item.kind, objects, rng, self.config.max_points, self.config.box_jitter_percent)
@@ -240,11 +244,11 @@ class ClickTask(TrainingTask):
         """MSE of the IoU head for lone clicks on background (the point grid's most common case)."""
         points = background_points(labels, content, self.config.background_clicks, rng)
         if len(points) == 0:
-            return torch.zeros(())
-        coords = torch.from_numpy(points[:, None] * self.scale)
-        logits, predicted_iou = self.module(features, (coords, torch.ones(len(points), 1, dtype=torch.int64)),
-                                            None, None, True)
-        return nn.functional.mse_loss(predicted_iou, best_object_iou(logits.detach(), labels))
+            return torch.zeros((), device=self.device)
+        coords = torch.from_numpy(points[:, None] * self.scale).to(self.device)
+        labels_1 = torch.ones(len(points), 1, dtype=torch.int64, device=self.device)
+        logits, predicted_iou = self.module(features, (coords, labels_1), None, None, True)
+        return nn.functional.mse_loss(predicted_iou, best_object_iou(logits.detach(), labels.to(self.device)))
 
     def _rollout(self, features: Tensor, objects: list[np.ndarray], prompts: ObjectPrompts, lone_click: bool,
                  rng: np.random.Generator, train: bool, rounds: int | None = None,
@@ -255,14 +259,14 @@ class ClickTask(TrainingTask):
         ``base_first``: the first prompt is a box alone, decoded by the frozen base decoder when there is one."""
         config = self.config
         rounds = config.rounds if rounds is None else rounds
-        targets = torch.from_numpy(np.stack(objects)).float()[:, None]
+        targets = torch.from_numpy(np.stack(objects)).float()[:, None].to(self.device)
         mask_input = None
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=self.device)
         trained_rounds = 0
         dice_per_round = []
         for round_index in range(rounds + 1):
             multimask = lone_click and round_index == 0
-            points, boxes = prompts.tensors(self.scale)
+            points, boxes = prompts.tensors(self.scale, self.device)
             if base_first and round_index == 0 and self.base is not None:
                 with torch.no_grad():
                     logits = self.base(features, points, boxes, None, False)[0]
@@ -274,11 +278,11 @@ class ClickTask(TrainingTask):
                     best = predicted_iou.argmax(1)
                 else:
                     best = losses.argmin(1)
-                chosen = logits[torch.arange(len(objects)), best]
+                chosen = logits[torch.arange(len(objects), device=self.device), best]
                 iou_target = real_iou(logits.detach(), targets)
                 loss = loss + losses.gather(1, best[:, None]).mean() + nn.functional.mse_loss(predicted_iou, iou_target)
                 trained_rounds += 1
-            masks = (chosen.detach() > 0).numpy()
+            masks = (chosen.detach() > 0).cpu().numpy()
             dice_per_round.append([dice(m, o) for m, o in zip(masks, objects)])
             if round_index < rounds:
                 rule = "largest" if not train or rng.random() < 0.5 else "random"
@@ -293,6 +297,7 @@ class ClickTask(TrainingTask):
         scores = []
         for image in self.val_images:
             features, labels = load_embedding(image.path)
+            features = features.to(self.device)
             objects = self._objects(labels, range(min(max_objects, image.objects)))
             rng = np.random.default_rng(0)
             boxes = ObjectPrompts(None, None, np.stack([tight_box(o) for o in objects]).astype(np.float32))
@@ -313,12 +318,13 @@ class ClickTask(TrainingTask):
 
 def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrainConfig | None = None,
                  embeddings: str | Path | None = None, encoder_backend: str = "torch",
-                 show_progress: bool = True) -> TrainResult:
+                 show_progress: bool = True, device: str | None = None) -> TrainResult:
     """Train the prompt encoder and mask decoder of ``config.backbone`` for clicks; resumable.
 
     The training side of every data set (its first ``max_train_images``) and a few validation images
     are embedded once into ``embeddings`` (default ``OUT/embeddings``; share it between runs), then the
     shared loop trains. ``best.pt`` loads as a model: ``load_model(backbone, checkpoint=best.pt)``.
+    ``device``: where the encoder embeds and the prompt parts train (default: CUDA when present).
     """
     config = config or ClickTrainConfig()
     config.check()
@@ -327,7 +333,7 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
     start_run(out, asdict(config), splits)
     store = Path(embeddings) if embeddings is not None else out / "embeddings"
-    backbone = load_model(config.backbone, device="cpu", encoder_backend=encoder_backend)
+    backbone = load_model(config.backbone, device=device, encoder_backend=encoder_backend)
     if backbone.box_path is not None or backbone.spec.prompt_weights is not None:
         raise InputError(f"--backbone {config.backbone}: already carries trained prompt weights; train on its base "
                          "model and start from them with --init")
@@ -349,6 +355,6 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
         load_prompt_parts(backbone.network, Path(config.init_weights))
         meta["init_weights_sha256"] = file_sha256(Path(config.init_weights))
     task = ClickTask(config, backbone.network, backbone.spec.image_size, train, val, meta,
-                     base if config.base_box_decoder else None)
+                     base if config.base_box_decoder else None, backbone.device)
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train clicks ({config.backbone})",
                show_progress)

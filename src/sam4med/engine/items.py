@@ -10,12 +10,15 @@ running the same command again continues after the last finished image.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.errors import InputError
+from sam4med.engine.runs import parse_jsonl, warn, write_bytes_atomic
 
 RESULTS_FILE = "results.jsonl"
 ItemKey = tuple[str, str]  # (data set name, image id)
@@ -53,18 +57,21 @@ def finished_items(path: Path) -> set[ItemKey]:
     """Images whose rows are all in the results file; a cut last line or a partial block is removed."""
     if not path.exists():
         return set()
-    lines = path.read_bytes().split(b"\n")
-    rows = [json.loads(line) for line in lines[:-1]]  # the last piece is b"" or a cut line
+    data = path.read_bytes()
+    pairs = [(line, row) for line, row in parse_jsonl(data, path, skip_damaged=True)
+             if isinstance(row.get("image_rows"), int) and "dataset" in row and "image" in row]
     counts: dict[ItemKey, int] = {}
     expected: dict[ItemKey, int] = {}
-    for row in rows:
+    for _, row in pairs:
         key = (row["dataset"], row["image"])
         counts[key] = counts.get(key, 0) + 1
         expected[key] = row["image_rows"]
     done = {key for key, count in counts.items() if count == expected[key]}
-    if lines[-1] or len(done) != len(counts):
-        kept = [line + b"\n" for line, row in zip(lines, rows) if (row["dataset"], row["image"]) in done]
-        path.write_bytes(b"".join(kept))
+    kept = b"".join(line + b"\n" for line, row in pairs if (row["dataset"], row["image"]) in done)
+    if kept != data:
+        if len(done) != len(counts):
+            warn(f"{path}: {len(counts) - len(done)} image(s) with missing or damaged rows are computed again")
+        write_bytes_atomic(path, kept)
     return done
 
 
@@ -111,11 +118,23 @@ def run_items(
             for row in rows:
                 row.setdefault("status", "ok")
                 block.append(json.dumps({**row, "image_rows": len(rows)}, default=_json_default) + "\n")
-            handle.write("".join(block).encode())
+            _write_all(handle, "".join(block).encode())
             finished.add(item.key)
             progress.advance(task)
     computed = len(items) - skipped - failed
     return ItemRunSummary(results, computed, skipped, failed, float(np.mean(seconds)) if seconds else float("nan"))
+
+
+def _write_all(handle: BinaryIO, data: bytes) -> None:
+    """Write an image's block of rows whole and fsync it; a short write (a full disk) is an OSError, and
+    the cut block it leaves is dropped on the next resume."""
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        if not written:
+            raise OSError(errno.ENOSPC, "no space left on the device while writing results", handle.name)
+        view = view[written:]
+    os.fsync(handle.fileno())
 
 
 def _json_default(value: object) -> object:

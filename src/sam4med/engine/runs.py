@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from sam4med.engine.datasets import Sample
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, one_line
 
 CONFIG_FILE = "config.json"
 PROTOCOL_FILE = "protocol.json"
@@ -21,18 +22,23 @@ SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 
 
-def write_json(path: Path, record: object) -> None:
-    """Write JSON atomically (temporary file, fsync, rename), so a kill or a full disk never leaves half a
-    record where a whole one was."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a file atomically (temporary file, fsync, rename), so a kill or a full disk never leaves half
+    a file where a whole one was."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with temporary.open("w", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, indent=2, default=str))
+        with temporary.open("wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, record: object) -> None:
+    """Write JSON atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, json.dumps(record, indent=2, default=str).encode("utf-8"))
 
 
 def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -> None:
@@ -65,9 +71,39 @@ def write_split(out: Path, splits: Mapping[str, Mapping[str, list[Sample]]]) -> 
 
 
 def append_jsonl(path: Path, row: Mapping[str, object]) -> None:
+    """Append one row; flushed and fsynced, so a row the caller counts as written is on disk."""
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def warn(message: str) -> None:
+    """One line on stderr for something a run repaired on its own (the user should still know)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def parse_jsonl(data: bytes, path: Path, skip_damaged: bool = False) -> list[tuple[bytes, dict]]:
+    """(line, row) pairs of JSONL bytes. A cut last line (no newline: a kill mid-write) is left out; a
+    damaged line elsewhere is an InputError, or with ``skip_damaged`` left out with a warning."""
+    lines = data.split(b"\n")
+    pairs = []
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if not skip_damaged:
+                raise InputError(f"{path}: line {number} is damaged ({one_line(error)})") from None
+            warn(f"{path}: line {number} is damaged and left out")
+            continue
+        pairs.append((line, row))
+    return pairs
+
+
+def read_jsonl(path: Path, skip_damaged: bool = False) -> list[dict]:
+    """The rows of a JSONL file (see :func:`parse_jsonl`)."""
+    return [row for _, row in parse_jsonl(path.read_bytes(), path, skip_damaged)]

@@ -7,7 +7,6 @@ first appear in the results, which is the order the benchmark ran them.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ import pandas as pd
 from scipy import stats
 
 from sam4med.engine.items import RESULTS_FILE
+from sam4med.engine.runs import read_jsonl
 
 METRICS = ("dice", "iou", "hd95", "hd", "asd", "nsd")
 FACTORS = ("object_area", "boundary_complexity", "contrast")
@@ -36,15 +36,7 @@ def load_results(results: str | Path) -> pd.DataFrame:
     path = Path(results)
     if path.is_dir():
         path = path / RESULTS_FILE
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    records = read_jsonl(path, skip_damaged=True)  # a damaged line is left out with a warning
     df = pd.DataFrame.from_records(records)
     for column in BASE_COLUMNS:
         if column not in df.columns:
