@@ -111,8 +111,9 @@ def test_generate_priors_with_litemedsam_caches_resumes_and_refuses_other_settin
     assert store.record["settings"]["everything"]["method"] == "boxes"
     assert store.record["model"]["weights_sha256"] == litemedsam.weights_sha256
     assert (out / "ellipses" / "figures" / "img00.png").is_file()
+    priors_before = {}
     for sample_id in ("img00", "img01"):
-        priors = store.load(sample_id)
+        priors = priors_before[sample_id] = store.load(sample_id)
         mask = np.asarray(Image.open(data / "masks" / f"{sample_id}.png")) > 0
         assert priors.masks >= 1
         # SAM finds the ellipse (and the background around it): a kept mask covers the whole ellipse
@@ -121,6 +122,13 @@ def test_generate_priors_with_litemedsam_caches_resumes_and_refuses_other_settin
         assert priors.boundary[find_boundaries(mask, mode="thick")].mean() > 0.8
     [again] = generate_priors([data], out, litemedsam, show_progress=False)
     assert (again.computed, again.skipped) == (0, 2)
+    whole = store.path("img01").read_bytes()
+    store.path("img01").write_bytes(whole[: len(whole) // 2])  # a file cut after its row was written
+    with pytest.raises(InputError, match="img01.npz: damaged priors file"):
+        store.load("img01")
+    [repaired] = generate_priors([data], out, litemedsam, show_progress=False)
+    assert (repaired.computed, repaired.skipped) == (1, 1)
+    np.testing.assert_array_equal(store.load("img01").segmentation, priors_before["img01"].segmentation)
     with pytest.raises(InputError, match="other settings"):
         generate_priors([data], out, litemedsam, settings=PriorSettings(weight="one"), show_progress=False)
 

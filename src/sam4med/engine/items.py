@@ -75,6 +75,13 @@ def finished_items(path: Path) -> set[ItemKey]:
     return done
 
 
+def forget_items(path: Path, keys: set[ItemKey]) -> None:
+    """Remove the rows of ``keys`` from a results file (atomically), so those items run again."""
+    pairs = parse_jsonl(path.read_bytes(), path, skip_damaged=True)
+    write_bytes_atomic(path, b"".join(line + b"\n" for line, row in pairs
+                                      if (row.get("dataset"), row.get("image")) not in keys))
+
+
 def failure_message(error: BaseException) -> str:
     """One line: the InputError's own, or the type, message and the function that raised it."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -90,10 +97,21 @@ def run_items(
     description: str,
     error_fields: Callable[[WorkItem], Mapping[str, object]] = lambda item: {},
     show_progress: bool = True,
+    check_done: Callable[[WorkItem], bool] | None = None,
 ) -> ItemRunSummary:
     """Run ``process`` on every item not yet in ``results``; any failure becomes one error row
-    (``status = "error"``, ``error``, plus ``error_fields(item)``) and the loop goes on."""
+    (``status = "error"``, ``error``, plus ``error_fields(item)``) and the loop goes on.
+
+    ``check_done(item)``: whether a finished item's own outputs (files beside the rows) are still whole;
+    an item whose outputs are damaged or missing is computed again, and the run says so."""
     finished = finished_items(results)
+    if check_done is not None:
+        redo = {item.key for item in items if item.key in finished and not check_done(item)}
+        if redo:
+            warn(f"{results.parent}: {len(redo)} finished image(s) whose outputs are damaged or missing are "
+                 "computed again")
+            forget_items(results, redo)
+            finished -= redo
     seconds: list[float] = []
     failed = skipped = 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

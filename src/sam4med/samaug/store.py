@@ -9,20 +9,21 @@ refused rather than mixing two kinds of priors in one training set.
 
 from __future__ import annotations
 
+import io
 import json
-import os
+import zipfile
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, load_datasets
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, one_line
 from sam4med.engine.imageio import read_image
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
 from sam4med.engine.models import load_model
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.runs import claim_folder
+from sam4med.engine.runs import claim_folder, write_bytes_atomic
 from sam4med.engine.sam_model import SamModel
 from sam4med.samaug.figures import write_prior_figure
 from sam4med.samaug.priors import Priors, PriorSettings, compute_priors, settings_key
@@ -51,20 +52,34 @@ class PriorStore:
         return self.folder / f"{image_id}.npz"
 
     def save(self, image_id: str, priors: Priors, key: str) -> None:
-        temporary = self.folder / f".{image_id}.tmp.npz"
-        np.savez_compressed(temporary, segmentation=priors.segmentation, boundary=priors.boundary.astype(np.uint8),
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, segmentation=priors.segmentation, boundary=priors.boundary.astype(np.uint8),
                             masks=np.int64(priors.masks), key=np.array(key))
-        os.replace(temporary, self.path(image_id))
+        write_bytes_atomic(self.path(image_id), buffer.getvalue())
 
     def load(self, image_id: str) -> Priors:
         path = self.path(image_id)
         if not path.is_file():
             raise InputError(f"{path}: no priors for image '{image_id}' (run `sam4med samaug priors` on its data set)")
-        with np.load(path) as data:
-            if str(data["key"]) != self.record["key"]:
-                raise InputError(f"{path}: made with other settings than {self.folder / SETTINGS_FILE}")
-            return Priors(data["segmentation"].astype(np.float32), data["boundary"].astype(np.float32),
-                          int(data["masks"]))
+        try:
+            with np.load(path) as data:
+                key = str(data["key"])
+                priors = Priors(data["segmentation"].astype(np.float32), data["boundary"].astype(np.float32),
+                                int(data["masks"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise InputError(f"{path}: damaged priors file ({one_line(error)}); run `sam4med samaug priors` "
+                             "again, it computes damaged files anew") from None
+        if key != self.record["key"]:
+            raise InputError(f"{path}: made with other settings than {self.folder / SETTINGS_FILE}")
+        return priors
+
+    def is_whole(self, image_id: str) -> bool:
+        """Whether the image's priors file loads (a resumed run recomputes it otherwise)."""
+        try:
+            self.load(image_id)
+        except InputError:
+            return False
+        return True
 
 
 class PriorWorker:
@@ -78,12 +93,20 @@ class PriorWorker:
         self.store = store
         self.with_figure = with_figure
 
+    def outputs_whole(self, item: WorkItem) -> bool:
+        """Whether a finished image's priors still load (its row is written after its figure, so a kill
+        never leaves a row without its figure)."""
+        return self.store.is_whole(item.sample.id)
+
+    def figure_path(self, image_id: str) -> Path:
+        return self.store.folder / "figures" / f"{image_id}.png"
+
     def __call__(self, item: WorkItem) -> list[dict]:
         image = read_image(item.sample.image_path)
         priors = compute_priors(self.predictor, image, self.settings)
         self.store.save(item.sample.id, priors, self.key)
         if item.sample.id in self.with_figure:
-            write_prior_figure(self.store.folder / "figures" / f"{item.sample.id}.png", image, priors)
+            write_prior_figure(self.figure_path(item.sample.id), image, priors)
         return [{"dataset": item.dataset.name, "image": item.sample.id, "masks": priors.masks}]
 
 
@@ -122,5 +145,6 @@ def generate_priors(
         samples = samples[:max_images] if max_images else samples
         worker = PriorWorker(predictor, resolved, key, store, {s.id for s in samples[:figures_per_dataset]})
         summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, store.folder / RESULTS_FILE,
-                                   f"priors {dataset.name}", show_progress=show_progress))
+                                   f"priors {dataset.name}", show_progress=show_progress,
+                                   check_done=worker.outputs_whole))
     return summaries
