@@ -92,6 +92,27 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path: Path):
         load_model("vit_z")
 
 
+class RunsCode:
+    """A pickle that runs a command when unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("name", ["litemedsam", "sam_vit_b"])
+def test_a_malicious_pickle_is_never_run_and_no_unsafe_advice_is_given(tmp_path: Path, name: str):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": RunsCode(marker)}, evil)
+    with pytest.raises(InputError, match="evil.pth: not a loadable PyTorch checkpoint") as info:
+        load_model(name, evil)
+    assert not marker.exists()
+    assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)
+
+
 def test_prompt_outside_the_image_is_rejected(litemedsam, ellipse_image):
     image, _ = ellipse_image
     with pytest.raises(InputError, match="outside the 300x200 image"):

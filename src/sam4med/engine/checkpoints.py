@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import warnings
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -45,8 +47,13 @@ def read_checkpoint(path: Path) -> object:
     if not path.is_file():
         raise InputError(f"{path}: checkpoint file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors all mean the same to the user
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not the user's business
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's own message advises weights_only=False: never give that advice
+        raise InputError(f"{path}: not a loadable PyTorch checkpoint (damaged, or it holds Python objects besides "
+                         "tensors, which sam4med never unpickles since that could run code)") from None
+    except Exception as error:  # zip and torch errors all mean the same to the user
         raise InputError(f"{path}: not a loadable PyTorch checkpoint ({type(error).__name__}: "
                          f"{' '.join(str(error).split())[:200]})") from None
 
@@ -74,10 +81,16 @@ def read_trained_checkpoint(path: Path, kind: str) -> dict:
 
 
 def save_checkpoint(path: Path, record: Mapping[str, object]) -> None:
-    """Write ``record`` in the checkpoint layout, atomically (temporary file + rename)."""
+    """Write ``record`` in the checkpoint layout, atomically (temporary file, fsync, rename)."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format": CHECKPOINT_FORMAT, **record}, temporary)
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as handle:
+            torch.save({"format": CHECKPOINT_FORMAT, **record}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def register_checkpoint_kind(kind: str, loader: CheckpointLoader) -> None:
