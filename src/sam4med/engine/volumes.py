@@ -42,6 +42,8 @@ def read_volume(path: str | Path) -> Volume:
     image = _read_itk(path)
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     bad = int(np.count_nonzero(~np.isfinite(array)))
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        bad = max(bad, _nifti_nonfinite(path))  # ITK's NIfTI reader turns NaN into 0 on the way in
     if bad:
         raise InputError(f"{path}: volume contains {bad} NaN or inf voxels")
     return Volume(
@@ -51,6 +53,32 @@ def read_volume(path: str | Path) -> Volume:
         direction=tuple(float(v) for v in image.GetDirection()),
         path=path,
     )
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of float32 and float64
+
+
+def _nifti_nonfinite(path: Path) -> int:
+    """NaN and inf voxels in a NIfTI-1 file's own float data (0 for integer data or other headers)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            header = handle.read(348)
+            order = "<" if int.from_bytes(header[:4], "little") == 348 else ">"
+            if int.from_bytes(header[:4], "little" if order == "<" else "big") != 348:
+                return 0
+            dims = np.frombuffer(header[40:56], dtype=f"{order}i2")
+            code = int(np.frombuffer(header[70:72], dtype=f"{order}i2")[0])
+            if code not in _NIFTI_FLOATS or not 1 <= dims[0] <= 7:
+                return 0
+            offset = int(np.frombuffer(header[108:112], dtype=f"{order}f4")[0])
+            handle.read(max(0, offset - 348))
+            dtype = np.dtype(f"{order}{_NIFTI_FLOATS[code]}")
+            count = int(np.prod(dims[1 : dims[0] + 1].astype(np.int64)))
+            values = np.frombuffer(handle.read(count * dtype.itemsize), dtype=dtype)
+    except (OSError, EOFError, ValueError, zlib.error):
+        return 0  # ITK has read the file already; a header this check cannot follow is ITK's to judge
+    return int(np.count_nonzero(~np.isfinite(values)))
 
 
 def read_label_volume(path: str | Path, like: Volume | None = None) -> np.ndarray:
