@@ -97,3 +97,12 @@ def test_a_folder_the_file_system_refuses_is_one_line(tmp_path):
     """/proc takes no new folders, even from root: the OSError becomes one line naming the path."""
     line = _one_error_line(_benchmark_in(tmp_path, Path("/proc/sam4med-test/out")))
     assert "/proc/sam4med-test" in line
+
+
+@pytest.mark.parametrize("verb", [["samaug", "train"], ["samunet", "train"], ["clicks", "train"]])
+@pytest.mark.parametrize("value", ["nan", "-1", "0"])
+def test_a_bad_learning_rate_stops_every_trainer_before_anything_is_written(tmp_path, verb, value):
+    result = CliRunner().invoke(app, [*verb, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                                      "--learning-rate", value])
+    assert "--learning-rate" in _one_error_line(result)
+    assert not (tmp_path / "run").exists()

@@ -38,7 +38,7 @@ from torchvision.ops import sigmoid_focal_loss
 from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding
 from sam4med.engine.datasets import load_datasets
 from sam4med.engine.checkpoints import file_sha256
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_number
 from sam4med.engine.models import base_prompt_path, load_model, load_prompt_parts
 from sam4med.engine.metrics import dice
 from sam4med.engine.preprocessing import LOW_RES
@@ -88,6 +88,11 @@ class ClickTrainConfig:
                 or self.rounds < 0 or self.background_clicks < 0:
             raise InputError("--rounds and background clicks must be >= 0; steps, epochs, images and objects "
                              "per step >= 1")
+        check_number(self.learning_rate, "--learning-rate", above=0)
+        check_number(self.weight_decay, "weight_decay", minimum=0)
+        check_number(self.lr_gamma, "lr_gamma", above=0, maximum=1)
+        check_number(self.box_jitter_percent, "box_jitter_percent", minimum=0)
+        check_number(self.focal_weight, "focal_weight", minimum=0)
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise InputError(f"{self.init_weights}: no such file (init weights)")
 

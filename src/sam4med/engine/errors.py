@@ -1,5 +1,7 @@
 """The one error type for bad user input: its message is a single line naming the file or argument."""
 
+import math
+
 
 class InputError(ValueError):
     """Raised for unreadable files, mismatched sizes, bad prompts and other bad input."""
@@ -13,6 +15,20 @@ def one_line(error: BaseException) -> str:
 def hw(shape: tuple[int, ...]) -> str:
     """A shape as HxW, the way messages name image sizes."""
     return f"{shape[0]}x{shape[1]}"
+
+
+def check_number(value: float, what: str, *, minimum: float | None = None, above: float | None = None,
+                 maximum: float | None = None) -> float:
+    """``value`` if it is a finite number within the bounds, else an InputError naming ``what``."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{what} {value}: must be a finite number")
+    if minimum is not None and value < minimum:
+        raise InputError(f"{what} {value}: must be >= {minimum}")
+    if above is not None and value <= above:
+        raise InputError(f"{what} {value}: must be > {above}")
+    if maximum is not None and value > maximum:
+        raise InputError(f"{what} {value}: must be <= {maximum}")
+    return value
 
 
 def path_component(value: object, what: str) -> str:

@@ -9,7 +9,6 @@ protocol is refused rather than mixed into one table.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, Sample, load_datasets
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_number
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
@@ -64,8 +63,7 @@ class BenchmarkConfig:
             raise InputError(f"--max-images {self.max_images}: must be >= 1 (or unset for all)")
         if self.split is not None and self.split not in DEFAULT_FRACTIONS:
             raise InputError(f"--split {self.split!r}: choose one of {', '.join(DEFAULT_FRACTIONS)}")
-        if not math.isfinite(self.nsd_tolerance) or self.nsd_tolerance < 0:
-            raise InputError(f"--nsd-tolerance {self.nsd_tolerance}: must be a finite number >= 0")
+        check_number(self.nsd_tolerance, "--nsd-tolerance", minimum=0)
         if not self.modes:
             raise InputError("--modes: give at least one mode")
         self.prompts.check()

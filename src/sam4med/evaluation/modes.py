@@ -8,7 +8,6 @@ exact prompt protocol that made it. A new prompt mode is one :class:`PromptMode`
 
 from __future__ import annotations
 
-import math
 import re
 import time
 import zlib
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_number
 from sam4med.engine.everything import EverythingSettings, ProposedMask, generate_masks
 from sam4med.engine.interactive import run_interactive
 from sam4med.engine.metrics import dice, segmentation_metrics
@@ -60,8 +59,7 @@ class PromptSettings:
 
     def check(self) -> None:
         """Every setting within its range, before any work or any file: one InputError otherwise."""
-        if not math.isfinite(self.jitter) or self.jitter < 0:
-            raise InputError(f"--jitter {self.jitter}: must be a finite number >= 0")
+        check_number(self.jitter, "--jitter", minimum=0)
         choices = {"jitter_unit": ("px", "percent"), "jitter_kind": ("corners", "shift", "scale"),
                    "points_sampler": ("stride", "random"), "negative_region": ("double_box", "image"),
                    "interactive_start": ("box", "point_center"), "click_rule": ("largest", "random")}

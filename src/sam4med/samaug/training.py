@@ -26,7 +26,7 @@ from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd
 from monai.utils import convert_to_tensor, set_determinism
 
 from sam4med.engine.datasets import load_datasets
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_number
 from sam4med.engine.imageio import read_image
 from sam4med.engine.metrics import dice
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
@@ -69,6 +69,8 @@ class TrainConfig:
                 raise InputError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
         if self.image_size < 16 or min(self.epochs, self.batch_size, self.patches_per_image) < 1:
             raise InputError("--image-size must be >= 16; --epochs, --batch-size, --patches-per-image >= 1")
+        check_number(self.learning_rate, "--learning-rate", above=0)
+        check_number(self.weight_decay, "weight_decay", minimum=0)
         if self.scale_to is not None and self.scale_to < self.image_size:
             raise InputError(f"--scale-to {self.scale_to}: must be at least --image-size {self.image_size}")
 
