@@ -106,3 +106,16 @@ def test_a_bad_learning_rate_stops_every_trainer_before_anything_is_written(tmp_
                                       "--learning-rate", value])
     assert "--learning-rate" in _one_error_line(result)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [
+    (["eval", "benchmark", "--data", "d", "--out", "o", "--threads", "abc"], "error: --threads: "),
+    (["eval", "benchmark", "--data", "d"], "error: --out: missing"),
+    (["segment", "image.png", "--out", "m.png", "--box", "1", "2", "3"], "error: Option '--box' requires 4"),
+    (["segment", "image.png", "--out", "m.png", "--box", "1", "2", "3", "x"], "error: --box: "),
+    (["segment", "--no-such-option"], "error: No such option: --no-such-option"),
+    (["eval", "no-such-verb"], "error: No such command 'no-such-verb'"),
+])
+def test_usage_errors_are_one_line_too(arguments, expected):
+    """A wrong type, a missing or unknown option: the same one line and exit 2 as any other bad input."""
+    assert _one_error_line(CliRunner().invoke(app, arguments)).startswith(expected)

@@ -9,11 +9,19 @@ from typing import Annotated, Optional
 import typer
 
 from sam4med.cli import clicks, evaluation, samaug, samunet
-from sam4med.cli.options import CheckpointOption, DeviceOption, ModelOption, ThreadsOption, one_line_errors
+from sam4med.cli.options import (
+    CheckpointOption,
+    DeviceOption,
+    ModelOption,
+    OneLineErrorsGroup,
+    ThreadsOption,
+    one_line_errors,
+)
 from sam4med.engine.errors import InputError
 from sam4med.engine.runtime import configure_cpu
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.",
+                  cls=OneLineErrorsGroup)
 app.add_typer(evaluation.app, name="eval")
 app.add_typer(samaug.app, name="samaug")
 app.add_typer(samunet.app, name="samunet")

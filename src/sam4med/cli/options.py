@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from sam4med.engine.errors import InputError, one_line
 
 F = TypeVar("F", bound=Callable[..., object])
+
+
+class OneLineErrorsGroup(TyperGroup):
+    """The root command: a usage error (a wrong type, an unknown or missing option) is one line
+    ``error: <option>: <problem>`` with exit status 2, like every other bad input, not a framed panel."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as error:  # typer's own copy of click's usage errors
+            if type(error).__name__ == "NoArgsIsHelpError":  # a bare group: its help, as typer shows it
+                error.show()  # type: ignore[attr-defined]
+                sys.exit(error.exit_code)  # type: ignore[attr-defined]
+            typer.echo(f"error: {usage_error_line(error)}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def usage_error_line(error: Exception) -> str:
+    """``<option>: <problem>`` for a usage error (the option named when there is one)."""
+    message = " ".join(getattr(error, "message", str(error)).split())
+    param = getattr(error, "param", None)
+    opts = getattr(param, "opts", None)
+    if opts and isinstance(error, typer.TyperException) and type(error).__name__ == "MissingParameter":
+        return f"{opts[0]}: missing (required)"
+    return f"{opts[0]}: {message}" if opts else message
 
 
 def one_line_errors(command: F) -> F:
