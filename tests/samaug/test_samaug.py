@@ -296,3 +296,43 @@ def test_tiled_priors_put_each_tiles_masks_back_in_place(litemedsam):
     for half in (slice(0, 128), slice(128, 256)):  # each tile's ellipse is covered where it lies
         assert (priors.segmentation[:, half][mask[:, half]] > 0.5).mean() > 0.95
         assert priors.boundary[:, half][find_boundaries(mask[:, half], mode="thick")].mean() > 0.8
+
+
+KILLED_PRIORS = """
+import sys
+from sam4med.samaug.store import generate_priors
+generate_priors([sys.argv[1]], sys.argv[2], "litemedsam", device="cpu", figures_per_dataset=1, show_progress=False)
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_priors_run_killed_at_a_random_moment_and_rerun_equals_an_uninterrupted_one(tmp_path, litemedsam, seed):
+    """SIGKILL at a random time during the run (seeded), then the same command again: the same priors and rows."""
+    import subprocess
+    import sys
+    import time
+
+    data = _write_dataset(tmp_path / "ellipses", count=4, size=64)
+    whole = tmp_path / "whole"
+    generate_priors([data], whole, litemedsam, figures_per_dataset=1, show_progress=False)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_PRIORS, str(data), str(killed)])
+    results = killed / "ellipses" / "results.jsonl"
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline and not results.is_file():
+        time.sleep(0.02)  # the model has loaded and the loop has begun
+    time.sleep(np.random.default_rng(seed).uniform(0, 2.0))
+    process.kill()
+    process.wait()
+    generate_priors([data], killed, litemedsam, figures_per_dataset=1, show_progress=False)
+
+    def rows(folder):
+        return sorted((r["image"], r["status"], r.get("masks")) for r in
+                      (json.loads(line) for line in (folder / "ellipses" / "results.jsonl").read_text().splitlines()))
+
+    assert rows(killed) == rows(whole)
+    for image_id in ("img00", "img01", "img02", "img03"):
+        expected, got = PriorStore(whole / "ellipses").load(image_id), PriorStore(killed / "ellipses").load(image_id)
+        np.testing.assert_allclose(got.segmentation, expected.segmentation, atol=1e-5)
+        np.testing.assert_array_equal(got.boundary, expected.boundary)
+    assert (killed / "ellipses" / "figures" / "img00.png").is_file()
