@@ -15,7 +15,6 @@ group so that ``load_model`` finds it without the caller importing the method fi
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import warnings
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from sam4med.engine.errors import InputError
+from sam4med.engine.runs import atomic_writer
 
 CHECKPOINT_FORMAT = "sam4med-checkpoint/1"
 ENTRY_POINT_GROUP = "sam4med.checkpoint_kinds"
@@ -82,15 +82,8 @@ def read_trained_checkpoint(path: Path, kind: str) -> dict:
 
 def save_checkpoint(path: Path, record: Mapping[str, object]) -> None:
     """Write ``record`` in the checkpoint layout, atomically (temporary file, fsync, rename)."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with temporary.open("wb") as handle:
-            torch.save({"format": CHECKPOINT_FORMAT, **record}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_writer(path) as handle:
+        torch.save({"format": CHECKPOINT_FORMAT, **record}, handle)
 
 
 def register_checkpoint_kind(kind: str, loader: CheckpointLoader) -> None:

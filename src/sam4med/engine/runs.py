@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from sam4med.engine.datasets import Sample
 from sam4med.engine.errors import InputError, one_line
@@ -22,13 +24,14 @@ SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file atomically (temporary file, fsync, rename), so a kill or a full disk never leaves half
-    a file where a whole one was."""
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle whose content replaces ``path`` only once it is whole and on disk (temporary file,
+    fsync, rename), so a kill or a full disk never leaves half a file where a whole one was."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with temporary.open("wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -36,8 +39,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
 def write_json(path: Path, record: object) -> None:
-    """Write JSON atomically (see :func:`write_bytes_atomic`)."""
+    """Write JSON atomically (see :func:`atomic_writer`)."""
     write_bytes_atomic(path, json.dumps(record, indent=2, default=str).encode("utf-8"))
 
 
