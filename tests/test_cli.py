@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from sam4med.cli import app
 
 GROUPS = {"eval": ["benchmark", "report"], "samaug": ["priors", "train", "predict", "evaluate"],
-          "samunet": ["train"]}
+          "samunet": ["train"], "clicks": ["train", "export"]}
 
 
 def test_top_level_lists_engine_verbs_and_method_groups():
