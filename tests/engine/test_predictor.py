@@ -86,7 +86,7 @@ def test_everything_mode_with_box_proposals_finds_separate_objects(litemedsam):
     image = np.where(second[..., None], second_image, image)
     settings = EverythingSettings()
     masks = generate_masks(Predictor(litemedsam), image, settings)
-    assert settings.resolved(False).method == "boxes"
+    assert settings.resolved(litemedsam.spec).method == "boxes"
     best = [max(dice(m.mask, gt) for m in masks) for gt in (first, second)]
     assert min(best) > 0.85, best
     scores = [m.score for m in masks]
@@ -135,7 +135,7 @@ def test_everything_mode_with_a_point_grid_on_a_point_taking_model(litemedsam):
     image, _ = make_ellipse_image(128, 128, centre=(64, 64), radii=(30, 40))
     settings = EverythingSettings(points_per_side=4, pred_iou_thresh=0.0, stability_thresh=0.0, min_area_fraction=0.0)
     masks = generate_masks(Predictor(point_model), image, settings)
-    assert settings.resolved(True).method == "points"
+    assert settings.resolved(point_model.spec).method == "points"
     assert 1 <= len(masks) <= 16 * 3
     from torchvision.ops import box_iou
 

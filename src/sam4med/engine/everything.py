@@ -30,6 +30,7 @@ from torchvision.ops import nms
 
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, tight_boxes
+from sam4med.engine.registry import ModelSpec
 from sam4med.engine.sam_model import Decoded
 
 Method = Literal["auto", "points", "boxes"]
@@ -52,17 +53,16 @@ class EverythingSettings:
     region_proposals: int = 16
     refine_boxes: bool = True
 
-    def resolved(self, model_takes_points: bool,
-                 point_thresholds: tuple[float, float] | None = None) -> EverythingSettings:
-        """A copy with ``auto`` and the per-method thresholds made explicit (what gets recorded).
+    def resolved(self, spec: ModelSpec) -> EverythingSettings:
+        """A copy with ``auto`` and the per-method thresholds made explicit for a model (what gets recorded).
 
-        ``point_thresholds``: the model's own (predicted IoU, stability) thresholds for the point grid
-        (``ModelSpec.point_grid_thresholds``); SAM's 0.88 and 0.95 otherwise. LiteMedSAM's predicted IoU
-        and stability barely rank its box proposals (Spearman 0.2 with Dice on Kvasir-SEG), so box mode
-        uses looser thresholds and leaves the rest to NMS.
+        ``auto`` is the model's own choice (``ModelSpec.everything_proposals``); the point grid's thresholds
+        are the model's (``ModelSpec.point_grid_thresholds``), else SAM's 0.88 and 0.95. LiteMedSAM's
+        predicted IoU and stability barely rank its box proposals (Spearman 0.2 with Dice on Kvasir-SEG), so
+        box mode uses looser thresholds and leaves the rest to NMS.
         """
-        method = self.method if self.method != "auto" else ("points" if model_takes_points else "boxes")
-        iou, stability = (point_thresholds or (0.88, 0.95)) if method == "points" else (0.8, 0.8)
+        method = self.method if self.method != "auto" else spec.everything_proposals
+        iou, stability = (spec.point_grid_thresholds or (0.88, 0.95)) if method == "points" else (0.8, 0.8)
         return replace(
             self,
             method=method,
@@ -212,8 +212,7 @@ def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: Every
 
 def generate_masks(predictor: Predictor, image: np.ndarray, settings: EverythingSettings | None = None) -> list[ProposedMask]:
     """All masks of everything mode for one image, best score first."""
-    spec = predictor.model.spec
-    settings = (settings or EverythingSettings()).resolved(spec.takes_point_prompts, spec.point_grid_thresholds)
+    settings = (settings or EverythingSettings()).resolved(predictor.model.spec)
     predictor.set_image(image)
     size = image.shape[:2]
     if settings.method == "points":

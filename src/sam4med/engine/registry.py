@@ -42,6 +42,15 @@ class ModelSpec:
     # everything mode's point grid: (predicted IoU, stability) thresholds for this model's own IoU head;
     # None: SAM's (0.88, 0.95)
     point_grid_thresholds: tuple[float, float] | None = None
+    # everything mode's proposals when a run does not choose: None is the point grid for models that take
+    # clicks, box proposals for the others
+    everything_method: Literal["points", "boxes"] | None = None
+
+    @property
+    def everything_proposals(self) -> Literal["points", "boxes"]:
+        if self.everything_method is not None:
+            return self.everything_method
+        return "points" if self.takes_point_prompts else "boxes"
 
     def protocol(self) -> dict[str, object]:
         """The preprocessing choices, recorded with every result."""
@@ -75,7 +84,9 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     ModelSpec("litemedsam-click", "LiteMedSAM's encoder + sam4med's prompt encoder and decoder trained for clicks "
               "(src/sam4med/weights)", 256, "longest_side", "minmax", partial(build_tinyvit_sam, 256), True, "auto",
               bundled_checkpoint=_litemedsam_checkpoint, expected_sha256=_litemedsam_sha256,
-              prompt_weights="litemedsam_click", boxes_by_base_decoder=True),
+              prompt_weights="litemedsam_click", boxes_by_base_decoder=True,
+              # chosen on the validation sides, experiments/everything_thresholds.py (best mean F1 over sets)
+              point_grid_thresholds=(0.35, 0.5)),
     ModelSpec("medsam", "MedSAM (ViT-B, 1024 px, image stretched to a square as its authors do)",
               1024, "stretch", "minmax", partial(build_vit_sam, 768, 12, 12, (2, 5, 8, 11)), False, "single"),
     ModelSpec("mobilesam", "MobileSAM (TinyViT distilled from SAM ViT-H, 1024 px)",

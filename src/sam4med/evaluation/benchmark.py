@@ -76,8 +76,7 @@ class BenchmarkConfig:
         if self.split is None:
             del record["split"], record["split_seed"]
         record["mask_rule"] = self.resolved_mask_rule(model)
-        record["everything"] = self.everything.resolved(model.spec.takes_point_prompts,
-                                                        model.spec.point_grid_thresholds).record()
+        record["everything"] = self.everything.resolved(model.spec).record()
         record["model_protocol"] = model.protocol()
         record["modes"] = {mode.name: mode.params for mode in modes}
         return record

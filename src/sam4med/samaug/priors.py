@@ -23,23 +23,25 @@ from skimage.segmentation import find_boundaries
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings, ProposedMask, generate_masks
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.registry import model_spec
+from sam4med.engine.registry import ModelSpec, model_spec
 
 Weight = Literal["stability", "iou", "one"]
 WEIGHTS: tuple[str, ...] = ("stability", "iou", "one")
 
 
-def samaug_everything_settings(model_takes_points: bool) -> EverythingSettings:
+def samaug_everything_settings(spec: ModelSpec) -> EverythingSettings:
     """The everything-mode settings SAMAug used, where the model can use them.
 
-    Point-prompt models get the authors' generator: a 32x32 grid, predicted IoU >= 0.5, box NMS 0.5,
-    stability >= 0.95. Box-only models (LiteMedSAM) ignore point prompts, so they get sam4med's
-    box-proposal mode with its own thresholds.
+    Models whose everything mode is the point grid get the authors' generator: a 32x32 grid, box NMS 0.5,
+    predicted IoU >= 0.5 and stability >= 0.95, or the model's own thresholds where its IoU head has
+    another scale (``ModelSpec.point_grid_thresholds``). Box-only models (LiteMedSAM) ignore point
+    prompts, so they get sam4med's box-proposal mode with its own thresholds.
     """
-    if model_takes_points:
-        return EverythingSettings(method="points", points_per_side=32, pred_iou_thresh=0.5,
-                                  stability_thresh=0.95, nms_thresh=0.5)
-    return EverythingSettings(method="boxes").resolved(False)
+    if spec.everything_proposals == "points":
+        iou, stability = spec.point_grid_thresholds or (0.5, 0.95)
+        return EverythingSettings(method="points", points_per_side=32, pred_iou_thresh=iou,
+                                  stability_thresh=stability, nms_thresh=0.5)
+    return EverythingSettings(method="boxes").resolved(spec)
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,8 @@ class PriorSettings:
     tile: int | None = None  # everything mode on tiles of at most this many pixels (see tile_boxes)
     everything: EverythingSettings | None = None  # None: samaug_everything_settings for the model
 
-    def resolved(self, model_takes_points: bool) -> PriorSettings:
-        everything = self.everything.resolved(model_takes_points) if self.everything else \
-            samaug_everything_settings(model_takes_points)
+    def resolved(self, spec: ModelSpec) -> PriorSettings:
+        everything = self.everything.resolved(spec) if self.everything else samaug_everything_settings(spec)
         return replace(self, everything=everything)
 
     def record(self) -> dict[str, object]:
@@ -65,7 +66,7 @@ def prior_settings(model: str, weight: str = "stability", normalise: bool = Fals
     """Prior settings for a registered model: SAMAug's generator where the model takes points."""
     if weight not in WEIGHTS:
         raise InputError(f"--weight {weight!r}: choose one of {', '.join(WEIGHTS)}")
-    everything = samaug_everything_settings(model_spec(model).takes_point_prompts)
+    everything = samaug_everything_settings(model_spec(model))
     if region_proposals is not None:
         everything = replace(everything, region_proposals=region_proposals)
     return PriorSettings(weight=weight, normalise=normalise, tile=tile, everything=everything)  # type: ignore[arg-type]
@@ -124,7 +125,7 @@ def compute_priors(predictor: Predictor, image: np.ndarray, settings: PriorSetti
     Tiling keeps small structures (nuclei in a 1000 px H&E tile) large enough for a 256 px model;
     masks of each tile are placed back at their position before accumulation.
     """
-    resolved = settings.resolved(predictor.model.spec.takes_point_prompts)
+    resolved = settings.resolved(predictor.model.spec)
     height, width = image.shape[:2]
     if not resolved.tile or max(height, width) <= resolved.tile:
         masks = generate_masks(predictor, image, resolved.everything)

@@ -134,7 +134,7 @@ def generate_priors(
     datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
     sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device,
                                                                 encoder_backend=encoder_backend)
-    resolved = settings.resolved(sam.spec.takes_point_prompts)
+    resolved = settings.resolved(sam.spec)
     key = settings_key(sam.protocol(), resolved)
     predictor = Predictor(sam)
     summaries = []
