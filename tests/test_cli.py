@@ -119,3 +119,9 @@ def test_a_bad_learning_rate_stops_every_trainer_before_anything_is_written(tmp_
 def test_usage_errors_are_one_line_too(arguments, expected):
     """A wrong type, a missing or unknown option: the same one line and exit 2 as any other bad input."""
     assert _one_error_line(CliRunner().invoke(app, arguments)).startswith(expected)
+
+
+def test_an_unknown_everything_method_is_one_line():
+    line = _one_error_line(CliRunner().invoke(app, ["eval", "benchmark", "--data", "d", "--out", "o",
+                                                    "--everything-method", "grid"]))
+    assert "--everything-method 'grid'" in line

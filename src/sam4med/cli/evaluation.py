@@ -12,6 +12,7 @@ from sam4med.cli.options import (
     DataOption,
     DeviceOption,
     EncoderOption,
+    EverythingMethodOption,
     MaxImagesOption,
     ModelOption,
     ThreadsOption,
@@ -43,6 +44,7 @@ def benchmark(
     one_object: Annotated[bool, typer.Option(help="Treat each mask as one object instead of its connected components.")] = False,
     max_objects: Annotated[int, typer.Option(help="Objects per image, drawn by seed when more (0: all).")] = 20,
     max_images: MaxImagesOption = 0,
+    everything_method: EverythingMethodOption = "auto",
     split: Annotated[Optional[str], typer.Option(help="Only this side (test, val, train) of the group-aware "
                                                       "70/10/20 split the trainers use (seed 0).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache folder (re-runs skip the encoder).")] = None,
@@ -51,6 +53,7 @@ def benchmark(
     threads: ThreadsOption = None,
 ) -> None:
     """Evaluate a model on data sets under every prompt mode (COSMOS protocol); resumable."""
+    from sam4med.engine.everything import EverythingSettings
     from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
     from sam4med.evaluation.modes import DEFAULT_MODES, PromptSettings
 
@@ -67,6 +70,7 @@ def benchmark(
         split=split,
         prompts=PromptSettings(jitter, jitter_unit, jitter_kind, points_sampler, negative_region,  # type: ignore[arg-type]
                                interactive_start, rounds, click_rule),
+        everything=EverythingSettings(method=everything_method),  # type: ignore[arg-type]
     )
     results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir, encoder_backend=encoder)
     print_summary(results.parent)

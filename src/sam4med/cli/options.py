@@ -79,6 +79,8 @@ MaxTrainImagesOption = Annotated[int, typer.Option(help="Training images per dat
 MaxImagesOption = Annotated[int, typer.Option(help="Images per data set (0: all).")]
 EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, or onnx (ONNX Runtime, CPU; "
                                                  "pip install onnxruntime).")]
+EverythingMethodOption = Annotated[str, typer.Option(help="Everything mode's proposals: auto (the model's own "
+                                                          "choice), points (SAM's grid) or boxes.")]
 EpochsOption = Annotated[int, typer.Option(help="Training epochs.")]
 SeedOption = Annotated[int, typer.Option(help="Seed of the training randomness.")]
 

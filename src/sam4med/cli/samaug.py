@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, EpochsOption, MaxImagesOption
+from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, EpochsOption, EverythingMethodOption
+from sam4med.cli.options import MaxImagesOption
 from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RunFolderOption, SeedOption, ThreadsOption
 from sam4med.cli.options import TrainDataOption, echo_training_result, one_line_errors
 from sam4med.engine.runtime import configure_cpu
@@ -28,6 +29,7 @@ def priors(
     normalise: Annotated[bool, typer.Option(help="Divide the segmentation prior by its maximum (SAMAug does not).")] = False,
     tile: Annotated[int, typer.Option(help="Run everything mode on tiles of at most this size in px (0: whole image).")] = 0,
     region_proposals: Annotated[Optional[int], typer.Option(help="Box mode: region proposals per image (default 16).")] = None,
+    everything_method: EverythingMethodOption = "auto",
     figures: Annotated[int, typer.Option(help="Figures of image / priors / augmented input per data set.")] = 4,
     max_images: MaxImagesOption = 0,
     encoder: EncoderOption = "torch",
@@ -39,7 +41,7 @@ def priors(
     from sam4med.samaug.store import generate_priors
 
     configure_cpu(threads)
-    settings = prior_settings(model, weight, normalise, tile or None, region_proposals)
+    settings = prior_settings(model, weight, normalise, tile or None, region_proposals, everything_method)
     for summary in generate_priors(data, out, model, checkpoint, settings, device, figures, max_images or None,
                                    encoder_backend=encoder):
         typer.echo(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "

@@ -34,6 +34,7 @@ from sam4med.engine.registry import ModelSpec
 from sam4med.engine.sam_model import Decoded
 
 Method = Literal["auto", "points", "boxes"]
+EVERYTHING_METHODS = ("auto", "points", "boxes")
 
 
 @dataclass

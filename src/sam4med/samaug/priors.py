@@ -21,7 +21,7 @@ import numpy as np
 from skimage.segmentation import find_boundaries
 
 from sam4med.engine.errors import InputError
-from sam4med.engine.everything import EverythingSettings, ProposedMask, generate_masks
+from sam4med.engine.everything import EVERYTHING_METHODS, EverythingSettings, ProposedMask, generate_masks
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.registry import ModelSpec, model_spec
 
@@ -62,11 +62,15 @@ class PriorSettings:
 
 
 def prior_settings(model: str, weight: str = "stability", normalise: bool = False, tile: int | None = None,
-                   region_proposals: int | None = None) -> PriorSettings:
-    """Prior settings for a registered model: SAMAug's generator where the model takes points."""
+                   region_proposals: int | None = None, method: str = "auto") -> PriorSettings:
+    """Prior settings for a registered model: SAMAug's generator where its everything mode is the point
+    grid; ``method`` points or boxes overrides the model's own choice."""
     if weight not in WEIGHTS:
         raise InputError(f"--weight {weight!r}: choose one of {', '.join(WEIGHTS)}")
-    everything = samaug_everything_settings(model_spec(model))
+    if method not in EVERYTHING_METHODS:
+        raise InputError(f"--everything-method {method!r}: choose one of {', '.join(EVERYTHING_METHODS)}")
+    spec = model_spec(model)
+    everything = samaug_everything_settings(spec if method == "auto" else replace(spec, everything_method=method))
     if region_proposals is not None:
         everything = replace(everything, region_proposals=region_proposals)
     return PriorSettings(weight=weight, normalise=normalise, tile=tile, everything=everything)  # type: ignore[arg-type]
