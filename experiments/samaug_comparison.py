@@ -55,7 +55,7 @@ def main(
     configure_cpu(threads)
     config, prior_settings, instances = PRESETS[preset]
     config = replace(config, epochs=epochs or config.epochs, max_train_images=max_train_images or None)
-    for summary in generate_priors([data], priors, settings=prior_settings, encoder_backend=encoder,
+    for summary in generate_priors([data], priors, "litemedsam", settings=prior_settings, encoder_backend=encoder,
                                    image_ids=images_used(data, config)):
         print(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
               f"{summary.failed} failed, {summary.seconds_per_item:.2f} s/image")

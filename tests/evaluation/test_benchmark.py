@@ -48,14 +48,15 @@ def test_benchmark_rows_resume_and_failures(tmp_path):
     assert len(failed) == 1 and failed[0]["image"] == "case9" and "case9.png" in failed[0]["error"]
     box = [r for r in ok if r["mode"] == "box"]
     assert all(r["dice"] > 0.95 for r in box)
-    assert all(r["model"] == "litemedsam" and r["mask_rule"] == "single" and r["seed"] == 0 for r in ok)
+    assert all(r["model"] == "litemedsam-click" and r["mask_rule"] == "auto" and r["seed"] == 0 for r in ok)  # defaults
     jitter = next(r for r in ok if r["mode"] == "box_jitter")
     assert jitter["mode_params"] == {"prompt": "jittered box", "jitter": 5.0, "jitter_unit": "px", "jitter_kind": "corners"}
     interactive = next(r for r in ok if r["mode"] == "interactive")
     assert len(interactive["dice_per_round"]) == 3 and interactive["noc85"] == 1
     assert {"object_area", "boundary_complexity", "contrast", "hd95", "nsd", "encode_s"} <= set(box[0])
     protocol = json.loads((tmp_path / "out" / "protocol.json").read_text(encoding="utf-8"))
-    assert protocol["model_protocol"]["weights_sha256"] and protocol["mask_rule"] == "single"
+    assert protocol["model_protocol"]["weights_sha256"] and protocol["mask_rule"] == "auto"
+    assert protocol["model_protocol"]["box_prompts"] == "base model's prompt encoder and decoder"
     assert list((tmp_path / "out" / "overlays").glob("*.png"))
 
     # re-running continues: finished images are skipped, nothing is duplicated
@@ -133,16 +134,21 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
 
 
-def test_real_polyps_with_a_box(shared_data, tmp_path):
-    """Kvasir-SEG (seen in LiteMedSAM's training): a tight box segments polyps well."""
-    config = BenchmarkConfig(modes=("box", "point_center"), max_images=3)
-    results = run_benchmark([shared_data / "kvasir_seg"], tmp_path, config, device="cpu", show_progress=False)
-    frame = load_results(results)
-    box = frame[frame["mode"] == "box"]
-    assert len(box) >= 3 and (frame.status == "ok").all()
-    assert box.dice.mean() > 0.85
-    # the honest counterpart: a single point gives LiteMedSAM almost nothing
-    assert frame[frame["mode"] == "point_center"].dice.mean() < 0.3
+def test_real_polyps_with_a_box_and_a_click(shared_data, tmp_path):
+    """Kvasir-SEG (seen in LiteMedSAM's training): a tight box segments polyps well with both bundled models;
+    one click gives LiteMedSAM almost nothing and the default click model a usable mask."""
+    frames = {}
+    for model in ("litemedsam", "litemedsam-click"):
+        config = BenchmarkConfig(model=model, modes=("box", "point_center"), max_images=3)
+        results = run_benchmark([shared_data / "kvasir_seg"], tmp_path / model, config, device="cpu",
+                                show_progress=False)
+        frames[model] = frame = load_results(results).set_index(["image", "object", "mode"]).sort_index()
+        assert (frame.status == "ok").all() and len(frame.xs("box", level="mode")) >= 3
+    base, click = frames["litemedsam"], frames["litemedsam-click"]
+    assert base.xs("box", level="mode").dice.mean() > 0.85
+    np.testing.assert_array_equal(click.xs("box", level="mode").dice, base.xs("box", level="mode").dice)
+    assert base.xs("point_center", level="mode").dice.mean() < 0.3
+    assert click.xs("point_center", level="mode").dice.mean() > 0.5
 
 
 def test_cli_segment_volume_along_an_axis(tmp_path):

@@ -18,6 +18,7 @@ from sam4med.cli.options import (
     one_line_errors,
 )
 from sam4med.engine.errors import InputError
+from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.",
@@ -36,8 +37,9 @@ def models() -> None:
     for spec in MODELS.values():
         weights = "bundled" if spec.bundled_checkpoint else "--checkpoint"
         points = "points+boxes" if spec.takes_point_prompts else "boxes only"
+        default = " (default)" if spec.name == DEFAULT_MODEL else ""
         typer.echo(f"{spec.name:17s} {spec.image_size:5d}px  {spec.resize:12s} {spec.normalisation:9s} "
-                   f"{points:12s} {weights:12s} {spec.description}")
+                   f"{points:12s} {weights:12s} {spec.description}{default}")
 
 
 def _parse_point(text: str) -> tuple[float, float]:
@@ -57,7 +59,7 @@ def segment(
     point: Annotated[Optional[list[str]], typer.Option(help="X,Y in pixels (repeatable).")] = None,
     label: Annotated[Optional[list[int]], typer.Option(help="1 (object) or 0 (background) per --point.")] = None,
     overlay: Annotated[Optional[Path], typer.Option(help="Also write the mask drawn over the image.")] = None,
-    model: ModelOption = "litemedsam",
+    model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
     mask_rule: Annotated[Optional[str], typer.Option(help="single, auto (3 masks for a lone click) or iou; default: the model's.")] = None,
     device: DeviceOption = None,
@@ -88,7 +90,7 @@ def segment_volume(
                                            "the box's z is the index along it.")] = 0,
     lower_percentile: float = 0.5,
     upper_percentile: float = 99.5,
-    model: ModelOption = "litemedsam",
+    model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
     device: DeviceOption = None,
 ) -> None:
@@ -110,7 +112,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Where the demo data, results and report go.")] = Path("runs/demo"),
     threads: ThreadsOption = None,
 ) -> None:
-    """The main job on the bundled default: LiteMedSAM, 9 prompt modes on an offline phantom data set."""
+    """The main job on the bundled default model: 9 prompt modes on an offline phantom data set."""
     from sam4med.evaluation.demo import run_demo
 
     configure_cpu(threads)

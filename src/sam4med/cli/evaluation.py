@@ -18,6 +18,7 @@ from sam4med.cli.options import (
     ThreadsOption,
     one_line_errors,
 )
+from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="Evaluate SAM-family models on medical images (COSMOS protocol).")
@@ -28,7 +29,7 @@ app = typer.Typer(no_args_is_help=True, help="Evaluate SAM-family models on medi
 def benchmark(
     data: DataOption,
     out: Annotated[Path, typer.Option(help="Results folder (results.jsonl, protocol.json, overlays/).")],
-    model: ModelOption = "litemedsam",
+    model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
     modes: Annotated[str, typer.Option(help="Comma-separated prompt modes.")] = "",
     mask_rule: Annotated[Optional[str], typer.Option(help="single, auto (3 masks for a lone click), oracle (COSMOS) or iou (SAM-Med2D); default: the model's.")] = None,

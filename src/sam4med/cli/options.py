@@ -65,8 +65,9 @@ def one_line_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam (bundled), litemedsam-click (bundled, "
-                                               "takes clicks), medsam, mobilesam, sam_vit_b/l/h.")]
+ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam-click (bundled, the default: "
+                                               "LiteMedSAM's box masks, and clicks), litemedsam (bundled), medsam, "
+                                               "mobilesam, sam_vit_b/l/h.")]
 BackboneOption = Annotated[str, typer.Option(help="Registered SAM backbone (frozen encoder).")]
 CheckpointOption = Annotated[Optional[Path], typer.Option(help="Weights file; required for every model but litemedsam.")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ...; default: CUDA when present.")]

@@ -11,6 +11,7 @@ from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, E
 from sam4med.cli.options import MaxImagesOption
 from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RunFolderOption, SeedOption, ThreadsOption
 from sam4med.cli.options import TrainDataOption, echo_training_result, one_line_errors
+from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="SAMAug (arXiv 2304.11332): SAM priors for a standard segmenter.")
@@ -23,7 +24,7 @@ PriorsOption = Annotated[Optional[Path], typer.Option(help="Folder given to `sam
 def priors(
     data: Annotated[list[Path], typer.Option(help="Data set folder(s) (repeatable); masks are not needed.")],
     out: Annotated[Path, typer.Option(help="Priors folder; each data set goes to OUT/<data set name>/.")],
-    model: ModelOption = "litemedsam",
+    model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
     weight: Annotated[str, typer.Option(help="Mask weight in the segmentation prior: stability (SAMAug), iou or one.")] = "stability",
     normalise: Annotated[bool, typer.Option(help="Divide the segmentation prior by its maximum (SAMAug does not).")] = False,

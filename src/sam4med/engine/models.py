@@ -17,6 +17,7 @@ from sam4med.engine.checkpoints import (
     state_dict_of,
 )
 from sam4med.engine.errors import InputError
+from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.registry import model_spec
 from sam4med.engine.sam_model import PromptPath, SamModel
 
@@ -59,7 +60,7 @@ def default_device() -> torch.device:
 
 
 def load_model(
-    name: str = "litemedsam",
+    name: str = DEFAULT_MODEL,
     checkpoint: str | Path | None = None,
     device: str | torch.device | None = None,
     use_shared_decoder: bool = True,

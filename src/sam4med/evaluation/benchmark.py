@@ -25,6 +25,7 @@ from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.prompts import MASK_RULES
+from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
@@ -36,7 +37,7 @@ from sam4med.engine.overlays import write_overlay
 class BenchmarkConfig:
     """Everything that defines a benchmark run; stored in protocol.json and checked on resume."""
 
-    model: str = "litemedsam"
+    model: str = DEFAULT_MODEL
     checkpoint: str | None = None
     modes: tuple[str, ...] = DEFAULT_MODES
     mask_rule: str | None = None  # None: the model's default (LiteMedSAM: single)

@@ -55,8 +55,8 @@ def build_demo_dataset(out: str | Path, size: int = 256, seed: int = 0) -> Path:
 
 
 def run_demo(out: str | Path) -> tuple[Path, Path]:
-    """The main job on the bundled default: LiteMedSAM, every default prompt mode on the phantom set,
-    then the report; returns the results file and the report."""
+    """The main job on the bundled default model (LiteMedSAM-click): every default prompt mode on the
+    phantom set, then the report; returns the results file and the report."""
     from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
     from sam4med.evaluation.report import write_report
 

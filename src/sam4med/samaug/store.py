@@ -23,6 +23,7 @@ from sam4med.engine.imageio import read_image
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
 from sam4med.engine.models import load_model
 from sam4med.engine.predictor import Predictor
+from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runs import claim_folder, write_bytes_atomic
 from sam4med.engine.sam_model import SamModel
 from sam4med.samaug.figures import write_prior_figure
@@ -113,7 +114,7 @@ class PriorWorker:
 def generate_priors(
     data: Sequence[str | Path | Dataset],
     out: str | Path,
-    model: str | SamModel = "litemedsam",
+    model: str | SamModel = DEFAULT_MODEL,
     checkpoint: str | Path | None = None,
     settings: PriorSettings | None = None,
     device: str | None = None,
