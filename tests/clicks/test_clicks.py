@@ -28,6 +28,7 @@ from sam4med.engine.predictor import Predictor
 from sam4med.engine.preprocessing import LOW_RES
 from sam4med.engine.prompts import Prompt, center_point
 from sam4med.engine.registry import MODELS, model_spec
+from sam4med.engine.sam_model import Embedding
 from sam4med.engine.segment import segment_image
 
 
@@ -201,5 +202,8 @@ def test_click_model_keeps_the_base_models_box_masks(litemedsam, ellipse_image):
     with_click = Prompt(points=[center_point(truth)], labels=[1], box=box.box)
     assert not torch.equal(litemedsam.decode(embedding, [with_click]).low_res,
                            click_model.decode(embedding, [with_click]).low_res)
+    # the shared embedding holds each decoder's own per-image state: the same masks as on a fresh embedding
+    fresh = click_model.decode(Embedding(embedding.features, embedding.geometry), [with_click])
+    torch.testing.assert_close(click_model.decode(embedding, [with_click]).low_res, fresh.low_res)
     corrected = click_model.decode(embedding, [box], mask_input=base.low_res)
     assert not torch.equal(litemedsam.decode(embedding, [box], mask_input=base.low_res).low_res, corrected.low_res)

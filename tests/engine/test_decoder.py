@@ -72,10 +72,10 @@ def test_shared_decoder_matches_reference(litemedsam, reference, embedding, kind
 def test_state_is_made_once_per_embedding_and_reused(litemedsam, reference, embedding):
     shared = Embedding(embedding.features, embedding.geometry)
     litemedsam.decode(shared, _prompts("box", 2, seed=1))
-    state = shared.decoder_states["main"]
+    state = shared.decoder_states[litemedsam.main_path]
     assert state is not None and state.keys.shape == (64 * 64, 256)
     second = litemedsam.decode(shared, _prompts("box", 3, seed=2))
-    assert shared.decoder_states["main"] is state
+    assert shared.decoder_states[litemedsam.main_path] is state
     expected = reference.decode(Embedding(embedding.features, embedding.geometry), _prompts("box", 3, seed=2))
     _assert_logits_close(second.low_res, expected.low_res)
 

@@ -38,8 +38,9 @@ class Embedding:
 
     features: torch.Tensor  # (1, 256, 64, 64)
     geometry: ImageGeometry
-    # the shared decoders' per-image work, made on first decode ("main", and "box" for a routed model)
-    decoder_states: dict[str, ImageState] = field(default_factory=dict)
+    # the shared decoders' per-image work, made on first decode, per prompt path (a model may have two, and
+    # models that share an encoder may share an embedding)
+    decoder_states: dict[PromptPath, ImageState] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # model-specific, e.g. SAM-UNet's features
 
 
@@ -205,7 +206,7 @@ class SamModel:
         if sparse.shape[0] != len(prompts):  # a mask-only prompt carries no sparse token
             sparse = sparse.expand(len(prompts), -1, -1)
         if box_only:
-            low_res, iou = self._decode_on_path(path, "box", embedding, sparse, dense, False, multimask, min_iou)
+            low_res, iou = self._decode_on_path(path, embedding, sparse, dense, False, multimask, min_iou)
         else:
             low_res, iou = self._decode_masks(embedding, sparse, dense, mask_input is not None, multimask, min_iou)
         return Decoded(low_res.float(), iou.float(), embedding.geometry, self)
@@ -213,21 +214,20 @@ class SamModel:
     def _decode_masks(self, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor, has_mask_input: bool,
                       multimask: bool, min_iou: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-res logits (B, M, 256, 256) and predicted IoUs (B, M) from encoded prompts."""
-        return self._decode_on_path(self.main_path, "main", embedding, sparse, dense, has_mask_input, multimask,
-                                    min_iou)
+        return self._decode_on_path(self.main_path, embedding, sparse, dense, has_mask_input, multimask, min_iou)
 
     @staticmethod
-    def _decode_on_path(path: PromptPath, key: str, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor,
+    def _decode_on_path(path: PromptPath, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor,
                         has_mask_input: bool, multimask: bool, min_iou: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         image_pe = path.prompt_encoder.get_dense_pe()
         if path.shared_decoder is None:
             return path.mask_decoder(image_embeddings=embedding.features, image_pe=image_pe,
                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                      multimask_output=multimask)
-        if key not in embedding.decoder_states:
+        if path not in embedding.decoder_states:
             no_mask = path.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-            embedding.decoder_states[key] = path.shared_decoder.prepare(embedding.features, image_pe, no_mask)
-        return path.shared_decoder(embedding.decoder_states[key], sparse, multimask,
+            embedding.decoder_states[path] = path.shared_decoder.prepare(embedding.features, image_pe, no_mask)
+        return path.shared_decoder(embedding.decoder_states[path], sparse, multimask,
                                    dense if has_mask_input else None, min_iou)
 
     def upscale(self, low_res: torch.Tensor, geometry: ImageGeometry) -> torch.Tensor:
