@@ -251,8 +251,8 @@ class ClickTask(TrainingTask):
         if len(points) == 0:
             return torch.zeros((), device=self.device)
         coords = torch.from_numpy(points[:, None] * self.scale).to(self.device)
-        labels_1 = torch.ones(len(points), 1, dtype=torch.int64, device=self.device)
-        logits, predicted_iou = self.module(features, (coords, labels_1), None, None, True)
+        positive = torch.ones(len(points), 1, dtype=torch.int64, device=self.device)
+        logits, predicted_iou = self.module(features, (coords, positive), None, None, True)
         return nn.functional.mse_loss(predicted_iou, best_object_iou(logits.detach(), labels.to(self.device)))
 
     def _rollout(self, features: Tensor, objects: list[np.ndarray], prompts: ObjectPrompts, lone_click: bool,
