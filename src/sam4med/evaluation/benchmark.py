@@ -40,7 +40,7 @@ class BenchmarkConfig:
     model: str = DEFAULT_MODEL
     checkpoint: str | None = None
     modes: tuple[str, ...] = DEFAULT_MODES
-    mask_rule: str | None = None  # None: the model's default (LiteMedSAM: single)
+    mask_rule: str | None = None  # None: the model's default (LiteMedSAM: single; LiteMedSAM-click: auto)
     seed: int = 0
     as_one_object: bool = False
     min_object_area: int = 10
