@@ -125,3 +125,12 @@ def test_an_unknown_everything_method_is_one_line():
     line = _one_error_line(CliRunner().invoke(app, ["eval", "benchmark", "--data", "d", "--out", "o",
                                                     "--everything-method", "grid"]))
     assert "--everything-method 'grid'" in line
+
+
+@pytest.mark.parametrize(("option", "value"), [("--tile", "-5"), ("--figures", "-1"), ("--region-proposals", "-3"),
+                                               ("--max-images", "-2")])
+def test_bad_priors_settings_stop_before_anything_is_written(tmp_path, option, value):
+    result = CliRunner().invoke(app, ["samaug", "priors", "--data", str(tmp_path / "data"), "--out",
+                                      str(tmp_path / "priors"), option, value])
+    assert option in _one_error_line(result)
+    assert not (tmp_path / "priors").exists()

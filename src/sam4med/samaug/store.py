@@ -132,6 +132,10 @@ def generate_priors(
     figure of image / segmentation prior / boundary prior / augmented input.
     """
     settings = settings or PriorSettings()
+    if figures_per_dataset < 0:
+        raise InputError(f"--figures {figures_per_dataset}: must be >= 0")
+    if max_images is not None and max_images < 1:
+        raise InputError(f"--max-images {max_images}: must be >= 1 (or unset for all)")
     datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
     sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device,
                                                                 encoder_backend=encoder_backend)
