@@ -42,7 +42,7 @@ def usage_error_line(error: Exception) -> str:
     message = " ".join(getattr(error, "message", str(error)).split())
     param = getattr(error, "param", None)
     opts = getattr(param, "opts", None)
-    if opts and isinstance(error, typer.TyperException) and type(error).__name__ == "MissingParameter":
+    if opts and type(error).__name__ == "MissingParameter":
         return f"{opts[0]}: missing (required)"
     return f"{opts[0]}: {message}" if opts else message
 

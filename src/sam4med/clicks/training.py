@@ -339,7 +339,7 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     start_run(out, asdict(config), splits)
     store = Path(embeddings) if embeddings is not None else out / "embeddings"
     backbone = load_model(config.backbone, device=device, encoder_backend=encoder_backend)
-    if backbone.box_path is not None or backbone.spec.prompt_weights is not None:
+    if backbone.spec.prompt_weights is not None:
         raise InputError(f"--backbone {config.backbone}: already carries trained prompt weights; train on its base "
                          "model and start from them with --init")
     sides = {d.name: (splits[d.name]["train"][: config.max_train_images], splits[d.name]["val"][: config.max_val_images])
@@ -355,11 +355,11 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     meta = {"backbone": config.backbone, "backbone_sha256": backbone.weights_sha256,
             "datasets": [d.name for d in datasets], "train_images": len(train), "val_images": len(val),
             "train_objects": sum(e.objects for e in train), "embeddings": str(store)}
-    base = base_prompt_path(backbone.network, use_shared_decoder=False)  # before --init replaces the prompt parts
+    # copied before --init replaces the prompt parts
+    base = base_prompt_path(backbone.network, use_shared_decoder=False) if config.base_box_decoder else None
     if config.init_weights is not None:
         load_prompt_parts(backbone.network, Path(config.init_weights))
         meta["init_weights_sha256"] = file_sha256(Path(config.init_weights))
-    task = ClickTask(config, backbone.network, backbone.spec.image_size, train, val, meta,
-                     base if config.base_box_decoder else None, backbone.device)
+    task = ClickTask(config, backbone.network, backbone.spec.image_size, train, val, meta, base, backbone.device)
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train clicks ({config.backbone})",
                show_progress)
