@@ -219,12 +219,17 @@ def jitter_box(
 MASK_RULES = ("single", "auto", "oracle", "iou")
 
 
+def check_mask_rule(rule: str | None) -> None:
+    """A known mask rule (or None: the model's own); the one check every entry point uses."""
+    if rule is not None and rule not in MASK_RULES:
+        raise InputError(f"--mask-rule {rule!r}: unknown mask rule; choose one of {', '.join(MASK_RULES)}")
+
+
 def wants_multimask(rule: str, prompt: Prompt) -> bool:
     """Whether a prompt is decoded to SAM's 3 masks under a mask rule: always for ``oracle`` and ``iou``,
     never for ``single``, and for ``auto`` only for one lone click, the ambiguous prompt that SAM's
     multi-mask outputs were trained for (SAM's own recommendation)."""
-    if rule not in MASK_RULES:
-        raise InputError(f"unknown mask rule '{rule}'; use {', '.join(MASK_RULES)}")
+    check_mask_rule(rule)
     if rule == "auto":
         return prompt.box is None and prompt.points is not None and len(prompt.points) == 1
     return rule != "single"
@@ -247,7 +252,8 @@ def select_mask(masks: np.ndarray, predicted_iou: np.ndarray, rule: str, gt: np.
         if gt is None:
             raise InputError("mask rule 'oracle' needs the ground truth")
         return int(np.argmax([dice(mask, gt) for mask in masks]))
-    raise InputError(f"unknown mask rule '{rule}'; use {', '.join(MASK_RULES)}")
+    check_mask_rule(rule)
+    raise AssertionError(f"mask rule {rule!r} has no selection")
 
 
 # --- interactive correction ------------------------------------------------------------------

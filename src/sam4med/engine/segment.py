@@ -11,7 +11,7 @@ from PIL import Image
 from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import read_image
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompts import MASK_RULES, Prompt, select_mask, tight_box, wants_multimask
+from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
 from sam4med.engine.volumes import VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
 
 
@@ -22,11 +22,6 @@ PredictorSource = Predictor | Callable[[], Predictor]
 
 def _ready(source: PredictorSource) -> Predictor:
     return source if isinstance(source, Predictor) else source()
-
-
-def _check_mask_rule(mask_rule: str | None) -> None:
-    if mask_rule is not None and mask_rule not in MASK_RULES:
-        raise InputError(f"--mask-rule {mask_rule!r}: choose one of {', '.join(MASK_RULES)}")
 
 
 def _check_box3d(box3d: Sequence[float], depth: int) -> tuple[float, ...]:
@@ -99,7 +94,7 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
     _check_output(out, "--out", (".png",))
     if overlay is not None:
         _check_output(overlay, "--overlay", (".png",))
-    _check_mask_rule(mask_rule)
+    check_mask_rule(mask_rule)
     pixels = read_image(image_path)
     prompt.check_inside(pixels.shape[:2])
     mask = segment_image(_ready(predictor), pixels, prompt, mask_rule)

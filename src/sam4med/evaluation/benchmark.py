@@ -24,7 +24,7 @@ from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.predictor import EmbeddingCache, Predictor
-from sam4med.engine.prompts import MASK_RULES
+from sam4med.engine.prompts import check_mask_rule
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 from sam4med.engine.sam_model import SamModel
@@ -54,8 +54,7 @@ class BenchmarkConfig:
 
     def check(self) -> None:
         """Every choice within its range, before a model is loaded or a file written."""
-        if self.mask_rule is not None and self.mask_rule not in MASK_RULES:
-            raise InputError(f"--mask-rule {self.mask_rule!r}: choose one of {', '.join(MASK_RULES)}")
+        check_mask_rule(self.mask_rule)
         if self.min_object_area < 1:
             raise InputError(f"--min-object-area {self.min_object_area}: must be >= 1")
         if self.max_objects_per_image is not None and self.max_objects_per_image < 1:
