@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +40,14 @@ def make_ellipse_image(height=200, width=300, centre=(100, 150), radii=(40, 70),
 @pytest.fixture(scope="session")
 def ellipse_image():
     return make_ellipse_image()
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 KB tmpfs: a disk that fills up (skipped where mounting is not allowed)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)

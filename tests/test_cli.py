@@ -52,6 +52,7 @@ def test_bad_input_in_a_group_verb_is_one_line_with_exit_2(tmp_path):
     (["--click-rule", "nearest"], "--click-rule"),
     (["--threads", "-3"], "--threads"),
     (["--split", "holdout"], "--split"),
+    (["--seed", "-1"], "--seed"),
 ])
 def test_bad_benchmark_settings_stop_before_anything_is_written(tmp_path, arguments, named):
     """Checked where they enter: one line naming the argument, exit 2, and no protocol.json or results."""
@@ -99,12 +100,24 @@ def test_a_folder_the_file_system_refuses_is_one_line(tmp_path):
     assert "/proc/sam4med-test" in line
 
 
-@pytest.mark.parametrize("verb", [["samaug", "train"], ["samunet", "train"], ["clicks", "train"]])
-@pytest.mark.parametrize("value", ["nan", "-1", "0"])
-def test_a_bad_learning_rate_stops_every_trainer_before_anything_is_written(tmp_path, verb, value):
+BAD_TRAINER_SETTINGS = [(["--learning-rate", value], "--learning-rate") for value in ("nan", "-1", "0")] + [
+    (["--seed", "-1"], "--seed"), (["--max-train-images", "-1"], "--max-train-images"), (["--epochs", "0"], "--epochs")]
+
+
+@pytest.mark.parametrize(("verb", "arguments", "named"), [
+    *[(verb, arguments, named) for verb in (["samaug", "train"], ["samunet", "train"], ["clicks", "train"])
+      for arguments, named in BAD_TRAINER_SETTINGS],
+    (["samaug", "train"], ["--split-seed", "-1"], "--split-seed"),
+    (["samaug", "train"], ["--features", "0"], "--features"),
+    (["samaug", "train"], ["--batch-size", "0"], "--batch-size"),
+    (["samunet", "train"], ["--masks-per-image", "0"], "--masks-per-image"),
+    (["clicks", "train"], ["--rounds", "-1"], "--rounds"),
+    (["clicks", "train"], ["--background-clicks", "-1"], "--background-clicks"),
+])
+def test_bad_trainer_settings_stop_before_anything_is_written(tmp_path, verb, arguments, named):
     result = CliRunner().invoke(app, [*verb, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
-                                      "--learning-rate", value])
-    assert "--learning-rate" in _one_error_line(result)
+                                      *arguments])
+    assert named in _one_error_line(result)
     assert not (tmp_path / "run").exists()
 
 
@@ -128,6 +141,7 @@ def test_an_unknown_everything_method_is_one_line():
 
 
 @pytest.mark.parametrize(("option", "value"), [("--tile", "-5"), ("--figures", "-1"), ("--region-proposals", "-3"),
+                                               ("--region-proposals", "0"),
                                                ("--max-images", "-2")])
 def test_bad_priors_settings_stop_before_anything_is_written(tmp_path, option, value):
     result = CliRunner().invoke(app, ["samaug", "priors", "--data", str(tmp_path / "data"), "--out",

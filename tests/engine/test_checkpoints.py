@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 
@@ -49,3 +50,15 @@ def test_the_engine_finds_a_methods_loader_without_importing_the_method_first(tm
             "print(loader.__module__)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "sam4med.samunet.loading"
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_whole(small_disk):
+    """A checkpoint too big for the disk: the write fails naming the file, and the one before it still loads."""
+    path = small_disk / "last.pt"
+    small = {"kind": "test", "config": {}, "weights": {"w": torch.zeros(100)}}
+    save_checkpoint(path, small)
+    with pytest.raises(OSError) as error:
+        save_checkpoint(path, {**small, "weights": {"w": torch.randn(100_000)}})
+    assert error.value.errno == errno.ENOSPC and error.value.filename == str(path)
+    assert torch.equal(read_trained_checkpoint(path, "test")["weights"]["w"], torch.zeros(100))
+    assert [p.name for p in small_disk.iterdir()] == ["last.pt"]  # no temporary left behind

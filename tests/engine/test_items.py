@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -87,17 +86,6 @@ def test_a_damaged_middle_line_is_reported_and_its_image_redone(tmp_path, capsys
     assert "line 3 is damaged" in err and "1 image(s) with missing or damaged rows are computed again" in err
 
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    """A 64 KB tmpfs: a disk that fills up (skipped where mounting is not allowed)."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
-
-
 def test_a_full_disk_stops_the_loop_and_leaves_what_was_written_readable(small_disk):
     results = small_disk / "results.jsonl"
     work = items([f"i{n:02d}" for n in range(20)])
@@ -111,3 +99,19 @@ def test_a_full_disk_stops_the_loop_and_leaves_what_was_written_readable(small_d
     rows = read_jsonl(results)  # what was written whole is readable; a cut block at the end is left out
     assert 0 < len({row["image"] for row in rows}) < len(work)
     assert all(len(row["payload"]) == 6000 for row in rows)
+
+
+def test_an_output_disk_that_refuses_stops_the_loop_and_an_image_error_does_not(tmp_path):
+    """ENOSPC or a read-only file system while an item writes its files fails every later item too: the run
+    stops with the error (and resumes later); another OSError belongs to its image and becomes a row."""
+    def writes(item: WorkItem) -> list[dict]:
+        if item.sample.id == "gone":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "gone.png")
+        if item.sample.id == "full":
+            raise OSError(errno.ENOSPC, "No space left on device", "out/full.npz")
+        return [{"dataset": item.dataset.name, "image": item.sample.id}]
+
+    results = tmp_path / "results.jsonl"
+    with pytest.raises(OSError, match="No space left on device"):
+        run_items(items(["a", "gone", "full", "b"]), writes, results, "test", show_progress=False)
+    assert [(r["image"], r["status"]) for r in read(results)] == [("a", "ok"), ("gone", "error")]

@@ -71,6 +71,23 @@ def test_another_configuration_in_the_run_folder_is_refused(tmp_path):
         fit(LineTask(), tmp_path, {"lr": 0.1}, 2, seed=0, description="line", show_progress=False)
 
 
+class DivergingTask(LineTask):
+    """From the second epoch on its targets overflow, as a far too high learning rate makes the weights do."""
+
+    def batches(self, epoch: int, rng: np.random.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(x, y * (1e39 if epoch else 1)) for x, y in super().batches(epoch, rng)]
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_epoch(tmp_path):
+    task = DivergingTask()
+    with pytest.raises(InputError, match=r"training loss became (nan|inf) at epoch 2, step \d+; lower "
+                                         r"--learning-rate \(the run keeps epoch 1\)"):
+        fit(task, tmp_path, {"lr": 0.05}, 3, seed=0, description="line", show_progress=False)
+    assert all(torch.isfinite(w).all() for w in read_trained_checkpoint(tmp_path / "last.pt", "test-line")["weights"].values())
+    assert read_trained_checkpoint(tmp_path / "last.pt", "test-line")["epoch"] == 1
+    assert len(history(tmp_path)) == 1
+
+
 def test_checkpoints_name_their_kind(tmp_path):
     fit(LineTask(), tmp_path, {}, 1, seed=0, description="line", show_progress=False)
     with pytest.raises(InputError, match="a 'test-line' checkpoint, not 'promptable'"):

@@ -18,10 +18,10 @@ from sam4med.evaluation.modes import DEFAULT_MODES, PromptSettings, make_mode
 from sam4med.evaluation.summary import load_results
 
 
-def write_dataset(root: Path, broken: bool = True) -> Path:
+def write_dataset(root: Path, broken: bool = True, count: int = 2) -> Path:
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
-    for index in range(2):
+    for index in range(count):
         image, mask = make_ellipse_image(128, 160, centre=(60 + 5 * index, 80), radii=(25, 35), seed=index)
         Image.fromarray(image).save(root / "images" / f"case{index}.png")
         Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"case{index}.png")
@@ -80,6 +80,46 @@ def test_benchmark_rows_resume_and_failures(tmp_path):
     with pytest.raises(InputError, match="holds results made with other settings .*seed.* differ"):
         run_benchmark([data], tmp_path / "out", BenchmarkConfig(modes=FAST_MODES, seed=1), device="cpu",
                       show_progress=False)
+
+
+KILLED_BENCHMARK = """
+import sys
+from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
+from sam4med.evaluation.modes import PromptSettings
+config = BenchmarkConfig(modes=tuple(sys.argv[3].split(",")), prompts=PromptSettings(interactive_rounds=2))
+run_benchmark([sys.argv[1]], sys.argv[2], config, device="cpu", show_progress=False)
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_benchmark_killed_at_a_random_moment_and_rerun_equals_an_uninterrupted_one(tmp_path, seed):
+    """SIGKILL at a seeded random time, then the same run again: exactly the rows of a run never stopped
+    (timings aside), each once, and the overlays of every image."""
+    import subprocess
+    import sys
+    import time
+
+    data = write_dataset(tmp_path / "ellipses", count=5)
+    config = BenchmarkConfig(modes=FAST_MODES, prompts=PromptSettings(interactive_rounds=2))
+    run_benchmark([data], tmp_path / "whole", config, device="cpu", show_progress=False)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_BENCHMARK, str(data), str(killed), ",".join(FAST_MODES)])
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline and not (killed / "protocol.json").is_file():
+        time.sleep(0.02)  # the model is loaded and the item loop begins
+    time.sleep(np.random.default_rng(seed).uniform(0, 4.0))
+    process.kill()
+    process.wait()
+    run_benchmark([data], killed, config, device="cpu", show_progress=False)
+
+    def rows(folder):
+        lines = (folder / "results.jsonl").read_text(encoding="utf-8").splitlines()
+        return sorted(json.dumps({k: v for k, v in json.loads(line).items() if not k.endswith("_s")}, sort_keys=True)
+                      for line in lines)
+
+    assert rows(killed) == rows(tmp_path / "whole")
+    assert sorted(p.name for p in (killed / "overlays").glob("*.png")) == \
+        sorted(p.name for p in (tmp_path / "whole" / "overlays").glob("*.png"))
 
 
 def test_default_modes_are_the_nine_of_the_study():

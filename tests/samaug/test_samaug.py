@@ -336,3 +336,63 @@ def test_a_priors_run_killed_at_a_random_moment_and_rerun_equals_an_uninterrupte
         np.testing.assert_allclose(got.segmentation, expected.segmentation, atol=1e-5)
         np.testing.assert_array_equal(got.boundary, expected.boundary)
     assert (killed / "ellipses" / "figures" / "img00.png").is_file()
+
+
+KILLED_TRAINING = """
+import json, sys
+from sam4med.samaug.training import TrainConfig, train
+train([sys.argv[1]], None, sys.argv[2], TrainConfig(**json.loads(sys.argv[3])), show_progress=False)
+"""
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_training_run_killed_at_a_random_moment_and_rerun_equals_an_uninterrupted_one(tmp_path, seed):
+    """SIGKILL at a seeded random time (mid-epoch, mid-checkpoint or between), then the same call again:
+    the same history and bit-identical best and last weights as a run never stopped."""
+    import subprocess
+    import sys
+    import time
+
+    data = _noise_dataset(tmp_path / "noise", count=8, size=32)
+    config = TrainConfig(input_kind="raw", image_size=32, features=4, epochs=8, batch_size=2, patches_per_image=4,
+                         fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    train([data], None, tmp_path / "whole", config, show_progress=False)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_TRAINING, str(data), str(killed),
+                                json.dumps(config.__dict__)])
+    deadline = time.time() + 300
+    while process.poll() is None and time.time() < deadline and not (killed / "config.json").is_file():
+        time.sleep(0.02)  # imports done, the loop is about to begin
+    time.sleep(np.random.default_rng(seed).uniform(0, 3.0))
+    process.kill()
+    process.wait()
+    train([data], None, killed, config, show_progress=False)
+
+    def history(folder):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (folder / "history.jsonl").read_text().splitlines()]
+
+    assert history(killed) == history(tmp_path / "whole")
+    for name in ("best.pt", "last.pt"):
+        expected = torch.load(tmp_path / "whole" / name, weights_only=True)["weights"]
+        got = torch.load(killed / name, weights_only=True)["weights"]
+        assert expected.keys() == got.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_priors_on_a_disk_that_fills_end_in_one_line_and_keep_every_recorded_prior_readable(tmp_path, small_disk):
+    data = _write_dataset(tmp_path / "ellipses", count=16, size=256)
+    result = CliRunner().invoke(app, ["samaug", "priors", "--data", str(data), "--out", str(small_disk),
+                                      "--model", "litemedsam", "--figures", "0", "--device", "cpu"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]  # beside the progress bar
+    assert len(lines) == 1 and lines[0].startswith(f"error: {small_disk}/ellipses/") \
+        and lines[0].endswith("No space left on device"), result.output
+    store = PriorStore(small_disk / "ellipses")
+    done = [json.loads(line)["image"] for line in (store.folder / "results.jsonl").read_text().splitlines()
+            if line.endswith("}")]
+    assert 0 < len(done) < 16
+    for image_id in done:  # every image the run recorded has its priors whole
+        assert store.load(image_id).segmentation.shape == (256, 256)
+    assert not [p.name for p in store.folder.rglob(".tmp*")]

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from sam4med.engine.checkpoints import write_torch
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
 from sam4med.engine.objects import connected_components
 from sam4med.engine.preprocessing import labels_to_low_res, low_res_content
-from sam4med.engine.runs import atomic_writer, claim_folder, read_jsonl
+from sam4med.engine.runs import claim_folder, read_jsonl
 from sam4med.engine.sam_model import SamModel
 
 RECORD_FILE = "embeddings.json"
@@ -65,10 +66,8 @@ class EmbeddingWorker:
             areas = torch.bincount(labels.flatten())
             kept = [i for i in range(1, len(areas)) if areas[i] >= self.min_area]
             path = embedding_path(self.folder, item.sample.id, flip)
-            with atomic_writer(path) as handle:
-                torch.save({"features": embedding.features[0].to(torch.float16).cpu(),
-                            "labels": torch.where(torch.isin(labels, torch.tensor(kept)), labels, 0).to(torch.int16)},
-                           handle)
+            write_torch(path, {"features": embedding.features[0].to(torch.float16).cpu(),
+                               "labels": torch.where(torch.isin(labels, torch.tensor(kept)), labels, 0).to(torch.int16)})
             rows.append({"dataset": item.dataset.name, "image": item.sample.id, "flip": flip, "objects": len(kept),
                          "content": list(low_res_content(embedding.geometry)), "bytes": path.stat().st_size})
         return rows

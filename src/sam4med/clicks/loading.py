@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint
+from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint, write_torch
 from sam4med.engine.errors import InputError
 from sam4med.engine.models import base_prompt_path, load_model
 from sam4med.engine.sam_model import SamModel
@@ -43,8 +43,8 @@ def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,
     saved = read_trained_checkpoint(checkpoint, CHECKPOINT_KIND)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.pt"
-    torch.save({key: value.to(torch.float16) if value.is_floating_point() else value
-                for key, value in saved["weights"].items()}, path)
+    write_torch(path, {key: value.to(torch.float16) if value.is_floating_point() else value
+                       for key, value in saved["weights"].items()})
     write_json(folder / f"{name}.json", {
         "file": path.name, "sha256": file_sha256(path), "dtype": "float16",
         "base_model": saved["meta"]["backbone"], "base_weights_sha256": saved["meta"]["backbone_sha256"],

@@ -38,7 +38,7 @@ from torchvision.ops import sigmoid_focal_loss
 from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding
 from sam4med.engine.datasets import load_datasets
 from sam4med.engine.checkpoints import file_sha256
-from sam4med.engine.errors import InputError, check_number
+from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed
 from sam4med.engine.models import base_prompt_path, load_model, load_prompt_parts
 from sam4med.engine.metrics import dice
 from sam4med.engine.preprocessing import LOW_RES
@@ -84,15 +84,20 @@ class ClickTrainConfig:
         if len(self.first_prompt_weights) != len(FIRST_PROMPTS) or min(self.first_prompt_weights) < 0 \
                 or sum(self.first_prompt_weights) <= 0:
             raise InputError(f"first_prompt_weights: {len(FIRST_PROMPTS)} non-negative weights for {FIRST_PROMPTS}")
-        if min(self.images_per_step, self.objects_per_image, self.steps_per_epoch, self.epochs, self.max_points) < 1 \
-                or self.rounds < 0 or self.background_clicks < 0:
-            raise InputError("--rounds and background clicks must be >= 0; steps, epochs, images and objects "
-                             "per step >= 1")
+        check_counts(images_per_step=self.images_per_step, objects_per_image=self.objects_per_image,
+                     steps_per_epoch=self.steps_per_epoch, epochs=self.epochs, max_points=self.max_points)
+        check_number(self.rounds, "--rounds", minimum=0)
+        check_number(self.background_clicks, "--background-clicks", minimum=0)
         check_number(self.learning_rate, "--learning-rate", above=0)
         check_number(self.weight_decay, "weight_decay", minimum=0)
         check_number(self.lr_gamma, "lr_gamma", above=0, maximum=1)
         check_number(self.box_jitter_percent, "box_jitter_percent", minimum=0)
         check_number(self.focal_weight, "focal_weight", minimum=0)
+        check_seed(self.seed, "--seed")
+        check_seed(self.split_seed, "split_seed")
+        check_limit(self.min_object_area, "--min-object-area")
+        check_limit(self.max_train_images, "--max-train-images")
+        check_limit(self.max_val_images, "max_val_images")
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise InputError(f"{self.init_weights}: no such file (init weights)")
 

@@ -15,6 +15,7 @@ group so that ``load_model`` finds it without the caller importing the method fi
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import warnings
 from collections.abc import Callable, Mapping
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from sam4med.engine.errors import InputError
-from sam4med.engine.runs import atomic_writer
+from sam4med.engine.runs import write_bytes_atomic
 
 CHECKPOINT_FORMAT = "sam4med-checkpoint/1"
 ENTRY_POINT_GROUP = "sam4med.checkpoint_kinds"
@@ -80,10 +81,17 @@ def read_trained_checkpoint(path: Path, kind: str) -> dict:
     return saved
 
 
+def write_torch(path: Path, value: object) -> None:
+    """``torch.save`` made atomic (see ``runs.atomic_writer``). The bytes are made in memory first:
+    ``torch.save`` turns a full disk into an opaque RuntimeError, and this keeps it an OSError naming ``path``."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
+
+
 def save_checkpoint(path: Path, record: Mapping[str, object]) -> None:
-    """Write ``record`` in the checkpoint layout, atomically (temporary file, fsync, rename)."""
-    with atomic_writer(path) as handle:
-        torch.save({"format": CHECKPOINT_FORMAT, **record}, handle)
+    """Write ``record`` in the checkpoint layout, atomically."""
+    write_torch(path, {"format": CHECKPOINT_FORMAT, **record})
 
 
 def register_checkpoint_kind(kind: str, loader: CheckpointLoader) -> None:

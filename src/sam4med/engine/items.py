@@ -29,6 +29,7 @@ from sam4med.engine.errors import InputError
 from sam4med.engine.runs import parse_jsonl, warn, write_bytes_atomic
 
 RESULTS_FILE = "results.jsonl"
+STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 ItemKey = tuple[str, str]  # (data set name, image id)
 
 
@@ -126,7 +127,9 @@ def run_items(
             start = time.perf_counter()
             try:
                 rows = process(item)
-            except Exception as error:  # a batch run records any failure and goes on
+            except Exception as error:  # a batch run records any failure and goes on, unless the disk refuses
+                if isinstance(error, OSError) and error.errno in STORAGE_ERRORS:  # every later item would fail too
+                    raise
                 failed += 1
                 rows = [{"dataset": item.dataset.name, "image": item.sample.id, **error_fields(item),
                          "status": "error", "error": failure_message(error)}]

@@ -14,6 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
+from sam4med.engine.runs import atomic_path
+
 OVERLAY_DPI = 80
 PANEL_IN = 2.2
 PANELS_PER_ROW = 5
@@ -95,5 +97,6 @@ def write_overlay(path: str | Path, image: np.ndarray, gt: np.ndarray,
             ax.set_axis_off()
         figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (lines * PANEL_IN + 0.3),
                                wspace=0.05, hspace=0.2)
-        figure.savefig(path, dpi=OVERLAY_DPI, format="png")
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=OVERLAY_DPI, format="png")
     return path

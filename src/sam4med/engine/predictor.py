@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sam4med.engine.sam_model import Decoded, Embedding, SamModel
+from sam4med.engine.checkpoints import write_torch
 from sam4med.engine.prompts import Prompt
+from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 
 
 class EmbeddingCache:
@@ -48,10 +48,7 @@ class EmbeddingCache:
             return None
 
     def store(self, key: str, features: torch.Tensor) -> None:
-        path = self._path(key)
-        partial = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(features.detach().cpu(), partial)
-        partial.replace(path)
+        write_torch(self._path(key), features.detach().cpu())
 
 
 class Predictor:

@@ -25,23 +25,37 @@ HISTORY_FILE = "history.jsonl"
 
 
 @contextmanager
-def atomic_writer(path: Path) -> Iterator[BinaryIO]:
-    """A binary handle whose content replaces ``path`` only once it is whole and on disk (temporary file,
-    fsync, rename), so a kill or a full disk never leaves half a file where a whole one was."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for any writer (PIL, matplotlib, SimpleITK, pandas); once the
+    writer is done it is flushed to disk and renamed over ``path``, so a kill or a full disk never leaves
+    half a file where a whole one was. The name keeps ``path``'s suffixes, from which writers pick the format."""
+    path = Path(path)
+    temporary = path.with_name(f".tmp{os.getpid()}.{path.name}")
     try:
-        with temporary.open("wb") as handle:
-            yield handle
-            handle.flush()
+        yield temporary
+        with temporary.open("rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+    except OSError as error:  # name the file the user asked for, not the temporary one
+        raise OSError(error.errno, error.strerror or one_line(error), str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary handle whose content replaces ``path`` only once it is whole and on disk (see :func:`atomic_path`)."""
+    with atomic_path(path) as temporary, temporary.open("wb") as handle:
+        yield handle
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_writer(path) as handle:
         handle.write(data)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, record: object) -> None:

@@ -12,6 +12,7 @@ from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import read_image
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
+from sam4med.engine.runs import atomic_path
 from sam4med.engine.volumes import VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
 
 
@@ -99,7 +100,8 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
     prompt.check_inside(pixels.shape[:2])
     mask = segment_image(_ready(predictor), pixels, prompt, mask_rule)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((mask * 255).astype(np.uint8)).save(out)
+    with atomic_path(out) as temporary:
+        Image.fromarray((mask * 255).astype(np.uint8)).save(temporary, format="PNG")
     if overlay:
         from sam4med.engine.overlays import write_overlay
 

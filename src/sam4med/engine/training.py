@@ -11,6 +11,7 @@ so a run killed and started again trains exactly as one that was never stopped.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from abc import ABC, abstractmethod
@@ -26,7 +27,8 @@ from torch import nn
 
 from sam4med.engine.checkpoints import read_trained_checkpoint, save_checkpoint
 from sam4med.engine.datasets import Sample
-from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, append_jsonl, claim_folder, write_split
+from sam4med.engine.errors import InputError
+from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, append_jsonl, claim_folder, write_split, write_text_atomic
 
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
@@ -115,8 +117,11 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
             batches = task.batches(epoch, np.random.default_rng([seed, epoch]))
             progress.update(bar, total=epochs * len(batches), completed=epoch * len(batches))
             losses = []
-            for batch in batches:
+            for step, batch in enumerate(batches, 1):
                 losses.append(task.step(batch))
+                if not math.isfinite(losses[-1]):  # stop before a checkpoint keeps the broken weights
+                    raise InputError(f"{out}: the training loss became {losses[-1]} at epoch {epoch + 1}, step "
+                                     f"{step}; lower --learning-rate (the run keeps epoch {loop['epoch']})")
                 progress.update(bar, advance=1, status=f"loss {losses[-1]:.3f}")
             task.scheduler.step()
             task.module.eval()
@@ -154,4 +159,4 @@ def _keep_history(path: Path, epochs: int) -> None:
             continue
         if row["epoch"] <= epochs:
             rows.append(row)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))

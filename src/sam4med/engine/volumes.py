@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from sam4med.engine.errors import InputError
+from sam4med.engine.runs import atomic_path
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -113,7 +114,8 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | Path) -> Pa
     image.SetOrigin(like.origin)
     image.SetDirection(like.direction)
     try:
-        sitk.WriteImage(image, str(path), useCompression=True)
+        with atomic_path(path) as temporary:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot write label volume ({_itk_reason(exc)})") from exc
     return path

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, Sample, load_datasets
-from sam4med.engine.errors import InputError, check_number
+from sam4med.engine.errors import InputError, check_limit, check_number, check_seed
 from sam4med.engine.everything import EVERYTHING_METHODS, EverythingSettings
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
@@ -57,10 +57,10 @@ class BenchmarkConfig:
         check_mask_rule(self.mask_rule)
         if self.min_object_area < 1:
             raise InputError(f"--min-object-area {self.min_object_area}: must be >= 1")
-        if self.max_objects_per_image is not None and self.max_objects_per_image < 1:
-            raise InputError(f"--max-objects {self.max_objects_per_image}: must be >= 1 (or unset for all)")
-        if self.max_images is not None and self.max_images < 1:
-            raise InputError(f"--max-images {self.max_images}: must be >= 1 (or unset for all)")
+        check_limit(self.max_objects_per_image, "--max-objects")
+        check_limit(self.max_images, "--max-images")
+        check_seed(self.seed, "--seed")
+        check_seed(self.split_seed, "--split-seed")
         if self.split is not None and self.split not in DEFAULT_FRACTIONS:
             raise InputError(f"--split {self.split!r}: choose one of {', '.join(DEFAULT_FRACTIONS)}")
         check_number(self.nsd_tolerance, "--nsd-tolerance", minimum=0)

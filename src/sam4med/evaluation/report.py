@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.items import RESULTS_FILE
-from sam4med.engine.runs import PROTOCOL_FILE
+from sam4med.engine.runs import PROTOCOL_FILE, write_text_atomic
 from sam4med.engine.overlays import PALETTE, new_figure, quiet
 from sam4med.evaluation.summary import (
     FACTORS,
@@ -235,7 +235,7 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{CSS}</style></head><body>\n{body}\n</body></html>\n")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    write_text_atomic(out, page)
     return out
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 from scipy import stats
 
 from sam4med.engine.items import RESULTS_FILE
-from sam4med.engine.runs import read_jsonl
+from sam4med.engine.runs import atomic_path, read_jsonl
 
 METRICS = ("dice", "iou", "hd95", "hd", "asd", "nsd")
 FACTORS = ("object_area", "boundary_complexity", "contrast")
@@ -220,6 +220,7 @@ def write_tables(results_dir: str | Path) -> list[Path]:
     paths = []
     for name, (table, index) in tables.items():
         path = results_dir / name
-        table.to_csv(path, index=index)
+        with atomic_path(path) as temporary:
+            table.to_csv(temporary, index=index)
         paths.append(path)
     return paths

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from sam4med.engine.datasets import load_dataset
 from sam4med.engine.metrics import paired_bootstrap
-from sam4med.engine.runs import PROTOCOL_FILE, write_json
+from sam4med.engine.runs import PROTOCOL_FILE, atomic_path, write_json
 from sam4med.engine.splits import training_split
 from sam4med.samaug.inference import evaluate
 from sam4med.samaug.training import TrainConfig, train
@@ -69,7 +69,8 @@ def run_experiment(
             frames.append(frame)
     results = pd.concat(frames, ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out / METRICS_FILE, index=False)
+    with atomic_path(out / METRICS_FILE) as temporary:
+        results.to_csv(temporary, index=False)
     write_json(out / PROTOCOL_FILE, {"config": asdict(config), "seeds": list(seeds), "trainings": list(trainings),
                                      "data": str(data), "priors": str(priors)})
     return results
@@ -100,7 +101,8 @@ def write_summary(out: str | Path, results: pd.DataFrame | None = None) -> pd.Da
     out = Path(out)
     results = results if results is not None else pd.read_csv(out / METRICS_FILE)
     table = summarise(results)
-    table.to_csv(out / "summary.csv", index=False)
+    with atomic_path(out / "summary.csv") as temporary:
+        table.to_csv(temporary, index=False)
     metrics = list(dict.fromkeys(table["metric"]))
     figure = Figure(figsize=(3.2 * len(metrics), 6))
     axes = figure.subplots(2, len(metrics), squeeze=False)
@@ -120,5 +122,6 @@ def write_summary(out: str | Path, results: pd.DataFrame | None = None) -> pd.Da
         for axis in axes[:, column]:
             axis.tick_params(axis="x", labelrotation=60, labelsize=7)
     figure.tight_layout()
-    figure.savefig(out / "summary.png", dpi=90)
+    with atomic_path(out / "summary.png") as temporary:
+        figure.savefig(temporary, dpi=90)
     return table

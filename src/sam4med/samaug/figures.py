@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from sam4med.engine.runs import atomic_path
 from sam4med.samaug.inputs import augment
 from sam4med.samaug.priors import Priors
 
@@ -32,5 +33,6 @@ def write_prior_figure(path: str | Path, image: np.ndarray, priors: Priors) -> P
         axis.axis("off")
     figure.suptitle(f"{priors.masks} everything-mode masks", fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=80)
     return path

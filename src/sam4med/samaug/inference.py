@@ -25,7 +25,7 @@ from sam4med.engine.imageio import read_mask
 from sam4med.engine.errors import InputError
 from sam4med.engine.metrics import aggregated_jaccard_index, dice, iou, label_instances, object_f1, soft_dice
 from sam4med.engine.checkpoints import read_trained_checkpoint
-from sam4med.engine.runs import SPLIT_FILE
+from sam4med.engine.runs import SPLIT_FILE, atomic_path
 from sam4med.samaug.inputs import prepare_images
 from sam4med.samaug.networks import build_network
 from sam4med.samaug.prediction import PREDICT_MODES, combine, default_mode, probabilities
@@ -149,7 +149,8 @@ def evaluate(
     frame = pd.DataFrame(rows)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        frame.to_csv(Path(out) / "metrics.csv", index=False)
+        with atomic_path(Path(out) / "metrics.csv") as temporary:
+            frame.to_csv(temporary, index=False)
     return frame
 
 
@@ -185,6 +186,7 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     count = 0
     for sample, maps, _ in predict_probabilities(segmenter, dataset, dataset.samples, priors):
-        Image.fromarray(((maps[mode] > 0.5) * 255).astype(np.uint8)).save(out / f"{sample.id}.png")
+        with atomic_path(out / f"{sample.id}.png") as temporary:
+            Image.fromarray(((maps[mode] > 0.5) * 255).astype(np.uint8)).save(temporary)
         count += 1
     return count

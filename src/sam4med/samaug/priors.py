@@ -71,8 +71,8 @@ def prior_settings(model: str, weight: str = "stability", normalise: bool = Fals
         raise InputError(f"--everything-method {method!r}: choose one of {', '.join(EVERYTHING_METHODS)}")
     if tile is not None and tile < 16:
         raise InputError(f"--tile {tile}: must be at least 16 px (or 0 for whole images)")
-    if region_proposals is not None and region_proposals < 0:
-        raise InputError(f"--region-proposals {region_proposals}: must be >= 0")
+    if region_proposals is not None and region_proposals < 1:
+        raise InputError(f"--region-proposals {region_proposals}: must be >= 1")
     spec = model_spec(model)
     everything = samaug_everything_settings(spec if method == "auto" else replace(spec, everything_method=method))
     if region_proposals is not None:

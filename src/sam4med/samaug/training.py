@@ -26,7 +26,7 @@ from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd
 from monai.utils import convert_to_tensor, set_determinism
 
 from sam4med.engine.datasets import load_datasets
-from sam4med.engine.errors import InputError, check_number
+from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed
 from sam4med.engine.imageio import read_image
 from sam4med.engine.metrics import dice
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
@@ -67,12 +67,16 @@ class TrainConfig:
                                      ("--policy", self.policy, POLICIES), ("--dual-update", self.dual_update, DUAL_UPDATES)):
             if value not in allowed:
                 raise InputError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
-        if self.image_size < 16 or min(self.epochs, self.batch_size, self.patches_per_image) < 1:
-            raise InputError("--image-size must be >= 16; --epochs, --batch-size, --patches-per-image >= 1")
+        check_number(self.image_size, "--image-size", minimum=16)
+        check_counts(epochs=self.epochs, batch_size=self.batch_size, patches_per_image=self.patches_per_image,
+                     features=self.features)
         check_number(self.learning_rate, "--learning-rate", above=0)
         check_number(self.weight_decay, "weight_decay", minimum=0)
         if self.scale_to is not None and self.scale_to < self.image_size:
             raise InputError(f"--scale-to {self.scale_to}: must be at least --image-size {self.image_size}")
+        check_seed(self.seed, "--seed")
+        check_seed(self.split_seed, "--split-seed")
+        check_limit(self.max_train_images, "--max-train-images")
 
     @property
     def working_side(self) -> int:

@@ -23,7 +23,7 @@ from sam4med.engine.metrics import paired_bootstrap
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_labels
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, PROTOCOL_FILE, read_jsonl, write_json
+from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, PROTOCOL_FILE, atomic_path, read_jsonl, write_json
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.splits import training_split
 from sam4med.evaluation.benchmark import BenchmarkConfig, ImageEvaluator
@@ -96,10 +96,12 @@ def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str
                 frame["row"], frame["setting"], frame["modality"] = row, setting, dataset.modality
                 frames.append(frame)
     scores = pd.concat(frames, ignore_index=True)
-    scores.to_csv(out / "scores.csv", index=False)
+    with atomic_path(out / "scores.csv") as temporary:
+        scores.to_csv(temporary, index=False)
     table = (scores.groupby(["setting", "dataset", "modality", "row"])["dice"]
              .agg(["mean", "std", "count"]).reset_index())
-    table.to_csv(out / "table.csv", index=False)
+    with atomic_path(out / "table.csv") as temporary:
+        table.to_csv(temporary, index=False)
     write_json(out / PROTOCOL_FILE, {"config": asdict(config), "train_data": [str(d) for d in train_data],
                                      "left_out_data": [str(d) for d in left_out_data], "runs": runs,
                                      "prompt": "tight box per object (the benchmark's box mode), no jitter",

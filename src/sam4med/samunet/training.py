@@ -21,7 +21,7 @@ from monai.losses import DiceLoss, FocalLoss
 from torch import Tensor, nn
 
 from sam4med.engine.datasets import Sample, load_datasets
-from sam4med.engine.errors import InputError, check_number
+from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.metrics import batch_dice
 from sam4med.engine.models import load_model
@@ -66,12 +66,17 @@ class PromptTrainConfig:
             raise InputError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.conv_branch not in CONV_BRANCHES:
             raise InputError(f"--conv-branch {self.conv_branch!r}: choose one of {', '.join(CONV_BRANCHES)}")
-        if min(self.epochs, self.images_per_step, self.masks_per_image, self.lr_step_epochs) < 1:
-            raise InputError("--epochs, --images-per-step, --masks-per-image and --lr-step-epochs must be >= 1")
+        check_counts(epochs=self.epochs, images_per_step=self.images_per_step, masks_per_image=self.masks_per_image,
+                     lr_step_epochs=self.lr_step_epochs)
         check_number(self.learning_rate, "--learning-rate", above=0)
         check_number(self.jitter_px, "--jitter", minimum=0)
         check_number(self.lr_gamma, "lr_gamma", above=0, maximum=1)
         check_number(self.dice_weight, "dice_weight", minimum=0)
+        check_limit(self.min_object_area, "--min-object-area")
+        check_limit(self.max_train_images, "--max-train-images")
+        check_limit(self.max_val_images, "max_val_images")
+        check_seed(self.seed, "--seed")
+        check_seed(self.split_seed, "split_seed")
 
 
 class DecoderFineTune(nn.Module):
