@@ -159,3 +159,45 @@ def test_prompt_constructor_gives_a_valid_prompt_or_one_input_error(points, labe
         assert set(prompt.labels.tolist()) <= {0, 1}
     if prompt.box is not None:
         assert np.isfinite(prompt.box).all() and prompt.box[0] <= prompt.box[2] and prompt.box[1] <= prompt.box[3]
+
+
+MASKS = st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**32 - 1), st.floats(0, 1)).map(
+    lambda a: np.random.default_rng(a[2]).random((a[0], a[1])) < a[3])  # empty, sparse, full; any shape
+
+
+@settings(max_examples=300, deadline=None)
+@given(mask=MASKS, other=MASKS, k=st.integers(-2, 9), seed=st.integers(0, 2**32 - 1),
+       amount=NUMBERS, unit=st.sampled_from(["px", "percent"]), kind=st.sampled_from(["corners", "shift", "scale"]),
+       region=st.sampled_from(["double_box", "image"]))
+def test_prompt_samplers_give_valid_prompts_or_one_input_error(mask, other, k, seed, amount, unit, kind, region):
+    """Any object mask, count and jitter: points on the object (negatives on background), boxes inside the
+    image with x0 <= x1 and y0 <= y1, or InputError, nothing else."""
+    rng = np.random.default_rng(seed)
+    height, width = mask.shape
+    foreground = mask | (other if other.shape == mask.shape else False)
+
+    def attempt(sample):
+        try:
+            return sample()
+        except InputError:
+            return None
+
+    for points in (attempt(lambda: random_points(mask, k, rng)), attempt(lambda: stride_points(mask, k))):
+        if points is not None:
+            assert points.shape == (k, 2) and mask[points[:, 1].astype(int), points[:, 0].astype(int)].all()
+    center = attempt(lambda: center_point(mask))
+    if center is not None:
+        assert mask[int(center[1]), int(center[0])]
+    centroid = attempt(lambda: centroid_point(mask))
+    assert (centroid is None) == (not mask.any()) and (centroid is None or np.isfinite(centroid).all())
+    negatives = attempt(lambda: negative_points(mask, foreground, k, rng, region))
+    if negatives is not None:
+        assert negatives.shape == (k, 2) and not foreground[negatives[:, 1].astype(int), negatives[:, 0].astype(int)].any()
+    box = attempt(lambda: tight_box(mask))
+    assert (box is None) == (not mask.any())
+    if box is not None:
+        jittered = attempt(lambda: jitter_box(box, (height, width), rng, amount, unit, kind))
+        assert (jittered is None) == (not (np.isfinite(amount) and amount >= 0))
+        if jittered is not None:
+            assert np.isfinite(jittered).all() and 0 <= jittered[0] <= jittered[2] <= width - 1
+            assert 0 <= jittered[1] <= jittered[3] <= height - 1

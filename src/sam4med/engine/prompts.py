@@ -21,7 +21,7 @@ import torch
 from scipy import ndimage
 from segment_anything.utils.amg import batched_mask_to_box
 
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_number
 from sam4med.engine.metrics import dice
 from sam4med.engine.objects import connected_components
 
@@ -111,14 +111,29 @@ def _array(values: object, dtype: type, what: str, expected: str) -> np.ndarray:
 
 
 # --- points --------------------------------------------------------------------------------
+def _pixels(mask: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The foreground pixels (ys, xs) to draw ``k`` points from, or an InputError."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"points per object {k!r}: must be >= 1")
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise InputError(f"a mask of shape {mask.shape}: expected height x width")
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        raise InputError("cannot place a point on an empty mask")
+    return ys, xs
+
+
 def centroid_point(mask: np.ndarray) -> tuple[float, float]:
     """Centre of mass (COSMOS); it can fall outside a non-convex object, which COSMOS accepted."""
+    _pixels(mask)
     y, x = ndimage.center_of_mass(mask)
     return float(round(x)), float(round(y))
 
 
 def center_point(mask: np.ndarray) -> tuple[float, float]:
     """The interior point farthest from the boundary: always inside the object."""
+    _pixels(mask)
     distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
     return float(x), float(y)
@@ -126,14 +141,14 @@ def center_point(mask: np.ndarray) -> tuple[float, float]:
 
 def random_points(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k foreground pixels drawn uniformly (with replacement only when the object is smaller than k)."""
-    ys, xs = np.nonzero(mask)
+    ys, xs = _pixels(mask, k)
     index = rng.choice(len(ys), size=k, replace=len(ys) < k)
     return np.stack([xs[index], ys[index]], axis=1).astype(np.float32)
 
 
 def stride_points(mask: np.ndarray, k: int) -> np.ndarray:
     """COSMOS stride sampling: k evenly spaced pixels of the raster-ordered foreground list."""
-    ys, xs = np.nonzero(mask)
+    ys, xs = _pixels(mask, k)
     index = np.linspace(0, len(ys) - 1, num=k + 2)[1:-1].round().astype(int)
     return np.stack([xs[index], ys[index]], axis=1).astype(np.float32)
 
@@ -195,6 +210,7 @@ def jitter_box(
     ``corners`` moves each coordinate independently (SAM-Med2D's and SAM-UNet's rule, up to 5 px),
     ``shift`` translates the whole box, ``scale`` grows or shrinks it about its centre.
     """
+    check_number(amount, "--jitter", minimum=0)
     x0, y0, x1, y1 = (float(v) for v in box)
     width, height = x1 - x0 + 1, y1 - y0 + 1
     limit = np.array([width, height, width, height]) * amount / 100 if unit == "percent" else np.full(4, amount)
