@@ -51,3 +51,24 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture(scope="session")
+def click_model():
+    """The default click-capable model on the CPU, loaded once."""
+    from sam4med.engine.models import load_model
+
+    return load_model("litemedsam-click", device="cpu")
+
+
+def write_images(folder: Path, count: int = 3, size: tuple[int, int] = (160, 200)) -> dict[str, np.ndarray]:
+    """A plain folder of ellipse images (no masks); the true mask of each, by id."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    truths = {}
+    for index in range(count):
+        image, mask = make_ellipse_image(*size, centre=(70 + 4 * index, 95), radii=(35, 55), seed=index)
+        Image.fromarray(image).save(folder / f"case{index}.png")
+        truths[f"case{index}"] = mask
+    return truths

@@ -108,6 +108,25 @@ def segment_volume(
 
 @app.command()
 @one_line_errors
+def annotate(
+    folder: Annotated[Path, typer.Argument(help="A data set folder (images/, masks/) or a folder of images.")],
+    port: Annotated[int, typer.Option(help="Port of the page.")] = 8765,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
+    model: ModelOption = DEFAULT_MODEL,
+    checkpoint: CheckpointOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Annotate in the browser: box or click, correct, brush, save masks in the data set layout."""
+    from sam4med.annotate.server import annotate_folder
+
+    configure_cpu(threads)
+    annotate_folder(folder, model, checkpoint, device, host, port, open_browser)
+
+
+@app.command()
+@one_line_errors
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo data, results and report go.")] = Path("runs/demo"),
     threads: ThreadsOption = None,

@@ -26,6 +26,17 @@ def read_image(path: str | Path) -> np.ndarray:
     Images of more than 8 bits (16-bit or float gray or colour) are mapped to 8 bits with the
     [0.5, 99.5] percentile window of all their channels together (see ``volumes.window``).
     """
+    pixels = read_intensities(path)
+    if pixels.dtype != np.uint8:
+        pixels = window(pixels)
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    return np.ascontiguousarray(pixels)
+
+
+def read_intensities(path: str | Path) -> np.ndarray:
+    """A 2D image's values as stored (HxW gray or HxWx3 colour, 8 or more bits, alpha dropped, palettes
+    expanded, bilevel as 0/255), for a viewer's window and level; NaN or inf is refused."""
     path = Path(path)
     with _opened(path) as image:
         pixels = np.asarray(image.convert("RGB")) if image.mode in ("P", "PA") else _pixels(image, path)
@@ -33,13 +44,9 @@ def read_image(path: str | Path) -> np.ndarray:
         pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., 0]  # drop alpha
     if pixels.dtype == bool:
         pixels = pixels.astype(np.uint8) * 255
-    elif pixels.dtype != np.uint8:
-        if not np.isfinite(pixels).all():
-            raise InputError(f"{path}: image contains NaN or inf values")
-        pixels = window(pixels)
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=2)
-    return np.ascontiguousarray(pixels)
+    elif pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise InputError(f"{path}: image contains NaN or inf values")
+    return pixels
 
 
 def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:

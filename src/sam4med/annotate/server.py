@@ -1,0 +1,161 @@
+"""The annotation page's HTTP side: FastAPI on uvicorn, bound to this machine by default.
+
+Requests name images by their index in the list made at start-up, never by a path, so no request can
+reach a file outside the folder; the page's own files are served from the package. Every bad request
+gets ``{"error": ...}`` with a 4xx status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import webbrowser
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+
+from sam4med.annotate.session import AnnotationSession, SavedObject, decode_mask_png, encode_png, find_images
+from sam4med.engine.errors import InputError, one_line
+from sam4med.engine.prompts import Prompt
+
+STATIC = Path(__file__).parent / "static"
+
+
+class SegmentRequest(BaseModel):
+    object: int = Field(ge=0)
+    box: list[float] | None = None
+    points: list[list[float]] | None = None
+    labels: list[int] | None = None
+    refine: bool = True
+
+
+class ObjectMask(BaseModel):
+    label: str = Field(min_length=1, max_length=200)
+    mask: str  # base64 PNG
+
+
+class SaveRequest(BaseModel):
+    objects: list[ObjectMask]
+
+
+class ForgetRequest(BaseModel):
+    object: int = Field(ge=0)
+
+
+def create_app(session: AnnotationSession) -> FastAPI:
+    """The page, its files and the JSON API over one session."""
+    app = FastAPI(title="sam4med annotate", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(InputError)
+    async def bad_input(_: Request, error: InputError) -> JSONResponse:
+        return JSONResponse({"error": one_line(error)}, status_code=400)
+
+    @app.exception_handler(KeyError)
+    async def unknown_image(_: Request, error: KeyError) -> JSONResponse:
+        return JSONResponse({"error": f"no image {error.args[0]} in this folder"}, status_code=404)
+
+    @app.exception_handler(RequestValidationError)
+    async def malformed(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"loc": (), "msg": "malformed request"}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        return JSONResponse({"error": f"{where or 'request'}: {first.get('msg')}"}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/api/state")
+    def state() -> dict[str, object]:
+        listing = session.listing()
+        return {"folder": str(session.root), "model": session.model.spec.name, "clicks": session.takes_clicks,
+                "images": listing, "annotated": sum(bool(i["annotated"]) for i in listing), "total": len(listing)}
+
+    @app.get("/api/images/{index}")
+    def describe(index: int) -> dict[str, object]:
+        return session.describe(index)
+
+    @app.get("/api/images/{index}/pixels")
+    def pixels(index: int, low: float | None = None, high: float | None = None) -> Response:
+        return Response(session.display_png(index, low, high), media_type="image/png",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/images/{index}/objects")
+    def saved(index: int) -> dict[str, object]:
+        return {"objects": [{"label": o.label, "mask": _png64(o.mask)} for o in session.saved_objects(index)],
+                "versions": len(session.history(index))}
+
+    @app.post("/api/images/{index}/open")
+    def open_image(index: int) -> dict[str, object]:
+        return {"index": index, "seconds": round(session.open(index), 3)}
+
+    @app.post("/api/images/{index}/segment")
+    def segment(index: int, request: SegmentRequest) -> dict[str, object]:
+        start = time.perf_counter()
+        prompt = Prompt(points=request.points or None, labels=request.labels if request.points else None,
+                        box=request.box)
+        mask, iou = session.segment(index, request.object, prompt, request.refine)
+        return {"mask": _png64(mask), "area": int(mask.sum()), "iou": round(iou, 4),
+                "seconds": round(time.perf_counter() - start, 3)}
+
+    @app.post("/api/images/{index}/forget")
+    def forget(index: int, request: ForgetRequest) -> dict[str, object]:
+        session.entry(index)
+        session.forget(index, request.object)
+        return {"index": index, "object": request.object}
+
+    @app.post("/api/images/{index}/save")
+    def save(index: int, request: SaveRequest) -> dict[str, object]:
+        shape = tuple(session.describe(index)[k] for k in ("height", "width"))
+        objects = [SavedObject(o.label, decode_mask_png(_unbase64(o.mask, f"object '{o.label}'"), shape,  # type: ignore[arg-type]
+                                                        f"object '{o.label}'")) for o in request.objects]
+        path = session.save(index, objects)
+        listing = session.listing()
+        return {"saved": str(path.relative_to(session.root)), "annotated": sum(bool(i["annotated"]) for i in listing),
+                "total": len(listing), "versions": len(session.history(index))}
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _png64(mask) -> str:  # type: ignore[no-untyped-def]
+    return base64.b64encode(encode_png(mask.astype("uint8") * 255)).decode("ascii")
+
+
+def _unbase64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text.split(",", 1)[-1], validate=True)  # a data: URL or bare base64
+    except (binascii.Error, ValueError):
+        raise InputError(f"{what}: mask is not base64") from None
+
+
+def annotate_folder(folder: str | Path, model: str, checkpoint: str | Path | None = None, device: str | None = None,
+                    host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False) -> None:
+    """``sam4med annotate``: check the folder and port, load the model, serve the page until interrupted."""
+    from sam4med.engine.models import load_model
+
+    if not 1 <= port <= 65535:
+        raise InputError(f"--port {port}: must be 1..65535")
+    find_images(Path(folder))  # a folder without images fails before the model loads
+    serve(AnnotationSession(folder, load_model(model, checkpoint, device)), host, port, open_browser)
+
+
+def serve(session: AnnotationSession, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False) -> None:
+    """Serve the page until interrupted; prints its address first."""
+    import uvicorn
+
+    address = f"http://{host}:{port}/"
+    print(f"sam4med annotate: {session.root} ({len(session.images)} images, model {session.model.spec.name}) at "
+          f"{address}  (Ctrl+C stops)", flush=True)
+    if open_browser:
+        webbrowser.open(address)
+    uvicorn.run(create_app(session), host=host, port=port, log_level="warning")

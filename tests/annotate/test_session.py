@@ -1,0 +1,151 @@
+"""The annotation session and its HTTP API: boxes and clicks to masks, saving in the data set layout
+without losing a version, and requests that must not reach outside the folder."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import write_images
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from sam4med.annotate.server import create_app
+from sam4med.annotate.session import AnnotationSession
+from sam4med.engine.metrics import dice
+
+
+def mask_of(response_mask: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(response_mask)))) > 0
+
+
+def png64(mask: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    truths = write_images(tmp_path / "scans")
+    return tmp_path / "scans", truths
+
+
+@pytest.fixture()
+def client(folder, click_model):
+    session = AnnotationSession(folder[0], click_model, prefetch=False)
+    return TestClient(create_app(session))
+
+
+def box_of(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+
+
+def test_a_box_a_correcting_click_and_saving_in_the_data_set_layout(client, folder):
+    root, truths = folder
+    state = client.get("/api/state").json()
+    assert (state["annotated"], state["total"], state["clicks"]) == (0, 3, True)
+    assert [i["id"] for i in state["images"]] == ["case0", "case1", "case2"]
+    assert client.post("/api/images/0/open").status_code == 200
+    truth = truths["case0"]
+    boxed = client.post("/api/images/0/segment", json={"object": 0, "box": box_of(truth)}).json()
+    first = mask_of(boxed["mask"])
+    assert dice(first, truth) >= 0.9 and boxed["area"] == int(first.sum())
+    ys, xs = np.nonzero(truth)  # a negative click goes in with the box and the previous logits
+    clicked = client.post("/api/images/0/segment", json={
+        "object": 0, "box": box_of(truth), "points": [[float(xs.mean()), float(ys.mean())]], "labels": [0]}).json()
+    assert not np.array_equal(mask_of(clicked["mask"]), first)  # (the v2 click model moves it little: README)
+
+    saved = client.post("/api/images/0/save", json={"objects": [{"label": "ellipse", "mask": boxed["mask"]}]}).json()
+    assert saved["saved"] == "masks/case0.png" and (saved["annotated"], saved["versions"]) == (1, 0)
+    written = np.asarray(Image.open(root / "masks" / "case0.png"))
+    assert set(np.unique(written)) == {0, 255} and np.array_equal(written > 0, first)
+    assert json.loads((root / "dataset.json").read_text())["name"] == "scans"
+    again = client.post("/api/images/0/save", json={"objects": [{"label": "ellipse", "mask": clicked["mask"]}]}).json()
+    assert again["versions"] == 1  # the first version is kept
+    [kept] = (root / ".sam4med" / "history").glob("case0.*.png")
+    assert np.array_equal(np.asarray(Image.open(kept)) > 0, first)
+    [reopened] = client.get("/api/images/0/objects").json()["objects"]
+    assert reopened["label"] == "object" and np.array_equal(mask_of(reopened["mask"]), mask_of(clicked["mask"]))
+    assert client.get("/api/state").json()["annotated"] == 1
+
+
+def test_several_objects_are_a_label_image_with_their_names(client, folder):
+    root, _ = folder
+    left, right = np.zeros((160, 200), bool), np.zeros((160, 200), bool)
+    left[20:60, 10:50] = True
+    right[90:140, 120:190] = True
+    client.post("/api/images/1/save", json={"objects": [{"label": "cyst", "mask": png64(left)},
+                                                          {"label": "lesion", "mask": png64(right)}]})
+    values = np.asarray(Image.open(root / "masks" / "case1.png"))
+    assert set(np.unique(values)) == {0, 1, 2} and (values[left] == 1).all() and (values[right] == 2).all()
+    assert json.loads((root / "labels" / "case1.json").read_text())["objects"] == [
+        {"value": 1, "label": "cyst"}, {"value": 2, "label": "lesion"}]
+    objects = client.get("/api/images/1/objects").json()["objects"]
+    assert [o["label"] for o in objects] == ["cyst", "lesion"]
+    assert np.array_equal(mask_of(objects[1]["mask"]), right)
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "message"), [
+    ("get", "/api/images/7", None, 404, "no image 7"),
+    ("get", "/api/images/..%2F..%2Fetc%2Fpasswd/pixels", None, 404, "Not Found"),
+    ("get", "/api/images/passwd/pixels", None, 422, "index"),
+    ("get", "/api/images/-1/pixels", None, 404, "no image -1"),
+    ("get", "/static/../../../etc/passwd", None, 404, ""),
+    ("get", "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd", None, 404, ""),
+    ("post", "/api/images/0/segment", {"object": 0, "box": [1, 2, 3]}, 400, "box"),
+    ("post", "/api/images/0/segment", {"object": 0, "box": [10, 10, 900, 50]}, 400, "outside"),
+    ("post", "/api/images/0/segment", {"object": 0}, 400, "needs points, a box"),
+    ("post", "/api/images/0/segment", {"object": 0, "points": [[5, 5]], "labels": [7]}, 400, "labels"),
+    ("post", "/api/images/0/segment", {"object": "x", "box": [1, 2, 3, 4]}, 422, "object"),
+    ("post", "/api/images/0/save", {"objects": [{"label": "a", "mask": "%%%"}]}, 400, "not base64"),
+    ("post", "/api/images/0/save", {"objects": [{"label": "a", "mask": base64.b64encode(b"junk").decode()}]}, 400,
+     "not a PNG"),
+    ("post", "/api/images/0/save", {"objects": [{"label": "a", "mask": png64(np.ones((5, 5), bool))}]}, 400,
+     "5x5 but the image is 160x200"),
+])
+def test_bad_requests_get_a_json_error_and_nothing_outside_the_folder(client, folder, method, path, body, status,
+                                                                      message):
+    response = client.get(path) if method == "get" else client.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    assert not (folder[0] / "masks").exists()
+
+
+def test_links_out_of_the_folder_are_neither_listed_nor_written_through(tmp_path, click_model):
+    write_images(tmp_path / "scans", count=1)
+    outside = tmp_path / "elsewhere"
+    write_images(outside, count=1)
+    os.symlink(outside / "case0.png", tmp_path / "scans" / "linked.png")
+    os.symlink(outside, tmp_path / "scans" / "masks")
+    session = AnnotationSession(tmp_path / "scans", click_model, prefetch=False)
+    assert [e.id for e in session.images] == ["case0"]
+    client = TestClient(create_app(session))
+    response = client.post("/api/images/0/save", json={"objects": [{"label": "a", "mask": png64(np.ones((160, 200), bool))}]})
+    assert response.status_code == 400 and "leads outside" in response.json()["error"]
+    assert sorted(p.name for p in outside.iterdir()) == ["case0.png"]
+
+
+def test_a_box_only_model_says_clicks_need_the_click_model(folder, litemedsam):
+    client = TestClient(create_app(AnnotationSession(folder[0], litemedsam, prefetch=False)))
+    assert client.get("/api/state").json()["clicks"] is False
+    response = client.post("/api/images/0/segment", json={"object": 0, "points": [[50, 50]], "labels": [1]})
+    assert response.status_code == 400 and "clicks need a click-capable model" in response.json()["error"]
+
+
+def test_sixteen_bit_images_are_shown_through_the_window_asked_for(tmp_path, click_model):
+    folder = tmp_path / "mr"
+    folder.mkdir()
+    ramp = np.tile(np.linspace(0, 4000, 64, dtype=np.uint16), (32, 1))
+    Image.fromarray(ramp).save(folder / "slice.png")
+    client = TestClient(create_app(AnnotationSession(folder, click_model, prefetch=False)))
+    info = client.get("/api/images/0").json()
+    assert info["gray"] and info["dtype"] == "uint16" and info["range"] == [0.0, 4000.0]
+    shown = np.asarray(Image.open(io.BytesIO(client.get("/api/images/0/pixels?low=1000&high=2000").content)))
+    assert shown.dtype == np.uint8 and shown[0, ramp[0] <= 1000].max() == 0 and shown[0, ramp[0] >= 2000].min() == 255
+    assert client.get("/api/images/0/pixels?low=5&high=5").status_code == 400
