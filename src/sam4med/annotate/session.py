@@ -195,6 +195,11 @@ class AnnotationSession:
         self._prefetching = threading.Thread(target=encode_next, daemon=True)
         self._prefetching.start()
 
+    def wait_for_prefetch(self, timeout: float | None = None) -> None:
+        """Let a background encoding finish (before the process ends, or to measure without it)."""
+        if self._prefetching is not None:
+            self._prefetching.join(timeout)
+
     def segment(self, index: int, object_id: int, prompt: Prompt, refine: bool = True) -> tuple[np.ndarray, float]:
         """The mask of one object for its whole current prompt; with ``refine`` the object's previous logits
         go in too, so each click corrects the last mask. Returns the mask and the model's IoU estimate."""
