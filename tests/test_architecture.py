@@ -8,7 +8,7 @@ from pathlib import Path
 import sam4med
 
 PACKAGE = Path(sam4med.__file__).parent
-METHODS = ("sam4med.evaluation", "sam4med.samaug", "sam4med.samunet", "sam4med.cli")
+METHODS = ("sam4med.evaluation", "sam4med.samaug", "sam4med.samunet", "sam4med.clicks", "sam4med.annotate", "sam4med.cli")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -148,3 +148,10 @@ def test_bad_priors_settings_stop_before_anything_is_written(tmp_path, option, v
                                       str(tmp_path / "priors"), option, value])
     assert option in _one_error_line(result)
     assert not (tmp_path / "priors").exists()
+
+
+def test_annotate_refuses_a_folder_without_images_or_a_bad_port_before_the_model_loads(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "no images" in _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path / "empty")]))
+    assert "not a folder" in _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path / "missing")]))
+    assert "--port 0" in _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path), "--port", "0"]))

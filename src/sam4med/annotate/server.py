@@ -139,14 +139,16 @@ def _unbase64(text: str, what: str) -> bytes:
 
 
 def annotate_folder(folder: str | Path, model: str, checkpoint: str | Path | None = None, device: str | None = None,
-                    host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False) -> None:
+                    host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False,
+                    encoder_backend: str = "torch") -> None:
     """``sam4med annotate``: check the folder and port, load the model, serve the page until interrupted."""
     from sam4med.engine.models import load_model
 
     if not 1 <= port <= 65535:
         raise InputError(f"--port {port}: must be 1..65535")
     find_images(Path(folder))  # a folder without images fails before the model loads
-    serve(AnnotationSession(folder, load_model(model, checkpoint, device)), host, port, open_browser)
+    serve(AnnotationSession(folder, load_model(model, checkpoint, device, encoder_backend=encoder_backend)), host, port,
+          open_browser)
 
 
 def serve(session: AnnotationSession, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False) -> None:

@@ -12,6 +12,7 @@ from sam4med.cli import clicks, evaluation, samaug, samunet
 from sam4med.cli.options import (
     CheckpointOption,
     DeviceOption,
+    EncoderOption,
     ModelOption,
     OneLineErrorsGroup,
     ThreadsOption,
@@ -115,6 +116,7 @@ def annotate(
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
     model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
+    encoder: EncoderOption = "torch",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -122,7 +124,7 @@ def annotate(
     from sam4med.annotate.server import annotate_folder
 
     configure_cpu(threads)
-    annotate_folder(folder, model, checkpoint, device, host, port, open_browser)
+    annotate_folder(folder, model, checkpoint, device, host, port, open_browser, encoder)
 
 
 @app.command()
