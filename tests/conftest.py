@@ -72,3 +72,18 @@ def write_images(folder: Path, count: int = 3, size: tuple[int, int] = (160, 200
         Image.fromarray(image).save(folder / f"case{index}.png")
         truths[f"case{index}"] = mask
     return truths
+
+
+def write_disc_volume(path: Path, depth: int = 12, first: int = 2, last: int = 9) -> np.ndarray:
+    """An NRRD volume (z, y, x) with a bright elliptic disc on slices first..last; returns the true labels."""
+    import SimpleITK as sitk
+
+    zz, yy, xx = np.mgrid[:depth, :64, :80]
+    truth = ((yy - 32) ** 2 / 18**2 + (xx - 40) ** 2 / 24**2 <= 1) & (zz >= first) & (zz <= last)
+    volume = np.where(truth, 220.0, 30.0) + np.random.default_rng(0).normal(0, 5, truth.shape)
+    image = sitk.GetImageFromArray(volume.astype(np.float32))
+    image.SetSpacing((0.8, 0.8, 2.5))
+    image.SetOrigin((10.0, -5.0, 3.0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return truth

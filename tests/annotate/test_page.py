@@ -144,3 +144,35 @@ def page_text(browser, url: str) -> str:
     text = page.inner_text("#progress-text")
     page.close()
     return text
+
+
+def test_a_volume_slice_boxed_and_propagated_in_a_real_browser(browser, tmp_path, click_model):
+    import SimpleITK as sitk
+
+    from conftest import write_disc_volume
+
+    truth = write_disc_volume(tmp_path / "scan" / "disc.nrrd")
+    with serving(AnnotationSession(tmp_path / "scan" / "disc.nrrd", click_model)) as url:
+        page = browser.new_page(viewport={"width": 1200, "height": 760})
+        page.goto(url)
+        page.wait_for_selector("#stage[data-ready='0']", timeout=60_000)
+        page.click("#image-list li:nth-child(6)")  # slice 5
+        page.wait_for_selector("#stage[data-ready='5']", timeout=60_000)
+        ys, xs = np.nonzero(truth[5])
+        page.mouse.move(*page_point(page, xs.min(), ys.min()))
+        page.mouse.down()
+        page.mouse.move(*page_point(page, xs.max(), ys.max()), steps=5)
+        page.mouse.up()
+        page.wait_for_function("document.querySelectorAll('#objects .area').length === 1 && "
+                               "Number(document.querySelector('#objects .area').dataset.area) > 0", timeout=30_000)
+        page.fill("#first-slice", "2")
+        page.fill("#last-slice", "9")
+        page.click("#propagate")
+        page.wait_for_selector("#stage[data-propagated='5']", timeout=120_000)
+        assert page.inner_text("#progress-text").startswith("8 / 12")
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "scan" / "masks" / "disc.nii.gz"))) > 0
+        assert dice(labels, truth) >= 0.9
+        page.click("#image-list li:nth-child(4)")  # slice 3 shows the propagated mask
+        page.wait_for_selector("#stage[data-ready='3']", timeout=60_000)
+        assert object_areas(page) == [int(labels[3].sum())]
+        page.close()

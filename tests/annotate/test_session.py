@@ -124,7 +124,7 @@ def test_links_out_of_the_folder_are_neither_listed_nor_written_through(tmp_path
     os.symlink(outside / "case0.png", tmp_path / "scans" / "linked.png")
     os.symlink(outside, tmp_path / "scans" / "masks")
     session = AnnotationSession(tmp_path / "scans", click_model, prefetch=False)
-    assert [e.id for e in session.images] == ["case0"]
+    assert session.frames.ids == ["case0"]
     client = TestClient(create_app(session))
     response = client.post("/api/images/0/save", json={"objects": [{"label": "a", "mask": png64(np.ones((160, 200), bool))}]})
     assert response.status_code == 400 and "leads outside" in response.json()["error"]
@@ -149,3 +149,47 @@ def test_sixteen_bit_images_are_shown_through_the_window_asked_for(tmp_path, cli
     shown = np.asarray(Image.open(io.BytesIO(client.get("/api/images/0/pixels?low=1000&high=2000").content)))
     assert shown.dtype == np.uint8 and shown[0, ramp[0] <= 1000].max() == 0 and shown[0, ramp[0] >= 2000].min() == 255
     assert client.get("/api/images/0/pixels?low=5&high=5").status_code == 400
+
+
+def test_a_volume_slice_by_slice_with_propagation(tmp_path, click_model):
+    """A box on the middle slice, carried through the volume: a label volume on the image's grid; an edit
+    on another slice replaces that slice only and keeps the version before it."""
+    import SimpleITK as sitk
+
+    from conftest import write_disc_volume
+
+    truth = write_disc_volume(tmp_path / "scan" / "disc.nrrd")
+    session = AnnotationSession(tmp_path / "scan" / "disc.nrrd", click_model, prefetch=False)
+    client = TestClient(create_app(session))
+    state = client.get("/api/state").json()
+    assert state["volume"] and state["total"] == 12 and state["images"][5]["id"] == "disc slice 5"
+    info = client.get("/api/images/5").json()
+    assert (info["height"], info["width"], info["gray"]) == (64, 80, True)
+    segmented = client.post("/api/images/5/segment", json={"object": 0, "box": box_of(truth[5])}).json()
+    assert dice(mask_of(segmented["mask"]), truth[5]) >= 0.9
+    outside = client.post("/api/images/5/propagate", json={"label": "disc", "mask": segmented["mask"], "first": 6})
+    assert outside.status_code == 400 and "must hold slice 5" in outside.json()["error"]
+    reached = client.post("/api/images/5/propagate", json={"label": "disc", "mask": segmented["mask"],
+                                                           "first": 2, "last": 9}).json()
+    assert (reached["first"], reached["last"]) == (2, 9)
+    assert sum(i["annotated"] for i in reached["images"]) == 8
+    written = tmp_path / "scan" / "masks" / "disc.nii.gz"
+    labels = sitk.ReadImage(str(written))
+    assert labels.GetSpacing() == pytest.approx((0.8, 0.8, 2.5)) and labels.GetOrigin() == pytest.approx((10, -5, 3))
+    values = sitk.GetArrayFromImage(labels)
+    assert dice(values > 0, truth) >= 0.9
+    assert json.loads((tmp_path / "scan" / "labels" / "disc.json").read_text())["objects"] == [{"value": 1, "label": "disc"}]
+    [on_three] = client.get("/api/images/3/objects").json()["objects"]
+    assert on_three["label"] == "disc" and np.array_equal(mask_of(on_three["mask"]), values[3] > 0)
+
+    client.post("/api/images/3/save", json={"objects": []})  # the person erases the object on slice 3
+    after = sitk.GetArrayFromImage(sitk.ReadImage(str(written)))
+    assert not after[3].any() and np.array_equal(after[4], values[4])
+    assert client.get("/api/images/3/objects").json()["versions"] == 1
+    assert not (tmp_path / "scan" / "dataset.json").exists()
+
+
+def test_propagation_needs_a_volume(client):
+    mask = png64(np.ones((160, 200), bool))
+    response = client.post("/api/images/0/propagate", json={"label": "a", "mask": mask})
+    assert response.status_code == 400 and "needs a volume" in response.json()["error"]

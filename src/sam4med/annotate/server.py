@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from sam4med.annotate.session import AnnotationSession, SavedObject, decode_mask_png, encode_png, find_images
+from sam4med.annotate.session import AnnotationSession, SavedObject, decode_mask_png, encode_png, open_frames
 from sam4med.engine.errors import InputError, one_line
 from sam4med.engine.prompts import Prompt
 
@@ -38,6 +38,11 @@ class SegmentRequest(BaseModel):
 class ObjectMask(BaseModel):
     label: str = Field(min_length=1, max_length=200)
     mask: str  # base64 PNG
+
+
+class PropagateRequest(ObjectMask):
+    first: int | None = None  # slice range, inclusive; default the whole volume
+    last: int | None = None
 
 
 class SaveRequest(BaseModel):
@@ -78,6 +83,7 @@ def create_app(session: AnnotationSession) -> FastAPI:
     def state() -> dict[str, object]:
         listing = session.listing()
         return {"folder": str(session.root), "model": session.model.spec.name, "clicks": session.takes_clicks,
+                "volume": session.frames.volume,
                 "images": listing, "annotated": sum(bool(i["annotated"]) for i in listing), "total": len(listing)}
 
     @app.get("/api/images/{index}")
@@ -92,7 +98,7 @@ def create_app(session: AnnotationSession) -> FastAPI:
     @app.get("/api/images/{index}/objects")
     def saved(index: int) -> dict[str, object]:
         return {"objects": [{"label": o.label, "mask": _png64(o.mask)} for o in session.saved_objects(index)],
-                "versions": len(session.history(index))}
+                "versions": session.versions(index)}
 
     @app.post("/api/images/{index}/open")
     def open_image(index: int) -> dict[str, object]:
@@ -109,19 +115,25 @@ def create_app(session: AnnotationSession) -> FastAPI:
 
     @app.post("/api/images/{index}/forget")
     def forget(index: int, request: ForgetRequest) -> dict[str, object]:
-        session.entry(index)
         session.forget(index, request.object)
         return {"index": index, "object": request.object}
 
+    def objects_of(index: int, sent: list[ObjectMask]) -> list[SavedObject]:
+        shape = session.frames.intensities(session.check(index)).shape[:2]
+        return [SavedObject(o.label, decode_mask_png(_unbase64(o.mask, f"object '{o.label}'"), shape,
+                                                     f"object '{o.label}'")) for o in sent]
+
     @app.post("/api/images/{index}/save")
     def save(index: int, request: SaveRequest) -> dict[str, object]:
-        shape = tuple(session.describe(index)[k] for k in ("height", "width"))
-        objects = [SavedObject(o.label, decode_mask_png(_unbase64(o.mask, f"object '{o.label}'"), shape,  # type: ignore[arg-type]
-                                                        f"object '{o.label}'")) for o in request.objects]
-        path = session.save(index, objects)
+        path = session.save(index, objects_of(index, request.objects))
         listing = session.listing()
         return {"saved": str(path.relative_to(session.root)), "annotated": sum(bool(i["annotated"]) for i in listing),
-                "total": len(listing), "versions": len(session.history(index))}
+                "total": len(listing), "versions": session.versions(index)}
+
+    @app.post("/api/images/{index}/propagate")
+    def propagate(index: int, request: PropagateRequest) -> dict[str, object]:
+        [obj] = objects_of(index, [request])
+        return {**session.propagate(index, obj, request.first, request.last), "images": session.listing()}
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
@@ -146,8 +158,8 @@ def annotate_folder(folder: str | Path, model: str, checkpoint: str | Path | Non
 
     if not 1 <= port <= 65535:
         raise InputError(f"--port {port}: must be 1..65535")
-    find_images(Path(folder))  # a folder without images fails before the model loads
-    serve(AnnotationSession(folder, load_model(model, checkpoint, device, encoder_backend=encoder_backend)), host, port,
+    frames = open_frames(folder)  # a folder without images, or a damaged volume, fails before the model loads
+    serve(AnnotationSession(frames, load_model(model, checkpoint, device, encoder_backend=encoder_backend)), host, port,
           open_browser)
 
 
@@ -156,7 +168,7 @@ def serve(session: AnnotationSession, host: str = "127.0.0.1", port: int = 8765,
     import uvicorn
 
     address = f"http://{host}:{port}/"
-    print(f"sam4med annotate: {session.root} ({len(session.images)} images, model {session.model.spec.name}) at "
+    print(f"sam4med annotate: {session.root} ({len(session.frames.ids)} frames, model {session.model.spec.name}) at "
           f"{address}  (Ctrl+C stops)", flush=True)
     if open_browser:
         webbrowser.open(address)

@@ -1,9 +1,11 @@
-"""One annotation session over a folder: the images it offers, their embeddings, the masks a person
-makes with boxes and clicks, and saving them in the data set layout without ever losing a version.
+"""One annotation session: the frames it offers (the images of a folder, or the slices of a volume),
+their embeddings, the masks a person makes with boxes and clicks, and saving them in the data set
+layout without ever losing a version.
 
-Everything the session writes stays inside the folder: ``masks/<id>.png`` (0/255 for one object, a
-label image for several), ``labels/<id>.json`` (the objects' names and values), ``dataset.json`` when
-the folder had none, and ``.sam4med/`` (earlier versions of each mask, cached embeddings).
+Everything the session writes stays inside its folder (a volume's folder is the one that holds it):
+``masks/<id>.png`` (0/255 for one object, a label image for several) or ``masks/<volume>.nii.gz`` (a
+label volume on the image's grid), ``labels/<id>.json`` (the objects' names and values),
+``dataset.json`` when the folder had none, and ``.sam4med/`` (earlier versions, cached embeddings).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.prompts import Prompt, select_mask, wants_multimask
 from sam4med.engine.runs import atomic_path, write_bytes_atomic, write_json
 from sam4med.engine.sam_model import SamModel
-from sam4med.engine.volumes import window
+from sam4med.engine.segment import propagate
+from sam4med.engine.volumes import VOLUME_SUFFIXES, read_label_volume, read_volume, window, write_label_volume
 
 TOOL_FOLDER = ".sam4med"
 LABELS_FOLDER = "labels"
@@ -35,57 +38,201 @@ MASKS_FOLDER = "masks"
 
 
 @dataclass
-class ImageEntry:
-    id: str
-    path: Path
-
-    def mask_path(self, root: Path) -> Path:
-        return root / MASKS_FOLDER / f"{self.id}.png"
-
-    def labels_path(self, root: Path) -> Path:
-        return root / LABELS_FOLDER / f"{self.id}.json"
-
-
-@dataclass
 class SavedObject:
-    """One object of a saved annotation: its name and its pixels."""
+    """One object of a frame: its name and its pixels."""
 
     label: str
     mask: np.ndarray  # HxW bool
 
 
-@dataclass
-class _ObjectState:
-    """The logits of an object's last decoded mask, fed back with its next click (as SAM's demo does)."""
-
-    low_res: torch.Tensor | None = None
-
-
-@dataclass
-class _OpenImage:
-    index: int
-    rgb: np.ndarray  # the model's input
-    objects: dict[int, _ObjectState] = field(default_factory=dict)
+def _inside(root: Path, path: Path) -> Path:
+    """``path`` if it (its links followed) lies inside ``root``: a ``masks`` link elsewhere is refused."""
+    if not path.resolve().is_relative_to(root):
+        raise InputError(f"{path}: leads outside {root}; nothing is written there")
+    return path
 
 
-def find_images(folder: Path) -> tuple[Path, list[ImageEntry]]:
-    """The images to annotate: ``folder/images/`` in the data set layout, else the image files of
-    ``folder`` itself (hidden files and sub-folders left out); sorted by id."""
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder (give a data set folder or a folder of images)")
-    root = folder.resolve()
-    images_dir = folder / "images" if (folder / "images").is_dir() else folder
-    entries: dict[str, ImageEntry] = {}
-    for path in sorted(images_dir.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS \
-                or not path.resolve().is_relative_to(root):  # a link out of the folder is never served
-            continue
-        if path.stem in entries:
-            raise InputError(f"{path}: id '{path.stem}' is also used by {entries[path.stem].path.name}")
-        entries[path.stem] = ImageEntry(path_component(path.stem, f"{path}: image id"), path)
-    if not entries:
-        raise InputError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return images_dir, list(entries.values())
+def _keep(root: Path, files: list[Path], name: str) -> None:
+    """Copy what a save is about to replace under ``.sam4med/history/`` (timestamped)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    history = _inside(root, root / TOOL_FOLDER / "history")
+    for current in files:
+        if current.is_file():
+            history.mkdir(parents=True, exist_ok=True)
+            suffix = "".join(current.suffixes[-2:]) if current.name.endswith(".nii.gz") else current.suffix
+            write_bytes_atomic(history / f"{name}.{stamp}{suffix}", current.read_bytes())
+
+
+def _read_names(path: Path) -> dict[int, str]:
+    """Label value -> object name from ``labels/<id>.json`` (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    try:
+        return {int(o["value"]): str(o["label"]) for o in json.loads(path.read_text(encoding="utf-8"))["objects"]}
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path}: damaged ({type(error).__name__})") from None
+
+
+class ImageFolder:
+    """The images of ``folder/images/`` (data set layout) or of the folder itself; masks as PNG."""
+
+    volume = False
+
+    def __init__(self, folder: Path):
+        if not folder.is_dir():
+            raise InputError(f"{folder}: not a folder or a volume (give a data set folder, a folder of images, "
+                             f"or a volume: {', '.join(VOLUME_SUFFIXES)})")
+        self.root = folder.resolve()
+        images_dir = folder / "images" if (folder / "images").is_dir() else folder
+        self.paths: dict[str, Path] = {}
+        for path in sorted(images_dir.iterdir()):
+            if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS \
+                    or not path.resolve().is_relative_to(self.root):  # a link out of the folder is never served
+                continue
+            if path.stem in self.paths:
+                raise InputError(f"{path}: id '{path.stem}' is also used by {self.paths[path.stem].name}")
+            self.paths[path_component(path.stem, f"{path}: image id")] = path
+        if not self.paths:
+            raise InputError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.ids = list(self.paths)
+
+    def intensities(self, index: int) -> np.ndarray:
+        return read_intensities(self.paths[self.ids[index]])
+
+    def rgb(self, index: int) -> np.ndarray:
+        return read_image(self.paths[self.ids[index]])
+
+    def _files(self, index: int) -> tuple[Path, Path]:
+        image_id = self.ids[index]
+        return self.root / MASKS_FOLDER / f"{image_id}.png", self.root / LABELS_FOLDER / f"{image_id}.json"
+
+    def is_annotated(self, index: int) -> bool:
+        return self._files(index)[0].is_file()
+
+    def saved_objects(self, index: int, default_label: str) -> list[SavedObject]:
+        path, labels_path = self._files(index)
+        if not path.is_file():
+            return []
+        names = _read_names(labels_path)
+        if not names:  # a 0/255 (or any binary) mask: one object
+            mask = read_mask(path)
+            return [SavedObject(default_label, mask)] if mask.any() else []
+        with Image.open(path) as image:
+            values = np.asarray(image)
+        values = values[..., 0] if values.ndim == 3 else values
+        return [SavedObject(name, values == value) for value, name in sorted(names.items()) if (values == value).any()]
+
+    def write(self, index: int, objects: list[SavedObject]) -> Path:
+        """One object: 0/255. Several: a label image (1..N, 16 bits past 255) and its names; the later wins."""
+        path, labels_path = (_inside(self.root, p) for p in self._files(index))
+        _keep(self.root, [path, labels_path], self.ids[index])
+        shape = self.intensities(index).shape[:2]
+        path.parent.mkdir(exist_ok=True)
+        if len(objects) <= 1:
+            values = (objects[0].mask if objects else np.zeros(shape, bool)).astype(np.uint8) * 255
+        else:
+            values = np.zeros(shape, np.uint16 if len(objects) > 255 else np.uint8)
+            for value, obj in enumerate(objects, 1):
+                values[obj.mask] = value
+        with atomic_path(path) as temporary:
+            Image.fromarray(values).save(temporary, format="PNG")
+        if len(objects) > 1:
+            labels_path.parent.mkdir(exist_ok=True)
+            write_json(labels_path, {"image": self.ids[index],
+                                     "objects": [{"value": v, "label": o.label} for v, o in enumerate(objects, 1)]})
+        else:
+            labels_path.unlink(missing_ok=True)
+        return path
+
+    def versions(self, index: int) -> int:
+        history = self.root / TOOL_FOLDER / "history"
+        return len(list(history.glob(f"{self.ids[index]}.*.png"))) if history.is_dir() else 0
+
+
+class VolumeSlices:
+    """The axial slices of a volume (NIfTI, NRRD, MHA, a DICOM series folder); labels as one label volume
+    ``masks/<name>.nii.gz`` on the image's grid, an object being one label value across slices."""
+
+    volume = True
+
+    def __init__(self, path: Path):
+        self.image = read_volume(path)
+        self.root = (path if path.is_dir() else path.parent).resolve()
+        name = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
+        self.name = path_component(name, f"{path}: volume name")
+        self.ids = [f"{self.name} slice {z}" for z in range(self.image.array.shape[0])]
+        self.display = self.image.array
+        self.model_input = window(self.image.array)  # one window for the whole volume keeps slices comparable
+        self.labels_file = self.root / MASKS_FOLDER / f"{self.name}.nii.gz"
+        self.names_file = self.root / LABELS_FOLDER / f"{self.name}.json"
+        self.labels = read_label_volume(self.labels_file, like=self.image).astype(np.uint16) \
+            if self.labels_file.is_file() else np.zeros(self.image.array.shape, np.uint16)
+        self.names = _read_names(self.names_file)
+
+    def intensities(self, index: int) -> np.ndarray:
+        return self.display[index]
+
+    def rgb(self, index: int) -> np.ndarray:
+        return np.repeat(self.model_input[index][..., None], 3, axis=2)
+
+    def slices(self) -> list[np.ndarray]:
+        return list(self.model_input)
+
+    def is_annotated(self, index: int) -> bool:
+        return bool(self.labels[index].any())
+
+    def saved_objects(self, index: int, default_label: str) -> list[SavedObject]:
+        values = self.labels[index]
+        return [SavedObject(self.names.get(int(v), default_label if int(v) == 1 else f"object {int(v)}"), values == v)
+                for v in np.unique(values) if v]
+
+    def value_of(self, label: str) -> int:
+        """The label value of a named object, a new one for a new name."""
+        for value, name in self.names.items():
+            if name == label:
+                return value
+        value = max([0, *self.names, int(self.labels.max())]) + 1
+        self.names[value] = label
+        return value
+
+    def write(self, index: int, objects: list[SavedObject]) -> Path:
+        """The slice's labels become exactly ``objects`` (the page sends all of a slice's objects)."""
+        self.labels[index] = 0
+        for obj in objects:
+            self.labels[index][obj.mask] = self.value_of(obj.label)
+        return self._write()
+
+    def write_object(self, label: str, masks: np.ndarray) -> Path:
+        """One object across slices (a propagation): where ``masks`` holds it, it replaces what was there."""
+        value = self.value_of(label)
+        self.labels[(self.labels == value) & masks.any(axis=(1, 2))[:, None, None]] = 0
+        self.labels[masks] = value
+        return self._write()
+
+    def _write(self) -> Path:
+        path, names_file = _inside(self.root, self.labels_file), _inside(self.root, self.names_file)
+        _keep(self.root, [path, names_file], self.name)
+        path.parent.mkdir(exist_ok=True)
+        write_label_volume(self.labels, self.image, path)
+        names_file.parent.mkdir(exist_ok=True)
+        write_json(names_file, {"volume": self.name, "objects": [{"value": v, "label": n}
+                                                                  for v, n in sorted(self.names.items())]})
+        return path
+
+    def versions(self, index: int) -> int:
+        history = self.root / TOOL_FOLDER / "history"
+        return len(list(history.glob(f"{self.name}.*.nii.gz"))) if history.is_dir() else 0
+
+
+Frames = ImageFolder | VolumeSlices
+
+
+def open_frames(path: str | Path) -> Frames:
+    """A volume file or DICOM series folder gives its slices; any other folder its images."""
+    path = Path(path)
+    is_volume = path.name.lower().endswith(VOLUME_SUFFIXES) or (
+        path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir()))
+    return VolumeSlices(path) if is_volume else ImageFolder(path)
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -106,54 +253,54 @@ def decode_mask_png(data: bytes, shape: tuple[int, int], what: str) -> np.ndarra
     return pixels > 0
 
 
+@dataclass
+class _OpenFrame:
+    index: int
+    shape: tuple[int, int]
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # per object: its last mask's low-res logits
+
+
 class AnnotationSession:
     """The state behind the annotation page; safe to call from the server's worker threads."""
 
-    def __init__(self, folder: str | Path, model: SamModel, prefetch: bool = True):
-        self.root = Path(folder).resolve()
-        self.images_dir, self.images = find_images(self.root)
+    def __init__(self, source: str | Path | Frames, model: SamModel, prefetch: bool = True):
+        self.frames = source if isinstance(source, (ImageFolder, VolumeSlices)) else open_frames(source)
+        self.root = self.frames.root
         self.model = model
-        self.predictor = Predictor(model, EmbeddingCache(self.inside(self.root / TOOL_FOLDER / "embeddings")))
+        self.predictor = Predictor(model, EmbeddingCache(_inside(self.root, self.root / TOOL_FOLDER / "embeddings")))
         self.prefetch = prefetch
         self._lock = threading.RLock()
-        self._open: _OpenImage | None = None
+        self._open: _OpenFrame | None = None
         self._prefetching: threading.Thread | None = None
 
-    # --- the image list -------------------------------------------------------------------
-    def inside(self, path: Path) -> Path:
-        """``path`` if it (its links followed) lies inside the folder: a ``masks`` link elsewhere is refused."""
-        if not path.resolve().is_relative_to(self.root):
-            raise InputError(f"{path}: leads outside {self.root}; nothing is written there")
-        return path
-
+    # --- the frame list --------------------------------------------------------------------
     @property
     def takes_clicks(self) -> bool:
         return self.model.spec.takes_point_prompts
 
-    def entry(self, index: int) -> ImageEntry:
-        if not 0 <= index < len(self.images):
+    def check(self, index: int) -> int:
+        if not 0 <= index < len(self.frames.ids):
             raise KeyError(index)
-        return self.images[index]
-
-    def is_annotated(self, index: int) -> bool:
-        return self.entry(index).mask_path(self.root).is_file()
+        return index
 
     def listing(self) -> list[dict[str, object]]:
-        return [{"index": i, "id": e.id, "annotated": self.is_annotated(i)} for i, e in enumerate(self.images)]
+        return [{"index": i, "id": frame_id, "annotated": self.frames.is_annotated(i)}
+                for i, frame_id in enumerate(self.frames.ids)]
 
     # --- pixels for the page ---------------------------------------------------------------
     def describe(self, index: int) -> dict[str, object]:
-        """Size, kind and intensity range of an image (for the page's window and level), and its saved objects."""
-        pixels = read_intensities(self.entry(index).path)
+        """Size, kind and intensity range of a frame (for the page's window and level), and its saved objects."""
+        pixels = self.frames.intensities(self.check(index))
         low, high = (float(v) for v in np.percentile(pixels, [0.5, 99.5]))
-        return {"index": index, "id": self.entry(index).id, "height": pixels.shape[0], "width": pixels.shape[1],
-                "gray": pixels.ndim == 2, "dtype": str(pixels.dtype), "range": [float(pixels.min()), float(pixels.max())],
-                "window": [low, high] if high > low else [float(pixels.min()), float(pixels.max())],
+        lowest, highest = float(pixels.min()), float(pixels.max())
+        return {"index": index, "id": self.frames.ids[index], "height": pixels.shape[0], "width": pixels.shape[1],
+                "gray": pixels.ndim == 2, "dtype": str(pixels.dtype), "range": [lowest, highest],
+                "window": [low, high] if high > low else [lowest, highest], "volume": self.frames.volume,
                 "objects": [o.label for o in self.saved_objects(index)]}
 
     def display_png(self, index: int, low: float | None = None, high: float | None = None) -> bytes:
-        """The image as 8-bit PNG: colour as stored, gray and high-bit images through the window [low, high]."""
-        pixels = read_intensities(self.entry(index).path)
+        """The frame as 8-bit PNG: colour as stored, gray and high-bit frames through the window [low, high]."""
+        pixels = self.frames.intensities(self.check(index))
         if low is not None and high is not None:
             if not (np.isfinite(low) and np.isfinite(high) and high > low):
                 raise InputError(f"window {low}..{high}: needs two finite numbers, low < high")
@@ -164,16 +311,16 @@ class AnnotationSession:
 
     # --- the model --------------------------------------------------------------------------
     def open(self, index: int) -> float:
-        """Make ``index`` the image that prompts go to (encoding it, or taking its cached embedding), then
-        start encoding the next image in the background; seconds until this one was ready."""
+        """Make ``index`` the frame that prompts go to (encoding it, or taking its cached embedding), then
+        start encoding the next one in the background; seconds until this one was ready."""
         start = time.perf_counter()
-        rgb = read_image(self.entry(index).path)
         with self._lock:
-            if self._open is None or self._open.index != index:
+            if self._open is None or self._open.index != self.check(index):
+                rgb = self.frames.rgb(index)
                 self.predictor.set_image(rgb)
-                self._open = _OpenImage(index, rgb)
+                self._open = _OpenFrame(index, rgb.shape[:2])
         seconds = time.perf_counter() - start
-        if self.prefetch and index + 1 < len(self.images):
+        if self.prefetch and index + 1 < len(self.frames.ids):
             self._start_prefetch(index + 1)
         return seconds
 
@@ -183,7 +330,7 @@ class AnnotationSession:
 
         def encode_next() -> None:
             try:
-                rgb = read_image(self.entry(index).path)
+                rgb = self.frames.rgb(index)
                 cache = self.predictor.cache
                 assert cache is not None
                 key = cache.key(self.model, rgb)
@@ -206,108 +353,79 @@ class AnnotationSession:
         if prompt.points is not None and not self.takes_clicks:
             raise InputError(f"model {self.model.spec.name} takes boxes only; clicks need a click-capable model "
                              "(--model litemedsam-click)")
-        self.open(index)
         with self._lock:
+            self.open(index)
             assert self._open is not None
-            prompt.check_inside(self._open.rgb.shape[:2])
-            state = self._open.objects.setdefault(object_id, _ObjectState())
+            prompt.check_inside(self._open.shape)
             rule = self.model.spec.default_mask_rule
-            mask_input = state.low_res if refine and prompt.points is not None else None
+            mask_input = self._open.logits.get(object_id) if refine and prompt.points is not None else None
             decoded = self.predictor.predict([prompt], mask_input=mask_input, multimask=wants_multimask(rule, prompt))
             masks, iou = decoded.masks()[0], decoded.iou[0].cpu().numpy()
             choice = select_mask(masks, iou, "iou" if rule == "oracle" else rule)
-            state.low_res = decoded.low_res[:, choice : choice + 1]
+            self._open.logits[object_id] = decoded.low_res[:, choice : choice + 1]
             return masks[choice], float(iou[choice])
 
     def forget(self, index: int, object_id: int) -> None:
         """Start an object afresh (cleared or deleted on the page): its next click ignores earlier masks."""
         with self._lock:
-            if self._open is not None and self._open.index == index:
-                self._open.objects.pop(object_id, None)
+            if self._open is not None and self._open.index == self.check(index):
+                self._open.logits.pop(object_id, None)
+
+    def propagate(self, index: int, obj: SavedObject, first: int | None = None, last: int | None = None
+                  ) -> dict[str, object]:
+        """Carry an object from this slice to slices ``first``..``last`` (default: the whole volume; the box of
+        each slice's mask prompts the next, as ``segment-volume`` does) and save it; the slices it reached.
+
+        A box always gives some mask, so the range is what ends the object (as the z of segment-volume's
+        3D box does); a slice that comes back empty also stops its direction."""
+        if not isinstance(self.frames, VolumeSlices):
+            raise InputError("propagation needs a volume (open a NIfTI, NRRD, MHA file or a DICOM series)")
+        if not obj.mask.any():
+            raise InputError(f"object '{obj.label}': empty on this slice; segment it first")
+        depth = len(self.frames.ids)
+        first, last = (0 if first is None else first), (depth - 1 if last is None else last)
+        if not 0 <= first <= self.check(index) <= last < depth:
+            raise InputError(f"slices {first} to {last}: must hold slice {index} and lie within 0..{depth - 1}")
+        with self._lock:
+            masks = propagate(self.predictor, self.frames.slices(), index, obj.mask, (first, last),
+                              mask_rule=self.model.spec.default_mask_rule)
+            self._open = None  # the predictor now holds another slice's embedding
+            self.frames.write_object(obj.label, masks)
+        reached = np.flatnonzero(masks.any(axis=(1, 2)))
+        return {"first": int(reached.min()), "last": int(reached.max()), "slices": len(reached)}
 
     # --- saving ---------------------------------------------------------------------------------
     def saved_objects(self, index: int) -> list[SavedObject]:
-        """What was saved for an image: one object per label value (the names from ``labels/<id>.json``)."""
-        entry = self.entry(index)
-        path = entry.mask_path(self.root)
-        if not path.is_file():
-            return []
-        with Image.open(path) as image:
-            values = np.asarray(image)
-        if values.ndim == 3:
-            values = values[..., 0]
-        names: dict[int, str] = {}
-        labels_path = entry.labels_path(self.root)
-        if labels_path.is_file():
-            try:
-                names = {int(o["value"]): str(o["label"]) for o in json.loads(labels_path.read_text())["objects"]}
-            except (ValueError, KeyError, TypeError) as error:
-                raise InputError(f"{labels_path}: damaged ({type(error).__name__})") from None
-        if not names:  # a 0/255 mask: one object
-            mask = read_mask(path)
-            return [SavedObject(self._default_label(), mask)] if mask.any() else []
-        return [SavedObject(name, values == value) for value, name in sorted(names.items()) if (values == value).any()]
+        return self.frames.saved_objects(self.check(index), self._default_label())
 
     def save(self, index: int, objects: list[SavedObject]) -> Path:
-        """Write an image's objects in the data set layout, keeping the version they replace.
-
-        One object: ``masks/<id>.png`` with 0/255. Several: a label image (0 background, 1..N, 16 bits
-        past 255 objects) and ``labels/<id>.json`` naming each value. Overlapping objects: the later wins.
-        """
-        entry = self.entry(index)
-        shape = read_intensities(entry.path).shape[:2]
+        """Write a frame's objects in the data set layout, keeping the version they replace."""
+        shape = self.frames.intensities(self.check(index)).shape[:2]
         for obj in objects:
             if obj.mask.shape != shape:
                 raise InputError(f"object '{obj.label}': mask is {obj.mask.shape} but the image is {shape}")
-        objects = [o for o in objects if o.mask.any()]
-        path = self.inside(entry.mask_path(self.root))
-        labels_path = self.inside(entry.labels_path(self.root))
         with self._lock:
-            self._keep_previous(entry)
-            path.parent.mkdir(exist_ok=True)
-            if len(objects) <= 1:
-                values = (objects[0].mask if objects else np.zeros(shape, bool)).astype(np.uint8) * 255
-            else:
-                values = np.zeros(shape, np.uint16 if len(objects) > 255 else np.uint8)
-                for value, obj in enumerate(objects, 1):
-                    values[obj.mask] = value
-            with atomic_path(path) as temporary:
-                Image.fromarray(values).save(temporary, format="PNG")
-            if len(objects) > 1:
-                labels_path.parent.mkdir(exist_ok=True)
-                write_json(labels_path, {"image": entry.id, "objects": [{"value": v, "label": o.label}
-                                                                         for v, o in enumerate(objects, 1)]})
-            else:
-                labels_path.unlink(missing_ok=True)
+            path = self.frames.write(index, [o for o in objects if o.mask.any()])
             self._describe_folder()
         return path
 
-    def _keep_previous(self, entry: ImageEntry) -> None:
-        """Move the saved mask (and its labels) under ``.sam4med/history/`` before it is replaced."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-        history = self.inside(self.root / TOOL_FOLDER / "history")
-        for current in (entry.mask_path(self.root), entry.labels_path(self.root)):
-            if current.is_file():
-                history.mkdir(parents=True, exist_ok=True)
-                write_bytes_atomic(history / f"{entry.id}.{stamp}{current.suffix}", current.read_bytes())
-
-    def history(self, index: int) -> list[Path]:
-        """Earlier versions of an image's mask, oldest first."""
-        folder = self.root / TOOL_FOLDER / "history"
-        return sorted(folder.glob(f"{self.entry(index).id}.*.png")) if folder.is_dir() else []
+    def versions(self, index: int) -> int:
+        """How many earlier versions of this frame's mask are kept."""
+        return self.frames.versions(self.check(index))
 
     def _describe_folder(self) -> None:
         """A folder annotated here without ``dataset.json`` gets one, so the benchmark and trainers read it."""
         path = self.root / "dataset.json"
-        if not path.exists() and not path.is_symlink():
-            write_json(self.inside(path), {"name": self.root.name, "modality": "unknown", "target": self._default_label(),
-                              "annotated_with": f"sam4med annotate ({self.model.spec.name})"})
+        if not self.frames.volume and not path.exists() and not path.is_symlink():
+            write_json(_inside(self.root, path), {
+                "name": self.root.name, "modality": "unknown", "target": self._default_label(),
+                "annotated_with": f"sam4med annotate ({self.model.spec.name})"})
 
     def _default_label(self) -> str:
         path = self.root / "dataset.json"
         if path.is_file():
             try:
-                target = json.loads(path.read_text()).get("target")
+                target = json.loads(path.read_text(encoding="utf-8")).get("target")
             except (ValueError, AttributeError):
                 target = None
             if isinstance(target, str) and target != "unknown":

@@ -62,29 +62,42 @@ def segment_volume(
     """Segment one object in a stack of 8-bit slices from a 3D box (x0, y0, z0, x1, y1, z1).
 
     As LiteMedSAM's 3D inference does: the middle slice of the box's z range is segmented with
-    the 2D box, then each neighbouring slice is prompted with the box of the previous slice's
-    mask (plus ``margin`` pixels), outwards to both ends of the range; propagation stops in a
-    direction once a slice comes back empty.
+    the 2D box, then carried outwards to both ends of the range by :func:`propagate`.
     """
-    depth = len(slices)
-    x0, y0, z0, x1, y1, z1 = _check_box3d(box3d, depth)
-    labels = np.zeros((depth, *slices[0].shape[:2]), dtype=bool)
+    x0, y0, z0, x1, y1, z1 = _check_box3d(box3d, len(slices))
     middle = int(round((z0 + z1) / 2))
+    first = segment_image(predictor, _rgb(slices[middle]), Prompt(box=[x0, y0, x1, y1]), mask_rule)
+    return propagate(predictor, slices, middle, first, (int(z0), int(z1)), margin, mask_rule)
 
-    def rgb(index: int) -> np.ndarray:
-        image = slices[index]
-        return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
 
-    labels[middle] = segment_image(predictor, rgb(middle), Prompt(box=[x0, y0, x1, y1]), mask_rule)
-    for step, stop in ((1, int(z1)), (-1, int(z0))):
-        previous = labels[middle]
-        for z in range(middle + step, stop + step, step):
+def propagate(
+    predictor: Predictor,
+    slices: Sequence[np.ndarray],
+    start: int,
+    mask: np.ndarray,
+    limits: tuple[int, int] | None = None,
+    margin: int = 2,
+    mask_rule: str | None = None,
+) -> np.ndarray:
+    """Carry one object's ``mask`` on slice ``start`` to its neighbours: each slice is prompted with the box
+    of the previous slice's mask (plus ``margin`` pixels), outwards to both ends of ``limits`` (first and
+    last slice, inclusive; default the whole stack); a direction stops once a slice comes back empty.
+    Returns the masks of all slices (depth, H, W), ``mask`` itself on ``start``."""
+    low, high = limits if limits is not None else (0, len(slices) - 1)
+    labels = np.zeros((len(slices), *mask.shape), dtype=bool)
+    labels[start] = mask
+    for step, stop in ((1, high), (-1, low)):
+        previous = mask
+        for z in range(start + step, stop + step, step):
             if not previous.any():
                 break
-            box = tight_box(previous, margin)
-            labels[z] = segment_image(predictor, rgb(z), Prompt(box=box), mask_rule)
+            labels[z] = segment_image(predictor, _rgb(slices[z]), Prompt(box=tight_box(previous, margin)), mask_rule)
             previous = labels[z]
     return labels
+
+
+def _rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
 
 
 def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Prompt, out: Path,

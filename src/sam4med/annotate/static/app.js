@@ -5,7 +5,7 @@ const COLOURS = ["#ff3b30", "#34c759", "#007aff", "#ffcc00", "#af52de", "#ff9500
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  images: [], clicks: true, index: -1, info: null,
+  images: [], clicks: true, volume: false, index: -1, info: null,
   objects: [], selected: -1, nextObjectId: 0,
   tool: "box", undo: [], redo: [],
   view: { scale: 1, x: 0, y: 0 }, drag: null, spaceDown: false,
@@ -330,6 +330,23 @@ async function save() {
   $("stage").dataset.saved = String(state.index);
 }
 
+async function propagateObject() {
+  if (state.selected < 0 || !area(state.objects[state.selected].mask)) {
+    status("select an object with a mask on this slice first", true);
+    return;
+  }
+  const object = state.objects[state.selected];
+  status(`${object.label}: propagating through the volume…`);
+  const result = await api(`/api/images/${state.index}/propagate`, {
+    label: object.label, mask: maskToPng(object.mask),
+    first: Number($("first-slice").value), last: Number($("last-slice").value),
+  });
+  state.images = result.images;
+  renderList();
+  status(`${object.label}: carried to slices ${result.first}–${result.last} (${result.slices} slices) and saved`);
+  $("stage").dataset.propagated = String(state.index);
+}
+
 // --- input -----------------------------------------------------------------------------------
 function imagePoint(event) {
   const rect = $("overlay").getBoundingClientRect();
@@ -398,6 +415,7 @@ function bind() {
     render();
   };
   $("save").onclick = () => guarded(save);
+  $("propagate").onclick = () => guarded(propagateObject);
   $("accept").onclick = () => guarded(async () => { await save(); const next = neighbour(1); if (next >= 0) await openImage(next); });
   $("add-object").onclick = () => { remember(); state.objects.push(newObject()); state.selected = state.objects.length - 1; render(); };
   $("fit").onclick = fit;
@@ -415,7 +433,7 @@ function bind() {
   window.addEventListener("resize", fit);
   window.addEventListener("keyup", (event) => { if (event.key === " ") state.spaceDown = false; });
   window.addEventListener("keydown", (event) => {
-    if (event.target instanceof HTMLInputElement && event.target.type === "text") return;
+    if (event.target instanceof HTMLInputElement && ["text", "number"].includes(event.target.type)) return;
     const key = event.key.toLowerCase();
     if ((event.ctrlKey || event.metaKey) && key === "z") { event.preventDefault(); restore(state.undo, state.redo); return; }
     if ((event.ctrlKey || event.metaKey) && key === "y") { event.preventDefault(); restore(state.redo, state.undo); return; }
@@ -424,6 +442,7 @@ function bind() {
       b: () => setTool("box"), p: () => setTool("positive"), n: () => setTool("negative"),
       r: () => setTool("brush"), e: () => setTool("eraser"), o: () => $("add-object").click(), c: () => $("clear").click(),
       s: () => $("save").click(), enter: () => $("accept").click(), f: fit,
+      v: () => { if (state.volume) $("propagate").click(); },
       arrowleft: () => $("prev").click(), arrowright: () => $("next").click(),
       " ": () => { state.spaceDown = true; },
     };
@@ -437,6 +456,12 @@ async function start() {
   const info = await api("/api/state");
   state.images = info.images;
   state.clicks = info.clicks;
+  state.volume = info.volume;
+  $("volume-controls").hidden = !info.volume;
+  for (const [id, value] of [["first-slice", 0], ["last-slice", info.total - 1]]) {
+    $(id).max = info.total - 1;
+    $(id).value = value;
+  }
   $("folder").textContent = `${info.folder} · ${info.model}`;
   if (!info.clicks) {
     document.querySelectorAll('[data-tool="positive"], [data-tool="negative"]').forEach((b) => { b.disabled = true; });
