@@ -53,6 +53,8 @@ def test_bad_input_in_a_group_verb_is_one_line_with_exit_2(tmp_path):
     (["--threads", "-3"], "--threads"),
     (["--split", "holdout"], "--split"),
     (["--seed", "-1"], "--seed"),
+    (["--tile", "8"], "--tile"),
+    (["--halo", "-1"], "--halo"),
 ])
 def test_bad_benchmark_settings_stop_before_anything_is_written(tmp_path, arguments, named):
     """Checked where they enter: one line naming the argument, exit 2, and no protocol.json or results."""

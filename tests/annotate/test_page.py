@@ -67,6 +67,18 @@ def page_point(page, x: float, y: float) -> tuple[float, float]:
     return rect[0] + (x + 0.5) * rect[2], rect[1] + (y + 0.5) * rect[3]
 
 
+def draw_box(page, truth: np.ndarray) -> list[int]:
+    """Drag the box tool over the true object's box; the objects' areas once the mask has come back."""
+    ys, xs = np.nonzero(truth)
+    page.mouse.move(*page_point(page, xs.min(), ys.min()))
+    page.mouse.down()
+    page.mouse.move(*page_point(page, xs.max(), ys.max()), steps=5)
+    page.mouse.up()
+    page.wait_for_function("document.querySelectorAll('#objects .area').length === 1 && "
+                           "Number(document.querySelector('#objects .area').dataset.area) > 0", timeout=30_000)
+    return object_areas(page)
+
+
 def object_areas(page) -> list[int]:
     return [int(a) for a in page.eval_on_selector_all("#objects .area", "items => items.map(i => i.dataset.area)")]
 
@@ -103,13 +115,7 @@ def check_the_page(browser, url: str, truth: np.ndarray, folder: Path, image_id:
     assert page.inner_text("#progress-text").startswith("0 / ")
 
     ys, xs = np.nonzero(truth)
-    page.mouse.move(*page_point(page, xs.min(), ys.min()))
-    page.mouse.down()
-    page.mouse.move(*page_point(page, xs.max(), ys.max()), steps=5)
-    page.mouse.up()
-    page.wait_for_function("document.querySelectorAll('#objects .area').length === 1 && "
-                           "Number(document.querySelector('#objects .area').dataset.area) > 0", timeout=30_000)
-    [boxed] = object_areas(page)
+    [boxed] = draw_box(page, truth)
 
     page.keyboard.press("n")  # negative click tool
     page.mouse.click(*page_point(page, xs.mean(), ys.mean()))
@@ -131,6 +137,14 @@ def check_the_page(browser, url: str, truth: np.ndarray, folder: Path, image_id:
     page.reload()
     page.wait_for_selector("#stage[data-ready='0']", timeout=60_000)
     assert object_areas(page) == [boxed]  # what was saved comes back
+    page.keyboard.press("o")  # a second object, painted with the brush
+    page.keyboard.press("r")
+    page.mouse.move(*page_point(page, 5, 5))
+    page.mouse.down()
+    page.mouse.move(*page_point(page, 25, 5), steps=5)
+    page.mouse.up()
+    areas = object_areas(page)
+    assert len(areas) == 2 and areas[0] == boxed and areas[1] > 20
     assert page.evaluate("fetch('/api/images/../../etc/passwd').then(r => r.status)") == 404
     assert page.evaluate("fetch('/static/..%2f..%2f__init__.py').then(r => r.status)") == 404
     assert not errors, errors
@@ -158,13 +172,7 @@ def test_a_volume_slice_boxed_and_propagated_in_a_real_browser(browser, tmp_path
         page.wait_for_selector("#stage[data-ready='0']", timeout=60_000)
         page.click("#image-list li:nth-child(6)")  # slice 5
         page.wait_for_selector("#stage[data-ready='5']", timeout=60_000)
-        ys, xs = np.nonzero(truth[5])
-        page.mouse.move(*page_point(page, xs.min(), ys.min()))
-        page.mouse.down()
-        page.mouse.move(*page_point(page, xs.max(), ys.max()), steps=5)
-        page.mouse.up()
-        page.wait_for_function("document.querySelectorAll('#objects .area').length === 1 && "
-                               "Number(document.querySelector('#objects .area').dataset.area) > 0", timeout=30_000)
+        draw_box(page, truth[5])
         page.fill("#first-slice", "2")
         page.fill("#last-slice", "9")
         page.click("#propagate")

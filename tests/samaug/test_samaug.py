@@ -19,7 +19,8 @@ from sam4med.engine.prompts import Prompt
 from sam4med.engine.metrics import paired_bootstrap
 from sam4med.samaug.experiment import images_used, summarise
 from sam4med.samaug.inputs import augment, compose_input, input_channels
-from sam4med.samaug.priors import PriorSettings, Priors, priors_from_masks, settings_key, tile_boxes
+from sam4med.engine.tiling import tile_boxes
+from sam4med.samaug.priors import PriorSettings, Priors, priors_from_masks, settings_key
 from sam4med.samaug.store import PriorStore, generate_priors
 from sam4med.engine.datasets import load_dataset
 from sam4med.engine.splits import training_split

@@ -13,9 +13,11 @@ from sam4med.cli.options import (
     CheckpointOption,
     DeviceOption,
     EncoderOption,
+    HaloOption,
     ModelOption,
     OneLineErrorsGroup,
     ThreadsOption,
+    TileOption,
     one_line_errors,
 )
 from sam4med.engine.errors import InputError
@@ -63,21 +65,24 @@ def segment(
     model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
     mask_rule: Annotated[Optional[str], typer.Option(help="single, auto (3 masks for a lone click) or iou; default: the model's.")] = None,
+    tile: TileOption = 0,
+    halo: HaloOption = 32,
     device: DeviceOption = None,
 ) -> None:
     """Segment one object in one image from a box and/or points."""
     from sam4med.engine.models import load_model
-    from sam4med.engine.predictor import Predictor
     from sam4med.engine.prompts import Prompt
     from sam4med.engine.segment import segment_image_file
+    from sam4med.engine.tiling import check_tiling, make_predictor
 
     configure_cpu()
     points = [_parse_point(p) for p in point or []]
     if label and len(label) != len(points):
         raise InputError(f"--label given {len(label)} times for {len(points)} --point")
     prompt = Prompt(points=points or None, labels=label or None, box=box)
-    mask = segment_image_file(lambda: Predictor(load_model(model, checkpoint, device)), image, prompt, out, overlay,
-                              mask_rule)
+    check_tiling(tile or None, halo)
+    mask = segment_image_file(lambda: make_predictor(load_model(model, checkpoint, device), tile or None, halo), image,
+                              prompt, out, overlay, mask_rule)
     typer.echo(f"{out}: {int(mask.sum())} foreground pixels")
 
 

@@ -13,9 +13,11 @@ from sam4med.cli.options import (
     DeviceOption,
     EncoderOption,
     EverythingMethodOption,
+    HaloOption,
     MaxImagesOption,
     ModelOption,
     ThreadsOption,
+    TileOption,
     one_line_errors,
 )
 from sam4med.engine.defaults import DEFAULT_MODEL
@@ -49,6 +51,8 @@ def benchmark(
     split: Annotated[Optional[str], typer.Option(help="Only this side (test, val, train) of the group-aware "
                                                       "70/10/20 split the trainers use (seed 0).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache folder (re-runs skip the encoder).")] = None,
+    tile: TileOption = 0,
+    halo: HaloOption = 32,
     encoder: EncoderOption = "torch",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
@@ -69,6 +73,8 @@ def benchmark(
         max_objects_per_image=max_objects or None,
         max_images=max_images or None,
         split=split,
+        tile=tile or None,
+        halo=halo,
         prompts=PromptSettings(jitter, jitter_unit, jitter_kind, points_sampler, negative_region,  # type: ignore[arg-type]
                                interactive_start, rounds, click_rule),
         everything=EverythingSettings(method=everything_method),  # type: ignore[arg-type]

@@ -84,6 +84,10 @@ EverythingMethodOption = Annotated[str, typer.Option(help="Everything mode's pro
                                                           "choice), points (SAM's grid) or boxes.")]
 EpochsOption = Annotated[int, typer.Option(help="Training epochs.")]
 SeedOption = Annotated[int, typer.Option(help="Seed of the training randomness.")]
+TileOption = Annotated[int, typer.Option(help="Tiled embeddings for large images: each tile's core in px, encoded with "
+                                              "its halo at the model's size; a prompt goes to the tile that holds it "
+                                              "(0: whole images).")]
+HaloOption = Annotated[int, typer.Option(help="Pixels around each tile's core (with --tile).")]
 
 
 def echo_training_result(out: Path, result: object, model_hint: str = "") -> None:

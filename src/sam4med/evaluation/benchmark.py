@@ -24,6 +24,7 @@ from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.predictor import EmbeddingCache, Predictor
+from sam4med.engine.tiling import check_tiling, make_predictor
 from sam4med.engine.prompts import check_mask_rule
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
@@ -49,6 +50,8 @@ class BenchmarkConfig:
     split: str | None = None  # "test": only the test side of the split every trainer uses (group-aware)
     split_seed: int = 0
     nsd_tolerance: float = 2.0
+    tile: int | None = None  # tiled embeddings: core size in px of the image (None: whole images)
+    halo: int = 32  # px added around each tile's core
     prompts: PromptSettings = field(default_factory=PromptSettings)
     everything: EverythingSettings = field(default_factory=EverythingSettings)
 
@@ -64,6 +67,7 @@ class BenchmarkConfig:
         if self.split is not None and self.split not in DEFAULT_FRACTIONS:
             raise InputError(f"--split {self.split!r}: choose one of {', '.join(DEFAULT_FRACTIONS)}")
         check_number(self.nsd_tolerance, "--nsd-tolerance", minimum=0)
+        check_tiling(self.tile, self.halo)
         if not self.modes:
             raise InputError("--modes: give at least one mode")
         if self.everything.method not in EVERYTHING_METHODS:
@@ -78,6 +82,8 @@ class BenchmarkConfig:
         del record["max_images"]
         if self.split is None:
             del record["split"], record["split_seed"]
+        if self.tile is None:  # whole images, as before tiling existed: earlier runs still resume
+            del record["tile"], record["halo"]
         record["mask_rule"] = self.resolved_mask_rule(model)
         record["everything"] = self.everything.resolved(model.spec).record()
         record["model_protocol"] = model.protocol()
@@ -191,7 +197,7 @@ def run_benchmark(
     elif model.name != config.model:
         raise InputError(f"run_benchmark: model '{model.name}' given for a config of '{config.model}'")
     claim_folder(out, PROTOCOL_FILE, config.protocol(model, modes))
-    predictor = Predictor(model, EmbeddingCache(cache_dir) if cache_dir else None)
+    predictor = make_predictor(model, config.tile, config.halo, EmbeddingCache(cache_dir) if cache_dir else None)
     evaluator = ImageEvaluator(predictor, config, modes, out / "overlays", overlays_per_dataset)
     items = [WorkItem(d, s) for d in datasets for s in config.samples(d)[: config.max_images]]
     run_items(items, evaluator, out / RESULTS_FILE, "benchmark", evaluator.error_fields, show_progress)

@@ -24,6 +24,7 @@ from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EVERYTHING_METHODS, EverythingSettings, ProposedMask, generate_masks
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.registry import ModelSpec, model_spec
+from sam4med.engine.tiling import tile_boxes
 
 Weight = Literal["stability", "iou", "one"]
 WEIGHTS: tuple[str, ...] = ("stability", "iou", "one")
@@ -50,7 +51,7 @@ class PriorSettings:
 
     weight: Weight = "stability"
     normalise: bool = False  # divide the segmentation prior by its maximum (the authors do not)
-    tile: int | None = None  # everything mode on tiles of at most this many pixels (see tile_boxes)
+    tile: int | None = None  # everything mode on tiles of at most this many pixels (see engine.tiling.tile_boxes)
     everything: EverythingSettings | None = None  # None: samaug_everything_settings for the model
 
     def resolved(self, spec: ModelSpec) -> PriorSettings:
@@ -113,18 +114,6 @@ def priors_from_masks(masks: list[ProposedMask], shape: tuple[int, int], weight:
     if normalise and segmentation.max() > 0:
         segmentation /= segmentation.max()
     return Priors(segmentation, boundary.astype(np.float32), len(masks))
-
-
-def tile_boxes(size: tuple[int, int], tile: int) -> list[tuple[int, int, int, int]]:
-    """Tiles (x0, y0, x1, y1, ends exclusive) of at most ``tile`` pixels a side, as equal as possible,
-    counted per axis. segment_anything's ``generate_crop_boxes`` does not fit here: its layers cut
-    both axes into the same 2^k crops, so a 128x256 image with 128 px tiles would become four 64x128
-    crops instead of two 128x128 ones."""
-    def edges(length: int) -> list[tuple[int, int]]:
-        cuts = np.linspace(0, length, max(1, -(-length // tile)) + 1).round().astype(int)
-        return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
-
-    return [(x0, y0, x1, y1) for y0, y1 in edges(size[0]) for x0, x1 in edges(size[1])]
 
 
 def compute_priors(predictor: Predictor, image: np.ndarray, settings: PriorSettings) -> Priors:

@@ -1,0 +1,163 @@
+"""Large images as overlapping tiles (micro-sam's tiled embeddings): each tile (its core grown by a halo)
+is encoded at the model's input size, a prompt is decoded on the tile that holds it, and its logits are put
+back in place. A 1000 px H&E image shrunk whole to 256 px leaves nuclei a few pixels wide; a 256 px core
+with a 32 px halo shrinks by 0.8 instead of 0.26."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sam4med.engine.errors import InputError
+from sam4med.engine.predictor import EmbeddingCache, Predictor
+from sam4med.engine.prompts import Prompt
+from sam4med.engine.sam_model import Decoded, Embedding, SamModel
+
+OUTSIDE_LOGIT = -1e4  # where a tile's mask does not reach
+
+
+def tile_boxes(size: tuple[int, int], tile: int) -> list[tuple[int, int, int, int]]:
+    """Tiles (x0, y0, x1, y1, ends exclusive) of at most ``tile`` pixels a side, as equal as possible,
+    counted per axis. segment_anything's ``generate_crop_boxes`` does not fit here: its layers cut
+    both axes into the same 2^k crops, so a 128x256 image with 128 px tiles would become four 64x128
+    crops instead of two 128x128 ones."""
+    def edges(length: int) -> list[tuple[int, int]]:
+        cuts = np.linspace(0, length, max(1, -(-length // tile)) + 1).round().astype(int)
+        return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
+
+    return [(x0, y0, x1, y1) for y0, y1 in edges(size[0]) for x0, x1 in edges(size[1])]
+
+
+@dataclass(frozen=True)
+class Tile:
+    core: tuple[int, int, int, int]  # x0, y0, x1, y1 (ends exclusive): the tiles' cores cover the image once
+    extent: tuple[int, int, int, int]  # the core grown by the halo, clipped to the image: what is encoded
+
+    def holds(self, box: np.ndarray) -> bool:
+        x0, y0, x1, y1 = self.extent
+        return bool(box[0] >= x0 and box[1] >= y0 and box[2] <= x1 - 1 and box[3] <= y1 - 1)
+
+    def core_holds(self, x: float, y: float) -> bool:
+        x0, y0, x1, y1 = self.core
+        return x0 <= x < x1 and y0 <= y < y1
+
+
+def tiles(size: tuple[int, int], tile: int, halo: int) -> list[Tile]:
+    height, width = size
+    return [Tile((x0, y0, x1, y1), (max(0, x0 - halo), max(0, y0 - halo), min(width, x1 + halo), min(height, y1 + halo)))
+            for x0, y0, x1, y1 in tile_boxes(size, tile)]
+
+
+def check_tiling(tile: int | None, halo: int) -> None:
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 16):
+        raise InputError(f"--tile {tile}: must be at least 16 px (or unset for whole images)")
+    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+        raise InputError(f"--halo {halo}: must be an integer >= 0")
+
+
+class TiledPredictor(Predictor):
+    """A :class:`Predictor` that encodes tiles (lazily, each once per image) instead of the whole image.
+
+    A prompt goes to the tile whose extent holds its box (or, without a box, its first point, so that
+    clicks added later keep the tile and its fed-back logits), preferring the tile whose core holds the
+    box's centre; a prompt no tile holds is decoded on the whole image's embedding. Images no larger than
+    one tile are not tiled."""
+
+    def __init__(self, model: SamModel, tile: int, halo: int = 32, cache: EmbeddingCache | None = None,
+                 batch_size: int | None = None):
+        check_tiling(tile, halo)
+        super().__init__(model, cache, batch_size)
+        self.tile, self.halo = tile, halo
+        self._tiles: list[Tile] = []
+        self._tile_embeddings: dict[int, Embedding] = {}
+
+    def set_image(self, image: np.ndarray) -> Embedding | None:  # type: ignore[override]
+        """Take ``image``; tiles are encoded when a prompt first needs them (the whole image when untiled)."""
+        if image.shape[0] <= self.tile and image.shape[1] <= self.tile:
+            self._tiles = []
+            return super().set_image(image)
+        if image is not self.image:
+            self.image, self.embedding = image, None
+            self._tiles, self._tile_embeddings = tiles(image.shape[:2], self.tile, self.halo), {}
+        return None
+
+    def tiling(self) -> dict[str, int]:
+        """The protocol's record of how images were cut."""
+        return {"tile": self.tile, "halo": self.halo}
+
+    def _encode(self, index: int | None) -> Embedding:
+        assert self.image is not None
+        if index is None:
+            if self.embedding is None:
+                whole = self.image
+                self.image = None  # let the base class encode (or load) the whole image
+                super().set_image(whole)
+            assert self.embedding is not None
+            return self.embedding
+        if index not in self._tile_embeddings:
+            x0, y0, x1, y1 = self._tiles[index].extent
+            crop = np.ascontiguousarray(self.image[y0:y1, x0:x1])
+            key = self.cache.key(self.model, crop) if self.cache and self.model.cacheable else None
+            features = self.cache.load(key, self.model.device) if key else None
+            if features is None:
+                embedding = self.model.encode(crop)
+                self.encoder_calls += 1
+                if key:
+                    self.cache.store(key, embedding.features)
+            else:
+                embedding = Embedding(features, self.model.geometry(crop.shape[:2]))
+            self._tile_embeddings[index] = embedding
+        return self._tile_embeddings[index]
+
+    def route(self, prompt: Prompt) -> int | None:
+        """The tile a prompt is decoded on, or None for the whole image."""
+        anchor = prompt.box if prompt.box is not None else np.tile(prompt.points[0], 2)  # type: ignore[index]
+        holding = [i for i, t in enumerate(self._tiles) if t.holds(anchor)]
+        centre = ((anchor[0] + anchor[2]) / 2, (anchor[1] + anchor[3]) / 2)
+        return next((i for i in holding if self._tiles[i].core_holds(*centre)), holding[0] if holding else None)
+
+    def predict(self, prompts: Sequence[Prompt], mask_input: torch.Tensor | None = None, multimask: bool = False,
+                min_iou: float | None = None) -> Decoded:
+        if not self._tiles:
+            return super().predict(prompts, mask_input, multimask, min_iou)
+        assert self.image is not None
+        height, width = self.image.shape[:2]
+        groups: dict[int | None, list[int]] = {}
+        for position, prompt in enumerate(prompts):
+            groups.setdefault(self.route(prompt), []).append(position)
+        masks_per_prompt = 3 if multimask else 1
+        low_res = iou = None
+        logits = torch.full((len(prompts), masks_per_prompt, height, width), OUTSIDE_LOGIT, device=self.model.device)
+        for index, positions in groups.items():
+            embedding = self._encode(index)
+            x0, y0 = self._tiles[index].extent[:2] if index is not None else (0, 0)
+            shifted = [_shifted(prompts[p], x0, y0) for p in positions]
+            part_masks = None if mask_input is None else mask_input[positions]
+            parts = [self.model.decode(embedding, shifted[s : s + self.batch_size],
+                                       None if part_masks is None else part_masks[s : s + self.batch_size],
+                                       multimask, min_iou) for s in range(0, len(shifted), self.batch_size)]
+            part_low = torch.cat([p.low_res for p in parts])
+            part_iou = torch.cat([p.iou for p in parts])
+            part_logits = torch.cat([p.logits for p in parts])
+            if low_res is None:
+                low_res = torch.zeros((len(prompts), *part_low.shape[1:]), device=part_low.device)
+                iou = torch.zeros((len(prompts), part_iou.shape[1]), device=part_iou.device)
+            low_res[positions], iou[positions] = part_low, part_iou
+            logits[positions, :, y0 : y0 + part_logits.shape[2], x0 : x0 + part_logits.shape[3]] = part_logits
+        assert low_res is not None and iou is not None
+        return Decoded(low_res, iou, self.model.geometry((height, width)), self.model, logits)
+
+
+def _shifted(prompt: Prompt, x0: int, y0: int) -> Prompt:
+    offset = np.array([x0, y0], dtype=np.float32)
+    return Prompt(points=None if prompt.points is None else prompt.points - offset, labels=prompt.labels,
+                  box=None if prompt.box is None else prompt.box - np.tile(offset, 2))
+
+
+def make_predictor(model: SamModel, tile: int | None = None, halo: int = 32, cache: EmbeddingCache | None = None
+                   ) -> Predictor:
+    """A whole-image predictor, or a tiled one when ``tile`` is given."""
+    return TiledPredictor(model, tile, halo, cache) if tile else Predictor(model, cache)
