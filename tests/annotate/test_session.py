@@ -193,3 +193,21 @@ def test_propagation_needs_a_volume(client):
     mask = png64(np.ones((160, 200), bool))
     response = client.post("/api/images/0/propagate", json={"label": "a", "mask": mask})
     assert response.status_code == 400 and "needs a volume" in response.json()["error"]
+
+
+def test_a_data_sets_jpeg_mask_is_shown_kept_and_replaced_by_one_png(tmp_path, click_model):
+    """A data set whose masks are JPEG (Kvasir-SEG's originals): the annotation replaces it, the JPEG goes to the
+    history, and the folder still loads as a data set (one mask per image)."""
+    from sam4med.engine.datasets import load_dataset
+
+    truths = write_images(tmp_path / "polyps" / "images", count=1)
+    (tmp_path / "polyps" / "masks").mkdir()
+    Image.fromarray(truths["case0"].astype(np.uint8) * 255).save(tmp_path / "polyps" / "masks" / "case0.jpg")
+    client = TestClient(create_app(AnnotationSession(tmp_path / "polyps", click_model, prefetch=False)))
+    assert client.get("/api/state").json()["annotated"] == 1
+    [shown] = client.get("/api/images/0/objects").json()["objects"]
+    assert dice(mask_of(shown["mask"]), truths["case0"]) > 0.98
+    client.post("/api/images/0/save", json={"objects": [{"label": "polyp", "mask": shown["mask"]}]})
+    assert sorted(p.name for p in (tmp_path / "polyps" / "masks").iterdir()) == ["case0.png"]
+    assert [p.suffix for p in (tmp_path / "polyps" / ".sam4med" / "history").iterdir()] == [".jpg"]
+    assert load_dataset(tmp_path / "polyps").samples[0].mask_path.name == "case0.png"

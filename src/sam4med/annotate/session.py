@@ -106,12 +106,20 @@ class ImageFolder:
         image_id = self.ids[index]
         return self.root / MASKS_FOLDER / f"{image_id}.png", self.root / LABELS_FOLDER / f"{image_id}.json"
 
+    def _existing_mask(self, index: int) -> Path | None:
+        """The frame's mask as the folder has it: ours (.png), or a data set's in another format (.jpg, .tif)."""
+        png = self._files(index)[0]
+        if png.is_file():
+            return png
+        return next((png.with_suffix(s) for s in IMAGE_EXTENSIONS if png.with_suffix(s).is_file()), None)
+
     def is_annotated(self, index: int) -> bool:
-        return self._files(index)[0].is_file()
+        return self._existing_mask(index) is not None
 
     def saved_objects(self, index: int, default_label: str) -> list[SavedObject]:
-        path, labels_path = self._files(index)
-        if not path.is_file():
+        labels_path = self._files(index)[1]
+        path = self._existing_mask(index)
+        if path is None:
             return []
         names = _read_names(labels_path)
         if not names:  # a 0/255 (or any binary) mask: one object
@@ -125,7 +133,8 @@ class ImageFolder:
     def write(self, index: int, objects: list[SavedObject]) -> Path:
         """One object: 0/255. Several: a label image (1..N, 16 bits past 255) and its names; the later wins."""
         path, labels_path = (_inside(self.root, p) for p in self._files(index))
-        _keep(self.root, [path, labels_path], self.ids[index])
+        existing = self._existing_mask(index)
+        _keep(self.root, [p for p in (existing, labels_path) if p is not None], self.ids[index])
         shape = self.intensities(index).shape[:2]
         path.parent.mkdir(exist_ok=True)
         if len(objects) <= 1:
@@ -136,6 +145,8 @@ class ImageFolder:
                 values[obj.mask] = value
         with atomic_path(path) as temporary:
             Image.fromarray(values).save(temporary, format="PNG")
+        if existing is not None and existing != path:  # one mask per id, or the data set no longer loads
+            _inside(self.root, existing).unlink()
         if len(objects) > 1:
             labels_path.parent.mkdir(exist_ok=True)
             write_json(labels_path, {"image": self.ids[index],
@@ -146,7 +157,7 @@ class ImageFolder:
 
     def versions(self, index: int) -> int:
         history = self.root / TOOL_FOLDER / "history"
-        return len(list(history.glob(f"{self.ids[index]}.*.png"))) if history.is_dir() else 0
+        return len([p for p in history.glob(f"{self.ids[index]}.*") if p.suffix != ".json"]) if history.is_dir() else 0
 
 
 class VolumeSlices:
