@@ -118,21 +118,20 @@ def create_app(session: AnnotationSession) -> FastAPI:
         session.forget(index, request.object)
         return {"index": index, "object": request.object}
 
-    def objects_of(index: int, sent: list[ObjectMask]) -> list[SavedObject]:
-        shape = session.frames.intensities(session.check(index)).shape[:2]
-        return [SavedObject(o.label, decode_mask_png(_unbase64(o.mask, f"object '{o.label}'"), shape,
-                                                     f"object '{o.label}'")) for o in sent]
+    def objects_of(sent: list[ObjectMask]) -> list[SavedObject]:
+        return [SavedObject(o.label, decode_mask_png(_unbase64(o.mask, f"object '{o.label}'"), f"object '{o.label}'"))
+                for o in sent]
 
     @app.post("/api/images/{index}/save")
     def save(index: int, request: SaveRequest) -> dict[str, object]:
-        path = session.save(index, objects_of(index, request.objects))
+        path = session.save(index, objects_of(request.objects))
         listing = session.listing()
         return {"saved": str(path.relative_to(session.root)), "annotated": sum(bool(i["annotated"]) for i in listing),
                 "total": len(listing), "versions": session.versions(index)}
 
     @app.post("/api/images/{index}/propagate")
     def propagate(index: int, request: PropagateRequest) -> dict[str, object]:
-        [obj] = objects_of(index, [request])
+        [obj] = objects_of([request])
         return {**session.propagate(index, obj, request.first, request.last), "images": session.listing()}
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from sam4med.engine.datasets import IMAGE_EXTENSIONS
-from sam4med.engine.errors import InputError, path_component
+from sam4med.engine.errors import InputError, hw, path_component
 from sam4med.engine.imageio import read_image, read_intensities, read_mask
 from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.prompts import Prompt, select_mask, wants_multimask
@@ -130,12 +130,12 @@ class ImageFolder:
         values = values[..., 0] if values.ndim == 3 else values
         return [SavedObject(name, values == value) for value, name in sorted(names.items()) if (values == value).any()]
 
-    def write(self, index: int, objects: list[SavedObject]) -> Path:
-        """One object: 0/255. Several: a label image (1..N, 16 bits past 255) and its names; the later wins."""
+    def write(self, index: int, objects: list[SavedObject], shape: tuple[int, int]) -> Path:
+        """One object: 0/255. Several: a label image (1..N, 16 bits past 255) and its names; the later wins.
+        ``shape`` is the frame's size, which the session checked the masks against."""
         path, labels_path = (_inside(self.root, p) for p in self._files(index))
         existing = self._existing_mask(index)
         _keep(self.root, [p for p in (existing, labels_path) if p is not None], self.ids[index])
-        shape = self.intensities(index).shape[:2]
         path.parent.mkdir(exist_ok=True)
         if len(objects) <= 1:
             values = (objects[0].mask if objects else np.zeros(shape, bool)).astype(np.uint8) * 255
@@ -206,7 +206,7 @@ class VolumeSlices:
         self.names[value] = label
         return value
 
-    def write(self, index: int, objects: list[SavedObject]) -> Path:
+    def write(self, index: int, objects: list[SavedObject], shape: tuple[int, int]) -> Path:
         """The slice's labels become exactly ``objects`` (the page sends all of a slice's objects)."""
         self.labels[index] = 0
         for obj in objects:
@@ -252,15 +252,13 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_mask_png(data: bytes, shape: tuple[int, int], what: str) -> np.ndarray:
-    """A mask sent by the page (any PNG, foreground > 0 in its first channel) as HxW bool of ``shape``."""
+def decode_mask_png(data: bytes, what: str) -> np.ndarray:
+    """A mask sent by the page (any PNG, foreground > 0 in its first channel) as HxW bool."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             pixels = np.asarray(image.convert("L") if image.mode not in ("L", "1") else image)
     except Exception as error:  # any decoding failure is the request's fault
         raise InputError(f"{what}: not a PNG image ({type(error).__name__})") from None
-    if pixels.shape[:2] != shape:
-        raise InputError(f"{what}: mask is {pixels.shape[0]}x{pixels.shape[1]} but the image is {shape[0]}x{shape[1]}")
     return pixels > 0
 
 
@@ -341,12 +339,7 @@ class AnnotationSession:
 
         def encode_next() -> None:
             try:
-                rgb = self.frames.rgb(index)
-                cache = self.predictor.cache
-                assert cache is not None
-                key = cache.key(self.model, rgb)
-                if cache.load(key, self.model.device) is None:
-                    cache.store(key, self.model.encode(rgb).features)
+                self.predictor.embed(self.frames.rgb(index))  # into the on-disk cache, for open() to load
             except InputError:
                 pass  # an unreadable image says so when it is opened
 
@@ -391,6 +384,7 @@ class AnnotationSession:
         3D box does); a slice that comes back empty also stops its direction."""
         if not isinstance(self.frames, VolumeSlices):
             raise InputError("propagation needs a volume (open a NIfTI, NRRD, MHA file or a DICOM series)")
+        self._check_sizes(index, [obj])
         if not obj.mask.any():
             raise InputError(f"object '{obj.label}': empty on this slice; segment it first")
         depth = len(self.frames.ids)
@@ -411,14 +405,19 @@ class AnnotationSession:
 
     def save(self, index: int, objects: list[SavedObject]) -> Path:
         """Write a frame's objects in the data set layout, keeping the version they replace."""
+        shape = self._check_sizes(index, objects)
+        with self._lock:
+            path = self.frames.write(index, [o for o in objects if o.mask.any()], shape)
+            self._describe_folder()
+        return path
+
+    def _check_sizes(self, index: int, objects: list[SavedObject]) -> tuple[int, int]:
+        """The frame's size, once every object's mask has it."""
         shape = self.frames.intensities(self.check(index)).shape[:2]
         for obj in objects:
             if obj.mask.shape != shape:
-                raise InputError(f"object '{obj.label}': mask is {obj.mask.shape} but the image is {shape}")
-        with self._lock:
-            path = self.frames.write(index, [o for o in objects if o.mask.any()])
-            self._describe_folder()
-        return path
+                raise InputError(f"object '{obj.label}': mask is {hw(obj.mask.shape)} but the image is {hw(shape)}")
+        return shape
 
     def versions(self, index: int) -> int:
         """How many earlier versions of this frame's mask are kept."""

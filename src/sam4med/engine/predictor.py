@@ -67,17 +67,21 @@ class Predictor:
         if image is self.image and self.embedding is not None:
             return self.embedding
         self.image = image
+        self.embedding = self.embed(image)
+        return self.embedding
+
+    def embed(self, image: np.ndarray) -> Embedding:
+        """``image``'s embedding from the cache, or encoded (and cached); the image set is left as it is."""
         cache = self.cache if self.model.cacheable else None
         key = cache.key(self.model, image) if cache else None
         features = cache.load(key, self.model.device) if cache else None
-        if features is None:
-            self.embedding = self.model.encode(image)
-            self.encoder_calls += 1
-            if cache:
-                cache.store(key, self.embedding.features)
-        else:
-            self.embedding = Embedding(features, self.model.geometry(image.shape[:2]))
-        return self.embedding
+        if features is not None:
+            return Embedding(features, self.model.geometry(image.shape[:2]))
+        embedding = self.model.encode(image)
+        self.encoder_calls += 1
+        if cache:
+            cache.store(key, embedding.features)
+        return embedding
 
     def predict(
         self, prompts: Sequence[Prompt], mask_input: torch.Tensor | None = None, multimask: bool = False,

@@ -84,32 +84,16 @@ class TiledPredictor(Predictor):
             self._tiles, self._tile_embeddings = tiles(image.shape[:2], self.tile, self.halo), {}
         return None
 
-    def tiling(self) -> dict[str, int]:
-        """The protocol's record of how images were cut."""
-        return {"tile": self.tile, "halo": self.halo}
-
     def _encode(self, index: int | None) -> Embedding:
+        """Tile ``index``'s embedding, or the whole image's for None; each made once per image."""
         assert self.image is not None
         if index is None:
             if self.embedding is None:
-                whole = self.image
-                self.image = None  # let the base class encode (or load) the whole image
-                super().set_image(whole)
-            assert self.embedding is not None
+                self.embedding = self.embed(self.image)
             return self.embedding
         if index not in self._tile_embeddings:
             x0, y0, x1, y1 = self._tiles[index].extent
-            crop = np.ascontiguousarray(self.image[y0:y1, x0:x1])
-            key = self.cache.key(self.model, crop) if self.cache and self.model.cacheable else None
-            features = self.cache.load(key, self.model.device) if key else None
-            if features is None:
-                embedding = self.model.encode(crop)
-                self.encoder_calls += 1
-                if key:
-                    self.cache.store(key, embedding.features)
-            else:
-                embedding = Embedding(features, self.model.geometry(crop.shape[:2]))
-            self._tile_embeddings[index] = embedding
+            self._tile_embeddings[index] = self.embed(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
         return self._tile_embeddings[index]
 
     def route(self, prompt: Prompt) -> int | None:
