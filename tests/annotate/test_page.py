@@ -86,7 +86,7 @@ def object_areas(page) -> list[int]:
 def test_box_click_save_and_reload_in_a_real_browser(browser, tmp_path, click_model):
     truths = write_images(tmp_path / "scans", count=2)
     with serving(AnnotationSession(tmp_path / "scans", click_model)) as url:
-        check_the_page(browser, url, truths["case0"], tmp_path / "scans")
+        check_the_page(browser, url, truths["case0"], tmp_path / "scans", screenshot=SCREENSHOT)
         assert "1 / 2 annotated" in page_text(browser, url)
 
 
@@ -102,7 +102,7 @@ def test_a_real_polyp_in_a_real_browser(browser, tmp_path, click_model, shared_d
     labels = connected_components(read_mask(next((source / "masks").glob(first.stem + ".*"))))
     largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
     with serving(AnnotationSession(tmp_path / "polyps", click_model)) as url:
-        check_the_page(browser, url, labels == largest, tmp_path / "polyps", first.stem, SCREENSHOT)
+        check_the_page(browser, url, labels == largest, tmp_path / "polyps", first.stem)
 
 
 def check_the_page(browser, url: str, truth: np.ndarray, folder: Path, image_id: str = "case0",
