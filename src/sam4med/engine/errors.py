@@ -31,23 +31,27 @@ def check_number(value: float, what: str, *, minimum: float | None = None, above
     return value
 
 
+def _is_integer(value: object, minimum: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+
 def check_counts(**counts: int) -> None:
     """Each named count (keyword: option name with ``_`` for ``-``) an integer of at least 1."""
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_integer(value, 1):
             raise InputError(f"--{name.replace('_', '-')} {value}: must be >= 1")
 
 
 def check_seed(value: int, what: str) -> int:
     """``value`` if it can seed NumPy's and PyTorch's generators (an integer >= 0), else an InputError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _is_integer(value, 0):
         raise InputError(f"{what} {value}: must be an integer >= 0")
     return value
 
 
 def check_limit(value: int | None, what: str) -> int | None:
     """An optional count (None: no limit) that must be at least 1 when given."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is not None and not _is_integer(value, 1):
         raise InputError(f"{what} {value}: must be >= 1 (or unset for all)")
     return value
 
