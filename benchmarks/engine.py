@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.encoder is None:
-        from sam4med.engine.onnx_encoder import onnx_runtime_available
+        from sam4med.engine.onnx_predictor import onnx_runtime_available
 
         args.encoder = "onnx" if onnx_runtime_available() else "torch"
     if args.child:

@@ -11,8 +11,6 @@ from sam4med.engine.sam_model import SamModel
 
 from conftest import make_ellipse_image
 
-pytest.importorskip("onnxruntime", reason="onnxruntime not installed (optional: pip install 'sam4med[onnx]')")
-
 
 def test_onnx_encoder_matches_pytorch_and_is_exported_once(litemedsam, tmp_path, monkeypatch):
     monkeypatch.setenv("SAM4MED_CACHE", str(tmp_path))

@@ -20,7 +20,7 @@ from sam4med.cli.options import (
     TileOption,
     one_line_errors,
 )
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_limit
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
 
@@ -68,21 +68,34 @@ def segment(
     tile: TileOption = 0,
     halo: HaloOption = 32,
     device: DeviceOption = None,
+    runtime: Annotated[str, typer.Option(help="auto (ONNX Runtime alone where it serves: no PyTorch import, graphs "
+                                              "exported once), onnx, or torch.")] = "auto",
+    threads: ThreadsOption = None,
 ) -> None:
     """Segment one object in one image from a box and/or points."""
-    from sam4med.engine.models import load_model
+    from sam4med.engine.errors import check_tiling
+    from sam4med.engine.onnx_predictor import choose_runtime, onnx_predictor
     from sam4med.engine.prompts import Prompt
-    from sam4med.engine.segment import segment_image_file
-    from sam4med.engine.tiling import check_tiling, make_predictor
+    from sam4med.engine.registry import model_spec
+    from sam4med.engine.segment import PredictorSource, segment_image_file
 
-    configure_cpu()
     points = [_parse_point(p) for p in point or []]
     if label and len(label) != len(points):
         raise InputError(f"--label given {len(label)} times for {len(points)} --point")
     prompt = Prompt(points=points or None, labels=label or None, box=box)
     check_tiling(tile or None, halo)
-    mask = segment_image_file(lambda: make_predictor(load_model(model, checkpoint, device), tile or None, halo), image,
-                              prompt, out, overlay, mask_rule)
+    check_limit(threads, "--threads")
+    predictor: PredictorSource
+    if choose_runtime(runtime, model_spec(model), checkpoint, device, tile) == "onnx":
+        configure_cpu()
+        predictor = lambda: onnx_predictor(model, threads)  # noqa: E731
+    else:
+        from sam4med.engine.models import load_model
+        from sam4med.engine.tiling import make_predictor
+
+        configure_cpu(threads)
+        predictor = lambda: make_predictor(load_model(model, checkpoint, device), tile or None, halo)  # noqa: E731
+    mask = segment_image_file(predictor, image, prompt, out, overlay, mask_rule)
     typer.echo(f"{out}: {int(mask.sum())} foreground pixels")
 
 

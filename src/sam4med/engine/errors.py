@@ -56,6 +56,14 @@ def check_limit(value: int | None, what: str) -> int | None:
     return value
 
 
+def check_tiling(tile: int | None, halo: int) -> None:
+    """A tile core (None: whole images) of at least 16 px and a halo of at least 0 px."""
+    if tile is not None and not _is_integer(tile, 16):
+        raise InputError(f"--tile {tile}: must be at least 16 px (or unset for whole images)")
+    if not _is_integer(halo, 0):
+        raise InputError(f"--halo {halo}: must be an integer >= 0")
+
+
 def path_component(value: object, what: str) -> str:
     """``value`` if it is one safe file name (it becomes part of output paths), else an InputError.
 

@@ -7,12 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image, ImageFile
 
 from sam4med.engine.datasets import IMAGE_EXTENSIONS, Sample
 from sam4med.engine.errors import InputError, hw, one_line
-from sam4med.engine.volumes import window
 
 # PIL modes whose pixels numpy takes as they are stored; others go through convert("RGB").
 _HIGH_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "F"}
@@ -28,6 +26,8 @@ def read_image(path: str | Path) -> np.ndarray:
     """
     pixels = read_intensities(path)
     if pixels.dtype != np.uint8:
+        from sam4med.engine.volumes import window  # SimpleITK only for images that need it
+
         pixels = window(pixels)
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[..., None], 3, axis=2)
@@ -108,6 +108,8 @@ def _opened(path: Path) -> Iterator[Image.Image]:
 def _pixels(image: Image.Image, path: Path) -> np.ndarray:
     """Pixel values as stored (palette indices for palette images), channels last."""
     if image.format == "TIFF" and image.mode not in _HIGH_BIT_MODES and _bits(image) > 8:
+        import tifffile
+
         return tifffile.imread(path, key=0)  # PIL cuts colour samples over 8 bits to their high byte
     if image.mode in _NUMPY_MODES:
         return np.asarray(image)

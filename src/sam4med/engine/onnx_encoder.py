@@ -16,20 +16,14 @@ import numpy as np
 import torch
 
 from sam4med.engine.errors import InputError
+from sam4med.engine.onnx_predictor import cache_root, onnx_runtime_available
 
 OPSET = 17
 
 
-def onnx_runtime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SAM4MED_CACHE", Path.home() / ".cache" / "sam4med"))
+def encoder_path(folder: Path, name: str, weights_sha256: str | None, image_size: int) -> Path:
+    """Where a model's exported encoder lives: one file per model, weights and input size."""
+    return folder / f"{name}-{(weights_sha256 or 'unhashed')[:16]}-{image_size}px-opset{OPSET}.onnx"
 
 
 class OnnxEncoder:
@@ -42,7 +36,7 @@ class OnnxEncoder:
         import onnxruntime
 
         folder = Path(cache_dir) if cache_dir is not None else cache_root() / "onnx"
-        self.path = folder / f"{name}-{(weights_sha256 or 'unhashed')[:16]}-{image_size}px-opset{OPSET}.onnx"
+        self.path = encoder_path(folder, name, weights_sha256, image_size)
         if not self.path.is_file():
             export_encoder(encoder, image_size, self.path)
         options = onnxruntime.SessionOptions()

@@ -83,6 +83,16 @@ class Predictor:
             cache.store(key, embedding.features)
         return embedding
 
+    @property
+    def default_mask_rule(self) -> str:
+        return self.model.spec.default_mask_rule
+
+    def prompt_masks(self, image: np.ndarray, prompt: Prompt, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Masks (M, H, W) of one prompt on ``image`` and their predicted IoUs (M,) (``segment.PromptMasks``)."""
+        self.set_image(image)
+        decoded = self.predict([prompt], multimask=multimask)
+        return decoded.masks()[0], decoded.iou[0].cpu().numpy()
+
     def predict(
         self, prompts: Sequence[Prompt], mask_input: torch.Tensor | None = None, multimask: bool = False,
         min_iou: float | None = None,

@@ -9,21 +9,22 @@ The samplers follow the published protocols they are named after:
 - SAM-Med2D (Cheng et al. 2023): negatives from the whole background, random error clicks,
   mask selected by predicted IoU.
 - RITM (Sofiiuk et al. 2022): the next click at the interior point of the largest error region.
+
+``Prompt`` and the mask rules import nothing beyond NumPy: ``sam4med segment`` on ONNX Runtime starts
+without PyTorch, SciPy or scikit-image, which the samplers import when first called.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from scipy import ndimage
-from segment_anything.utils.amg import batched_mask_to_box
 
 from sam4med.engine.errors import InputError, check_number
-from sam4med.engine.metrics import dice
-from sam4med.engine.objects import connected_components
+
+if TYPE_CHECKING:
+    import torch
 
 JitterKind = Literal["corners", "shift", "scale"]
 JitterUnit = Literal["px", "percent"]
@@ -126,6 +127,8 @@ def _pixels(mask: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
 
 def centroid_point(mask: np.ndarray) -> tuple[float, float]:
     """Centre of mass (COSMOS); it can fall outside a non-convex object, which COSMOS accepted."""
+    from scipy import ndimage
+
     _pixels(mask)
     y, x = ndimage.center_of_mass(mask)
     return float(round(x)), float(round(y))
@@ -133,6 +136,8 @@ def centroid_point(mask: np.ndarray) -> tuple[float, float]:
 
 def center_point(mask: np.ndarray) -> tuple[float, float]:
     """The interior point farthest from the boundary: always inside the object."""
+    from scipy import ndimage
+
     _pixels(mask)
     distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
@@ -183,6 +188,8 @@ def negative_points(
 def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Boxes (N, 4) of masks (N, H, W), x0 y0 x1 y1 inclusive (segment_anything's ``batched_mask_to_box``;
     [0, 0, 0, 0] for an empty mask)."""
+    from segment_anything.utils.amg import batched_mask_to_box
+
     return batched_mask_to_box(masks.bool()).float()
 
 
@@ -190,6 +197,8 @@ def tight_box(mask: np.ndarray, margin: float = 0) -> np.ndarray:
     """The box of a mask's foreground, grown by ``margin`` pixels and clipped to the image."""
     if not mask.any():
         raise InputError("cannot place a box on an empty mask")
+    import torch
+
     box = tight_boxes(torch.from_numpy(np.ascontiguousarray(mask))[None])[0].numpy()
     if margin:
         height, width = mask.shape
@@ -265,6 +274,8 @@ def select_mask(masks: np.ndarray, predicted_iou: np.ndarray, rule: str, gt: np.
     if rule in ("iou", "auto"):
         return int(np.argmax(predicted_iou))
     if rule == "oracle":
+        from sam4med.engine.metrics import dice
+
         if gt is None:
             raise InputError("mask rule 'oracle' needs the ground truth")
         return int(np.argmax([dice(mask, gt) for mask in masks]))
@@ -282,6 +293,8 @@ def error_click(
     object was missed and negative on a false positive. ``random`` (SAM-Med2D): a uniformly drawn
     error pixel, labelled by what it should be.
     """
+    from sam4med.engine.objects import connected_components
+
     missed, extra = gt & ~pred, pred & ~gt
     if not (missed.any() or extra.any()):
         return None

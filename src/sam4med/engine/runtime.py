@@ -6,8 +6,6 @@ import ctypes
 import ctypes.util
 import sys
 
-import torch
-
 from sam4med.engine.errors import InputError
 
 _M_TRIM_THRESHOLD = -1
@@ -39,4 +37,6 @@ def configure_cpu(threads: int | None = None) -> None:
         raise InputError(f"--threads {threads}: must be >= 1 (or unset for PyTorch's choice)")
     tune_allocator()
     if threads:
+        import torch  # not before: the ONNX Runtime path of ``segment`` starts without it
+
         torch.set_num_threads(threads)

@@ -4,25 +4,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import read_image
-from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
 from sam4med.engine.runs import atomic_path
-from sam4med.engine.volumes import VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
+
+
+class PromptMasks(Protocol):
+    """What segmenting needs of a predictor: the PyTorch one (``engine.predictor``) or the ONNX Runtime one
+    (``engine.onnx_predictor``), which starts without importing PyTorch."""
+
+    default_mask_rule: str
+
+    def prompt_masks(self, image: np.ndarray, prompt: Prompt, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Masks (M, H, W) of one prompt on ``image`` and their predicted IoUs (M,)."""
 
 
 # A predictor, or a function that makes one: called only once every argument and input file is checked,
 # so that a bad argument never waits for a model to load.
-PredictorSource = Predictor | Callable[[], Predictor]
+PredictorSource = PromptMasks | Callable[[], PromptMasks]
 
 
-def _ready(source: PredictorSource) -> Predictor:
-    return source if isinstance(source, Predictor) else source()
+def _ready(source: PredictorSource) -> PromptMasks:
+    return source() if callable(source) else source
 
 
 def _check_box3d(box3d: Sequence[float], depth: int) -> tuple[float, ...]:
@@ -41,19 +50,17 @@ def _check_output(out: Path, what: str, suffixes: tuple[str, ...]) -> None:
         raise InputError(f"{what} {out}: unknown extension (expected {', '.join(suffixes)})")
 
 
-def segment_image(predictor: Predictor, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None) -> np.ndarray:
+def segment_image(predictor: PromptMasks, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None) -> np.ndarray:
     """Binary mask (H, W) for one prompt; ``mask_rule`` single, auto or iou (oracle needs ground truth)."""
-    rule = mask_rule or predictor.model.spec.default_mask_rule
+    rule = mask_rule or predictor.default_mask_rule
     if rule == "oracle":
         rule = "iou"  # no ground truth here: the model's own ranking is the honest choice
-    predictor.set_image(image)
-    decoded = predictor.predict([prompt], multimask=wants_multimask(rule, prompt))
-    masks = decoded.masks()[0]
-    return masks[select_mask(masks, decoded.iou[0].cpu().numpy(), rule)]
+    masks, predicted_iou = predictor.prompt_masks(image, prompt, wants_multimask(rule, prompt))
+    return masks[select_mask(masks, predicted_iou, rule)]
 
 
 def segment_volume(
-    predictor: Predictor,
+    predictor: PromptMasks,
     slices: Sequence[np.ndarray],
     box3d: Sequence[float],
     margin: int = 2,
@@ -71,7 +78,7 @@ def segment_volume(
 
 
 def propagate(
-    predictor: Predictor,
+    predictor: PromptMasks,
     slices: Sequence[np.ndarray],
     start: int,
     mask: np.ndarray,
@@ -128,6 +135,8 @@ def segment_volume_file(predictor: PredictorSource, volume_path: Path, box3d: Se
     (z, y, x) array (0 axial, 1 coronal, 2 sagittal); write the label volume on the image's grid.
 
     Output, axis, volume and box are checked before ``predictor`` is made (when it is a function)."""
+    from sam4med.engine.volumes import VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
+
     if axis not in (0, 1, 2):
         raise InputError(f"--axis {axis}: must be 0, 1 or 2")
     _check_output(out, "--out", VOLUME_SUFFIXES)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import check_tiling
 from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.sam_model import Decoded, Embedding, SamModel
@@ -49,13 +49,6 @@ def tiles(size: tuple[int, int], tile: int, halo: int) -> list[Tile]:
     height, width = size
     return [Tile((x0, y0, x1, y1), (max(0, x0 - halo), max(0, y0 - halo), min(width, x1 + halo), min(height, y1 + halo)))
             for x0, y0, x1, y1 in tile_boxes(size, tile)]
-
-
-def check_tiling(tile: int | None, halo: int) -> None:
-    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 16):
-        raise InputError(f"--tile {tile}: must be at least 16 px (or unset for whole images)")
-    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
-        raise InputError(f"--halo {halo}: must be an integer >= 0")
 
 
 class TiledPredictor(Predictor):

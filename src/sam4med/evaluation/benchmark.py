@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, Sample, load_datasets
-from sam4med.engine.errors import InputError, check_limit, check_number, check_seed
+from sam4med.engine.errors import InputError, check_limit, check_number, check_seed, check_tiling
 from sam4med.engine.everything import EVERYTHING_METHODS, EverythingSettings
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.predictor import EmbeddingCache, Predictor
-from sam4med.engine.tiling import check_tiling, make_predictor
+from sam4med.engine.tiling import make_predictor
 from sam4med.engine.prompts import check_mask_rule
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runs import PROTOCOL_FILE, claim_folder

@@ -1,0 +1,113 @@
+"""The ONNX Runtime predictor gives the PyTorch predictor's masks, starts without PyTorch, and re-exports
+graphs that are stale or damaged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sam4med.engine.errors import InputError
+from sam4med.engine.onnx_predictor import choose_runtime, manifest_path, model_input, onnx_predictor, resize_bilinear
+from sam4med.engine.predictor import Predictor
+from sam4med.engine.prompts import Prompt, center_point, tight_box
+from sam4med.engine.registry import model_spec
+
+from conftest import make_ellipse_image
+
+
+@pytest.fixture(scope="session")
+def graphs(tmp_path_factory):
+    """litemedsam-click exported once (encoder, trained decoder, LiteMedSAM's box decoder) into the ``onnx``
+    folder of a cache root of its own."""
+    folder = tmp_path_factory.mktemp("cache") / "onnx"
+    onnx_predictor("litemedsam-click", folder=folder)
+    return folder
+
+
+def _prompts(mask):
+    box, point = tight_box(mask), center_point(mask)
+    return [(Prompt(box=box), False), (Prompt(points=[point]), True), (Prompt(points=[point], box=box), False),
+            (Prompt(points=[point, (5, 5)], labels=[1, 0]), False)]
+
+
+@pytest.mark.parametrize("size", [(200, 300), (120, 90), (600, 410)])  # wider, smaller than the input, larger
+def test_masks_equal_the_pytorch_predictor(graphs, click_model, size):
+    image, mask = make_ellipse_image(*size, centre=(size[0] // 2, size[1] // 2), radii=(size[0] // 4, size[1] // 3))
+    fast, reference = onnx_predictor("litemedsam-click", folder=graphs), Predictor(click_model)
+    for prompt, multimask in _prompts(mask):
+        masks, iou = fast.prompt_masks(image, prompt, multimask)
+        expected, expected_iou = reference.prompt_masks(image, prompt, multimask)
+        assert masks.shape == expected.shape == ((3,) if multimask else (1,)) + size
+        assert (masks != expected).mean() < 1e-4, prompt
+        np.testing.assert_allclose(iou, expected_iou, atol=1e-4)
+    box_masks, _ = fast.prompt_masks(image, Prompt(box=tight_box(mask)), False)
+    assert 2 * (box_masks[0] & mask).sum() / (box_masks[0].sum() + mask.sum()) > 0.9
+
+
+def test_model_input_and_upscaling_equal_pytorch(click_model):
+    import torch
+    import torch.nn.functional as F
+
+    for size in [(200, 300), (37, 500), (257, 255)]:
+        image = np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)
+        pixels, resized = model_input(image, 256)
+        expected, geometry = click_model.preprocess(image)
+        assert resized == geometry.resized_size
+        np.testing.assert_allclose(pixels, expected.numpy(), atol=1e-4)  # float rounding of two filters
+        logits = np.random.default_rng(1).normal(size=(2, *resized)).astype(np.float32)
+        for target in [size, (size[0] // 3 + 1, size[1] // 3 + 1)]:  # upscaled and shrunk
+            reference = F.interpolate(torch.from_numpy(logits)[None], size=target, mode="bilinear", align_corners=False)
+            np.testing.assert_allclose(resize_bilinear(logits, target), reference[0].numpy(), atol=1e-4)
+
+
+def test_segment_from_a_fresh_process_imports_no_pytorch(graphs, tmp_path):
+    image, mask = make_ellipse_image()
+    Image.fromarray(image).save(tmp_path / "image.png")
+    x0, y0, x1, y1 = tight_box(mask).tolist()
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['sam4med', 'segment', 'image.png', '--box', *map(str, [%r, %r, %r, %r]), '--out', 'out.png']\n"
+             "try:\n    runpy.run_module('sam4med', run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'monai', 'scipy', 'skimage') if m in sys.modules))\n"
+             % (x0, y0, x1, y1))
+    environment = {**os.environ, "SAM4MED_CACHE": str(graphs.parent)}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=environment, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    written = np.asarray(Image.open(tmp_path / "out.png")) > 0
+    assert 2 * (written & mask).sum() / (written.sum() + mask.sum()) > 0.9
+
+
+def test_stale_or_damaged_graphs_are_exported_again(graphs, tmp_path):
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    for path in graphs.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    manifest = manifest_path("litemedsam-click", folder)
+    record = json.loads(manifest.read_text())
+    record["sources"][0]["mtime_ns"] += 1  # the installed weights changed since the export
+    manifest.write_text(json.dumps(record))
+    onnx_predictor("litemedsam-click", folder=folder)
+    assert json.loads(manifest.read_text())["sources"] == json.loads(manifest_path("litemedsam-click", graphs).read_text())["sources"]
+    decoder = folder / record["graphs"]["decoder"]
+    decoder.write_bytes(b"not an onnx graph")
+    image, mask = make_ellipse_image()
+    masks, _ = onnx_predictor("litemedsam-click", folder=folder).prompt_masks(image, Prompt(points=[center_point(mask)]), False)
+    assert decoder.stat().st_size > 1000 and masks[0][mask].mean() > 0.5
+
+
+def test_runtime_choice():
+    click = model_spec("litemedsam-click")
+    assert choose_runtime("auto", click) == "onnx"
+    assert choose_runtime("auto", click, tile=256) == choose_runtime("auto", model_spec("medsam")) == "torch"
+    assert choose_runtime("auto", click, checkpoint="run/best.pt") == choose_runtime("torch", click) == "torch"
+    with pytest.raises(InputError, match="--runtime onnx: not with --device cuda"):
+        choose_runtime("onnx", click, device="cuda")
+    with pytest.raises(InputError, match="--runtime 'tensorrt'"):
+        choose_runtime("tensorrt", click)
