@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from skimage.draw import ellipse
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -63,8 +65,6 @@ def click_model():
 
 def write_images(folder: Path, count: int = 3, size: tuple[int, int] = (160, 200)) -> dict[str, np.ndarray]:
     """A plain folder of ellipse images (no masks); the true mask of each, by id."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     truths = {}
     for index in range(count):
@@ -87,3 +87,20 @@ def write_disc_volume(path: Path, depth: int = 12, first: int = 2, last: int = 9
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path))
     return truth
+
+
+def write_dataset(root: Path, broken: bool = True, count: int = 2) -> Path:
+    """A data set of ellipse images with their masks (and, when ``broken``, one truncated image)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index in range(count):
+        image, mask = make_ellipse_image(128, 160, centre=(60 + 5 * index, 80), radii=(25, 35), seed=index)
+        Image.fromarray(image).save(root / "images" / f"case{index}.png")
+        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"case{index}.png")
+    if broken:  # a truncated image: recorded as a failure, the run goes on
+        good = (root / "images" / "case0.png").read_bytes()
+        (root / "images" / "case9.png").write_bytes(good[: len(good) // 2])
+        Image.fromarray(np.zeros((128, 160), np.uint8)).save(root / "masks" / "case9.png")
+    (root / "dataset.json").write_text(json.dumps({"name": "ellipses", "modality": "synthetic", "target": "ellipse"}),
+                                       encoding="utf-8")
+    return root

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_ellipse_image
+from conftest import write_dataset
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,22 +15,6 @@ from sam4med.engine.errors import InputError
 from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
 from sam4med.evaluation.modes import DEFAULT_MODES, PromptSettings, make_mode
 from sam4med.evaluation.summary import load_results
-
-
-def write_dataset(root: Path, broken: bool = True, count: int = 2) -> Path:
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for index in range(count):
-        image, mask = make_ellipse_image(128, 160, centre=(60 + 5 * index, 80), radii=(25, 35), seed=index)
-        Image.fromarray(image).save(root / "images" / f"case{index}.png")
-        Image.fromarray((mask * 255).astype(np.uint8)).save(root / "masks" / f"case{index}.png")
-    if broken:  # a truncated image: recorded as a failure, the run goes on
-        good = (root / "images" / "case0.png").read_bytes()
-        (root / "images" / "case9.png").write_bytes(good[: len(good) // 2])
-        Image.fromarray(np.zeros((128, 160), np.uint8)).save(root / "masks" / "case9.png")
-    (root / "dataset.json").write_text(json.dumps({"name": "ellipses", "modality": "synthetic", "target": "ellipse"}),
-                                       encoding="utf-8")
-    return root
 
 
 FAST_MODES = ("box", "box_jitter", "points2_neg2", "interactive")

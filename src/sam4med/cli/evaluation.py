@@ -16,6 +16,8 @@ from sam4med.cli.options import (
     HaloOption,
     MaxImagesOption,
     ModelOption,
+    RayOption,
+    RayWorkersOption,
     ThreadsOption,
     TileOption,
     one_line_errors,
@@ -56,13 +58,17 @@ def benchmark(
     encoder: EncoderOption = "torch",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
+    ray: RayOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
-    """Evaluate a model on data sets under every prompt mode (COSMOS protocol); resumable."""
+    """Evaluate a model on data sets under every prompt mode (COSMOS protocol); resumable, locally or on Ray."""
     from sam4med.engine.everything import EverythingSettings
+    from sam4med.engine.executors import make_executor
     from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
     from sam4med.evaluation.modes import DEFAULT_MODES, PromptSettings
 
-    configure_cpu(threads)
+    executor = make_executor(ray, ray_workers, threads)
+    configure_cpu(None if ray else threads)
     config = BenchmarkConfig(
         model=model,
         checkpoint=str(checkpoint) if checkpoint else None,
@@ -79,7 +85,8 @@ def benchmark(
                                interactive_start, rounds, click_rule),
         everything=EverythingSettings(method=everything_method),  # type: ignore[arg-type]
     )
-    results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir, encoder_backend=encoder)
+    results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir, encoder_backend=encoder,
+                            executor=executor)
     print_summary(results.parent)
 
 

@@ -71,7 +71,13 @@ ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam-cli
 BackboneOption = Annotated[str, typer.Option(help="Registered SAM backbone (frozen encoder).")]
 CheckpointOption = Annotated[Optional[Path], typer.Option(help="Weights file; required for every model but litemedsam.")]
 DeviceOption = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ...; default: CUDA when present.")]
-ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for PyTorch (default: PyTorch's choice).")]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for PyTorch (default: PyTorch's choice; "
+                                                            "with --ray: per worker, default 1).")]
+RayOption = Annotated[Optional[str], typer.Option(help="Run the images on a Ray cluster: auto (the cluster this "
+                                                       "machine belongs to, or a local one) or its address; "
+                                                       "pip install 'sam4med[distributed]'.")]
+RayWorkersOption = Annotated[Optional[int], typer.Option(help="Ray actors (each loads the model once; default: the "
+                                                              "cluster's CPUs / --threads).")]
 DataOption = Annotated[list[Path], typer.Option(help="Data set folder(s) in the sam4med layout (repeatable).")]
 TrainDataOption = Annotated[list[Path], typer.Option(help="Data set folder(s) (repeatable); split per data set.")]
 RunFolderOption = Annotated[Path, typer.Option(help="Run folder (config.json, split.json, history.jsonl, best.pt, "

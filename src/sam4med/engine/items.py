@@ -2,7 +2,8 @@
 failures as rows, show progress.
 
 The work for one image is a plain function of that image returning its result rows, kept apart from
-the loop, so that another executor can run the same function. Rows stream to ``results.jsonl``, one
+the loop, so that another executor (``engine.executors``: this process, or Ray actors) runs the same
+function; the loop stays the one writer. Rows stream to ``results.jsonl``, one
 block per image written with one unbuffered write; every row carries ``dataset``, ``image`` and
 ``image_rows`` (the size of its block), so a block cut by a kill is found, dropped and redone, and
 running the same command again continues after the last finished image.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.errors import InputError
+from sam4med.engine.executors import Executor, LocalExecutor
 from sam4med.engine.runs import parse_jsonl, warn, write_bytes_atomic
 
 RESULTS_FILE = "results.jsonl"
@@ -99,12 +100,14 @@ def run_items(
     error_fields: Callable[[WorkItem], Mapping[str, object]] = lambda item: {},
     show_progress: bool = True,
     check_done: Callable[[WorkItem], bool] | None = None,
+    executor: Executor | None = None,
 ) -> ItemRunSummary:
     """Run ``process`` on every item not yet in ``results``; any failure becomes one error row
     (``status = "error"``, ``error``, plus ``error_fields(item)``) and the loop goes on.
 
     ``check_done(item)``: whether a finished item's own outputs (files beside the rows) are still whole;
-    an item whose outputs are damaged or missing is computed again, and the run says so."""
+    an item whose outputs are damaged or missing is computed again, and the run says so. ``executor``:
+    where ``process`` runs (default: here, one item after another); rows are written as items finish."""
     finished = finished_items(results)
     if check_done is not None:
         redo = {item.key for item in items if item.key in finished and not check_done(item)}
@@ -113,36 +116,35 @@ def run_items(
                  "computed again")
             forget_items(results, redo)
             finished -= redo
+    pending = []
+    for item in items:  # an item listed twice (the same image given twice) is done once
+        if item.key not in finished:
+            pending.append(item)
+            finished.add(item.key)
     seconds: list[float] = []
-    failed = skipped = 0
+    failed = 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not show_progress) as progress, results.open("ab", buffering=0) as handle:
-        task = progress.add_task(description, total=len(items))
-        for item in items:
-            progress.update(task, description=f"{description} {item.dataset.name}/{item.sample.id}")
-            if item.key in finished:
-                skipped += 1
-                progress.advance(task)
-                continue
-            start = time.perf_counter()
-            try:
-                rows = process(item)
-            except Exception as error:  # a batch run records any failure and goes on, unless the disk refuses
-                if isinstance(error, OSError) and error.errno in STORAGE_ERRORS:  # every later item would fail too
-                    raise
+        task = progress.add_task(description, total=len(items), completed=len(items) - len(pending))
+        for outcome in (executor or LocalExecutor()).outcomes(process, pending):
+            item = outcome.item
+            if outcome.fatal is not None:  # a disk that refuses: every later item would fail too
+                raise outcome.fatal
+            if outcome.rows is None:
                 failed += 1
                 rows = [{"dataset": item.dataset.name, "image": item.sample.id, **error_fields(item),
-                         "status": "error", "error": failure_message(error)}]
+                         "status": "error", "error": outcome.error}]
             else:
-                seconds.append(time.perf_counter() - start)
+                rows = outcome.rows
+                seconds.append(outcome.seconds)
             block = []
             for row in rows:
                 row.setdefault("status", "ok")
                 block.append(json.dumps({**row, "image_rows": len(rows)}, default=_json_default) + "\n")
             _write_all(handle, "".join(block).encode())
-            finished.add(item.key)
-            progress.advance(task)
-    computed = len(items) - skipped - failed
+            progress.update(task, advance=1, description=f"{description} {item.dataset.name}/{item.sample.id}")
+    skipped = len(items) - len(pending)
+    computed = len(pending) - failed
     return ItemRunSummary(results, computed, skipped, failed, float(np.mean(seconds)) if seconds else float("nan"))
 
 

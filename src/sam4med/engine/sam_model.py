@@ -116,6 +116,11 @@ class SamModel:
         self.main_path = PromptPath(network.prompt_encoder, network.mask_decoder, use_shared_decoder)
         self.box_path = None if box_path is None else box_path.to(device).eval()
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled without its ONNX Runtime session (not picklable; made again on the next encode), so that a
+        model can be shipped to the actors of a Ray run."""
+        return {**self.__dict__, "_onnx_encoder": None}
+
     @property
     def shared_decoder(self) -> SharedImageDecoder | None:
         return self.main_path.shared_decoder

@@ -20,6 +20,7 @@ from sam4med.engine.datasets import Dataset, Sample, load_datasets
 from sam4med.engine.errors import InputError, check_limit, check_number, check_seed, check_tiling
 from sam4med.engine.everything import EVERYTHING_METHODS, EverythingSettings
 from sam4med.engine.imageio import load_pair
+from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_factors, object_labels
@@ -178,6 +179,7 @@ def run_benchmark(
     show_progress: bool = True,
     encoder_backend: str = "torch",
     model: SamModel | None = None,
+    executor: Executor | None = None,
 ) -> Path:
     """Evaluate a model on data sets under every prompt mode; returns the results file.
 
@@ -185,7 +187,8 @@ def run_benchmark(
     Failures (unreadable files, size mismatches, empty masks) are recorded as rows with
     ``status = "error"`` and the run goes on. ``encoder_backend="onnx"`` encodes with ONNX Runtime
     (same embeddings to float rounding, so not part of the protocol). ``model`` reuses a loaded
-    model (it must be ``config.model``) instead of loading one.
+    model (it must be ``config.model``) instead of loading one. ``executor`` runs the images elsewhere
+    (``engine.executors``: Ray actors, each with its own copy of the model); the rows are the same.
     """
     config = config or BenchmarkConfig()
     config.check()
@@ -200,5 +203,6 @@ def run_benchmark(
     predictor = make_predictor(model, config.tile, config.halo, EmbeddingCache(cache_dir) if cache_dir else None)
     evaluator = ImageEvaluator(predictor, config, modes, out / "overlays", overlays_per_dataset)
     items = [WorkItem(d, s) for d in datasets for s in config.samples(d)[: config.max_images]]
-    run_items(items, evaluator, out / RESULTS_FILE, "benchmark", evaluator.error_fields, show_progress)
+    run_items(items, evaluator, out / RESULTS_FILE, "benchmark", evaluator.error_fields, show_progress,
+              executor=executor)
     return out / RESULTS_FILE

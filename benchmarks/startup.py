@@ -1,0 +1,81 @@
+"""One image from a fresh process: ``sam4med segment`` end to end (imports, model, encode, decode, write).
+
+    python benchmarks/startup.py [--image PATH --box X0 Y0 X1 Y1] [--model litemedsam-click] [--repeats 5]
+                                 [--threads N]
+
+Each run is a new ``python -m sam4med segment`` process, as a user (or a challenge's container) starts one.
+Printed: the median wall time and peak resident memory of ``--runtime onnx`` (ONNX Runtime alone, graphs
+already exported) and ``--runtime torch`` (the PyTorch path, as `segment` ran before), their
+ratio, and the one-off cost of the first ONNX run on an empty cache (the export, which imports PyTorch).
+Without ``--image`` a synthetic ellipse image is segmented. The machine's cores are not assumed: the
+README's figures say on which CPU they were measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _synthetic_image(folder: Path) -> tuple[Path, list[float]]:
+    height, width = 300, 400
+    yy, xx = np.mgrid[:height, :width]
+    inside = ((yy - 150) / 60) ** 2 + ((xx - 200) / 90) ** 2 <= 1
+    pixels = np.where(inside[..., None], 190, 50) + np.random.default_rng(0).normal(0, 12, (height, width, 3))
+    path = folder / "ellipse.png"
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
+    return path, [110, 90, 290, 210]
+
+
+def _run(command: list[str], environment: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak resident MB of one process."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"error: {' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
+    process.stderr.close()
+    return seconds, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", type=Path, default=None)
+    parser.add_argument("--box", type=float, nargs=4, default=None)
+    parser.add_argument("--model", default="litemedsam-click")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        image, box = (args.image, args.box) if args.image else _synthetic_image(folder)
+        if box is None:
+            raise SystemExit("error: --box: needed with --image")
+        base = [sys.executable, "-m", "sam4med", "segment", str(image), "--box", *map(str, box), "--model", args.model,
+                "--out", str(folder / "mask.png")] + (["--threads", str(args.threads)] if args.threads else [])
+        environment = {**os.environ, "SAM4MED_CACHE": str(folder / "cache")}
+        first, _ = _run(base + ["--runtime", "onnx"], environment)  # empty cache: exports the graphs
+        rows = {}
+        for runtime in ("onnx", "torch"):
+            runs = [_run(base + ["--runtime", runtime], environment) for _ in range(args.repeats)]
+            rows[runtime] = (statistics.median(s for s, _ in runs), max(m for _, m in runs), [s for s, _ in runs])
+    print(f"sam4med segment, fresh process, {args.model}, {args.repeats} runs each, image {image.name}")
+    print(f"{'runtime':8s} {'median s':>9s} {'peak MB':>8s}  runs")
+    for runtime, (median, peak, runs) in rows.items():
+        print(f"{runtime:8s} {median:9.2f} {peak:8.0f}  {' '.join(f'{s:.2f}' for s in runs)}")
+    print(f"torch / onnx: {rows['torch'][0] / rows['onnx'][0]:.1f}x; first onnx run on an empty cache "
+          f"(export included): {first:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

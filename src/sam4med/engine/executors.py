@@ -1,0 +1,150 @@
+"""Where the item loop's per-image work runs: in this process, or on the actors of a Ray cluster.
+
+The loop (:func:`sam4med.engine.items.run_items`) keeps the bookkeeping: what is done, the one writer of
+``results.jsonl``, progress. An executor only turns items into outcomes, each computed by the same
+per-image function. On Ray that function (with the model inside it) is put in the object store once and
+each actor deserialises it once, when it starts, so a model is loaded once per actor, not once per image.
+Ray is optional (``pip install 'sam4med[distributed]'``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from sam4med.engine.errors import InputError, one_line
+
+if TYPE_CHECKING:
+    from sam4med.engine.items import WorkItem
+
+ItemProcess = Callable[["WorkItem"], list[dict]]
+
+
+@dataclass
+class Outcome:
+    """One item's rows, or the one-line reason it failed; ``fatal`` is an error that stops the whole run
+    (a disk that refuses writes), raised again by the loop."""
+
+    item: WorkItem
+    rows: list[dict] | None
+    error: str | None
+    seconds: float
+    fatal: OSError | None = None
+
+
+def run_one(process: ItemProcess, item: WorkItem) -> Outcome:
+    from sam4med.engine.items import STORAGE_ERRORS, failure_message
+
+    start = time.perf_counter()
+    try:
+        rows = process(item)
+    except Exception as error:  # a batch run records any failure and goes on, unless the disk refuses
+        fatal = error if isinstance(error, OSError) and error.errno in STORAGE_ERRORS else None
+        return Outcome(item, None, failure_message(error), time.perf_counter() - start, fatal)
+    return Outcome(item, rows, None, time.perf_counter() - start)
+
+
+class Executor(Protocol):
+    def outcomes(self, process: ItemProcess, items: Sequence[WorkItem]) -> Iterator[Outcome]:
+        """Each item's outcome, in the order they finish."""
+
+
+class LocalExecutor:
+    """One item after another in this process."""
+
+    def outcomes(self, process: ItemProcess, items: Sequence[WorkItem]) -> Iterator[Outcome]:
+        for item in items:
+            yield run_one(process, item)
+
+
+class _Worker:
+    """A Ray actor's body: holds the per-image function, runs items on it."""
+
+    def __init__(self, process: ItemProcess, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.process = process
+
+    def run(self, item: WorkItem) -> Outcome:
+        return run_one(self.process, item)
+
+
+def ray_module():  # noqa: ANN201 - the ray package, when installed
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--ray: Ray is not installed: pip install 'sam4med[distributed]'") from None
+    return ray
+
+
+class RayExecutor:
+    """Items spread over ``workers`` Ray actors of ``threads`` CPUs each, two items queued per actor.
+
+    ``address``: ``auto`` joins the cluster this machine is part of (``ray start``, ``RAY_ADDRESS``) or
+    starts a local one; otherwise a cluster address (``ray://host:10001`` or ``host:6379``). ``workers``
+    defaults to the cluster's CPUs divided by ``threads``. An actor that dies is restarted and its items
+    retried (twice); an item that still fails becomes an error row like any other failure."""
+
+    def __init__(self, address: str = "auto", workers: int | None = None, threads: int = 1):
+        if workers is not None and workers < 1:
+            raise InputError(f"--ray-workers {workers}: must be >= 1")
+        if threads < 1:
+            raise InputError(f"--threads {threads}: must be >= 1")
+        self.address, self.workers, self.threads = address, workers, threads
+
+    def _connect(self):  # noqa: ANN202 - the ray package
+        ray = ray_module()
+        if not ray.is_initialized():
+            try:
+                ray.init(address=None if self.address == "auto" else self.address, include_dashboard=False,
+                         log_to_driver=False, logging_level="ERROR")
+            except (ConnectionError, ValueError, RuntimeError) as error:
+                raise InputError(f"--ray {self.address}: cannot join the cluster ({one_line(error)})") from None
+        return ray
+
+    def outcomes(self, process: ItemProcess, items: Sequence[WorkItem]) -> Iterator[Outcome]:
+        if not items:
+            return
+        ray = self._connect()
+        count = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.threads)
+        actor_class = ray.remote(num_cpus=self.threads, max_restarts=2, max_task_retries=2)(_Worker)
+        shared = ray.put(process)
+        actors = [actor_class.remote(shared, self.threads) for _ in range(min(count, len(items)))]
+        queue = iter(items)
+        in_flight: dict[object, tuple[WorkItem, object]] = {}
+
+        def submit(actor: object) -> None:
+            item = next(queue, None)
+            if item is not None:
+                in_flight[actor.run.remote(item)] = (item, actor)  # type: ignore[attr-defined]
+
+        for actor in actors:
+            submit(actor)
+            submit(actor)
+        try:
+            while in_flight:
+                (ready,), _ = ray.wait(list(in_flight), num_returns=1)
+                item, actor = in_flight.pop(ready)
+                started = time.perf_counter()
+                try:
+                    outcome = ray.get(ready)
+                except ray.exceptions.RayError as error:
+                    outcome = Outcome(item, None, f"Ray worker failed: {one_line(error)[:300]}",
+                                      time.perf_counter() - started)
+                submit(actor)
+                yield outcome
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+
+def make_executor(ray_address: str | None, workers: int | None = None, threads: int | None = None) -> Executor:
+    """The executor of a command's ``--ray`` / ``--ray-workers`` / ``--threads`` options."""
+    if ray_address is None:
+        if workers is not None:
+            raise InputError("--ray-workers: only with --ray")
+        return LocalExecutor()
+    return RayExecutor(ray_address, workers, threads or 1)
