@@ -98,3 +98,27 @@ def test_bad_ray_settings_are_one_line():
         make_executor(None, 2)
     with pytest.raises(InputError, match="--ray-workers 0"):
         make_executor("auto", 0)
+
+
+def test_priors_and_embeddings_on_ray_equal_the_local_ones(local_cluster, litemedsam, tmp_path):
+    from sam4med.clicks.embeddings import embed_datasets, load_embedding
+    from sam4med.engine.datasets import load_datasets
+    from sam4med.samaug.store import PriorStore, generate_priors
+
+    data = write_dataset(tmp_path / "ellipses", count=3, broken=False)
+    for where, executor in (("local", None), ("ray", RayExecutor(workers=2))):
+        generate_priors([data], tmp_path / where / "priors", litemedsam, figures_per_dataset=0, show_progress=False,
+                        executor=executor)
+        [dataset] = load_datasets([data])
+        embed_datasets(litemedsam, {dataset.name: (dataset, dataset.samples)}, tmp_path / where / "embeddings",
+                       flips=(False,), show_progress=False, executor=executor)
+    local, distributed = PriorStore(tmp_path / "local" / "priors" / "ellipses"), \
+        PriorStore(tmp_path / "ray" / "priors" / "ellipses")
+    for image_id in ("case0", "case1", "case2"):
+        a, b = local.load(image_id), distributed.load(image_id)
+        assert a.masks == b.masks >= 1
+        np.testing.assert_allclose(a.segmentation, b.segmentation, atol=1e-5)
+        assert (a.boundary != b.boundary).mean() < 1e-3
+        features, labels = load_embedding(tmp_path / "local" / "embeddings" / "ellipses" / f"{image_id}.pt")
+        ray_features, ray_labels = load_embedding(tmp_path / "ray" / "embeddings" / "ellipses" / f"{image_id}.pt")
+        assert (labels == ray_labels).all() and float((features - ray_features).abs().max()) < 1e-2  # fp16 storage

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sam4med.cli.options import BackboneOption, DeviceOption, EncoderOption, EpochsOption, MaxTrainImagesOption, RunFolderOption
-from sam4med.cli.options import SeedOption, ThreadsOption, TrainDataOption, echo_training_result, one_line_errors
+from sam4med.cli.options import RayWorkersOption, SeedOption, ThreadsOption, TrainDataOption, echo_training_result, one_line_errors
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="A click-capable medical SAM: train the prompt encoder and decoder.")
@@ -40,17 +40,22 @@ def train(
     encoder: EncoderOption = "torch",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
+    ray: Annotated[Optional[str], typer.Option(help="Embed the images on a Ray cluster (auto or its address; one "
+                                                    "thread per worker) before training here.")] = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
     """Train for clicks on cached embeddings (iterative click simulation); resumable."""
     from sam4med.clicks.training import ClickTrainConfig, train_clicks
+    from sam4med.engine.executors import make_executor
 
+    executor = make_executor(ray, ray_workers)
     configure_cpu(threads)
     config = ClickTrainConfig(backbone=backbone, rounds=rounds, steps_per_epoch=steps_per_epoch,
                               images_per_step=images_per_step, objects_per_image=objects_per_image, epochs=epochs,
                               learning_rate=learning_rate, max_train_images=max_train_images or None, flips=flips,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
                               init_weights=None if init is None else str(init), seed=seed)
-    echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device),
+    echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")
 
 

@@ -9,7 +9,8 @@ import typer
 
 from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, EpochsOption, EverythingMethodOption
 from sam4med.cli.options import MaxImagesOption
-from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RunFolderOption, SeedOption, ThreadsOption
+from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RayOption, RayWorkersOption, RunFolderOption, SeedOption
+from sam4med.cli.options import ThreadsOption
 from sam4med.cli.options import TrainDataOption, echo_training_result, one_line_errors
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
@@ -36,15 +37,20 @@ def priors(
     encoder: EncoderOption = "torch",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
+    ray: RayOption = None,
+    ray_workers: RayWorkersOption = None,
 ) -> None:
-    """Compute SAMAug's segmentation and boundary priors from everything mode; cached and resumable."""
+    """Compute SAMAug's segmentation and boundary priors from everything mode; cached and resumable, locally or
+    on Ray (OUT on storage every machine shares)."""
+    from sam4med.engine.executors import make_executor
     from sam4med.samaug.priors import prior_settings
     from sam4med.samaug.store import generate_priors
 
-    configure_cpu(threads)
+    executor = make_executor(ray, ray_workers, threads)
+    configure_cpu(None if ray else threads)
     settings = prior_settings(model, weight, normalise, tile or None, region_proposals, everything_method)
     for summary in generate_priors(data, out, model, checkpoint, settings, device, figures, max_images or None,
-                                   encoder_backend=encoder):
+                                   encoder_backend=encoder, executor=executor):
         typer.echo(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
                    f"{summary.failed} failed, {summary.seconds_per_item:.2f} s/image")
 

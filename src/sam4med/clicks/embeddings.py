@@ -17,6 +17,7 @@ import torch
 from sam4med.engine.checkpoints import write_torch
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.imageio import load_pair
+from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
 from sam4med.engine.objects import connected_components
 from sam4med.engine.preprocessing import labels_to_low_res, low_res_content
@@ -75,8 +76,9 @@ class EmbeddingWorker:
 
 def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample]]], out: Path,
                    flips: Sequence[bool] = (False, True), min_area: int = 16,
-                   show_progress: bool = True) -> list[ItemRunSummary]:
-    """Embed the given samples of each data set under ``out/<data set>/`` (resumable)."""
+                   show_progress: bool = True, executor: Executor | None = None) -> list[ItemRunSummary]:
+    """Embed the given samples of each data set under ``out/<data set>/`` (resumable); ``executor``: where
+    (``engine.executors``; on several machines ``out`` must be storage they share)."""
     summaries = []
     for name, (dataset, samples) in splits.items():
         folder = out / name
@@ -84,7 +86,7 @@ def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample
                                            "features": "fp16 (256, 64, 64)", "labels": "int16 (256, 256)"})
         worker = EmbeddingWorker(model, folder, flips, min_area)
         summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, folder / RESULTS_FILE,
-                                   f"embed {name}", show_progress=show_progress))
+                                   f"embed {name}", show_progress=show_progress, executor=executor))
     return summaries
 
 

@@ -37,6 +37,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding
 from sam4med.engine.datasets import load_datasets
+from sam4med.engine.executors import Executor
 from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed
 from sam4med.engine.models import base_prompt_path, load_model, load_prompt_parts
@@ -328,7 +329,7 @@ class ClickTask(TrainingTask):
 
 def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrainConfig | None = None,
                  embeddings: str | Path | None = None, encoder_backend: str = "torch",
-                 show_progress: bool = True, device: str | None = None) -> TrainResult:
+                 show_progress: bool = True, device: str | None = None, executor: Executor | None = None) -> TrainResult:
     """Train the prompt encoder and mask decoder of ``config.backbone`` for clicks; resumable.
 
     The training side of every data set (its first ``max_train_images``) and a few validation images
@@ -350,7 +351,7 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     sides = {d.name: (splits[d.name]["train"][: config.max_train_images], splits[d.name]["val"][: config.max_val_images])
              for d in datasets}
     embed_datasets(backbone, {d.name: (d, sides[d.name][0] + sides[d.name][1]) for d in datasets}, store,
-                   (False, True) if config.flips else (False,), config.min_object_area, show_progress)
+                   (False, True) if config.flips else (False,), config.min_object_area, show_progress, executor)
     train = [e for d in datasets for e in embedded_images(store, d.name, [s.id for s in sides[d.name][0]])]
     val = [e for d in datasets for e in embedded_images(store, d.name, [s.id for s in sides[d.name][1]])
            if ".hflip" not in e.path.name]

@@ -20,6 +20,7 @@ import numpy as np
 from sam4med.engine.datasets import Dataset, load_datasets
 from sam4med.engine.errors import InputError, one_line
 from sam4med.engine.imageio import read_image
+from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
 from sam4med.engine.models import load_model
 from sam4med.engine.predictor import Predictor
@@ -123,13 +124,16 @@ def generate_priors(
     show_progress: bool = True,
     encoder_backend: str = "torch",
     image_ids: Collection[str] | None = None,
+    executor: Executor | None = None,
 ) -> list[ItemRunSummary]:
     """Compute and cache SAMAug priors for every image of the data sets under ``out/<data set>/``.
 
     ``image_ids`` restricts the run to those images (an experiment that uses part of a data set).
     Calling again resumes: images already in ``results.jsonl`` are skipped; a failing image is recorded
     there as an error row and the run goes on. The first ``figures_per_dataset`` images also get a
-    figure of image / segmentation prior / boundary prior / augmented input.
+    figure of image / segmentation prior / boundary prior / augmented input. ``executor``: where the images
+    are computed (``engine.executors``; on a Ray cluster of several machines ``out`` must be storage that
+    every machine shares, since each worker writes its priors there).
     """
     settings = settings or PriorSettings()
     if figures_per_dataset < 0:
@@ -151,5 +155,5 @@ def generate_priors(
         worker = PriorWorker(predictor, resolved, key, store, {s.id for s in samples[:figures_per_dataset]})
         summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, store.folder / RESULTS_FILE,
                                    f"priors {dataset.name}", show_progress=show_progress,
-                                   check_done=worker.outputs_whole))
+                                   check_done=worker.outputs_whole, executor=executor))
     return summaries
