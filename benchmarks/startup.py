@@ -5,8 +5,9 @@
 
 Each run is a new ``python -m sam4med segment`` process, as a user (or a challenge's container) starts one.
 Printed: the median wall time and peak resident memory of ``--runtime onnx`` (ONNX Runtime alone, graphs
-already exported) and ``--runtime torch`` (the PyTorch path, as `segment` ran before), their
-ratio, and the one-off cost of the first ONNX run on an empty cache (the export, which imports PyTorch).
+already exported), the same with ``--int8`` (the encoder's int8 copy) and ``--runtime torch`` (the PyTorch
+path, as `segment` ran before), the ratios, and the one-off cost of the first ONNX run on an empty cache
+(the export, which imports PyTorch).
 Without ``--image`` a synthetic ellipse image is segmented. The machine's cores are not assumed: the
 README's figures say on which CPU they were measured.
 """
@@ -66,15 +67,20 @@ def main() -> None:
         environment = {**os.environ, "SAM4MED_CACHE": str(folder / "cache")}
         first, _ = _run(base + ["--runtime", "onnx"], environment)  # empty cache: exports the graphs
         rows = {}
-        for runtime in ("onnx", "torch"):
-            runs = [_run(base + ["--runtime", runtime], environment) for _ in range(args.repeats)]
-            rows[runtime] = (statistics.median(s for s, _ in runs), max(m for _, m in runs), [s for s, _ in runs])
+        paths = {"onnx": ["--runtime", "onnx"], "onnx int8": ["--runtime", "onnx", "--int8"], "torch": ["--runtime", "torch"]}
+        measured: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+        for _ in range(args.repeats):  # interleaved, so that a busy moment of the machine slows every path alike
+            for name, options in paths.items():
+                measured[name].append(_run(base + options, environment))
+        for name, runs in measured.items():
+            rows[name] = (statistics.median(s for s, _ in runs), max(m for _, m in runs), [s for s, _ in runs])
     print(f"sam4med segment, fresh process, {args.model}, {args.repeats} runs each, image {image.name}")
-    print(f"{'runtime':8s} {'median s':>9s} {'peak MB':>8s}  runs")
+    print(f"{'runtime':10s} {'median s':>9s} {'peak MB':>8s}  runs")
     for runtime, (median, peak, runs) in rows.items():
-        print(f"{runtime:8s} {median:9.2f} {peak:8.0f}  {' '.join(f'{s:.2f}' for s in runs)}")
-    print(f"torch / onnx: {rows['torch'][0] / rows['onnx'][0]:.1f}x; first onnx run on an empty cache "
-          f"(export included): {first:.1f} s")
+        print(f"{runtime:10s} {median:9.2f} {peak:8.0f}  {' '.join(f'{s:.2f}' for s in runs)}")
+    print(f"torch / onnx: {rows['torch'][0] / rows['onnx'][0]:.1f}x, torch / onnx int8: "
+          f"{rows['torch'][0] / rows['onnx int8'][0]:.1f}x; first onnx run on an empty cache (export included): "
+          f"{first:.1f} s")
 
 
 if __name__ == "__main__":

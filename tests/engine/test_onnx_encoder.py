@@ -33,3 +33,14 @@ def test_onnx_encoder_matches_pytorch_and_is_exported_once(litemedsam, tmp_path,
 def test_unknown_backend_is_refused():
     with pytest.raises(InputError, match="encoder backend 'tensorrt'"):
         load_model("litemedsam", device="cpu", encoder_backend="tensorrt")
+
+
+def test_int8_encoder_is_a_recorded_backend(litemedsam, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM4MED_CACHE", str(tmp_path))
+    image, _ = make_ellipse_image()
+    int8 = SamModel(litemedsam.spec, litemedsam.network, litemedsam.weights_sha256, litemedsam.device,
+                    encoder_backend="onnx-int8")
+    features, expected = int8.encode(image).features, litemedsam.encode(image).features
+    assert 0.97 < float(torch.nn.functional.cosine_similarity(features.flatten(), expected.flatten(), dim=0)) < 1.0
+    assert int8.protocol()["encoder"].startswith("onnx-int8") and "encoder" not in litemedsam.protocol()
+    assert sorted(p.name.endswith("-int8.onnx") for p in (tmp_path / "onnx").glob("*.onnx")) == [False, True]

@@ -95,11 +95,26 @@ def test_stale_or_damaged_graphs_are_exported_again(graphs, tmp_path):
     manifest.write_text(json.dumps(record))
     onnx_predictor("litemedsam-click", folder=folder)
     assert json.loads(manifest.read_text())["sources"] == json.loads(manifest_path("litemedsam-click", graphs).read_text())["sources"]
-    decoder = folder / record["graphs"]["decoder"]
+    decoder, encoder = folder / record["graphs"]["decoder"], folder / record["graphs"]["encoder"]
     decoder.write_bytes(b"not an onnx graph")
+    encoder.write_bytes(encoder.read_bytes()[:1000])  # cut by a full disk
     image, mask = make_ellipse_image()
     masks, _ = onnx_predictor("litemedsam-click", folder=folder).prompt_masks(image, Prompt(points=[center_point(mask)]), False)
-    assert decoder.stat().st_size > 1000 and masks[0][mask].mean() > 0.5
+    assert decoder.stat().st_size > 1000 and encoder.stat().st_size > 1_000_000 and masks[0][mask].mean() > 0.5
+
+
+def test_the_int8_encoder_keeps_the_masks_and_is_recorded(graphs):
+    image, mask = make_ellipse_image(240, 320, centre=(120, 160), radii=(50, 80))
+    fp32, int8 = onnx_predictor("litemedsam-click", folder=graphs), onnx_predictor("litemedsam-click", folder=graphs, int8=True)
+    assert "encoder" not in fp32.protocol and int8.protocol["encoder"] == "onnx-int8"
+    fp32.set_image(image)
+    int8.set_image(image)
+    cosine = (fp32.features * int8.features).sum() / np.linalg.norm(fp32.features) / np.linalg.norm(int8.features)
+    assert 0.97 < cosine < 1.0  # changed, a little
+    for prompt, multimask in _prompts(mask)[:3]:
+        a, _ = fp32.prompt_masks(image, prompt, multimask)
+        b, _ = int8.prompt_masks(image, prompt, multimask)
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
 
 
 def test_runtime_choice():

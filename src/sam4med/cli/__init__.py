@@ -70,6 +70,8 @@ def segment(
     device: DeviceOption = None,
     runtime: Annotated[str, typer.Option(help="auto (ONNX Runtime alone where it serves: no PyTorch import, graphs "
                                               "exported once), onnx, or torch.")] = "auto",
+    int8: Annotated[bool, typer.Option("--int8", help="The encoder's int8 copy (ONNX Runtime path): faster, "
+                                                      "slightly different embedding.")] = False,
     threads: ThreadsOption = None,
 ) -> None:
     """Segment one object in one image from a box and/or points."""
@@ -88,7 +90,10 @@ def segment(
     predictor: PredictorSource
     if choose_runtime(runtime, model_spec(model), checkpoint, device, tile) == "onnx":
         configure_cpu()
-        predictor = lambda: onnx_predictor(model, threads)  # noqa: E731
+        predictor = lambda: onnx_predictor(model, threads, int8=int8)  # noqa: E731
+    elif int8:
+        raise InputError("--int8: only on the ONNX Runtime path (--runtime auto or onnx, without --checkpoint, "
+                         "--device or --tile)")
     else:
         from sam4med.engine.models import load_model
         from sam4med.engine.tiling import make_predictor

@@ -84,8 +84,9 @@ RunFolderOption = Annotated[Path, typer.Option(help="Run folder (config.json, sp
                                                     "last.pt).")]
 MaxTrainImagesOption = Annotated[int, typer.Option(help="Training images per data set (0: all).")]
 MaxImagesOption = Annotated[int, typer.Option(help="Images per data set (0: all).")]
-EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, or onnx (ONNX Runtime, CPU; "
-                                                 "pip install onnxruntime).")]
+EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, onnx (ONNX Runtime, CPU; same "
+                                                 "embedding) or onnx-int8 (int8 MatMul weights: faster, changes "
+                                                 "the embedding slightly; recorded in the protocol).")]
 EverythingMethodOption = Annotated[str, typer.Option(help="Everything mode's proposals: auto (the model's own "
                                                           "choice), points (SAM's grid) or boxes.")]
 EpochsOption = Annotated[int, typer.Option(help="Training epochs.")]

@@ -1,6 +1,7 @@
 """Export a registered model's graphs for :mod:`sam4med.engine.onnx_predictor` (with PyTorch, once per model
-and weights): the image encoder, the prompt encoder with the mask decoder, and, for a model that sends
-boxes to its base model's decoder, that decoder too; then a manifest naming them and their sources."""
+and weights): the image encoder (fp32, and its int8 copy), the prompt encoder with the mask decoder, and,
+for a model that sends boxes to its base model's decoder, that decoder too; then a manifest naming them
+and their sources."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.models import WEIGHTS_DIR, load_model
-from sam4med.engine.onnx_encoder import OPSET, encoder_path, export_encoder
+from sam4med.engine.onnx_encoder import OPSET, ensure_encoder
 from sam4med.engine.onnx_predictor import BUNDLE_FORMAT, LOW_RES, file_stamp, manifest_path, serves
 from sam4med.engine.runs import atomic_path, write_json
 from sam4med.engine.sam_model import PromptPath, SamModel
@@ -77,9 +78,8 @@ def export_bundle(model_name: str, folder: Path) -> Path:
         raise InputError(f"model '{model_name}': the ONNX Runtime path serves models with bundled weights, "
                          f"a {LOW_RES} px input, longest-side resizing and min-max normalisation; use --runtime torch")
     network = model.network
-    encoder = encoder_path(folder, spec.name, model.weights_sha256, spec.image_size)
-    if not encoder.is_file():
-        export_encoder(network.image_encoder, spec.image_size, encoder)
+    encoder = ensure_encoder(network.image_encoder, folder, spec.name, model.weights_sha256, spec.image_size)
+    encoder_int8 = ensure_encoder(network.image_encoder, folder, spec.name, model.weights_sha256, spec.image_size, True)
     decoder = folder / f"{spec.name}-{(model.weights_sha256 or 'unhashed')[:16]}-decoder-opset{OPSET}.onnx"
     export_prompt_graph(network, model.main_path, decoder)
     box_decoder = None
@@ -92,7 +92,8 @@ def export_bundle(model_name: str, folder: Path) -> Path:
         "model": model.protocol(),
         "default_mask_rule": spec.default_mask_rule,
         "takes_point_prompts": spec.takes_point_prompts,
-        "graphs": {"encoder": encoder.name, "decoder": decoder.name, "box_decoder": box_decoder and box_decoder.name},
+        "graphs": {"encoder": encoder.name, "encoder_int8": encoder_int8.name, "decoder": decoder.name,
+                   "box_decoder": box_decoder and box_decoder.name},
         "sources": [file_stamp(path) for path in bundle_sources(model)],
         "export_seconds": round(time.perf_counter() - started, 2),
     })

@@ -25,7 +25,7 @@ from sam4med.engine.errors import InputError
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.registry import ModelSpec
 
-BUNDLE_FORMAT = 1  # raised whenever what the exporter writes changes, so older bundles are exported again
+BUNDLE_FORMAT = 2  # raised whenever what the exporter writes changes, so older bundles are exported again
 LOW_RES = 256  # the decoder's logits side, and the one input size this predictor serves
 
 
@@ -141,29 +141,47 @@ class OnnxPredictor:
 
     Made with :func:`onnx_predictor`, which exports the graphs first when they are missing or stale."""
 
-    def __init__(self, manifest: dict, folder: Path, threads: int | None = None):
+    def __init__(self, manifest: dict, folder: Path, threads: int | None = None, int8: bool = False):
         import onnxruntime
 
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice, one per physical core
-        # the arena and planned memory pattern hold hundreds of MB more at the same speed (engine.onnx_encoder)
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-
-        def session(name: str | None):  # noqa: ANN202 - onnxruntime.InferenceSession, imported here
-            if not name:
-                return None
-            return onnxruntime.InferenceSession(str(folder / name), options, providers=["CPUExecutionProvider"])
-
-        graphs = manifest["graphs"]
-        self.encoder, self.decoder, self.box_decoder = (session(graphs[key]) for key in ("encoder", "decoder", "box_decoder"))
+        self.options = onnxruntime.SessionOptions()
+        self.options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice, one per physical core
+        # the memory arena: a fifth off the first encode, for a few hundred MB that a short process can spare
+        # (the long-running encoder of engine.onnx_encoder goes without it)
+        self.folder, self.graphs = folder, manifest["graphs"]
+        self.model_name: str = manifest["model"]["model"]
+        self.encoder = self._session("encoder_int8" if int8 else "encoder")
+        self._decoders: dict[str, object] = {}
         self.protocol: dict[str, object] = manifest["model"]
+        if int8:
+            self.protocol = {**self.protocol, "encoder": "onnx-int8"}
         self.default_mask_rule: str = manifest["default_mask_rule"]
         self.takes_point_prompts: bool = manifest["takes_point_prompts"]
         self.image_size: int = int(self.protocol["image_size"])  # type: ignore[call-overload]
         self.image: np.ndarray | None = None
         self.features: np.ndarray | None = None
         self.resized: tuple[int, int] = (0, 0)
+
+    def _session(self, graph: str):  # noqa: ANN202 - an onnxruntime.InferenceSession
+        """A graph's session; a damaged file (ONNX Runtime raises its own types) is exported again, once."""
+        import onnxruntime
+
+        def load():  # noqa: ANN202
+            return onnxruntime.InferenceSession(str(self.folder / self.graphs[graph]), self.options,
+                                                providers=["CPUExecutionProvider"])
+        try:
+            return load()
+        except Exception:
+            from sam4med.engine.onnx_bundle import export_bundle
+
+            (self.folder / self.graphs[graph]).unlink(missing_ok=True)
+            self.graphs = json.loads(export_bundle(self.model_name, self.folder).read_text(encoding="utf-8"))["graphs"]
+            return load()
+
+    def _decoder(self, graph: str):  # noqa: ANN202 - made on first use: a box alone never needs the other
+        if graph not in self._decoders:
+            self._decoders[graph] = self._session(graph)
+        return self._decoders[graph]
 
     def set_image(self, image: np.ndarray) -> None:
         """Encode ``image``; a no-op for the image already set."""
@@ -190,8 +208,8 @@ class OnnxPredictor:
         else:  # the padding point SAM's prompt encoder adds when there is no box
             coords.append(np.zeros((1, 2), np.float32))
             labels.append(np.array([-1], np.float32))
-        box_only = self.box_decoder is not None and prompt.points is None and mask_input is None
-        graph = self.box_decoder if box_only else self.decoder
+        box_only = self.graphs.get("box_decoder") is not None and prompt.points is None and mask_input is None
+        graph = self._decoder("box_decoder" if box_only else "decoder")
         has_mask = mask_input is not None
         low_res, iou = graph.run(None, {
             "image_embeddings": self.features,
@@ -217,22 +235,20 @@ class OnnxPredictor:
         return self.upscale(low_res[keep]) > 0, iou[keep]
 
 
-def onnx_predictor(model_name: str, threads: int | None = None, folder: Path | None = None) -> OnnxPredictor:
+def onnx_predictor(model_name: str, threads: int | None = None, folder: Path | None = None,
+                   int8: bool = False) -> OnnxPredictor:
     """The ONNX Runtime predictor of a registered model with bundled weights; its graphs are exported first
-    (which imports PyTorch, once per model and weights) when missing or stale."""
+    (which imports PyTorch, once per model and weights) when missing or stale. ``int8``: the encoder's int8
+    copy (``engine.onnx_encoder``)."""
     if not onnx_runtime_available():
         raise InputError("the ONNX Runtime path needs onnxruntime: pip install onnxruntime")
     folder = folder or cache_root() / "onnx"
     manifest = current_manifest(model_name, folder)
-    if manifest is not None:
-        try:
-            return OnnxPredictor(manifest, folder, threads)
-        except Exception:  # a damaged graph file (ONNX Runtime raises its own types): exported again below
-            pass
-    from sam4med.engine.onnx_bundle import export_bundle
-
-    export_bundle(model_name, folder)
-    manifest = current_manifest(model_name, folder)
     if manifest is None:
-        raise RuntimeError(f"{manifest_path(model_name, folder)}: exported, but not readable back")
-    return OnnxPredictor(manifest, folder, threads)
+        from sam4med.engine.onnx_bundle import export_bundle
+
+        export_bundle(model_name, folder)
+        manifest = current_manifest(model_name, folder)
+        if manifest is None:
+            raise RuntimeError(f"{manifest_path(model_name, folder)}: exported, but not readable back")
+    return OnnxPredictor(manifest, folder, threads, int8)

@@ -29,7 +29,7 @@ from sam4med.engine.preprocessing import (
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.registry import ModelSpec
 
-ENCODER_BACKENDS = ("torch", "onnx")
+ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 @dataclass
@@ -135,6 +135,8 @@ class SamModel:
             record["base_weights_sha256"] = self.base_weights_sha256
         if self.box_path is not None:
             record["box_prompts"] = "base model's prompt encoder and decoder"
+        if self.encoder_backend == "onnx-int8":  # fp32 ONNX gives PyTorch's embedding; int8 changes it
+            record["encoder"] = "onnx-int8 (dynamic quantisation of MatMul weights, per channel)"
         return record
 
     # --- geometry -------------------------------------------------------------------------
@@ -154,10 +156,10 @@ class SamModel:
     @torch.inference_mode()
     def encode(self, image: np.ndarray) -> Embedding:
         model_input, geometry = self.preprocess(image)
-        if self.encoder_backend == "onnx":
+        if self.encoder_backend != "torch":
             if self._onnx_encoder is None:
                 self._onnx_encoder = OnnxEncoder(self.network.image_encoder, self.spec.image_size, self.name,
-                                                 self.weights_sha256)
+                                                 self.weights_sha256, int8=self.encoder_backend == "onnx-int8")
             return Embedding(self._onnx_encoder(model_input).to(self.device), geometry)
         return Embedding(self.network.image_encoder(model_input), geometry)
 
