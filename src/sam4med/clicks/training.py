@@ -37,6 +37,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding
 from sam4med.engine.datasets import load_datasets
+from sam4med.engine.distributed import barrier, processes
 from sam4med.engine.executors import Executor
 from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed
@@ -194,6 +195,7 @@ class ClickTask(TrainingTask):
     """Click training of a SAM network's prompt parts, for the shared loop."""
 
     kind = CHECKPOINT_KIND
+    unused_parameters = True  # a box alone goes to the frozen base decoder and reaches nothing trained
 
     def __init__(self, config: ClickTrainConfig, network: Sam, image_size: int, train: list[EmbeddedImage],
                  val: list[EmbeddedImage], meta: dict[str, object], base: PromptPath | None = None,
@@ -232,9 +234,9 @@ class ClickTask(TrainingTask):
         ids = ids[ids > 0]
         return [(labels == ids[r]).numpy() for r in ranks]
 
-    def step(self, batch: list[ImageStep]) -> float:
-        self.optimizer.zero_grad()
-        total = 0.0
+    def loss(self, batch: list[ImageStep], update: int = 0) -> Tensor:
+        """The click-simulation rollouts and background clicks of the batch's images, averaged."""
+        total = torch.zeros((), device=self.device)
         for item in batch:
             features, labels = load_embedding(item.image.path)
             features = features.to(self.device)
@@ -243,12 +245,8 @@ class ClickTask(TrainingTask):
             prompts = first_prompts(item.kind, objects, rng, self.config.max_points, self.config.box_jitter_percent)
             loss = self._rollout(features, objects, prompts, item.kind == "point", rng, train=True,
                                  base_first=item.kind in BOX_ALONE)[0]
-            loss = loss + self._background_loss(features, labels, item.image.content, rng)
-            if loss.requires_grad:
-                (loss / len(batch)).backward()
-            total += loss.item() / len(batch)
-        self.optimizer.step()
-        return total
+            total = total + loss + self._background_loss(features, labels, item.image.content, rng)
+        return total / max(1, len(batch))
 
     def _background_loss(self, features: Tensor, labels: Tensor, content: tuple[int, int],
                          rng: np.random.Generator) -> Tensor:
@@ -350,8 +348,11 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
                          "model and start from them with --init")
     sides = {d.name: (splits[d.name]["train"][: config.max_train_images], splits[d.name]["val"][: config.max_val_images])
              for d in datasets}
-    embed_datasets(backbone, {d.name: (d, sides[d.name][0] + sides[d.name][1]) for d in datasets}, store,
-                   (False, True) if config.flips else (False,), config.min_object_area, show_progress, executor)
+    group = processes()
+    if group.leader:  # under torchrun the others wait for the embeddings
+        embed_datasets(backbone, {d.name: (d, sides[d.name][0] + sides[d.name][1]) for d in datasets}, store,
+                       (False, True) if config.flips else (False,), config.min_object_area, show_progress, executor)
+    barrier(group)
     train = [e for d in datasets for e in embedded_images(store, d.name, [s.id for s in sides[d.name][0]])]
     val = [e for d in datasets for e in embedded_images(store, d.name, [s.id for s in sides[d.name][1]])
            if ".hflip" not in e.path.name]

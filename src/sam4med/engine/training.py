@@ -6,6 +6,10 @@ A run folder holds ``config.json`` (checked on resume), ``split.json``, ``histor
 per epoch), ``best.pt`` (the best validation Dice) and ``last.pt`` (everything to resume), both in the
 layout of :mod:`sam4med.engine.checkpoints`. Each epoch's randomness depends only on (seed, epoch),
 so a run killed and started again trains exactly as one that was never stopped.
+
+Under ``torchrun --nproc-per-node N`` the same loop trains on N processes (``engine.distributed``): each
+takes its share of every batch, DistributedDataParallel averages the gradients, rank 0 writes; a run
+resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 
 from sam4med.engine.checkpoints import read_trained_checkpoint, save_checkpoint
 from sam4med.engine.datasets import Sample
+from sam4med.engine.distributed import Processes, barrier, mean_over_processes, processes, shard, wrap
 from sam4med.engine.errors import InputError
 from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, append_jsonl, claim_folder, write_split, write_text_atomic
 
@@ -41,9 +46,13 @@ def seed_everything(seed: int) -> None:
 
 
 def start_run(out: Path, config: Mapping[str, object], splits: Mapping[str, Mapping[str, list[Sample]]]) -> None:
-    """Claim ``out`` for ``config`` (a rerun with the same config resumes) and record the split."""
-    claim_folder(out, CONFIG_FILE, config)
-    write_split(out, splits)
+    """Claim ``out`` for ``config`` (a rerun with the same config resumes) and record the split (rank 0
+    under torchrun; the others wait for it)."""
+    group = processes()
+    if group.leader:
+        claim_folder(out, CONFIG_FILE, config)
+        write_split(out, splits)
+    barrier(group)
 
 
 class Batches(Protocol):
@@ -61,14 +70,17 @@ class TrainingTask(ABC):
     module: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    updates_per_batch: int = 1  # optimiser updates per batch (SAMAug's dual input, alternated, takes two)
+    unused_parameters: bool = False  # whether a step may leave some trained parameters out (torchrun needs to know)
 
     @abstractmethod
     def batches(self, epoch: int, rng: np.random.Generator) -> Batches:
         """The epoch's batches, drawn with ``rng`` (seeded by the loop from seed and epoch)."""
 
     @abstractmethod
-    def step(self, batch: object) -> float:
-        """One optimiser update (or several) on a batch; returns the loss."""
+    def loss(self, batch: object, update: int = 0) -> torch.Tensor:
+        """The differentiable loss of update ``update`` on a batch, a mean over the batch's items (under
+        torchrun, over this process's share of them), computed with ``module``'s parameters."""
 
     @abstractmethod
     def validate(self) -> float:
@@ -81,6 +93,32 @@ class TrainingTask(ABC):
     def checkpoint_meta(self) -> dict[str, object]:
         """Whatever a loader needs beside the config to rebuild the model (backbone, channels, ...)."""
         return {}
+
+
+class _TaskLoss(nn.Module):
+    """A task's loss as a module's forward, the call DistributedDataParallel synchronises gradients through."""
+
+    def __init__(self, task: TrainingTask):
+        super().__init__()
+        self.trained = task.module
+        self.task = [task]  # in a list: not a submodule
+
+    def forward(self, batch: object, update: int) -> torch.Tensor:
+        return self.task[0].loss(batch, update)
+
+
+def _train_step(task: TrainingTask, model: nn.Module, batch: object, group: Processes) -> float:
+    """The task's updates on this process's share of a batch; the loss averaged over the processes."""
+    total = 0.0
+    for update in range(task.updates_per_batch):
+        task.optimizer.zero_grad()
+        loss = model(shard(batch, group), update)
+        if not loss.requires_grad:  # nothing trained was reached: every process must still take part
+            loss = loss + sum(p.sum() * 0 for p in task.module.parameters() if p.requires_grad)
+        loss.backward()
+        task.optimizer.step()
+        total += loss.item()
+    return mean_over_processes(total, group)
 
 
 @dataclass
@@ -96,7 +134,10 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
         description: str, show_progress: bool = True) -> TrainResult:
     """Train ``task`` for ``epochs`` in ``out``, continuing from ``last.pt`` when it is there
     (``out`` is claimed for ``config`` first, as :func:`start_run` does)."""
-    claim_folder(out, CONFIG_FILE, config)
+    group = processes()
+    if group.leader:
+        claim_folder(out, CONFIG_FILE, config)
+    barrier(group)
     loop = {"epoch": 0, "best_val_dice": -1.0, "best_epoch": -1, "seconds": 0.0}
     last_path = out / LAST_FILE
     if last_path.is_file():
@@ -105,11 +146,13 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
         task.optimizer.load_state_dict(resume["optimizer"])
         task.scheduler.load_state_dict(resume["scheduler"])
         loop = resume["loop"]
-    _keep_history(out / HISTORY_FILE, loop["epoch"])
+    if group.leader:
+        _keep_history(out / HISTORY_FILE, loop["epoch"])
     record = {"kind": task.kind, "config": dict(config), "meta": task.checkpoint_meta()}
+    model = wrap(_TaskLoss(task), group, task.unused_parameters)
     task.module.train()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeElapsedColumn(), disable=not show_progress) as progress:
+                  TimeElapsedColumn(), disable=not (show_progress and group.leader)) as progress:
         bar = progress.add_task(description, total=None, status="")
         for epoch in range(loop["epoch"], epochs):
             start = time.perf_counter()
@@ -118,33 +161,45 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
             progress.update(bar, total=epochs * len(batches), completed=epoch * len(batches))
             losses = []
             for step, batch in enumerate(batches, 1):
-                losses.append(task.step(batch))
+                losses.append(_train_step(task, model, batch, group))
                 if not math.isfinite(losses[-1]):  # stop before a checkpoint keeps the broken weights
                     raise InputError(f"{out}: the training loss became {losses[-1]} at epoch {epoch + 1}, step "
                                      f"{step}; lower --learning-rate (the run keeps epoch {loop['epoch']})")
                 progress.update(bar, advance=1, status=f"loss {losses[-1]:.3f}")
             task.scheduler.step()
-            task.module.eval()
-            val_dice = task.validate()
-            task.module.train()
+            if group.leader:
+                task.module.eval()
+                val_dice = task.validate()
+                task.module.train()
             elapsed = time.perf_counter() - start
             loop["seconds"] += elapsed
             loop["epoch"] = epoch + 1
-            if val_dice > loop["best_val_dice"]:
-                loop.update(best_val_dice=val_dice, best_epoch=epoch + 1)
-                save_checkpoint(out / BEST_FILE, {**record, "weights": task.trained_weights(), "epoch": epoch + 1,
-                                                  "val_dice": val_dice})
-            # history first: a kill before last.pt is written leaves a row that the rerun drops and redoes
-            append_jsonl(out / HISTORY_FILE, {"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                                              "val_dice": val_dice, "lr": task.scheduler.get_last_lr()[0],
-                                              "seconds": round(elapsed, 2)})
-            save_checkpoint(last_path, {**record, "weights": task.trained_weights(), "epoch": epoch + 1,
-                                        "val_dice": val_dice,
-                                        "resume": {"module": task.module.state_dict(),
-                                                   "optimizer": task.optimizer.state_dict(),
-                                                   "scheduler": task.scheduler.state_dict(), "loop": loop}})
-            progress.update(bar, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
+            if group.leader:
+                _end_epoch(task, out, record, loop, val_dice, float(np.mean(losses)), round(elapsed, 2))
+                progress.update(bar, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
+            barrier(group)
+    if group.active:  # the leader's validation decided the best epoch
+        shared = [loop]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        loop = shared[0]
     return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"])
+
+
+def _end_epoch(task: TrainingTask, out: Path, record: dict[str, object], loop: dict, val_dice: float, loss: float,
+               seconds: float) -> None:
+    """Best and last checkpoints and the history row of an epoch (rank 0's work)."""
+    if val_dice > loop["best_val_dice"]:
+        loop.update(best_val_dice=val_dice, best_epoch=loop["epoch"])
+        save_checkpoint(out / BEST_FILE, {**record, "weights": task.trained_weights(), "epoch": loop["epoch"],
+                                          "val_dice": val_dice})
+    # history first: a kill before last.pt is written leaves a row that the rerun drops and redoes
+    append_jsonl(out / HISTORY_FILE, {"epoch": loop["epoch"], "loss": loss, "val_dice": val_dice,
+                                      "lr": task.scheduler.get_last_lr()[0], "seconds": seconds})
+    save_checkpoint(out / LAST_FILE, {**record, "weights": task.trained_weights(), "epoch": loop["epoch"],
+                                      "val_dice": val_dice,
+                                      "resume": {"module": task.module.state_dict(),
+                                                 "optimizer": task.optimizer.state_dict(),
+                                                 "scheduler": task.scheduler.state_dict(), "loop": loop}})
 
 
 def _keep_history(path: Path, epochs: int) -> None:

@@ -113,7 +113,8 @@ class SegmenterTask(TrainingTask):
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
-        self.loss = DiceCELoss(sigmoid=True)
+        self.criterion = DiceCELoss(sigmoid=True)
+        self.updates_per_batch = 2 if config.input_kind == "dual" and config.dual_update == "alternate" else 1
 
     def batches(self, epoch: int, rng: np.random.Generator) -> DataLoader:
         seed = int(rng.integers(2**31))
@@ -122,9 +123,16 @@ class SegmenterTask(TrainingTask):
                           drop_last=len(self.records) > self.config.batch_size,
                           generator=torch.Generator().manual_seed(seed))
 
-    def step(self, batch: dict[str, torch.Tensor]) -> float:
-        return _step(self.module, self.optimizer, self.loss, batch["image"], batch["priors"], batch["mask"],
-                     self.config)
+    def loss(self, batch: dict[str, torch.Tensor], update: int = 0) -> torch.Tensor:
+        """Raw, SAMAug or dual input: the losses of both inputs summed, or (dual, alternate) the input of this
+        update."""
+        # plain tensors: MONAI's MetaTensor tracking through the network made a step several times slower
+        images, maps, target = (convert_to_tensor(batch[key], track_meta=False) for key in ("image", "priors", "mask"))
+        inputs = {"raw": [None], "samaug": [maps], "dual": [None, maps]}[self.config.input_kind]
+        if self.updates_per_batch > 1:
+            inputs = [inputs[update]]
+        return sum(self.criterion(self.module(compose_input(images, prior, self.config.policy)), target)  # type: ignore[return-value]
+                   for prior in inputs)
 
     def validate(self) -> float:
         scores = []
@@ -178,25 +186,3 @@ def train(
     task = SegmenterTask(config, train_items, val_items, meta)
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train {config.net}/{config.input_kind}",
                show_progress)
-
-
-def _step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_function: torch.nn.Module,
-          images: torch.Tensor, maps: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> float:
-    """One batch: one optimiser step (raw, samaug, dual summed) or two (dual alternate)."""
-    # plain tensors: MONAI's MetaTensor tracking through the network made a step several times slower
-    images, maps, target = (convert_to_tensor(t, track_meta=False) for t in (images, maps, target))
-    inputs = {"raw": [None], "samaug": [maps], "dual": [None, maps]}[config.input_kind]
-    if config.input_kind == "dual" and config.dual_update == "alternate":
-        total = 0.0
-        for prior in inputs:
-            optimizer.zero_grad()
-            loss = loss_function(network(compose_input(images, prior, config.policy)), target)  # type: ignore[arg-type]
-            loss.backward()
-            optimizer.step()
-            total += loss.item()
-        return total
-    optimizer.zero_grad()
-    loss = sum(loss_function(network(compose_input(images, prior, config.policy)), target) for prior in inputs)  # type: ignore[arg-type]
-    loss.backward()  # type: ignore[union-attr]
-    optimizer.step()
-    return loss.item()  # type: ignore[union-attr]

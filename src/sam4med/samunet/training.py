@@ -196,8 +196,8 @@ class PromptableTask(TrainingTask):
             batches.append(batch)
         return batches
 
-    def step(self, batch: list[tuple[PreparedObjects, list[int], Tensor]]) -> float:
-        self.optimizer.zero_grad()
+    def loss(self, batch: list[tuple[PreparedObjects, list[int], Tensor]], update: int = 0) -> Tensor:
+        """Focal + Dice of the boxed objects, averaged over the batch's images."""
         loss = torch.zeros(())
         for item, chosen, boxes in batch:
             images, geometry = self.backbone.preprocess(item.image)
@@ -205,9 +205,7 @@ class PromptableTask(TrainingTask):
             embedding, multi_scale = self.module.encode(images)
             logits = self.module.decode(embedding, multi_scale, boxes)
             loss = loss + self.focal(logits, targets) + self.config.dice_weight * self.dice_loss(logits, targets)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
+        return loss / max(1, len(batch))
 
     @torch.no_grad()
     def validate(self, max_objects: int = 8) -> float:
