@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,6 +99,9 @@ HaloOption = Annotated[int, typer.Option(help="Pixels around each tile's core (w
 
 
 def echo_training_result(out: Path, result: object, model_hint: str = "") -> None:
-    """One line on a finished (or resumed) training run: best validation Dice, epoch, minutes."""
+    """One line on a finished (or resumed) training run: best validation Dice, epoch, minutes (from rank 0 alone
+    under torchrun)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     typer.echo(f"{out}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "  # type: ignore[attr-defined]
                f"{result.seconds / 60:.1f} min of training{model_hint}")  # type: ignore[attr-defined]

@@ -165,6 +165,7 @@ class PromptableTask(TrainingTask):
     """Box-prompted training of SAM-UNet or of the mask decoder, for the shared loop."""
 
     kind = CHECKPOINT_KIND
+    unused_parameters = True  # the decoder's IoU head and multi-mask tokens get no loss here
 
     def __init__(self, config: PromptTrainConfig, backbone: SamModel, train_items: list[PreparedObjects],
                  val_items: list[PreparedObjects], datasets: list[str]):
