@@ -4,6 +4,7 @@ failing image as a row; without Ray, --ray says how to install it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -122,3 +123,31 @@ def test_priors_and_embeddings_on_ray_equal_the_local_ones(local_cluster, liteme
         features, labels = load_embedding(tmp_path / "local" / "embeddings" / "ellipses" / f"{image_id}.pt")
         ray_features, ray_labels = load_embedding(tmp_path / "ray" / "embeddings" / "ellipses" / f"{image_id}.pt")
         assert (labels == ray_labels).all() and float((features - ray_features).abs().max()) < 1e-2  # fp16 storage
+
+
+class DiesOnce:
+    """Rows of an image; the worker process dies (as a killed one does) the first time it meets ``victim``."""
+
+    def __init__(self, marker, victim):
+        self.marker, self.victim = marker, victim
+
+    def __call__(self, item):
+        if item.sample.id == self.victim and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return [{"dataset": item.dataset.name, "image": item.sample.id, "value": len(item.sample.id)}]
+
+
+def test_a_worker_that_dies_is_replaced_and_no_row_is_lost_or_doubled(local_cluster, tmp_path):
+    from sam4med.engine.datasets import load_datasets
+    from sam4med.engine.items import WorkItem, run_items
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    [dataset] = load_datasets([write_dataset(tmp_path / "ellipses", broken=False, count=5)])
+    items = [WorkItem(dataset, sample) for sample in dataset.samples]
+    results = tmp_path / "results.jsonl"
+    summary = run_items(items, DiesOnce(tmp_path / "died", "case2"), results, "test", show_progress=False,
+                        executor=RayExecutor(workers=2))
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert (tmp_path / "died").exists() and summary.failed == 0
+    assert sorted(row["image"] for row in rows) == [f"case{i}" for i in range(5)]

@@ -85,8 +85,10 @@ class RayExecutor:
 
     ``address``: ``auto`` joins the cluster this machine is part of (``ray start``, ``RAY_ADDRESS``) or
     starts a local one; otherwise a cluster address (``ray://host:10001`` or ``host:6379``). ``workers``
-    defaults to the cluster's CPUs divided by ``threads``. An actor that dies is restarted and its items
-    retried (twice); an item that still fails becomes an error row like any other failure."""
+    defaults to the cluster's CPUs divided by ``threads``. An actor that dies is replaced and its items are
+    sent again (``retries`` times each); an item whose worker keeps dying becomes an error row."""
+
+    retries = 2
 
     def __init__(self, address: str = "auto", workers: int | None = None, threads: int = 1):
         if workers is not None and workers < 1:
@@ -110,15 +112,16 @@ class RayExecutor:
             return
         ray = self._connect()
         count = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.threads)
-        actor_class = ray.remote(num_cpus=self.threads, max_restarts=2, max_task_retries=2)(_Worker)
+        actor_class = ray.remote(num_cpus=self.threads)(_Worker)
         shared = ray.put(process)
         actors = [actor_class.remote(shared, self.threads) for _ in range(min(count, len(items)))]
-        queue = iter(items)
+        queue = list(reversed(items))  # popped from the end: in order
+        attempts: dict[tuple[str, str], int] = {}
         in_flight: dict[object, tuple[WorkItem, object]] = {}
 
         def submit(actor: object) -> None:
-            item = next(queue, None)
-            if item is not None:
+            if queue:
+                item = queue.pop()
                 in_flight[actor.run.remote(item)] = (item, actor)  # type: ignore[attr-defined]
 
         for actor in actors:
@@ -128,12 +131,23 @@ class RayExecutor:
             while in_flight:
                 (ready,), _ = ray.wait(list(in_flight), num_returns=1)
                 item, actor = in_flight.pop(ready)
-                started = time.perf_counter()
                 try:
                     outcome = ray.get(ready)
+                except ray.exceptions.RayActorError as error:  # the worker died (killed, out of memory, lost node)
+                    attempts[item.key] = attempts.get(item.key, 0) + 1
+                    if actor in actors:  # its other queued item fails the same way: one new actor for both
+                        actors[actors.index(actor)] = replacement = actor_class.remote(shared, self.threads)
+                    else:
+                        replacement = next(a for a in actors if a is not actor)
+                    if attempts[item.key] <= self.retries:
+                        queue.append(item)
+                        submit(replacement)
+                        continue
+                    outcome = Outcome(item, None, f"Ray worker died {attempts[item.key]} times on this image: "
+                                                  f"{one_line(error)[:200]}", 0.0)
+                    actor = replacement
                 except ray.exceptions.RayError as error:
-                    outcome = Outcome(item, None, f"Ray worker failed: {one_line(error)[:300]}",
-                                      time.perf_counter() - started)
+                    outcome = Outcome(item, None, f"Ray: {one_line(error)[:300]}", 0.0)
                 submit(actor)
                 yield outcome
         finally:
