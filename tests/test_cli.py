@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,12 @@ def test_annotate_refuses_a_folder_without_images_or_a_bad_port_before_the_model
     assert "no images" in _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path / "empty")]))
     assert "not a folder" in _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path / "missing")]))
     assert "--port 0" in _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path), "--port", "0"]))
+
+
+def test_ray_options_without_ray_say_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # an import of ray fails, as where it is not installed
+    result = CliRunner().invoke(app, ["eval", "benchmark", "--data", str(tmp_path), "--out", str(tmp_path / "out"),
+                                      "--ray", "auto"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --ray: Ray is not installed: pip install 'sam4med[distributed]'"
+    assert not (tmp_path / "out").exists()

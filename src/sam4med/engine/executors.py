@@ -95,6 +95,7 @@ class RayExecutor:
             raise InputError(f"--ray-workers {workers}: must be >= 1")
         if threads < 1:
             raise InputError(f"--threads {threads}: must be >= 1")
+        ray_module()  # without Ray, say so before a model loads
         self.address, self.workers, self.threads = address, workers, threads
 
     def _connect(self):  # noqa: ANN202 - the ray package
