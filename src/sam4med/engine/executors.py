@@ -9,7 +9,9 @@ Ray is optional (``pip install 'sam4med[distributed]'``).
 
 from __future__ import annotations
 
+import errno
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -34,9 +36,18 @@ class Outcome:
     fatal: OSError | None = None
 
 
-def run_one(process: ItemProcess, item: WorkItem) -> Outcome:
-    from sam4med.engine.items import STORAGE_ERRORS, failure_message
+STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})  # a disk that refuses
 
+
+def failure_message(error: BaseException) -> str:
+    """One line: the InputError's own, or the type, message and the function that raised it."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, InputError):
+        return message
+    return f"{type(error).__name__}: {message} ({traceback.extract_tb(error.__traceback__)[-1].name})"
+
+
+def run_one(process: ItemProcess, item: WorkItem) -> Outcome:
     start = time.perf_counter()
     try:
         rows = process(item)

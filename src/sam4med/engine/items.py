@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sam4med.engine.datasets import Dataset, Sample
-from sam4med.engine.errors import InputError
 from sam4med.engine.executors import Executor, LocalExecutor
 from sam4med.engine.runs import parse_jsonl, warn, write_bytes_atomic
 
 RESULTS_FILE = "results.jsonl"
-STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 ItemKey = tuple[str, str]  # (data set name, image id)
 
 
@@ -82,14 +79,6 @@ def forget_items(path: Path, keys: set[ItemKey]) -> None:
     pairs = parse_jsonl(path.read_bytes(), path, skip_damaged=True)
     write_bytes_atomic(path, b"".join(line + b"\n" for line, row in pairs
                                       if (row.get("dataset"), row.get("image")) not in keys))
-
-
-def failure_message(error: BaseException) -> str:
-    """One line: the InputError's own, or the type, message and the function that raised it."""
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if isinstance(error, InputError):
-        return message
-    return f"{type(error).__name__}: {message} ({traceback.extract_tb(error.__traceback__)[-1].name})"
 
 
 def run_items(

@@ -15,7 +15,7 @@ from segment_anything.utils.onnx import SamOnnxModel
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.models import WEIGHTS_DIR, load_model
-from sam4med.engine.onnx_encoder import OPSET, ensure_encoder
+from sam4med.engine.onnx_encoder import OPSET, ensure_encoder, graph_path
 from sam4med.engine.onnx_predictor import BUNDLE_FORMAT, LOW_RES, file_stamp, manifest_path, serves
 from sam4med.engine.runs import atomic_path, write_json
 from sam4med.engine.sam_model import PromptPath, SamModel
@@ -80,11 +80,11 @@ def export_bundle(model_name: str, folder: Path) -> Path:
     network = model.network
     encoder = ensure_encoder(network.image_encoder, folder, spec.name, model.weights_sha256, spec.image_size)
     encoder_int8 = ensure_encoder(network.image_encoder, folder, spec.name, model.weights_sha256, spec.image_size, True)
-    decoder = folder / f"{spec.name}-{(model.weights_sha256 or 'unhashed')[:16]}-decoder-opset{OPSET}.onnx"
+    decoder = graph_path(folder, spec.name, model.weights_sha256, f"decoder-opset{OPSET}")
     export_prompt_graph(network, model.main_path, decoder)
     box_decoder = None
     if model.box_path is not None:
-        box_decoder = folder / f"{spec.name}-{(model.base_weights_sha256 or 'unhashed')[:16]}-box-decoder-opset{OPSET}.onnx"
+        box_decoder = graph_path(folder, spec.name, model.base_weights_sha256, f"box-decoder-opset{OPSET}")
         export_prompt_graph(network, model.box_path, box_decoder)
     manifest = manifest_path(spec.name, folder)
     write_json(manifest, {

@@ -15,7 +15,6 @@ embedding far enough to cost box Dice. It changes the embedding (the protocol re
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -24,29 +23,33 @@ import torch
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.onnx_predictor import cache_root, onnx_runtime_available
+from sam4med.engine.runs import atomic_path
 
 OPSET = 17
 
 
+def graph_path(folder: Path, name: str, weights_sha256: str | None, part: str) -> Path:
+    """Where an exported graph lives: one file per model, weights and part (encoder size and precision, decoder)."""
+    return folder / f"{name}-{(weights_sha256 or 'unhashed')[:16]}-{part}.onnx"
+
+
 def encoder_path(folder: Path, name: str, weights_sha256: str | None, image_size: int, int8: bool = False) -> Path:
-    """Where a model's exported encoder lives: one file per model, weights, input size and precision."""
-    return folder / f"{name}-{(weights_sha256 or 'unhashed')[:16]}-{image_size}px-opset{OPSET}{'-int8' if int8 else ''}.onnx"
+    return graph_path(folder, name, weights_sha256, f"{image_size}px-opset{OPSET}{'-int8' if int8 else ''}")
 
 
 def quantise_encoder(fp32: Path, out: Path) -> None:
     """The int8 copy of an exported encoder (see the module's docstring), written atomically."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to pre-process the graph: measured, no faster here
     try:
-        quantize_dynamic(fp32, temporary, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        with atomic_path(out) as temporary:
+            quantize_dynamic(fp32, temporary, op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
     finally:
         root.setLevel(level)
-    os.replace(temporary, out)
 
 
 def ensure_encoder(encoder: torch.nn.Module, folder: Path, name: str, weights_sha256: str | None, image_size: int,
@@ -94,12 +97,10 @@ class OnnxEncoder:
 
 
 def export_encoder(encoder: torch.nn.Module, image_size: int, path: Path) -> None:
-    """Export with a fixed (1, 3, S, S) input; written to a temporary name, then moved into place."""
+    """Export with a fixed (1, 3, S, S) input, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     example = torch.zeros(1, 3, image_size, image_size)
-    with warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(path) as temporary, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes (fixed here)
         torch.onnx.export(encoder, (example,), str(temporary), opset_version=OPSET, dynamo=False,
                           input_names=["image"], output_names=["embedding"])
-    os.replace(temporary, path)
