@@ -111,6 +111,8 @@ BAD_TRAINER_SETTINGS = [(["--learning-rate", value], "--learning-rate") for valu
     *[(verb, arguments, named) for verb in (["samaug", "train"], ["samunet", "train"], ["clicks", "train"])
       for arguments, named in BAD_TRAINER_SETTINGS],
     (["samaug", "train"], ["--split-seed", "-1"], "--split-seed"),
+    (["samaug", "train"], ["--patience", "-1"], "--patience"),
+    (["samunet", "train"], ["--patience", "-1"], "--patience"),
     (["samaug", "train"], ["--features", "0"], "--features"),
     (["samaug", "train"], ["--batch-size", "0"], "--batch-size"),
     (["samunet", "train"], ["--masks-per-image", "0"], "--masks-per-image"),

@@ -7,6 +7,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 from monai.metrics import (
     compute_average_surface_distance,
@@ -22,12 +24,14 @@ from sam4med.engine.metrics import (
     ObjectF1,
     aggregated_jaccard_index,
     average_surface_distance,
+    boundary_f_score,
     dice,
     hausdorff,
     hausdorff95,
     iou,
     label_instances,
     paired_bootstrap,
+    pixel_auroc,
     normalized_surface_dice,
     object_dice,
     object_f1,
@@ -478,3 +482,32 @@ def test_grouped_bootstrap_resamples_whole_images():
     _, naive_low, naive_high = paired_bootstrap(differences)  # objects as independent: far too narrow
     assert naive_high - naive_low < 0.1
     assert np.isnan(paired_bootstrap(np.array([]))[0])
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.booleans()), min_size=2, max_size=40))
+def test_pixel_auroc_is_the_share_of_foreground_background_pairs_ranked_right_ties_half(pixels):
+    scores = np.array([float(score) for score, _ in pixels])
+    truth = np.array([label for _, label in pixels])
+    positives, negatives = scores[truth], scores[~truth]
+    if positives.size == 0 or negatives.size == 0:
+        assert math.isnan(pixel_auroc(scores, truth))
+        return
+    pairs = positives[:, None] - negatives[None, :]
+    expected = (np.count_nonzero(pairs > 0) + 0.5 * np.count_nonzero(pairs == 0)) / pairs.size
+    assert pixel_auroc(scores, truth) == pytest.approx(expected, abs=1e-12)
+
+
+def test_boundary_f_score_counts_boundary_pixels_within_the_tolerance():
+    truth = np.zeros((40, 40), bool)
+    truth[10, 5:35] = True  # a horizontal boundary line of 30 px
+    assert boundary_f_score(truth, truth) == 1.0
+    assert boundary_f_score(np.roll(truth, 2, axis=0), truth, tolerance=2) == 1.0
+    assert boundary_f_score(np.roll(truth, 3, axis=0), truth, tolerance=2) == 0.0
+    half = truth.copy()
+    half[10, 20:35] = False  # every predicted pixel right (precision 1); true ones found: 15 + the 2 within 2 px
+    recall = 17 / 30
+    assert boundary_f_score(half, truth) == pytest.approx(2 * recall / (1 + recall))
+    assert boundary_f_score(np.zeros_like(truth), np.zeros_like(truth)) == 1.0
+    assert boundary_f_score(np.zeros_like(truth), truth) == 0.0
+    with pytest.raises(InputError, match="tolerance"):
+        boundary_f_score(truth, truth, tolerance=-1)

@@ -88,3 +88,35 @@ def test_checkpoints_name_their_kind(tmp_path):
     fit(LineTask(), tmp_path, {}, 1, seed=0, description="line", show_progress=False)
     with pytest.raises(InputError, match="a 'test-line' checkpoint, not 'promptable'"):
         read_trained_checkpoint(tmp_path / "last.pt", "promptable")
+
+
+class ScriptedValidationTask(LineTask):
+    """Validation Dice read from a script by epoch, so the epoch of the plateau is known."""
+
+    scores = (0.1, 0.5, 0.4, 0.45, 0.3, 0.9, 0.95)
+
+    def batches(self, epoch: int, rng: np.random.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.epoch = epoch
+        return super().batches(epoch, rng)
+
+    def validate(self) -> float:
+        return self.scores[self.epoch]
+
+
+def test_early_stopping_ends_a_run_after_patience_epochs_without_improvement_and_it_stays_stopped(tmp_path):
+    straight = fit(ScriptedValidationTask(), tmp_path / "straight", {}, 7, seed=0, description="line",
+                   show_progress=False, patience=3)
+    # best 0.5 at epoch 2; epochs 3, 4, 5 do not beat it: the run ends after epoch 5, before the 0.9 of epoch 6
+    assert (straight.best_epoch, straight.best_val_dice, straight.epochs_run, straight.stopped_early) == (2, 0.5, 5, True)
+    assert [row["val_dice"] for row in history(tmp_path / "straight")] == [0.1, 0.5, 0.4, 0.45, 0.3]
+    again = fit(ScriptedValidationTask(), tmp_path / "straight", {}, 7, seed=0, description="line",
+                show_progress=False, patience=3)
+    assert (again.epochs_run, again.stopped_early) == (5, True) and len(history(tmp_path / "straight")) == 5
+
+    fit(ScriptedValidationTask(), tmp_path / "killed", {}, 4, seed=0, description="line", show_progress=False,
+        patience=3)  # stands for a run killed after epoch 4
+    resumed = fit(ScriptedValidationTask(), tmp_path / "killed", {}, 7, seed=0, description="line",
+                  show_progress=False, patience=3)
+    assert (resumed.epochs_run, resumed.best_epoch, resumed.stopped_early) == (5, 2, True)
+    without = fit(ScriptedValidationTask(), tmp_path / "without", {}, 7, seed=0, description="line", show_progress=False)
+    assert (without.epochs_run, without.best_epoch, without.stopped_early) == (7, 7, False)

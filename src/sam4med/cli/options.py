@@ -90,7 +90,9 @@ EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, 
                                                  "the embedding slightly; recorded in the protocol).")]
 EverythingMethodOption = Annotated[str, typer.Option(help="Everything mode's proposals: auto (the model's own "
                                                           "choice), points (SAM's grid) or boxes.")]
-EpochsOption = Annotated[int, typer.Option(help="Training epochs.")]
+EpochsOption = Annotated[int, typer.Option(help="Training epochs (at most, with --patience).")]
+PatienceOption = Annotated[int, typer.Option(help="Stop early after this many epochs without a better validation "
+                                                  "Dice (0: train every epoch).")]
 SeedOption = Annotated[int, typer.Option(help="Seed of the training randomness.")]
 TileOption = Annotated[int, typer.Option(help="Tiled embeddings for large images: each tile's core in px, encoded with "
                                               "its halo at the model's size; a prompt goes to the tile that holds it "
@@ -103,5 +105,6 @@ def echo_training_result(out: Path, result: object, model_hint: str = "") -> Non
     under torchrun)."""
     if os.environ.get("RANK", "0") != "0":
         return
-    typer.echo(f"{out}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "  # type: ignore[attr-defined]
+    stopped = f", stopped early after epoch {result.epochs_run}" if result.stopped_early else ""  # type: ignore[attr-defined]
+    typer.echo(f"{out}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}{stopped}, "  # type: ignore[attr-defined]
                f"{result.seconds / 60:.1f} min of training{model_hint}")  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, EpochsOption, EverythingMethodOption
-from sam4med.cli.options import MaxImagesOption
+from sam4med.cli.options import MaxImagesOption, PatienceOption
 from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RayOption, RayWorkersOption, RunFolderOption, SeedOption
 from sam4med.cli.options import ThreadsOption
 from sam4med.cli.options import TrainDataOption, echo_training_result, one_line_errors
@@ -70,6 +70,7 @@ def train(
     patches_per_image: Annotated[int, typer.Option(help="Random patches per training image and epoch.")] = 1,
     features: Annotated[int, typer.Option(help="Width of the first network level.")] = 16,
     epochs: EpochsOption = 20,
+    patience: PatienceOption = 0,
     batch_size: int = 8,
     learning_rate: float = 1e-3,
     seed: SeedOption = 0,
@@ -84,7 +85,7 @@ def train(
     configure_cpu(threads)
     config = TrainConfig(net=net, input_kind=input_kind, policy=policy, dual_update=dual_update, image_size=image_size,
                          scale_to=scale_to or None, patches_per_image=patches_per_image, features=features,
-                         epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                         epochs=epochs, patience=patience or None, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                          split_seed=split_seed, max_train_images=max_train_images or None)
     echo_training_result(out, train_segmenter(data, priors, out, config))
 

@@ -8,7 +8,7 @@ import typer
 
 from sam4med.cli.options import BackboneOption, CheckpointOption, DeviceOption, EpochsOption, MaxTrainImagesOption
 from sam4med.cli.options import RunFolderOption, SeedOption, ThreadsOption, TrainDataOption, echo_training_result
-from sam4med.cli.options import one_line_errors
+from sam4med.cli.options import PatienceOption, one_line_errors
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="SAM-UNet (arXiv 2408.09886): a conv branch beside the frozen SAM encoder.")
@@ -30,6 +30,7 @@ def train(
     cold_start: Annotated[bool, typer.Option(help="SAM-UNet: start the new output token and feature paths from random "
                                                    "values (the paper) instead of from the backbone's output.")] = False,
     epochs: EpochsOption = 4,
+    patience: PatienceOption = 0,
     images_per_step: ImagesPerStepOption = 2,
     masks_per_image: MasksPerImageOption = 4,
     learning_rate: LearningRateOption = 1e-4,
@@ -43,7 +44,7 @@ def train(
 
     configure_cpu(threads)
     config = PromptTrainConfig(method=method, backbone=backbone, backbone_checkpoint=str(checkpoint) if checkpoint else None,
-                               conv_branch=conv_branch, warm_start=not cold_start, epochs=epochs,
+                               conv_branch=conv_branch, warm_start=not cold_start, epochs=epochs, patience=patience or None,
                                images_per_step=images_per_step, masks_per_image=masks_per_image,
                                learning_rate=learning_rate, seed=seed, max_train_images=max_train_images or None)
     echo_training_result(out, train_promptable(data, out, config, device),

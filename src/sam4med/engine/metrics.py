@@ -26,8 +26,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from monai.metrics.utils import get_edge_surface_distance
+from scipy.ndimage import distance_transform_edt
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.stats import mannwhitneyu
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.objects import connected_components
@@ -124,6 +126,33 @@ def soft_dice(prob: np.ndarray, gt: np.ndarray, eps: float = 1e-6) -> float:
         raise InputError("prob must hold probabilities in [0, 1] (apply a sigmoid to logits first)")
     return float((2.0 * p[g].sum() + eps) / (p.sum() + np.count_nonzero(g) + eps))
 
+
+
+def pixel_auroc(scores: np.ndarray, gt: np.ndarray) -> float:
+    """Area under the ROC curve of a score map against a mask, over pixels: the chance that a foreground pixel
+    scores above a background one (ties count half), from the Mann-Whitney U statistic. ``nan`` when the mask
+    is all foreground or all background (no pair to rank). Threshold-free, so it reads a prior map that was
+    never meant to be a probability (SAMAug's summed mask weights)."""
+    values = np.asarray(scores, dtype=np.float64)
+    g = _binary("gt", gt)
+    _check_shapes(values, g)
+    positives, negatives = values[g], values[~g]
+    if positives.size == 0 or negatives.size == 0:
+        return math.nan
+    return float(mannwhitneyu(positives, negatives, method="asymptotic").statistic / (positives.size * negatives.size))
+
+
+def boundary_f_score(pred_boundary: np.ndarray, gt_boundary: np.ndarray, tolerance: float = 2.0) -> float:
+    """F-score of boundary pixels (the BF score of Csurka et al.): precision = predicted boundary pixels within
+    ``tolerance`` px of a true one, recall = true boundary pixels within ``tolerance`` of a predicted one. Both
+    maps empty score 1, one empty 0, as the other metrics here."""
+    p, g = _mask_pair(pred_boundary, gt_boundary)
+    _check_tolerance(tolerance)
+    if (fixed := _empty_case(p, g)) is not None:
+        return fixed["dice"]
+    precision = float(np.mean(distance_transform_edt(~g)[p] <= tolerance))
+    recall = float(np.mean(distance_transform_edt(~p)[g] <= tolerance))
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 def _crop_to_union(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both masks cut to the union's bounding box plus a margin, which leaves surface distances unchanged.

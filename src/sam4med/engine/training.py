@@ -5,7 +5,9 @@ progress), the way micro-sam's and nnU-Net's trainers do.
 A run folder holds ``config.json`` (checked on resume), ``split.json``, ``history.jsonl`` (one row
 per epoch), ``best.pt`` (the best validation Dice) and ``last.pt`` (everything to resume), both in the
 layout of :mod:`sam4med.engine.checkpoints`. Each epoch's randomness depends only on (seed, epoch),
-so a run killed and started again trains exactly as one that was never stopped.
+so a run killed and started again trains exactly as one that was never stopped. With a patience, a run
+stops once that many epochs have passed without a better validation Dice (early stopping); the rule is
+read from the saved loop state, so a stopped run stays stopped when started again.
 
 Under ``torchrun --nproc-per-node N`` the same loop trains on N processes (``engine.distributed``): each
 takes its share of every batch, DistributedDataParallel averages the gradients, rank 0 writes; a run
@@ -128,12 +130,20 @@ class TrainResult:
     best_epoch: int
     seconds: float
     epochs_run: int
+    stopped_early: bool = False
+
+
+def plateaued(loop: Mapping[str, float], patience: int | None) -> bool:
+    """Whether ``patience`` epochs have passed since the best validation Dice (never without a patience)."""
+    return bool(patience) and loop["epoch"] - loop["best_epoch"] >= patience  # type: ignore[operator]
 
 
 def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int, seed: int,
-        description: str, show_progress: bool = True) -> TrainResult:
-    """Train ``task`` for ``epochs`` in ``out``, continuing from ``last.pt`` when it is there
-    (``out`` is claimed for ``config`` first, as :func:`start_run` does)."""
+        description: str, show_progress: bool = True, patience: int | None = None) -> TrainResult:
+    """Train ``task`` for at most ``epochs`` in ``out``, continuing from ``last.pt`` when it is there
+    (``out`` is claimed for ``config`` first, as :func:`start_run` does); with ``patience``, stop early
+    once that many epochs have not improved the best validation Dice. The learning-rate schedule is the
+    task's, over ``epochs``, whether or not the run stops early."""
     group = processes()
     if group.leader:
         claim_folder(out, CONFIG_FILE, config)
@@ -155,6 +165,8 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
                   TimeElapsedColumn(), disable=not (show_progress and group.leader)) as progress:
         bar = progress.add_task(description, total=None, status="")
         for epoch in range(loop["epoch"], epochs):
+            if plateaued(loop, patience):
+                break
             start = time.perf_counter()
             seed_everything(seed * 100_003 + epoch)
             batches = task.batches(epoch, np.random.default_rng([seed, epoch]))
@@ -177,12 +189,18 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
             if group.leader:
                 _end_epoch(task, out, record, loop, val_dice, float(np.mean(losses)), round(elapsed, 2))
                 progress.update(bar, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
-            barrier(group)
-    if group.active:  # the leader's validation decided the best epoch
-        shared = [loop]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        loop = shared[0]
-    return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"])
+            loop = _leaders_loop(loop, group)
+    return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"],
+                       plateaued(loop, patience))
+
+
+def _leaders_loop(loop: dict, group: Processes) -> dict:
+    """Rank 0's loop state on every process: its validation decides the best epoch and when to stop."""
+    if not group.active:
+        return loop
+    shared = [loop]
+    torch.distributed.broadcast_object_list(shared, src=0)  # also waits for rank 0's checkpoint
+    return shared[0]
 
 
 def _end_epoch(task: TrainingTask, out: Path, record: dict[str, object], loop: dict, val_dice: float, loss: float,

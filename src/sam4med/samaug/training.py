@@ -53,7 +53,8 @@ class TrainConfig:
     scale_to: int | None = None  # longer image side before patching; None: image_size (whole images)
     patches_per_image: int = 1  # random patches drawn from each training image per epoch
     features: int = 16
-    epochs: int = 20
+    epochs: int = 20  # at most, with a patience
+    patience: int | None = None  # stop after this many epochs without a better validation Dice
     batch_size: int = 8
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
@@ -77,6 +78,7 @@ class TrainConfig:
         check_seed(self.seed, "--seed")
         check_seed(self.split_seed, "--split-seed")
         check_limit(self.max_train_images, "--max-train-images")
+        check_limit(self.patience, "--patience")
 
     @property
     def working_side(self) -> int:
@@ -185,4 +187,4 @@ def train(
             "gray": gray, "prior_keys": prior_keys, "datasets": [d.name for d in datasets]}
     task = SegmenterTask(config, train_items, val_items, meta)
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train {config.net}/{config.input_kind}",
-               show_progress)
+               show_progress, config.patience)

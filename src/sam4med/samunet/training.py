@@ -46,7 +46,8 @@ class PromptTrainConfig:
     backbone_checkpoint: str | None = None
     conv_branch: str = "resnet34"
     warm_start: bool = True  # SAM-UNet's new output path starts as the backbone's (samunet.model)
-    epochs: int = 4
+    epochs: int = 4  # at most, with a patience
+    patience: int | None = None  # stop after this many epochs without a better validation Dice
     images_per_step: int = 2
     masks_per_image: int = 4
     jitter_px: float = 5.0
@@ -73,6 +74,7 @@ class PromptTrainConfig:
         check_number(self.lr_gamma, "lr_gamma", above=0, maximum=1)
         check_number(self.dice_weight, "dice_weight", minimum=0)
         check_limit(self.min_object_area, "--min-object-area")
+        check_limit(self.patience, "--patience")
         check_limit(self.max_train_images, "--max-train-images")
         check_limit(self.max_val_images, "max_val_images")
         check_seed(self.seed, "--seed")
@@ -246,4 +248,4 @@ def train_promptable(data: Sequence[str | Path], out: str | Path, config: Prompt
     backbone = load_model(config.backbone, config.backbone_checkpoint, device or "cpu", use_shared_decoder=False)
     task = PromptableTask(config, backbone, train_items, val_items, [d.name for d in datasets])
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train {config.method} ({config.backbone})",
-               show_progress)
+               show_progress, config.patience)

@@ -1,0 +1,82 @@
+"""Before any training: do SAMAug's priors carry the target? Both generators, scored against the ground truth.
+
+    python experiments/samaug_priors.py --data ../shared/data/monuseg --data ../shared/data/kvasir_seg \\
+        --data ../shared/data/cvc_clinicdb --priors runs/samaug/priors --out runs/samaug/prior_quality --images 20
+
+Generators: ``points`` is SAMAug's (everything mode's 32x32 point grid, box NMS 0.5, the model's predicted-IoU
+and stability thresholds) on LiteMedSAM-click; ``boxes`` is LiteMedSAM's box proposals. Both run on tiles
+where a data set's images are large (``TILES``, the same as the SAMAug comparison's presets). Images are taken
+from the comparison's test side first (split seed 0), then validation, then training, up to ``--images`` per
+set. Priors are cached in PRIORS/<generator>/<data set> (the comparison reads them from there: resumable);
+scores go to OUT/prior_quality.csv (one row per image and generator), OUT/summary.csv and OUT/protocol.json
+(models with weights hashes, generator settings, tiles, image ids, boundary tolerance).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+
+from sam4med.cli.options import EncoderOption, ThreadsOption
+from sam4med.engine.datasets import load_dataset
+from sam4med.engine.runs import PROTOCOL_FILE, atomic_path, write_json
+from sam4med.engine.runtime import configure_cpu
+from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
+from sam4med.samaug.prior_quality import BOUNDARY_TOLERANCE_PX, measure_prior_quality
+from sam4med.samaug.priors import prior_settings
+from sam4med.samaug.store import PriorStore, generate_priors
+
+GENERATORS = {"points": ("litemedsam-click", "points"), "boxes": ("litemedsam", "boxes")}
+TILES = {"monuseg": 500}  # 1000 px H&E: nuclei stay a few pixels wide on 500 px tiles seen at 256 px
+SCORES = ["auroc", "covered_dice", "boundary_f", "covered_fraction", "masks"]
+
+
+def chosen_images(data: Path, count: int) -> list[str]:
+    sides = training_split(load_dataset(data), DEFAULT_FRACTIONS, 0)
+    return [s.id for side in ("test", "val", "train") for s in sides[side]][:count]
+
+
+def main(
+    data: Annotated[list[Path], typer.Option(help="Data set folders (repeat).")],
+    priors: Annotated[Path, typer.Option(help="Priors folder: PRIORS/<generator>/<data set>.")],
+    out: Annotated[Path, typer.Option(help="Results folder.")],
+    images: Annotated[int, typer.Option(help="Images per data set.")] = 20,
+    encoder: EncoderOption = "onnx",
+    threads: ThreadsOption = None,
+) -> None:
+    """Compute (or reuse) both generators' priors and score them per image."""
+    configure_cpu(threads)
+    frames, protocol, seconds = [], {"boundary_tolerance_px": BOUNDARY_TOLERANCE_PX, "encoder": encoder,
+                                     "images": {}, "priors": {}}, []
+    for folder in data:
+        ids = chosen_images(folder, images)
+        name = load_dataset(folder).name
+        protocol["images"][name] = ids
+        for generator, (model, method) in GENERATORS.items():
+            settings = prior_settings(model, tile=TILES.get(name), method=method)
+            (summary,) = generate_priors([folder], priors / generator, model, settings=settings,
+                                         encoder_backend=encoder, image_ids=set(ids), figures_per_dataset=2)
+            timings = pd.read_json(summary.results, lines=True)
+            seconds.append({"dataset": name, "generator": generator,
+                            "s_per_image": timings[timings["image"].isin(ids)]["priors_s"].mean()})
+            protocol["priors"][f"{name}/{generator}"] = PriorStore(priors / generator / name).record
+            frame = measure_prior_quality([folder], priors / generator, set(ids))
+            frames.append(frame.assign(generator=generator))
+    rows = pd.concat(frames, ignore_index=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "prior_quality.csv") as temporary:
+        rows.to_csv(temporary, index=False)
+    summary = rows.groupby(["dataset", "generator"])[SCORES].mean()
+    summary["images"] = rows.groupby(["dataset", "generator"]).size()
+    summary = summary.join(pd.DataFrame(seconds).set_index(["dataset", "generator"])).reset_index()
+    with atomic_path(out / "summary.csv") as temporary:
+        summary.to_csv(temporary, index=False)
+    write_json(out / PROTOCOL_FILE, protocol)
+    print(summary.round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    typer.run(main)
