@@ -71,7 +71,8 @@ def main(
             labels, ids = object_labels(truth, min_area=min_object_area)
             count = len(ids)
             predictor.set_image(image)
-            candidates = candidate_masks(predictor, grid_prompts(image.shape[:2], loosest), loosest, multimask=True)
+            candidates = candidate_masks(predictor, grid_prompts(predictor.grid_regions(), loosest), loosest,
+                                         multimask=True)
             for iou_thresh, stability_thresh in product(IOU_THRESHOLDS, STABILITY_THRESHOLDS):
                 kept = box_nms([c for c in candidates if c.predicted_iou >= iou_thresh
                                 and c.stability >= stability_thresh], loosest.nms_thresh)

@@ -5,7 +5,7 @@
 
 Generators: ``points`` is SAMAug's (everything mode's 32x32 point grid, box NMS 0.5, the model's predicted-IoU
 and stability thresholds) on LiteMedSAM-click; ``boxes`` is LiteMedSAM's box proposals. Both run on tiles
-where a data set's images are large (``TILES``, the same as the SAMAug comparison's presets). Images are taken
+as the SAMAug comparison's preset says (``sam4med.samaug.experiment.PRESETS``). Images are taken
 from the comparison's test side first (split seed 0), then validation, then training, up to ``--images`` per
 set. Priors are cached in PRIORS/<generator>/<data set> (the comparison reads them from there: resumable);
 scores go to OUT/prior_quality.csv (one row per image and generator), OUT/summary.csv and OUT/protocol.json
@@ -26,11 +26,10 @@ from sam4med.engine.runs import PROTOCOL_FILE, atomic_path, write_json
 from sam4med.engine.runtime import configure_cpu
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
 from sam4med.samaug.prior_quality import BOUNDARY_TOLERANCE_PX, measure_prior_quality
+from sam4med.samaug.experiment import PRESETS, PRIOR_GENERATORS
 from sam4med.samaug.priors import prior_settings
 from sam4med.samaug.store import PriorStore, generate_priors
 
-GENERATORS = {"points": ("litemedsam-click", "points"), "boxes": ("litemedsam", "boxes")}
-TILES = {"monuseg": 500}  # 1000 px H&E: nuclei stay a few pixels wide on 500 px tiles seen at 256 px
 SCORES = ["auroc", "covered_dice", "boundary_f", "covered_fraction", "masks"]
 
 
@@ -55,8 +54,9 @@ def main(
         ids = chosen_images(folder, images)
         name = load_dataset(folder).name
         protocol["images"][name] = ids
-        for generator, (model, method) in GENERATORS.items():
-            settings = prior_settings(model, tile=TILES.get(name), method=method)
+        for generator, (model, method) in PRIOR_GENERATORS.items():
+            tile = PRESETS[name].prior_tile if name in PRESETS else None
+            settings = prior_settings(model, tile=tile, method=method)
             (summary,) = generate_priors([folder], priors / generator, model, settings=settings,
                                          encoder_backend=encoder, image_ids=set(ids), figures_per_dataset=2)
             timings = pd.read_json(summary.results, lines=True)

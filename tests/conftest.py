@@ -104,3 +104,16 @@ def write_dataset(root: Path, broken: bool = True, count: int = 2) -> Path:
     (root / "dataset.json").write_text(json.dumps({"name": "ellipses", "modality": "synthetic", "target": "ellipse"}),
                                        encoding="utf-8")
     return root
+
+
+def small_blobs(size: int = 1024, count: int = 12, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A large noisy image with small bright ellipses (about 10 px across), and each one's mask."""
+    rng = np.random.default_rng(seed)
+    masks = []
+    image = rng.normal(50, 12, (size, size, 3))
+    for _ in range(count):
+        mask = np.zeros((size, size), bool)
+        mask[ellipse(*rng.integers(40, size - 40, 2), *rng.integers(5, 8, 2), shape=mask.shape)] = True
+        image[mask] = rng.normal(190, 12, (int(mask.sum()), 3))
+        masks.append(mask)
+    return image.clip(0, 255).astype(np.uint8), masks

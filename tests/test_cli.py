@@ -69,6 +69,21 @@ def test_bad_benchmark_settings_stop_before_anything_is_written(tmp_path, argume
     assert not (tmp_path / "out").exists()
 
 
+
+@pytest.mark.parametrize("verb", ["segment-volume", "annotate"])
+@pytest.mark.parametrize(("arguments", "named"), [(["--tile", "8"], "--tile"), (["--tile", "256", "--halo", "-1"], "--halo")])
+def test_bad_tiling_of_a_volume_or_the_annotator_is_one_line_before_the_model_loads(tmp_path, verb, arguments, named):
+    from conftest import write_disc_volume
+
+    volume = tmp_path / "disc.nrrd"
+    write_disc_volume(volume)
+    target = [str(volume), "--box3d", "10", "10", "2", "50", "40", "8", "--out", str(tmp_path / "out.nii.gz")] \
+        if verb == "segment-volume" else [str(tmp_path)]
+    result = CliRunner().invoke(app, [verb, *target, *arguments])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], lines
+    assert not (tmp_path / "out.nii.gz").exists() and not (tmp_path / ".sam4med").exists()
+
 def _benchmark_in(tmp_path, out):
     from conftest import make_ellipse_image
     from PIL import Image

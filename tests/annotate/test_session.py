@@ -10,13 +10,16 @@ import os
 
 import numpy as np
 import pytest
-from conftest import write_images
+from conftest import small_blobs, write_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from sam4med.annotate.server import create_app
 from sam4med.annotate.session import AnnotationSession
 from sam4med.engine.metrics import dice
+from sam4med.engine.predictor import EmbeddingCache
+from sam4med.engine.prompts import Prompt
+from sam4med.engine.tiling import tiles
 
 
 def mask_of(response_mask: str) -> np.ndarray:
@@ -211,3 +214,28 @@ def test_a_data_sets_jpeg_mask_is_shown_kept_and_replaced_by_one_png(tmp_path, c
     assert sorted(p.name for p in (tmp_path / "polyps" / "masks").iterdir()) == ["case0.png"]
     assert [p.suffix for p in (tmp_path / "polyps" / ".sam4med" / "history").iterdir()] == [".jpg"]
     assert load_dataset(tmp_path / "polyps").samples[0].mask_path.name == "case0.png"
+
+
+def test_a_large_image_annotated_on_tiles_segments_small_objects_and_prefetches_every_tile(tmp_path, click_model):
+    image, masks = small_blobs(size=768, count=4, seed=4)
+    (tmp_path / "large").mkdir()
+    Image.fromarray(image).save(tmp_path / "large" / "a.png")
+    Image.fromarray(image[::-1].copy()).save(tmp_path / "large" / "b.png")
+    whole = AnnotationSession(tmp_path / "large", click_model, prefetch=False)
+    tiled = AnnotationSession(tmp_path / "large", click_model, prefetch=True, tile=256, halo=32)
+    scores = {"whole": [], "tiled": []}
+    for object_id, mask in enumerate(masks):
+        for name, session in (("whole", whole), ("tiled", tiled)):
+            got, _ = session.segment(0, object_id, Prompt(box=box_of(mask)))
+            scores[name].append(dice(got, mask))
+    assert np.mean(scores["tiled"]) > 0.8 and np.mean(scores["tiled"]) > np.mean(scores["whole"]) + 0.1, scores
+    ys, xs = np.nonzero(masks[0])  # a click after the box stays on the box's tile, with its logits
+    corrected, _ = tiled.segment(0, 0, Prompt(box=box_of(masks[0]), points=[[float(xs.mean()), float(ys.mean())]],
+                                              labels=[1]))
+    assert dice(corrected, masks[0]) > 0.8
+    tiled.wait_for_prefetch()  # frame b's nine tiles were encoded ahead, into the cache
+    cache = EmbeddingCache(tmp_path / "large" / ".sam4med" / "embeddings")
+    frame_b = image[::-1]
+    for tile in tiles(frame_b.shape[:2], 256, 32):
+        x0, y0, x1, y1 = tile.extent
+        assert cache.load(cache.key(click_model, frame_b[y0:y1, x0:x1]), click_model.device) is not None

@@ -12,19 +12,7 @@ from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, tight_box
 from sam4med.engine.segment import segment_image
 from sam4med.engine.tiling import TiledPredictor, tile_boxes, tiles
-
-
-def small_blobs(size: int = 1024, count: int = 12, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A large noisy image with small bright ellipses (about 10 px across), and each one's mask."""
-    rng = np.random.default_rng(seed)
-    masks = []
-    image = rng.normal(50, 12, (size, size, 3))
-    for _ in range(count):
-        mask = np.zeros((size, size), bool)
-        mask[ellipse(*rng.integers(40, size - 40, 2), *rng.integers(5, 8, 2), shape=mask.shape)] = True
-        image[mask] = rng.normal(190, 12, (int(mask.sum()), 3))
-        masks.append(mask)
-    return image.clip(0, 255).astype(np.uint8), masks
+from conftest import small_blobs
 
 
 def test_the_cores_cover_the_image_once_and_the_halo_stays_inside():
@@ -90,3 +78,51 @@ def test_the_benchmark_records_its_tiling_and_scores_on_tiles(tmp_path):
     assert (protocol["tile"], protocol["halo"]) == (256, 16)
     frame = load_results(results)
     assert len(frame) == 4 and frame.dice.mean() > 0.85
+
+
+
+def test_everything_mode_lays_its_grid_on_every_tile_and_finds_small_objects_the_whole_image_misses(click_model):
+    """Blobs on points of the tiles' grids (8 per 256 px core: every 32 px from 16) that lie between the
+    points of the whole image's grid (8 per 512 px: every 64 px from 32)."""
+    from sam4med.engine.everything import EverythingSettings, generate_masks
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(50, 12, (512, 512, 3))
+    masks = []
+    for y, x in ((48, 48), (48, 272), (176, 400), (304, 112), (400, 240), (464, 464)):
+        mask = np.zeros((512, 512), bool)
+        mask[ellipse(y, x, 8, 8, shape=mask.shape)] = True
+        image[mask] = rng.normal(190, 12, (int(mask.sum()), 3))
+        masks.append(mask)
+    image = image.clip(0, 255).astype(np.uint8)
+    settings = EverythingSettings(method="points", points_per_side=8)
+    tiled = TiledPredictor(click_model, tile=256, halo=32)
+    found = {}
+    for name, predictor in (("whole", Predictor(click_model)), ("tiled", tiled)):
+        proposals = generate_masks(predictor, image, settings)
+        found[name] = [max((dice(p.mask, m) for p in proposals), default=0.0) for m in masks]
+    assert tiled.grid_regions() == [t.core for t in tiles((512, 512), 256, 32)]
+    assert min(found["tiled"]) > 0.6 and max(found["whole"]) < 0.5, found
+
+
+def test_a_small_object_in_a_volume_of_large_slices_is_propagated_on_tiles(litemedsam):
+    """A blob about 16 px across through slices 1..4 of 768 px slices: whole slices shrink it to 5 px."""
+    from sam4med.engine.segment import segment_volume
+
+    rng = np.random.default_rng(5)
+    slices, truth = [], []
+    for z in range(6):
+        mask = np.zeros((768, 768), bool)
+        if 1 <= z <= 4:
+            mask[ellipse(400, 380, 7 + z % 2, 8, shape=mask.shape)] = True
+        slices.append(np.where(mask, rng.normal(200, 10, mask.shape), rng.normal(50, 10, mask.shape))
+                      .clip(0, 255).astype(np.uint8))
+        truth.append(mask)
+    ys, xs = np.nonzero(truth[2])
+    box3d = (xs.min() - 2, ys.min() - 2, 1, xs.max() + 2, ys.max() + 2, 4)
+    scores = {}
+    for name, predictor in (("whole", Predictor(litemedsam)), ("tiled", TiledPredictor(litemedsam, 256, 32))):
+        labels = segment_volume(predictor, slices, box3d)
+        assert not labels[0].any() and not labels[5].any()
+        scores[name] = np.mean([dice(labels[z], truth[z]) for z in range(1, 5)])
+    assert scores["tiled"] > 0.8 and scores["tiled"] > scores["whole"] + 0.1, scores

@@ -9,7 +9,7 @@ from skimage.segmentation import find_boundaries
 from sam4med.samaug.prior_quality import measure_prior_quality, score_priors
 from sam4med.samaug.priors import Priors
 from sam4med.samaug.store import generate_priors
-from tests.conftest import make_ellipse_image, write_dataset
+from conftest import make_ellipse_image, write_dataset
 
 
 def test_priors_that_are_the_mask_score_one_and_a_uniform_prior_scores_chance():

@@ -17,7 +17,7 @@ from sam4med.engine.errors import InputError
 from sam4med.engine.everything import ProposedMask
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.metrics import paired_bootstrap
-from sam4med.samaug.experiment import images_used, summarise
+from sam4med.samaug.experiment import images_used, run_experiment, summarise, write_curves
 from sam4med.samaug.inputs import augment, compose_input, input_channels
 from sam4med.engine.tiling import tile_boxes
 from sam4med.samaug.priors import PriorSettings, Priors, priors_from_masks, settings_key
@@ -227,6 +227,27 @@ def test_training_resumes_and_refuses_another_configuration(tmp_path):
               show_progress=False)
     assert load_segmenter(tmp_path / "run" / "best.pt").config.input_kind == "raw"
 
+
+
+def test_an_experiment_stops_each_arm_on_its_plateau_records_it_and_draws_the_curves(tmp_path):
+    data = _noise_dataset(tmp_path / "noise", count=12, size=32)
+    priors = _oracle_priors(data, tmp_path / "priors")
+    config = TrainConfig(image_size=32, features=4, epochs=8, patience=2, batch_size=4, learning_rate=1e-2,
+                         fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    results = run_experiment(data, priors, tmp_path / "out", config, seeds=(0,), show_progress=False)
+    assert set(results["arm"]) == {"raw/raw", "dual/raw", "dual/aug", "dual/mean", "dual/confident", "dual/entropy"}
+    for training in ("raw", "dual"):
+        run = tmp_path / "out" / f"{training}_seed0"
+        recorded = json.loads((run / "result.json").read_text())
+        history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+        assert recorded["epochs_run"] == len(history) <= 8
+        best = max(range(len(history)), key=lambda i: history[i]["val_dice"]) + 1
+        assert recorded["best_epoch"] == best
+        assert recorded["stopped_early"] == (len(history) < 8)
+        if recorded["stopped_early"]:
+            assert len(history) - best == 2  # exactly the patience after the best epoch
+    with Image.open(write_curves(tmp_path / "out")) as curves:
+        assert curves.size[0] > 500 and curves.size[1] > 200
 
 def test_split_keeps_a_named_split_and_draws_validation_from_training(tmp_path):
     from sam4med.engine.datasets import load_dataset

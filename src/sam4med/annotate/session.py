@@ -25,12 +25,13 @@ from PIL import Image
 from sam4med.engine.datasets import IMAGE_EXTENSIONS
 from sam4med.engine.errors import InputError, hw, path_component
 from sam4med.engine.imageio import read_image, read_intensities, read_mask
-from sam4med.engine.predictor import EmbeddingCache, Predictor
+from sam4med.engine.predictor import EmbeddingCache
 from sam4med.engine.prompts import Prompt, select_mask, wants_multimask
 from sam4med.engine.runs import atomic_path, write_bytes_atomic, write_json
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.segment import propagate
 from sam4med.engine.volumes import VOLUME_SUFFIXES, read_label_volume, read_volume, window, write_label_volume
+from sam4med.engine.tiling import make_predictor
 
 TOOL_FOLDER = ".sam4med"
 LABELS_FOLDER = "labels"
@@ -272,11 +273,13 @@ class _OpenFrame:
 class AnnotationSession:
     """The state behind the annotation page; safe to call from the server's worker threads."""
 
-    def __init__(self, source: str | Path | Frames, model: SamModel, prefetch: bool = True):
+    def __init__(self, source: str | Path | Frames, model: SamModel, prefetch: bool = True, tile: int | None = None,
+                 halo: int = 32):
         self.frames = source if isinstance(source, (ImageFolder, VolumeSlices)) else open_frames(source)
         self.root = self.frames.root
         self.model = model
-        self.predictor = Predictor(model, EmbeddingCache(_inside(self.root, self.root / TOOL_FOLDER / "embeddings")))
+        cache = EmbeddingCache(_inside(self.root, self.root / TOOL_FOLDER / "embeddings"))
+        self.predictor = make_predictor(model, tile, halo, cache)  # tiled: each prompt on the tile that holds it
         self.prefetch = prefetch
         self._lock = threading.RLock()
         self._open: _OpenFrame | None = None
@@ -339,7 +342,7 @@ class AnnotationSession:
 
         def encode_next() -> None:
             try:
-                self.predictor.embed(self.frames.rgb(index))  # into the on-disk cache, for open() to load
+                self.predictor.embed_ahead(self.frames.rgb(index))  # into the on-disk cache, for open() to load
             except InputError:
                 pass  # an unreadable image says so when it is opened
 

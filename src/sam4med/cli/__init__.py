@@ -116,16 +116,20 @@ def segment_volume(
     upper_percentile: float = 99.5,
     model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
+    tile: TileOption = 0,
+    halo: HaloOption = 32,
     device: DeviceOption = None,
 ) -> None:
     """Segment one object in a volume from a 3D box, propagated slice by slice from the middle."""
+    from sam4med.engine.errors import check_tiling
     from sam4med.engine.models import load_model
-    from sam4med.engine.predictor import Predictor
     from sam4med.engine.segment import segment_volume_file
+    from sam4med.engine.tiling import make_predictor
 
+    check_tiling(tile or None, halo)
     configure_cpu()
-    labels = segment_volume_file(lambda: Predictor(load_model(model, checkpoint, device)), volume, box3d, out, axis,
-                                 (lower_percentile, upper_percentile))
+    labels = segment_volume_file(lambda: make_predictor(load_model(model, checkpoint, device), tile or None, halo),
+                                 volume, box3d, out, axis, (lower_percentile, upper_percentile))
     typer.echo(f"{out}: {int(labels.sum())} foreground voxels in "
                f"{int(labels.any(axis=tuple(a for a in range(3) if a != axis)).sum())} slices")
 
@@ -140,6 +144,8 @@ def annotate(
     model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
     encoder: EncoderOption = "torch",
+    tile: TileOption = 0,
+    halo: HaloOption = 32,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -147,7 +153,7 @@ def annotate(
     from sam4med.annotate.server import annotate_folder
 
     configure_cpu(threads)
-    annotate_folder(folder, model, checkpoint, device, host, port, open_browser, encoder)
+    annotate_folder(folder, model, checkpoint, device, host, port, open_browser, encoder, tile or None, halo)
 
 
 @app.command()

@@ -17,6 +17,7 @@ windows of different scales often return the same object with slightly different
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -35,6 +36,7 @@ from sam4med.engine.sam_model import Decoded
 
 Method = Literal["auto", "points", "boxes"]
 EVERYTHING_METHODS = ("auto", "points", "boxes")
+CHUNK_LOGITS_BYTES = 128 * 2**20  # full-size float32 logits of one chunk of prompts
 
 
 @dataclass
@@ -93,9 +95,10 @@ def grid_points(size: tuple[int, int], per_side: int) -> np.ndarray:
     return (build_point_grid(per_side) * scale).clip(0, scale - 1)
 
 
-def grid_prompts(size: tuple[int, int], settings: EverythingSettings) -> list[Prompt]:
-    """One positive click per point of SAM's grid."""
-    return [Prompt(points=[p], labels=[1]) for p in grid_points(size, settings.points_per_side)]
+def grid_prompts(regions: Sequence[tuple[int, int, int, int]], settings: EverythingSettings) -> list[Prompt]:
+    """One positive click per point of SAM's grid, laid over each (x0, y0, x1, y1) region."""
+    return [Prompt(points=[point + (x0, y0)], labels=[1]) for x0, y0, x1, y1 in regions
+            for point in grid_points((y1 - y0, x1 - x0), settings.points_per_side)]
 
 
 def window_boxes(size: tuple[int, int], scales: tuple[float, ...], overlap: float) -> list[np.ndarray]:
@@ -199,10 +202,15 @@ def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: Ever
 
 
 def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: EverythingSettings, multimask: bool,
-                    chunk: int = 32) -> list[ProposedMask]:
+                    chunk: int | None = None) -> list[ProposedMask]:
     """The masks of ``prompts`` on the predictor's image that pass the settings' thresholds, before NMS.
 
-    Decoded and filtered in chunks, so full-size logits of a whole grid never sit in memory at once."""
+    Decoded and filtered in chunks, so full-size logits of a whole grid never sit in memory at once; by
+    default a chunk's logits stay within ``CHUNK_LOGITS_BYTES`` (fewer prompts per chunk on large images)."""
+    if chunk is None:
+        assert predictor.image is not None
+        height, width = predictor.image.shape[:2]
+        chunk = max(1, min(32, CHUNK_LOGITS_BYTES // ((3 if multimask else 1) * height * width * 4)))
     kept: list[ProposedMask] = []
     for start in range(0, len(prompts), chunk):
         part = prompts[start : start + chunk]
@@ -217,8 +225,8 @@ def generate_masks(predictor: Predictor, image: np.ndarray, settings: Everything
     predictor.set_image(image)
     size = image.shape[:2]
     if settings.method == "points":
-        candidates = box_nms(candidate_masks(predictor, grid_prompts(size, settings), settings, multimask=True),
-                             settings.nms_thresh)
+        candidates = box_nms(candidate_masks(predictor, grid_prompts(predictor.grid_regions(), settings), settings,
+                                             multimask=True), settings.nms_thresh)
         return sorted(candidates, key=lambda c: c.score, reverse=True)
     boxes = window_boxes(size, settings.box_scales, settings.box_overlap)
     boxes += region_boxes(image, settings.region_proposals, settings.min_area_fraction)

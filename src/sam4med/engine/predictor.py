@@ -83,6 +83,17 @@ class Predictor:
             cache.store(key, embedding.features)
         return embedding
 
+    def embed_ahead(self, image: np.ndarray) -> None:
+        """Encode ``image`` into the cache before it is set (the annotator's next frame), leaving the image set as it is."""
+        self.embed(image)
+
+    def grid_regions(self) -> list[tuple[int, int, int, int]]:
+        """Where everything mode lays SAM's point grid, as (x0, y0, x1, y1) boxes: the whole image set."""
+        if self.image is None:
+            raise RuntimeError("call set_image before grid_regions")
+        height, width = self.image.shape[:2]
+        return [(0, 0, width, height)]
+
     @property
     def default_mask_rule(self) -> str:
         return self.model.spec.default_mask_rule

@@ -89,6 +89,20 @@ class TiledPredictor(Predictor):
             self._tile_embeddings[index] = self.embed(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
         return self._tile_embeddings[index]
 
+    def embed_ahead(self, image: np.ndarray) -> None:
+        """Encode every tile of ``image`` into the cache (or the whole image when it is not tiled)."""
+        if image.shape[0] <= self.tile and image.shape[1] <= self.tile:
+            self.embed(image)
+            return
+        for tile in tiles(image.shape[:2], self.tile, self.halo):
+            x0, y0, x1, y1 = tile.extent
+            self.embed(np.ascontiguousarray(image[y0:y1, x0:x1]))
+
+    def grid_regions(self) -> list[tuple[int, int, int, int]]:
+        """One grid per tile core (micro-sam's tiled automatic segmentation): each tile gets the points a
+        whole image would, so small objects keep the grid's density in the model's frame."""
+        return [tile.core for tile in self._tiles] or super().grid_regions()
+
     def route(self, prompt: Prompt) -> int | None:
         """The tile a prompt is decoded on, or None for the whole image."""
         anchor = prompt.box if prompt.box is not None else np.tile(prompt.points[0], 2)  # type: ignore[index]

@@ -13,7 +13,7 @@ over images (the test images are the sample; seeds are averaged out rather than 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -21,13 +21,40 @@ from matplotlib.figure import Figure
 
 from sam4med.engine.datasets import load_dataset
 from sam4med.engine.metrics import paired_bootstrap
-from sam4med.engine.runs import PROTOCOL_FILE, atomic_path, write_json
+from sam4med.engine.runs import HISTORY_FILE, PROTOCOL_FILE, atomic_path, write_json
 from sam4med.engine.splits import training_split
 from sam4med.samaug.inference import evaluate
 from sam4med.samaug.training import TrainConfig, train
 
 BASELINE = "raw/raw"
 METRICS_FILE = "metrics.csv"
+
+# Where the priors come from: SAMAug's generator (everything mode's 32x32 point grid) needs a model that
+# answers clicks; LiteMedSAM answers boxes alone and gets box proposals (sam4med.engine.everything).
+PRIOR_GENERATORS = {"points": ("litemedsam-click", "points"), "boxes": ("litemedsam", "boxes")}
+
+_BASE = TrainConfig(net="unet", policy="add", dual_update="summed", image_size=128, features=16, batch_size=8,
+                    learning_rate=1e-3, split_seed=0)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One data set's protocol, the same for every arm, network and seed."""
+
+    config: TrainConfig
+    prior_tile: int | None  # everything mode on tiles of this size (engine.tiling.tile_boxes)
+    instances: bool  # AJI and object F1 on connected components
+
+
+PRESETS = {
+    # 1000 px H&E at full resolution (nuclei ~10-20 px), 16 random 256 px patches per image and epoch;
+    # priors from everything mode on 500 px tiles (a whole tile at 256 px loses the nuclei)
+    "monuseg": Preset(replace(_BASE, image_size=256, scale_to=1000, patches_per_image=16, epochs=100, patience=15),
+                      500, True),
+    # 256 px frames as they are; CVC split by video sequence (groups), Kvasir by seed 0
+    "cvc_clinicdb": Preset(replace(_BASE, image_size=256, epochs=60, patience=10), None, False),
+    "kvasir_seg": Preset(replace(_BASE, image_size=256, epochs=60, patience=10), None, False),
+}
 
 
 def images_used(data: str | Path, config: TrainConfig) -> set[str]:
@@ -61,6 +88,7 @@ def run_experiment(
                 result = train([data], priors if training != "raw" else None, run,
                                replace(config, input_kind=training, seed=seed), show_progress=show_progress)
                 write_json(run / "result.json", {"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
+                                                 "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
                                                  "train_seconds": result.seconds})
                 evaluate(run / "best.pt", [data], priors if training != "raw" else None, "test", instances, run)
             frame = pd.read_csv(scored)
@@ -125,3 +153,28 @@ def write_summary(out: str | Path, results: pd.DataFrame | None = None) -> pd.Da
     with atomic_path(out / "summary.png") as temporary:
         figure.savefig(temporary, dpi=90)
     return table
+
+
+def write_curves(out: str | Path) -> Path:
+    """``curves.png``: validation Dice and training loss per epoch of every run in ``out`` (one line per arm
+    and seed), the evidence that each arm had stopped improving when it was scored."""
+    out = Path(out)
+    runs = sorted(path.parent for path in out.glob(f"*_seed*/{HISTORY_FILE}"))
+    figure = Figure(figsize=(10, 4))
+    val_axis, loss_axis = figure.subplots(1, 2)
+    colours: dict[str, str] = {}
+    for run in runs:
+        history = pd.read_json(run / HISTORY_FILE, lines=True)
+        training = run.name.rsplit("_seed", 1)[0]
+        label = None if training in colours else training  # one legend entry per arm
+        colour = colours.setdefault(training, f"C{len(colours)}")
+        val_axis.plot(history["epoch"], history["val_dice"], color=colour, label=label, lw=1)
+        loss_axis.plot(history["epoch"], history["loss"], color=colour, lw=1)
+    val_axis.set(xlabel="epoch", ylabel="validation Dice", title="validation Dice (one line per seed)")
+    loss_axis.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    if colours:
+        val_axis.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(out / "curves.png") as temporary:
+        figure.savefig(temporary, dpi=90)
+    return out / "curves.png"
