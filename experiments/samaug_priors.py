@@ -59,7 +59,7 @@ def main(
             settings = prior_settings(model, tile=tile, method=method)
             (summary,) = generate_priors([folder], priors / generator, model, settings=settings,
                                          encoder_backend=encoder, image_ids=set(ids), figures_per_dataset=2)
-            timings = pd.read_json(summary.results, lines=True)
+            timings = pd.read_json(summary.results, lines=True, dtype={"image": str})
             seconds.append({"dataset": name, "generator": generator,
                             "s_per_image": timings[timings["image"].isin(ids)]["priors_s"].mean()})
             protocol["priors"][f"{name}/{generator}"] = PriorStore(priors / generator / name).record
