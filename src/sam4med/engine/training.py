@@ -191,7 +191,7 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
                 progress.update(bar, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
             loop = _leaders_loop(loop, group)
     return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"],
-                       plateaued(loop, patience))
+                       plateaued(loop, patience) and loop["epoch"] < epochs)
 
 
 def _leaders_loop(loop: dict, group: Processes) -> dict:
