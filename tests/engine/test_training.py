@@ -65,6 +65,16 @@ def test_another_configuration_in_the_run_folder_is_refused(tmp_path):
     fit(LineTask(), tmp_path, {"lr": 0.05}, 1, seed=0, description="line", show_progress=False)
     with pytest.raises(InputError, match=r"other settings \(lr differ\)"):
         fit(LineTask(), tmp_path, {"lr": 0.1}, 2, seed=0, description="line", show_progress=False)
+    with pytest.raises(InputError, match=r"other settings \(patience differ\)"):
+        fit(LineTask(), tmp_path, {"lr": 0.05, "patience": 3}, 2, seed=0, description="line", show_progress=False)
+
+
+def test_a_run_from_before_a_setting_existed_resumes_while_that_setting_is_unset(tmp_path):
+    """An older run's config.json lacks ``patience``; the same run with patience unset (None) goes on."""
+    fit(LineTask(), tmp_path, {"lr": 0.05}, 1, seed=0, description="line", show_progress=False)
+    resumed = fit(LineTask(), tmp_path, {"lr": 0.05, "patience": None}, 2, seed=0, description="line",
+                  show_progress=False)
+    assert resumed.epochs_run == 2 and len(history(tmp_path)) == 2
 
 
 class DivergingTask(LineTask):

@@ -64,7 +64,10 @@ def write_json(path: Path, record: object) -> None:
 
 
 def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -> None:
-    """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one."""
+    """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one.
+
+    A setting the stored record lacks matches while it is unset (None): settings added in a later version
+    default to what earlier versions did, so their runs still resume."""
     path = folder / record_file
     current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
     if folder.exists() and not folder.is_dir():
@@ -77,7 +80,8 @@ def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -
                              "so they cannot be resumed: choose another --out") from None
         if not isinstance(existing, dict):
             raise InputError(f"{path}: damaged (not a JSON object); choose another --out")
-        if existing != current:
+        added_unset = {k for k, v in current.items() if k not in existing and v is None}
+        if existing != {k: v for k, v in current.items() if k not in added_unset}:
             changed = sorted(k for k in existing.keys() | current.keys() if existing.get(k) != current.get(k))
             raise InputError(f"{folder}: holds results made with other settings ({', '.join(changed)} differ); "
                              "choose another --out")
