@@ -6,7 +6,7 @@
 Generators: ``points`` is SAMAug's (everything mode's 32x32 point grid, box NMS 0.5, the model's predicted-IoU
 and stability thresholds) on LiteMedSAM-click; ``boxes`` is LiteMedSAM's box proposals. Both run on tiles
 as the SAMAug comparison's preset says (``sam4med.samaug.experiment.PRESETS``). Images are taken
-from the comparison's test side first (split seed 0), then validation, then training, up to ``--images`` per
+from the comparison's test side first (the preset's split), then validation, then training, up to ``--images`` per
 set. Priors are cached in PRIORS/<generator>/<data set> (the comparison reads them from there: resumable);
 scores go to OUT/prior_quality.csv (one row per image and generator), OUT/summary.csv and OUT/protocol.json
 (models with weights hashes, generator settings, tiles, image ids, boundary tolerance).
@@ -21,20 +21,23 @@ import pandas as pd
 import typer
 
 from sam4med.cli.options import EncoderOption, ThreadsOption
-from sam4med.engine.datasets import load_dataset
+from sam4med.engine.datasets import Dataset, load_dataset
 from sam4med.engine.runs import PROTOCOL_FILE, atomic_path, write_json
 from sam4med.engine.runtime import configure_cpu
-from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
-from sam4med.samaug.prior_quality import BOUNDARY_TOLERANCE_PX, measure_prior_quality
+from sam4med.engine.splits import training_split
 from sam4med.samaug.experiment import PRESETS, PRIOR_GENERATORS
+from sam4med.samaug.prior_quality import BOUNDARY_TOLERANCE_PX, measure_prior_quality
 from sam4med.samaug.priors import prior_settings
 from sam4med.samaug.store import PriorStore, generate_priors
+from sam4med.samaug.training import TrainConfig
 
 SCORES = ["auroc", "covered_dice", "boundary_f", "covered_fraction", "masks"]
 
 
-def chosen_images(data: Path, count: int) -> list[str]:
-    sides = training_split(load_dataset(data), DEFAULT_FRACTIONS, 0)
+def chosen_images(dataset: Dataset, count: int) -> list[str]:
+    """Test side first, then validation, then training, split as the comparison's preset splits the set."""
+    config = PRESETS[dataset.name].config if dataset.name in PRESETS else TrainConfig()
+    sides = training_split(dataset, config.fractions, config.split_seed)
     return [s.id for side in ("test", "val", "train") for s in sides[side]][:count]
 
 
@@ -51,19 +54,19 @@ def main(
     frames, protocol, seconds = [], {"boundary_tolerance_px": BOUNDARY_TOLERANCE_PX, "encoder": encoder,
                                      "images": {}, "priors": {}}, []
     for folder in data:
-        ids = chosen_images(folder, images)
-        name = load_dataset(folder).name
+        dataset = load_dataset(folder)
+        name, ids = dataset.name, chosen_images(dataset, images)
         protocol["images"][name] = ids
         for generator, (model, method) in PRIOR_GENERATORS.items():
             tile = PRESETS[name].prior_tile if name in PRESETS else None
             settings = prior_settings(model, tile=tile, method=method)
-            (summary,) = generate_priors([folder], priors / generator, model, settings=settings,
+            (summary,) = generate_priors([dataset], priors / generator, model, settings=settings,
                                          encoder_backend=encoder, image_ids=set(ids), figures_per_dataset=2)
             timings = pd.read_json(summary.results, lines=True, dtype={"image": str})
             seconds.append({"dataset": name, "generator": generator,
                             "s_per_image": timings[timings["image"].isin(ids)]["priors_s"].mean()})
             protocol["priors"][f"{name}/{generator}"] = PriorStore(priors / generator / name).record
-            frame = measure_prior_quality([folder], priors / generator, set(ids))
+            frame = measure_prior_quality([dataset], priors / generator, set(ids))
             frames.append(frame.assign(generator=generator))
     rows = pd.concat(frames, ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -159,8 +159,8 @@ def annotate_folder(folder: str | Path, model: str, checkpoint: str | Path | Non
         raise InputError(f"--port {port}: must be 1..65535")
     check_tiling(tile, halo)
     frames = open_frames(folder)  # a folder without images, or a damaged volume, fails before the model loads
-    model_ = load_model(model, checkpoint, device, encoder_backend=encoder_backend)
-    serve(AnnotationSession(frames, model_, tile=tile, halo=halo), host, port, open_browser)
+    sam = load_model(model, checkpoint, device, encoder_backend=encoder_backend)
+    serve(AnnotationSession(frames, sam, tile=tile, halo=halo), host, port, open_browser)
 
 
 def serve(session: AnnotationSession, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False) -> None:

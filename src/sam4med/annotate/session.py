@@ -30,8 +30,8 @@ from sam4med.engine.prompts import Prompt, select_mask, wants_multimask
 from sam4med.engine.runs import atomic_path, write_bytes_atomic, write_json
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.segment import propagate
-from sam4med.engine.volumes import VOLUME_SUFFIXES, read_label_volume, read_volume, window, write_label_volume
 from sam4med.engine.tiling import make_predictor
+from sam4med.engine.volumes import VOLUME_SUFFIXES, read_label_volume, read_volume, window, write_label_volume
 
 TOOL_FOLDER = ".sam4med"
 LABELS_FOLDER = "labels"

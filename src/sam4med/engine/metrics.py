@@ -127,7 +127,6 @@ def soft_dice(prob: np.ndarray, gt: np.ndarray, eps: float = 1e-6) -> float:
     return float((2.0 * p[g].sum() + eps) / (p.sum() + np.count_nonzero(g) + eps))
 
 
-
 def pixel_auroc(scores: np.ndarray, gt: np.ndarray) -> float:
     """Area under the ROC curve of a score map against a mask, over pixels: the chance that a foreground pixel
     scores above a background one (ties count half), from the Mann-Whitney U statistic. ``nan`` when the mask
@@ -153,6 +152,7 @@ def boundary_f_score(pred_boundary: np.ndarray, gt_boundary: np.ndarray, toleran
     precision = float(np.mean(distance_transform_edt(~g)[p] <= tolerance))
     recall = float(np.mean(distance_transform_edt(~p)[g] <= tolerance))
     return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
 
 def _crop_to_union(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both masks cut to the union's bounding box plus a margin, which leaves surface distances unchanged.

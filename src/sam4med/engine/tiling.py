@@ -36,6 +36,11 @@ class Tile:
     core: tuple[int, int, int, int]  # x0, y0, x1, y1 (ends exclusive): the tiles' cores cover the image once
     extent: tuple[int, int, int, int]  # the core grown by the halo, clipped to the image: what is encoded
 
+    def crop(self, image: np.ndarray) -> np.ndarray:
+        """The pixels this tile encodes."""
+        x0, y0, x1, y1 = self.extent
+        return np.ascontiguousarray(image[y0:y1, x0:x1])
+
     def holds(self, box: np.ndarray) -> bool:
         x0, y0, x1, y1 = self.extent
         return bool(box[0] >= x0 and box[1] >= y0 and box[2] <= x1 - 1 and box[3] <= y1 - 1)
@@ -69,13 +74,17 @@ class TiledPredictor(Predictor):
 
     def set_image(self, image: np.ndarray) -> Embedding | None:  # type: ignore[override]
         """Take ``image``; tiles are encoded when a prompt first needs them (the whole image when untiled)."""
-        if image.shape[0] <= self.tile and image.shape[1] <= self.tile:
+        if self._untiled(image):
             self._tiles = []
             return super().set_image(image)
         if image is not self.image:
             self.image, self.embedding = image, None
             self._tiles, self._tile_embeddings = tiles(image.shape[:2], self.tile, self.halo), {}
         return None
+
+    def _untiled(self, image: np.ndarray) -> bool:
+        """Images no larger than one tile are encoded whole."""
+        return image.shape[0] <= self.tile and image.shape[1] <= self.tile
 
     def _encode(self, index: int | None) -> Embedding:
         """Tile ``index``'s embedding, or the whole image's for None; each made once per image."""
@@ -85,18 +94,16 @@ class TiledPredictor(Predictor):
                 self.embedding = self.embed(self.image)
             return self.embedding
         if index not in self._tile_embeddings:
-            x0, y0, x1, y1 = self._tiles[index].extent
-            self._tile_embeddings[index] = self.embed(np.ascontiguousarray(self.image[y0:y1, x0:x1]))
+            self._tile_embeddings[index] = self.embed(self._tiles[index].crop(self.image))
         return self._tile_embeddings[index]
 
     def embed_ahead(self, image: np.ndarray) -> None:
         """Encode every tile of ``image`` into the cache (or the whole image when it is not tiled)."""
-        if image.shape[0] <= self.tile and image.shape[1] <= self.tile:
+        if self._untiled(image):
             self.embed(image)
             return
         for tile in tiles(image.shape[:2], self.tile, self.halo):
-            x0, y0, x1, y1 = tile.extent
-            self.embed(np.ascontiguousarray(image[y0:y1, x0:x1]))
+            self.embed(tile.crop(image))
 
     def grid_regions(self) -> list[tuple[int, int, int, int]]:
         """One grid per tile core (micro-sam's tiled automatic segmentation): each tile gets the points a
