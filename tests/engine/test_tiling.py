@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from skimage.draw import ellipse
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.metrics import dice
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompts import Prompt, tight_box
+from sam4med.engine.prompts import Prompt, center_point, tight_box
 from sam4med.engine.segment import segment_image
 from sam4med.engine.tiling import TiledPredictor, tile_boxes, tiles
 from conftest import small_blobs
@@ -50,6 +51,23 @@ def test_a_prompt_no_tile_holds_goes_to_the_whole_image_and_batches_keep_their_o
     for k, mask in enumerate(masks):  # each mask lands where its object is
         assert dice(decoded.masks()[k, 0], mask) > 0.7
         assert tiled.route(prompts[k]) is not None
+
+
+def test_clicks_spread_over_tiles_go_to_the_whole_image_without_the_home_tiles_mask(litemedsam):
+    image, masks = small_blobs(count=2, seed=3)
+    tiled = TiledPredictor(litemedsam, tile=256, halo=32)
+    tiled.set_image(image)
+    first, second = (center_point(m) for m in masks)
+    local = Prompt(points=np.array([first]), labels=np.array([1]))
+    spread = Prompt(points=np.array([first, second]), labels=np.array([1, 1]))
+    assert tiled.route(local) == tiled.home(local) == tiled.home(spread) is not None
+    assert tiled.route(spread) is None  # the second click lies outside the first one's tile
+    previous = tiled.predict([local]).low_res  # in the home tile's frame
+    fed_back = tiled.predict([spread], mask_input=previous)
+    assert torch.equal(fed_back.logits, tiled.predict([spread]).logits)  # the home tile's mask is left out
+    assert fed_back.logits.shape == (1, 1, 1024, 1024)
+    kept = tiled.predict([local], mask_input=previous)  # on its home tile the mask still counts
+    assert not torch.equal(kept.logits, tiled.predict([local]).logits)
 
 
 def test_bad_tiling_is_one_input_error(litemedsam):

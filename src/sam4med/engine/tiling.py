@@ -59,10 +59,12 @@ def tiles(size: tuple[int, int], tile: int, halo: int) -> list[Tile]:
 class TiledPredictor(Predictor):
     """A :class:`Predictor` that encodes tiles (lazily, each once per image) instead of the whole image.
 
-    A prompt goes to the tile whose extent holds its box (or, without a box, its first point, so that
+    A prompt's home is the tile whose extent holds its box (or, without a box, its first point, so that
     clicks added later keep the tile and its fed-back logits), preferring the tile whose core holds the
-    box's centre; a prompt no tile holds is decoded on the whole image's embedding. Images no larger than
-    one tile are not tiled."""
+    box's centre. It is decoded there when every click lies inside that tile too; otherwise (a box no
+    tile holds, clicks spread over a vessel tree) on the whole image's embedding, and a fed-back mask made
+    on the home tile is left out, being in that tile's frame. Images no larger than one tile are not
+    tiled."""
 
     def __init__(self, model: SamModel, tile: int, halo: int = 32, cache: EmbeddingCache | None = None,
                  batch_size: int | None = None):
@@ -110,12 +112,21 @@ class TiledPredictor(Predictor):
         whole image would, so small objects keep the grid's density in the model's frame."""
         return [tile.core for tile in self._tiles] or super().grid_regions()
 
-    def route(self, prompt: Prompt) -> int | None:
-        """The tile a prompt is decoded on, or None for the whole image."""
+    def home(self, prompt: Prompt) -> int | None:
+        """The tile that holds the prompt's box (or first point), or None when no tile does."""
         anchor = prompt.box if prompt.box is not None else np.tile(prompt.points[0], 2)  # type: ignore[index]
         holding = [i for i, t in enumerate(self._tiles) if t.holds(anchor)]
         centre = ((anchor[0] + anchor[2]) / 2, (anchor[1] + anchor[3]) / 2)
         return next((i for i in holding if self._tiles[i].core_holds(*centre)), holding[0] if holding else None)
+
+    def route(self, prompt: Prompt) -> int | None:
+        """The tile a prompt is decoded on (its home, when that holds every click), or None for the whole
+        image."""
+        home = self.home(prompt)
+        if home is None or prompt.points is None:
+            return home
+        spread = np.concatenate([prompt.points.min(0), prompt.points.max(0)])
+        return home if self._tiles[home].holds(spread) else None
 
     def predict(self, prompts: Sequence[Prompt], mask_input: torch.Tensor | None = None, multimask: bool = False,
                 min_iou: float | None = None) -> Decoded:
@@ -123,17 +134,20 @@ class TiledPredictor(Predictor):
             return super().predict(prompts, mask_input, multimask, min_iou)
         assert self.image is not None
         height, width = self.image.shape[:2]
-        groups: dict[int | None, list[int]] = {}
+        groups: dict[tuple[int | None, bool], list[int]] = {}
         for position, prompt in enumerate(prompts):
-            groups.setdefault(self.route(prompt), []).append(position)
+            route = self.route(prompt)
+            # a mask fed back from the home tile is in that tile's frame: not usable elsewhere
+            keeps_mask = mask_input is not None and route == self.home(prompt)
+            groups.setdefault((route, keeps_mask), []).append(position)
         masks_per_prompt = 3 if multimask else 1
         low_res = iou = None
         logits = torch.full((len(prompts), masks_per_prompt, height, width), OUTSIDE_LOGIT, device=self.model.device)
-        for index, positions in groups.items():
+        for (index, keeps_mask), positions in groups.items():
             embedding = self._encode(index)
             x0, y0 = self._tiles[index].extent[:2] if index is not None else (0, 0)
             shifted = [_shifted(prompts[p], x0, y0) for p in positions]
-            part_masks = None if mask_input is None else mask_input[positions]
+            part_masks = mask_input[positions] if keeps_mask else None  # type: ignore[index]
             parts = [self.model.decode(embedding, shifted[s : s + self.batch_size],
                                        None if part_masks is None else part_masks[s : s + self.batch_size],
                                        multimask, min_iou) for s in range(0, len(shifted), self.batch_size)]
