@@ -1,7 +1,8 @@
 """The click-capable LiteMedSAM against LiteMedSAM on the test sides of the real data sets.
 
     python experiments/click_model.py --data ../shared/data/kvasir_seg --data ../shared/data/busi ... \\
-        --out runs/clicks/eval --max-test-images 20 [--checkpoint runs/clicks/run/best.pt]
+        --out runs/clicks/eval --max-test-images 20 [--checkpoint runs/clicks/run/best.pt] \\
+        [--tiled-data ../shared/data/monuseg --tile 256]
 
 Both models run the benchmark (resumable) on the test side of the group-aware 70/10/20 split (seed 0)
 that click training holds out: modes box, point_center, points5, interactive (from one centre click,
@@ -9,7 +10,9 @@ that click training holds out: modes box, point_center, points5, interactive (fr
 model: SAM's point grid). Each model uses its own mask rule (LiteMedSAM single; the click model auto:
 3 masks for a lone click, ranked by its IoU head). Writes OUT/<model>/ (results.jsonl, protocol.json)
 and OUT/table.csv. Data sets too small for a three-way split (brain MRI: two patients) are left out of
-training and scored on all their images (--left-out; OUT/<model>_left_out/).
+training and scored on all their images (--left-out; OUT/<model>_left_out/). Data sets of small objects
+in large images (--tiled-data) are scored on tiled embeddings (--tile, --halo; OUT/<model>_tiled/), as
+a user prompts them.
 """
 
 from __future__ import annotations
@@ -34,8 +37,13 @@ def main(
     out: Annotated[Path, typer.Option(help="Results folder.")],
     left_out: Annotated[list[Path], typer.Option(help="Data set never trained on (too few groups for a split): "
                                                       "scored on all its images (repeatable).")] = [],  # noqa: B006
+    tiled_data: Annotated[list[Path], typer.Option(help="Data set trained on, scored on its test side with tiled "
+                                                        "embeddings (repeatable).")] = [],  # noqa: B006
+    tile: Annotated[int, typer.Option(help="Tile core in px for --tiled-data.")] = 256,
+    halo: Annotated[int, typer.Option(help="Pixels around each tile's core.")] = 32,
     checkpoint: Annotated[Optional[Path], typer.Option(help="A click run's best.pt (default: the shipped "
                                                                "litemedsam-click weights).")] = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated prompt modes.")] = ",".join(MODES),
     max_test_images: Annotated[int, typer.Option(help="Test images per data set (0: all).")] = 20,
     threads: ThreadsOption = None,
 ) -> None:
@@ -47,12 +55,13 @@ def main(
               else load_model("litemedsam-click", encoder_backend="onnx")}
     folders = {}
     for label, model in models.items():
-        for suffix, sets, split in (("", data, "test"), ("_left_out", left_out, None)):
+        for suffix, sets, split, tiling in (("", data, "test", None), ("_tiled", tiled_data, "test", tile),
+                                            ("_left_out", left_out, None, None)):
             if not sets:
                 continue
             config = BenchmarkConfig(model=model.name, checkpoint=str(checkpoint) if checkpoint and label == "click"
-                                     else None, modes=MODES, split=split, max_images=max_test_images or None,
-                                     prompts=prompts)
+                                     else None, modes=tuple(modes.split(",")), split=split, max_images=max_test_images or None,
+                                     prompts=prompts, tile=tiling, halo=halo)
             folders[label + suffix] = run_benchmark(sets, out / (label + suffix), config, model=model,
                                                     overlays_per_dataset=1).parent
     table = compare(folders)

@@ -8,18 +8,19 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_ellipse_image
+from conftest import make_ellipse_image, small_blobs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
+from sam4med.clicks.embeddings import embedded_images, load_embedding
 from sam4med.clicks.loading import export_prompt_weights
 from sam4med.clicks.training import ClickTrainConfig, background_points, best_object_iou, train_clicks
 from sam4med.engine.errors import InputError
@@ -207,3 +208,39 @@ def test_click_model_keeps_the_base_models_box_masks(litemedsam, ellipse_image):
     torch.testing.assert_close(click_model.decode(embedding, [with_click]).low_res, fresh.low_res)
     corrected = click_model.decode(embedding, [box], mask_input=base.low_res)
     assert not torch.equal(litemedsam.decode(embedding, [box], mask_input=base.low_res).low_res, corrected.low_res)
+
+
+def blobs(root: Path, count: int = 2, size: int = 512) -> Path:
+    """Large images of small blobs (nuclei-like), 0/255 masks."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index in range(count):
+        image, masks = small_blobs(size, count=10, seed=index)
+        Image.fromarray(image).save(root / "images" / f"b{index}.png")
+        Image.fromarray(np.any(masks, axis=0).astype(np.uint8) * 255).save(root / "masks" / f"b{index}.png")
+    (root / "dataset.json").write_text(json.dumps({"name": "blobs"}))
+    return root
+
+
+def test_tiled_data_sets_are_also_trained_tile_by_tile_at_the_scale_tiled_inference_sees(tmp_path):
+    data = blobs(tmp_path / "blobs", count=3)
+    config = replace(CONFIG, epochs=1, steps_per_epoch=2, flips=False, tile=256, halo=32, tiled=("blobs",),
+                     balance_datasets=True, max_val_images=4, fractions={"train": 0.34, "val": 0.33, "test": 0.33})
+    train_clicks([data], tmp_path / "run", config, tmp_path / "embeddings", show_progress=False)
+    meta = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["meta"]
+    assert meta["train_per_folder"] == {"blobs": 1, "blobs@tile256h32": 4}  # one 512 px image: 2 x 2 tiles
+    whole = embedded_images(tmp_path / "embeddings", "blobs", ["b0", "b1", "b2"])  # training and validation
+    cut = embedded_images(tmp_path / "embeddings", "blobs@tile256h32", ["b0", "b1", "b2"])
+    assert [e.path.name for e in cut[:4]] == [f"{e.image}.t{k}.pt" for e, k in zip(cut[:4], range(4))]
+
+    def mean_object_area(images):
+        areas = [torch.bincount(load_embedding(e.path)[1].flatten())[1:] for e in images]
+        return torch.cat([a[a > 0] for a in areas]).float().mean()
+
+    # 512 px -> 256 px halves a blob's side; a 256 px core + halo keeps about 0.9 of it
+    assert mean_object_area(cut) > 2.5 * mean_object_area(whole)
+    assert sum(e.objects for e in cut) >= sum(e.objects for e in whole)  # a blob on a cut may count twice
+    with pytest.raises(InputError, match="--tiled other: not one of the data sets"):
+        train_clicks([data], tmp_path / "run2", replace(config, tiled=("other",)), tmp_path / "embeddings")
+    with pytest.raises(InputError, match="--tiled blobs: needs --tile"):
+        train_clicks([data], tmp_path / "run3", replace(config, tile=None), tmp_path / "embeddings")

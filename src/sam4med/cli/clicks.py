@@ -30,6 +30,13 @@ def train(
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (times 0.8 each epoch).")] = 1e-4,
     max_train_images: MaxTrainImagesOption = 200,
     flips: Annotated[bool, typer.Option(help="Also train on mirror images (encoded once more).")] = True,
+    tile: Annotated[int, typer.Option(help="Tile core in px for the --tiled data sets (0: none); prompt them "
+                                           "with the same --tile at inference.")] = 0,
+    halo: Annotated[int, typer.Option(help="Pixels added around each tile's core.")] = 32,
+    tiled: Annotated[list[str], typer.Option(help="Name of a --data set whose images larger than a tile are also "
+                                                  "trained on tile by tile: small objects (repeatable).")] = [],  # noqa: B006
+    balance_datasets: Annotated[bool, typer.Option(help="Draw each step's images from the data sets evenly "
+                                                        "(their tiles counted apart), not from all images.")] = False,
     background_clicks: Annotated[int, typer.Option(help="Lone clicks on background per image and step; they "
                                                    "teach the IoU head what is not an object.")] = 2,
     base_box_decoder: Annotated[bool, typer.Option(help="Decode a box alone with the frozen base decoder, as "
@@ -53,6 +60,7 @@ def train(
     config = ClickTrainConfig(backbone=backbone, rounds=rounds, steps_per_epoch=steps_per_epoch,
                               images_per_step=images_per_step, objects_per_image=objects_per_image, epochs=epochs,
                               learning_rate=learning_rate, max_train_images=max_train_images or None, flips=flips,
+                              tile=tile or None, halo=halo, tiled=tuple(tiled), balance_datasets=balance_datasets,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
                               init_weights=None if init is None else str(init), seed=seed)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),

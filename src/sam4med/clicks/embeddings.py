@@ -4,6 +4,12 @@ Layout: ``EMBEDDINGS/<data set>/embeddings.json`` (model and weights hash, flips
 one ``<image id>.pt`` (and ``<image id>.hflip.pt``, the image flipped left-right) per image, and
 ``results.jsonl`` with one row per embedded image: the shared resumable item loop runs them, so a killed
 run continues where it stopped.
+
+Small objects (nuclei, cells in 500-1000 px images) are a few pixels wide in a whole image's 256 px
+frame, and at inference they are prompted on tiles (``engine.tiling``). Training sees them at that scale
+too: ``EMBEDDINGS/<data set>@tile<T>h<H>/`` holds every tile of the images larger than one tile, cut as
+the tiled predictor cuts them (``<image id>.t<k>.pt``), each tile's objects being what of the image's
+objects lies inside it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sam4med.engine.checkpoints import write_torch
@@ -23,6 +30,7 @@ from sam4med.engine.objects import connected_components
 from sam4med.engine.preprocessing import labels_to_low_res, low_res_content
 from sam4med.engine.runs import claim_folder, read_jsonl
 from sam4med.engine.sam_model import SamModel
+from sam4med.engine.tiling import tiles
 
 RECORD_FILE = "embeddings.json"
 
@@ -38,8 +46,12 @@ class EmbeddedImage:
     content: tuple[int, int]  # (h, w) of the image inside the 256 px frame; the rest is padding
 
 
-def embedding_path(folder: Path, image_id: str, flip: bool) -> Path:
-    return folder / f"{image_id}{'.hflip' if flip else ''}.pt"
+def embedding_path(folder: Path, image_id: str, flip: bool, tile: int | None = None) -> Path:
+    return folder / f"{image_id}{'' if tile is None else f'.t{tile}'}{'.hflip' if flip else ''}.pt"
+
+
+def tiled_folder_name(dataset: str, tile: int, halo: int) -> str:
+    return f"{dataset}@tile{tile}h{halo}"
 
 
 def load_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,51 +63,66 @@ def load_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 class EmbeddingWorker:
     """The work for one image: encode it (and its mirror image), store features and object labels."""
 
-    def __init__(self, model: SamModel, folder: Path, flips: Sequence[bool], min_area: int):
+    def __init__(self, model: SamModel, folder: Path, flips: Sequence[bool], min_area: int,
+                 tiling: tuple[int, int] | None = None):
         self.model = model
         self.folder = folder
         self.flips = flips
         self.min_area = min_area
+        self.tiling = tiling  # (tile, halo): embed the tiles of images larger than one tile instead
 
     def __call__(self, item: WorkItem) -> list[dict]:
         image, mask = load_pair(item.sample)
+        if self.tiling is None:
+            views: list[tuple[int | None, np.ndarray, np.ndarray]] = [(None, image, mask)]
+        elif max(image.shape[:2]) <= self.tiling[0]:  # the whole image is one tile: the untiled store has it
+            return [{"dataset": item.dataset.name, "image": item.sample.id, "tile": None, "objects": 0}]
+        else:
+            views = [(k, t.crop(image), t.crop(mask)) for k, t in enumerate(tiles(image.shape[:2], *self.tiling))]
         rows = []
-        for flip in self.flips:
-            pixels, truth = (image[:, ::-1].copy(), mask[:, ::-1].copy()) if flip else (image, mask)
-            embedding = self.model.encode(pixels)
-            labels = labels_to_low_res(torch.from_numpy(connected_components(truth)), embedding.geometry)
-            areas = torch.bincount(labels.flatten())
-            kept = [i for i in range(1, len(areas)) if areas[i] >= self.min_area]
-            path = embedding_path(self.folder, item.sample.id, flip)
-            write_torch(path, {"features": embedding.features[0].to(torch.float16).cpu(),
-                               "labels": torch.where(torch.isin(labels, torch.tensor(kept)), labels, 0).to(torch.int16)})
-            rows.append({"dataset": item.dataset.name, "image": item.sample.id, "flip": flip, "objects": len(kept),
-                         "content": list(low_res_content(embedding.geometry)), "bytes": path.stat().st_size})
+        for tile, view, view_mask in views:
+            for flip in self.flips:
+                pixels, truth = (view[:, ::-1].copy(), view_mask[:, ::-1].copy()) if flip else (view, view_mask)
+                embedding = self.model.encode(pixels)
+                labels = labels_to_low_res(torch.from_numpy(connected_components(truth)), embedding.geometry)
+                areas = torch.bincount(labels.flatten())
+                kept = [i for i in range(1, len(areas)) if areas[i] >= self.min_area]
+                path = embedding_path(self.folder, item.sample.id, flip, tile)
+                write_torch(path, {"features": embedding.features[0].to(torch.float16).cpu(),
+                                   "labels": torch.where(torch.isin(labels, torch.tensor(kept)), labels, 0).to(torch.int16)})
+                rows.append({"dataset": item.dataset.name, "image": item.sample.id, "tile": tile, "flip": flip,
+                             "objects": len(kept), "content": list(low_res_content(embedding.geometry)),
+                             "bytes": path.stat().st_size})
         return rows
 
 
 def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample]]], out: Path,
                    flips: Sequence[bool] = (False, True), min_area: int = 16,
-                   show_progress: bool = True, executor: Executor | None = None) -> list[ItemRunSummary]:
-    """Embed the given samples of each data set under ``out/<data set>/`` (resumable); ``executor``: where
+                   show_progress: bool = True, executor: Executor | None = None,
+                   tiling: tuple[int, int] | None = None) -> list[ItemRunSummary]:
+    """Embed the given samples of each data set under ``out/<data set>/`` (resumable), or with ``tiling``
+    (tile, halo) their tiles under ``out/<data set>@tile<T>h<H>/``; ``executor``: where
     (``engine.executors``; on several machines ``out`` must be storage they share)."""
     summaries = []
     for name, (dataset, samples) in splits.items():
-        folder = out / name
-        claim_folder(folder, RECORD_FILE, {"model": model.protocol(), "flips": list(flips), "min_area": min_area,
-                                           "features": "fp16 (256, 64, 64)", "labels": "int16 (256, 256)"})
-        worker = EmbeddingWorker(model, folder, flips, min_area)
+        folder = out / (name if tiling is None else tiled_folder_name(name, *tiling))
+        record = {"model": model.protocol(), "flips": list(flips), "min_area": min_area,
+                  "features": "fp16 (256, 64, 64)", "labels": "int16 (256, 256)"}
+        claim_folder(folder, RECORD_FILE, record if tiling is None else {**record, "tile": tiling[0], "halo": tiling[1]})
+        worker = EmbeddingWorker(model, folder, flips, min_area, tiling)
         summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, folder / RESULTS_FILE,
                                    f"embed {name}", show_progress=show_progress, executor=executor))
     return summaries
 
 
 def embedded_images(out: Path, dataset: str, image_ids: Sequence[str]) -> list[EmbeddedImage]:
-    """The cached images of ``image_ids`` that hold at least one object, both flips, in id order."""
+    """The cached images (or tiles, for a tiled folder name) of ``image_ids`` that hold at least one
+    object, both flips, in id order."""
     wanted = set(image_ids)
     folder = out / dataset
-    rows = [r for r in read_jsonl(folder / RESULTS_FILE) if r["status"] == "ok" and r["image"] in wanted]
-    return [EmbeddedImage(dataset, r["image"], embedding_path(folder, r["image"], r["flip"]), r["objects"],
-                          tuple(r["content"]))
-            for r in sorted(rows, key=lambda r: (r["image"], r["flip"])) if r["objects"] > 0]
+    rows = [r for r in read_jsonl(folder / RESULTS_FILE)
+            if r["status"] == "ok" and r["image"] in wanted and r["objects"] > 0]
+    rows.sort(key=lambda r: (r["image"], -1 if r.get("tile") is None else r["tile"], r["flip"]))
+    return [EmbeddedImage(dataset, r["image"], embedding_path(folder, r["image"], r["flip"], r.get("tile")),
+                          r["objects"], tuple(r["content"])) for r in rows]
 

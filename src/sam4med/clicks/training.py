@@ -18,7 +18,8 @@ Iterative click simulation, as SAM and SAM-Med2D train:
   filter them by predicted IoU. Their masks get no loss: an unlabelled region may still be a structure.
 
 The image encoder is frozen and never run: embeddings come from :mod:`sam4med.clicks.embeddings`
-(computed once, mirror images included). Everything else (run folder, resume, checkpoints, history) is
+(computed once, mirror images included; for the data sets named in ``tiled``, the tiles of their large
+images too, so that small objects are trained at the scale tiled inference shows them). Everything else (run folder, resume, checkpoints, history) is
 the shared training loop's.
 """
 
@@ -35,12 +36,12 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding
+from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding, tiled_folder_name
 from sam4med.engine.datasets import load_datasets
 from sam4med.engine.distributed import barrier, processes
 from sam4med.engine.executors import Executor
 from sam4med.engine.checkpoints import file_sha256
-from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed
+from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed, check_tiling
 from sam4med.engine.models import base_prompt_path, load_model, load_prompt_parts
 from sam4med.engine.metrics import dice
 from sam4med.engine.preprocessing import LOW_RES
@@ -75,6 +76,10 @@ class ClickTrainConfig:
     max_train_images: int | None = 200  # per data set
     max_val_images: int = 4  # per data set
     flips: bool = True
+    tile: int | None = None  # tile core in px for the data sets in ``tiled`` (engine.tiling)
+    halo: int = 32
+    tiled: tuple[str, ...] = ()  # data set names also trained on the tiles of their images larger than a tile
+    balance_datasets: bool = False  # each step draws data sets (tiles apart) evenly, not images
     base_box_decoder: bool = True  # a box alone is decoded by the frozen base decoder (round 0 not trained)
     background_clicks: int = 2  # lone clicks on background per image and step, for the IoU head
     init_weights: str | None = None  # prompt weights to start from (exported .pt or a run's checkpoint)
@@ -100,6 +105,9 @@ class ClickTrainConfig:
         check_limit(self.min_object_area, "--min-object-area")
         check_limit(self.max_train_images, "--max-train-images")
         check_limit(self.max_val_images, "max_val_images")
+        check_tiling(self.tile, self.halo)
+        if self.tiled and self.tile is None:
+            raise InputError(f"--tiled {self.tiled[0]}: needs --tile")
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise InputError(f"{self.init_weights}: no such file (init weights)")
 
@@ -204,6 +212,10 @@ class ClickTask(TrainingTask):
         self.device = torch.device(device)
         self.scale = image_size / LOW_RES  # 256 px frame -> model input frame
         self.train_images = train
+        groups: dict[str, list[int]] = {}
+        for index, image in enumerate(train):
+            groups.setdefault(image.dataset, []).append(index)
+        self.groups = list(groups.values())  # data sets, their tiles apart, for balance_datasets
         self.val_images = val
         self.meta = meta
         self.module = PromptPath(network.prompt_encoder, network.mask_decoder, use_shared_decoder=False).to(self.device)
@@ -220,7 +232,7 @@ class ClickTask(TrainingTask):
         batches = []
         for _ in range(self.config.steps_per_epoch):
             step = []
-            for index in rng.choice(len(self.train_images), self.config.images_per_step, replace=False):
+            for index in self._draw_images(rng):
                 image = self.train_images[index]
                 count = min(self.config.objects_per_image, image.objects)
                 step.append(ImageStep(image, [], str(rng.choice(FIRST_PROMPTS, p=self.kind_probabilities)),
@@ -228,6 +240,13 @@ class ClickTask(TrainingTask):
                 step[-1].object_ids = rng.permutation(image.objects)[:count].tolist()  # ranks among kept objects
             batches.append(step)
         return batches
+
+    def _draw_images(self, rng: np.random.Generator) -> list[int]:
+        """One step's images: distinct images drawn evenly, or with ``balance_datasets`` one image from
+        each of ``images_per_step`` data sets drawn evenly (with replacement)."""
+        if not self.config.balance_datasets:
+            return rng.choice(len(self.train_images), self.config.images_per_step, replace=False).tolist()
+        return [int(rng.choice(self.groups[g])) for g in rng.integers(len(self.groups), size=self.config.images_per_step)]
 
     def _objects(self, labels: Tensor, ranks: Sequence[int]) -> list[np.ndarray]:
         ids = torch.unique(labels)
@@ -325,6 +344,13 @@ class ClickTask(TrainingTask):
         return self.meta
 
 
+def spread(items: list[EmbeddedImage], count: int) -> list[EmbeddedImage]:
+    """At most ``count`` of ``items``, evenly spaced (the tiles of several validation images, not all of one)."""
+    if len(items) <= count:
+        return items
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
+
+
 def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrainConfig | None = None,
                  embeddings: str | Path | None = None, encoder_backend: str = "torch",
                  show_progress: bool = True, device: str | None = None, executor: Executor | None = None) -> TrainResult:
@@ -348,20 +374,32 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
                          "model and start from them with --init")
     sides = {d.name: (splits[d.name]["train"][: config.max_train_images], splits[d.name]["val"][: config.max_val_images])
              for d in datasets}
+    unknown = sorted(set(config.tiled) - {d.name for d in datasets})
+    if unknown:
+        raise InputError(f"--tiled {unknown[0]}: not one of the data sets given with --data")
+    folders = {d.name: [d.name] + ([tiled_folder_name(d.name, config.tile, config.halo)]  # type: ignore[arg-type]
+                                   if d.name in config.tiled else []) for d in datasets}
     group = processes()
     if group.leader:  # under torchrun the others wait for the embeddings
-        embed_datasets(backbone, {d.name: (d, sides[d.name][0] + sides[d.name][1]) for d in datasets}, store,
-                       (False, True) if config.flips else (False,), config.min_object_area, show_progress, executor)
+        flips = (False, True) if config.flips else (False,)
+        chosen = {d.name: (d, sides[d.name][0] + sides[d.name][1]) for d in datasets}
+        embed_datasets(backbone, chosen, store, flips, config.min_object_area, show_progress, executor)
+        if config.tiled:
+            embed_datasets(backbone, {name: chosen[name] for name in config.tiled}, store, flips,
+                           config.min_object_area, show_progress, executor, (config.tile, config.halo))  # type: ignore[arg-type]
     barrier(group)
-    train = [e for d in datasets for e in embedded_images(store, d.name, [s.id for s in sides[d.name][0]])]
-    val = [e for d in datasets for e in embedded_images(store, d.name, [s.id for s in sides[d.name][1]])
-           if ".hflip" not in e.path.name]
+    train = [e for d in datasets for folder in folders[d.name]
+             for e in embedded_images(store, folder, [s.id for s in sides[d.name][0]])]
+    val = [e for d in datasets for folder in folders[d.name]
+           for e in spread([e for e in embedded_images(store, folder, [s.id for s in sides[d.name][1]])
+                            if ".hflip" not in e.path.name], config.max_val_images)]
     if not train:
         raise InputError(f"no training image has an object of at least {config.min_object_area} pixels at 256 px")
     seed_everything(config.seed)
     meta = {"backbone": config.backbone, "backbone_sha256": backbone.weights_sha256,
             "datasets": [d.name for d in datasets], "train_images": len(train), "val_images": len(val),
-            "train_objects": sum(e.objects for e in train), "embeddings": str(store)}
+            "train_objects": sum(e.objects for e in train), "embeddings": str(store),
+            "train_per_folder": {f: sum(e.dataset == f for e in train) for fs in folders.values() for f in fs}}
     # copied before --init replaces the prompt parts
     base = base_prompt_path(backbone.network, use_shared_decoder=False) if config.base_box_decoder else None
     if config.init_weights is not None:
