@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_ellipse_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from sam4med.engine.everything import (
     EverythingSettings,
@@ -15,6 +18,7 @@ from sam4med.engine.everything import (
     window_boxes,
     ProposedMask,
 )
+from sam4med.engine.metrics import dice as metric_dice
 from sam4med.engine.interactive import InteractiveResult, run_interactive
 from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.prompts import Prompt, tight_box
@@ -67,14 +71,31 @@ def test_point_grid_and_windows_cover_the_image():
     assert max(b[2] for b in boxes) == pytest.approx(199) and max(b[3] for b in boxes) == pytest.approx(99)
 
 
+masks_20 = arrays(bool, (20, 24), elements=st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=masks_20, second=masks_20, top=st.integers(0, 19), left=st.integers(0, 23),
+       bottom=st.integers(1, 20), right=st.integers(1, 24))
+def test_a_proposal_kept_as_its_boxs_crop_answers_as_the_full_mask_would(first, second, top, left, bottom, right):
+    prompt = Prompt(box=[0, 0, 1, 1])
+    a, b = ProposedMask.from_mask(first, 0.9, 0.9, prompt), ProposedMask.from_mask(second, 0.8, 0.8, prompt)
+    assert np.array_equal(a.mask, first) and a.area == first.sum() and a.crop.size <= first.size
+    assert a.intersection(b) == b.intersection(a) == (first & second).sum()
+    assert a.overlap(second) == (first & second).sum()
+    assert a.dice(second) == pytest.approx(metric_dice(first, second))
+    region = (left, top, max(right, left + 1), max(bottom, top + 1))
+    assert np.array_equal(a.window(region), first[region[1] : region[3], region[0] : region[2]])
+
+
 def test_mask_nms_keeps_the_best_of_duplicates_and_nested_objects():
     big = np.zeros((20, 20), bool)
     big[2:18, 2:18] = True
     small = np.zeros_like(big)
     small[5:9, 5:9] = True
     prompt = Prompt(box=[0, 0, 1, 1])
-    candidates = [ProposedMask(big, 0.9, 0.9, prompt), ProposedMask(big.copy(), 0.95, 0.95, prompt),
-                  ProposedMask(small, 0.8, 0.9, prompt)]
+    candidates = [ProposedMask.from_mask(big, 0.9, 0.9, prompt), ProposedMask.from_mask(big.copy(), 0.95, 0.95, prompt),
+                  ProposedMask.from_mask(small, 0.8, 0.9, prompt)]
     kept = mask_nms(candidates, 0.7)
     assert [c.predicted_iou for c in kept] == [0.95, 0.8]
 

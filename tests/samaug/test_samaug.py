@@ -7,6 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from PIL import Image
 from skimage.draw import disk
 from skimage.segmentation import find_boundaries
@@ -32,7 +35,7 @@ from conftest import make_ellipse_image
 
 
 def _proposal(mask: np.ndarray, iou: float, stability: float) -> ProposedMask:
-    return ProposedMask(mask, iou, stability, Prompt(box=np.array([0, 0, 1, 1], dtype=np.float32)))
+    return ProposedMask.from_mask(mask, iou, stability, Prompt(box=np.array([0, 0, 1, 1], dtype=np.float32)))
 
 
 def _disk(shape, centre, radius) -> np.ndarray:
@@ -55,6 +58,15 @@ def test_segmentation_prior_sums_weights_and_boundary_is_binary():
     counted = priors_from_masks([_proposal(a, 0.7, 0.9), _proposal(b, 0.6, 0.8)], (40, 40), weight="one",
                                 normalise=True)
     assert counted.segmentation.max() == 1.0 and counted.segmentation[a & ~b].max() == 0.5
+
+
+@settings(max_examples=100, deadline=None)
+@given(masks=st.lists(arrays(bool, (12, 15), elements=st.booleans()), min_size=1, max_size=4))
+def test_priors_from_cropped_proposals_equal_the_full_size_sums_at_the_image_edges_too(masks):
+    priors = priors_from_masks([_proposal(m, 0.5, 0.25) for m in masks], (12, 15), weight="stability")
+    np.testing.assert_allclose(priors.segmentation, 0.25 * np.sum(masks, axis=0))
+    expected = np.any([find_boundaries(m, mode="thick") for m in masks], axis=0)
+    np.testing.assert_array_equal(priors.boundary.astype(bool), expected)
 
 
 def test_augment_adds_priors_to_channels_1_and_2_or_appends_them():

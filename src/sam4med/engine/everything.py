@@ -79,14 +79,64 @@ class EverythingSettings:
 
 @dataclass
 class ProposedMask:
-    mask: np.ndarray
+    """One everything-mode mask, kept as the crop of its bounding box: a point grid on tiles proposes
+    thousands of masks a few dozen pixels wide, each of which would otherwise hold an image-sized array."""
+
+    crop: np.ndarray  # bool, the mask inside ``box``
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (ends exclusive) in the image
+    shape: tuple[int, int]  # the image's (H, W)
     predicted_iou: float
     stability: float
     prompt: Prompt = field(repr=False)
 
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, predicted_iou: float, stability: float, prompt: Prompt) -> ProposedMask:
+        rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if len(rows) == 0:
+            return cls(np.zeros((0, 0), bool), (0, 0, 0, 0), mask.shape, predicted_iou, stability, prompt)
+        x0, y0, x1, y1 = int(columns[0]), int(rows[0]), int(columns[-1]) + 1, int(rows[-1]) + 1
+        return cls(mask[y0:y1, x0:x1].copy(), (x0, y0, x1, y1), mask.shape, predicted_iou, stability, prompt)
+
     @property
     def score(self) -> float:
         return self.predicted_iou * self.stability
+
+    @property
+    def area(self) -> int:
+        return int(self.crop.sum())
+
+    @property
+    def mask(self) -> np.ndarray:
+        """The full-size mask (made on demand)."""
+        return self.window((0, 0, self.shape[1], self.shape[0]))
+
+    def window(self, region: tuple[int, int, int, int]) -> np.ndarray:
+        """The mask over ``region`` (x0, y0, x1, y1, ends exclusive) of the image."""
+        rx0, ry0, rx1, ry1 = region
+        out = np.zeros((ry1 - ry0, rx1 - rx0), bool)
+        x0, y0, x1, y1 = max(rx0, self.box[0]), max(ry0, self.box[1]), min(rx1, self.box[2]), min(ry1, self.box[3])
+        if x0 < x1 and y0 < y1:
+            out[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0] = \
+                self.crop[y0 - self.box[1] : y1 - self.box[1], x0 - self.box[0] : x1 - self.box[0]]
+        return out
+
+    def overlap(self, mask: np.ndarray) -> int:
+        """Pixels shared with a full-size mask."""
+        x0, y0, x1, y1 = self.box
+        return int(np.logical_and(self.crop, mask[y0:y1, x0:x1]).sum())
+
+    def intersection(self, other: ProposedMask) -> int:
+        """Pixels shared with another proposal, counted inside the overlap of the two boxes."""
+        x0, y0 = max(self.box[0], other.box[0]), max(self.box[1], other.box[1])
+        x1, y1 = min(self.box[2], other.box[2]), min(self.box[3], other.box[3])
+        if x0 >= x1 or y0 >= y1:
+            return 0
+        return int(np.logical_and(self.window((x0, y0, x1, y1)), other.window((x0, y0, x1, y1))).sum())
+
+    def dice(self, truth: np.ndarray, truth_area: int | None = None) -> float:
+        """Dice with a full-size mask (1 when both are empty); ``truth_area``: its pixel count, when known."""
+        total = self.area + (int(np.count_nonzero(truth)) if truth_area is None else truth_area)
+        return 2 * self.overlap(truth) / total if total else 1.0
 
 
 def grid_points(size: tuple[int, int], per_side: int) -> np.ndarray:
@@ -151,30 +201,36 @@ def _candidates(decoded: Decoded, prompts: list[Prompt], settings: EverythingSet
         & (areas >= settings.min_area_fraction)
         & (areas <= settings.max_area_fraction)
     )
+    kept = torch.nonzero(keep).flatten()
+    boxes = tight_boxes(flat[kept] > 0).int().tolist()  # inclusive ends
     return [
-        ProposedMask((flat[i] > 0).cpu().numpy(), float(ious[i]), float(stability[i]), prompts[i // outputs])
-        for i in torch.nonzero(keep).flatten().tolist()
+        ProposedMask((flat[i, y0 : y1 + 1, x0 : x1 + 1] > 0).cpu().numpy(), (x0, y0, x1 + 1, y1 + 1),
+                     (flat.shape[1], flat.shape[2]), float(ious[i]), float(stability[i]), prompts[i // outputs])
+        for i, (x0, y0, x1, y1) in zip(kept.tolist(), boxes)
     ]
 
 
 def mask_nms(candidates: list[ProposedMask], threshold: float) -> list[ProposedMask]:
     """Greedy NMS on mask IoU, best score first (masks, not boxes, so nested organs survive)."""
     kept: list[ProposedMask] = []
+    areas: list[int] = []
     for candidate in sorted(candidates, key=lambda c: c.score, reverse=True):
-        area = candidate.mask.sum()
+        area = candidate.area
         duplicate = False
-        for other in kept:
-            intersection = np.logical_and(candidate.mask, other.mask).sum()
-            if intersection / (area + other.mask.sum() - intersection) > threshold:
+        for other, other_area in zip(kept, areas):
+            intersection = candidate.intersection(other)
+            if intersection / max(area + other_area - intersection, 1) > threshold:
                 duplicate = True
                 break
         if not duplicate:
             kept.append(candidate)
+            areas.append(area)
     return kept
 
 
 def _boxes_of(candidates: list[ProposedMask]) -> torch.Tensor:
-    return tight_boxes(torch.from_numpy(np.stack([c.mask for c in candidates])))
+    """x0 y0 x1 y1 with inclusive ends, as ``tight_boxes`` gives them."""
+    return torch.tensor([[c.box[0], c.box[1], c.box[2] - 1, c.box[3] - 1] for c in candidates], dtype=torch.float32)
 
 
 def box_nms(candidates: list[ProposedMask], threshold: float) -> list[ProposedMask]:
@@ -195,9 +251,9 @@ def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: Ever
     stability = calculate_stability_score(refined.logits[:, 0], 0.0, settings.stability_offset)
     results = []
     for i, candidate in enumerate(candidates):
-        new = ProposedMask((refined.logits[i, 0] > 0).cpu().numpy(), float(refined.iou[i, 0]),
-                           float(stability[i]), prompts[i])
-        results.append(new if new.score >= candidate.score and new.mask.any() else candidate)
+        new = ProposedMask.from_mask((refined.logits[i, 0] > 0).cpu().numpy(), float(refined.iou[i, 0]),
+                                     float(stability[i]), prompts[i])
+        results.append(new if new.score >= candidate.score and new.area > 0 else candidate)
     return results
 
 

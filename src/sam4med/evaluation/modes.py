@@ -20,7 +20,7 @@ import numpy as np
 from sam4med.engine.errors import InputError, check_number
 from sam4med.engine.everything import EverythingSettings, ProposedMask, generate_masks
 from sam4med.engine.interactive import run_interactive
-from sam4med.engine.metrics import dice, segmentation_metrics
+from sam4med.engine.metrics import segmentation_metrics
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import (
     JitterKind,
@@ -243,7 +243,8 @@ class EverythingMode(Mode):
         seconds = time.perf_counter() - start
         results = []
         for obj in image.objects:
-            best = max(proposals, key=lambda p: dice(p.mask, obj), default=None)
+            area = int(np.count_nonzero(obj))
+            best = max(proposals, key=lambda p: p.dice(obj, area), default=None)
             mask = best.mask if best is not None else np.zeros_like(obj)
             results.append(ObjectResult({
                 **image.score(mask, obj),

@@ -108,9 +108,14 @@ def priors_from_masks(masks: list[ProposedMask], shape: tuple[int, int], weight:
         raise ValueError(f"weight must be one of {WEIGHTS}, got {weight!r}")
     segmentation = np.zeros(shape, dtype=np.float32)
     boundary = np.zeros(shape, dtype=bool)
-    for mask in masks:
-        segmentation[mask.mask] += mask_weight(mask, weight)
-        boundary |= find_boundaries(mask.mask, mode="thick")
+    height, width = shape
+    for mask in masks:  # each mask over its box grown by the 1 px a thick boundary reaches outside it
+        x0, y0, x1, y1 = mask.box
+        region = (max(x0 - 1, 0), max(y0 - 1, 0), min(x1 + 1, width), min(y1 + 1, height))
+        window = mask.window(region)
+        rows, columns = slice(region[1], region[3]), slice(region[0], region[2])
+        segmentation[rows, columns][window] += mask_weight(mask, weight)
+        boundary[rows, columns] |= find_boundaries(window, mode="thick")
     if normalise and segmentation.max() > 0:
         segmentation /= segmentation.max()
     return Priors(segmentation, boundary.astype(np.float32), len(masks))
