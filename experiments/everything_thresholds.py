@@ -25,7 +25,7 @@ import typer
 
 from sam4med.cli.options import ThreadsOption
 from sam4med.engine.datasets import load_datasets
-from sam4med.engine.everything import EverythingSettings, ProposedMask, box_nms, candidate_masks, grid_prompts
+from sam4med.engine.everything import EverythingSettings, ProposedMask, box_nms, grid_candidates
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_labels
@@ -71,8 +71,7 @@ def main(
             labels, ids = object_labels(truth, min_area=min_object_area)
             count = len(ids)
             predictor.set_image(image)
-            candidates = candidate_masks(predictor, grid_prompts(predictor.grid_regions(), loosest), loosest,
-                                         multimask=True)
+            candidates = grid_candidates(predictor, loosest)
             for iou_thresh, stability_thresh in product(IOU_THRESHOLDS, STABILITY_THRESHOLDS):
                 kept = box_nms([c for c in candidates if c.predicted_iou >= iou_thresh
                                 and c.stability >= stability_thresh], loosest.nms_thresh)

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 from scipy import ndimage
-from segment_anything.utils.amg import build_point_grid, calculate_stability_score
+from segment_anything.utils.amg import build_point_grid, calculate_stability_score, is_box_near_crop_edge
 from skimage.segmentation import felzenszwalb
 from skimage.transform import resize as sk_resize
 from torchvision.ops import nms
@@ -186,13 +186,14 @@ def region_boxes(image: np.ndarray, count: int, min_area_fraction: float) -> lis
     return [np.minimum(b, [width - 1, height - 1, width - 1, height - 1]).astype(np.float32) for b in boxes]
 
 
-def _candidates(decoded: Decoded, prompts: list[Prompt], settings: EverythingSettings) -> list[ProposedMask]:
+def _candidates(decoded: Decoded, prompts: list[Prompt], settings: EverythingSettings,
+                region_area: int | None = None) -> list[ProposedMask]:
     logits = decoded.logits  # (B, M, H, W)
     batch, outputs = logits.shape[:2]
     flat = logits.flatten(0, 1)
     ious = decoded.iou.flatten()
     stability = calculate_stability_score(flat, 0.0, settings.stability_offset)
-    area_total = flat.shape[-1] * flat.shape[-2]
+    area_total = region_area or flat.shape[-1] * flat.shape[-2]
     areas = (flat > 0).flatten(1).sum(1).float() / area_total
     keep = (
         (ious >= settings.pred_iou_thresh)
@@ -258,8 +259,9 @@ def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: Ever
 
 
 def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: EverythingSettings, multimask: bool,
-                    chunk: int | None = None) -> list[ProposedMask]:
-    """The masks of ``prompts`` on the predictor's image that pass the settings' thresholds, before NMS.
+                    chunk: int | None = None, region_area: int | None = None) -> list[ProposedMask]:
+    """The masks of ``prompts`` on the predictor's image that pass the settings' thresholds, before NMS;
+    area fractions are of ``region_area`` pixels (default: the image's).
 
     Decoded and filtered in chunks, so full-size logits of a whole grid never sit in memory at once; by
     default a chunk's logits stay within ``CHUNK_LOGITS_BYTES`` (fewer prompts per chunk on large images)."""
@@ -271,7 +273,27 @@ def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: Every
     for start in range(0, len(prompts), chunk):
         part = prompts[start : start + chunk]
         decoded = predictor.predict(part, multimask=multimask, min_iou=settings.pred_iou_thresh)
-        kept += _candidates(decoded, part, settings)
+        kept += _candidates(decoded, part, settings, region_area)
+    return kept
+
+
+def grid_candidates(predictor: Predictor, settings: EverythingSettings) -> list[ProposedMask]:
+    """The point grid's masks that pass the thresholds, region by region (``Predictor.grid_regions``: the
+    whole image, or each tile). As in SAM's generator on crops, area fractions are of the region, and a
+    mask that touches its region's extent where that is not the image's border is dropped: the tile cut it,
+    and the tile holding its centre sees it whole."""
+    assert predictor.image is not None
+    height, width = predictor.image.shape[:2]
+    kept: list[ProposedMask] = []
+    for core, extent in predictor.grid_regions():
+        candidates = candidate_masks(predictor, grid_prompts([core], settings), settings, multimask=True,
+                                     region_area=(core[2] - core[0]) * (core[3] - core[1]))
+        if candidates and extent != (0, 0, width, height):
+            offset = torch.tensor([extent[0], extent[1], extent[0], extent[1]], dtype=torch.float32)
+            boxes = torch.tensor([c.box for c in candidates], dtype=torch.float32) - offset  # in the tile's frame
+            cut = is_box_near_crop_edge(boxes, list(extent), [0, 0, width, height], atol=1.0)
+            candidates = [c for c, drop in zip(candidates, cut.tolist()) if not drop]
+        kept += candidates
     return kept
 
 
@@ -281,8 +303,7 @@ def generate_masks(predictor: Predictor, image: np.ndarray, settings: Everything
     predictor.set_image(image)
     size = image.shape[:2]
     if settings.method == "points":
-        candidates = box_nms(candidate_masks(predictor, grid_prompts(predictor.grid_regions(), settings), settings,
-                                             multimask=True), settings.nms_thresh)
+        candidates = box_nms(grid_candidates(predictor, settings), settings.nms_thresh)
         return sorted(candidates, key=lambda c: c.score, reverse=True)
     boxes = window_boxes(size, settings.box_scales, settings.box_overlap)
     boxes += region_boxes(image, settings.region_proposals, settings.min_area_fraction)

@@ -19,6 +19,8 @@ from sam4med.engine.checkpoints import write_torch
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1, ends exclusive
+
 
 class EmbeddingCache:
     """Image embeddings stored as one ``.pt`` file per key (written atomically)."""
@@ -87,12 +89,13 @@ class Predictor:
         """Encode ``image`` into the cache before it is set (the annotator's next frame), leaving the image set as it is."""
         self.embed(image)
 
-    def grid_regions(self) -> list[tuple[int, int, int, int]]:
-        """Where everything mode lays SAM's point grid, as (x0, y0, x1, y1) boxes: the whole image set."""
+    def grid_regions(self) -> list[tuple[Box, Box]]:
+        """Where everything mode lays SAM's point grid, as (core, extent) pairs of (x0, y0, x1, y1) boxes:
+        the points lie in the core, the model sees the extent. Here the whole image set, both times."""
         if self.image is None:
             raise RuntimeError("call set_image before grid_regions")
         height, width = self.image.shape[:2]
-        return [(0, 0, width, height)]
+        return [((0, 0, width, height), (0, 0, width, height))]
 
     @property
     def default_mask_rule(self) -> str:

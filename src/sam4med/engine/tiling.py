@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from sam4med.engine.errors import check_tiling
-from sam4med.engine.predictor import EmbeddingCache, Predictor
+from sam4med.engine.predictor import Box, EmbeddingCache, Predictor
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 
@@ -107,10 +107,10 @@ class TiledPredictor(Predictor):
         for tile in tiles(image.shape[:2], self.tile, self.halo):
             self.embed(tile.crop(image))
 
-    def grid_regions(self) -> list[tuple[int, int, int, int]]:
+    def grid_regions(self) -> list[tuple[Box, Box]]:
         """One grid per tile core (micro-sam's tiled automatic segmentation): each tile gets the points a
         whole image would, so small objects keep the grid's density in the model's frame."""
-        return [tile.core for tile in self._tiles] or super().grid_regions()
+        return [(tile.core, tile.extent) for tile in self._tiles] or super().grid_regions()
 
     def home(self, prompt: Prompt) -> int | None:
         """The tile that holds the prompt's box (or first point), or None when no tile does."""
