@@ -197,14 +197,16 @@ def _noise_dataset(root, count=16, size=32):
 def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task(tmp_path):
     data = _noise_dataset(tmp_path / "noise")
     priors = _oracle_priors(data, tmp_path / "priors")
-    base = TrainConfig(image_size=32, features=8, epochs=12, batch_size=4, learning_rate=1e-2, patches_per_image=8,
+    # dual training (raw and prior inputs, summed loss) learns the task more slowly than SAMAug's own arm:
+    # 12 epochs left it at 0.79 on an AVX-512 machine, 20 reach 0.93
+    base = TrainConfig(image_size=32, features=8, epochs=20, batch_size=4, learning_rate=1e-2, patches_per_image=8,
                        fractions={"train": 0.5, "val": 0.25, "test": 0.25})
     scores, frames = {}, {}
     for kind in ("raw", "samaug", "dual"):
         run = tmp_path / kind
         result = train([data], priors if kind != "raw" else None, run, TrainConfig(**{**base.__dict__, "input_kind": kind}),
                        show_progress=False)
-        assert len((run / "history.jsonl").read_text().splitlines()) == 12
+        assert len((run / "history.jsonl").read_text().splitlines()) == 20
         frame = evaluate(run / "best.pt", [data], priors if kind != "raw" else None, "test")
         scores[kind] = frame.groupby("mode")["dice"].mean()
         frames[kind] = frame
