@@ -33,8 +33,8 @@ MODES = ("box", "point_center", "points5", "interactive", "everything")
 
 
 def main(
-    data: Annotated[list[Path], typer.Option(help="Data set trained on: scored on its test side (repeatable).")],
     out: Annotated[Path, typer.Option(help="Results folder.")],
+    data: Annotated[list[Path], typer.Option(help="Data set trained on: scored on its test side (repeatable).")] = [],  # noqa: B006
     left_out: Annotated[list[Path], typer.Option(help="Data set never trained on (too few groups for a split): "
                                                       "scored on all its images (repeatable).")] = [],  # noqa: B006
     tiled_data: Annotated[list[Path], typer.Option(help="Data set trained on, scored on its test side with tiled "
@@ -48,6 +48,8 @@ def main(
     threads: ThreadsOption = None,
 ) -> None:
     """Benchmark both models on the same objects and print the comparison table."""
+    if not (data or tiled_data or left_out):
+        raise typer.BadParameter("give at least one of --data, --tiled-data, --left-out")
     configure_cpu(threads)
     prompts = PromptSettings(interactive_start="point_center", interactive_rounds=5)
     models = {"litemedsam": load_model("litemedsam", encoder_backend="onnx"),

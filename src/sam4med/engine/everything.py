@@ -279,21 +279,26 @@ def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: Every
 
 def grid_candidates(predictor: Predictor, settings: EverythingSettings) -> list[ProposedMask]:
     """The point grid's masks that pass the thresholds, region by region (``Predictor.grid_regions``: the
-    whole image, or each tile). As in SAM's generator on crops, area fractions are of the region, and a
-    mask that touches its region's extent where that is not the image's border is dropped: the tile cut it,
-    and the tile holding its centre sees it whole."""
+    whole image, or each tile, decoded and filtered in its own frame). As in SAM's generator on crops, area
+    fractions are of the region, and a mask that touches its region's extent where that is not the image's
+    border is dropped: the tile cut it, and the tile holding its centre sees it whole."""
     assert predictor.image is not None
     height, width = predictor.image.shape[:2]
     kept: list[ProposedMask] = []
     for core, extent in predictor.grid_regions():
-        candidates = candidate_masks(predictor, grid_prompts([core], settings), settings, multimask=True,
-                                     region_area=(core[2] - core[0]) * (core[3] - core[1]))
-        if candidates and extent != (0, 0, width, height):
-            offset = torch.tensor([extent[0], extent[1], extent[0], extent[1]], dtype=torch.float32)
-            boxes = torch.tensor([c.box for c in candidates], dtype=torch.float32) - offset  # in the tile's frame
-            cut = is_box_near_crop_edge(boxes, list(extent), [0, 0, width, height], atol=1.0)
-            candidates = [c for c, drop in zip(candidates, cut.tolist()) if not drop]
-        kept += candidates
+        x0, y0 = extent[:2]
+        local_core = (core[0] - x0, core[1] - y0, core[2] - x0, core[3] - y0)
+        candidates = candidate_masks(predictor.region_predictor(extent), grid_prompts([local_core], settings),
+                                     settings, multimask=True, region_area=(core[2] - core[0]) * (core[3] - core[1]))
+        if not candidates or extent == (0, 0, width, height):
+            kept += candidates
+            continue
+        boxes = torch.tensor([c.box for c in candidates], dtype=torch.float32)  # in the tile's frame
+        cut = is_box_near_crop_edge(boxes, list(extent), [0, 0, width, height], atol=1.0).tolist()
+        offset = np.array([x0, y0], dtype=np.float32)
+        kept += [replace(c, box=(c.box[0] + x0, c.box[1] + y0, c.box[2] + x0, c.box[3] + y0), shape=(height, width),
+                         prompt=Prompt(points=c.prompt.points + offset, labels=c.prompt.labels))
+                 for c, drop in zip(candidates, cut) if not drop]
     return kept
 
 

@@ -97,6 +97,11 @@ class Predictor:
         height, width = self.image.shape[:2]
         return [((0, 0, width, height), (0, 0, width, height))]
 
+    def region_predictor(self, extent: Box) -> Predictor:
+        """A predictor over one of ``grid_regions``' extents, in that extent's frame (prompts and masks
+        relative to its corner). Here the extent is the whole image: this predictor itself."""
+        return self
+
     @property
     def default_mask_rule(self) -> str:
         return self.model.spec.default_mask_rule

@@ -112,6 +112,17 @@ class TiledPredictor(Predictor):
         whole image would, so small objects keep the grid's density in the model's frame."""
         return [(tile.core, tile.extent) for tile in self._tiles] or super().grid_regions()
 
+    def region_predictor(self, extent: Box) -> Predictor:
+        """The tile of this extent as a plain predictor in its own frame, so that everything mode filters a
+        tile's grid on tile-sized logits instead of image-sized ones."""
+        index = next((i for i, tile in enumerate(self._tiles) if tile.extent == extent), None)
+        if index is None:
+            return super().region_predictor(extent)
+        assert self.image is not None
+        view = Predictor(self.model, batch_size=self.batch_size)
+        view.image, view.embedding = self._tiles[index].crop(self.image), self._encode(index)
+        return view
+
     def home(self, prompt: Prompt) -> int | None:
         """The tile that holds the prompt's box (or first point), or None when no tile does."""
         anchor = prompt.box if prompt.box is not None else np.tile(prompt.points[0], 2)  # type: ignore[index]
