@@ -24,6 +24,7 @@ from sam4med.clicks.embeddings import embedded_images, load_embedding
 from sam4med.clicks.loading import export_prompt_weights
 from sam4med.clicks.training import ClickTrainConfig, background_points, best_object_iou, train_clicks
 from sam4med.engine.errors import InputError
+from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.models import WEIGHTS_DIR, load_model, load_prompt_weights
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.preprocessing import LOW_RES
@@ -77,6 +78,14 @@ def test_a_few_dozen_steps_teach_the_decoder_single_clicks(trained, litemedsam):
     after = one_click_dice(load_model("litemedsam", run / "best.pt", device="cpu"), data)
     assert before < 0.3  # LiteMedSAM ignores a lone click
     assert after > before + 0.4, (before, after)
+
+
+def test_a_click_runs_point_grid_uses_the_click_models_thresholds_not_sams(trained):
+    """SAM's 0.88 / 0.95 fit SAM's IoU head: with them a click run's grid kept no mask on any real data set."""
+    _, run, _ = trained
+    grid = EverythingSettings().resolved(load_model("litemedsam", run / "best.pt", device="cpu").spec)
+    assert grid.method == "points"
+    assert (grid.pred_iou_thresh, grid.stability_thresh) == model_spec("litemedsam-click").point_grid_thresholds
 
 
 def test_embeddings_are_cached_in_fp16_once(trained):

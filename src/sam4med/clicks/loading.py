@@ -15,6 +15,7 @@ import torch
 from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint, write_torch
 from sam4med.engine.errors import InputError
 from sam4med.engine.models import base_prompt_path, load_model
+from sam4med.engine.registry import model_spec
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.runs import write_json
 
@@ -30,7 +31,10 @@ def load_trained(path: Path, saved: dict, device: str | torch.device | None = No
     result = backbone.network.load_state_dict(saved["weights"], strict=False)
     if result.unexpected_keys:
         raise InputError(f"{path}: keys that do not fit {backbone.name}: {result.unexpected_keys[:3]}")
-    spec = replace(backbone.spec, name=f"{backbone.name}+clicks", takes_point_prompts=True, default_mask_rule="auto")
+    # the point grid's thresholds of the shipped click model, trained by the same recipe: SAM's own (0.88,
+    # 0.95) fit SAM's IoU head, and with them a click run's grid kept no mask at all
+    spec = replace(backbone.spec, name=f"{backbone.name}+clicks", takes_point_prompts=True, default_mask_rule="auto",
+                   point_grid_thresholds=model_spec("litemedsam-click").point_grid_thresholds)
     return SamModel(spec, backbone.network, file_sha256(path), backbone.device,
                     base_weights_sha256=backbone.weights_sha256, box_path=box_path)
 
