@@ -30,3 +30,13 @@ def test_runs_are_compared_on_the_images_all_of_them_finished(tmp_path):
     assert table.loc["click", "point_center"] == pytest.approx(0.7) and table.loc["base", "box"] == pytest.approx(0.9)
     assert table.loc["click", "everything_found"] == 1.0 and table.loc["base", "everything_found"] == 0.0
     assert table.loc["click", "noc90"] == 3 and table.loc["click", "dice_r1"] == pytest.approx(0.8)
+
+
+def test_objects_are_counted_whichever_modes_a_run_scored(tmp_path):
+    folder = tmp_path / "everything_only"
+    folder.mkdir()
+    rows = [{"dataset": "nuclei", "image": image, "object": index, "mode": "everything", "dice": 0.6,
+             "model": "litemedsam-click", "status": "ok"} for image in ("a", "b") for index in range(3)]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = compare({"run": folder})
+    assert table["objects"].tolist() == [6]

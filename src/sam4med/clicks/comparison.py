@@ -23,7 +23,7 @@ def model_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for dataset, group in frame.groupby("dataset", sort=True):
         row: dict[str, object] = {"dataset": dataset, "model": group["model"].iloc[0],
-                                  "objects": int(group[group["mode"] == "box"]["object"].count()),
+                                  "objects": len(group[["image", "object"]].drop_duplicates()),
                                   "images": int(group["image"].nunique())}
         for mode in PROMPT_MODES:
             row[mode] = group.loc[group["mode"] == mode, "dice"].mean()
