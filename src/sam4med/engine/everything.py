@@ -295,9 +295,8 @@ def grid_candidates(predictor: Predictor, settings: EverythingSettings) -> list[
             continue
         boxes = torch.tensor([c.box for c in candidates], dtype=torch.float32)  # in the tile's frame
         cut = is_box_near_crop_edge(boxes, list(extent), [0, 0, width, height], atol=1.0).tolist()
-        offset = np.array([x0, y0], dtype=np.float32)
         kept += [replace(c, box=(c.box[0] + x0, c.box[1] + y0, c.box[2] + x0, c.box[3] + y0), shape=(height, width),
-                         prompt=Prompt(points=c.prompt.points + offset, labels=c.prompt.labels))
+                         prompt=c.prompt.moved(x0, y0))
                  for c, drop in zip(candidates, cut) if not drop]
     return kept
 

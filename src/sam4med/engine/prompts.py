@@ -65,6 +65,12 @@ class Prompt:
         n_points = 0 if self.points is None else len(self.points)
         return f"box={self.box is not None},points={n_points}"
 
+    def moved(self, dx: float, dy: float) -> Prompt:
+        """The same prompt with its points and box moved by (dx, dy): into a tile's frame and back."""
+        offset = np.array([dx, dy], dtype=np.float32)
+        return Prompt(points=None if self.points is None else self.points + offset, labels=self.labels,
+                      box=None if self.box is None else self.box + np.tile(offset, 2))
+
     def check_inside(self, size: tuple[int, int]) -> None:
         height, width = size
         coords = []

@@ -157,7 +157,7 @@ class TiledPredictor(Predictor):
         for (index, keeps_mask), positions in groups.items():
             embedding = self._encode(index)
             x0, y0 = self._tiles[index].extent[:2] if index is not None else (0, 0)
-            shifted = [_shifted(prompts[p], x0, y0) for p in positions]
+            shifted = [prompts[p].moved(-x0, -y0) for p in positions]
             part_masks = mask_input[positions] if keeps_mask else None  # type: ignore[index]
             parts = [self.model.decode(embedding, shifted[s : s + self.batch_size],
                                        None if part_masks is None else part_masks[s : s + self.batch_size],
@@ -172,12 +172,6 @@ class TiledPredictor(Predictor):
             logits[positions, :, y0 : y0 + part_logits.shape[2], x0 : x0 + part_logits.shape[3]] = part_logits
         assert low_res is not None and iou is not None
         return Decoded(low_res, iou, self.model.geometry((height, width)), self.model, logits)
-
-
-def _shifted(prompt: Prompt, x0: int, y0: int) -> Prompt:
-    offset = np.array([x0, y0], dtype=np.float32)
-    return Prompt(points=None if prompt.points is None else prompt.points - offset, labels=prompt.labels,
-                  box=None if prompt.box is None else prompt.box - np.tile(offset, 2))
 
 
 def make_predictor(model: SamModel, tile: int | None = None, halo: int = 32, cache: EmbeddingCache | None = None
