@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from sam4med.clicks.embeddings import embedded_images, load_embedding
+from sam4med.clicks.embeddings import EmbeddedImage, embedded_images, load_embedding
 from sam4med.clicks.loading import export_prompt_weights
-from sam4med.clicks.training import ClickTrainConfig, background_points, best_object_iou, train_clicks
+from sam4med.clicks.training import (ClickTrainConfig, ImageSampler, background_points, best_object_iou,
+                                     train_clicks)
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.models import WEIGHTS_DIR, load_model, load_prompt_weights
@@ -253,3 +254,28 @@ def test_tiled_data_sets_are_also_trained_tile_by_tile_at_the_scale_tiled_infere
         train_clicks([data], tmp_path / "run2", replace(config, tiled=("other",)), tmp_path / "embeddings")
     with pytest.raises(InputError, match="--tiled blobs: needs --tile"):
         train_clicks([data], tmp_path / "run3", replace(config, tile=None), tmp_path / "embeddings")
+
+
+def test_tile_share_decides_how_often_a_tile_is_drawn_however_many_tiles_there_are():
+    def images(dataset, count):
+        return [EmbeddedImage(dataset, f"{dataset}{i}", Path(f"{dataset}{i}.pt"), 3, (256, 256)) for i in range(count)]
+
+    train = images("polyps", 10) + images("nuclei", 2) + images("nuclei@tile256h32", 200)
+    rng = np.random.default_rng(0)
+
+    def tiles_drawn(**changes):
+        sampler = ImageSampler(train, replace(CONFIG, tile=256, halo=32, tiled=("nuclei",), **changes))
+        drawn = np.concatenate([sampler.draw(rng) for _ in range(2000)])
+        return np.mean(drawn >= 12), np.mean(drawn < 10)
+
+    tiles, polyps = tiles_drawn()  # tiles are images like any other: 200 of 212
+    assert tiles > 0.9 and polyps < 0.08
+    tiles, polyps = tiles_drawn(tile_share=0.25)
+    assert 0.22 < tiles < 0.28 and 0.59 < polyps < 0.66  # whole images drawn evenly: 0.75 x 10 of 12
+    tiles, polyps = tiles_drawn(tile_share=0.25, balance_datasets=True)
+    assert 0.22 < tiles < 0.28 and 0.35 < polyps < 0.40  # whole data sets drawn evenly: half of 0.75
+    assert tiles_drawn(tile_share=0.0)[0] == 0.0
+    with pytest.raises(InputError, match="--tile-share: needs --tiled"):
+        train_clicks([], Path("unused"), replace(CONFIG, tile_share=0.3), Path("unused"))
+    with pytest.raises(InputError, match="--tile-share"):
+        replace(CONFIG, tile=256, tiled=("nuclei",), tile_share=1.5).check()

@@ -37,6 +37,9 @@ def train(
                                                   "trained on tile by tile: small objects (repeatable).")] = [],  # noqa: B006
     balance_datasets: Annotated[bool, typer.Option(help="Draw each step's images from the data sets evenly "
                                                         "(their tiles counted apart), not from all images.")] = False,
+    tile_share: Annotated[Optional[float], typer.Option(help="Chance that each drawn image is a tile of a --tiled "
+                                                        "set (else a whole image), so that tiles cannot crowd out "
+                                                        "large objects; default: tiles are images like any other.")] = None,
     background_clicks: Annotated[int, typer.Option(help="Lone clicks on background per image and step; they "
                                                    "teach the IoU head what is not an object.")] = 2,
     base_box_decoder: Annotated[bool, typer.Option(help="Decode a box alone with the frozen base decoder, as "
@@ -61,6 +64,7 @@ def train(
                               images_per_step=images_per_step, objects_per_image=objects_per_image, epochs=epochs,
                               learning_rate=learning_rate, max_train_images=max_train_images or None, flips=flips,
                               tile=tile or None, halo=halo, tiled=tuple(tiled), balance_datasets=balance_datasets,
+                              tile_share=tile_share,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
                               init_weights=None if init is None else str(init), seed=seed)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),

@@ -80,6 +80,7 @@ class ClickTrainConfig:
     halo: int = 32
     tiled: tuple[str, ...] = ()  # data set names also trained on the tiles of their images larger than a tile
     balance_datasets: bool = False  # each step draws data sets (tiles apart) evenly, not images
+    tile_share: float | None = None  # chance that a drawn image is a tile; None: tiles are images like any other
     base_box_decoder: bool = True  # a box alone is decoded by the frozen base decoder (round 0 not trained)
     background_clicks: int = 2  # lone clicks on background per image and step, for the IoU head
     init_weights: str | None = None  # prompt weights to start from (exported .pt or a run's checkpoint)
@@ -108,6 +109,10 @@ class ClickTrainConfig:
         check_tiling(self.tile, self.halo)
         if self.tiled and self.tile is None:
             raise InputError(f"--tiled {self.tiled[0]}: needs --tile")
+        if self.tile_share is not None:
+            check_number(self.tile_share, "--tile-share", minimum=0, maximum=1)
+            if not self.tiled:
+                raise InputError("--tile-share: needs --tiled data sets")
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise InputError(f"{self.init_weights}: no such file (init weights)")
 
@@ -199,6 +204,40 @@ class ImageStep:
     seed: int
 
 
+class ImageSampler:
+    """Which training images each step sees: evenly over images, over data sets (``balance_datasets``),
+    and with ``tile_share`` a tile or a whole image by that chance first, so that the many tiles of a
+    few tiled sets cannot crowd out the large objects of whole images."""
+
+    def __init__(self, train: list[EmbeddedImage], config: ClickTrainConfig):
+        self.config = config
+        groups: dict[str, list[int]] = {}
+        for index, image in enumerate(train):
+            groups.setdefault(image.dataset, []).append(index)
+        self.count = len(train)
+        self.groups = list(groups.values())  # data sets, their tiles apart
+        tile_names = {tiled_folder_name(name, config.tile, config.halo) for name in config.tiled} if config.tile else set()
+        self.pools = ([g for name, g in groups.items() if name in tile_names],  # tiles, whole images
+                      [g for name, g in groups.items() if name not in tile_names])
+
+    def draw(self, rng: np.random.Generator) -> list[int]:
+        """One step's image indices: distinct images drawn evenly, or with ``balance_datasets`` one image
+        from each of ``images_per_step`` data sets drawn evenly (with replacement). ``tile_share`` (when
+        there are both tiles and whole images) draws each image from the tiles or the whole images alone."""
+        config = self.config
+        if config.tile_share is not None and all(self.pools):
+            return [self._draw_from(self.pools[0] if rng.random() < config.tile_share else self.pools[1], rng)
+                    for _ in range(config.images_per_step)]
+        if not config.balance_datasets:
+            return rng.choice(self.count, config.images_per_step, replace=False).tolist()
+        return [int(rng.choice(self.groups[g])) for g in rng.integers(len(self.groups), size=config.images_per_step)]
+
+    def _draw_from(self, pool: list[list[int]], rng: np.random.Generator) -> int:
+        if self.config.balance_datasets:
+            return int(rng.choice(pool[int(rng.integers(len(pool)))]))
+        return int(rng.choice(np.concatenate(pool)))
+
+
 class ClickTask(TrainingTask):
     """Click training of a SAM network's prompt parts, for the shared loop."""
 
@@ -212,10 +251,7 @@ class ClickTask(TrainingTask):
         self.device = torch.device(device)
         self.scale = image_size / LOW_RES  # 256 px frame -> model input frame
         self.train_images = train
-        groups: dict[str, list[int]] = {}
-        for index, image in enumerate(train):
-            groups.setdefault(image.dataset, []).append(index)
-        self.groups = list(groups.values())  # data sets, their tiles apart, for balance_datasets
+        self.sampler = ImageSampler(train, config)
         self.val_images = val
         self.meta = meta
         self.module = PromptPath(network.prompt_encoder, network.mask_decoder, use_shared_decoder=False).to(self.device)
@@ -232,7 +268,7 @@ class ClickTask(TrainingTask):
         batches = []
         for _ in range(self.config.steps_per_epoch):
             step = []
-            for index in self._draw_images(rng):
+            for index in self.sampler.draw(rng):
                 image = self.train_images[index]
                 count = min(self.config.objects_per_image, image.objects)
                 step.append(ImageStep(image, [], str(rng.choice(FIRST_PROMPTS, p=self.kind_probabilities)),
@@ -240,13 +276,6 @@ class ClickTask(TrainingTask):
                 step[-1].object_ids = rng.permutation(image.objects)[:count].tolist()  # ranks among kept objects
             batches.append(step)
         return batches
-
-    def _draw_images(self, rng: np.random.Generator) -> list[int]:
-        """One step's images: distinct images drawn evenly, or with ``balance_datasets`` one image from
-        each of ``images_per_step`` data sets drawn evenly (with replacement)."""
-        if not self.config.balance_datasets:
-            return rng.choice(len(self.train_images), self.config.images_per_step, replace=False).tolist()
-        return [int(rng.choice(self.groups[g])) for g in rng.integers(len(self.groups), size=self.config.images_per_step)]
 
     def _objects(self, labels: Tensor, ranks: Sequence[int]) -> list[np.ndarray]:
         ids = torch.unique(labels)
