@@ -21,7 +21,7 @@ from sam4med.engine.everything import (
 from sam4med.engine.metrics import dice as metric_dice
 from sam4med.engine.interactive import InteractiveResult, run_interactive
 from sam4med.engine.predictor import EmbeddingCache, Predictor
-from sam4med.engine.prompts import Prompt, tight_box
+from sam4med.engine.prompts import Prompt, center_point, tight_box
 from sam4med.engine.segment import segment_volume
 
 
@@ -166,3 +166,37 @@ def test_everything_mode_with_a_point_grid_on_a_point_taking_model(litemedsam):
     assert float(overlap.max()) <= settings.nms_thresh  # box NMS, as SAM's generator
     scores = [m.score for m in masks]
     assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("tile", [None, 256])
+def test_everything_mode_upscales_only_what_passes_the_iou_test_and_keeps_the_same_masks(click_model, monkeypatch, tile):
+    """Filtering on predicted IoU before upscaling, a few masks at a time, keeps exactly the masks that
+    filtering every full-size mask at once keeps, on whole images and on tiles."""
+    from conftest import small_blobs
+    from sam4med.engine import everything
+    from segment_anything.utils.amg import calculate_stability_score
+    from sam4med.engine.tiling import make_predictor
+
+    image, blobs = small_blobs(512, count=6, seed=3)
+    predictor = make_predictor(click_model, tile)
+    predictor.set_image(image)
+    prompts = [Prompt(points=[center_point(blob)]) for blob in blobs]
+    prompts += [Prompt(points=[[x, y]]) for x, y in everything.grid_points((512, 512), 3)]
+    settings = EverythingSettings(pred_iou_thresh=0.3, stability_thresh=0.5, min_area_fraction=0.0)
+    decoded = predictor.predict(prompts, multimask=True)
+    logits = decoded.logits.clone()
+    expected = []
+    for b in range(len(prompts)):
+        for m in range(logits.shape[1]):
+            mask = (logits[b, m] > 0).numpy()
+            stable = float(calculate_stability_score(logits[b, m], 0.0, settings.stability_offset))
+            if float(decoded.iou[b, m]) >= 0.3 and stable >= 0.5 and mask.any():
+                expected.append((b, mask))
+    assert 0 < len(expected) < len(prompts) * logits.shape[1]  # the thresholds keep some and drop some
+    monkeypatch.setattr(everything, "CHUNK_LOGITS_BYTES", 3 * 512 * 512 * 4)  # 3 masks per upscale
+    fresh = predictor.predict(prompts, multimask=True)  # full-size logits never computed
+    kept = everything._candidates(fresh, prompts, settings)
+    assert fresh._logits is None
+    assert [[p is c.prompt for p in prompts].index(True) for c in kept] == [b for b, _ in expected]
+    for candidate, (_, mask) in zip(kept, expected):
+        assert np.array_equal(candidate.mask, mask)

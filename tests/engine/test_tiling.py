@@ -47,7 +47,14 @@ def test_a_prompt_no_tile_holds_goes_to_the_whole_image_and_batches_keep_their_o
     assert tiled.route(spanning) is None
     prompts = [Prompt(box=tight_box(m, 2)) for m in masks] + [spanning]
     decoded = tiled.predict(prompts)
+    stitched = decoded.masks()  # from each tile's masks, without the batch's float logits at full size
     assert decoded.logits.shape == (4, 1, 1024, 1024) and tiled.encoder_calls == 4  # 3 tiles + the whole image
+    assert np.array_equal(stitched, (decoded.logits > 0).numpy()) and stitched[:3].any(axis=(1, 2, 3)).all()
+    whole = Predictor(litemedsam)
+    whole.set_image(image)
+    batch = whole.predict(prompts, multimask=True)
+    one_by_one = batch.masks()  # prompt by prompt
+    assert np.array_equal(one_by_one, (batch.logits > 0).numpy()) and one_by_one.any()
     for k, mask in enumerate(masks):  # each mask lands where its object is
         assert dice(decoded.masks()[k, 0], mask) > 0.7
         assert tiled.route(prompts[k]) is not None

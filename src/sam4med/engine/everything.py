@@ -36,7 +36,7 @@ from sam4med.engine.sam_model import Decoded
 
 Method = Literal["auto", "points", "boxes"]
 EVERYTHING_METHODS = ("auto", "points", "boxes")
-CHUNK_LOGITS_BYTES = 128 * 2**20  # full-size float32 logits of one chunk of prompts
+CHUNK_LOGITS_BYTES = 32 * 2**20  # full-size float32 logits upscaled at once
 
 
 @dataclass
@@ -188,27 +188,32 @@ def region_boxes(image: np.ndarray, count: int, min_area_fraction: float) -> lis
 
 def _candidates(decoded: Decoded, prompts: list[Prompt], settings: EverythingSettings,
                 region_area: int | None = None) -> list[ProposedMask]:
-    logits = decoded.logits  # (B, M, H, W)
-    batch, outputs = logits.shape[:2]
-    flat = logits.flatten(0, 1)
-    ious = decoded.iou.flatten()
-    stability = calculate_stability_score(flat, 0.0, settings.stability_offset)
-    area_total = region_area or flat.shape[-1] * flat.shape[-2]
-    areas = (flat > 0).flatten(1).sum(1).float() / area_total
-    keep = (
-        (ious >= settings.pred_iou_thresh)
-        & (stability >= settings.stability_thresh)
-        & (areas > 0)
-        & (areas >= settings.min_area_fraction)
-        & (areas <= settings.max_area_fraction)
-    )
-    kept = torch.nonzero(keep).flatten()
-    boxes = tight_boxes(flat[kept] > 0).int().tolist()  # inclusive ends
-    return [
-        ProposedMask((flat[i, y0 : y1 + 1, x0 : x1 + 1] > 0).cpu().numpy(), (x0, y0, x1 + 1, y1 + 1),
-                     (flat.shape[1], flat.shape[2]), float(ious[i]), float(stability[i]), prompts[i // outputs])
-        for i, (x0, y0, x1, y1) in zip(kept.tolist(), boxes)
-    ]
+    """The masks of a decoded batch that pass the thresholds, in batch order. The predicted-IoU test needs no
+    pixels: only the masks that pass it are upscaled to full size, a few at a time (``CHUNK_LOGITS_BYTES``)."""
+    passing = torch.nonzero(decoded.iou >= settings.pred_iou_thresh).tolist()  # (prompt, mask) pairs
+    height, width = decoded.geometry.original_size
+    per_chunk = max(1, CHUNK_LOGITS_BYTES // (height * width * 4))
+    area_total = region_area or height * width
+    kept = []
+    for start in range(0, len(passing), per_chunk):
+        pairs = passing[start : start + per_chunk]
+        flat = decoded.pick(pairs).logits[:, 0]  # (len(pairs), H, W)
+        stability = calculate_stability_score(flat, 0.0, settings.stability_offset)
+        areas = (flat > 0).flatten(1).sum(1).float() / area_total
+        keep = (
+            (stability >= settings.stability_thresh)
+            & (areas > 0)
+            & (areas >= settings.min_area_fraction)
+            & (areas <= settings.max_area_fraction)
+        )
+        chosen = torch.nonzero(keep).flatten()
+        boxes = tight_boxes(flat[chosen] > 0).int().tolist()  # inclusive ends
+        for i, (x0, y0, x1, y1) in zip(chosen.tolist(), boxes):
+            prompt, output = pairs[i]
+            kept.append(ProposedMask((flat[i, y0 : y1 + 1, x0 : x1 + 1] > 0).cpu().numpy(), (x0, y0, x1 + 1, y1 + 1),
+                                     (height, width), float(decoded.iou[prompt, output]), float(stability[i]),
+                                     prompts[prompt]))
+    return kept
 
 
 def mask_nms(candidates: list[ProposedMask], threshold: float) -> list[ProposedMask]:
@@ -259,16 +264,12 @@ def _refine(predictor: Predictor, candidates: list[ProposedMask], settings: Ever
 
 
 def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: EverythingSettings, multimask: bool,
-                    chunk: int | None = None, region_area: int | None = None) -> list[ProposedMask]:
+                    chunk: int = 32, region_area: int | None = None) -> list[ProposedMask]:
     """The masks of ``prompts`` on the predictor's image that pass the settings' thresholds, before NMS;
     area fractions are of ``region_area`` pixels (default: the image's).
 
-    Decoded and filtered in chunks, so full-size logits of a whole grid never sit in memory at once; by
-    default a chunk's logits stay within ``CHUNK_LOGITS_BYTES`` (fewer prompts per chunk on large images)."""
-    if chunk is None:
-        assert predictor.image is not None
-        height, width = predictor.image.shape[:2]
-        chunk = max(1, min(32, CHUNK_LOGITS_BYTES // ((3 if multimask else 1) * height * width * 4)))
+    Decoded ``chunk`` prompts at a time and filtered as they come, so neither a grid's low-res logits nor
+    any batch's full-size ones sit in memory at once."""
     kept: list[ProposedMask] = []
     for start in range(0, len(prompts), chunk):
         part = prompts[start : start + chunk]

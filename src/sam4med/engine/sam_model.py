@@ -64,9 +64,24 @@ class Decoded:
             self._logits = self.model.upscale(self.low_res, self.geometry)
         return self._logits
 
+    def pick(self, pairs: Sequence[tuple[int, int]]) -> Decoded:
+        """The outputs ``(prompt, mask)`` of ``pairs`` as a batch of single masks (len(pairs), 1), full-size
+        logits not computed yet: what everything mode upscales after its predicted-IoU filter."""
+        prompt_index = [b for b, _ in pairs]
+        mask_index = [m for _, m in pairs]
+        return Decoded(self.low_res[prompt_index, mask_index][:, None], self.iou[prompt_index, mask_index][:, None],
+                       self.geometry, self.model)
+
     def masks(self) -> np.ndarray:
-        """Binary masks (B, M, H, W) at the original size."""
-        return (self.logits > 0).cpu().numpy()
+        """Binary masks (B, M, H, W) at the original size. Without logits computed already, each prompt's are
+        upscaled and thresholded in turn: a batch's float logits at full size would outweigh its masks 4x."""
+        if self._logits is not None:
+            return (self._logits > 0).cpu().numpy()
+        batch, count = self.low_res.shape[:2]
+        masks = np.empty((batch, count, *self.geometry.original_size), dtype=bool)
+        for index in range(batch):
+            masks[index] = (self.model.upscale(self.low_res[index : index + 1], self.geometry)[0] > 0).cpu().numpy()
+        return masks
 
 
 class PromptPath(torch.nn.Module):

@@ -5,8 +5,8 @@ with a 32 px halo shrinks by 0.8 instead of 0.26."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -151,9 +151,8 @@ class TiledPredictor(Predictor):
             # a mask fed back from the home tile is in that tile's frame: not usable elsewhere
             keeps_mask = mask_input is not None and route == self.home(prompt)
             groups.setdefault((route, keeps_mask), []).append(position)
-        masks_per_prompt = 3 if multimask else 1
         low_res = iou = None
-        logits = torch.full((len(prompts), masks_per_prompt, height, width), OUTSIDE_LOGIT, device=self.model.device)
+        pieces = []
         for (index, keeps_mask), positions in groups.items():
             embedding = self._encode(index)
             x0, y0 = self._tiles[index].extent[:2] if index is not None else (0, 0)
@@ -162,16 +161,65 @@ class TiledPredictor(Predictor):
             parts = [self.model.decode(embedding, shifted[s : s + self.batch_size],
                                        None if part_masks is None else part_masks[s : s + self.batch_size],
                                        multimask, min_iou) for s in range(0, len(shifted), self.batch_size)]
-            part_low = torch.cat([p.low_res for p in parts])
-            part_iou = torch.cat([p.iou for p in parts])
-            part_logits = torch.cat([p.logits for p in parts])
+            part = Decoded(torch.cat([p.low_res for p in parts]), torch.cat([p.iou for p in parts]),
+                           embedding.geometry, self.model)
             if low_res is None:
-                low_res = torch.zeros((len(prompts), *part_low.shape[1:]), device=part_low.device)
-                iou = torch.zeros((len(prompts), part_iou.shape[1]), device=part_iou.device)
-            low_res[positions], iou[positions] = part_low, part_iou
-            logits[positions, :, y0 : y0 + part_logits.shape[2], x0 : x0 + part_logits.shape[3]] = part_logits
+                low_res = torch.zeros((len(prompts), *part.low_res.shape[1:]), device=part.low_res.device)
+                iou = torch.zeros((len(prompts), part.iou.shape[1]), device=part.iou.device)
+            low_res[positions], iou[positions] = part.low_res, part.iou
+            pieces.append(TilePiece(positions, x0, y0, part))
         assert low_res is not None and iou is not None
-        return Decoded(low_res, iou, self.model.geometry((height, width)), self.model, logits)
+        return TiledDecoded(low_res, iou, self.model.geometry((height, width)), self.model, pieces=pieces)
+
+
+@dataclass
+class TilePiece:
+    """The prompts decoded on one tile (or the whole image): their positions in the batch, the tile's corner,
+    and their output in the tile's frame."""
+
+    positions: list[int]
+    x0: int
+    y0: int
+    decoded: Decoded
+
+
+@dataclass
+class TiledDecoded(Decoded):
+    """A tiled batch's output: ``low_res`` and ``iou`` per prompt (each in its tile's frame); masks and
+    logits at the image's size are stitched from the tiles' only when asked for."""
+
+    pieces: list[TilePiece] = field(default_factory=list)
+
+    def _stitched(self, empty: np.ndarray | torch.Tensor, part_of: Callable[[Decoded], np.ndarray | torch.Tensor]):  # noqa: ANN202
+        for piece in self.pieces:
+            part = part_of(piece.decoded)
+            empty[piece.positions, :, piece.y0 : piece.y0 + part.shape[2], piece.x0 : piece.x0 + part.shape[3]] = part
+        return empty
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            size = (*self.low_res.shape[:2], *self.geometry.original_size)
+            self._logits = self._stitched(torch.full(size, OUTSIDE_LOGIT, device=self.low_res.device),
+                                          lambda part: part.logits)
+        return self._logits
+
+    def pick(self, pairs: Sequence[tuple[int, int]]) -> Decoded:
+        pieces = []
+        for piece in self.pieces:
+            home = {position: local for local, position in enumerate(piece.positions)}
+            chosen = [(index, (home[b], m)) for index, (b, m) in enumerate(pairs) if b in home]
+            if chosen:
+                pieces.append(TilePiece([index for index, _ in chosen], piece.x0, piece.y0,
+                                        piece.decoded.pick([pair for _, pair in chosen])))
+        base = super().pick(pairs)
+        return TiledDecoded(base.low_res, base.iou, self.geometry, self.model, pieces=pieces)
+
+    def masks(self) -> np.ndarray:
+        if self._logits is not None:
+            return super().masks()
+        return self._stitched(np.zeros((*self.low_res.shape[:2], *self.geometry.original_size), dtype=bool),
+                              lambda part: part.masks())
 
 
 def make_predictor(model: SamModel, tile: int | None = None, halo: int = 32, cache: EmbeddingCache | None = None

@@ -151,22 +151,26 @@ class ImageEvaluator:
         factors = [object_factors(image, obj) for obj in objects.objects]
         common = self.common_fields(item)
         rows, panels = [], []
+        overlay = self._overlay_path(item)
         for mode in self.modes:
             results = mode.run(objects)
-            panels.append((mode.name, [r.mask for r in results], float(np.mean([r.row["dice"] for r in results]))))
+            if overlay is not None:  # every mode's masks at full size, kept only for the image drawn
+                panels.append((mode.name, [r.mask for r in results], float(np.mean([r.row["dice"] for r in results]))))
             for index, factor, result in zip(objects.indices, factors, results):
                 rows.append({**common, "object": index, "mode": mode.name, **factor, **result.row, "status": "ok",
                              "encode_s": encode_s, "mode_params": self.mode_params[mode.name]})
-        self._maybe_overlay(item, image, gt, panels)
+        if overlay is not None:
+            write_overlay(overlay, image, gt, panels)
         return rows
 
-    def _maybe_overlay(self, item: WorkItem, image: np.ndarray, gt: np.ndarray,
-                       panels: list[tuple[str, list[np.ndarray], float]]) -> None:
-        """An overlay for the first few images of each data set (counted on disk, so resumes keep the count)."""
+    def _overlay_path(self, item: WorkItem) -> Path | None:
+        """Where this image's overlay goes, for the first few images of each data set (counted on disk, so
+        resumes keep the count); None for the rest."""
         if self.overlay_dir is None or self.overlays_per_dataset <= 0:
-            return
-        if len(list(self.overlay_dir.glob(f"{item.dataset.name}__*.png"))) < self.overlays_per_dataset:
-            write_overlay(self.overlay_dir / f"{item.dataset.name}__{item.sample.id}.png", image, gt, panels)
+            return None
+        if len(list(self.overlay_dir.glob(f"{item.dataset.name}__*.png"))) >= self.overlays_per_dataset:
+            return None
+        return self.overlay_dir / f"{item.dataset.name}__{item.sample.id}.png"
 
 
 def run_benchmark(
