@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.executors import Executor, LocalExecutor
 from sam4med.engine.runs import parse_jsonl, warn, write_bytes_atomic
+from sam4med.engine.runtime import release_free_memory
 
 RESULTS_FILE = "results.jsonl"
 ItemKey = tuple[str, str]  # (data set name, image id)
@@ -131,6 +132,7 @@ def run_items(
                 row.setdefault("status", "ok")
                 block.append(json.dumps({**row, "image_rows": len(rows)}, default=_json_default) + "\n")
             _write_all(handle, "".join(block).encode())
+            release_free_memory()  # one image's intermediates at a time, not the heap's high-water mark
             progress.update(task, advance=1, description=f"{description} {item.dataset.name}/{item.sample.id}")
     skipped = len(items) - len(pending)
     computed = len(pending) - failed

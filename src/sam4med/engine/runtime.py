@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 from sam4med.engine.errors import InputError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library on Linux (found once: find_library runs ldconfig), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
@@ -21,14 +33,22 @@ def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
     2-core machine (figures: benchmarks/engine.py).
     Returns False (and changes nothing) where the C library is not glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``).
+
+    ``tune_allocator`` keeps freed blocks for the next call of the same shape, and ONNX Runtime frees its
+    activations into the same heap: between two images of an item loop that is a few hundred MB that
+    nothing will need until the next image's encoder runs, on top of which that image's peak would sit.
+    Does nothing where the C library is not glibc."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def configure_cpu(threads: int | None = None) -> None:
