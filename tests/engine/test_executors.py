@@ -47,13 +47,13 @@ def test_ray_rows_equal_the_local_rows(local_cluster, click_model, tmp_path):
                   executor=RayExecutor(workers=2))
     local, distributed = rows(tmp_path / "local"), rows(tmp_path / "ray")
     assert len(local) == 4 * len(FAST_MODES) + 1 and sum('"status": "error"' in r for r in local) == 1
-    # one thread per actor against the default here: same masks; Dice equal to float rounding
+    # one thread per actor against the default here: same masks; Dice and predicted IoU equal to float rounding
     for mine, theirs in zip(local, distributed):
         a, b = json.loads(mine), json.loads(theirs)
         assert a.keys() == b.keys()
         for key in a:
             if isinstance(a[key], float):
-                assert b[key] == pytest.approx(a[key], abs=1e-6, nan_ok=True), key
+                assert b[key] == pytest.approx(a[key], abs=1e-5, nan_ok=True), key  # float32 sums in another order
             else:
                 assert a[key] == b[key], key
 

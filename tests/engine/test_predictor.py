@@ -182,15 +182,18 @@ def test_everything_mode_upscales_only_what_passes_the_iou_test_and_keeps_the_sa
     predictor.set_image(image)
     prompts = [Prompt(points=[center_point(blob)]) for blob in blobs]
     prompts += [Prompt(points=[[x, y]]) for x, y in everything.grid_points((512, 512), 3)]
-    settings = EverythingSettings(pred_iou_thresh=0.3, stability_thresh=0.5, min_area_fraction=0.0)
     decoded = predictor.predict(prompts, multimask=True)
     logits = decoded.logits.clone()
+    stability = calculate_stability_score(logits.flatten(0, 1), 0.0, 1.0).view(logits.shape[:2])
+    # thresholds at the medians (an empty mask's stability is NaN), so that some masks pass and some not, whatever the weights
+    settings = EverythingSettings(pred_iou_thresh=float(decoded.iou.median()), stability_thresh=float(stability.nanmedian()),
+                                  stability_offset=1.0, min_area_fraction=0.0)
     expected = []
     for b in range(len(prompts)):
         for m in range(logits.shape[1]):
             mask = (logits[b, m] > 0).numpy()
-            stable = float(calculate_stability_score(logits[b, m], 0.0, settings.stability_offset))
-            if float(decoded.iou[b, m]) >= 0.3 and stable >= 0.5 and mask.any():
+            if float(decoded.iou[b, m]) >= settings.pred_iou_thresh and float(stability[b, m]) >= settings.stability_thresh \
+                    and mask.any():
                 expected.append((b, mask))
     assert 0 < len(expected) < len(prompts) * logits.shape[1]  # the thresholds keep some and drop some
     monkeypatch.setattr(everything, "CHUNK_LOGITS_BYTES", 3 * 512 * 512 * 4)  # 3 masks per upscale
