@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from sam4med.engine.prompts import Prompt
 from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 
 OUTSIDE_LOGIT = -1e4  # where a tile's mask does not reach
+Stitched = TypeVar("Stitched", np.ndarray, torch.Tensor)
 
 
 def tile_boxes(size: tuple[int, int], tile: int) -> list[tuple[int, int, int, int]]:
@@ -190,7 +192,8 @@ class TiledDecoded(Decoded):
 
     pieces: list[TilePiece] = field(default_factory=list)
 
-    def _stitched(self, empty: np.ndarray | torch.Tensor, part_of: Callable[[Decoded], np.ndarray | torch.Tensor]):  # noqa: ANN202
+    def _stitched(self, empty: Stitched, part_of: Callable[[Decoded], Stitched]) -> Stitched:
+        """Each tile's part (masks or logits, in the tile's frame) put in place on ``empty``."""
         for piece in self.pieces:
             part = part_of(piece.decoded)
             empty[piece.positions, :, piece.y0 : piece.y0 + part.shape[2], piece.x0 : piece.x0 + part.shape[3]] = part
