@@ -219,6 +219,7 @@ class ImageSampler:
         tile_names = {tiled_folder_name(name, config.tile, config.halo) for name in config.tiled} if config.tile else set()
         self.pools = ([g for name, g in groups.items() if name in tile_names],  # tiles, whole images
                       [g for name, g in groups.items() if name not in tile_names])
+        self.pooled = [np.concatenate(pool) if pool else np.empty(0, int) for pool in self.pools]  # their images
 
     def draw(self, rng: np.random.Generator) -> list[int]:
         """One step's image indices: distinct images drawn evenly, or with ``balance_datasets`` one image
@@ -226,16 +227,17 @@ class ImageSampler:
         there are both tiles and whole images) draws each image from the tiles or the whole images alone."""
         config = self.config
         if config.tile_share is not None and all(self.pools):
-            return [self._draw_from(self.pools[0] if rng.random() < config.tile_share else self.pools[1], rng)
-                    for _ in range(config.images_per_step)]
+            return [self._draw_from(0 if rng.random() < config.tile_share else 1, rng) for _ in range(config.images_per_step)]
         if not config.balance_datasets:
             return rng.choice(self.count, config.images_per_step, replace=False).tolist()
         return [int(rng.choice(self.groups[g])) for g in rng.integers(len(self.groups), size=config.images_per_step)]
 
-    def _draw_from(self, pool: list[list[int]], rng: np.random.Generator) -> int:
+    def _draw_from(self, pool: int, rng: np.random.Generator) -> int:
+        """One image of ``pools[pool]``: a group evenly then one of its images (balance_datasets), or any image."""
         if self.config.balance_datasets:
-            return int(rng.choice(pool[int(rng.integers(len(pool)))]))
-        return int(rng.choice(np.concatenate(pool)))
+            groups = self.pools[pool]
+            return int(rng.choice(groups[int(rng.integers(len(groups)))]))
+        return int(rng.choice(self.pooled[pool]))
 
 
 class ClickTask(TrainingTask):
