@@ -175,6 +175,36 @@ def test_training_can_start_from_exported_weights(trained, tmp_path):
         train_clicks([data], tmp_path / "other", ClickTrainConfig(init_weights=str(tmp_path / "missing.pt")))
 
 
+def iou_head_error(model, data: Path) -> float:
+    """Mean |predicted - real IoU| over the 3 masks of a centre click on each image."""
+    predictor = Predictor(model)
+    errors = []
+    for path in sorted((data / "images").glob("*.png")):
+        truth = np.asarray(Image.open(data / "masks" / path.name)) > 0
+        masks, predicted = predictor.prompt_masks(np.asarray(Image.open(path).convert("RGB")),
+                                                  Prompt(points=[center_point(truth)]), multimask=True)
+        real = [(m & truth).sum() / max((m | truth).sum(), 1) for m in masks]
+        errors += np.abs(predicted - np.array(real)).tolist()
+    return float(np.mean(errors))
+
+
+def test_iou_head_training_changes_only_the_iou_head_and_fits_it_to_the_real_iou(trained, tmp_path):
+    """--train-only iou_head: every mask stays the same; the head's predictions come closer to the real IoU."""
+    data, run, _ = trained
+    start = export_prompt_weights(run / "best.pt", tmp_path, "start")
+    config = replace(CONFIG, epochs=2, learning_rate=1e-3, trainable="iou_head", init_weights=str(start))
+    train_clicks([data], tmp_path / "run", config, run / "embeddings", show_progress=False)
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["weights"]
+    initial = torch.load(start, weights_only=True)
+    changed = {key for key, value in initial.items() if not torch.equal(saved[key], value.float())}
+    assert changed and all(key.startswith("mask_decoder.iou_prediction_head.") for key in changed), changed
+    before = iou_head_error(load_model("litemedsam", run / "best.pt", device="cpu"), data)  # what --init read
+    after = iou_head_error(load_model("litemedsam", tmp_path / "run" / "last.pt", device="cpu"), data)
+    assert after < before / 2, (before, after)
+    with pytest.raises(InputError, match="needs --init"):
+        train_clicks([data], tmp_path / "other", replace(CONFIG, trainable="iou_head"))
+
+
 @settings(max_examples=50, deadline=None)
 @given(labels=arrays(np.int16, (LOW_RES, LOW_RES), elements=st.integers(0, 3)),
        content=st.tuples(st.integers(1, LOW_RES), st.integers(1, LOW_RES)), seed=st.integers(0, 2**16))

@@ -44,6 +44,8 @@ def train(
                                                    "teach the IoU head what is not an object.")] = 2,
     base_box_decoder: Annotated[bool, typer.Option(help="Decode a box alone with the frozen base decoder, as "
                                                    "litemedsam-click does, and train only the corrections after it.")] = True,
+    train_only: Annotated[str, typer.Option(help="What trains: all (prompt encoder and mask decoder) or iou_head "
+                                                 "(only the IoU head, on lone clicks; masks unchanged; needs --init).")] = "all",
     init: Annotated[Optional[Path], typer.Option(help="Start from these prompt weights (an exported .pt or a "
                                                  "run's checkpoint), e.g. src/sam4med/weights/litemedsam_click.pt.")] = None,
     seed: SeedOption = 0,
@@ -66,7 +68,7 @@ def train(
                               tile=tile or None, halo=halo, tiled=tuple(tiled), balance_datasets=balance_datasets,
                               tile_share=tile_share,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
-                              init_weights=None if init is None else str(init), seed=seed)
+                              init_weights=None if init is None else str(init), trainable=train_only, seed=seed)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")
 

@@ -53,6 +53,8 @@ from sam4med.engine.training import TrainingTask, TrainResult, fit, seed_everyth
 CHECKPOINT_KIND = "clicks"
 FIRST_PROMPTS = ("point", "points", "box", "box_jitter", "box_point")
 BOX_ALONE = ("box", "box_jitter")
+TRAINABLE = ("all", "iou_head")
+IOU_HEAD = "mask_decoder.iou_prediction_head."
 
 
 @dataclass
@@ -84,6 +86,10 @@ class ClickTrainConfig:
     base_box_decoder: bool = True  # a box alone is decoded by the frozen base decoder (round 0 not trained)
     background_clicks: int = 2  # lone clicks on background per image and step, for the IoU head
     init_weights: str | None = None  # prompt weights to start from (exported .pt or a run's checkpoint)
+    # "iou_head": only the IoU head trains, on lone clicks (objects and background) and no corrections,
+    # so every mask stays as it was and only which of a click's 3 masks is kept, and the point grid's
+    # filter, change
+    trainable: str = "all"
     seed: int = 0
     split_seed: int = 0
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
@@ -113,6 +119,10 @@ class ClickTrainConfig:
             check_number(self.tile_share, "--tile-share", minimum=0, maximum=1)
             if not self.tiled:
                 raise InputError("--tile-share: needs --tiled data sets")
+        if self.trainable not in TRAINABLE:
+            raise InputError(f"--train-only {self.trainable!r}: choose one of {', '.join(TRAINABLE)}")
+        if self.trainable == "iou_head" and self.init_weights is None:
+            raise InputError("--train-only iou_head: needs --init (the decoder whose IoU head is retrained)")
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise InputError(f"{self.init_weights}: no such file (init weights)")
 
@@ -257,10 +267,13 @@ class ClickTask(TrainingTask):
         self.val_images = val
         self.meta = meta
         self.module = PromptPath(network.prompt_encoder, network.mask_decoder, use_shared_decoder=False).to(self.device)
+        self.iou_head_only = config.trainable == "iou_head"
+        for name, parameter in self.module.named_parameters():
+            parameter.requires_grad_(not self.iou_head_only or name.startswith(IOU_HEAD))
         # the frozen base prompt encoder and decoder: decodes a box alone, as at inference
         self.base = None if base is None else base.to(self.device)
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=config.learning_rate,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad],
+                                           lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, config.lr_gamma)
         self.dice = DiceLoss(sigmoid=True, reduction="none")
         weights = np.array(config.first_prompt_weights, dtype=float)
@@ -273,8 +286,8 @@ class ClickTask(TrainingTask):
             for index in self.sampler.draw(rng):
                 image = self.train_images[index]
                 count = min(self.config.objects_per_image, image.objects)
-                step.append(ImageStep(image, [], str(rng.choice(FIRST_PROMPTS, p=self.kind_probabilities)),
-                                      int(rng.integers(2**31))))
+                kind = "point" if self.iou_head_only else str(rng.choice(FIRST_PROMPTS, p=self.kind_probabilities))
+                step.append(ImageStep(image, [], kind, int(rng.integers(2**31))))
                 step[-1].object_ids = rng.permutation(image.objects)[:count].tolist()  # ranks among kept objects
             batches.append(step)
         return batches
@@ -294,7 +307,7 @@ class ClickTask(TrainingTask):
             rng = np.random.default_rng(item.seed)
             prompts = first_prompts(item.kind, objects, rng, self.config.max_points, self.config.box_jitter_percent)
             loss = self._rollout(features, objects, prompts, item.kind == "point", rng, train=True,
-                                 base_first=item.kind in BOX_ALONE)[0]
+                                 rounds=0 if self.iou_head_only else None, base_first=item.kind in BOX_ALONE)[0]
             total = total + loss + self._background_loss(features, labels, item.image.content, rng)
         return total / max(1, len(batch))
 
