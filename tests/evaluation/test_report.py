@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sam4med.engine.overlays import write_overlay
+from sam4med.engine.overlays import shrink_for_overlay, write_overlay
 from sam4med.evaluation.report import write_report
 from sam4med.evaluation.summary import (
     clicks_curve,
@@ -224,6 +224,19 @@ def test_write_overlay_large_grayscale_image_many_modes(tmp_path: Path) -> None:
         assert png.format == "PNG"
         width, height = png.size
     assert width <= 5 * 2.2 * 80 + 2 and height > 0  # wrapped onto two rows of five panels
+
+
+def test_masks_shrunk_for_the_overlay_draw_the_same_png_at_a_ninth_of_the_memory(tmp_path: Path) -> None:
+    """The benchmark keeps every mode's masks of a drawn image shrunk (1000 px: every 3rd pixel), not full size."""
+    image = (np.arange(1000 * 900).reshape(1000, 900) % 251).astype(np.uint8)
+    gt = np.zeros((1000, 900), bool)
+    gt[200:600, 300:700] = True
+    masks = [np.roll(gt, shift, axis=1) for shift in (0, 7, 50)]
+    shrunk = [shrink_for_overlay(m) for m in masks]
+    assert shrunk[0].shape == (334, 300) and sum(m.nbytes for m in shrunk) * 8 < sum(m.nbytes for m in masks)
+    full = write_overlay(tmp_path / "full.png", image, gt, [("box", masks, 0.5)])
+    small = write_overlay(tmp_path / "small.png", image, gt, [("box", shrunk, 0.5)])
+    assert full.read_bytes() == small.read_bytes()
 
 
 def test_write_report_embeds_tables_plots_and_overlays(results: Path, capsys) -> None:

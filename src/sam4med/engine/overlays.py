@@ -68,20 +68,34 @@ def _draw_panel(ax, image: np.ndarray, gt: np.ndarray, masks: Sequence[np.ndarra
     ax.set_axis_off()
 
 
+def overlay_stride(shape: tuple[int, ...]) -> int:
+    """Every how many pixels an overlay samples an image of this (H, W, ...) shape."""
+    return max(1, math.ceil(max(shape[:2]) / OVERLAY_MAX_SIDE))
+
+
+def shrink_for_overlay(mask: np.ndarray) -> np.ndarray:
+    """A full-size mask as ``write_overlay`` draws it: a caller that keeps every mode's masks of an image
+    until drawing them holds 1 / stride^2 of their pixels."""
+    step = overlay_stride(np.shape(mask))
+    return np.asarray(mask, dtype=bool)[::step, ::step]
+
+
 def write_overlay(path: str | Path, image: np.ndarray, gt: np.ndarray,
                   panels: Sequence[tuple[str, Sequence[np.ndarray], float]]) -> Path:
     """One small PNG per image: the image with the ground-truth contour, then one panel per
-    (title, masks, mean Dice) with those masks drawn over the image, titled ``title  Dice 0.xx``."""
+    (title, masks, mean Dice) with those masks drawn over the image, titled ``title  Dice 0.xx``.
+    Masks are full size or already shrunk by ``shrink_for_overlay``; others are skipped."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = _display_image(image)
     gt = np.asarray(gt)
     gt = (gt.any(axis=-1) if gt.ndim == 3 else gt).astype(bool)
-    step = max(1, math.ceil(max(gt.shape) / OVERLAY_MAX_SIDE))
+    step = overlay_stride(gt.shape)
     shown_image, shown_gt = image[::step, ::step], gt[::step, ::step]
     drawn: list[tuple[str, list[np.ndarray]]] = [("image + GT", [])]
     for title, masks, dice in panels:
-        kept = [np.asarray(m, dtype=bool)[::step, ::step] for m in masks if np.shape(m) == gt.shape]
+        kept = [np.asarray(m, dtype=bool)[::step, ::step] if np.shape(m) == gt.shape else np.asarray(m, dtype=bool)
+                for m in masks if np.shape(m) in (gt.shape, shown_gt.shape)]
         drawn.append((f"{title}  Dice {dice:.2f}" if np.isfinite(dice) else f"{title}  Dice n/a", kept))
     panels = drawn  # type: ignore[assignment]
 

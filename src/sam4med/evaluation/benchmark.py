@@ -32,7 +32,7 @@ from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
 from sam4med.evaluation.modes import DEFAULT_MODES, ImageObjects, Mode, PromptSettings, make_mode, object_rng
-from sam4med.engine.overlays import write_overlay
+from sam4med.engine.overlays import shrink_for_overlay, write_overlay
 
 
 @dataclass
@@ -154,8 +154,9 @@ class ImageEvaluator:
         overlay = self._overlay_path(item)
         for mode in self.modes:
             results = mode.run(objects)
-            if overlay is not None:  # every mode's masks at full size, kept only for the image drawn
-                panels.append((mode.name, [r.mask for r in results], float(np.mean([r.row["dice"] for r in results]))))
+            if overlay is not None:  # every mode's masks, kept for the image drawn at the size it is drawn
+                panels.append((mode.name, [shrink_for_overlay(r.mask) for r in results],
+                               float(np.mean([r.row["dice"] for r in results]))))
             for index, factor, result in zip(objects.indices, factors, results):
                 rows.append({**common, "object": index, "mode": mode.name, **factor, **result.row, "status": "ok",
                              "encode_s": encode_s, "mode_params": self.mode_params[mode.name]})
