@@ -16,6 +16,8 @@ Iterative click simulation, as SAM and SAM-Med2D train:
 - a few lone clicks on background teach the IoU head what is not an object: their 3 masks are scored
   against the best-overlapping labelled object (usually IoU 0), so SAM's point-grid everything mode can
   filter them by predicted IoU. Their masks get no loss: an unlabelled region may still be a structure.
+- ``trainable="iou_head"`` retrains the IoU head alone, on lone clicks only: the masks stay the model's,
+  and what improves is which of a click's 3 masks is kept and which point-grid masks pass its filter.
 
 The image encoder is frozen and never run: embeddings come from :mod:`sam4med.clicks.embeddings`
 (computed once, mirror images included; for the data sets named in ``tiled``, the tiles of their large
