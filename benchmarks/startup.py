@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from processes import run_process
 
 
 def _synthetic_image(folder: Path) -> tuple[Path, list[float]]:
@@ -35,18 +34,6 @@ def _synthetic_image(folder: Path) -> tuple[Path, list[float]]:
     path = folder / "ellipse.png"
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
     return path, [110, 90, 290, 210]
-
-
-def _run(command: list[str], environment: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak resident MB of one process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"error: {' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
-    process.stderr.close()
-    return seconds, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -65,13 +52,13 @@ def main() -> None:
         base = [sys.executable, "-m", "sam4med", "segment", str(image), "--box", *map(str, box), "--model", args.model,
                 "--out", str(folder / "mask.png")] + (["--threads", str(args.threads)] if args.threads else [])
         environment = {**os.environ, "SAM4MED_CACHE": str(folder / "cache")}
-        first, _ = _run(base + ["--runtime", "onnx"], environment)  # empty cache: exports the graphs
+        first, _ = run_process(base + ["--runtime", "onnx"], environment)  # empty cache: exports the graphs
         rows = {}
         paths = {"onnx": ["--runtime", "onnx"], "onnx int8": ["--runtime", "onnx", "--int8"], "torch": ["--runtime", "torch"]}
         measured: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
         for _ in range(args.repeats):  # interleaved, so that a busy moment of the machine slows every path alike
             for name, options in paths.items():
-                measured[name].append(_run(base + options, environment))
+                measured[name].append(run_process(base + options, environment))
         for name, runs in measured.items():
             rows[name] = (statistics.median(s for s, _ in runs), max(m for _, m in runs), [s for s, _ in runs])
     print(f"sam4med segment, fresh process, {args.model}, {args.repeats} runs each, image {image.name}")
