@@ -205,6 +205,18 @@ def test_iou_head_training_changes_only_the_iou_head_and_fits_it_to_the_real_iou
         train_clicks([data], tmp_path / "other", replace(CONFIG, trainable="iou_head"))
 
 
+def test_runs_from_before_train_only_still_resume(tmp_path):
+    """A run folder whose config.json predates --train-only is claimed again by the same settings."""
+    from sam4med.engine.runs import claim_folder
+
+    record = json.loads(json.dumps(asdict(CONFIG)))
+    del record["trainable"]
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    claim_folder(tmp_path, "config.json", asdict(CONFIG))
+    with pytest.raises(InputError, match="trainable"):
+        claim_folder(tmp_path, "config.json", asdict(replace(CONFIG, trainable="iou_head")))
+
+
 @settings(max_examples=50, deadline=None)
 @given(labels=arrays(np.int16, (LOW_RES, LOW_RES), elements=st.integers(0, 3)),
        content=st.tuples(st.integers(1, LOW_RES), st.integers(1, LOW_RES)), seed=st.integers(0, 2**16))

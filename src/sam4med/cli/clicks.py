@@ -68,7 +68,7 @@ def train(
                               tile=tile or None, halo=halo, tiled=tuple(tiled), balance_datasets=balance_datasets,
                               tile_share=tile_share,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
-                              init_weights=None if init is None else str(init), trainable=train_only, seed=seed)
+                              init_weights=None if init is None else str(init), trainable=None if train_only == "all" else train_only, seed=seed)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")
 

@@ -55,7 +55,7 @@ from sam4med.engine.training import TrainingTask, TrainResult, fit, seed_everyth
 CHECKPOINT_KIND = "clicks"
 FIRST_PROMPTS = ("point", "points", "box", "box_jitter", "box_point")
 BOX_ALONE = ("box", "box_jitter")
-TRAINABLE = ("all", "iou_head")
+TRAINABLE = ("all", "iou_head")  # "all" is stored as None, so that runs from before the option still resume
 IOU_HEAD = "mask_decoder.iou_prediction_head."
 
 
@@ -91,7 +91,7 @@ class ClickTrainConfig:
     # "iou_head": only the IoU head trains, on lone clicks (objects and background) and no corrections,
     # so every mask stays as it was and only which of a click's 3 masks is kept, and the point grid's
     # filter, change
-    trainable: str = "all"
+    trainable: str | None = None  # None: all
     seed: int = 0
     split_seed: int = 0
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
@@ -121,7 +121,7 @@ class ClickTrainConfig:
             check_number(self.tile_share, "--tile-share", minimum=0, maximum=1)
             if not self.tiled:
                 raise InputError("--tile-share: needs --tiled data sets")
-        if self.trainable not in TRAINABLE:
+        if self.trainable is not None and self.trainable not in TRAINABLE[1:]:
             raise InputError(f"--train-only {self.trainable!r}: choose one of {', '.join(TRAINABLE)}")
         if self.trainable == "iou_head" and self.init_weights is None:
             raise InputError("--train-only iou_head: needs --init (the decoder whose IoU head is retrained)")
