@@ -133,6 +133,9 @@ BAD_TRAINER_SETTINGS = [(["--learning-rate", value], "--learning-rate") for valu
     (["samunet", "train"], ["--masks-per-image", "0"], "--masks-per-image"),
     (["clicks", "train"], ["--rounds", "-1"], "--rounds"),
     (["clicks", "train"], ["--background-clicks", "-1"], "--background-clicks"),
+    (["clicks", "train"], ["--iou-rank-weight", "-1"], "--iou-rank-weight"),
+    (["clicks", "train"], ["--iou-rank-weight", "nan"], "--iou-rank-weight"),
+    (["clicks", "train"], ["--centre-click-share", "1.5"], "--centre-click-share"),
 ])
 def test_bad_trainer_settings_stop_before_anything_is_written(tmp_path, verb, arguments, named):
     result = CliRunner().invoke(app, [*verb, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),

@@ -23,7 +23,7 @@ from PIL import Image
 from sam4med.clicks.embeddings import EmbeddedImage, embedded_images, load_embedding
 from sam4med.clicks.loading import export_prompt_weights
 from sam4med.clicks.training import (ClickTrainConfig, ImageSampler, background_points, best_object_iou,
-                                     train_clicks)
+                                     first_prompts, iou_rank_loss, train_clicks)
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.models import WEIGHTS_DIR, load_model, load_prompt_weights
@@ -201,8 +201,40 @@ def test_iou_head_training_changes_only_the_iou_head_and_fits_it_to_the_real_iou
     before = iou_head_error(load_model("litemedsam", run / "best.pt", device="cpu"), data)  # what --init read
     after = iou_head_error(load_model("litemedsam", tmp_path / "run" / "last.pt", device="cpu"), data)
     assert after < before / 2, (before, after)
+    # the ranking term takes part: same seed and clicks, other head weights, still only the head
+    ranked = replace(config, iou_rank_weight=1.0)
+    train_clicks([data], tmp_path / "ranked", ranked, run / "embeddings", show_progress=False)
+    ranked_weights = torch.load(tmp_path / "ranked" / "last.pt", weights_only=True)["weights"]
+    differ = {key for key, value in saved.items() if not torch.equal(ranked_weights[key], value)}
+    assert differ and all(key.startswith("mask_decoder.iou_prediction_head.") for key in differ), differ
     with pytest.raises(InputError, match="needs --init"):
         train_clicks([data], tmp_path / "other", replace(CONFIG, trainable="iou_head"))
+
+
+def test_iou_rank_loss_rewards_the_real_order_whatever_the_level():
+    real = torch.tensor([[0.2, 0.9, 0.5]])
+    right_order = iou_rank_loss(torch.tensor([[0.3, 0.7, 0.5]]), real)
+    wrong_order = iou_rank_loss(torch.tensor([[0.7, 0.3, 0.5]]), real)
+    assert right_order < wrong_order
+    torch.testing.assert_close(iou_rank_loss(torch.tensor([[0.3, 0.7, 0.5]]) + 0.2, real), right_order)
+    predicted = torch.tensor([[0.5, 0.5, 0.5]], requires_grad=True)
+    iou_rank_loss(predicted, real).backward()
+    assert predicted.grad[0].argmin() == 1  # gradient descent raises the best mask's prediction most
+
+
+def test_centre_click_share_puts_lone_clicks_at_the_centre():
+    objects = [np.zeros((64, 64), bool) for _ in range(2)]
+    objects[0][10:30, 5:45] = True
+    objects[1][40:60, 40:50] = True
+    centred = first_prompts("point", objects, np.random.default_rng(0), 5, 10.0, centre_click_share=1.0)
+    assert [tuple(p[0]) for p in centred.points] == [center_point(o) for o in objects]
+    draws = [first_prompts("point", objects, np.random.default_rng(seed), 5, 10.0, centre_click_share=0.5)
+             for seed in range(40)]
+    centre_share = np.mean([tuple(d.points[0, 0]) == center_point(objects[0]) for d in draws])
+    assert 0.25 < centre_share < 0.75
+    random_ones = first_prompts("point", objects, np.random.default_rng(0), 5, 10.0)  # the default: a random pixel
+    assert all(o[int(y), int(x)] for o, ((x, y),) in zip(objects, random_ones.points))
+    assert [tuple(p[0]) for p in random_ones.points] != [center_point(o) for o in objects]
 
 
 def test_runs_from_before_train_only_still_resume(tmp_path):

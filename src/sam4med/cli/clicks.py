@@ -46,6 +46,12 @@ def train(
                                                    "litemedsam-click does, and train only the corrections after it.")] = True,
     train_only: Annotated[str, typer.Option(help="What trains: all (prompt encoder and mask decoder) or iou_head "
                                                  "(only the IoU head, on lone clicks; masks unchanged; needs --init).")] = "all",
+    iou_rank_weight: Annotated[Optional[float], typer.Option(help="Weight of a ranking term (ListNet) on a lone "
+                                                             "click's 3 masks beside the IoU head's MSE: the head "
+                                                             "is used for its argmax; default: MSE alone.")] = None,
+    centre_click_share: Annotated[Optional[float], typer.Option(help="Chance that a lone first click is the "
+                                                                "object's centre, not a random pixel of it; "
+                                                                "default: always a random pixel.")] = None,
     init: Annotated[Optional[Path], typer.Option(help="Start from these prompt weights (an exported .pt or a "
                                                  "run's checkpoint), e.g. src/sam4med/weights/litemedsam_click.pt.")] = None,
     seed: SeedOption = 0,
@@ -68,7 +74,9 @@ def train(
                               tile=tile or None, halo=halo, tiled=tuple(tiled), balance_datasets=balance_datasets,
                               tile_share=tile_share,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
-                              init_weights=None if init is None else str(init), trainable=None if train_only == "all" else train_only, seed=seed)
+                              iou_rank_weight=iou_rank_weight, centre_click_share=centre_click_share,
+                              init_weights=None if init is None else str(init),
+                              trainable=None if train_only == "all" else train_only, seed=seed)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")
 

@@ -57,6 +57,7 @@ FIRST_PROMPTS = ("point", "points", "box", "box_jitter", "box_point")
 BOX_ALONE = ("box", "box_jitter")
 TRAINABLE = ("all", "iou_head")  # "all" is stored as None, so that runs from before the option still resume
 IOU_HEAD = "mask_decoder.iou_prediction_head."
+IOU_RANK_TEMPERATURE = 0.1  # IoUs differ by tenths between a click's masks: softmax over IoU / 0.1
 
 
 @dataclass
@@ -92,6 +93,13 @@ class ClickTrainConfig:
     # so every mask stays as it was and only which of a click's 3 masks is kept, and the point grid's
     # filter, change
     trainable: str | None = None  # None: all
+    # weight of a ranking term for a lone click's 3 masks (ListNet: cross-entropy between the softmax of the
+    # real IoUs and of the predicted ones, temperature IOU_RANK_TEMPERATURE), beside the IoU head's MSE: what
+    # inference uses is the argmax, which a small MSE can still get wrong; None: MSE alone
+    iou_rank_weight: float | None = None
+    # chance that a lone first click is the object's centre (the interior point farthest from its boundary,
+    # where annotators click first and the benchmark's point_center mode puts it) rather than a random pixel
+    centre_click_share: float | None = None
     seed: int = 0
     split_seed: int = 0
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
@@ -121,6 +129,10 @@ class ClickTrainConfig:
             check_number(self.tile_share, "--tile-share", minimum=0, maximum=1)
             if not self.tiled:
                 raise InputError("--tile-share: needs --tiled data sets")
+        if self.iou_rank_weight is not None:
+            check_number(self.iou_rank_weight, "--iou-rank-weight", minimum=0)
+        if self.centre_click_share is not None:
+            check_number(self.centre_click_share, "--centre-click-share", minimum=0, maximum=1)
         if self.trainable is not None and self.trainable not in TRAINABLE[1:]:
             raise InputError(f"--train-only {self.trainable!r}: choose one of {', '.join(TRAINABLE)}")
         if self.trainable == "iou_head" and self.init_weights is None:
@@ -151,8 +163,10 @@ class ObjectPrompts:
 
 
 def first_prompts(kind: str, objects: Sequence[np.ndarray], rng: np.random.Generator, max_points: int,
-                  jitter_percent: float) -> ObjectPrompts:
-    """The first prompt of each object (masks in the 256 px frame); all K share one structure."""
+                  jitter_percent: float, centre_click_share: float | None = None) -> ObjectPrompts:
+    """The first prompt of each object (masks in the 256 px frame); all K share one structure.
+
+    A lone click (``point``) is each object's centre with chance ``centre_click_share``, else a random pixel."""
     size = objects[0].shape
     prompts = ObjectPrompts(None, None, None)
     if kind in ("box", "box_jitter", "box_point"):
@@ -160,7 +174,9 @@ def first_prompts(kind: str, objects: Sequence[np.ndarray], rng: np.random.Gener
         if kind == "box_jitter":
             boxes = [jitter_box(b, size, rng, jitter_percent, "percent") for b in boxes]
         prompts.boxes = np.stack(boxes).astype(np.float32)
-    if kind in ("point", "box_point"):
+    if kind == "point" and centre_click_share and rng.random() < centre_click_share:
+        prompts.add_clicks([(center_point(o), 1) for o in objects])
+    elif kind in ("point", "box_point"):
         prompts.add_clicks([(tuple(random_points(o, 1, rng)[0]), 1) for o in objects])
     elif kind == "points":
         count = int(rng.integers(2, max_points + 1))
@@ -175,6 +191,12 @@ def mask_losses(logits: Tensor, targets: Tensor, focal_weight: float, dice: Dice
     focal = sigmoid_focal_loss(logits, expanded, reduction="none").flatten(2).mean(2)
     overlap = dice(logits.flatten(0, 1)[:, None], expanded.flatten(0, 1)[:, None]).reshape(logits.shape[:2])
     return focal_weight * focal + overlap
+
+
+def iou_rank_loss(predicted_iou: Tensor, iou_target: Tensor) -> Tensor:
+    """ListNet over a click's masks (K, M): cross-entropy of the predicted order against the real one."""
+    target = torch.softmax(iou_target / IOU_RANK_TEMPERATURE, dim=1)
+    return -(target * torch.log_softmax(predicted_iou / IOU_RANK_TEMPERATURE, dim=1)).sum(1).mean()
 
 
 def real_iou(logits: Tensor, targets: Tensor) -> Tensor:
@@ -307,7 +329,8 @@ class ClickTask(TrainingTask):
             features = features.to(self.device)
             objects = self._objects(labels, item.object_ids)
             rng = np.random.default_rng(item.seed)
-            prompts = first_prompts(item.kind, objects, rng, self.config.max_points, self.config.box_jitter_percent)
+            prompts = first_prompts(item.kind, objects, rng, self.config.max_points, self.config.box_jitter_percent,
+                                    self.config.centre_click_share)
             loss = self._rollout(features, objects, prompts, item.kind == "point", rng, train=True,
                                  rounds=0 if self.iou_head_only else None, base_first=item.kind in BOX_ALONE)[0]
             total = total + loss + self._background_loss(features, labels, item.image.content, rng)
@@ -355,6 +378,8 @@ class ClickTask(TrainingTask):
                 chosen = logits[torch.arange(len(objects), device=self.device), best]
                 iou_target = real_iou(logits.detach(), targets)
                 loss = loss + losses.gather(1, best[:, None]).mean() + nn.functional.mse_loss(predicted_iou, iou_target)
+                if multimask and train and config.iou_rank_weight:
+                    loss = loss + config.iou_rank_weight * iou_rank_loss(predicted_iou, iou_target)
                 trained_rounds += 1
             masks = (chosen.detach() > 0).cpu().numpy()
             dice_per_round.append([dice(m, o) for m, o in zip(masks, objects)])
