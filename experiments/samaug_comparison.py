@@ -10,6 +10,8 @@ Each preset (``sam4med.samaug.experiment.PRESETS``) fixes image size, patches, t
 early-stopping patience, prior tiling and metrics for one data set, identical for every arm, network and
 seed. Writes OUT/metrics.csv (image x arm x seed), OUT/summary.csv, OUT/summary.png, OUT/curves.png (every
 run's validation Dice and loss per epoch) and OUT/protocol.json. Killed, it resumes where it stopped.
+``--trainings raw`` trains and scores the raw arms alone, which need no priors (the baseline can run
+while the priors are computed elsewhere); the full run adopts those folders.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main(
     generator: Annotated[str, typer.Option(help=f"Priors from {', '.join(PRIOR_GENERATORS)}.")] = "points",
     net: Annotated[str, typer.Option(help="unet or attention_unet.")] = "unet",
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
+    trainings: Annotated[str, typer.Option(help="Comma-separated arms to train: raw, dual.")] = "raw,dual",
     max_train_images: MaxTrainImagesOption = 0,
     encoder: EncoderOption = "onnx",
     threads: ThreadsOption = None,
@@ -45,17 +48,21 @@ def main(
         raise typer.BadParameter(f"choose one of {', '.join(sorted(PRESETS))}", param_hint="PRESET")
     if generator not in PRIOR_GENERATORS:
         raise typer.BadParameter(f"choose one of {', '.join(PRIOR_GENERATORS)}", param_hint="--generator")
+    arms = [arm.strip() for arm in trainings.split(",")]
+    if not arms or not set(arms) <= {"raw", "dual"}:
+        raise typer.BadParameter("choose from raw, dual", param_hint="--trainings")
     configure_cpu(threads)
     chosen = PRESETS[preset]
     config = replace(chosen.config, net=net, max_train_images=max_train_images or None)
     model, method = PRIOR_GENERATORS[generator]
     settings = prior_settings(model, tile=chosen.prior_tile, method=method)
-    for summary in generate_priors([data], priors / generator, model, settings=settings, encoder_backend=encoder,
-                                   image_ids=images_used(data, config)):
-        print(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
-              f"{summary.failed} failed")
+    if "dual" in arms:
+        for summary in generate_priors([data], priors / generator, model, settings=settings,
+                                       encoder_backend=encoder, image_ids=images_used(data, config)):
+            print(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
+                  f"{summary.failed} failed")
     results = run_experiment(data, priors / generator, out, config, [int(s) for s in seeds.split(",")],
-                             instances=chosen.instances)
+                             trainings=arms, instances=chosen.instances)
     table = write_summary(out, results)
     write_curves(out)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")

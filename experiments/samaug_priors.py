@@ -7,7 +7,10 @@ Generators: ``points`` is SAMAug's (everything mode's 32x32 point grid, box NMS 
 and stability thresholds) on LiteMedSAM-click; ``boxes`` is LiteMedSAM's box proposals. Both run on tiles
 as the SAMAug comparison's preset says (``sam4med.samaug.experiment.PRESETS``). Images are taken
 from the comparison's test side first (the preset's split), then validation, then training, up to ``--images`` per
-set. Priors are cached in PRIORS/<generator>/<data set> (the comparison reads them from there: resumable);
+set (``--sides train`` measures on training images alone: what a choice such as ``--tile`` may be made on).
+``--tile`` overrides the preset's prior tiling for every set (0: whole images); priors made with another
+tiling than the preset's belong in another PRIORS folder, since a folder holds one setting. Priors are
+cached in PRIORS/<generator>/<data set> (the comparison reads them from there: resumable);
 scores go to OUT/prior_quality.csv (one row per image and generator), OUT/summary.csv and OUT/protocol.json
 (models with weights hashes, generator settings, tiles, image ids, boundary tolerance).
 """
@@ -15,7 +18,7 @@ scores go to OUT/prior_quality.csv (one row per image and generator), OUT/summar
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import pandas as pd
 import typer
@@ -32,13 +35,14 @@ from sam4med.samaug.store import PriorStore, generate_priors
 from sam4med.samaug.training import TrainConfig
 
 SCORES = ["auroc", "covered_dice", "boundary_f", "covered_fraction", "masks"]
+SIDES = ("test", "val", "train")
 
 
-def chosen_images(dataset: Dataset, count: int) -> list[str]:
-    """Test side first, then validation, then training, split as the comparison's preset splits the set."""
+def chosen_images(dataset: Dataset, count: int, order: tuple[str, ...] = SIDES) -> list[str]:
+    """The first ``count`` images of the sides in ``order``, split as the comparison's preset splits the set."""
     config = PRESETS[dataset.name].config if dataset.name in PRESETS else TrainConfig()
     sides = training_split(dataset, config.fractions, config.split_seed)
-    return [s.id for side in ("test", "val", "train") for s in sides[side]][:count]
+    return [s.id for side in order for s in sides[side]][:count]
 
 
 def main(
@@ -46,20 +50,28 @@ def main(
     priors: Annotated[Path, typer.Option(help="Priors folder: PRIORS/<generator>/<data set>.")],
     out: Annotated[Path, typer.Option(help="Results folder.")],
     images: Annotated[int, typer.Option(help="Images per data set.")] = 20,
+    sides: Annotated[str, typer.Option(help="Comma-separated sides to take images from, in order.")] = ",".join(SIDES),
+    tile: Annotated[Optional[int], typer.Option(help="Tile size for every set's priors (0: whole images); "
+                                                     "default: each preset's.")] = None,
     encoder: EncoderOption = "onnx",
     threads: ThreadsOption = None,
 ) -> None:
     """Compute (or reuse) both generators' priors and score them per image."""
+    order = tuple(side.strip() for side in sides.split(","))
+    if not order or not set(order) <= set(SIDES):
+        raise typer.BadParameter(f"choose from {', '.join(SIDES)}", param_hint="--sides")
+    if tile is not None and tile < 0:
+        raise typer.BadParameter("must be 0 (whole images) or a tile size in px", param_hint="--tile")
     configure_cpu(threads)
     frames, protocol, seconds = [], {"boundary_tolerance_px": BOUNDARY_TOLERANCE_PX, "encoder": encoder,
-                                     "images": {}, "priors": {}}, []
+                                     "sides": list(order), "images": {}, "priors": {}}, []
     for folder in data:
         dataset = load_dataset(folder)
-        name, ids = dataset.name, chosen_images(dataset, images)
+        name, ids = dataset.name, chosen_images(dataset, images, order)
         protocol["images"][name] = ids
         for generator, (model, method) in PRIOR_GENERATORS.items():
-            tile = PRESETS[name].prior_tile if name in PRESETS else None
-            settings = prior_settings(model, tile=tile, method=method)
+            preset_tile = PRESETS[name].prior_tile if name in PRESETS else None
+            settings = prior_settings(model, tile=preset_tile if tile is None else tile or None, method=method)
             (summary,) = generate_priors([dataset], priors / generator, model, settings=settings,
                                          encoder_backend=encoder, image_ids=set(ids), figures_per_dataset=2)
             timings = pd.read_json(summary.results, lines=True, dtype={"image": str})
