@@ -18,13 +18,13 @@ from typing import Annotated
 import numpy as np
 import pandas as pd
 import typer
-from scipy import ndimage
 from segment_anything.utils.amg import calculate_stability_score
 
 from sam4med.cli.options import ThreadsOption
 from sam4med.engine.datasets import load_dataset
-from sam4med.engine.everything import EverythingSettings
+from sam4med.engine.everything import EverythingSettings, grid_points
 from sam4med.engine.imageio import load_pair
+from sam4med.engine.metrics import iou, label_instances
 from sam4med.engine.models import load_model
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt
@@ -47,8 +47,7 @@ def grid_masks(predictor: Predictor, crop: np.ndarray, labels: np.ndarray) -> pd
     """One row per mask of each grid point inside an object: predicted IoU, stability, real IoU, area."""
     predictor.set_image(crop)
     height, width = labels.shape
-    points = [((i + 0.5) * width / GRID, (j + 0.5) * height / GRID) for j in range(GRID) for i in range(GRID)]
-    inside = [(x, y) for x, y in points if labels[int(y), int(x)] > 0]
+    inside = [(x, y) for x, y in grid_points((height, width), GRID).tolist() if labels[int(y), int(x)] > 0]
     if not inside:
         return pd.DataFrame()
     decoded = predictor.predict([Prompt(points=[point]) for point in inside], multimask=True)
@@ -61,10 +60,8 @@ def grid_masks(predictor: Predictor, crop: np.ndarray, labels: np.ndarray) -> pd
         target = labels == labels[int(y), int(x)]
         for output in range(outputs):
             mask = masks[index, output]
-            union = (mask | target).sum()
             rows.append({"point": index, "predicted_iou": float(decoded.iou[index, output]),
-                         "stability": float(stability[index, output]),
-                         "real_iou": (mask & target).sum() / union if union else 0.0,
+                         "stability": float(stability[index, output]), "real_iou": iou(mask, target),
                          "area": int(mask.sum())})
     return pd.DataFrame(rows)
 
@@ -87,7 +84,7 @@ def main(
     frames = []
     for sample in training_split(dataset, DEFAULT_FRACTIONS, 0)[side][:images]:
         image, mask = load_pair(sample)
-        labels = ndimage.label(mask, np.ones((3, 3)))[0]
+        labels = label_instances(mask)
         for y, x in crop_origins(image.shape, crop):
             masks = grid_masks(predictor, image[y:y + crop, x:x + crop], labels[y:y + crop, x:x + crop])
             frames.append(masks.assign(crop=len(frames)))
