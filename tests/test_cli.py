@@ -56,6 +56,7 @@ def test_bad_input_in_a_group_verb_is_one_line_with_exit_2(tmp_path):
     (["--seed", "-1"], "--seed"),
     (["--tile", "8"], "--tile"),
     (["--halo", "-1"], "--halo"),
+    (["--precision", "fp16"], "--precision"),
 ])
 def test_bad_benchmark_settings_stop_before_anything_is_written(tmp_path, arguments, named):
     """Checked where they enter: one line naming the argument, exit 2, and no protocol.json or results."""
@@ -187,3 +188,23 @@ def test_ray_options_without_ray_say_how_to_install_it(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert result.output.strip() == "error: --ray: Ray is not installed: pip install 'sam4med[distributed]'"
     assert not (tmp_path / "out").exists()
+
+
+def test_segment_in_bf16_gives_the_fp32_mask_to_a_few_edge_pixels(tmp_path):
+    """``--precision bf16`` takes PyTorch's path (autocast) and answers a box as fp32 does."""
+    import numpy as np
+    from conftest import make_ellipse_image
+    from PIL import Image
+
+    image, truth = make_ellipse_image()
+    Image.fromarray(image).save(tmp_path / "ellipse.png")
+    masks = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.png"
+        result = CliRunner().invoke(app, ["segment", str(tmp_path / "ellipse.png"), "--box", "80", "60", "220", "140",
+                                          "--out", str(out), "--runtime", "torch", "--precision", precision])
+        assert result.exit_code == 0, result.output
+        masks[precision] = np.asarray(Image.open(out)) > 0
+    a, b = masks["fp32"], masks["bf16"]
+    assert 2 * (a & truth).sum() / (a.sum() + truth.sum()) > 0.95
+    assert (a & b).sum() / (a | b).sum() > 0.98

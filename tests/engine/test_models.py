@@ -117,3 +117,30 @@ def test_prompt_outside_the_image_is_rejected(litemedsam, ellipse_image):
     image, _ = ellipse_image
     with pytest.raises(InputError, match="outside the 300x200 image"):
         litemedsam.decode(litemedsam.encode(image), [Prompt(box=[10, 10, 320, 50])])
+
+
+def test_bf16_autocast_keeps_the_masks_and_is_recorded(click_model, ellipse_image):
+    """bfloat16 autocast changes the arithmetic, not the answer: on a clean ellipse its box and click masks
+    match fp32's within a few edge pixels, its outputs stay fp32, and the protocol (hence the embedding cache's
+    key) says which precision ran."""
+    image, mask = ellipse_image
+    bf16 = load_model("litemedsam-click", device="cpu", precision="bf16")
+    fp32_embedding, bf16_embedding = click_model.encode(image), bf16.encode(image)
+    assert bf16_embedding.features.dtype == torch.float32
+    difference = (fp32_embedding.features - bf16_embedding.features).abs()
+    assert 0 < float(difference.mean()) < 0.1 * float(fp32_embedding.features.abs().mean())  # about 5% here
+    for prompt, multimask in ((Prompt(box=tight_box(mask)), False), (Prompt(points=[(150, 100)]), True)):
+        reference = click_model.decode(fp32_embedding, [prompt], multimask=multimask)
+        decoded = bf16.decode(bf16_embedding, [prompt], multimask=multimask)
+        assert decoded.low_res.dtype == torch.float32 and decoded.iou.dtype == torch.float32
+        best = int(reference.iou[0].argmax())
+        a, b = reference.masks()[0, best], decoded.masks()[0, best]
+        assert (a & b).sum() / (a | b).sum() > 0.97
+        assert abs(float(reference.iou[0, best]) - float(decoded.iou[0, best])) < 0.05
+    assert "precision" not in click_model.protocol()
+    assert bf16.protocol()["precision"].startswith("bf16")
+
+
+def test_an_unknown_precision_is_refused_before_loading():
+    with pytest.raises(InputError, match="--precision 'fp16': choose one of fp32, bf16"):
+        load_model("litemedsam", device="cpu", precision="fp16")

@@ -122,6 +122,9 @@ def test_runtime_choice():
     assert choose_runtime("auto", click) == "onnx"
     assert choose_runtime("auto", click, tile=256) == choose_runtime("auto", model_spec("medsam")) == "torch"
     assert choose_runtime("auto", click, checkpoint="run/best.pt") == choose_runtime("torch", click) == "torch"
+    assert choose_runtime("auto", click, precision="bf16") == "torch"  # autocast is PyTorch's
+    with pytest.raises(InputError, match="--runtime onnx: not with --precision bf16"):
+        choose_runtime("onnx", click, precision="bf16")
     with pytest.raises(InputError, match="--runtime onnx: not with --device cuda"):
         choose_runtime("onnx", click, device="cuda")
     with pytest.raises(InputError, match="--runtime 'tensorrt'"):

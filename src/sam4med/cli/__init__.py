@@ -16,6 +16,7 @@ from sam4med.cli.options import (
     HaloOption,
     ModelOption,
     OneLineErrorsGroup,
+    PrecisionOption,
     ThreadsOption,
     TileOption,
     one_line_errors,
@@ -72,6 +73,7 @@ def segment(
                                               "exported once), onnx, or torch.")] = "auto",
     int8: Annotated[bool, typer.Option("--int8", help="The encoder's int8 copy (ONNX Runtime path): faster, "
                                                       "slightly different embedding.")] = False,
+    precision: PrecisionOption = "fp32",
     threads: ThreadsOption = None,
 ) -> None:
     """Segment one object in one image from a box and/or points."""
@@ -88,7 +90,7 @@ def segment(
     check_tiling(tile or None, halo)
     check_limit(threads, "--threads")
     predictor: PredictorSource
-    if choose_runtime(runtime, model_spec(model), checkpoint, device, tile) == "onnx":
+    if choose_runtime(runtime, model_spec(model), checkpoint, device, tile, precision) == "onnx":
         configure_cpu()
         predictor = lambda: onnx_predictor(model, threads, int8=int8)  # noqa: E731
     elif int8:
@@ -99,7 +101,8 @@ def segment(
         from sam4med.engine.tiling import make_predictor
 
         configure_cpu(threads)
-        predictor = lambda: make_predictor(load_model(model, checkpoint, device), tile or None, halo)  # noqa: E731
+        predictor = lambda: make_predictor(load_model(model, checkpoint, device, precision=precision),  # noqa: E731
+                                           tile or None, halo)
     mask = segment_image_file(predictor, image, prompt, out, overlay, mask_rule)
     typer.echo(f"{out}: {int(mask.sum())} foreground pixels")
 
@@ -118,6 +121,7 @@ def segment_volume(
     checkpoint: CheckpointOption = None,
     tile: TileOption = 0,
     halo: HaloOption = 32,
+    precision: PrecisionOption = "fp32",
     device: DeviceOption = None,
 ) -> None:
     """Segment one object in a volume from a 3D box, propagated slice by slice from the middle."""
@@ -128,7 +132,8 @@ def segment_volume(
 
     check_tiling(tile or None, halo)
     configure_cpu()
-    labels = segment_volume_file(lambda: make_predictor(load_model(model, checkpoint, device), tile or None, halo),
+    labels = segment_volume_file(lambda: make_predictor(load_model(model, checkpoint, device, precision=precision),
+                                                        tile or None, halo),
                                  volume, box3d, out, axis, (lower_percentile, upper_percentile))
     typer.echo(f"{out}: {int(labels.sum())} foreground voxels in "
                f"{int(labels.any(axis=tuple(a for a in range(3) if a != axis)).sum())} slices")
@@ -144,6 +149,7 @@ def annotate(
     model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
     encoder: EncoderOption = "torch",
+    precision: PrecisionOption = "fp32",
     tile: TileOption = 0,
     halo: HaloOption = 32,
     device: DeviceOption = None,
@@ -153,7 +159,8 @@ def annotate(
     from sam4med.annotate.server import annotate_folder
 
     configure_cpu(threads)
-    annotate_folder(folder, model, checkpoint, device, host, port, open_browser, encoder, tile or None, halo)
+    annotate_folder(folder, model, checkpoint, device, host, port, open_browser, encoder, tile or None, halo,
+                    precision)
 
 
 @app.command()

@@ -12,6 +12,7 @@ from sam4med.cli.options import (
     DataOption,
     DeviceOption,
     EncoderOption,
+    PrecisionOption,
     EverythingMethodOption,
     HaloOption,
     MaxImagesOption,
@@ -56,6 +57,7 @@ def benchmark(
     tile: TileOption = 0,
     halo: HaloOption = 32,
     encoder: EncoderOption = "torch",
+    precision: PrecisionOption = "fp32",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     ray: RayOption = None,
@@ -86,7 +88,7 @@ def benchmark(
         everything=EverythingSettings(method=everything_method),  # type: ignore[arg-type]
     )
     results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir, encoder_backend=encoder,
-                            executor=executor)
+                            executor=executor, precision=precision)
     print_summary(results.parent)
 
 

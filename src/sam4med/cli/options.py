@@ -88,6 +88,9 @@ MaxImagesOption = Annotated[int, typer.Option(help="Images per data set (0: all)
 EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, onnx (ONNX Runtime, CPU; same "
                                                  "embedding) or onnx-int8 (int8 MatMul weights: faster, changes "
                                                  "the embedding slightly; recorded in the protocol).")]
+PrecisionOption = Annotated[str, typer.Option(help="fp32, or bf16: PyTorch's encoder and decoders under bfloat16 "
+                                                   "autocast (much faster on CPUs with AVX-512 BF16 or AMX; masks "
+                                                   "differ at the edges; recorded in the protocol).")]
 EverythingMethodOption = Annotated[str, typer.Option(help="Everything mode's proposals: auto (the model's own "
                                                           "choice), points (SAM's grid) or boxes.")]
 EpochsOption = Annotated[int, typer.Option(help="Training epochs (at most, with --patience).")]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, EpochsOption, EverythingMethodOption
-from sam4med.cli.options import MaxImagesOption, PatienceOption
+from sam4med.cli.options import MaxImagesOption, PatienceOption, PrecisionOption
 from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RayOption, RayWorkersOption, RunFolderOption, SeedOption
 from sam4med.cli.options import ThreadsOption
 from sam4med.cli.options import TrainDataOption, echo_training_result, one_line_errors
@@ -35,6 +35,7 @@ def priors(
     figures: Annotated[int, typer.Option(help="Figures of image / priors / augmented input per data set.")] = 4,
     max_images: MaxImagesOption = 0,
     encoder: EncoderOption = "torch",
+    precision: PrecisionOption = "fp32",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     ray: RayOption = None,
@@ -50,7 +51,7 @@ def priors(
     configure_cpu(None if ray else threads)
     settings = prior_settings(model, weight, normalise, tile or None, region_proposals, everything_method)
     for summary in generate_priors(data, out, model, checkpoint, settings, device, figures, max_images or None,
-                                   encoder_backend=encoder, executor=executor):
+                                   encoder_backend=encoder, executor=executor, precision=precision):
         typer.echo(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
                    f"{summary.failed} failed, {summary.seconds_per_item:.2f} s/image")
 

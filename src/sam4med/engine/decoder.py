@@ -134,7 +134,7 @@ class SharedImageDecoder:
         masks = torch.full((batch, len(selected), 4 * h, 4 * w), REJECTED_LOGIT, dtype=keys.dtype)
         kept = (iou >= min_iou).any(dim=1)
         if kept.any():
-            masks[kept] = self._upscaled_masks(keys[kept], hyper_in[kept], state.size)
+            masks[kept] = self._upscaled_masks(keys[kept], hyper_in[kept], state.size).to(masks.dtype)  # bf16 under autocast
         return masks, iou
 
     # --- transformer -----------------------------------------------------------------------

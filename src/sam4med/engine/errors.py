@@ -64,6 +64,15 @@ def check_tiling(tile: int | None, halo: int) -> None:
         raise InputError(f"--halo {halo}: must be an integer >= 0")
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    """A precision sam4med runs models in (``SamModel.precision``)."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
 def path_component(value: object, what: str) -> str:
     """``value`` if it is one safe file name (it becomes part of output paths), else an InputError.
 

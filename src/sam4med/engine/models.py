@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,9 +17,9 @@ from sam4med.engine.checkpoints import (
     read_checkpoint,
     state_dict_of,
 )
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_precision
 from sam4med.engine.defaults import DEFAULT_MODEL
-from sam4med.engine.registry import model_spec
+from sam4med.engine.registry import ModelSpec, model_spec
 from sam4med.engine.sam_model import PromptPath, SamModel
 
 
@@ -65,19 +66,36 @@ def load_model(
     device: str | torch.device | None = None,
     use_shared_decoder: bool = True,
     encoder_backend: str = "torch",
+    precision: str = "fp32",
 ) -> SamModel:
     """Build a registered model and load its weights (bundled ones for LiteMedSAM and LiteMedSAM-click).
 
     ``checkpoint`` is the model's published weights, or a sam4med training run's ``best.pt`` /
     ``last.pt``, which the loader registered for its kind rebuilds on its (re-verified) backbone.
     ``use_shared_decoder=False`` decodes with segment_anything's own decoder call (the reference
-    path); ``encoder_backend="onnx"`` runs the encoder with ONNX Runtime on CPUs.
+    path); ``encoder_backend="onnx"`` runs the encoder with ONNX Runtime on CPUs; ``precision="bf16"`` runs
+    PyTorch's encoder and decoders under bfloat16 autocast (see ``SamModel.precision``).
 
     Weights are loaded with ``weights_only=True`` and their sha256 is recorded; bundled weights
     are checked against the published hash. The network is put in ``eval()`` after loading, which
     also makes TinyViT cache its attention biases from the loaded (not the initial) parameters.
     """
     spec = model_spec(name)
+    check_precision(precision)
+    model = _load(spec, name, checkpoint, device, use_shared_decoder, encoder_backend)
+    model.precision = precision
+    if precision == "bf16" and model.device.type == "cpu" and not native_bf16():
+        warnings.warn("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated and slower than fp32", stacklevel=2)
+    return model
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX), where bf16 pays."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: str | torch.device | None,
+          use_shared_decoder: bool, encoder_backend: str) -> SamModel:
     if checkpoint is None:
         if spec.bundled_checkpoint is None:
             raise InputError(f"model '{name}' ships no weights: pass --checkpoint PATH to its .pth file")

@@ -52,7 +52,7 @@ RUNTIMES = ("auto", "onnx", "torch")
 
 
 def choose_runtime(runtime: str, spec: ModelSpec, checkpoint: object = None, device: str | None = None,
-                   tile: int | None = None) -> str:
+                   tile: int | None = None, precision: str = "fp32") -> str:
     """``onnx`` or ``torch`` for a one-image command: ``auto`` takes ONNX Runtime alone wherever it serves the
     request (a registered model it runs, no --checkpoint, the CPU, whole images) and PyTorch elsewhere."""
     if runtime not in RUNTIMES:
@@ -62,6 +62,7 @@ def choose_runtime(runtime: str, spec: ModelSpec, checkpoint: object = None, dev
         ("--checkpoint", checkpoint is not None),
         (f"--device {device}", device not in (None, "cpu")),
         ("--tile", bool(tile)),
+        (f"--precision {precision} (PyTorch's autocast)", precision != "fp32"),
         ("onnxruntime not installed (pip install onnxruntime)", runtime != "torch" and not onnx_runtime_available()),
     ) if present]
     if runtime == "onnx" and blockers:

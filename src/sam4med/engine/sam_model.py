@@ -114,6 +114,10 @@ class SamModel:
     """
 
     cacheable = True  # whether Embedding.features alone can be stored and reused
+    # "bf16": PyTorch's encoder and decoders run under bfloat16 autocast (matrix products in bf16, reductions
+    # and normalisations in fp32): several times the fp32 GEMM rate on CPUs with AVX-512 BF16 or AMX, masks that
+    # differ from fp32's at the edges (benchmarks/precision.py). ONNX Runtime's encoder is not affected.
+    precision = "fp32"
 
     def __init__(self, spec: ModelSpec, network: Sam, weights_sha256: str | None, device: torch.device,
                  use_shared_decoder: bool = True, encoder_backend: str = "torch", base_weights_sha256: str | None = None,
@@ -152,7 +156,13 @@ class SamModel:
             record["box_prompts"] = "base model's prompt encoder and decoder"
         if self.encoder_backend == "onnx-int8":  # fp32 ONNX gives PyTorch's embedding; int8 changes it
             record["encoder"] = "onnx-int8 (dynamic quantisation of MatMul weights, per channel)"
+        if self.precision != "fp32":
+            record["precision"] = f"{self.precision} autocast (encoder on {self.encoder_backend}, decoder on torch)"
         return record
+
+    def autocast(self) -> torch.autocast:
+        """The context PyTorch's encoder and decoders run in: bfloat16 autocast for ``precision="bf16"``."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # --- geometry -------------------------------------------------------------------------
     def geometry(self, original_size: tuple[int, int]) -> ImageGeometry:
@@ -176,7 +186,9 @@ class SamModel:
                 self._onnx_encoder = OnnxEncoder(self.network.image_encoder, self.spec.image_size, self.name,
                                                  self.weights_sha256, int8=self.encoder_backend == "onnx-int8")
             return Embedding(self._onnx_encoder(model_input).to(self.device), geometry)
-        return Embedding(self.network.image_encoder(model_input), geometry)
+        with self.autocast():
+            features = self.network.image_encoder(model_input)
+        return Embedding(features.float(), geometry)
 
     def prompt_tensors(
         self, prompts: Sequence[Prompt], geometry: ImageGeometry
@@ -224,13 +236,14 @@ class SamModel:
         box_only = self.box_path is not None and points is None and boxes is not None and masks is None
         path = self.box_path if box_only else self.main_path
         assert path is not None
-        sparse, dense = path.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        if sparse.shape[0] != len(prompts):  # a mask-only prompt carries no sparse token
-            sparse = sparse.expand(len(prompts), -1, -1)
-        if box_only:
-            low_res, iou = self._decode_on_path(path, embedding, sparse, dense, False, multimask, min_iou)
-        else:
-            low_res, iou = self._decode_masks(embedding, sparse, dense, mask_input is not None, multimask, min_iou)
+        with self.autocast():
+            sparse, dense = path.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            if sparse.shape[0] != len(prompts):  # a mask-only prompt carries no sparse token
+                sparse = sparse.expand(len(prompts), -1, -1)
+            if box_only:
+                low_res, iou = self._decode_on_path(path, embedding, sparse, dense, False, multimask, min_iou)
+            else:
+                low_res, iou = self._decode_masks(embedding, sparse, dense, mask_input is not None, multimask, min_iou)
         return Decoded(low_res.float(), iou.float(), embedding.geometry, self)
 
     def _decode_masks(self, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor, has_mask_input: bool,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, Sample, load_datasets
-from sam4med.engine.errors import InputError, check_limit, check_number, check_seed, check_tiling
+from sam4med.engine.errors import InputError, check_limit, check_number, check_precision, check_seed, check_tiling
 from sam4med.engine.everything import EVERYTHING_METHODS, EverythingSettings
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.executors import Executor
@@ -185,23 +185,27 @@ def run_benchmark(
     encoder_backend: str = "torch",
     model: SamModel | None = None,
     executor: Executor | None = None,
+    precision: str = "fp32",
 ) -> Path:
     """Evaluate a model on data sets under every prompt mode; returns the results file.
 
     Each data set is a folder in the sam4med dataset layout (dataset.json, images/, masks/).
     Failures (unreadable files, size mismatches, empty masks) are recorded as rows with
     ``status = "error"`` and the run goes on. ``encoder_backend="onnx"`` encodes with ONNX Runtime
-    (same embeddings to float rounding, so not part of the protocol). ``model`` reuses a loaded
+    (same embeddings to float rounding, so not part of the protocol); ``precision="bf16"`` runs PyTorch's
+    encoder and decoders under bfloat16 autocast (recorded in the protocol). ``model`` reuses a loaded
     model (it must be ``config.model``) instead of loading one. ``executor`` runs the images elsewhere
     (``engine.executors``: Ray actors, each with its own copy of the model); the rows are the same.
     """
     config = config or BenchmarkConfig()
     config.check()
+    check_precision(precision)
     out = Path(out)
     modes = [make_mode(name, config.prompts, config.everything) for name in config.modes]
     datasets = load_datasets(data)
     if model is None:
-        model = load_model(config.model, config.checkpoint, device, encoder_backend=encoder_backend)
+        model = load_model(config.model, config.checkpoint, device, encoder_backend=encoder_backend,
+                           precision=precision)
     elif model.name != config.model:
         raise InputError(f"run_benchmark: model '{model.name}' given for a config of '{config.model}'")
     claim_folder(out, PROTOCOL_FILE, config.protocol(model, modes))

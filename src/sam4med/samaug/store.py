@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, load_datasets
-from sam4med.engine.errors import InputError, one_line
+from sam4med.engine.errors import InputError, check_precision, one_line
 from sam4med.engine.imageio import read_image
 from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
@@ -129,6 +129,7 @@ def generate_priors(
     encoder_backend: str = "torch",
     image_ids: Collection[str] | None = None,
     executor: Executor | None = None,
+    precision: str = "fp32",
 ) -> list[ItemRunSummary]:
     """Compute and cache SAMAug priors for every image of the data sets under ``out/<data set>/``.
 
@@ -144,9 +145,11 @@ def generate_priors(
         raise InputError(f"--figures {figures_per_dataset}: must be >= 0")
     if max_images is not None and max_images < 1:
         raise InputError(f"--max-images {max_images}: must be >= 1 (or unset for all)")
+    check_precision(precision)
     datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
     sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device,
-                                                                encoder_backend=encoder_backend)
+                                                                encoder_backend=encoder_backend,
+                                                                precision=precision)
     resolved = settings.resolved(sam.spec)
     key = settings_key(sam.protocol(), resolved)
     predictor = Predictor(sam)

@@ -45,8 +45,9 @@ class SamUNetModel(SamModel):
     @torch.inference_mode()
     def encode(self, image: np.ndarray) -> Embedding:
         model_input, geometry = self.preprocess(image)
-        embedding, multi_scale = self.samunet.encode(model_input)
-        return Embedding(embedding, geometry, extras={"multi_scale": multi_scale})
+        with self.autocast():
+            embedding, multi_scale = self.samunet.encode(model_input)
+        return Embedding(embedding.float(), geometry, extras={"multi_scale": multi_scale.float()})
 
     def _decode_masks(self, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor, has_mask_input: bool,
                       multimask: bool, min_iou: float | None) -> tuple[torch.Tensor, torch.Tensor]:
