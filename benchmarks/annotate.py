@@ -118,7 +118,7 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def speed(folder: Path, model_name: str, images: int, repeats: int, encoder: str) -> dict[str, float]:
+def speed(folder: Path, model_name: str, images: int, repeats: int, encoder: str, precision: str) -> dict[str, float]:
     from fastapi.testclient import TestClient
 
     from sam4med.annotate.server import create_app
@@ -129,7 +129,7 @@ def speed(folder: Path, model_name: str, images: int, repeats: int, encoder: str
     with tempfile.TemporaryDirectory() as scratch:
         for sample in samples:
             shutil.copy(sample.image_path, Path(scratch) / sample.image_path.name)
-        session = AnnotationSession(scratch, load_model(model_name, encoder_backend=encoder))
+        session = AnnotationSession(scratch, load_model(model_name, encoder_backend=encoder, precision=precision))
         client = TestClient(create_app(session))
 
         def timed(call) -> float:  # type: ignore[no-untyped-def]
@@ -178,8 +178,9 @@ def main() -> None:
     args = parser.parse_args()
     configure_cpu(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    for encoder in ("torch", "onnx"):
-        report_speed(speed(args.data[0], args.model, 3, args.repeats, encoder), args.model, encoder)
+    for encoder, precision in (("torch", "fp32"), ("onnx", "fp32"), ("torch", "bf16")):
+        report_speed(speed(args.data[0], args.model, 3, args.repeats, encoder, precision), args.model,
+                     f"--encoder {encoder} --precision {precision}")
     if args.skip_effort:
         return
     frame = effort(args.data, args.model, args.max_images, args.min_area, args.rounds, args.max_objects)
@@ -191,8 +192,8 @@ def main() -> None:
     print(table.round(2).to_string(index=False))
 
 
-def report_speed(figures: dict[str, float], model: str, encoder: str) -> None:
-    print(f"speed ({model}, --encoder {encoder}, {figures['image']} {figures['size']}): "
+def report_speed(figures: dict[str, float], model: str, options: str) -> None:
+    print(f"speed ({model}, {options}, {figures['image']} {figures['size']}): "
           f"open first {figures['open_first_s']:.2f} s, "
           f"open new {figures['open_new_s']:.2f} s, "
           f"after prefetch {figures['open_prefetched_s']:.2f} s, cached {figures['open_cached_s']:.2f} s; "

@@ -120,7 +120,8 @@ def test_a_folder_the_file_system_refuses_is_one_line(tmp_path):
 
 
 BAD_TRAINER_SETTINGS = [(["--learning-rate", value], "--learning-rate") for value in ("nan", "-1", "0")] + [
-    (["--seed", "-1"], "--seed"), (["--max-train-images", "-1"], "--max-train-images"), (["--epochs", "0"], "--epochs")]
+    (["--seed", "-1"], "--seed"), (["--max-train-images", "-1"], "--max-train-images"), (["--epochs", "0"], "--epochs"),
+    (["--precision", "fp16"], "--precision")]
 
 
 @pytest.mark.parametrize(("verb", "arguments", "named"), [

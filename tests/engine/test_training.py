@@ -130,3 +130,37 @@ def test_early_stopping_ends_a_run_after_patience_epochs_without_improvement_and
     assert (resumed.epochs_run, resumed.best_epoch, resumed.stopped_early) == (5, 2, True)
     without = fit(ScriptedValidationTask(), tmp_path / "without", {}, 7, seed=0, description="line", show_progress=False)
     assert (without.epochs_run, without.best_epoch, without.stopped_early) == (7, 7, False)
+
+
+class AutocastRecordingTask(LineTask):
+    """LineTask that notes the dtype its forward pass computes in, in training and in validation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, set[torch.dtype]] = {"train": set(), "validate": set()}
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], update: int = 0) -> torch.Tensor:
+        x, y = batch
+        prediction = self.module(x)
+        self.seen["train"].add(prediction.dtype)
+        return torch.nn.functional.mse_loss(prediction, y)
+
+    def validate(self) -> float:
+        self.seen["validate"].add(self.module(torch.zeros(1, 1)).dtype)
+        return super().validate()
+
+
+def test_bf16_precision_runs_the_training_steps_under_autocast_and_still_learns(tmp_path):
+    """The forward pass of each step computes in bf16, the weights stay fp32, validation runs in fp32, and the
+    line is still learnt about as well as in fp32."""
+    results = {}
+    for precision in (None, "bf16"):
+        task = AutocastRecordingTask()
+        results[precision] = fit(task, tmp_path / str(precision), {"lr": 0.05, "precision": precision}, 6, seed=3,
+                                 description="line", show_progress=False)
+        assert task.seen["train"] == {torch.bfloat16 if precision else torch.float32}
+        assert task.seen["validate"] == {torch.float32}
+        assert all(p.dtype == torch.float32 for p in task.module.parameters())
+    assert results["bf16"].best_val_dice > 0.9 * results[None].best_val_dice > 0.4
+    with pytest.raises(InputError, match="--precision 'fp16'"):
+        fit(LineTask(), tmp_path / "fp16", {"precision": "fp16"}, 1, seed=0, description="line", show_progress=False)

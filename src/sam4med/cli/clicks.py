@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from sam4med.cli.options import BackboneOption, DeviceOption, EncoderOption, EpochsOption, MaxTrainImagesOption, RunFolderOption
-from sam4med.cli.options import RayWorkersOption, SeedOption, ThreadsOption, TrainDataOption, echo_training_result, one_line_errors
+from sam4med.cli.options import RayWorkersOption, SeedOption, ThreadsOption, TrainDataOption, TrainPrecisionOption
+from sam4med.cli.options import echo_training_result, one_line_errors
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="A click-capable medical SAM: train the prompt encoder and decoder.")
@@ -55,6 +56,7 @@ def train(
     init: Annotated[Optional[Path], typer.Option(help="Start from these prompt weights (an exported .pt or a "
                                                  "run's checkpoint), e.g. src/sam4med/weights/litemedsam_click.pt.")] = None,
     seed: SeedOption = 0,
+    precision: TrainPrecisionOption = "fp32",
     encoder: EncoderOption = "torch",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
@@ -76,7 +78,8 @@ def train(
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
                               iou_rank_weight=iou_rank_weight, centre_click_share=centre_click_share,
                               init_weights=None if init is None else str(init),
-                              trainable=None if train_only == "all" else train_only, seed=seed)
+                              trainable=None if train_only == "all" else train_only, seed=seed,
+                              precision=None if precision == "fp32" else precision)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")
 

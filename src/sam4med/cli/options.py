@@ -91,6 +91,10 @@ EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, 
 PrecisionOption = Annotated[str, typer.Option(help="fp32, or bf16: PyTorch's encoder and decoders under bfloat16 "
                                                    "autocast (much faster on CPUs with AVX-512 BF16 or AMX; masks "
                                                    "differ at the edges; recorded in the protocol).")]
+TrainPrecisionOption = Annotated[str, typer.Option(help="fp32, or bf16: each training step's forward pass under "
+                                                        "bfloat16 autocast (weights, gradients, optimiser and "
+                                                        "validation stay fp32); pays on CPUs with AVX-512 BF16 or "
+                                                        "AMX.")]
 EverythingMethodOption = Annotated[str, typer.Option(help="Everything mode's proposals: auto (the model's own "
                                                           "choice), points (SAM's grid) or boxes.")]
 EpochsOption = Annotated[int, typer.Option(help="Training epochs (at most, with --patience).")]

@@ -10,7 +10,7 @@ import typer
 from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, EpochsOption, EverythingMethodOption
 from sam4med.cli.options import MaxImagesOption, PatienceOption, PrecisionOption
 from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RayOption, RayWorkersOption, RunFolderOption, SeedOption
-from sam4med.cli.options import ThreadsOption
+from sam4med.cli.options import ThreadsOption, TrainPrecisionOption
 from sam4med.cli.options import TrainDataOption, echo_training_result, one_line_errors
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
@@ -77,6 +77,7 @@ def train(
     seed: SeedOption = 0,
     split_seed: Annotated[int, typer.Option(help="Seed of the train/val/test split (kept apart from --seed).")] = 0,
     max_train_images: MaxTrainImagesOption = 0,
+    precision: TrainPrecisionOption = "fp32",
     threads: ThreadsOption = None,
 ) -> None:
     """Train a U-Net / Attention U-Net / Swin-UNETR on raw, SAMAug or dual input; resumable."""
@@ -87,7 +88,8 @@ def train(
     config = TrainConfig(net=net, input_kind=input_kind, policy=policy, dual_update=dual_update, image_size=image_size,
                          scale_to=scale_to or None, patches_per_image=patches_per_image, features=features,
                          epochs=epochs, patience=patience or None, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                         split_seed=split_seed, max_train_images=max_train_images or None)
+                         split_seed=split_seed, max_train_images=max_train_images or None,
+                         precision=None if precision == "fp32" else precision)
     echo_training_result(out, train_segmenter(data, priors, out, config))
 
 

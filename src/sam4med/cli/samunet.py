@@ -8,7 +8,7 @@ import typer
 
 from sam4med.cli.options import BackboneOption, CheckpointOption, DeviceOption, EpochsOption, MaxTrainImagesOption
 from sam4med.cli.options import RunFolderOption, SeedOption, ThreadsOption, TrainDataOption, echo_training_result
-from sam4med.cli.options import PatienceOption, one_line_errors
+from sam4med.cli.options import PatienceOption, TrainPrecisionOption, one_line_errors
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="SAM-UNet (arXiv 2408.09886): a conv branch beside the frozen SAM encoder.")
@@ -36,6 +36,7 @@ def train(
     learning_rate: LearningRateOption = 1e-4,
     seed: SeedOption = 0,
     max_train_images: MaxTrainImagesOption = 0,
+    precision: TrainPrecisionOption = "fp32",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -46,6 +47,7 @@ def train(
     config = PromptTrainConfig(method=method, backbone=backbone, backbone_checkpoint=str(checkpoint) if checkpoint else None,
                                conv_branch=conv_branch, warm_start=not cold_start, epochs=epochs, patience=patience or None,
                                images_per_step=images_per_step, masks_per_image=masks_per_image,
-                               learning_rate=learning_rate, seed=seed, max_train_images=max_train_images or None)
+                               learning_rate=learning_rate, seed=seed, max_train_images=max_train_images or None,
+                               precision=None if precision == "fp32" else precision)
     echo_training_result(out, train_promptable(data, out, config, device),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")

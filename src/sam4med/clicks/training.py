@@ -43,7 +43,15 @@ from sam4med.engine.datasets import load_datasets
 from sam4med.engine.distributed import barrier, processes
 from sam4med.engine.executors import Executor
 from sam4med.engine.checkpoints import file_sha256
-from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed, check_tiling
+from sam4med.engine.errors import (
+    InputError,
+    check_counts,
+    check_limit,
+    check_number,
+    check_precision,
+    check_seed,
+    check_tiling,
+)
 from sam4med.engine.models import base_prompt_path, load_model, load_prompt_parts
 from sam4med.engine.metrics import dice
 from sam4med.engine.preprocessing import LOW_RES
@@ -103,8 +111,10 @@ class ClickTrainConfig:
     seed: int = 0
     split_seed: int = 0
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
+    precision: str | None = None  # training steps under "bf16" autocast (engine.training.fit); None: fp32
 
     def check(self) -> None:
+        check_precision(self.precision or "fp32")
         if len(self.first_prompt_weights) != len(FIRST_PROMPTS) or min(self.first_prompt_weights) < 0 \
                 or sum(self.first_prompt_weights) <= 0:
             raise InputError(f"first_prompt_weights: {len(FIRST_PROMPTS)} non-negative weights for {FIRST_PROMPTS}")

@@ -34,7 +34,7 @@ from torch import nn
 from sam4med.engine.checkpoints import read_trained_checkpoint, save_checkpoint
 from sam4med.engine.datasets import Sample
 from sam4med.engine.distributed import Processes, barrier, mean_over_processes, processes, shard, wrap
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_precision
 from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, append_jsonl, claim_folder, write_split, write_text_atomic
 
 BEST_FILE = "best.pt"
@@ -109,12 +109,16 @@ class _TaskLoss(nn.Module):
         return self.task[0].loss(batch, update)
 
 
-def _train_step(task: TrainingTask, model: nn.Module, batch: object, group: Processes) -> float:
-    """The task's updates on this process's share of a batch; the loss averaged over the processes."""
+def _train_step(task: TrainingTask, model: nn.Module, batch: object, group: Processes, precision: str) -> float:
+    """The task's updates on this process's share of a batch; the loss averaged over the processes. With
+    ``precision="bf16"`` the forward pass runs under bfloat16 autocast (the weights, their gradients and the
+    optimiser stay fp32)."""
     total = 0.0
+    device_type = next(task.module.parameters()).device.type
     for update in range(task.updates_per_batch):
         task.optimizer.zero_grad()
-        loss = model(shard(batch, group), update)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(shard(batch, group), update).float()
         if not loss.requires_grad:  # nothing trained was reached: every process must still take part
             loss = loss + sum(p.sum() * 0 for p in task.module.parameters() if p.requires_grad)
         loss.backward()
@@ -143,7 +147,10 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
     """Train ``task`` for at most ``epochs`` in ``out``, continuing from ``last.pt`` when it is there
     (``out`` is claimed for ``config`` first, as :func:`start_run` does); with ``patience``, stop early
     once that many epochs have not improved the best validation Dice. The learning-rate schedule is the
-    task's, over ``epochs``, whether or not the run stops early."""
+    task's, over ``epochs``, whether or not the run stops early. ``config["precision"]`` (unset: fp32) is
+    the training steps' arithmetic; validation always runs in fp32, as the model is used afterwards."""
+    precision = str(config.get("precision") or "fp32")
+    check_precision(precision)
     group = processes()
     if group.leader:
         claim_folder(out, CONFIG_FILE, config)
@@ -173,7 +180,7 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
             progress.update(bar, total=epochs * len(batches), completed=epoch * len(batches))
             losses = []
             for step, batch in enumerate(batches, 1):
-                losses.append(_train_step(task, model, batch, group))
+                losses.append(_train_step(task, model, batch, group, precision))
                 if not math.isfinite(losses[-1]):  # stop before a checkpoint keeps the broken weights
                     raise InputError(f"{out}: the training loss became {losses[-1]} at epoch {epoch + 1}, step "
                                      f"{step}; lower --learning-rate (the run keeps epoch {loop['epoch']})")

@@ -26,7 +26,7 @@ from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd
 from monai.utils import convert_to_tensor, set_determinism
 
 from sam4med.engine.datasets import load_datasets
-from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed
+from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_precision, check_seed
 from sam4med.engine.imageio import read_image
 from sam4med.engine.metrics import dice
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
@@ -62,8 +62,10 @@ class TrainConfig:
     split_seed: int = 0  # fixed apart from the training seed, so every arm and seed shares one split
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
     max_train_images: int | None = None
+    precision: str | None = None  # training steps under "bf16" autocast (engine.training.fit); None: fp32
 
     def check(self) -> None:
+        check_precision(self.precision or "fp32")
         for name, value, allowed in (("--net", self.net, NETWORKS), ("--input", self.input_kind, INPUTS),
                                      ("--policy", self.policy, POLICIES), ("--dual-update", self.dual_update, DUAL_UPDATES)):
             if value not in allowed:

@@ -21,7 +21,7 @@ from monai.losses import DiceLoss, FocalLoss
 from torch import Tensor, nn
 
 from sam4med.engine.datasets import Sample, load_datasets
-from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_seed
+from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_precision, check_seed
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.metrics import batch_dice
 from sam4med.engine.models import load_model
@@ -61,8 +61,10 @@ class PromptTrainConfig:
     seed: int = 0
     split_seed: int = 0
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
+    precision: str | None = None  # training steps under "bf16" autocast (engine.training.fit); None: fp32
 
     def check(self) -> None:
+        check_precision(self.precision or "fp32")
         if self.method not in METHODS:
             raise InputError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.conv_branch not in CONV_BRANCHES:
