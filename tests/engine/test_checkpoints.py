@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,8 +34,9 @@ def test_a_kind_no_package_registers_is_refused_and_a_registered_one_is_used(tmp
     assert torch.load(path, weights_only=True)["format"] == CHECKPOINT_FORMAT
     with pytest.raises(InputError, match="'test-kind' checkpoint, which no installed package turns into a model"):
         load_model("litemedsam", path)
-    register_checkpoint_kind("test-kind", lambda file, saved, device: ("loaded", file, saved["kind"]))
-    assert load_model("litemedsam", path) == ("loaded", path, "test-kind")
+    register_checkpoint_kind("test-kind", lambda file, saved, device: SimpleNamespace(file=file, kind=saved["kind"]))
+    loaded = load_model("litemedsam", path)
+    assert (loaded.file, loaded.kind, loaded.precision) == (path, "test-kind", "fp32")
     with pytest.raises(InputError, match="not 'samaug-segmenter'"):
         read_trained_checkpoint(path, "samaug-segmenter")
 
