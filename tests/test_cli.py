@@ -209,3 +209,12 @@ def test_segment_in_bf16_gives_the_fp32_mask_to_a_few_edge_pixels(tmp_path):
     a, b = masks["fp32"], masks["bf16"]
     assert 2 * (a & truth).sum() / (a.sum() + truth.sum()) > 0.95
     assert (a & b).sum() / (a | b).sum() > 0.98
+
+
+def test_segment_refuses_int8_with_bf16_in_one_line(tmp_path):
+    """The int8 encoder is ONNX Runtime's; bf16 autocast is PyTorch's: asking for both is one line, exit 2."""
+    result = CliRunner().invoke(app, ["segment", str(tmp_path / "image.png"), "--box", "1", "2", "30", "40", "--out",
+                                      str(tmp_path / "mask.png"), "--int8", "--precision", "bf16"])
+    line = _one_error_line(result)
+    assert line.startswith("error: --int8: only on the ONNX Runtime path") and "--precision bf16" in line
+    assert not (tmp_path / "mask.png").exists()

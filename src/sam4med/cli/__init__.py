@@ -95,7 +95,7 @@ def segment(
         predictor = lambda: onnx_predictor(model, threads, int8=int8)  # noqa: E731
     elif int8:
         raise InputError("--int8: only on the ONNX Runtime path (--runtime auto or onnx, without --checkpoint, "
-                         "--device or --tile)")
+                         "--device, --tile or --precision bf16)")
     else:
         from sam4med.engine.models import load_model
         from sam4med.engine.tiling import make_predictor
