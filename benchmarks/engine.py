@@ -46,15 +46,17 @@ GEMM_SIZE = 2048  # square matrices: large enough that a GEMM runs at the cores'
 
 
 def _measured_floor(threads: int, repeats: int) -> dict[str, float | None]:
-    """What this machine's cores sustain on ``threads`` threads: fp32 GEMM GFLOP/s (torch.mm) and int8
-    GEMM GOP/s (torch._int_mm where PyTorch has it on CPUs). Measured, not derived from a clock and an
-    assumed instruction set: machines of one kind differ (AVX2 only, or AVX-512 with VNNI)."""
+    """What this machine's cores sustain on ``threads`` threads: fp32 and bf16 GEMM GFLOP/s (torch.mm) and
+    int8 GEMM GOP/s (torch._int_mm where PyTorch has it on CPUs). Measured, not derived from a clock and an
+    assumed instruction set: machines of one kind differ (AVX2 only, or AVX-512 with VNNI and BF16)."""
     import torch
 
     torch.set_num_threads(threads)
     n = GEMM_SIZE
     a, b = torch.randn(n, n), torch.randn(n, n)
     floor: dict[str, float | None] = {"fp32_gflops": 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
+    ha, hb = a.bfloat16(), b.bfloat16()
+    floor["bf16_gflops"] = 2 * n**3 / _median_seconds(lambda: torch.mm(ha, hb), repeats) / 1e9
     qa = torch.randint(-128, 127, (n, n), dtype=torch.int8)
     qb = torch.randint(-128, 127, (n, n), dtype=torch.int8)
     try:
@@ -211,7 +213,8 @@ def main() -> None:
     floor = _run_child(args, "floor", "reference")
     peak = floor["fp32_gflops"]
     int8 = f"{floor['int8_gops']:.0f} GOP/s" if floor["int8_gops"] else "not measurable (no torch._int_mm here)"
-    print(f"measured floor on {args.threads} threads ({GEMM_SIZE}^2 GEMM): fp32 {peak:.0f} GFLOP/s, int8 {int8}")
+    print(f"measured floor on {args.threads} threads ({GEMM_SIZE}^2 GEMM): fp32 {peak:.0f} GFLOP/s, "
+          f"bf16 {floor['bf16_gflops']:.0f} GFLOP/s, int8 {int8}")
     print(f"{'component':22s} {'reference':>12s} {'optimised':>12s} {'ratio':>6s} {'GFLOP/s ref/opt':>16s} "
           f"{'peak MB ref/opt':>16s}")
     for component, unit in (("encoder", "s/image"), ("decoder", "ms/prompt"), ("everything_boxes", "s/image"),
