@@ -45,7 +45,7 @@ PATHS = ("reference", "optimised")
 GEMM_SIZE = 2048  # square matrices: large enough that a GEMM runs at the cores' sustained peak
 
 
-def _measured_floor(threads: int, repeats: int) -> dict[str, float | None]:
+def measured_floor(threads: int, repeats: int) -> dict[str, float | None]:
     """What this machine's cores sustain on ``threads`` threads: fp32 and bf16 GEMM GFLOP/s (torch.mm) and
     int8 GEMM GOP/s (torch._int_mm where PyTorch has it on CPUs). Measured, not derived from a clock and an
     assumed instruction set: machines of one kind differ (AVX2 only, or AVX-512 with VNNI and BF16)."""
@@ -54,19 +54,19 @@ def _measured_floor(threads: int, repeats: int) -> dict[str, float | None]:
     torch.set_num_threads(threads)
     n = GEMM_SIZE
     a, b = torch.randn(n, n), torch.randn(n, n)
-    floor: dict[str, float | None] = {"fp32_gflops": 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
+    floor: dict[str, float | None] = {"fp32_gflops": 2 * n**3 / median_seconds(lambda: torch.mm(a, b), repeats) / 1e9}
     ha, hb = a.bfloat16(), b.bfloat16()
-    floor["bf16_gflops"] = 2 * n**3 / _median_seconds(lambda: torch.mm(ha, hb), repeats) / 1e9
+    floor["bf16_gflops"] = 2 * n**3 / median_seconds(lambda: torch.mm(ha, hb), repeats) / 1e9
     qa = torch.randint(-128, 127, (n, n), dtype=torch.int8)
     qb = torch.randint(-128, 127, (n, n), dtype=torch.int8)
     try:
-        floor["int8_gops"] = 2 * n**3 / _median_seconds(lambda: torch._int_mm(qa, qb), repeats) / 1e9
+        floor["int8_gops"] = 2 * n**3 / median_seconds(lambda: torch._int_mm(qa, qb), repeats) / 1e9
     except (RuntimeError, AttributeError, NotImplementedError):
         floor["int8_gops"] = None
     return floor
 
 
-def _median_seconds(function: Callable[[], object], repeats: int) -> float:
+def median_seconds(function: Callable[[], object], repeats: int) -> float:
     function()  # warm-up: first calls allocate and pick kernels
     times = []
     for _ in range(repeats):
@@ -97,7 +97,7 @@ def _image(path: str | None) -> np.ndarray:
 def _measure(args: argparse.Namespace) -> dict[str, object]:
     """One component on one path, in this (fresh) process."""
     if args.component == "floor":
-        return _measured_floor(args.threads, args.repeats)
+        return measured_floor(args.threads, args.repeats)
     import torch
 
     from sam4med.engine.runtime import tune_allocator
@@ -121,7 +121,7 @@ def _measure(args: argparse.Namespace) -> dict[str, object]:
     if args.component == "encoder":
         if not optimised:
             result["flops"] = _flops(lambda: model.encode(image))
-        result["seconds"] = _median_seconds(lambda: model.encode(image), args.repeats)
+        result["seconds"] = median_seconds(lambda: model.encode(image), args.repeats)
     elif args.component == "decoder":
         embedding = model.encode(image)
         boxes = [Prompt(box=[40 + i, 50, 200 + i, 190]) for i in range(16)]
@@ -134,7 +134,7 @@ def _measure(args: argparse.Namespace) -> dict[str, object]:
             for start in range(0, len(boxes), batch):
                 model.decode(fresh, boxes[start : start + batch])
 
-        result["seconds"] = _median_seconds(decode_all, args.repeats) / len(boxes)
+        result["seconds"] = median_seconds(decode_all, args.repeats) / len(boxes)
         result["batch"] = batch
     elif args.component == "protocol":
         from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
@@ -152,7 +152,7 @@ def _measure(args: argparse.Namespace) -> dict[str, object]:
         predictor = Predictor(model, batch_size=args.batch if optimised else 1)
         settings = EverythingSettings(method=method)  # type: ignore[arg-type]
         masks = generate_masks(predictor, image, settings)  # also encodes the image once
-        result["seconds"] = _median_seconds(lambda: generate_masks(predictor, image, settings),
+        result["seconds"] = median_seconds(lambda: generate_masks(predictor, image, settings),
                                             max(1, args.repeats // 2))
         summed = np.zeros(image.shape[:2], np.int32)
         for mask in masks:

@@ -24,7 +24,6 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,26 +38,9 @@ from sam4med.engine.sam_model import SamModel
 from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
 from sam4med.evaluation.summary import load_results
 
+from engine import measured_floor, median_seconds  # benchmarks/engine.py, beside this script
+
 WAYS = {"fp32": ("onnx", "fp32"), "int8": ("onnx-int8", "fp32"), "bf16": ("torch", "bf16")}
-
-
-def median_seconds(function: Callable[[], object], repeats: int = 5) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def gemm_rates(size: int = 2048) -> str:
-    """GFLOP/s of a square GEMM in fp32 and bf16 on this process's threads."""
-    rates = []
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        rates.append(2 * size**3 / median_seconds(lambda: torch.mm(a, b)) / 1e9)
-    return f"GEMM fp32 {rates[0]:.0f} GFLOP/s, bf16 {rates[1]:.0f} GFLOP/s ({rates[1] / rates[0]:.1f}x)"
 
 
 def encoder_seconds(models: dict[str, SamModel], images: list[np.ndarray]) -> dict[str, float]:
@@ -85,7 +67,7 @@ def decoder_ms_per_prompt(model: SamModel, image: np.ndarray, batches: int = 4) 
         for start in range(0, len(prompts), 8):
             model.decode(embedding, prompts[start:start + 8], multimask=True)
 
-    return median_seconds(decode_all) / len(prompts) * 1000
+    return median_seconds(decode_all, 5) / len(prompts) * 1000
 
 
 def main() -> None:
@@ -98,7 +80,9 @@ def main() -> None:
     args = parser.parse_args()
     configure_cpu(args.threads)
     folders = sorted(p for p in args.data.iterdir() if (p / "dataset.json").is_file())
-    print(f"{args.threads} threads, native bf16: {native_bf16()}; {gemm_rates()}", flush=True)
+    floor = measured_floor(args.threads, 5)
+    print(f"{args.threads} threads, native bf16: {native_bf16()}; GEMM fp32 {floor['fp32_gflops']:.0f} GFLOP/s, "
+          f"bf16 {floor['bf16_gflops']:.0f} GFLOP/s ({floor['bf16_gflops'] / floor['fp32_gflops']:.1f}x)", flush=True)
     models = {name: load_model(args.model, device="cpu", encoder_backend=backend, precision=precision)
               for name, (backend, precision) in WAYS.items()}
     encoders = encoder_seconds({**models, "torch fp32": load_model(args.model, device="cpu")},
