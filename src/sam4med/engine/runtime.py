@@ -1,4 +1,5 @@
-"""Process-wide CPU settings applied once at start-up by the CLI and the benchmarks."""
+"""Process-wide CPU settings applied once at start-up by the CLI and the benchmarks, and the arithmetic PyTorch
+runs in (``precision_autocast``)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+from typing import TYPE_CHECKING
 
 from sam4med.engine.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -37,6 +42,14 @@ def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
+
+
+def precision_autocast(device_type: str, precision: str) -> torch.autocast:
+    """What ``precision`` means wherever PyTorch computes (inference and training): "bf16" is bfloat16 autocast,
+    "fp32" a disabled one."""
+    import torch  # not at import: the ONNX Runtime path of ``segment`` starts without it
+
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def release_free_memory() -> None:

@@ -28,6 +28,7 @@ from sam4med.engine.preprocessing import (
 )
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.registry import ModelSpec
+from sam4med.engine.runtime import precision_autocast
 
 ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
 
@@ -162,7 +163,7 @@ class SamModel:
 
     def autocast(self) -> torch.autocast:
         """The context PyTorch's encoder and decoders run in: bfloat16 autocast for ``precision="bf16"``."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return precision_autocast(self.device.type, self.precision)
 
     # --- geometry -------------------------------------------------------------------------
     def geometry(self, original_size: tuple[int, int]) -> ImageGeometry:

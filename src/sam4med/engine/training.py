@@ -35,6 +35,7 @@ from sam4med.engine.checkpoints import read_trained_checkpoint, save_checkpoint
 from sam4med.engine.datasets import Sample
 from sam4med.engine.distributed import Processes, barrier, mean_over_processes, processes, shard, wrap
 from sam4med.engine.errors import InputError, check_precision
+from sam4med.engine.runtime import precision_autocast
 from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, append_jsonl, claim_folder, write_split, write_text_atomic
 
 BEST_FILE = "best.pt"
@@ -117,7 +118,7 @@ def _train_step(task: TrainingTask, model: nn.Module, batch: object, group: Proc
     device_type = next(task.module.parameters()).device.type
     for update in range(task.updates_per_batch):
         task.optimizer.zero_grad()
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with precision_autocast(device_type, precision):
             loss = model(shard(batch, group), update).float()
         if not loss.requires_grad:  # nothing trained was reached: every process must still take part
             loss = loss + sum(p.sum() * 0 for p in task.module.parameters() if p.requires_grad)
