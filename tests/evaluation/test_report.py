@@ -226,6 +226,25 @@ def test_write_overlay_large_grayscale_image_many_modes(tmp_path: Path) -> None:
     assert width <= 5 * 2.2 * 80 + 2 and height > 0  # wrapped onto two rows of five panels
 
 
+def test_write_overlay_leaves_no_drawn_figure_for_the_garbage_collector(tmp_path: Path) -> None:
+    """A figure and its canvas hold each other, so a written figure lingers until a collection: its panels'
+    arrays must already be gone by then (a benchmark draws a few overlays per data set mid-run)."""
+    import gc
+
+    from matplotlib.figure import Figure
+
+    image, gt, rows = _overlay_inputs()
+    gc.collect()
+    gc.disable()
+    try:
+        write_overlay(tmp_path / "a.png", image, gt, rows)
+        lingering = [o for o in gc.get_objects() if isinstance(o, Figure)]
+        assert lingering, "the figure should still be waiting for a collection here"
+        assert all(not figure.axes and not figure.images for figure in lingering)
+    finally:
+        gc.enable()
+
+
 def test_masks_shrunk_for_the_overlay_draw_the_same_png_at_a_ninth_of_the_memory(tmp_path: Path) -> None:
     """The benchmark keeps every mode's masks of a drawn image shrunk (1000 px: every 3rd pixel), not full size."""
     image = (np.arange(1000 * 900).reshape(1000, 900) % 251).astype(np.uint8)

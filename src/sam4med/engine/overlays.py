@@ -113,4 +113,7 @@ def write_overlay(path: str | Path, image: np.ndarray, gt: np.ndarray,
                                wspace=0.05, hspace=0.2)
         with atomic_path(path) as temporary:
             figure.savefig(temporary, dpi=OVERLAY_DPI, format="png")
+        # a figure and its canvas hold each other: without this its panels' arrays stay until the next garbage
+        # collection, a few overlays later, on top of whatever the item loop holds by then
+        figure.clear()
     return path
