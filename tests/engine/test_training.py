@@ -11,6 +11,7 @@ import torch
 
 from sam4med.engine.checkpoints import read_trained_checkpoint
 from sam4med.engine.errors import InputError
+from sam4med.engine.runs import HISTORY_FILE
 from sam4med.engine.training import TrainingTask, fit
 
 
@@ -164,3 +165,16 @@ def test_bf16_precision_runs_the_training_steps_under_autocast_and_still_learns(
     assert results["bf16"].best_val_dice > 0.9 * results[None].best_val_dice > 0.4
     with pytest.raises(InputError, match="--precision 'fp16'"):
         fit(LineTask(), tmp_path / "fp16", {"precision": "fp16"}, 1, seed=0, description="line", show_progress=False)
+
+
+def test_fp32_spelt_out_resumes_a_run_whose_precision_is_unset_and_the_other_way(tmp_path):
+    """A run made before the precision setting existed (or with it unset) and one asked for "fp32" are the same
+    run: either spelling resumes the other's folder, and any other precision is refused there."""
+    for first, second in ((None, "fp32"), ("fp32", None)):
+        out = tmp_path / str(first)
+        fit(LineTask(), out, {"lr": 0.05, "precision": first}, 1, seed=0, description="line", show_progress=False)
+        fit(LineTask(), out, {"lr": 0.05, "precision": second}, 2, seed=0, description="line", show_progress=False)
+        history = [json.loads(line) for line in (out / HISTORY_FILE).read_text().splitlines()]
+        assert [row["epoch"] for row in history] == [1, 2]
+        with pytest.raises(InputError, match="precision differ"):
+            fit(LineTask(), out, {"lr": 0.05, "precision": "bf16"}, 3, seed=0, description="line", show_progress=False)

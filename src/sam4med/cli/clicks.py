@@ -79,7 +79,7 @@ def train(
                               iou_rank_weight=iou_rank_weight, centre_click_share=centre_click_share,
                               init_weights=None if init is None else str(init),
                               trainable=None if train_only == "all" else train_only, seed=seed,
-                              precision=None if precision == "fp32" else precision)
+                              precision=precision)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")
 

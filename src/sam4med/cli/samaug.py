@@ -89,7 +89,7 @@ def train(
                          scale_to=scale_to or None, patches_per_image=patches_per_image, features=features,
                          epochs=epochs, patience=patience or None, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                          split_seed=split_seed, max_train_images=max_train_images or None,
-                         precision=None if precision == "fp32" else precision)
+                         precision=precision)
     echo_training_result(out, train_segmenter(data, priors, out, config))
 
 

@@ -48,6 +48,6 @@ def train(
                                conv_branch=conv_branch, warm_start=not cold_start, epochs=epochs, patience=patience or None,
                                images_per_step=images_per_step, masks_per_image=masks_per_image,
                                learning_rate=learning_rate, seed=seed, max_train_images=max_train_images or None,
-                               precision=None if precision == "fp32" else precision)
+                               precision=precision)
     echo_training_result(out, train_promptable(data, out, config, device),
                          f"; use with --model {backbone} --checkpoint {out / 'best.pt'}")

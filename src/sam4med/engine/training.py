@@ -48,12 +48,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def run_record(config: Mapping[str, object]) -> dict[str, object]:
+    """``config`` as a run folder records it: fp32 is written as an unset precision, as runs made before the
+    setting existed hold it (``claim_folder`` matches an absent setting with None), so "fp32" and None resume
+    each other's runs."""
+    return {**config, "precision": None} if config.get("precision") == "fp32" else dict(config)
+
+
 def start_run(out: Path, config: Mapping[str, object], splits: Mapping[str, Mapping[str, list[Sample]]]) -> None:
     """Claim ``out`` for ``config`` (a rerun with the same config resumes) and record the split (rank 0
     under torchrun; the others wait for it)."""
     group = processes()
     if group.leader:
-        claim_folder(out, CONFIG_FILE, config)
+        claim_folder(out, CONFIG_FILE, run_record(config))
         write_split(out, splits)
     barrier(group)
 
@@ -148,10 +155,11 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
     """Train ``task`` for at most ``epochs`` in ``out``, continuing from ``last.pt`` when it is there
     (``out`` is claimed for ``config`` first, as :func:`start_run` does); with ``patience``, stop early
     once that many epochs have not improved the best validation Dice. The learning-rate schedule is the
-    task's, over ``epochs``, whether or not the run stops early. ``config["precision"]`` (unset: fp32) is
+    task's, over ``epochs``, whether or not the run stops early. ``config["precision"]`` (unset or "fp32") is
     the training steps' arithmetic; validation always runs in fp32, as the model is used afterwards."""
     precision = str(config.get("precision") or "fp32")
     check_precision(precision)
+    config = run_record(config)  # what config.json and the checkpoints hold
     group = processes()
     if group.leader:
         claim_folder(out, CONFIG_FILE, config)

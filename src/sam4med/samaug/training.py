@@ -62,7 +62,7 @@ class TrainConfig:
     split_seed: int = 0  # fixed apart from the training seed, so every arm and seed shares one split
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
     max_train_images: int | None = None
-    precision: str | None = None  # training steps under "bf16" autocast (engine.training.fit); None: fp32
+    precision: str | None = None  # training steps under "bf16" autocast (engine.training.fit); None or "fp32": fp32
 
     def check(self) -> None:
         check_precision(self.precision or "fp32")

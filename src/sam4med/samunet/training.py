@@ -61,7 +61,7 @@ class PromptTrainConfig:
     seed: int = 0
     split_seed: int = 0
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
-    precision: str | None = None  # training steps under "bf16" autocast (engine.training.fit); None: fp32
+    precision: str | None = None  # training steps under "bf16" autocast (engine.training.fit); None or "fp32": fp32
 
     def check(self) -> None:
         check_precision(self.precision or "fp32")
