@@ -105,7 +105,7 @@ def main() -> None:
             for name, model in models.items():
                 out = Path(scratch) / f"{folder.name}-{name}"
                 run_benchmark([folder], out, BenchmarkConfig(model=args.model, modes=modes, max_images=args.images),
-                              model=model, overlays_per_dataset=0, show_progress=False)
+                              model=model, overlays_per_dataset=0, show_progress=False, precision=model.precision)
                 frame = load_results(out)
                 frames[name] = frame[frame["status"] == "ok"]
             for mode in modes:

@@ -23,7 +23,7 @@ from typing import Annotated
 import torch
 import typer
 
-from sam4med.cli.options import EncoderOption, MaxTrainImagesOption, ThreadsOption
+from sam4med.cli.options import EncoderOption, MaxTrainImagesOption, PrecisionOption, ThreadsOption
 from sam4med.engine.runtime import configure_cpu
 from sam4med.samaug.experiment import PRESETS, PRIOR_GENERATORS, images_used, run_experiment, write_curves, write_summary
 from sam4med.samaug.priors import prior_settings
@@ -41,6 +41,7 @@ def main(
     trainings: Annotated[str, typer.Option(help="Comma-separated arms to train: raw, dual.")] = "raw,dual",
     max_train_images: MaxTrainImagesOption = 0,
     encoder: EncoderOption = "onnx",
+    prior_precision: PrecisionOption = "fp32",
     threads: ThreadsOption = None,
 ) -> None:
     """Train and score every arm and seed (resumable), then write the summary table and figures."""
@@ -58,7 +59,8 @@ def main(
     settings = prior_settings(model, tile=chosen.prior_tile, method=method)
     if "dual" in arms:
         for summary in generate_priors([data], priors / generator, model, settings=settings,
-                                       encoder_backend=encoder, image_ids=images_used(data, config)):
+                                       encoder_backend=encoder, image_ids=images_used(data, config),
+                                       precision=prior_precision):
             print(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
                   f"{summary.failed} failed")
     results = run_experiment(data, priors / generator, out, config, [int(s) for s in seeds.split(",")],

@@ -213,7 +213,8 @@ def test_every_mode_runs_in_bf16_and_scores_as_fp32_does(tmp_path, click_model, 
     dice = {}
     for precision, model in (("fp32", click_model), ("bf16", load_model("litemedsam-click", device="cpu", precision="bf16"))):
         out = tmp_path / precision
-        run_benchmark([data], out, config, model=model, overlays_per_dataset=0, show_progress=False)
+        run_benchmark([data], out, config, model=model, overlays_per_dataset=0, show_progress=False,
+                      precision=precision)
         frame = load_results(out)
         assert set(frame["status"]) == {"ok"}, frame.get("error")
         dice[precision] = frame.groupby("mode")["dice"].mean()
@@ -221,3 +222,13 @@ def test_every_mode_runs_in_bf16_and_scores_as_fp32_does(tmp_path, click_model, 
     assert json.loads((tmp_path / "bf16" / "protocol.json").read_text())["model_protocol"]["precision"].startswith("bf16")
     prompted = [mode for mode in modes if mode != "everything"]
     assert (dice["bf16"][prompted] - dice["fp32"][prompted]).abs().max() < 0.01, (dice["fp32"], dice["bf16"])
+
+
+def test_a_loaded_model_in_another_precision_is_refused_before_anything_is_written(tmp_path, click_model):
+    """The protocol records the loaded model's precision, so a caller asking for bf16 with an fp32 model
+    would get fp32 figures filed under the precision it asked for."""
+    data = write_dataset(tmp_path / "ellipses", broken=False, count=1)
+    with pytest.raises(InputError, match="loaded in fp32 given with precision 'bf16'"):
+        run_benchmark([data], tmp_path / "out", BenchmarkConfig(model="litemedsam-click", modes=("box",)),
+                      model=click_model, precision="bf16", show_progress=False)
+    assert not (tmp_path / "out").exists()

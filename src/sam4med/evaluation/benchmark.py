@@ -194,7 +194,7 @@ def run_benchmark(
     ``status = "error"`` and the run goes on. ``encoder_backend="onnx"`` encodes with ONNX Runtime
     (same embeddings to float rounding, so not part of the protocol); ``precision="bf16"`` runs PyTorch's
     encoder and decoders under bfloat16 autocast (recorded in the protocol). ``model`` reuses a loaded
-    model (it must be ``config.model``) instead of loading one. ``executor`` runs the images elsewhere
+    model (it must be ``config.model``, loaded in ``precision``) instead of loading one. ``executor`` runs the images elsewhere
     (``engine.executors``: Ray actors, each with its own copy of the model); the rows are the same.
     """
     config = config or BenchmarkConfig()
@@ -208,6 +208,8 @@ def run_benchmark(
                            precision=precision)
     elif model.name != config.model:
         raise InputError(f"run_benchmark: model '{model.name}' given for a config of '{config.model}'")
+    elif model.precision != precision:
+        raise InputError(f"run_benchmark: a model loaded in {model.precision} given with precision {precision!r}")
     claim_folder(out, PROTOCOL_FILE, config.protocol(model, modes))
     predictor = make_predictor(model, config.tile, config.halo, EmbeddingCache(cache_dir) if cache_dir else None)
     evaluator = ImageEvaluator(predictor, config, modes, out / "overlays", overlays_per_dataset)
