@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from PIL import Image
 
 from sam4med.engine.errors import InputError
 from sam4med.samunet.model import SamUNet
@@ -157,8 +158,15 @@ def test_comparison_trains_both_methods_and_scores_three_rows(tmp_path):
     scores = pd.read_csv(tmp_path / "cmp" / "scores.csv")
     gain = paired_gain(scores, "decoder").set_index("setting")
     assert len(gain) == 2 and gain.loc["in_domain", "count"] == in_domain["count"].iloc[0]
-    runs = json.loads((tmp_path / "cmp" / "protocol.json").read_text())["runs"]
+    protocol = json.loads((tmp_path / "cmp" / "protocol.json").read_text())
+    runs = protocol["runs"]
     assert runs["samunet"]["epochs_done"] == 1 and runs["decoder"]["config"]["method"] == "decoder"
+    assert runs["samunet"]["config"]["warm_start"] and protocol["arms"]["samunet"]["warm_start"]
+    with Image.open(tmp_path / "cmp" / "curves.png") as curves:
+        assert curves.size[0] > 500
+    with pytest.raises(InputError, match="arms samunet_warm: choose from decoder, samunet, samunet_cold"):
+        run_comparison([data], [], tmp_path / "typo", config, show_progress=False, arms=("samunet_warm",))
+    assert not (tmp_path / "typo").exists()
     # scoring the trained runs again, without training, gives the same table
     again = run_comparison([data], [left_out], tmp_path / "cmp", config, show_progress=False, train=False)
     pd.testing.assert_frame_equal(again, table)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from sam4med.engine.curves import write_training_curves
 from sam4med.engine.datasets import load_dataset
 from sam4med.engine.metrics import paired_bootstrap
 from sam4med.engine.runs import HISTORY_FILE, PROTOCOL_FILE, atomic_path, write_json
@@ -156,25 +157,7 @@ def write_summary(out: str | Path, results: pd.DataFrame | None = None) -> pd.Da
 
 
 def write_curves(out: str | Path) -> Path:
-    """``curves.png``: validation Dice and training loss per epoch of every run in ``out`` (one line per arm
-    and seed), the evidence that each arm had stopped improving when it was scored."""
-    out = Path(out)
-    runs = sorted(path.parent for path in out.glob(f"*_seed*/{HISTORY_FILE}"))
-    figure = Figure(figsize=(10, 4))
-    val_axis, loss_axis = figure.subplots(1, 2)
-    colours: dict[str, str] = {}
-    for run in runs:
-        history = pd.read_json(run / HISTORY_FILE, lines=True)
-        training = run.name.rsplit("_seed", 1)[0]
-        label = None if training in colours else training  # one legend entry per arm
-        colour = colours.setdefault(training, f"C{len(colours)}")
-        val_axis.plot(history["epoch"], history["val_dice"], color=colour, label=label, lw=1)
-        loss_axis.plot(history["epoch"], history["loss"], color=colour, lw=1)
-    val_axis.set(xlabel="epoch", ylabel="validation Dice", title="validation Dice (one line per seed)")
-    loss_axis.set(xlabel="epoch", ylabel="training loss", title="training loss")
-    if colours:
-        val_axis.legend(fontsize=8)
-    figure.tight_layout()
-    with atomic_path(out / "curves.png") as temporary:
-        figure.savefig(temporary, dpi=90)
-    return out / "curves.png"
+    """``curves.png``: validation Dice and training loss per epoch of every run in ``out`` (one colour per
+    arm, one line per seed), the evidence that each arm had stopped improving when it was scored."""
+    runs = sorted(path.parent for path in Path(out).glob(f"*_seed*/{HISTORY_FILE}"))
+    return write_training_curves([(run.name.rsplit("_seed", 1)[0], run) for run in runs], Path(out) / "curves.png")

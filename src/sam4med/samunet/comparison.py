@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sam4med.engine.curves import write_training_curves
 from sam4med.engine.datasets import Dataset, Sample, load_dataset
 from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import load_pair
@@ -60,30 +61,41 @@ def trained_run_record(run: Path) -> dict[str, object]:
             "train_seconds": round(sum(row["seconds"] for row in history), 1)}
 
 
+# The trained rows: each arm's run folder is ``out/<arm>`` and its settings override the shared config.
+ARMS: dict[str, dict[str, object]] = {
+    "decoder": {"method": "decoder"},  # mask decoder alone, the cheaper baseline
+    "samunet": {"method": "samunet", "warm_start": True},  # new output path started as the backbone's
+    "samunet_cold": {"method": "samunet", "warm_start": False},  # the paper's fresh token and random paths
+}
+
+
 def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str | Path], out: str | Path,
                    config: PromptTrainConfig, max_test_images: int | None = None,
-                   show_progress: bool = True, train: bool = True) -> pd.DataFrame:
-    """Train both methods (resumable), score the three rows, write ``scores.csv`` and ``table.csv``.
+                   show_progress: bool = True, train: bool = True,
+                   arms: Sequence[str] = ("decoder", "samunet")) -> pd.DataFrame:
+    """Train every arm (resumable), score it with the zero-shot backbone, write ``scores.csv``, ``table.csv``
+    and ``curves.png`` (each arm's validation Dice and loss per epoch).
 
-    ``train=False`` scores the runs already in ``out/decoder`` and ``out/samunet`` (trained by the
+    ``arms`` are keys of ``ARMS``. ``train=False`` scores the runs already in ``out/<arm>`` (trained by the
     CLI, elsewhere, or stopped early) as they are; each run's own configuration and epochs done are
     recorded, and the test split is the one in their ``config.json``.
     """
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown or not arms:
+        raise InputError(f"arms {', '.join(unknown) or '(none)'}: choose from {', '.join(ARMS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for method in ("decoder", "samunet"):
-        if train:
-            train_promptable(train_data, out / method, replace(config, method=method), show_progress=show_progress)
-    runs = {method: trained_run_record(out / method) for method in ("decoder", "samunet")}
-    for method, record in runs.items():
+    if train:
+        for arm in arms:
+            train_promptable(train_data, out / arm, replace(config, **ARMS[arm]), show_progress=show_progress)
+    runs = {arm: trained_run_record(out / arm) for arm in arms}
+    for arm, record in runs.items():
         fractions, split_seed = record["config"]["fractions"], record["config"]["split_seed"]  # type: ignore[index]
         if (fractions, split_seed) != (config.fractions, config.split_seed):
-            raise InputError(f"{out / method}: trained on another split (fractions {fractions}, seed {split_seed})")
-    models = {
-        "zero_shot": load_model(config.backbone, config.backbone_checkpoint),
-        "decoder": load_model(config.backbone, out / "decoder" / "best.pt"),
-        "samunet": load_model(config.backbone, out / "samunet" / "best.pt"),
-    }
+            raise InputError(f"{out / arm}: trained on another split (fractions {fractions}, seed {split_seed})")
+    write_training_curves([(arm, out / arm) for arm in arms], out / "curves.png")
+    models = {"zero_shot": load_model(config.backbone, config.backbone_checkpoint),
+              **{arm: load_model(config.backbone, out / arm / "best.pt") for arm in arms}}
     frames = []
     for setting, folders in (("in_domain", train_data), ("left_out", left_out_data)):
         for folder in folders:
@@ -105,7 +117,7 @@ def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str
     write_json(out / PROTOCOL_FILE, {"config": asdict(config), "train_data": [str(d) for d in train_data],
                                      "left_out_data": [str(d) for d in left_out_data], "runs": runs,
                                      "prompt": "tight box per object (the benchmark's box mode), no jitter",
-                                     "max_test_images": max_test_images})
+                                     "max_test_images": max_test_images, "arms": {arm: ARMS[arm] for arm in arms}})
     return table
 
 
