@@ -23,7 +23,7 @@ from typing import Annotated, Optional
 import pandas as pd
 import typer
 
-from sam4med.cli.options import EncoderOption, ThreadsOption
+from sam4med.cli.options import EncoderOption, PrecisionOption, ThreadsOption
 from sam4med.engine.datasets import Dataset, load_dataset
 from sam4med.engine.runs import PROTOCOL_FILE, atomic_path, write_json
 from sam4med.engine.runtime import configure_cpu
@@ -54,6 +54,7 @@ def main(
     tile: Annotated[Optional[int], typer.Option(help="Tile size for every set's priors (0: whole images); "
                                                      "default: each preset's.")] = None,
     encoder: EncoderOption = "onnx",
+    precision: PrecisionOption = "fp32",
     threads: ThreadsOption = None,
 ) -> None:
     """Compute (or reuse) both generators' priors and score them per image."""
@@ -73,7 +74,8 @@ def main(
             preset_tile = PRESETS[name].prior_tile if name in PRESETS else None
             settings = prior_settings(model, tile=preset_tile if tile is None else tile or None, method=method)
             (summary,) = generate_priors([dataset], priors / generator, model, settings=settings,
-                                         encoder_backend=encoder, image_ids=set(ids), figures_per_dataset=2)
+                                         encoder_backend=encoder, image_ids=set(ids), figures_per_dataset=2,
+                                         precision=precision)
             timings = pd.read_json(summary.results, lines=True, dtype={"image": str})
             seconds.append({"dataset": name, "generator": generator,
                             "s_per_image": timings[timings["image"].isin(ids)]["priors_s"].mean()})
