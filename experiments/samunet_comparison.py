@@ -52,6 +52,8 @@ def main(
     """Train every arm (resumable), score it and the zero-shot backbone, print the table and the paired gains."""
     configure_cpu(threads)
     chosen = [arm.strip() for arm in arms.split(",")]
+    if not set(chosen) <= set(ARMS):
+        raise typer.BadParameter(f"choose from {', '.join(ARMS)}", param_hint="--arms")
     config = PromptTrainConfig(backbone=backbone, conv_branch=conv_branch, epochs=epochs, patience=patience or None,
                                images_per_step=images_per_step, max_train_images=max_train_images or None,
                                precision=precision)
