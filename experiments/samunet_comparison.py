@@ -25,13 +25,14 @@ import pandas as pd
 import typer
 
 from sam4med.cli.options import (BackboneOption, EpochsOption, MaxTrainImagesOption, PatienceOption, ThreadsOption,
-                                 TrainPrecisionOption)
+                                 TrainPrecisionOption, one_line_errors)
 from sam4med.cli.samunet import ImagesPerStepOption
 from sam4med.engine.runtime import configure_cpu
 from sam4med.samunet.comparison import ARMS, paired_gain, run_comparison
 from sam4med.samunet.training import PromptTrainConfig
 
 
+@one_line_errors
 def main(
     train: Annotated[list[Path], typer.Option(help="Data set trained on (repeatable).")],
     out: Annotated[Path, typer.Option(help="Results folder (and each arm's run folder).")],
@@ -52,8 +53,6 @@ def main(
     """Train every arm (resumable), score it and the zero-shot backbone, print the table and the paired gains."""
     configure_cpu(threads)
     chosen = [arm.strip() for arm in arms.split(",")]
-    if not set(chosen) <= set(ARMS):
-        raise typer.BadParameter(f"choose from {', '.join(ARMS)}", param_hint="--arms")
     config = PromptTrainConfig(backbone=backbone, conv_branch=conv_branch, epochs=epochs, patience=patience or None,
                                images_per_step=images_per_step, max_train_images=max_train_images or None,
                                precision=precision)

@@ -194,8 +194,9 @@ def run_benchmark(
     ``status = "error"`` and the run goes on. ``encoder_backend="onnx"`` encodes with ONNX Runtime
     (same embeddings to float rounding, so not part of the protocol); ``precision="bf16"`` runs PyTorch's
     encoder and decoders under bfloat16 autocast (recorded in the protocol). ``model`` reuses a loaded
-    model (it must be ``config.model``, loaded in ``precision``) instead of loading one. ``executor`` runs the images elsewhere
-    (``engine.executors``: Ray actors, each with its own copy of the model); the rows are the same.
+    model (it must be ``config.model``, loaded in ``precision``) instead of loading one. ``executor`` runs
+    the images elsewhere (``engine.executors``: Ray actors, each with its own copy of the model); the rows
+    are the same.
     """
     config = config or BenchmarkConfig()
     config.check()
