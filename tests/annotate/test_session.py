@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import small_blobs, write_images
+from conftest import make_ellipse_image, small_blobs, write_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -152,6 +152,25 @@ def test_sixteen_bit_images_are_shown_through_the_window_asked_for(tmp_path, cli
     shown = np.asarray(Image.open(io.BytesIO(client.get("/api/images/0/pixels?low=1000&high=2000").content)))
     assert shown.dtype == np.uint8 and shown[0, ramp[0] <= 1000].max() == 0 and shown[0, ramp[0] >= 2000].min() == 255
     assert client.get("/api/images/0/pixels?low=5&high=5").status_code == 400
+
+
+def test_a_radiograph_in_dicom_named_by_its_uid_is_annotated_and_saved_under_that_id(tmp_path, click_model):
+    import SimpleITK as sitk
+
+    folder = tmp_path / "xray"
+    folder.mkdir()
+    image, truth = make_ellipse_image(160, 200, centre=(70, 95), radii=(35, 55), seed=0)
+    radiograph = image[..., 0].astype(np.uint16) * 16  # 12-bit values
+    sitk.WriteImage(sitk.GetImageFromArray(radiograph), str(folder / "written.dcm"))
+    (folder / "written.dcm").rename(folder / "1.2.840.10008.99")
+    client = TestClient(create_app(AnnotationSession(folder, click_model, prefetch=False)))
+    [image] = client.get("/api/state").json()["images"]
+    assert image["id"] == "1.2.840.10008.99"
+    assert client.post("/api/images/0/open").status_code == 200
+    boxed = client.post("/api/images/0/segment", json={"object": 0, "box": box_of(truth)}).json()
+    assert dice(mask_of(boxed["mask"]), truth) >= 0.9
+    saved = client.post("/api/images/0/save", json={"objects": [{"label": "lesion", "mask": boxed["mask"]}]}).json()
+    assert saved["saved"] == "masks/1.2.840.10008.99.png"
 
 
 def test_a_volume_slice_by_slice_with_propagation(tmp_path, click_model):

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import tifffile
 from PIL import Image, ImageFile
 from skimage.draw import disk
 
 from sam4med.engine.datasets import Dataset, Sample, load_dataset, load_datasets
-from sam4med.engine.imageio import load_pair, read_image, read_mask
+from sam4med.engine.imageio import load_pair, read_image, read_intensities, read_mask
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.splits import predefined_split, split_samples
 from sam4med.engine.errors import InputError
@@ -140,6 +141,79 @@ def test_multi_page_tiff_is_rejected(tmp_path):
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 40, 50), np.uint8))
     with pytest.raises(InputError, match="stack.tif: 5 frames"):
         read_image(tmp_path / "stack.tif")
+
+
+# --- medical 2D formats (SimpleITK) -------------------------------------------------------
+
+RADIOGRAPH = (np.arange(40 * 50).reshape(40, 50) * 3 % 4000).astype(np.uint16)  # 12-bit values
+
+
+def write_dicom(array: np.ndarray, path: Path, photometric: str = "MONOCHROME2") -> Path:
+    """A one-frame DICOM file; GDCM writes MONOCHROME2, so MONOCHROME1 is set in the written header."""
+    written = path.with_name(path.name + ".dcm")  # ITK picks its writer by extension; the file may have none
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=array.ndim == 3), str(written))
+    data = written.read_bytes()
+    written.unlink()
+    assert data.count(b"MONOCHROME2") == (array.ndim == 2)
+    path.write_bytes(data.replace(b"MONOCHROME2", photometric.encode()))
+    return path
+
+
+def test_dicom_radiograph_is_windowed_like_a_16bit_tiff(tmp_path):
+    dicom = write_dicom(RADIOGRAPH, tmp_path / "chest.dcm")
+    assert np.array_equal(read_intensities(dicom), RADIOGRAPH)
+    tifffile.imwrite(tmp_path / "chest.tif", RADIOGRAPH)
+    assert np.array_equal(read_image(dicom), read_image(tmp_path / "chest.tif"))
+
+
+def test_monochrome1_dicom_reads_with_low_values_bright(tmp_path):
+    normal = read_image(write_dicom(RADIOGRAPH, tmp_path / "m2.dcm"))
+    inverted = read_image(write_dicom(RADIOGRAPH, tmp_path / "m1.dcm", "MONOCHROME1"))
+    assert np.abs(normal.astype(int) + inverted.astype(int) - 255).max() <= 1
+    assert inverted[0, 0, 0] == 255 and normal[0, 0, 0] == 0
+
+
+def test_colour_dicom_and_dicom_without_extension(tmp_path):
+    colour = read_image(write_dicom(RGB, tmp_path / "IM0001"))
+    assert np.array_equal(colour, RGB)
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (1, 40, 50)])
+def test_one_slice_nifti_is_a_2d_image_and_mask(tmp_path, shape):
+    sitk.WriteImage(sitk.GetImageFromArray(RADIOGRAPH.astype(np.int16).reshape(shape)), str(tmp_path / "x.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray((square_mask() > 0).astype(np.uint8).reshape(shape)), str(tmp_path / "m.nii.gz"))
+    assert read_image(tmp_path / "x.nii.gz").shape == (40, 50, 3)
+    assert np.array_equal(read_mask(tmp_path / "m.nii.gz", (40, 50)), square_mask() > 0)
+
+
+def test_medical_files_that_are_not_one_2d_image_are_refused(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 40, 50), np.float32)), str(tmp_path / "ct.nii.gz"))
+    with pytest.raises(InputError, match=r"ct.nii.gz: 50x40x3 voxels; a 2D image must have one slice"):
+        read_image(tmp_path / "ct.nii.gz")
+    with_nan = RADIOGRAPH.astype(np.float32)
+    with_nan[3, 4] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(with_nan), str(tmp_path / "nan.nii"))
+    with pytest.raises(InputError, match=r"nan.nii: image contains NaN"):
+        read_image(tmp_path / "nan.nii")
+    (tmp_path / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 40)
+    with pytest.raises(InputError, match=r"broken.dcm: cannot read image") as error:
+        read_image(tmp_path / "broken.dcm")
+    assert "\n" not in str(error.value)
+
+
+def test_dataset_of_medical_files_keys_ids_without_their_extension(tmp_path):
+    root = tmp_path / "xray"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    write_dicom(RADIOGRAPH, root / "images" / "1.2.840.113619.2.5")  # a UID file name, no extension
+    sitk.WriteImage(sitk.GetImageFromArray(RADIOGRAPH), str(root / "images" / "b.nii.gz"))
+    save(square_mask(), root / "masks" / "1.2.840.113619.2.5.png")
+    sitk.WriteImage(sitk.GetImageFromArray(square_mask()), str(root / "masks" / "b.nii.gz"))
+    dataset = load_dataset(root)
+    assert [s.id for s in dataset] == ["1.2.840.113619.2.5", "b"]
+    for sample in dataset:
+        image, mask = load_pair(sample)
+        assert image.shape == (40, 50, 3) and mask.sum() == 400
 
 
 # --- read_mask ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def image_path(tmp_path):
     ("mask.jpg", None, Prompt(box=[1, 1, 20, 20]), None, "unknown extension"),
     ("folder", None, Prompt(box=[1, 1, 20, 20]), None, "is a folder"),
     ("mask.png", "overlay.tif", Prompt(box=[1, 1, 20, 20]), None, "--overlay"),
-    ("mask.png", None, Prompt(box=[1, 1, 20, 200]), None, "outside the 60x40 image"),
+    ("mask.png", None, Prompt(box=[1, 1, 20, 200]), None, r"image.png: prompt .* outside the 60x40 image"),
     ("mask.png", None, Prompt(box=[1, 1, 20, 20]), "biggest", "--mask-rule"),
 ])
 def test_image_arguments_are_checked_before_the_model_loads(tmp_path, image_path, out, overlay, prompt, rule, message):

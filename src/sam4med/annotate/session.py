@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sam4med.engine.datasets import IMAGE_EXTENSIONS
+from sam4med.engine.datasets import IMAGE_EXTENSIONS, image_extension, image_id
 from sam4med.engine.errors import InputError, hw, path_component
 from sam4med.engine.imageio import read_image, read_intensities, read_mask
 from sam4med.engine.predictor import EmbeddingCache
@@ -87,14 +87,15 @@ class ImageFolder:
         images_dir = folder / "images" if (folder / "images").is_dir() else folder
         self.paths: dict[str, Path] = {}
         for path in sorted(images_dir.iterdir()):
-            if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS \
+            if path.name.startswith(".") or not path.is_file() or image_extension(path) is None \
                     or not path.resolve().is_relative_to(self.root):  # a link out of the folder is never served
                 continue
-            if path.stem in self.paths:
-                raise InputError(f"{path}: id '{path.stem}' is also used by {self.paths[path.stem].name}")
-            self.paths[path_component(path.stem, f"{path}: image id")] = path
+            identifier = image_id(path)
+            if identifier in self.paths:
+                raise InputError(f"{path}: id '{identifier}' is also used by {self.paths[identifier].name}")
+            self.paths[path_component(identifier, f"{path}: image id")] = path
         if not self.paths:
-            raise InputError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise InputError(f"{images_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}, or DICOM)")
         self.ids = list(self.paths)
 
     def intensities(self, index: int) -> np.ndarray:

@@ -57,7 +57,7 @@ def _parse_point(text: str) -> tuple[float, float]:
 @app.command()
 @one_line_errors
 def segment(
-    image: Annotated[Path, typer.Argument(help="Image file (PNG, JPG, TIFF; 8/16 bit; gray, RGB or RGBA).")],
+    image: Annotated[Path, typer.Argument(help="Image file: PNG, JPG, TIFF, BMP (8/16 bit; gray, RGB or RGBA), or 2D DICOM, NIfTI, MHA, NRRD.")],
     out: Annotated[Path, typer.Option(help="Output mask PNG (0/255).")],
     box: Annotated[Optional[tuple[float, float, float, float]], typer.Option(help="x0 y0 x1 y1 in pixels.")] = None,
     point: Annotated[Optional[list[str]], typer.Option(help="X,Y in pixels (repeatable).")] = None,

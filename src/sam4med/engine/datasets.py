@@ -1,7 +1,7 @@
 """A data set on disk: ``images/<id>.<ext>`` and ``masks/<id>.png`` (0 = background,
 foreground > 0), optionally ``dataset.json`` (name, modality, target, ``groups``: {image id: group})
-and ``fov/<id>.png`` (field-of-view masks, as in DRIVE). An image and its mask share the file stem
-``<id>``.
+and ``fov/<id>.png`` (field-of-view masks, as in DRIVE). An image and its mask share the id ``<id>``:
+the file name without its image extension (``.nii.gz`` counts as one; a DICOM file may have none).
 """
 
 from __future__ import annotations
@@ -13,7 +13,35 @@ from pathlib import Path
 
 from sam4med.engine.errors import InputError, one_line, path_component
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")  # read with PIL
+# single-file medical formats of one 2D image, read with SimpleITK (detached headers such as .mhd are not)
+MEDICAL_EXTENSIONS = (".dcm", ".dicom", ".nii.gz", ".nii", ".mha", ".nrrd")
+IMAGE_EXTENSIONS = PHOTO_EXTENSIONS + MEDICAL_EXTENSIONS
+DICOM_MAGIC_OFFSET = 128  # a DICOM file's preamble; "DICM" follows it
+
+
+def image_extension(path: Path) -> str | None:
+    """The image extension ``path`` ends with, lower case (``.dcm`` for a DICOM file named without one,
+    such as ``IM0001`` or a UID), or None when it is not an image file by name or content."""
+    name = path.name.lower()
+    extension = next((e for e in IMAGE_EXTENSIONS if name.endswith(e)), None)
+    if extension is None and path.is_file():
+        try:
+            with path.open("rb") as handle:
+                handle.seek(DICOM_MAGIC_OFFSET)
+                extension = ".dcm" if handle.read(4) == b"DICM" else None
+        except OSError:
+            return None
+    return extension
+
+
+def image_id(path: Path) -> str:
+    """The id of an image or mask file: its name without the image extension (the whole name of a DICOM
+    file named without one)."""
+    extension = image_extension(path)
+    if extension and path.name.lower().endswith(extension):
+        return path.name[: -len(extension)]
+    return path.name if extension else path.stem
 
 
 @dataclass(frozen=True)
@@ -160,14 +188,15 @@ def _index_folder(folder: Path, what: str) -> dict[str, Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
-        if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if not path.is_file() or image_extension(path) is None:
             raise InputError(
-                f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)}); "
+                f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)}, or DICOM); "
                 "remove it or hide it with a leading '.'"
             )
-        if path.stem in found:
-            raise InputError(f"{path}: id '{path.stem}' is also used by {found[path.stem].name}")
-        found[path.stem] = path
+        identifier = image_id(path)
+        if identifier in found:
+            raise InputError(f"{path}: id '{identifier}' is also used by {found[identifier].name}")
+        found[identifier] = path
     return found
 
 

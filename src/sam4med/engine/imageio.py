@@ -1,4 +1,8 @@
-"""Reading 2D images and masks as SAM-family models take them: every decoding failure is one InputError."""
+"""Reading 2D images and masks as SAM-family models take them: every decoding failure is one InputError.
+
+Photos and microscopy (PNG, JPEG, TIFF, BMP) are read with PIL; the medical formats of one 2D image (a DICOM
+file such as a radiograph, or a one-slice NIfTI, MetaImage or NRRD file) with SimpleITK, imported only then.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
-from sam4med.engine.datasets import IMAGE_EXTENSIONS, Sample
+from sam4med.engine.datasets import IMAGE_EXTENSIONS, MEDICAL_EXTENSIONS, Sample, image_extension
 from sam4med.engine.errors import InputError, hw, one_line
 
 # PIL modes whose pixels numpy takes as they are stored; others go through convert("RGB").
@@ -38,8 +42,11 @@ def read_intensities(path: str | Path) -> np.ndarray:
     """A 2D image's values as stored (HxW gray or HxWx3 colour, 8 or more bits, alpha dropped, palettes
     expanded, bilevel as 0/255), for a viewer's window and level; NaN or inf is refused."""
     path = Path(path)
-    with _opened(path) as image:
-        pixels = np.asarray(image.convert("RGB")) if image.mode in ("P", "PA") else _pixels(image, path)
+    if _is_medical(path):
+        pixels = _medical_pixels(path)
+    else:
+        with _opened(path) as image:
+            pixels = np.asarray(image.convert("RGB")) if image.mode in ("P", "PA") else _pixels(image, path)
     if pixels.ndim == 3:
         pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., 0]  # drop alpha
     if pixels.dtype == bool:
@@ -54,8 +61,11 @@ def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndar
     images count as one foreground); JPEG masks use > 127, since compression leaves faint
     non-zero pixels around the object. ``shape`` (HxW, or an image's HxWxC) must match."""
     path = Path(path)
-    with _opened(path) as image:
-        pixels = _pixels(image, path)
+    if _is_medical(path):
+        pixels = _medical_pixels(path)
+    else:
+        with _opened(path) as image:
+            pixels = _pixels(image, path)
     if pixels.ndim == 3:
         pixels = pixels[..., 0]
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
@@ -74,6 +84,40 @@ def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     return image, read_mask(sample.mask_path, image.shape)
 
 
+def _is_medical(path: Path) -> bool:
+    """Whether SimpleITK reads ``path``; a missing file or an unknown extension is an InputError here."""
+    extension = image_extension(path)
+    if extension is None and (path.exists() or path.suffix):
+        raise InputError(f"{path}: unknown image extension (expected one of {', '.join(IMAGE_EXTENSIONS)}, "
+                         "or a DICOM file)")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    return extension in MEDICAL_EXTENSIONS
+
+
+def _medical_pixels(path: Path) -> np.ndarray:
+    """One 2D image of a medical file as stored (HxW, or HxWxC for colour DICOM). ITK's DICOM reader already
+    shows MONOCHROME1 radiographs (low values bright) the MONOCHROME2 way round; its NIfTI reader turns NaN into
+    0, so float NIfTI data is checked in the file itself."""
+    import SimpleITK as sitk
+
+    from sam4med.engine.volumes import nifti_nonfinite, read_itk_file
+
+    image = read_itk_file(path, "image")
+    size = image.GetSize()
+    if image.GetDimension() > 3 or (image.GetDimension() == 3 and size[2] != 1):
+        raise InputError(f"{path}: {'x'.join(map(str, size))} voxels; a 2D image must have one slice "
+                         "(segment volumes with sam4med segment-volume)")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components not in (1, 3, 4):
+        raise InputError(f"{path}: {components} components per pixel (expected gray, RGB or RGBA)")
+    pixels = sitk.GetArrayFromImage(image)
+    pixels = pixels.reshape(pixels.shape[-3:] if components > 1 else pixels.shape[-2:])
+    if path.name.lower().endswith((".nii", ".nii.gz")) and nifti_nonfinite(path):
+        raise InputError(f"{path}: image contains NaN or inf values")
+    return pixels
+
+
 @contextmanager
 def _opened(path: Path) -> Iterator[Image.Image]:
     """A fully decoded single-frame image; every decoding failure becomes one InputError.
@@ -81,10 +125,6 @@ def _opened(path: Path) -> Iterator[Image.Image]:
     Truncated files must fail here rather than come back partly gray, so PIL's global
     LOAD_TRUNCATED_IMAGES (which other code may have set) is forced off while decoding.
     """
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise InputError(f"{path}: unknown image extension (expected one of {', '.join(IMAGE_EXTENSIONS)})")
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:

@@ -117,7 +117,10 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
         _check_output(overlay, "--overlay", (".png",))
     check_mask_rule(mask_rule)
     pixels = read_image(image_path)
-    prompt.check_inside(pixels.shape[:2])
+    try:
+        prompt.check_inside(pixels.shape[:2])
+    except InputError as exc:
+        raise InputError(f"{image_path}: {exc}") from None
     mask = segment_image(_ready(predictor), pixels, prompt, mask_rule)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as temporary:

@@ -44,7 +44,7 @@ def read_volume(path: str | Path) -> Volume:
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     bad = int(np.count_nonzero(~np.isfinite(array)))
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        bad = max(bad, _nifti_nonfinite(path))  # ITK's NIfTI reader turns NaN into 0 on the way in
+        bad = max(bad, nifti_nonfinite(path))  # ITK's NIfTI reader turns NaN into 0 on the way in
     if bad:
         raise InputError(f"{path}: volume contains {bad} NaN or inf voxels")
     return Volume(
@@ -59,7 +59,7 @@ def read_volume(path: str | Path) -> Volume:
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of float32 and float64
 
 
-def _nifti_nonfinite(path: Path) -> int:
+def nifti_nonfinite(path: Path) -> int:
     """NaN and inf voxels in a NIfTI-1 file's own float data (0 for integer data or other headers)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
@@ -180,18 +180,24 @@ def _read_itk(path: Path) -> sitk.Image:
             f"{path}: unknown volume extension (expected one of {', '.join(VOLUME_SUFFIXES)}, or a DICOM folder)"
         )
     else:
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_length(path)
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            raise InputError(f"{path}: cannot read volume ({_itk_reason(exc)})") from exc
+        image = read_itk_file(path, "volume")
     if image.GetDimension() != 3:
         raise InputError(f"{path}: image is {image.GetDimension()}D; a volume must be 3D")
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1:
         raise InputError(f"{path}: {components} components per voxel; a volume must be scalar")
     return image
+
+
+def read_itk_file(path: Path, what: str) -> sitk.Image:
+    """One file read by ITK (a ``what``: volume or image), every failure, a truncated NIfTI file included,
+    as one InputError."""
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_length(path, what)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{path}: cannot read {what} ({_itk_reason(exc)})") from exc
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -279,7 +285,7 @@ def _itk_reason(exc: RuntimeError) -> str:
     return re.sub(r"(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", reason) or type(exc).__name__
 
 
-def _check_nifti_length(path: Path) -> None:
+def _check_nifti_length(path: Path, what: str) -> None:
     """ITK reads a truncated NIfTI file without complaint, zero-filling the missing voxels, so
     compare the data length that the header declares (read by ITK) with what the (decompressed)
     file holds."""
@@ -288,7 +294,7 @@ def _check_nifti_length(path: Path) -> None:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        raise InputError(f"{path}: cannot read volume ({_itk_reason(exc)})") from exc
+        raise InputError(f"{path}: cannot read {what} ({_itk_reason(exc)})") from exc
     if not (reader.HasMetaDataKey("vox_offset") and reader.HasMetaDataKey("bitpix")):
         return
     expected = int(float(reader.GetMetaData("vox_offset"))) + \
@@ -298,6 +304,6 @@ def _check_nifti_length(path: Path) -> None:
         with opener(path, "rb") as stream:
             length = sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 22), b""))
     except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"{path}: cannot read volume ({' '.join(str(exc).split())})") from exc
+        raise InputError(f"{path}: cannot read {what} ({' '.join(str(exc).split())})") from exc
     if length < expected:
         raise InputError(f"{path}: truncated file ({length} of the {expected} bytes its header declares)")
