@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +97,30 @@ def test_mask_input_matches_reference_and_leaves_the_shared_state_alone(litemeds
     plain = litemedsam.decode(shared, _prompts("box", 2, seed=4))
     expected = reference.decode(Embedding(embedding.features, embedding.geometry), _prompts("box", 2, seed=4))
     _assert_logits_close(plain.low_res, expected.low_res)
+
+
+@pytest.mark.parametrize("kind", ["box", "points", "box_point", "mask_input"])
+def test_bf16_autocast_keeps_the_fp32_masks(click_model, kind):
+    """Under bfloat16 autocast the per-prompt image tokens stay bf16 from layer to layer (layer norms
+    included); the masks must still be fp32's but for pixels at their edges, and the IoUs close."""
+    image, _ = make_ellipse_image()
+    bf16 = copy.copy(click_model)
+    bf16.precision = "bf16"
+    prompts = _prompts("box_point" if kind == "mask_input" else kind, 6, seed=5)
+    previous = click_model.decode(click_model.encode(image), prompts).low_res if kind == "mask_input" else None
+    features = click_model.encode(image)
+    exact = click_model.decode(Embedding(features.features, features.geometry), prompts, mask_input=previous,
+                               multimask=True)
+    fast = bf16.decode(Embedding(features.features, features.geometry), prompts, mask_input=previous, multimask=True)
+    assert fast.low_res.dtype == torch.float32
+    exact_masks, fast_masks = exact.low_res > 0, fast.low_res > 0
+    areas = exact_masks.flatten(2).sum(2)
+    overlap = (exact_masks & fast_masks).flatten(2).sum(2)
+    dice = 2 * overlap / (areas + fast_masks.flatten(2).sum(2)).clamp(min=1)
+    assert int((areas >= 100).sum()) >= 6  # real masks to compare
+    assert float(dice[areas >= 100].min()) >= 0.9 and float(dice[areas >= 100].mean()) >= 0.97
+    assert float((exact_masks == fast_masks).float().mean()) >= 0.995
+    assert float((exact.iou - fast.iou).abs().max()) <= 0.03
 
 
 def test_subclassed_decoders_are_not_taken_over(litemedsam):

@@ -144,6 +144,13 @@ class SharedImageDecoder:
         transformer = self.transformer
         query_pe = point_embedding
         queries = point_embedding
+        # under autocast the per-prompt image tokens (B, N, C) stay in the autocast type from layer to layer: each
+        # add, layer norm and cast of them is bound by memory traffic, and fp32 tokens would be cast again by
+        # every product that reads them
+        device = state.keys.device.type
+        stream = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else state.keys.dtype
+        image_keys, pe = state.keys.to(stream), state.pe.to(stream)
+        keys = None if keys is None else keys.to(stream)
         for layer in transformer.layers:
             if layer.skip_first_layer_pe:
                 queries = layer.self_attn(q=queries, k=queries, v=queries)
@@ -153,7 +160,7 @@ class SharedImageDecoder:
             queries = layer.norm1(queries)
 
             q = queries + query_pe
-            keyed = None if keys is None else keys + state.pe  # image tokens with positions, for both attentions
+            keyed = None if keys is None else keys + pe  # image tokens with positions, for both attentions
             if keys is None:
                 attention = _token_to_shared_image(layer.cross_attn_token_to_image, q, state.first_k, state.first_v)
             else:
@@ -164,13 +171,13 @@ class SharedImageDecoder:
             q = queries + query_pe
             if keys is None:
                 update = _image_to_token(layer.cross_attn_image_to_token, None, state.first_q, q, queries)
-                keys = layer.norm4(state.keys + update)
+                keys = _layer_norm(image_keys + update.to(stream), layer.norm4)
             else:
                 update = _image_to_token(layer.cross_attn_image_to_token, keyed, None, q, queries)
-                keys = layer.norm4(keys + update)
+                keys = _layer_norm(keys + update.to(stream), layer.norm4)
         assert keys is not None
         q = queries + query_pe
-        queries = queries + _token_to_image(transformer.final_attn_token_to_image, q, keys + state.pe, keys)
+        queries = queries + _token_to_image(transformer.final_attn_token_to_image, q, keys + pe, keys)
         return transformer.norm_final_attn(queries), keys
 
     # --- upscaling ---------------------------------------------------------------------------
@@ -182,13 +189,20 @@ class SharedImageDecoder:
         # a 2x2 stride-2 transposed convolution is one linear map per input pixel to its 4 sub-pixels
         w1 = first.weight.permute(2, 3, 1, 0).reshape(4 * mid, c)  # ([a1 b1 o], C)
         x = F.linear(keys, w1, first.bias.repeat(4)).reshape(batch, n, 4, mid)
-        x = act1(F.layer_norm(x, (mid,), norm.weight, norm.bias, norm.eps))
+        x = act1(_layer_norm(x, norm))
         w2 = second.weight.permute(2, 3, 1, 0).reshape(4 * out, mid)  # ([a2 b2 o], mid)
         x = act2(F.linear(x, w2, second.bias.repeat(4)).reshape(batch, n, 4, 4, out))
         h, w = size
         masks = torch.einsum("bnpqo,bmo->bmnpq", x, hyper_in)  # (B, M, N, [a1 b1], [a2 b2])
         masks = masks.reshape(batch, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         return masks.reshape(batch, -1, 4 * h, 4 * w)
+
+
+def _layer_norm(x: Tensor, norm: torch.nn.LayerNorm | LayerNorm2d) -> Tensor:
+    """``norm`` over the last axis of ``x`` in ``x``'s own type: autocast would run it in fp32, casting the
+    tokens there and back (it still accumulates in fp32)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
 
 
 def _token_to_shared_image(attention: Attention, q_in: Tensor, k: Tensor, v: Tensor) -> Tensor:
