@@ -107,7 +107,7 @@ def _medical_pixels(path: Path) -> np.ndarray:
     size = image.GetSize()
     if image.GetDimension() > 3 or (image.GetDimension() == 3 and size[2] != 1):
         raise InputError(f"{path}: {'x'.join(map(str, size))} voxels; a 2D image must have one slice "
-                         "(segment volumes with sam4med segment-volume)")
+                         "(a volume: sam4med segment-volume, or sam4med annotate on the file itself)")
     components = image.GetNumberOfComponentsPerPixel()
     if components not in (1, 3, 4):
         raise InputError(f"{path}: {components} components per pixel (expected gray, RGB or RGBA)")
