@@ -113,7 +113,7 @@ def _measure(args: argparse.Namespace) -> dict[str, object]:
     from sam4med.engine.prompts import Prompt
 
     model = load_model(args.model, args.checkpoint, "cpu", use_shared_decoder=optimised,
-                       encoder_backend=args.encoder if optimised else "torch")
+                       encoder_backend=args.encoder if optimised else "torch", tune_memory=optimised)
     image = _image(args.image)
     result: dict[str, object] = {}
     # FLOPs are those of the reference computation, counted in the reference child only (the parent

@@ -144,3 +144,15 @@ def test_bf16_autocast_keeps_the_masks_and_is_recorded(click_model, ellipse_imag
 def test_an_unknown_precision_is_refused_before_loading():
     with pytest.raises(InputError, match="--precision 'fp16': choose one of fp32, bf16"):
         load_model("litemedsam", device="cpu", precision="fp16")
+
+
+def test_loading_a_model_on_the_cpu_tunes_the_allocator_as_the_verbs_do(monkeypatch):
+    """Code that calls the library directly gets the command line's allocator settings (engine.runtime)."""
+    import sam4med.engine.models as models
+
+    calls = []
+    monkeypatch.setattr(models, "tune_allocator", lambda: calls.append(True) or True)
+    models.load_model("litemedsam", device="cpu")
+    assert calls == [True]
+    models.load_model("litemedsam", device="cpu", tune_memory=False)  # the benchmarks' reference path
+    assert calls == [True]

@@ -20,6 +20,7 @@ from sam4med.engine.checkpoints import (
 from sam4med.engine.errors import InputError, check_precision
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.registry import ModelSpec, model_spec
+from sam4med.engine.runtime import tune_allocator
 from sam4med.engine.sam_model import PromptPath, SamModel
 
 
@@ -67,6 +68,7 @@ def load_model(
     use_shared_decoder: bool = True,
     encoder_backend: str = "torch",
     precision: str = "fp32",
+    tune_memory: bool = True,
 ) -> SamModel:
     """Build a registered model and load its weights (bundled ones for LiteMedSAM and LiteMedSAM-click).
 
@@ -79,10 +81,17 @@ def load_model(
     Weights are loaded with ``weights_only=True`` and their sha256 is recorded; bundled weights
     are checked against the published hash. The network is put in ``eval()`` after loading, which
     also makes TinyViT cache its attention biases from the loaded (not the initial) parameters.
+
+    On the CPU this also tunes glibc's allocator for the process (``engine.runtime.tune_allocator``), as
+    every command line verb does at start-up, so that code calling the library directly is as fast as the
+    verbs: without it each of the decoder's large per-call blocks is mapped and zeroed again on every call.
+    ``tune_memory=False`` keeps glibc's defaults (the reference path of ``benchmarks/engine.py``).
     """
     spec = model_spec(name)
     check_precision(precision)
     model = _load(spec, name, checkpoint, device, use_shared_decoder, encoder_backend)
+    if tune_memory and model.device.type == "cpu":
+        tune_allocator()
     model.precision = precision
     if precision == "bf16" and model.device.type == "cpu" and not native_bf16():
         warnings.warn("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated and slower than fp32", stacklevel=2)
