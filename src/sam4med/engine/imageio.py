@@ -42,11 +42,7 @@ def read_intensities(path: str | Path) -> np.ndarray:
     """A 2D image's values as stored (HxW gray or HxWx3 colour, 8 or more bits, alpha dropped, palettes
     expanded, bilevel as 0/255), for a viewer's window and level; NaN or inf is refused."""
     path = Path(path)
-    if _is_medical(path):
-        pixels = _medical_pixels(path)
-    else:
-        with _opened(path) as image:
-            pixels = np.asarray(image.convert("RGB")) if image.mode in ("P", "PA") else _pixels(image, path)
+    pixels = _stored_pixels(path, expand_palette=True)
     if pixels.ndim == 3:
         pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., 0]  # drop alpha
     if pixels.dtype == bool:
@@ -61,11 +57,7 @@ def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndar
     images count as one foreground); JPEG masks use > 127, since compression leaves faint
     non-zero pixels around the object. ``shape`` (HxW, or an image's HxWxC) must match."""
     path = Path(path)
-    if _is_medical(path):
-        pixels = _medical_pixels(path)
-    else:
-        with _opened(path) as image:
-            pixels = _pixels(image, path)
+    pixels = _stored_pixels(path, expand_palette=False)
     if pixels.ndim == 3:
         pixels = pixels[..., 0]
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
@@ -82,6 +74,16 @@ def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"{sample.image_path}: sample '{sample.id}' has no mask")
     image = read_image(sample.image_path)
     return image, read_mask(sample.mask_path, image.shape)
+
+
+def _stored_pixels(path: Path, expand_palette: bool) -> np.ndarray:
+    """The pixels of any 2D image file as stored; palettes as RGB with ``expand_palette``, else as indices."""
+    if _is_medical(path):
+        return _medical_pixels(path)
+    with _opened(path) as image:
+        if expand_palette and image.mode in ("P", "PA"):
+            return np.asarray(image.convert("RGB"))
+        return _pixels(image, path)
 
 
 def _is_medical(path: Path) -> bool:
