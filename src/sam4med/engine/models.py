@@ -89,11 +89,12 @@ def load_model(
     """
     spec = model_spec(name)
     check_precision(precision)
-    model = _load(spec, name, checkpoint, device, use_shared_decoder, encoder_backend)
-    if tune_memory and model.device.type == "cpu":
+    on_cpu = (torch.device(device) if device is not None else default_device()).type == "cpu"
+    if tune_memory and on_cpu:
         tune_allocator()
+    model = _load(spec, name, checkpoint, device, use_shared_decoder, encoder_backend)
     model.precision = precision
-    if precision == "bf16" and model.device.type == "cpu" and not native_bf16():
+    if precision == "bf16" and on_cpu and not native_bf16():
         warnings.warn("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated and slower than fp32", stacklevel=2)
     return model
 
