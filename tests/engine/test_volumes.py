@@ -128,6 +128,15 @@ def test_nan_volume_is_rejected(tmp_path, name):
     assert read_volume(tmp_path / name).array.shape == array.shape
 
 
+@pytest.mark.parametrize("name", ["labels.nii.gz", "labels.nrrd"])
+def test_nan_label_volume_is_rejected_not_read_as_background(tmp_path, name):
+    labels = sphere().astype(np.float32)
+    labels[4, 5, 6] = np.nan
+    sitk.WriteImage(itk_image(labels), str(tmp_path / name))
+    with pytest.raises(InputError, match=rf"{name}: .*NaN"):
+        read_label_volume(tmp_path / name)
+
+
 def test_2d_file_is_not_a_volume(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.uint8)), str(tmp_path / "flat.nii.gz"))
     with pytest.raises(InputError, match="flat.nii.gz: image is 2D"):

@@ -99,11 +99,11 @@ def _is_medical(path: Path) -> bool:
 
 def _medical_pixels(path: Path) -> np.ndarray:
     """One 2D image of a medical file as stored (HxW, or HxWxC for colour DICOM). ITK's DICOM reader already
-    shows MONOCHROME1 radiographs (low values bright) the MONOCHROME2 way round; its NIfTI reader turns NaN into
-    0, so float NIfTI data is checked in the file itself."""
+    shows MONOCHROME1 radiographs (low values bright) the MONOCHROME2 way round; ``read_itk_file`` refuses
+    NaN in float NIfTI data, which ITK would read as 0."""
     import SimpleITK as sitk
 
-    from sam4med.engine.volumes import nifti_nonfinite, read_itk_file
+    from sam4med.engine.volumes import read_itk_file
 
     image = read_itk_file(path, "image")
     size = image.GetSize()
@@ -115,8 +115,6 @@ def _medical_pixels(path: Path) -> np.ndarray:
         raise InputError(f"{path}: {components} components per pixel (expected gray, RGB or RGBA)")
     pixels = sitk.GetArrayFromImage(image)
     pixels = pixels.reshape(pixels.shape[-3:] if components > 1 else pixels.shape[-2:])
-    if path.name.lower().endswith((".nii", ".nii.gz")) and nifti_nonfinite(path):
-        raise InputError(f"{path}: image contains NaN or inf values")
     return pixels
 
 

@@ -43,8 +43,6 @@ def read_volume(path: str | Path) -> Volume:
     image = _read_itk(path)
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     bad = int(np.count_nonzero(~np.isfinite(array)))
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        bad = max(bad, nifti_nonfinite(path))  # ITK's NIfTI reader turns NaN into 0 on the way in
     if bad:
         raise InputError(f"{path}: volume contains {bad} NaN or inf voxels")
     return Volume(
@@ -90,7 +88,9 @@ def read_label_volume(path: str | Path, like: Volume | None = None) -> np.ndarra
     image = _read_itk(path)
     labels = sitk.GetArrayFromImage(image)
     if not np.issubdtype(labels.dtype, np.integer):
-        if not np.isfinite(labels).all() or not np.array_equal(labels, np.round(labels)):
+        if bad := int(np.count_nonzero(~np.isfinite(labels))):
+            raise InputError(f"{path}: label volume contains {bad} NaN or inf voxels")
+        if not np.array_equal(labels, np.round(labels)):
             raise InputError(f"{path}: label volume has non-integer values")
         labels = labels.astype(np.int32)
     if like is not None:
@@ -191,13 +191,18 @@ def _read_itk(path: Path) -> sitk.Image:
 
 def read_itk_file(path: Path, what: str) -> sitk.Image:
     """One file read by ITK (a ``what``: volume or image), every failure, a truncated NIfTI file included,
-    as one InputError."""
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    as one InputError. ITK's NIfTI reader turns NaN into 0 on the way in, so float NIfTI data is checked in
+    the file itself: a volume, a label volume or a 2D image with NaN is refused rather than read as zeros."""
+    nifti = path.name.lower().endswith((".nii", ".nii.gz"))
+    if nifti:
         _check_nifti_length(path, what)
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot read {what} ({_itk_reason(exc)})") from exc
+    if nifti and (bad := nifti_nonfinite(path)):
+        raise InputError(f"{path}: {what} contains {bad} NaN or inf {'voxels' if what == 'volume' else 'values'}")
+    return image
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
