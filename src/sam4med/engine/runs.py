@@ -7,8 +7,10 @@ a benchmark's ``protocol.json``, a prior store's ``priors.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +24,8 @@ CONFIG_FILE = "config.json"
 PROTOCOL_FILE = "protocol.json"
 SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
+# which machine wrote a temporary: writers on other machines (Ray workers on shared storage) are not ours to judge
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 @contextmanager
@@ -30,7 +34,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     writer is done it is flushed to disk and renamed over ``path``, so a kill or a full disk never leaves
     half a file where a whole one was. The name keeps ``path``'s suffixes, from which writers pick the format."""
     path = Path(path)
-    temporary = path.with_name(f".tmp{os.getpid()}.{path.name}")
+    temporary = path.with_name(f".tmp.{_HOST}.{os.getpid()}.{path.name}")
     try:
         yield temporary
         with temporary.open("rb+") as handle:
@@ -40,6 +44,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise OSError(error.errno, error.strerror or one_line(error), str(path)) from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Remove the temporaries of :func:`atomic_path` under ``folder`` whose writer, a process of this machine, is
+    gone (a SIGKILL skips the clean-up), so that a resumed folder holds what one never stopped does. Live writers'
+    and other machines' temporaries are left alone. Returns how many were removed."""
+    removed = 0
+    for path in folder.rglob(".tmp.*"):
+        _, _, host, pid, *_ = path.name.split(".", 4) + [""]
+        if host == _HOST and pid.isdigit() and not _running(int(pid)) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager
@@ -64,7 +91,8 @@ def write_json(path: Path, record: object) -> None:
 
 
 def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -> None:
-    """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one.
+    """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one; a folder resumed
+    loses what killed writers left half written (:func:`remove_stale_temporaries`).
 
     A setting the stored record lacks matches while it is unset (None): settings added in a later version
     default to what earlier versions did, so their runs still resume."""
@@ -85,6 +113,7 @@ def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -
             changed = sorted(k for k in existing.keys() | current.keys() if existing.get(k) != current.get(k))
             raise InputError(f"{folder}: holds results made with other settings ({', '.join(changed)} differ); "
                              "choose another --out")
+        remove_stale_temporaries(folder)
         return
     folder.mkdir(parents=True, exist_ok=True)
     write_json(path, current)

@@ -1,0 +1,35 @@
+"""Output folders: a resumed folder loses the half-written files of killed writers, and nothing else."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from sam4med.engine.runs import atomic_path, claim_folder
+
+KILLED_WRITER = """
+import os, signal, sys
+from sam4med.engine.runs import atomic_path
+with atomic_path(sys.argv[1]) as temporary:
+    temporary.write_bytes(b"half an image")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_resumed_folder_loses_what_killed_writers_left_and_keeps_the_rest(tmp_path):
+    out = tmp_path / "out"
+    claim_folder(out, "protocol.json", {"seed": 0})
+    (out / "overlays").mkdir()
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out / "overlays" / "a.png")], check=False)
+    left = list(out.rglob(".tmp.*"))
+    assert [p.name.rsplit(".", 2)[-2:] for p in left] == [["a", "png"]]  # the kill skipped atomic_path's clean-up
+    host = left[0].name.split(".")[2]
+    other_machine = out / f".tmp.{'0' * 8 if host != '0' * 8 else '1' * 8}.1.b.png"
+    other_machine.write_bytes(b"a Ray worker elsewhere, still writing")
+    with atomic_path(out / "overlays" / "c.png") as live:
+        live.write_bytes(b"this process, still writing")
+        claim_folder(out, "protocol.json", {"seed": 0})  # the same run, resumed
+        assert not left[0].exists()
+        assert live.exists() and other_machine.exists()
+    assert (out / "overlays" / "c.png").read_bytes() == b"this process, still writing"
+    assert not (out / "overlays" / "a.png").exists()
