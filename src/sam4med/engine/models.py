@@ -89,10 +89,11 @@ def load_model(
     """
     spec = model_spec(name)
     check_precision(precision)
-    on_cpu = (torch.device(device) if device is not None else default_device()).type == "cpu"
+    torch_device = torch.device(device) if device is not None else default_device()
+    on_cpu = torch_device.type == "cpu"
     if tune_memory and on_cpu:
         tune_allocator()
-    model = _load(spec, name, checkpoint, device, use_shared_decoder, encoder_backend)
+    model = _load(spec, name, checkpoint, torch_device, use_shared_decoder, encoder_backend)
     model.precision = precision
     if precision == "bf16" and on_cpu and not native_bf16():
         warnings.warn("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated and slower than fp32", stacklevel=2)
@@ -104,7 +105,7 @@ def native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: str | torch.device | None,
+def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: torch.device,
           use_shared_decoder: bool, encoder_backend: str) -> SamModel:
     if checkpoint is None:
         if spec.bundled_checkpoint is None:
@@ -136,8 +137,7 @@ def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: str
         if spec.boxes_by_base_decoder:
             box_path = base_prompt_path(network, use_shared_decoder)
         base_sha256, sha256 = sha256, load_prompt_weights(network, spec.prompt_weights)
-    torch_device = torch.device(device) if device is not None else default_device()
-    return SamModel(spec, network.eval(), sha256, torch_device, use_shared_decoder, encoder_backend, base_sha256,
+    return SamModel(spec, network.eval(), sha256, device, use_shared_decoder, encoder_backend, base_sha256,
                     box_path)
 
 
