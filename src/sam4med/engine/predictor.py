@@ -59,7 +59,7 @@ class Predictor:
     def __init__(self, model: SamModel, cache: EmbeddingCache | None = None, batch_size: int | None = None):
         self.model = model
         self.cache = cache
-        self.batch_size = batch_size or (8 if model.shared_decoder is not None else 4)
+        self.batch_size = batch_size or 4
         self.embedding: Embedding | None = None
         self.image: np.ndarray | None = None
         self.encoder_calls = 0
@@ -118,9 +118,11 @@ class Predictor:
     ) -> Decoded:
         """Decode prompts of one structure in batches of ``batch_size``.
 
-        The default batch sizes are where the per-prompt cost stopped falling on a 2-core CPU: the
-        shared-image decoder gains little past 8, and segment_anything's own decoder is memory-bound
-        and grows more costly per prompt past 4 (figures: benchmarks/engine.py and the README).
+        The default batch size, 4, is where the per-prompt cost has nearly stopped falling on a 2-core CPU,
+        while a batch's intermediates (image tokens per prompt, upscaled logits) still grow with it and
+        set the process's peak memory: the shared-image decoder runs a protocol a few percent faster at 8
+        for a higher peak, and segment_anything's own decoder grows more costly per prompt past 4
+        (figures: the README).
         """
         if self.embedding is None:
             raise RuntimeError("call set_image before predict")
