@@ -172,3 +172,17 @@ def test_a_small_object_in_a_volume_of_large_slices_is_propagated_on_tiles(litem
         assert not labels[0].any() and not labels[5].any()
         scores[name] = np.mean([dice(labels[z], truth[z]) for z in range(1, 5)])
     assert scores["tiled"] > 0.8 and scores["tiled"] > scores["whole"] + 0.1, scores
+
+
+def test_the_decoders_per_image_work_is_kept_for_one_tile_at_a_time_and_remade_to_the_same_masks(click_model):
+    image, masks = small_blobs(count=4, seed=5)
+    tiled = TiledPredictor(click_model, tile=256, halo=32)
+    tiled.set_image(image)
+    prompts = [Prompt(points=np.array([center_point(m)]), labels=np.array([1])) for m in masks]
+    routes = {tiled.route(p) for p in prompts}
+    assert None not in routes and len(routes) >= 3
+    first = tiled.predict(prompts, multimask=True)
+    holding = [i for i, e in tiled._tile_embeddings.items() if e.decoder_states]
+    assert len(tiled._tile_embeddings) == len(routes) and len(holding) == 1
+    again = tiled.predict(prompts, multimask=True)  # every tile but the last remakes its state
+    assert torch.allclose(first.low_res, again.low_res, atol=1e-4) and torch.equal(first.iou, again.iou)

@@ -91,12 +91,20 @@ class TiledPredictor(Predictor):
         return image.shape[0] <= self.tile and image.shape[1] <= self.tile
 
     def _encode(self, index: int | None) -> Embedding:
-        """Tile ``index``'s embedding, or the whole image's for None; each made once per image."""
+        """Tile ``index``'s embedding, or the whole image's for None; each made once per image.
+
+        The shared decoder's per-image work (``Embedding.decoder_states``: the image tokens and their first
+        projections, several times the embedding's size per prompt path) is kept for the tile in use alone:
+        held for every tile of a large image it outweighed the embeddings themselves, and remaking it when a
+        prompt returns to a tile costs a few projections of its image tokens."""
         assert self.image is not None
         if index is None:
             if self.embedding is None:
                 self.embedding = self.embed(self.image)
             return self.embedding
+        for other, embedding in self._tile_embeddings.items():
+            if other != index:
+                embedding.decoder_states.clear()
         if index not in self._tile_embeddings:
             self._tile_embeddings[index] = self.embed(self._tiles[index].crop(self.image))
         return self._tile_embeddings[index]
