@@ -118,11 +118,10 @@ class Predictor:
     ) -> Decoded:
         """Decode prompts of one structure in batches of ``batch_size``.
 
-        The default batch size, 4, is where the per-prompt cost has nearly stopped falling on a 2-core CPU,
-        while a batch's intermediates (image tokens per prompt, upscaled logits) still grow with it and
-        set the process's peak memory: the shared-image decoder runs a protocol a few percent faster at 8
-        for a higher peak, and segment_anything's own decoder grows more costly per prompt past 4
-        (figures: the README).
+        The default batch size, 4, trades a little speed for memory: a batch's intermediates (image tokens
+        per prompt, upscaled logits) set the process's peak, and the shared-image decoder runs everything
+        mode somewhat faster at 8 for a higher peak; segment_anything's own decoder grows more costly per
+        prompt past 4 (figures: the README).
         """
         if self.embedding is None:
             raise RuntimeError("call set_image before predict")
