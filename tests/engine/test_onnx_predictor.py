@@ -50,6 +50,17 @@ def test_masks_equal_the_pytorch_predictor(graphs, click_model, size):
     assert 2 * (box_masks[0] & mask).sum() / (box_masks[0].sum() + mask.sum()) > 0.9
 
 
+def test_a_strip_a_few_pixels_wide_is_segmented_by_both_runtimes(graphs, click_model):
+    image = np.zeros((3000, 3, 3), np.uint8)  # 0.26 px wide at 256, which rounds to 0
+    image[900:2100] = 200
+    box = Prompt(box=(0, 800, 2, 2200))
+    assert model_input(image, 256)[1] == click_model.preprocess(image)[1].resized_size == (256, 1)  # not 0 px wide
+    masks, _ = onnx_predictor("litemedsam-click", folder=graphs).prompt_masks(image, box, False)
+    expected, _ = Predictor(click_model).prompt_masks(image, box, False)
+    assert masks.shape == expected.shape == (1, 3000, 3)
+    assert (masks != expected).mean() < 1e-3
+
+
 def test_model_input_and_upscaling_equal_pytorch(click_model):
     import torch
     import torch.nn.functional as F

@@ -98,9 +98,10 @@ def current_manifest(model_name: str, folder: Path | None = None) -> dict | None
 
 
 def longest_side_size(size: tuple[int, int], side: int) -> tuple[int, int]:
-    """(h, w) of an image scaled so that its longer side is ``side``, rounded as segment_anything rounds."""
+    """(h, w) of an image scaled so that its longer side is ``side``, rounded as segment_anything rounds, and at
+    least 1 px (a strip a few pixels wide would otherwise round to nothing)."""
     scale = side / max(size)
-    return int(size[0] * scale + 0.5), int(size[1] * scale + 0.5)
+    return max(1, int(size[0] * scale + 0.5)), max(1, int(size[1] * scale + 0.5))
 
 
 def model_input(image: np.ndarray, side: int) -> tuple[np.ndarray, tuple[int, int]]:

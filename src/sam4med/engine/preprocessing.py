@@ -29,8 +29,10 @@ class ImageGeometry:
 
 
 def longest_side_size(size: tuple[int, int], side: int) -> tuple[int, int]:
-    """(h, w) of an image of ``size`` scaled so that its longer side is ``side`` (segment_anything's rounding)."""
-    return ResizeLongestSide.get_preprocess_shape(size[0], size[1], side)
+    """(h, w) of an image of ``size`` scaled so that its longer side is ``side`` (segment_anything's rounding),
+    at least 1 px: a strip a few pixels wide would otherwise round to nothing."""
+    height, width = ResizeLongestSide.get_preprocess_shape(size[0], size[1], side)
+    return max(1, height), max(1, width)
 
 
 def image_geometry(spec: ModelSpec, original_size: tuple[int, int]) -> ImageGeometry:
