@@ -232,3 +232,17 @@ def test_a_loaded_model_in_another_precision_is_refused_before_anything_is_writt
         run_benchmark([data], tmp_path / "out", BenchmarkConfig(model="litemedsam-click", modes=("box",)),
                       model=click_model, precision="bf16", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_split_selects_the_trainers_test_side_and_says_what_to_do_when_a_set_is_too_small(tmp_path):
+    from sam4med.engine.datasets import load_dataset
+    from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
+
+    dataset = load_dataset(write_dataset(tmp_path / "ten", broken=False, count=10))
+    config = BenchmarkConfig(split="test")
+    assert config.samples(dataset) == training_split(dataset, DEFAULT_FRACTIONS, 0)["test"]
+    assert len(config.samples(dataset)) == 2
+    small = load_dataset(write_dataset(tmp_path / "two", broken=False, count=2))
+    assert BenchmarkConfig().samples(small) == small.samples
+    with pytest.raises(InputError, match="side of the split is empty.*without --split every image"):
+        config.samples(small)

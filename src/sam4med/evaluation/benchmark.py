@@ -100,7 +100,10 @@ class BenchmarkConfig:
             return dataset.samples
         if self.split not in DEFAULT_FRACTIONS:
             raise InputError(f"--split {self.split!r}: choose one of {', '.join(DEFAULT_FRACTIONS)}")
-        return training_split(dataset, DEFAULT_FRACTIONS, self.split_seed)[self.split]
+        try:
+            return training_split(dataset, DEFAULT_FRACTIONS, self.split_seed)[self.split]
+        except InputError as error:  # a set too small for the trainers' split (two patients) is still evaluable
+            raise InputError(f"{error}; without --split every image of it is evaluated") from error
 
 
 class ImageEvaluator:
