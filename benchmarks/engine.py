@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8, help="prompts per decoder call on the optimised path")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per decoder call on the optimised path (the predictor's default)")
     parser.add_argument("--image", default=None)
     parser.add_argument("--encoder", choices=("torch", "onnx"), default=None,
                         help="encoder backend of the optimised path (default: onnx when onnxruntime is installed)")
