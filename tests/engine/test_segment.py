@@ -47,6 +47,7 @@ def test_unreadable_image_is_reported_before_the_model_loads(tmp_path):
 @pytest.mark.parametrize(("out", "box3d", "axis", "message"), [
     ("labels.png", (1, 1, 0, 5, 5, 2), 0, "unknown extension"),
     ("labels.nii.gz", (1, 1, 0, 5, 5, 9), 0, "outside the volume's 4 slices"),
+    ("labels.nii.gz", (1, 1, 3, 5, 5, 1), 0, "z0 must not exceed z1"),
     ("labels.nii.gz", (1, float("nan"), 0, 5, 5, 2), 0, "six finite numbers"),
     ("labels.nii.gz", (1, 1, 0, 5, 5, 2), 3, "--axis"),
 ])

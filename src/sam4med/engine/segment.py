@@ -38,6 +38,8 @@ def _check_box3d(box3d: Sequence[float], depth: int) -> tuple[float, ...]:
     values = tuple(float(v) for v in box3d)
     if len(values) != 6 or not np.isfinite(values).all():
         raise InputError(f"--box3d {list(box3d)}: expected six finite numbers x0 y0 z0 x1 y1 z1")
+    if values[2] > values[5]:
+        raise InputError(f"--box3d z range {values[2]:g}..{values[5]:g}: z0 must not exceed z1")
     if not (0 <= values[2] <= values[5] < depth):
         raise InputError(f"--box3d z range {values[2]:g}..{values[5]:g} lies outside the volume's {depth} slices")
     return values
