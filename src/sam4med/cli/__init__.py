@@ -4,7 +4,7 @@ thin shell over one documented function (as micro-sam's are)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -24,6 +24,9 @@ from sam4med.cli.options import (
 from sam4med.engine.errors import InputError, check_limit
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
+
+if TYPE_CHECKING:
+    from sam4med.engine.segment import PredictorSource
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.",
                   cls=OneLineErrorsGroup)
@@ -77,34 +80,66 @@ def segment(
     threads: ThreadsOption = None,
 ) -> None:
     """Segment one object in one image from a box and/or points."""
-    from sam4med.engine.errors import check_tiling
-    from sam4med.engine.onnx_predictor import choose_runtime, onnx_predictor
     from sam4med.engine.prompts import Prompt
-    from sam4med.engine.registry import model_spec
-    from sam4med.engine.segment import PredictorSource, segment_image_file
+    from sam4med.engine.segment import segment_image_file
 
     points = [_parse_point(p) for p in point or []]
     if label and len(label) != len(points):
         raise InputError(f"--label given {len(label)} times for {len(points)} --point")
     prompt = Prompt(points=points or None, labels=label or None, box=box)
-    check_tiling(tile or None, halo)
-    check_limit(threads, "--threads")
-    predictor: PredictorSource
-    if choose_runtime(runtime, model_spec(model), checkpoint, device, tile, precision) == "onnx":
-        configure_cpu()
-        predictor = lambda: onnx_predictor(model, threads, int8=int8)  # noqa: E731
-    elif int8:
-        raise InputError("--int8: only on the ONNX Runtime path (--runtime auto or onnx, without --checkpoint, "
-                         "--device, --tile or --precision bf16)")
-    else:
-        from sam4med.engine.models import load_model
-        from sam4med.engine.tiling import make_predictor
-
-        configure_cpu(threads)
-        predictor = lambda: make_predictor(load_model(model, checkpoint, device, precision=precision),  # noqa: E731
-                                           tile or None, halo)
+    predictor = _predictor_source(model, checkpoint, tile, halo, device, runtime, int8, precision, threads)
     mask = segment_image_file(predictor, image, prompt, out, overlay, mask_rule)
     typer.echo(f"{out}: {int(mask.sum())} foreground pixels")
+
+
+def _predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int, device: str | None, runtime: str,
+                      int8: bool, precision: str, threads: int | None) -> PredictorSource:
+    """How ``segment`` and ``segment-folder`` make their predictor once every argument is checked: on ONNX
+    Runtime alone where it serves (``choose_runtime``), else on PyTorch."""
+    from sam4med.engine.errors import check_tiling
+    from sam4med.engine.onnx_predictor import choose_runtime, onnx_predictor
+    from sam4med.engine.registry import model_spec
+
+    check_tiling(tile or None, halo)
+    check_limit(threads, "--threads")
+    if choose_runtime(runtime, model_spec(model), checkpoint, device, tile, precision) == "onnx":
+        configure_cpu()
+        return lambda: onnx_predictor(model, threads, int8=int8)
+    if int8:
+        raise InputError("--int8: only on the ONNX Runtime path (--runtime auto or onnx, without --checkpoint, "
+                         "--device, --tile or --precision bf16)")
+    from sam4med.engine.models import load_model
+    from sam4med.engine.tiling import make_predictor
+
+    configure_cpu(threads)
+    return lambda: make_predictor(load_model(model, checkpoint, device, precision=precision), tile or None, halo)
+
+
+@app.command("segment-folder")
+@one_line_errors
+def segment_folder(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (PNG, JPG, TIFF, BMP, 2D DICOM, NIfTI, MHA, NRRD).")],
+    prompts: Annotated[Path, typer.Option(help="CSV, one object per row: image (its path in FOLDER), label, a box "
+                                               "x0,y0,x1,y1 and/or points ('x y;x y') with labels ('1;0').")],
+    out: Annotated[Path, typer.Option(help="Results folder: masks/ (a label PNG per image), results.jsonl, "
+                                           "protocol.json.")],
+    model: ModelOption = DEFAULT_MODEL,
+    checkpoint: CheckpointOption = None,
+    mask_rule: Annotated[Optional[str], typer.Option(help="single, auto (3 masks for a lone click) or iou; default: the model's.")] = None,
+    tile: TileOption = 0,
+    halo: HaloOption = 32,
+    device: DeviceOption = None,
+    runtime: Annotated[str, typer.Option(help="auto (ONNX Runtime where it serves), onnx, or torch.")] = "auto",
+    int8: Annotated[bool, typer.Option("--int8", help="The encoder's int8 copy (ONNX Runtime path).")] = False,
+    precision: PrecisionOption = "fp32",
+    threads: ThreadsOption = None,
+) -> None:
+    """Segment every object of a prompt table over a folder of images: one label map per image; resumable."""
+    from sam4med.engine.segment import segment_folder as run
+
+    predictor = _predictor_source(model, checkpoint, tile, halo, device, runtime, int8, precision, threads)
+    summary = run(predictor, folder, prompts, out, mask_rule)
+    typer.echo(f"{out}: {summary.computed} images segmented, {summary.skipped} already there, {summary.failed} failed")
 
 
 @app.command("segment-volume")

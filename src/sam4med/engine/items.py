@@ -95,15 +95,15 @@ def run_items(
     """Run ``process`` on every item not yet in ``results``; any failure becomes one error row
     (``status = "error"``, ``error``, plus ``error_fields(item)``) and the loop goes on.
 
-    ``check_done(item)``: whether a finished item's own outputs (files beside the rows) are still whole;
-    an item whose outputs are damaged or missing is computed again, and the run says so. ``executor``:
-    where ``process`` runs (default: here, one item after another); rows are written as items finish."""
+    ``check_done(item)``: whether a finished item's own outputs (files beside the rows) are still whole and
+    current; an item whose outputs are damaged, missing or out of date is computed again, and the run says so.
+    ``executor``: where ``process`` runs (default: here, one item after another); rows are written as items finish."""
     finished = finished_items(results)
     if check_done is not None:
         redo = {item.key for item in items if item.key in finished and not check_done(item)}
         if redo:
-            warn(f"{results.parent}: {len(redo)} finished image(s) whose outputs are damaged or missing are "
-                 "computed again")
+            warn(f"{results.parent}: {len(redo)} finished image(s) whose outputs are damaged, missing or out of date "
+                 "are computed again")
             forget_items(results, redo)
             finished -= redo
     pending = []

@@ -106,6 +106,11 @@ class Predictor:
     def default_mask_rule(self) -> str:
         return self.model.spec.default_mask_rule
 
+    @property
+    def protocol(self) -> dict[str, object]:
+        """What results made by this predictor record of it: the model's record (``SamModel.protocol``)."""
+        return self.model.protocol()
+
     def prompt_masks(self, image: np.ndarray, prompt: Prompt, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
         """Masks (M, H, W) of one prompt on ``image`` and their predicted IoUs (M,) (``segment.PromptMasks``)."""
         self.set_image(image)

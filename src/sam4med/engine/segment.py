@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image
@@ -14,12 +14,16 @@ from sam4med.engine.imageio import read_image
 from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
 from sam4med.engine.runs import atomic_path
 
+if TYPE_CHECKING:
+    from sam4med.engine.items import ItemRunSummary
+
 
 class PromptMasks(Protocol):
     """What segmenting needs of a predictor: the PyTorch one (``engine.predictor``) or the ONNX Runtime one
     (``engine.onnx_predictor``), which starts without importing PyTorch."""
 
     default_mask_rule: str
+    protocol: dict[str, object]  # the model's record: name, weights sha256, preprocessing (with every result)
 
     def prompt_masks(self, image: np.ndarray, prompt: Prompt, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
         """Masks (M, H, W) of one prompt on ``image`` and their predicted IoUs (M,)."""
@@ -54,11 +58,18 @@ def _check_output(out: Path, what: str, suffixes: tuple[str, ...]) -> None:
 
 def segment_image(predictor: PromptMasks, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None) -> np.ndarray:
     """Binary mask (H, W) for one prompt; ``mask_rule`` single, auto or iou (oracle needs ground truth)."""
+    return segment_prompt(predictor, image, prompt, mask_rule)[0]
+
+
+def segment_prompt(predictor: PromptMasks, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None
+                   ) -> tuple[np.ndarray, float]:
+    """:func:`segment_image`'s mask and the model's predicted IoU for it."""
     rule = mask_rule or predictor.default_mask_rule
     if rule == "oracle":
         rule = "iou"  # no ground truth here: the model's own ranking is the honest choice
     masks, predicted_iou = predictor.prompt_masks(image, prompt, wants_multimask(rule, prompt))
-    return masks[select_mask(masks, predicted_iou, rule)]
+    chosen = select_mask(masks, predicted_iou, rule)
+    return masks[chosen], float(predicted_iou[chosen])
 
 
 def segment_volume(
@@ -132,6 +143,92 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
 
         write_overlay(overlay, pixels, mask, [("segment", [mask], float("nan"))])
     return mask
+
+
+def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out: Path, mask_rule: str | None = None,
+                   show_progress: bool = True) -> ItemRunSummary:
+    """Segment every object of a prompt table (``engine.prompt_table``) on the images of ``folder``.
+
+    Writes ``out/masks/<image path>.png``, one label map per image (the image's k-th object has value k, in
+    the table's order; where masks overlap, the later object's is kept), ``out/results.jsonl`` (one row
+    per object: its label, prompt, area, predicted IoU and the table's line) and ``out/protocol.json``
+    (model, weights, mask rule). Resumable: running it again does only the images not done, and those
+    whose rows in the table have changed. An image that cannot be read, or a prompt outside its image,
+    is recorded as an error row and the run goes on. The table is checked whole before the model loads.
+    """
+    from sam4med.engine.datasets import Dataset, Sample
+    from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
+    from sam4med.engine.prompt_table import prompts_digest, read_prompt_table
+    from sam4med.engine.runs import PROTOCOL_FILE, claim_folder, parse_jsonl
+
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder of images")
+    check_mask_rule(mask_rule)
+    table = read_prompt_table(prompts)
+    masks = {image: Path("masks") / Path(image).with_suffix(".png") for image in table}
+    clashes = _first_clash(masks)
+    if clashes:
+        raise InputError(f"{prompts}: images {clashes[0]} and {clashes[1]} would share the mask file {masks[clashes[0]]}")
+    ready = _ready(predictor)
+    rule = mask_rule or ready.default_mask_rule
+    claim_folder(out, PROTOCOL_FILE, {"task": "segment-folder", "model": ready.protocol, "mask_rule": rule,
+                                      "label_map": "object k of an image = value k in table order; later objects "
+                                                   "kept where masks overlap"})
+    digests = {image: prompts_digest(rows) for image, rows in table.items()}
+    results = out / RESULTS_FILE
+    stored = {row["image"]: row for _, row in parse_jsonl(results.read_bytes(), results, skip_damaged=True)} \
+        if results.is_file() else {}
+    dataset = Dataset(folder.resolve().name or "images", "", "", folder,
+                      [Sample(image, folder / image) for image in table])
+
+    def done(item: WorkItem) -> bool:  # prompts unchanged, and the label map whole where the image succeeded
+        row = stored.get(item.sample.id, {})
+        return row.get("prompts_sha256") == digests[item.sample.id] and (
+            row.get("status") == "error" and "object" not in row or _readable(out / masks[item.sample.id]))
+
+    def segment_one(item: WorkItem) -> list[dict]:
+        pixels = read_image(item.sample.image_path)
+        labels = np.zeros(pixels.shape[:2], np.uint16 if len(table[item.sample.id]) > 255 else np.uint8)
+        rows = []
+        for value, entry in enumerate(table[item.sample.id], start=1):
+            row = {"dataset": dataset.name, "image": item.sample.id, "object": value, "label": entry.label,
+                   "line": entry.line, **entry.prompt.to_record(), "prompts_sha256": digests[item.sample.id]}
+            try:
+                entry.prompt.check_inside(pixels.shape[:2])
+            except InputError as error:
+                rows.append({**row, "status": "error", "error": f"{item.sample.image_path}: {error}"})
+                continue
+            mask, predicted_iou = segment_prompt(ready, pixels, entry.prompt, rule)
+            labels[mask] = value
+            rows.append({**row, "area": int(mask.sum()), "predicted_iou": round(predicted_iou, 4)})
+        target = out / masks[item.sample.id]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as temporary:
+            Image.fromarray(labels).save(temporary, format="PNG")
+        return rows
+
+    return run_items([WorkItem(dataset, sample) for sample in dataset.samples], segment_one, results,
+                     "segment", lambda item: {"prompts_sha256": digests[item.sample.id]}, show_progress, done)
+
+
+def _first_clash(masks: dict[str, Path]) -> tuple[str, str] | None:
+    """Two images whose label maps would be one file (``a.png`` and ``a.jpg``)."""
+    seen: dict[str, str] = {}
+    for image, mask in masks.items():
+        key = mask.as_posix().lower()
+        if key in seen:
+            return seen[key], image
+        seen[key] = image
+    return None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def segment_volume_file(predictor: PredictorSource, volume_path: Path, box3d: Sequence[float], out: Path,

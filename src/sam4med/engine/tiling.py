@@ -86,6 +86,10 @@ class TiledPredictor(Predictor):
             self._tiles, self._tile_embeddings = tiles(image.shape[:2], self.tile, self.halo), {}
         return None
 
+    @property
+    def protocol(self) -> dict[str, object]:
+        return {**self.model.protocol(), "tiling": {"tile": self.tile, "halo": self.halo}}
+
     def _untiled(self, image: np.ndarray) -> bool:
         """Images no larger than one tile are encoded whole."""
         return image.shape[0] <= self.tile and image.shape[1] <= self.tile

@@ -1,0 +1,126 @@
+"""Prompts for many images from one CSV file: boxes from a detector, centroids from a nucleus finder, clicks
+exported from another tool.
+
+One row per object: ``image`` (the file's path inside the images folder) and a box (``x0, y0, x1, y1``),
+points (``points``: ``x y`` pairs separated by ``;``, with ``labels`` ``1;0`` for foreground and
+background, all foreground when left out), or both; ``label`` names the object (optional). Pixels, with
+(0, 0) the centre of the top-left pixel, as ``sam4med segment`` takes them::
+
+    image,label,x0,y0,x1,y1,points,labels
+    case01.png,polyp,120,80,260,210,,
+    case02.png,nucleus,,,,,41 57,
+    case02.png,nucleus,,,,,90 12;95 20,1;0
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from sam4med.engine.errors import InputError, one_line
+from sam4med.engine.prompts import Prompt
+
+PROMPT_COLUMNS = ("image", "label", "x0", "y0", "x1", "y1", "points", "labels")
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One object's prompt and where it came from."""
+
+    line: int  # line of the CSV file, for messages
+    label: str
+    prompt: Prompt
+
+
+def read_prompt_table(path: str | Path) -> dict[str, list[PromptRow]]:
+    """Image path (relative, ``/``-separated) -> its prompts in file order. Every row is checked before any
+    image is read: a bad row is an InputError naming the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of the header
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such prompt table") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read the prompt table ({one_line(error)})") from None
+    reader = csv.DictReader(text.splitlines())
+    columns = [c.strip() for c in reader.fieldnames or []]
+    if "image" not in columns:
+        raise InputError(f"{path}: the prompt table needs a header with an 'image' column ({', '.join(PROMPT_COLUMNS)})")
+    unknown = sorted(set(columns) - set(PROMPT_COLUMNS))
+    if unknown:
+        raise InputError(f"{path}: unknown column(s) {', '.join(unknown)} (known: {', '.join(PROMPT_COLUMNS)})")
+    table: dict[str, list[PromptRow]] = {}
+    for row in reader:
+        line = reader.line_num
+        if None in row:  # csv keeps cells beyond the header under None
+            raise InputError(f"{path}: line {line}: more cells than columns")
+        cells = {key.strip(): (value or "").strip() for key, value in row.items()}
+        if not any(cells.values()):
+            continue
+        try:
+            image = _image_key(cells.get("image", ""))
+            prompt = _prompt(cells)
+        except InputError as error:
+            raise InputError(f"{path}: line {line}: {error}") from None
+        rows = table.setdefault(image, [])
+        rows.append(PromptRow(line, cells.get("label") or f"object {len(rows) + 1}", prompt))
+    if not table:
+        raise InputError(f"{path}: the prompt table has no rows")
+    return table
+
+
+def prompts_digest(rows: list[PromptRow]) -> str:
+    """sha256 of an image's prompts and labels: a result made from other prompts is not this one."""
+    record = [{"label": r.label, **r.prompt.to_record()} for r in rows]
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _image_key(value: str) -> str:
+    """A relative path inside the images folder, ``/``-separated; ``..`` or an absolute path would leave it."""
+    if not value:
+        raise InputError("empty 'image' cell")
+    parts = PurePosixPath(value.replace("\\", "/"))
+    if parts.is_absolute() or ".." in parts.parts or ":" in parts.parts[0]:
+        raise InputError(f"image '{value}': must be a path inside the images folder")
+    return parts.as_posix()
+
+
+def _prompt(cells: dict[str, str]) -> Prompt:
+    box_cells = [cells.get(c, "") for c in BOX_COLUMNS]
+    box = None
+    if any(box_cells):
+        if not all(box_cells):
+            raise InputError("a box needs all of x0, y0, x1, y1")
+        box = [_number(v, name) for v, name in zip(box_cells, BOX_COLUMNS)]
+    points = labels = None
+    if cells.get("points"):
+        points = [_pair(p) for p in cells["points"].split(";") if p.strip()]
+    if cells.get("labels"):
+        if points is None:
+            raise InputError("'labels' given without 'points'")
+        labels = [_label(v) for v in cells["labels"].split(";") if v.strip()]
+    return Prompt(points=points, labels=labels, box=box)
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"{what} '{text}': not a number") from None
+
+
+def _pair(text: str) -> tuple[float, float]:
+    values = text.replace(",", " ").split()
+    if len(values) != 2:
+        raise InputError(f"point '{text.strip()}': expected 'x y'")
+    return _number(values[0], "point x"), _number(values[1], "point y")
+
+
+def _label(text: str) -> int:
+    if text.strip() not in ("0", "1"):
+        raise InputError(f"point label '{text.strip()}': expected 1 (foreground) or 0 (background)")
+    return int(text)

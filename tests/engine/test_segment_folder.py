@@ -1,0 +1,170 @@
+"""A folder of images segmented from a prompt table: the table's checks, label maps, failures recorded,
+resume and re-runs of changed prompts, and the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from sam4med.cli import app
+from sam4med.engine.errors import InputError
+from sam4med.engine.predictor import Predictor
+from sam4med.engine.prompt_table import read_prompt_table
+from sam4med.engine.segment import segment_folder
+
+from conftest import make_ellipse_image
+
+HEADER = "image,label,x0,y0,x1,y1,points,labels\n"
+
+
+def _table(tmp_path, body: str, header: str = HEADER):
+    path = tmp_path / "prompts.csv"
+    path.write_text(header + body, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("header", "body", "message"), [
+    ("name,x0\n", "a.png,1\n", "needs a header with an 'image' column"),
+    ("image,x0,y0,x1,y1,colour\n", "a.png,1,1,5,5,red\n", "unknown column"),
+    (HEADER, "a.png,,1,2,3,,,\n", "line 2: a box needs all of x0, y0, x1, y1"),
+    (HEADER, "a.png,,1,2,three,4,,\n", "line 2: x1 'three': not a number"),
+    (HEADER, "a.png,,,,,,,1\n", "line 2: 'labels' given without 'points'"),
+    (HEADER, "a.png,,,,,,1 2;3,1\n", "line 2: point '3': expected 'x y'"),
+    (HEADER, "a.png,,,,,,1 2,1;0\n", "line 2: 1 points but 2 labels"),
+    (HEADER, "a.png,,,,,,1 2,2\n", "line 2: point label '2'"),
+    (HEADER, "a.png,,5,5,1,1,,\n", "line 2: box .* x0 <= x1"),
+    (HEADER, "a.png,,1,1,5,5,,\nb.png,,nan,1,2,3,,\n", "line 3: box .* finite"),
+    (HEADER, "a.png,,,,,,,,extra\n", "line 2: more cells than columns"),
+    (HEADER, "a.png,lonely,,,,,,\n", "line 2: a prompt needs points, a box, or both"),
+    (HEADER, "../secret.png,,1,1,5,5,,\n", "line 2: image '../secret.png': must be a path inside"),
+    (HEADER, "/etc/x.png,,1,1,5,5,,\n", "must be a path inside"),
+    (HEADER, "", "has no rows"),
+])
+def test_bad_tables_name_the_file_and_line(tmp_path, header, body, message):
+    with pytest.raises(InputError, match=message):
+        read_prompt_table(_table(tmp_path, body, header))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a.png", "sub/b.tif"]),
+                          st.one_of(st.none(), st.tuples(*[st.integers(0, 500)] * 4)),
+                          st.lists(st.tuples(st.integers(0, 500), st.integers(0, 500), st.sampled_from([0, 1])),
+                                   max_size=4)),
+                min_size=1, max_size=8).filter(lambda rows: all(box or points for _, box, points in rows)))
+def test_a_table_written_by_csv_reads_back_as_its_prompts(tmp_path_factory, rows):
+    path = tmp_path_factory.mktemp("table") / "prompts.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "x0", "y0", "x1", "y1", "points", "labels"])
+        for image, box, points in rows:
+            corners = [] if box is None else [min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]),
+                                              max(box[1], box[3])]
+            writer.writerow([image, *(corners or [""] * 4), ";".join(f"{x} {y}" for x, y, _ in points),
+                             ";".join(str(label) for *_, label in points)])
+    table = read_prompt_table(path)
+    for image in {image for image, _, _ in rows}:
+        expected = [(box, points) for name, box, points in rows if name == image]
+        assert len(table[image]) == len(expected)
+        for entry, (box, points) in zip(table[image], expected):
+            assert (entry.prompt.box is None) == (box is None)
+            if points:
+                np.testing.assert_array_equal(entry.prompt.points, [(x, y) for x, y, _ in points])
+                assert entry.prompt.labels.tolist() == [label for *_, label in points]
+            else:
+                assert entry.prompt.points is None
+        assert [entry.label for entry in table[image]] == [f"object {k}" for k in range(1, len(expected) + 1)]
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    """Two ellipse images (one in a sub-folder, as JPEG) and one that is not an image."""
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    first, first_truth = make_ellipse_image(200, 300, centre=(100, 150), radii=(40, 70))
+    second, second_truth = make_ellipse_image(160, 200, centre=(70, 90), radii=(30, 45), seed=1)
+    Image.fromarray(first).save(images / "a.png")
+    Image.fromarray(second).save(images / "sub" / "b.jpg", quality=95)
+    (images / "broken.png").write_bytes(b"not an image")
+    return images, {"a.png": first_truth, "sub/b.jpg": second_truth}
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _dice(a, b):
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_label_maps_rows_failures_and_resume(tmp_path, folder, click_model):
+    images, truths = folder
+    table = _table(tmp_path, "a.png,ellipse,75,55,225,145,,\n"
+                             "a.png,corner,,,,,5 5,\n"
+                             "sub/b.jpg,clicked,,,,,90 70,\n"
+                             "sub/b.jpg,outside,400,400,500,500,,\n"
+                             "broken.png,x,1,1,5,5,,\n")
+    out = tmp_path / "out"
+    summary = segment_folder(Predictor(click_model), images, table, out, show_progress=False)
+    assert (summary.computed, summary.failed) == (2, 1)
+    first = np.array(Image.open(out / "masks" / "a.png"))
+    assert first.dtype == np.uint8 and set(np.unique(first)) <= {0, 1, 2}
+    assert _dice(first == 1, truths["a.png"]) > 0.9  # the box's object, except where the corner click's lies
+    second = np.array(Image.open(out / "masks" / "sub" / "b.png"))
+    assert _dice(second == 1, truths["sub/b.jpg"]) > 0.7  # one click in the middle of the ellipse
+    rows = {(r["image"], r.get("object")): r for r in _rows(out)}
+    assert rows[("a.png", 1)]["label"] == "ellipse" and rows[("a.png", 1)]["line"] == 2
+    assert rows[("a.png", 1)]["area"] >= int((first == 1).sum())
+    assert rows[("sub/b.jpg", 1)]["area"] == int((second == 1).sum())
+    assert rows[("sub/b.jpg", 2)]["status"] == "error" and "lies outside" in rows[("sub/b.jpg", 2)]["error"]
+    assert rows[("broken.png", None)]["status"] == "error" and "cannot read image" in rows[("broken.png", None)]["error"]
+    assert not (second == 2).any()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "images/a.png", "images/broken.png", "images/sub/b.jpg", "out/masks/a.png", "out/masks/sub/b.png",
+        "out/protocol.json", "out/results.jsonl", "prompts.csv"]
+
+    again = segment_folder(Predictor(click_model), images, table, out, show_progress=False)
+    assert (again.computed, again.skipped) == (0, 3)
+    # one image's rows edited: that image alone is segmented again
+    table.write_text(table.read_text(encoding="utf-8").replace("90 70,", "90 70;5 5,1;0"), encoding="utf-8")
+    (out / "masks" / "a.png").write_bytes(b"cut")  # and a label map damaged after the run
+    redone = segment_folder(Predictor(click_model), images, table, out, show_progress=False)
+    assert (redone.computed, redone.skipped) == (2, 1)
+    assert [r["labels"] for r in _rows(out) if r["image"] == "sub/b.jpg" and r.get("object") == 1] == [[1, 0]]
+    assert np.array_equal(np.array(Image.open(out / "masks" / "a.png")), first)
+
+    with pytest.raises(InputError, match="other settings .*mask_rule"):
+        segment_folder(Predictor(click_model), images, table, out, mask_rule="single", show_progress=False)
+
+
+def test_images_that_would_share_a_label_map_are_refused_before_the_model_loads(tmp_path, folder):
+    images, _ = folder
+    table = _table(tmp_path, "a.png,,1,1,5,5,,\na.PNG.png,,1,1,5,5,,\nA.jpg,,1,1,5,5,,\n")
+
+    def never_loaded():
+        raise AssertionError("the model was loaded")
+    with pytest.raises(InputError, match="a.png and A.jpg would share the mask file"):
+        segment_folder(never_loaded, images, table, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_segments_a_folder_and_refuses_a_bad_table_in_one_line(tmp_path, folder):
+    images, truths = folder
+    good = _table(tmp_path, "a.png,ellipse,75,55,225,145,,\n")
+    result = CliRunner().invoke(app, ["segment-folder", str(images), "--prompts", str(good), "--out",
+                                      str(tmp_path / "out"), "--runtime", "torch"])
+    assert result.exit_code == 0, result.output
+    assert "1 images segmented, 0 already there, 0 failed" in result.output
+    assert _dice(np.array(Image.open(tmp_path / "out" / "masks" / "a.png")) == 1, truths["a.png"]) > 0.9
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + "a.png,,1,2,3,,,\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["segment-folder", str(images), "--prompts", str(bad), "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {bad}: line 2: a box needs all of x0, y0, x1, y1"
+    assert not (tmp_path / "o2").exists()
