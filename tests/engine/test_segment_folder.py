@@ -45,6 +45,7 @@ def _table(tmp_path, body: str, header: str = HEADER):
     (HEADER, "a.png,lonely,,,,,,\n", "line 2: a prompt needs points, a box, or both"),
     (HEADER, "../secret.png,,1,1,5,5,,\n", "line 2: image '../secret.png': must be a path inside"),
     (HEADER, "/etc/x.png,,1,1,5,5,,\n", "must be a path inside"),
+    (HEADER, "./.,,1,1,5,5,,\n", "image './.': must be a path inside"),
     (HEADER, "", "has no rows"),
 ])
 def test_bad_tables_name_the_file_and_line(tmp_path, header, body, message):

@@ -77,6 +77,12 @@ def test_clicks_spread_over_tiles_go_to_the_whole_image_without_the_home_tiles_m
     assert not torch.equal(kept.logits, tiled.predict([local]).logits)
 
 
+def test_a_tiled_predictor_records_its_tiling_beside_the_models_record(litemedsam):
+    assert Predictor(litemedsam).protocol == litemedsam.protocol()
+    assert TiledPredictor(litemedsam, tile=256, halo=16).protocol == {**litemedsam.protocol(),
+                                                                     "tiling": {"tile": 256, "halo": 16}}
+
+
 def test_bad_tiling_is_one_input_error(litemedsam):
     with pytest.raises(InputError, match="--tile 8"):
         TiledPredictor(litemedsam, tile=8)

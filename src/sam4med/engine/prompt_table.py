@@ -84,7 +84,7 @@ def _image_key(value: str) -> str:
     if not value:
         raise InputError("empty 'image' cell")
     parts = PurePosixPath(value.replace("\\", "/"))
-    if parts.is_absolute() or ".." in parts.parts or ":" in parts.parts[0]:
+    if not parts.parts or parts.is_absolute() or ".." in parts.parts or ":" in parts.parts[0]:
         raise InputError(f"image '{value}': must be a path inside the images folder")
     return parts.as_posix()
 
