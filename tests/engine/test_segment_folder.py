@@ -169,3 +169,62 @@ def test_the_command_line_segments_a_folder_and_refuses_a_bad_table_in_one_line(
     assert result.exit_code == 2
     assert result.output.strip() == f"error: {bad}: line 2: a box needs all of x0, y0, x1, y1"
     assert not (tmp_path / "o2").exists()
+
+
+def test_everything_mode_over_a_folder_writes_instances_best_score_first_and_resumes(tmp_path, click_model):
+    from sam4med.engine.everything import EverythingSettings
+    from sam4med.engine.segment import segment_everything
+
+    images = tmp_path / "images"
+    images.mkdir()
+    truths = {}
+    for index, (centre, radii) in enumerate([((100, 150), (40, 70)), ((60, 80), (25, 35))]):
+        image, truths[f"e{index}.png"] = make_ellipse_image(200, 300, centre=centre, radii=radii, seed=index)
+        Image.fromarray(image).save(images / f"e{index}.png")
+    (images / "broken.png").write_bytes(b"not an image")
+    (images / ".hidden.png").write_bytes(b"left out")
+    (images / "notes.txt").write_text("left out", encoding="utf-8")
+    out = tmp_path / "out"
+    summary = segment_everything(Predictor(click_model), tmp_path, out, show_progress=False)
+    assert (summary.computed, summary.failed) == (2, 1)
+    rows = _rows(out)
+    for name, truth in truths.items():
+        labels = np.array(Image.open(out / "masks" / name))
+        assert labels.dtype == np.uint16
+        mine = [r for r in rows if r["image"] == name]
+        assert [r["object"] for r in mine] == list(range(1, len(mine) + 1))
+        scores = [r["predicted_iou"] * r["stability"] for r in mine]
+        assert scores == sorted(scores, reverse=True)  # best first
+        assert set(np.unique(labels)) <= set(range(len(mine) + 1))
+        for r in mine:  # what shows of each mask is at least 80% of it, inside its box
+            x0, y0, x1, y1 = r["box"]
+            assert (labels == r["object"]).sum() == r["visible"] >= 0.8 * r["area"]
+            assert not (labels == r["object"])[:, :x0].any() and not (labels == r["object"])[y1:].any()
+        assert max(_dice(labels == r["object"], truth) for r in mine) > 0.9  # the ellipse is one object
+    assert [r["status"] for r in rows if r["image"] == "broken.png"] == ["error"]
+    protocol = json.loads((out / "protocol.json").read_text(encoding="utf-8"))
+    assert protocol["everything"]["method"] == "points" and protocol["everything"]["points_per_side"] == 16
+    assert protocol["min_visible"] == 0.8
+
+    (out / "masks" / "e1.png").write_bytes(b"cut")
+    again = segment_everything(Predictor(click_model), tmp_path, out, show_progress=False)
+    assert (again.computed, again.skipped) == (1, 2)
+    with pytest.raises(InputError, match="other settings .*everything"):
+        segment_everything(Predictor(click_model), tmp_path, out, EverythingSettings(points_per_side=8),
+                           show_progress=False)
+
+
+def test_everything_over_a_folder_refuses_bad_options_in_one_line_before_the_model_loads(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    for options, message in [(["--points-per-side", "0"], "--points-per-side 0"),
+                             (["--pred-iou-thresh", "nan"], "--pred-iou-thresh nan"),
+                             (["--everything-method", "grid"], "--everything-method 'grid'"),
+                             (["--tile", "4"], "--tile 4"),
+                             (["--min-visible", "1.5"], "--min-visible 1.5")]:
+        result = CliRunner().invoke(app, ["segment-everything", str(tmp_path), "--out", str(tmp_path / "out"), *options])
+        assert result.exit_code == 2 and result.output.startswith("error: ") and message in result.output, result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(app, ["segment-everything", str(empty), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no images" in result.output
+    assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ from sam4med.cli.options import (
     CheckpointOption,
     DeviceOption,
     EncoderOption,
+    EverythingMethodOption,
     HaloOption,
     ModelOption,
     OneLineErrorsGroup,
@@ -139,6 +140,57 @@ def segment_folder(
 
     predictor = _predictor_source(model, checkpoint, tile, halo, device, runtime, int8, precision, threads)
     summary = run(predictor, folder, prompts, out, mask_rule)
+    typer.echo(f"{out}: {summary.computed} images segmented, {summary.skipped} already there, {summary.failed} failed")
+
+
+@app.command("segment-everything")
+@one_line_errors
+def segment_everything(
+    folder: Annotated[Path, typer.Argument(help="Folder of images, or a data set folder (its images/).")],
+    out: Annotated[Path, typer.Option(help="Results folder: masks/ (a 16-bit instance PNG per image), "
+                                           "results.jsonl, protocol.json.")],
+    model: ModelOption = DEFAULT_MODEL,
+    checkpoint: CheckpointOption = None,
+    everything_method: EverythingMethodOption = "auto",
+    points_per_side: Annotated[int, typer.Option(help="Point grid: points per side of the image (or tile).")] = 16,
+    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Keep masks of predicted IoU at least this; "
+                                                                  "default: the model's.")] = None,
+    stability_thresh: Annotated[Optional[float], typer.Option(help="Keep masks of stability score at least this; "
+                                                                   "default: the model's.")] = None,
+    min_visible: Annotated[float, typer.Option(help="Drop a mask once less than this share of it is left to it "
+                                                    "(masks claim pixels best score first).")] = 0.8,
+    tile: TileOption = 0,
+    halo: HaloOption = 32,
+    device: DeviceOption = None,
+    encoder: EncoderOption = "onnx",
+    precision: PrecisionOption = "fp32",
+    threads: ThreadsOption = None,
+) -> None:
+    """Every object everything mode finds in each image of a folder: an instance label map per image; resumable."""
+    from sam4med.engine.errors import check_number, check_precision, check_tiling
+    from sam4med.engine.everything import EVERYTHING_METHODS, EverythingSettings
+    from sam4med.engine.segment import segment_everything as run
+
+    if everything_method not in EVERYTHING_METHODS:
+        raise InputError(f"--everything-method {everything_method!r}: choose one of {', '.join(EVERYTHING_METHODS)}")
+    check_number(points_per_side, "--points-per-side", minimum=1)
+    for value, name in ((pred_iou_thresh, "--pred-iou-thresh"), (stability_thresh, "--stability-thresh")):
+        if value is not None:
+            check_number(value, name, minimum=0)
+    check_tiling(tile or None, halo)
+    check_precision(precision)
+    check_limit(threads, "--threads")
+    configure_cpu(threads)
+    settings = EverythingSettings(method=everything_method, points_per_side=points_per_side,  # type: ignore[arg-type]
+                                  pred_iou_thresh=pred_iou_thresh, stability_thresh=stability_thresh)
+
+    def predictor():  # noqa: ANN202 - made once the folder is checked
+        from sam4med.engine.models import load_model
+        from sam4med.engine.tiling import make_predictor
+
+        return make_predictor(load_model(model, checkpoint, device, encoder_backend=encoder, precision=precision),
+                              tile or None, halo)
+    summary = run(predictor, folder, out, settings, min_visible)
     typer.echo(f"{out}: {summary.computed} images segmented, {summary.skipped} already there, {summary.failed} failed")
 
 

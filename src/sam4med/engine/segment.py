@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image
 
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_number
 from sam4med.engine.imageio import read_image
 from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
 from sam4med.engine.runs import atomic_path
 
+# segment_everything's rule for a label map, chosen on the validation sides of DSB 2018 and GlaS (object F1 at
+# IoU 0.5 against 0.5; README): a mask that keeps less than this share of its own area is dropped
+MIN_VISIBLE = 0.8
+
 if TYPE_CHECKING:
-    from sam4med.engine.items import ItemRunSummary
+    from sam4med.engine.datasets import Dataset
+    from sam4med.engine.everything import EverythingSettings
+    from sam4med.engine.items import ItemRunSummary, WorkItem
+    from sam4med.engine.predictor import Predictor
 
 
 class PromptMasks(Protocol):
@@ -156,35 +163,26 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
     whose rows in the table have changed. An image that cannot be read, or a prompt outside its image,
     is recorded as an error row and the run goes on. The table is checked whole before the model loads.
     """
-    from sam4med.engine.datasets import Dataset, Sample
     from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
     from sam4med.engine.prompt_table import prompts_digest, read_prompt_table
-    from sam4med.engine.runs import PROTOCOL_FILE, claim_folder, parse_jsonl
+    from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder of images")
     check_mask_rule(mask_rule)
     table = read_prompt_table(prompts)
-    masks = {image: Path("masks") / Path(image).with_suffix(".png") for image in table}
-    clashes = _first_clash(masks)
-    if clashes:
-        raise InputError(f"{prompts}: images {clashes[0]} and {clashes[1]} would share the mask file {masks[clashes[0]]}")
+    maps = _label_map_paths(table, prompts)
     ready = _ready(predictor)
     rule = mask_rule or ready.default_mask_rule
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-folder", "model": ready.protocol, "mask_rule": rule,
                                       "label_map": "object k of an image = value k in table order; later objects "
                                                    "kept where masks overlap"})
     digests = {image: prompts_digest(rows) for image, rows in table.items()}
-    results = out / RESULTS_FILE
-    stored = {row["image"]: row for _, row in parse_jsonl(results.read_bytes(), results, skip_damaged=True)} \
-        if results.is_file() else {}
-    dataset = Dataset(folder.resolve().name or "images", "", "", folder,
-                      [Sample(image, folder / image) for image in table])
+    stored, whole = _finished_outputs(out / RESULTS_FILE, maps)
+    dataset = _folder_dataset(folder, table)
 
-    def done(item: WorkItem) -> bool:  # prompts unchanged, and the label map whole where the image succeeded
-        row = stored.get(item.sample.id, {})
-        return row.get("prompts_sha256") == digests[item.sample.id] and (
-            row.get("status") == "error" and "object" not in row or _readable(out / masks[item.sample.id]))
+    def done(item: WorkItem) -> bool:  # the image's prompts unchanged since, and its outputs whole
+        return stored.get(item.sample.id, {}).get("prompts_sha256") == digests[item.sample.id] and whole(item)
 
     def segment_one(item: WorkItem) -> list[dict]:
         pixels = read_image(item.sample.image_path)
@@ -201,25 +199,125 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
             mask, predicted_iou = segment_prompt(ready, pixels, entry.prompt, rule)
             labels[mask] = value
             rows.append({**row, "area": int(mask.sum()), "predicted_iou": round(predicted_iou, 4)})
-        target = out / masks[item.sample.id]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as temporary:
-            Image.fromarray(labels).save(temporary, format="PNG")
+        _write_label_map(out / maps[item.sample.id], labels)
         return rows
 
-    return run_items([WorkItem(dataset, sample) for sample in dataset.samples], segment_one, results,
+    return run_items([WorkItem(dataset, sample) for sample in dataset.samples], segment_one, out / RESULTS_FILE,
                      "segment", lambda item: {"prompts_sha256": digests[item.sample.id]}, show_progress, done)
 
 
-def _first_clash(masks: dict[str, Path]) -> tuple[str, str] | None:
-    """Two images whose label maps would be one file (``a.png`` and ``a.jpg``)."""
+def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: Path, out: Path,
+                       settings: EverythingSettings | None = None, min_visible: float = MIN_VISIBLE,
+                       show_progress: bool = True) -> ItemRunSummary:
+    """Every object everything mode finds (``engine.everything``) in each image of ``folder`` (of
+    ``folder/images`` in the data set layout), as one instance label map per image: what micro-sam's automatic
+    segmentation and SAM's ``amg.py`` give.
+
+    Everything mode's masks overlap (a nucleus, its cluster, half of it); a label map gives each pixel one
+    object. Masks claim pixels best score (predicted IoU x stability) first, a pixel staying with the first
+    mask that claims it; a mask of which less than ``min_visible`` of its own area is left is dropped, its
+    pixels background. Writes ``out/masks/<image>.png`` (16 bits), ``out/results.jsonl`` (one row per kept
+    mask: value, own and visible area, box, predicted IoU, stability) and ``out/protocol.json`` (model,
+    weights, tiling, every everything-mode setting and ``min_visible``). Resumable; an image that cannot be
+    read is an error row and the run goes on.
+    """
+    from sam4med.engine.everything import EverythingSettings, generate_masks
+    from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
+    from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
+
+    check_number(min_visible, "--min-visible", minimum=0, maximum=1)
+    images = _folder_images(folder)
+    maps = _label_map_paths(images, folder)
+    ready = _ready(predictor)
+    resolved = (settings or EverythingSettings()).resolved(ready.model.spec)
+    claim_folder(out, PROTOCOL_FILE, {"task": "segment-everything", "model": ready.protocol,
+                                      "everything": resolved.record(), "min_visible": min_visible,
+                                      "label_map": "16-bit instances; pixels claimed best score first"})
+    dataset = _folder_dataset(_images_root(folder), images)
+
+    def segment_one(item: WorkItem) -> list[dict]:
+        pixels = read_image(item.sample.image_path)
+        ranked = sorted(generate_masks(ready, pixels, resolved), key=lambda p: p.score, reverse=True)
+        claimed = np.zeros(pixels.shape[:2], np.int32)
+        visible = []
+        for value, proposal in enumerate(ranked, start=1):
+            x0, y0, x1, y1 = proposal.box
+            window = claimed[y0:y1, x0:x1]
+            free = proposal.crop & (window == 0)
+            window[free] = value
+            visible.append(int(free.sum()))
+        kept = [i for i, p in enumerate(ranked) if visible[i] >= min_visible * p.area][: np.iinfo(np.uint16).max]
+        renumber = np.zeros(len(ranked) + 1, np.uint16)
+        renumber[np.add(kept, 1)] = np.arange(1, len(kept) + 1)
+        _write_label_map(out / maps[item.sample.id], renumber[claimed])
+        rows = [{"dataset": dataset.name, "image": item.sample.id, "object": value, "area": ranked[i].area,
+                 "visible": visible[i], "box": list(ranked[i].box), "predicted_iou": round(ranked[i].predicted_iou, 4),
+                 "stability": round(ranked[i].stability, 4)} for value, i in enumerate(kept, start=1)]
+        return rows or [{"dataset": dataset.name, "image": item.sample.id, "object": None, "area": 0}]
+
+    return run_items([WorkItem(dataset, sample) for sample in dataset.samples], segment_one, out / RESULTS_FILE,
+                     "everything", show_progress=show_progress,
+                     check_done=_finished_outputs(out / RESULTS_FILE, maps)[1])
+
+
+def _images_root(folder: Path) -> Path:
+    """Where a folder's images are: ``images/`` in the data set layout, else the folder itself."""
+    return folder / "images" if (folder / "images").is_dir() else folder
+
+
+def _folder_images(folder: Path) -> list[str]:
+    """The image files directly in :func:`_images_root` (hidden files and other files left out), sorted."""
+    from sam4med.engine.datasets import IMAGE_EXTENSIONS, image_extension
+
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such folder of images")
+    root = _images_root(folder)
+    images = [path.name for path in sorted(root.iterdir())
+              if not path.name.startswith(".") and path.is_file() and image_extension(path) is not None]
+    if not images:
+        raise InputError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}, or DICOM)")
+    return images
+
+
+def _folder_dataset(root: Path, images: Iterable[str]) -> Dataset:
+    """The images (paths relative to ``root``) as a data set for the item loop."""
+    from sam4med.engine.datasets import Dataset, Sample
+
+    return Dataset(root.resolve().name or "images", "", "", root, [Sample(image, root / image) for image in images])
+
+
+def _label_map_paths(images: Iterable[str], source: Path) -> dict[str, Path]:
+    """Image path -> its label map's path in the output folder (``masks/<image path>.png``); two images whose
+    maps would be one file (``a.png`` and ``a.jpg``, or names that differ in case) are refused."""
+    maps: dict[str, Path] = {}
     seen: dict[str, str] = {}
-    for image, mask in masks.items():
-        key = mask.as_posix().lower()
+    for image in images:
+        maps[image] = Path("masks") / Path(image).with_suffix(".png")
+        key = maps[image].as_posix().lower()
         if key in seen:
-            return seen[key], image
+            raise InputError(f"{source}: images {seen[key]} and {image} would share the mask file {maps[image]}")
         seen[key] = image
-    return None
+    return maps
+
+
+def _finished_outputs(results: Path, maps: dict[str, Path]) -> tuple[dict[str, dict], Callable[[WorkItem], bool]]:
+    """The last stored row of each image, and the folder verbs' ``check_done``: an image that failed whole is
+    done (its error row says why); one that was segmented, while its label map can still be read."""
+    from sam4med.engine.runs import parse_jsonl
+
+    stored = {row.get("image"): row for _, row in parse_jsonl(results.read_bytes(), results, skip_damaged=True)} \
+        if results.is_file() else {}
+
+    def whole(item: WorkItem) -> bool:
+        row = stored.get(item.sample.id, {})
+        return row.get("status") == "error" and "object" not in row or _readable(results.parent / maps[item.sample.id])
+    return stored, whole
+
+
+def _write_label_map(path: Path, labels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        Image.fromarray(labels).save(temporary, format="PNG")
 
 
 def _readable(path: Path) -> bool:
