@@ -157,8 +157,9 @@ def segment_everything(
                                                                   "default: the model's.")] = None,
     stability_thresh: Annotated[Optional[float], typer.Option(help="Keep masks of stability score at least this; "
                                                                    "default: the model's.")] = None,
-    min_visible: Annotated[float, typer.Option(help="Drop a mask once less than this share of it is left to it "
-                                                    "(masks claim pixels best score first).")] = 0.8,
+    min_visible: Annotated[Optional[float], typer.Option(help="Drop a mask once less than this share of it is left "
+                                                              "to it (masks claim pixels best score first); default: "
+                                                              "engine.segment.MIN_VISIBLE, 0.8.")] = None,
     tile: TileOption = 0,
     halo: HaloOption = 32,
     device: DeviceOption = None,

@@ -14,8 +14,8 @@ from sam4med.engine.imageio import read_image
 from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
 from sam4med.engine.runs import atomic_path
 
-# segment_everything's rule for a label map, chosen on the validation sides of DSB 2018 and GlaS (object F1 at
-# IoU 0.5 against 0.5; README): a mask that keeps less than this share of its own area is dropped
+# segment_everything's label maps drop a mask left with less than this share of its own area: the rule chosen
+# among ten on the validation sides of DSB 2018 and GlaS by object F1 at IoU 0.5 (README)
 MIN_VISIBLE = 0.8
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
 
 
 def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: Path, out: Path,
-                       settings: EverythingSettings | None = None, min_visible: float = MIN_VISIBLE,
+                       settings: EverythingSettings | None = None, min_visible: float | None = None,
                        show_progress: bool = True) -> ItemRunSummary:
     """Every object everything mode finds (``engine.everything``) in each image of ``folder`` (of
     ``folder/images`` in the data set layout), as one instance label map per image: what micro-sam's automatic
@@ -215,8 +215,8 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
 
     Everything mode's masks overlap (a nucleus, its cluster, half of it); a label map gives each pixel one
     object. Masks claim pixels best score (predicted IoU x stability) first, a pixel staying with the first
-    mask that claims it; a mask of which less than ``min_visible`` of its own area is left is dropped, its
-    pixels background. Writes ``out/masks/<image>.png`` (16 bits), ``out/results.jsonl`` (one row per kept
+    mask that claims it; a mask left with less than ``min_visible`` (default ``MIN_VISIBLE``) of its own
+    area is dropped, its pixels background. Writes ``out/masks/<image>.png`` (16 bits), ``out/results.jsonl`` (one row per kept
     mask: value, own and visible area, box, predicted IoU, stability) and ``out/protocol.json`` (model,
     weights, tiling, every everything-mode setting and ``min_visible``). Resumable; an image that cannot be
     read is an error row and the run goes on.
@@ -225,7 +225,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
     from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 
-    check_number(min_visible, "--min-visible", minimum=0, maximum=1)
+    min_visible = MIN_VISIBLE if min_visible is None else check_number(min_visible, "--min-visible", minimum=0, maximum=1)
     images = _folder_images(folder)
     maps = _label_map_paths(images, folder)
     ready = _ready(predictor)
