@@ -27,6 +27,7 @@ from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
 
 if TYPE_CHECKING:
+    from sam4med.engine.items import ItemRunSummary
     from sam4med.engine.segment import PredictorSource
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.",
@@ -140,6 +141,10 @@ def segment_folder(
 
     predictor = _predictor_source(model, checkpoint, tile, halo, device, runtime, int8, precision, threads)
     summary = run(predictor, folder, prompts, out, mask_rule)
+    _echo_folder_summary(out, summary)
+
+
+def _echo_folder_summary(out: Path, summary: ItemRunSummary) -> None:
     typer.echo(f"{out}: {summary.computed} images segmented, {summary.skipped} already there, {summary.failed} failed")
 
 
@@ -192,7 +197,7 @@ def segment_everything(
         return make_predictor(load_model(model, checkpoint, device, encoder_backend=encoder, precision=precision),
                               tile or None, halo)
     summary = run(predictor, folder, out, settings, min_visible)
-    typer.echo(f"{out}: {summary.computed} images segmented, {summary.skipped} already there, {summary.failed} failed")
+    _echo_folder_summary(out, summary)
 
 
 @app.command("segment-volume")
