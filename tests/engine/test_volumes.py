@@ -128,6 +128,23 @@ def test_nan_volume_is_rejected(tmp_path, name):
     assert read_volume(tmp_path / name).array.shape == array.shape
 
 
+def test_float_nifti_is_read_twice_only_when_itk_shows_a_zero_where_nan_may_have_been(tmp_path, monkeypatch):
+    import sam4med.engine.volumes as volumes
+
+    calls = []
+    counted = volumes.nifti_nonfinite
+    monkeypatch.setattr(volumes, "nifti_nonfinite", lambda path: calls.append(path) or counted(path))
+    array = sphere().astype(np.float32) + 0.5  # no exact zero anywhere
+    sitk.WriteImage(itk_image(array), str(tmp_path / "positive.nii.gz"))
+    assert np.array_equal(read_volume(tmp_path / "positive.nii.gz").array, array)
+    assert calls == []
+    array[4, 5, 6] = np.nan
+    sitk.WriteImage(itk_image(array), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(InputError, match="1 NaN or inf voxels"):
+        read_volume(tmp_path / "nan.nii.gz")
+    assert calls == [tmp_path / "nan.nii.gz"]
+
+
 @pytest.mark.parametrize("name", ["labels.nii.gz", "labels.nrrd"])
 def test_nan_label_volume_is_rejected_not_read_as_background(tmp_path, name):
     labels = sphere().astype(np.float32)

@@ -200,9 +200,17 @@ def read_itk_file(path: Path, what: str) -> sitk.Image:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot read {what} ({_itk_reason(exc)})") from exc
-    if nifti and (bad := nifti_nonfinite(path)):
+    if nifti and _may_hide_nonfinite(image) and (bad := nifti_nonfinite(path)):
         raise InputError(f"{path}: {what} contains {bad} NaN or inf {'voxels' if what == 'volume' else 'values'}")
     return image
+
+
+def _may_hide_nonfinite(image: sitk.Image) -> bool:
+    """Whether ITK's NIfTI reading may have turned NaN or inf into 0: float data holding an exact 0. Without
+    one there was none, and the file is not read a second time."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64):
+        return False
+    return not np.all(sitk.GetArrayViewFromImage(image))
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
