@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -46,7 +47,7 @@ def read_prompt_table(path: str | Path) -> dict[str, list[PromptRow]]:
         raise InputError(f"{path}: no such prompt table") from None
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: cannot read the prompt table ({one_line(error)})") from None
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted cells may hold line breaks
     columns = [c.strip() for c in reader.fieldnames or []]
     if "image" not in columns:
         raise InputError(f"{path}: the prompt table needs a header with an 'image' column ({', '.join(PROMPT_COLUMNS)})")
