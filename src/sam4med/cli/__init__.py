@@ -173,16 +173,10 @@ def segment_everything(
     threads: ThreadsOption = None,
 ) -> None:
     """Every object everything mode finds in each image of a folder: an instance label map per image; resumable."""
-    from sam4med.engine.errors import check_number, check_precision, check_tiling
-    from sam4med.engine.everything import EVERYTHING_METHODS, EverythingSettings
+    from sam4med.engine.errors import check_precision, check_tiling
+    from sam4med.engine.everything import EverythingSettings
     from sam4med.engine.segment import segment_everything as run
 
-    if everything_method not in EVERYTHING_METHODS:
-        raise InputError(f"--everything-method {everything_method!r}: choose one of {', '.join(EVERYTHING_METHODS)}")
-    check_number(points_per_side, "--points-per-side", minimum=1)
-    for value, name in ((pred_iou_thresh, "--pred-iou-thresh"), (stability_thresh, "--stability-thresh")):
-        if value is not None:
-            check_number(value, name, minimum=0)
     check_tiling(tile or None, halo)
     check_precision(precision)
     check_limit(threads, "--threads")

@@ -29,6 +29,7 @@ from skimage.segmentation import felzenszwalb
 from skimage.transform import resize as sk_resize
 from torchvision.ops import nms
 
+from sam4med.engine.errors import InputError, check_number
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, tight_boxes
 from sam4med.engine.registry import ModelSpec
@@ -55,6 +56,15 @@ class EverythingSettings:
     box_overlap: float = 0.5
     region_proposals: int = 16
     refine_boxes: bool = True
+
+    def check(self) -> None:
+        """Every setting in its range, as one InputError naming the option (before a model loads)."""
+        if self.method not in EVERYTHING_METHODS:
+            raise InputError(f"--everything-method {self.method!r}: choose one of {', '.join(EVERYTHING_METHODS)}")
+        check_number(self.points_per_side, "--points-per-side", minimum=1)
+        for value, name in ((self.pred_iou_thresh, "--pred-iou-thresh"), (self.stability_thresh, "--stability-thresh")):
+            if value is not None:
+                check_number(value, name, minimum=0)
 
     def resolved(self, spec: ModelSpec) -> EverythingSettings:
         """A copy with ``auto`` and the per-method thresholds made explicit for a model (what gets recorded).

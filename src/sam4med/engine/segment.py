@@ -226,10 +226,12 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 
     min_visible = MIN_VISIBLE if min_visible is None else check_number(min_visible, "--min-visible", minimum=0, maximum=1)
+    settings = settings or EverythingSettings()
+    settings.check()
     images = _folder_images(folder)
     maps = _label_map_paths(images, folder)
     ready = _ready(predictor)
-    resolved = (settings or EverythingSettings()).resolved(ready.model.spec)
+    resolved = settings.resolved(ready.model.spec)
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-everything", "model": ready.protocol,
                                       "everything": resolved.record(), "min_visible": min_visible,
                                       "label_map": "16-bit instances; pixels claimed best score first"})

@@ -18,7 +18,7 @@ import numpy as np
 
 from sam4med.engine.datasets import Dataset, Sample, load_datasets
 from sam4med.engine.errors import InputError, check_limit, check_number, check_precision, check_seed, check_tiling
-from sam4med.engine.everything import EVERYTHING_METHODS, EverythingSettings
+from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
@@ -71,9 +71,7 @@ class BenchmarkConfig:
         check_tiling(self.tile, self.halo)
         if not self.modes:
             raise InputError("--modes: give at least one mode")
-        if self.everything.method not in EVERYTHING_METHODS:
-            raise InputError(f"--everything-method {self.everything.method!r}: choose one of "
-                             f"{', '.join(EVERYTHING_METHODS)}")
+        self.everything.check()
         self.prompts.check()
 
     def protocol(self, model: SamModel, modes: Sequence[Mode]) -> dict[str, object]:
