@@ -53,6 +53,13 @@ def test_bad_tables_name_the_file_and_line(tmp_path, header, body, message):
         read_prompt_table(_table(tmp_path, body, header))
 
 
+def test_a_spreadsheets_header_is_read_whatever_its_case_spaces_and_byte_order_mark(tmp_path):
+    path = tmp_path / "prompts.csv"
+    path.write_text("\ufeffImage, Label ,X0,Y0,X1,Y1\r\na.png,polyp,1,2,30,40\r\n", encoding="utf-8")
+    [row] = read_prompt_table(path)["a.png"]
+    assert row.label == "polyp" and row.prompt.box.tolist() == [1, 2, 30, 40]
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a.png", "sub/b.tif"]),
                           st.one_of(st.none(), st.tuples(*[st.integers(0, 500)] * 4)),

@@ -48,7 +48,7 @@ def read_prompt_table(path: str | Path) -> dict[str, list[PromptRow]]:
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: cannot read the prompt table ({one_line(error)})") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted cells may hold line breaks
-    columns = [c.strip() for c in reader.fieldnames or []]
+    columns = [c.strip().lower() for c in reader.fieldnames or []]  # "Image" or " x0" from a spreadsheet too
     if "image" not in columns:
         raise InputError(f"{path}: the prompt table needs a header with an 'image' column ({', '.join(PROMPT_COLUMNS)})")
     unknown = sorted(set(columns) - set(PROMPT_COLUMNS))
@@ -59,7 +59,7 @@ def read_prompt_table(path: str | Path) -> dict[str, list[PromptRow]]:
         line = reader.line_num
         if None in row:  # csv keeps cells beyond the header under None
             raise InputError(f"{path}: line {line}: more cells than columns")
-        cells = {key.strip(): (value or "").strip() for key, value in row.items()}
+        cells = {key.strip().lower(): (value or "").strip() for key, value in row.items()}
         if not any(cells.values()):
             continue
         try:
