@@ -201,3 +201,13 @@ def test_prompt_samplers_give_valid_prompts_or_one_input_error(mask, other, k, s
         if jittered is not None:
             assert np.isfinite(jittered).all() and 0 <= jittered[0] <= jittered[2] <= width - 1
             assert 0 <= jittered[1] <= jittered[3] <= height - 1
+
+
+def test_a_prompts_record_stays_finite_and_rounded_near_float32s_limit():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 * 100 overflowed before the record rounded in float64
+        record = Prompt(points=[(3e38, 0.1)], box=[0.1, 0.2, 3e38, 3e38]).to_record()
+    assert np.isfinite(record["points"]).all() and np.isfinite(record["box"]).all()
+    assert record["points"][0][1] == 0.1 and record["box"][:2] == [0.1, 0.2]

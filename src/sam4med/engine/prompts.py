@@ -93,10 +93,10 @@ class Prompt:
     def to_record(self) -> dict[str, list]:
         record: dict[str, list] = {}
         if self.points is not None:
-            record["points"] = self.points.round(2).tolist()
+            record["points"] = self.points.astype(np.float64).round(2).tolist()  # float32 * 100 overflows near its max
             record["labels"] = self.labels.tolist()
         if self.box is not None:
-            record["box"] = self.box.round(2).tolist()
+            record["box"] = self.box.astype(np.float64).round(2).tolist()
         return record
 
 
