@@ -27,7 +27,10 @@ from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sam4med.engine.items import ItemRunSummary
+    from sam4med.engine.predictor import Predictor
     from sam4med.engine.segment import PredictorSource
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.",
@@ -110,11 +113,18 @@ def _predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int,
     if int8:
         raise InputError("--int8: only on the ONNX Runtime path (--runtime auto or onnx, without --checkpoint, "
                          "--device, --tile or --precision bf16)")
+    return _torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads)
+
+
+def _torch_predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int, device: str | None,
+                            precision: str, threads: int | None, encoder: str = "torch") -> Callable[[], Predictor]:
+    """A PyTorch predictor (tiled with ``tile``) made on first call, the process set up for ``threads`` now."""
     from sam4med.engine.models import load_model
     from sam4med.engine.tiling import make_predictor
 
     configure_cpu(threads)
-    return lambda: make_predictor(load_model(model, checkpoint, device, precision=precision), tile or None, halo)
+    return lambda: make_predictor(load_model(model, checkpoint, device, encoder_backend=encoder, precision=precision),
+                                  tile or None, halo)
 
 
 @app.command("segment-folder")
@@ -180,16 +190,9 @@ def segment_everything(
     check_tiling(tile or None, halo)
     check_precision(precision)
     check_limit(threads, "--threads")
-    configure_cpu(threads)
     settings = EverythingSettings(method=everything_method, points_per_side=points_per_side,  # type: ignore[arg-type]
                                   pred_iou_thresh=pred_iou_thresh, stability_thresh=stability_thresh)
-
-    def predictor():  # noqa: ANN202 - made once the folder is checked
-        from sam4med.engine.models import load_model
-        from sam4med.engine.tiling import make_predictor
-
-        return make_predictor(load_model(model, checkpoint, device, encoder_backend=encoder, precision=precision),
-                              tile or None, halo)
+    predictor = _torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads, encoder)
     summary = run(predictor, folder, out, settings, min_visible)
     _echo_folder_summary(out, summary)
 

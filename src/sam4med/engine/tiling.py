@@ -88,7 +88,7 @@ class TiledPredictor(Predictor):
 
     @property
     def protocol(self) -> dict[str, object]:
-        return {**self.model.protocol(), "tiling": {"tile": self.tile, "halo": self.halo}}
+        return {**super().protocol, "tiling": {"tile": self.tile, "halo": self.halo}}
 
     def _untiled(self, image: np.ndarray) -> bool:
         """Images no larger than one tile are encoded whole."""
