@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from sam4med.cli import app
 from sam4med.engine.errors import InputError
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.prompt_table import read_prompt_table
+from sam4med.engine.prompt_table import prompts_digest, read_prompt_table
 from sam4med.engine.segment import segment_folder
 
 from conftest import make_ellipse_image
@@ -58,6 +58,19 @@ def test_a_spreadsheets_header_is_read_whatever_its_case_spaces_and_byte_order_m
     path.write_text("\ufeffImage, Label ,X0,Y0,X1,Y1\r\na.png,polyp,1,2,30,40\r\n", encoding="utf-8")
     [row] = read_prompt_table(path)["a.png"]
     assert row.label == "polyp" and row.prompt.box.tolist() == [1, 2, 30, 40]
+
+
+def test_any_edit_of_an_images_prompts_changes_its_digest_even_below_the_recorded_rounding(tmp_path):
+    """The digest decides which images a re-run segments again: an edit smaller than the record's 0.01 px
+    rounding, a label, or a click's sign is still an edit."""
+    def digest(body: str) -> str:
+        return prompts_digest(read_prompt_table(_table(tmp_path, body))["a.png"])
+
+    base = digest("a.png,cyst,1,1,5,5,3 3,1\n")
+    assert digest("a.png,cyst,1,1,5,5,3 3,1\n") == base
+    for edited in ("a.png,cyst,1,1,5,5.001,3 3,1\n", "a.png,cyst,1,1,5,5,3.004 3,1\n",
+                   "a.png,lesion,1,1,5,5,3 3,1\n", "a.png,cyst,1,1,5,5,3 3,0\n", "a.png,cyst,1,1,5,5,,\n"):
+        assert digest(edited) != base, edited
 
 
 @settings(max_examples=40, deadline=None)

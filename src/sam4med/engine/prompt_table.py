@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+
 from sam4med.engine.errors import InputError, one_line
 from sam4med.engine.prompts import Prompt
 
@@ -75,8 +77,13 @@ def read_prompt_table(path: str | Path) -> dict[str, list[PromptRow]]:
 
 
 def prompts_digest(rows: list[PromptRow]) -> str:
-    """sha256 of an image's prompts and labels: a result made from other prompts is not this one."""
-    record = [{"label": r.label, **r.prompt.to_record()} for r in rows]
+    """sha256 of an image's prompts and labels: a result made from other prompts is not this one. The exact
+    coordinates count (a prompt's record rounds them to 0.01 px), so any edit of the table re-runs its image."""
+    def exact(values: np.ndarray | None) -> list | None:
+        return None if values is None else values.astype(np.float64).tolist()
+
+    record = [{"label": r.label, "points": exact(r.prompt.points), "labels": exact(r.prompt.labels),
+               "box": exact(r.prompt.box)} for r in rows]
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
