@@ -234,10 +234,33 @@ def test_everything_mode_over_a_folder_writes_instances_best_score_first_and_res
                            show_progress=False)
 
 
+def test_everything_over_a_folder_writes_an_empty_map_for_an_image_where_no_mask_is_kept(tmp_path, click_model):
+    """A blank image (or thresholds no mask passes) is an image without objects, not a failed one."""
+    from sam4med.engine.everything import EverythingSettings
+    from sam4med.engine.segment import segment_everything
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((64, 80, 3), 128, np.uint8)).save(images / "blank.png")
+    image, _ = make_ellipse_image(200, 300, centre=(100, 150), radii=(40, 70), seed=0)
+    Image.fromarray(image).save(images / "ellipse.png")
+    out = tmp_path / "out"
+    summary = segment_everything(Predictor(click_model), tmp_path, out,
+                                 EverythingSettings(points_per_side=4, pred_iou_thresh=1.0), show_progress=False)
+    assert (summary.computed, summary.failed) == (2, 0)
+    for name, shape in (("blank.png", (64, 80)), ("ellipse.png", (200, 300))):
+        labels = np.array(Image.open(out / "masks" / name))
+        assert labels.shape == shape and not labels.any()
+    assert [(r["image"], r["object"], r["status"]) for r in _rows(out)] == [
+        ("blank.png", None, "ok"), ("ellipse.png", None, "ok")]
+
+
 def test_everything_over_a_folder_refuses_bad_options_in_one_line_before_the_model_loads(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     for options, message in [(["--points-per-side", "0"], "--points-per-side 0"),
+                             (["--points-per-side", "1000"], "--points-per-side 1000: must be <= 128"),
                              (["--pred-iou-thresh", "nan"], "--pred-iou-thresh nan"),
+                             (["--stability-thresh", "2"], "--stability-thresh 2.0: must be <= 1"),
                              (["--everything-method", "grid"], "--everything-method 'grid'"),
                              (["--tile", "4"], "--tile 4"),
                              (["--min-visible", "1.5"], "--min-visible 1.5")]:

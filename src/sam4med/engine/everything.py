@@ -39,6 +39,8 @@ Method = Literal["auto", "points", "boxes"]
 EVERYTHING_METHODS = ("auto", "points", "boxes")
 CHUNK_LOGITS_BYTES = 32 * 2**20  # full-size float32 logits upscaled at once
 
+MAX_POINTS_PER_SIDE = 128  # 16,384 prompts an image (SAM's default grid is 32 a side); beyond, a typo
+
 
 @dataclass
 class EverythingSettings:
@@ -61,10 +63,10 @@ class EverythingSettings:
         """Every setting in its range, as one InputError naming the option (before a model loads)."""
         if self.method not in EVERYTHING_METHODS:
             raise InputError(f"--everything-method {self.method!r}: choose one of {', '.join(EVERYTHING_METHODS)}")
-        check_number(self.points_per_side, "--points-per-side", minimum=1)
+        check_number(self.points_per_side, "--points-per-side", minimum=1, maximum=MAX_POINTS_PER_SIDE)
         for value, name in ((self.pred_iou_thresh, "--pred-iou-thresh"), (self.stability_thresh, "--stability-thresh")):
-            if value is not None:
-                check_number(value, name, minimum=0)
+            if value is not None:  # both compare with an IoU
+                check_number(value, name, minimum=0, maximum=1)
 
     def resolved(self, spec: ModelSpec) -> EverythingSettings:
         """A copy with ``auto`` and the per-method thresholds made explicit for a model (what gets recorded).

@@ -250,7 +250,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
             visible.append(int(free.sum()))
         kept = [i for i, p in enumerate(ranked) if visible[i] >= min_visible * p.area][: np.iinfo(np.uint16).max]
         renumber = np.zeros(len(ranked) + 1, np.uint16)
-        renumber[np.add(kept, 1)] = np.arange(1, len(kept) + 1)
+        renumber[np.asarray(kept, dtype=np.int64) + 1] = np.arange(1, len(kept) + 1)  # kept may be empty
         _write_label_map(out / maps[item.sample.id], renumber[claimed])
         rows = [{"dataset": dataset.name, "image": item.sample.id, "object": value, "area": ranked[i].area,
                  "visible": visible[i], "box": list(ranked[i].box), "predicted_iou": round(ranked[i].predicted_iou, 4),
