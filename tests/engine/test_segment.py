@@ -29,13 +29,17 @@ def image_path(tmp_path):
     ("mask.png", "overlay.tif", Prompt(box=[1, 1, 20, 20]), None, "--overlay"),
     ("mask.png", None, Prompt(box=[1, 1, 20, 200]), None, r"image.png: prompt .* outside the 60x40 image"),
     ("mask.png", None, Prompt(box=[1, 1, 20, 20]), "biggest", "--mask-rule"),
+    ("image.png", None, Prompt(box=[1, 1, 20, 20]), None, "--out .*image.png: is the input"),
+    ("mask.png", "image.png", Prompt(box=[1, 1, 20, 20]), None, "--overlay .*: is the input .*image.png"),
+    ("mask.png", "mask.png", Prompt(box=[1, 1, 20, 20]), None, "--overlay .*mask.png: is the --out mask too"),
 ])
 def test_image_arguments_are_checked_before_the_model_loads(tmp_path, image_path, out, overlay, prompt, rule, message):
     (tmp_path / "folder").mkdir()
+    before = image_path.read_bytes()
     with pytest.raises(InputError, match=message):
         segment_image_file(never_loaded, image_path, prompt, tmp_path / out,
                            tmp_path / overlay if overlay else None, rule)
-    assert not (tmp_path / "mask.png").exists()
+    assert not (tmp_path / "mask.png").exists() and image_path.read_bytes() == before
 
 
 def test_unreadable_image_is_reported_before_the_model_loads(tmp_path):
@@ -50,10 +54,15 @@ def test_unreadable_image_is_reported_before_the_model_loads(tmp_path):
     ("labels.nii.gz", (1, 1, 3, 5, 5, 1), 0, "z0 must not exceed z1"),
     ("labels.nii.gz", (1, float("nan"), 0, 5, 5, 2), 0, "six finite numbers"),
     ("labels.nii.gz", (1, 1, 0, 5, 5, 2), 3, "--axis"),
+    ("labels.nii.gz", (1, 1, 0, 16, 5, 2), 0, r"--box3d x y 1 1 16 5: .* outside the 16x16 image"),
+    ("labels.nii.gz", (9, 1, 0, 5, 5, 2), 0, "x0 must not exceed x1"),
+    ("labels.mhd", (1, 1, 0, 5, 5, 2), 0, "unknown extension"),  # a detached header: its data file apart
+    ("volume.nrrd", (1, 1, 0, 5, 5, 2), 0, "is the input"),
 ])
 def test_volume_arguments_are_checked_before_the_model_loads(tmp_path, out, box3d, axis, message):
     volume = tmp_path / "volume.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).random((4, 16, 16)).astype(np.float32)), str(volume))
+    before = volume.read_bytes()
     with pytest.raises(InputError, match=message):
         segment_volume_file(never_loaded, volume, box3d, tmp_path / out, axis)
-    assert not (tmp_path / out).exists()
+    assert volume.read_bytes() == before and (out == "volume.nrrd" or not (tmp_path / out).exists())

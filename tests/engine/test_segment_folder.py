@@ -21,6 +21,10 @@ from sam4med.engine.segment import segment_folder
 
 from conftest import make_ellipse_image
 
+def never_loaded():
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
 HEADER = "image,label,x0,y0,x1,y1,points,labels\n"
 
 
@@ -143,7 +147,7 @@ def test_label_maps_rows_failures_and_resume(tmp_path, folder, click_model):
     assert rows[("a.png", 1)]["label"] == "ellipse" and rows[("a.png", 1)]["line"] == 2
     assert rows[("a.png", 1)]["area"] >= int((first == 1).sum())
     assert rows[("sub/b.jpg", 1)]["area"] == int((second == 1).sum())
-    assert rows[("sub/b.jpg", 2)]["status"] == "error" and "lies outside" in rows[("sub/b.jpg", 2)]["error"]
+    assert rows[("sub/b.jpg", 2)]["status"] == "error" and "reaches outside" in rows[("sub/b.jpg", 2)]["error"]
     assert rows[("broken.png", None)]["status"] == "error" and "cannot read image" in rows[("broken.png", None)]["error"]
     assert not (second == 2).any()
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
@@ -253,6 +257,26 @@ def test_everything_over_a_folder_writes_an_empty_map_for_an_image_where_no_mask
         assert labels.shape == shape and not labels.any()
     assert [(r["image"], r["object"], r["status"]) for r in _rows(out)] == [
         ("blank.png", None, "ok"), ("ellipse.png", None, "ok")]
+
+
+@pytest.mark.parametrize("where", ["the folder", "inside it", "above it"])
+def test_folder_verbs_refuse_an_output_folder_that_overlaps_their_images(tmp_path, where):
+    """Results written into a data set (its masks/) would replace its ground truth."""
+    from sam4med.engine.segment import segment_everything
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(data / "images" / "a.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(data / "masks" / "a.png")
+    truth = (data / "masks" / "a.png").read_bytes()
+    table = _table(tmp_path, "a.png,,1,1,9,9,,\n")
+    out = {"the folder": data, "inside it": data / "images" / "results", "above it": tmp_path}[where]
+    for run in (lambda: segment_folder(never_loaded, data / "images", table, out),
+                lambda: segment_everything(never_loaded, data, out)):
+        with pytest.raises(InputError, match="--out .*(is the input|holds the input|lies inside the input)"):
+            run()
+    assert (data / "masks" / "a.png").read_bytes() == truth and not (data / "images" / "results").exists()
 
 
 def test_everything_over_a_folder_refuses_bad_options_in_one_line_before_the_model_loads(tmp_path):

@@ -1,6 +1,8 @@
 """The one error type for bad user input: its message is a single line naming the file or argument."""
 
 import math
+from collections.abc import Iterable
+from pathlib import Path
 
 
 class InputError(ValueError):
@@ -86,3 +88,17 @@ def path_component(value: object, what: str) -> str:
         raise InputError(f"{what}: {value!r} is not a safe file name (one path component: no '/', '\\', '..' "
                          "or control characters, at most 200 bytes)")
     return value
+
+
+def check_apart(out: Path, inputs: Iterable[Path], what: str = "--out") -> None:
+    """Refuse an output that could overwrite an input: the same path, a folder that holds an input, or a
+    path inside an input folder (results written into a data set would replace its ground truth)."""
+    target = Path(out).resolve()
+    for source in inputs:
+        origin = Path(source).resolve()
+        if target == origin:
+            raise InputError(f"{what} {out}: is the input {source}; name another path")
+        if origin.is_relative_to(target):
+            raise InputError(f"{what} {out}: holds the input {source}; name a folder beside it")
+        if target.is_relative_to(origin):
+            raise InputError(f"{what} {out}: lies inside the input {source}; name a folder outside it")

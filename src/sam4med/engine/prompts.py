@@ -80,7 +80,8 @@ class Prompt:
             coords.append(self.box.reshape(2, 2))
         xy = np.concatenate(coords)
         if (xy < 0).any() or (xy[:, 0] > width - 1).any() or (xy[:, 1] > height - 1).any():
-            raise InputError(f"prompt {self.to_record()} lies outside the {width}x{height} image")
+            raise InputError(f"prompt {self.to_record()} reaches outside the {width}x{height} image (pixel indices: "
+                             f"x 0..{width - 1}, y 0..{height - 1})")
 
     def add_point(self, xy: tuple[float, float], label: int) -> Prompt:
         points = np.asarray([xy], dtype=np.float32)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from PIL import Image
 
-from sam4med.engine.errors import InputError, check_number
+from sam4med.engine.errors import InputError, check_apart, check_number
 from sam4med.engine.imageio import read_image
 from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
 from sam4med.engine.runs import atomic_path
@@ -45,14 +45,22 @@ def _ready(source: PredictorSource) -> PromptMasks:
     return source() if callable(source) else source
 
 
-def _check_box3d(box3d: Sequence[float], depth: int) -> tuple[float, ...]:
+def _check_box3d(box3d: Sequence[float], depth: int, size: tuple[int, int] | None = None) -> tuple[float, ...]:
+    """The box as floats, or an InputError naming --box3d; x and y are checked too when the slices' (h, w)
+    is given."""
     values = tuple(float(v) for v in box3d)
     if len(values) != 6 or not np.isfinite(values).all():
         raise InputError(f"--box3d {list(box3d)}: expected six finite numbers x0 y0 z0 x1 y1 z1")
-    if values[2] > values[5]:
-        raise InputError(f"--box3d z range {values[2]:g}..{values[5]:g}: z0 must not exceed z1")
+    for axis, low, high in (("x", values[0], values[3]), ("y", values[1], values[4]), ("z", values[2], values[5])):
+        if low > high:
+            raise InputError(f"--box3d {axis} range {low:g}..{high:g}: {axis}0 must not exceed {axis}1")
     if not (0 <= values[2] <= values[5] < depth):
         raise InputError(f"--box3d z range {values[2]:g}..{values[5]:g} lies outside the volume's {depth} slices")
+    if size is not None:
+        try:
+            Prompt(box=[values[0], values[1], values[3], values[4]]).check_inside(size)
+        except InputError as exc:
+            raise InputError(f"--box3d x y {values[0]:g} {values[1]:g} {values[3]:g} {values[4]:g}: {exc}") from None
     return values
 
 
@@ -133,8 +141,12 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
 
     Outputs, mask rule, image and prompt are checked before ``predictor`` is made (when it is a function)."""
     _check_output(out, "--out", (".png",))
+    check_apart(out, [image_path])
     if overlay is not None:
         _check_output(overlay, "--overlay", (".png",))
+        check_apart(overlay, [image_path], "--overlay")
+        if overlay.resolve() == out.resolve():
+            raise InputError(f"--overlay {overlay}: is the --out mask too; name another file")
     check_mask_rule(mask_rule)
     pixels = read_image(image_path)
     try:
@@ -169,6 +181,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
 
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder of images")
+    check_apart(out, [folder, prompts])
     check_mask_rule(mask_rule)
     table = read_prompt_table(prompts)
     maps = _label_map_paths(table, prompts)
@@ -229,6 +242,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     settings = settings or EverythingSettings()
     settings.check()
     images = _folder_images(folder)
+    check_apart(out, [folder])
     maps = _label_map_paths(images, folder)
     ready = _ready(predictor)
     resolved = settings.resolved(ready.model.spec)
@@ -337,14 +351,15 @@ def segment_volume_file(predictor: PredictorSource, volume_path: Path, box3d: Se
     (z, y, x) array (0 axial, 1 coronal, 2 sagittal); write the label volume on the image's grid.
 
     Output, axis, volume and box are checked before ``predictor`` is made (when it is a function)."""
-    from sam4med.engine.volumes import VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
+    from sam4med.engine.volumes import LABEL_VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
 
     if axis not in (0, 1, 2):
         raise InputError(f"--axis {axis}: must be 0, 1 or 2")
-    _check_output(out, "--out", VOLUME_SUFFIXES)
+    _check_output(out, "--out", LABEL_VOLUME_SUFFIXES)
+    check_apart(out, [volume_path])
     image = read_volume(volume_path)
     stack = list(slices(window(image.array, *percentiles), axis))
-    _check_box3d(box3d, len(stack))
+    _check_box3d(box3d, len(stack), stack[0].shape[:2] if stack else None)
     labels = segment_volume(_ready(predictor), stack, box3d)
     labels = np.moveaxis(labels, 0, axis)
     write_label_volume(labels.astype(np.uint8), image, out)

@@ -23,6 +23,9 @@ from sam4med.engine.errors import InputError
 from sam4med.engine.runs import atomic_path
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# written in one file: a detached header (.mhd, .nhdr) names its data file, which an atomic write would leave
+# under its temporary name
+LABEL_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 
 
 @dataclass
@@ -105,8 +108,9 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | Path) -> Pa
     labels = np.asarray(labels)
     if labels.shape != like.array.shape:
         raise InputError(f"{path}: labels have shape {labels.shape} but the image volume has {like.array.shape}")
-    if not _has_volume_suffix(path):
-        raise InputError(f"{path}: unknown volume extension (expected one of {', '.join(VOLUME_SUFFIXES)})")
+    if not path.name.lower().endswith(LABEL_VOLUME_SUFFIXES):
+        raise InputError(f"{path}: label volumes are written as {', '.join(LABEL_VOLUME_SUFFIXES)} (one file; "
+                         "a detached .mhd or .nhdr header names a data file written apart)")
     if not (labels.dtype == bool or np.issubdtype(labels.dtype, np.integer)):
         raise InputError(f"{path}: labels must be bool or integer, not {labels.dtype}")
     image = sitk.GetImageFromArray(labels.astype(_label_dtype(labels)))
