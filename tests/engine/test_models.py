@@ -12,7 +12,7 @@ import torch
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.networks import build_vit_sam
-from sam4med.engine.models import load_model
+from sam4med.engine.models import load_model, resolve_device
 from sam4med.engine.registry import MODELS
 from sam4med.engine.prompts import Prompt, tight_box
 
@@ -156,3 +156,17 @@ def test_loading_a_model_on_the_cpu_tunes_the_allocator_as_the_verbs_do(monkeypa
     assert calls == [True]
     models.load_model("litemedsam", device="cpu", tune_memory=False)  # the benchmarks' reference path
     assert calls == [True]
+
+
+@pytest.mark.parametrize("device", ["tpu", "", "cuda:x", "meta"])
+def test_a_device_this_machine_cannot_use_is_one_line_naming_the_option(device):
+    with pytest.raises(InputError, match=f"--device {device!r}|--device {device}:"):
+        resolve_device(device)
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_model_loads():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(InputError, match="--device cuda: this machine has no CUDA GPU"):
+        load_model("litemedsam", device="cuda")
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -29,6 +29,7 @@ def image_path(tmp_path):
     ("mask.png", "overlay.tif", Prompt(box=[1, 1, 20, 20]), None, "--overlay"),
     ("mask.png", None, Prompt(box=[1, 1, 20, 200]), None, r"image.png: prompt .* outside the 60x40 image"),
     ("mask.png", None, Prompt(box=[1, 1, 20, 20]), "biggest", "--mask-rule"),
+    ("mask.png", None, Prompt(box=[1, 1, 20, 20]), "oracle", "--mask-rule 'oracle': needs ground truth"),
     ("image.png", None, Prompt(box=[1, 1, 20, 20]), None, "--out .*image.png: is the input"),
     ("mask.png", "image.png", Prompt(box=[1, 1, 20, 20]), None, "--overlay .*: is the input .*image.png"),
     ("mask.png", "mask.png", Prompt(box=[1, 1, 20, 20]), None, "--overlay .*mask.png: is the --out mask too"),

@@ -145,12 +145,16 @@ def test_cli_benchmark_report_and_segment(tmp_path):
         (["segment", "{image}", "--point", "3;4", "--out", "m.png"], "--point '3;4'"),
         (["segment", "{image}", "--box", "1", "1", "5", "5", "--model", "sam_vit_b", "--out", "m.png"], "--checkpoint"),
         (["eval", "report", "{tmp}"], "no results.jsonl"),
+        (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--modes", "points999999999"], "at most 100"),
+        (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--rounds", "100000000"], "--rounds 100000000"),
+        (["eval", "benchmark", "--data", "{data}", "--out", "{data}"], "--out"),
+        (["segment", "{image}", "--box", "1", "1", "5", "5", "--device", "tpu", "--out", "m.png"], "--device 'tpu'"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
     data = write_dataset(tmp_path / "ellipses", broken=False)
     image = data / "images" / "case0.png"
-    args = [a.format(image=image, tmp=tmp_path) for a in args]
+    args = [a.format(image=image, tmp=tmp_path, data=data) for a in args]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -220,8 +220,24 @@ def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task
     assert ((per_image["confident"] == per_image["raw"]) | (per_image["confident"] == per_image["aug"])).all()
     assert set(scores["dual"].index) == {"raw", "aug", "mean", "confident", "entropy"}
 
-    masks = predict(tmp_path / "dual" / "best.pt", data, tmp_path / "pred", priors, "confident")
-    assert masks == 16
+    (data / "images" / "n99.png").write_bytes(b"cut")  # one bad image: recorded, the others written
+    (data / "masks" / "n99.png").write_bytes((data / "masks" / "n00.png").read_bytes())
+    summary = predict(tmp_path / "dual" / "best.pt", data, tmp_path / "pred", priors, "confident",
+                      show_progress=False)
+    assert (summary.computed, summary.failed) == (16, 1)
+    rows = [json.loads(line) for line in (tmp_path / "pred" / "results.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in rows if r["status"] == "error"] == ["n99"]
+    again = predict(tmp_path / "dual" / "best.pt", data, tmp_path / "pred", priors, "confident", show_progress=False)
+    assert (again.computed, again.skipped) == (0, 17)
+    with pytest.raises(InputError, match="other settings"):
+        predict(tmp_path / "dual" / "best.pt", data, tmp_path / "pred", priors, "aug", show_progress=False)
+    scored = evaluate(tmp_path / "dual" / "best.pt", [data], priors, None)
+    assert scored.loc[scored["image"] == "n99", "status"].tolist() == ["error"]
+    assert scored["dice"].notna().sum() == 16 * 5
+    with pytest.raises(InputError, match="--out .*lies inside the input"):
+        predict(tmp_path / "dual" / "best.pt", data, data / "masks", priors, "confident", show_progress=False)
+    data.joinpath("images", "n99.png").unlink()
+    data.joinpath("masks", "n99.png").unlink()
     predicted = np.asarray(Image.open(tmp_path / "pred" / "n00.png"))
     assert predicted.shape == (32, 32) and set(np.unique(predicted)) <= {0, 255}
     with pytest.raises(InputError, match="give --priors"):

@@ -22,9 +22,9 @@ from sam4med.cli.options import (
     TileOption,
     one_line_errors,
 )
-from sam4med.engine.errors import InputError, check_limit
+from sam4med.engine.errors import InputError
 from sam4med.engine.defaults import DEFAULT_MODEL
-from sam4med.engine.runtime import configure_cpu
+from sam4med.engine.runtime import check_threads, configure_cpu
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -106,7 +106,7 @@ def _predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int,
     from sam4med.engine.registry import model_spec
 
     check_tiling(tile or None, halo)
-    check_limit(threads, "--threads")
+    check_threads(threads)
     if choose_runtime(runtime, model_spec(model), checkpoint, device, tile, precision) == "onnx":
         configure_cpu()
         return lambda: onnx_predictor(model, threads, int8=int8)
@@ -189,7 +189,7 @@ def segment_everything(
 
     check_tiling(tile or None, halo)
     check_precision(precision)
-    check_limit(threads, "--threads")
+    check_threads(threads)
     settings = EverythingSettings(method=everything_method, points_per_side=points_per_side,  # type: ignore[arg-type]
                                   pred_iou_thresh=pred_iou_thresh, stability_thresh=stability_thresh)
     predictor = _torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads, encoder)

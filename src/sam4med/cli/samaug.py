@@ -107,7 +107,8 @@ def predict(
     from sam4med.samaug.inference import predict as predict_masks
 
     configure_cpu(threads)
-    typer.echo(f"{out}: {predict_masks(checkpoint, data, out, priors, mode)} masks")
+    summary = predict_masks(checkpoint, data, out, priors, mode)
+    typer.echo(f"{out}: {summary.computed} masks written, {summary.skipped} already there, {summary.failed} failed")
 
 
 @app.command()

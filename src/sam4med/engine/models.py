@@ -61,6 +61,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``--device`` as a torch device this machine has (None: a GPU where there is one, else the CPU)."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this machine has no CUDA GPU that PyTorch can use")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if resolved.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: sam4med runs on cpu or cuda")
+    return resolved
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     checkpoint: str | Path | None = None,
@@ -89,7 +106,7 @@ def load_model(
     """
     spec = model_spec(name)
     check_precision(precision)
-    torch_device = torch.device(device) if device is not None else default_device()
+    torch_device = resolve_device(device)
     on_cpu = torch_device.type == "cpu"
     if tune_memory and on_cpu:
         tune_allocator()

@@ -251,10 +251,14 @@ def jitter_box(
 MASK_RULES = ("single", "auto", "oracle", "iou")
 
 
-def check_mask_rule(rule: str | None) -> None:
-    """A known mask rule (or None: the model's own); the one check every entry point uses."""
-    if rule is not None and rule not in MASK_RULES:
-        raise InputError(f"--mask-rule {rule!r}: unknown mask rule; choose one of {', '.join(MASK_RULES)}")
+def check_mask_rule(rule: str | None, with_truth: bool = True) -> None:
+    """A known mask rule (or None: the model's own); the one check every entry point uses. Without ground truth
+    (``with_truth=False``: segmenting a user's image) ``oracle``, which picks the mask closest to the truth, is
+    not one."""
+    rules = MASK_RULES if with_truth else tuple(r for r in MASK_RULES if r != "oracle")
+    if rule is not None and rule not in rules:
+        reason = "needs ground truth" if rule in MASK_RULES else "unknown mask rule"
+        raise InputError(f"--mask-rule {rule!r}: {reason}; choose one of {', '.join(rules)}")
 
 
 def wants_multimask(rule: str, prompt: Prompt) -> bool:

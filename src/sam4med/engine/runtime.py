@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -64,10 +65,28 @@ def release_free_memory() -> None:
         trim(0)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or a job's share, not the whole machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> None:
+    """A thread count of at least 1 and at most the CPUs this process may use (beyond, threads only wait
+    for each other, and ONNX Runtime makes every one of them up front)."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InputError(f"--threads {threads}: must be >= 1 (or unset for PyTorch's choice)")
+    if threads > usable_cpus():
+        raise InputError(f"--threads {threads}: more than the {usable_cpus()} CPUs this process may use")
+
+
 def configure_cpu(threads: int | None = None) -> None:
     """Allocator tuning plus an optional PyTorch thread count."""
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads {threads}: must be >= 1 (or unset for PyTorch's choice)")
+    check_threads(threads)
     tune_allocator()
     if threads:
         import torch  # not before: the ONNX Runtime path of ``segment`` starts without it

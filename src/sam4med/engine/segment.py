@@ -147,7 +147,7 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
         check_apart(overlay, [image_path], "--overlay")
         if overlay.resolve() == out.resolve():
             raise InputError(f"--overlay {overlay}: is the --out mask too; name another file")
-    check_mask_rule(mask_rule)
+    check_mask_rule(mask_rule, with_truth=False)
     pixels = read_image(image_path)
     try:
         prompt.check_inside(pixels.shape[:2])
@@ -182,7 +182,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder of images")
     check_apart(out, [folder, prompts])
-    check_mask_rule(mask_rule)
+    check_mask_rule(mask_rule, with_truth=False)
     table = read_prompt_table(prompts)
     maps = _label_map_paths(table, prompts)
     ready = _ready(predictor)

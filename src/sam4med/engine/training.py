@@ -34,7 +34,7 @@ from torch import nn
 from sam4med.engine.checkpoints import read_trained_checkpoint, save_checkpoint
 from sam4med.engine.datasets import Sample
 from sam4med.engine.distributed import Processes, barrier, mean_over_processes, processes, shard, wrap
-from sam4med.engine.errors import InputError, check_precision
+from sam4med.engine.errors import InputError, check_apart, check_precision
 from sam4med.engine.runtime import precision_autocast
 from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, append_jsonl, claim_folder, write_split, write_text_atomic
 
@@ -58,6 +58,8 @@ def run_record(config: Mapping[str, object]) -> dict[str, object]:
 def start_run(out: Path, config: Mapping[str, object], splits: Mapping[str, Mapping[str, list[Sample]]]) -> None:
     """Claim ``out`` for ``config`` (a rerun with the same config resumes) and record the split (rank 0
     under torchrun; the others wait for it)."""
+    check_apart(out, {sample.image_path.parent.parent for sides in splits.values() for samples in sides.values()
+                      for sample in samples})  # the data sets' folders
     group = processes()
     if group.leader:
         claim_folder(out, CONFIG_FILE, run_record(config))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, Sample, load_datasets
-from sam4med.engine.errors import InputError, check_limit, check_number, check_precision, check_seed, check_tiling
+from sam4med.engine.errors import InputError, check_apart, check_limit, check_number, check_precision, check_seed, check_tiling
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.executors import Executor
@@ -205,6 +205,7 @@ def run_benchmark(
     out = Path(out)
     modes = [make_mode(name, config.prompts, config.everything) for name in config.modes]
     datasets = load_datasets(data)
+    check_apart(out, [dataset.root for dataset in datasets])
     if model is None:
         model = load_model(config.model, config.checkpoint, device, encoder_backend=encoder_backend,
                            precision=precision)

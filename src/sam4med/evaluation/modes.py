@@ -67,8 +67,11 @@ class PromptSettings:
             if getattr(self, name) not in allowed:
                 option = "--" + name.replace("_", "-")
                 raise InputError(f"{option} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        if self.interactive_rounds < 1:
-            raise InputError(f"--rounds {self.interactive_rounds}: must be >= 1")
+        if not 1 <= self.interactive_rounds <= MAX_CLICKS:
+            raise InputError(f"--rounds {self.interactive_rounds}: must be 1..{MAX_CLICKS}")
+
+
+MAX_CLICKS = 100  # clicks of one kind per prompt, and corrective rounds: far beyond any protocol's (NoC counts to 20)
 
 
 def object_rng(seed: int, *keys: object) -> np.random.Generator:
@@ -211,6 +214,8 @@ class PointsMode(PromptMode):
         self.positives, self.negatives = int(match.group(1)), int(match.group(2) or 0)
         if self.positives < 1:
             raise InputError(f"mode '{name}': needs at least one positive point (points1 or more)")
+        if max(self.positives, self.negatives) > MAX_CLICKS:
+            raise InputError(f"mode '{name}': at most {MAX_CLICKS} positive and {MAX_CLICKS} negative points")
         if settings.points_sampler not in ("stride", "random"):
             raise InputError(f"unknown --points-sampler '{settings.points_sampler}'; use stride or random")
         self.params: dict[str, object] = {"prompt": f"{self.positives} positive points",

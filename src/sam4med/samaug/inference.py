@@ -10,7 +10,7 @@ the image's own size before thresholding at 0.5 and scoring.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +22,11 @@ from PIL import Image
 
 from sam4med.engine.datasets import Dataset, Sample, load_dataset
 from sam4med.engine.imageio import read_mask
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_apart, one_line
+from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
 from sam4med.engine.metrics import aggregated_jaccard_index, dice, iou, label_instances, object_f1, soft_dice
-from sam4med.engine.checkpoints import read_trained_checkpoint
-from sam4med.engine.runs import SPLIT_FILE, atomic_path
+from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint
+from sam4med.engine.runs import PROTOCOL_FILE, SPLIT_FILE, atomic_path, claim_folder, parse_jsonl, warn
 from sam4med.samaug.inputs import prepare_images
 from sam4med.samaug.networks import build_network
 from sam4med.samaug.prediction import PREDICT_MODES, combine, default_mode, probabilities
@@ -56,7 +57,8 @@ def load_segmenter(checkpoint: str | Path) -> TrainedSegmenter:
     return TrainedSegmenter(network, config, saved["meta"]["gray"], saved["meta"]["prior_keys"])
 
 
-def _store(segmenter: TrainedSegmenter, priors: str | Path | None, dataset: Dataset) -> PriorStore | None:
+def prior_store(segmenter: TrainedSegmenter, priors: str | Path | None, dataset: Dataset) -> PriorStore | None:
+    """The data set's priors the segmenter needs (None for raw input), checked against its training's."""
     if not segmenter.uses_priors:
         return None
     if priors is None:
@@ -74,21 +76,19 @@ def _to_size(prob: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return prob.clamp(0, 1).numpy()
 
 
-def predict_probabilities(segmenter: TrainedSegmenter, dataset: Dataset, samples: Sequence[Sample],
-                          priors: str | Path | None) -> Iterator[tuple[Sample, dict[str, np.ndarray], np.ndarray | None]]:
-    """For each sample: its probability map (at the image's size) under every applicable mode, and
-    its mask (None when the sample has none)."""
-    store = _store(segmenter, priors, dataset)
+def predict_sample(segmenter: TrainedSegmenter, dataset: Dataset, sample: Sample, store: PriorStore | None
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """One sample's probability map (at the image's size) under every applicable mode, and its mask (None
+    when the sample has none); ``store`` is :func:`prior_store`'s for the data set."""
     config = segmenter.config
     modes = PREDICT_MODES if segmenter.uses_priors else ("raw",)
-    for sample in samples:
-        item = prepare_images(dataset, [sample], store, config.working_side, segmenter.gray, need_masks=False)[0]
-        raw = probabilities(segmenter.network, item.image, None, config.policy, config.image_size)
-        aug = probabilities(segmenter.network, item.image, item.priors, config.policy, config.image_size) \
-            if segmenter.uses_priors else raw
-        maps = {mode: _to_size(combine(raw, aug, mode), item.original_size) for mode in modes}
-        gt = read_mask(sample.mask_path, item.original_size) if sample.mask_path is not None else None
-        yield sample, maps, gt
+    item = prepare_images(dataset, [sample], store, config.working_side, segmenter.gray, need_masks=False)[0]
+    raw = probabilities(segmenter.network, item.image, None, config.policy, config.image_size)
+    aug = probabilities(segmenter.network, item.image, item.priors, config.policy, config.image_size) \
+        if segmenter.uses_priors else raw
+    maps = {mode: _to_size(combine(raw, aug, mode), item.original_size) for mode in modes}
+    gt = read_mask(sample.mask_path, item.original_size) if sample.mask_path is not None else None
+    return maps, gt
 
 
 def authors_soft_dice(prob: np.ndarray, gt: np.ndarray) -> float:
@@ -127,6 +127,8 @@ def evaluate(
     scores every image of the data sets. ``out`` also writes ``metrics.csv`` there.
     """
     checkpoint = Path(checkpoint)
+    if out is not None:
+        check_apart(Path(out), [Path(folder) for folder in data])
     segmenter = load_segmenter(checkpoint)
     split_ids = _split_ids(checkpoint.parent, split) if split else None
     rows = []
@@ -138,7 +140,14 @@ def evaluate(
                 raise InputError(f"{folder}: data set '{dataset.name}' was not part of this run's split")
             wanted = set(split_ids[dataset.name])
             samples = [s for s in samples if s.id in wanted]
-        for sample, maps, gt in predict_probabilities(segmenter, dataset, samples, priors):
+        store = prior_store(segmenter, priors, dataset)
+        for sample in samples:
+            try:
+                maps, gt = predict_sample(segmenter, dataset, sample, store)
+            except (InputError, OSError) as error:  # one bad image is a row of its own; the others go on
+                rows.append({"dataset": dataset.name, "image": sample.id, "status": "error", "error": one_line(error)})
+                warn(f"{sample.image_path}: {one_line(error)}")
+                continue
             for mode, prob in maps.items():
                 row = {"dataset": dataset.name, "image": sample.id, "mode": mode,
                        "default_mode": mode == default_mode(segmenter.config.input_kind),
@@ -170,8 +179,11 @@ def predict(
     out: str | Path,
     priors: str | Path | None = None,
     mode: str | None = None,
-) -> int:
-    """Write one 0/255 PNG mask per image of ``data`` (masks not needed) to ``out``; returns the count.
+    show_progress: bool = True,
+) -> ItemRunSummary:
+    """Write one 0/255 PNG mask per image of ``data`` (masks not needed) to ``out`` on the resumable item loop:
+    ``out/results.jsonl`` holds a row per image (an image that cannot be read is an error row and the run goes
+    on), ``out/protocol.json`` the checkpoint, mode and priors (a rerun with others is refused).
 
     ``mode`` defaults to the model's own: raw, aug, or confident for dual-trained models.
     """
@@ -183,10 +195,20 @@ def predict(
         raise InputError(f"--mode {mode}: the model was trained on raw input only; use --mode raw")
     dataset = load_dataset(data, require_masks=False)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for sample, maps, _ in predict_probabilities(segmenter, dataset, dataset.samples, priors):
-        with atomic_path(out / f"{sample.id}.png") as temporary:
-            Image.fromarray(((maps[mode] > 0.5) * 255).astype(np.uint8)).save(temporary)
-        count += 1
-    return count
+    check_apart(out, [dataset.root])
+    store = prior_store(segmenter, priors, dataset)
+    claim_folder(out, PROTOCOL_FILE, {"task": "samaug predict", "checkpoint_sha256": file_sha256(Path(checkpoint)),
+                                      "mode": mode, "priors": None if store is None else store.record["key"]})
+
+    def predict_one(item: WorkItem) -> list[dict]:
+        maps, _ = predict_sample(segmenter, dataset, item.sample, store)
+        with atomic_path(out / f"{item.sample.id}.png") as temporary:
+            Image.fromarray(((maps[mode] > 0.5) * 255).astype(np.uint8)).save(temporary, format="PNG")
+        return [{"dataset": dataset.name, "image": item.sample.id, "mode": mode}]
+
+    results = out / RESULTS_FILE
+    failed = {row.get("image") for _, row in parse_jsonl(results.read_bytes(), results, skip_damaged=True)
+              if row.get("status") == "error"} if results.is_file() else set()
+    return run_items([WorkItem(dataset, sample) for sample in dataset.samples], predict_one, results, "predict",
+                     show_progress=show_progress,  # an image that failed is done (its row says why)
+                     check_done=lambda item: item.sample.id in failed or (out / f"{item.sample.id}.png").is_file())
