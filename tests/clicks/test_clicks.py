@@ -133,6 +133,12 @@ def test_a_killed_run_continues_with_the_same_history(trained, tmp_path):
 
 def test_exported_weights_load_over_litemedsam_and_a_changed_file_is_refused(trained, tmp_path, monkeypatch):
     _, run, _ = trained
+    before = (run / "best.pt").read_bytes()
+    for folder, name, message in ((run, "best", "is the input"), (tmp_path, "../toy", "not a safe file name"),
+                                  (tmp_path, "", "not a safe file name")):
+        with pytest.raises(InputError, match=message):  # the run's checkpoint stays, nothing lands outside
+            export_prompt_weights(run / "best.pt", folder, name)
+    assert (run / "best.pt").read_bytes() == before and not (tmp_path.parent / "toy.pt").exists()
     path = export_prompt_weights(run / "best.pt", tmp_path, "toy_click")
     card = json.loads((tmp_path / "toy_click.json").read_text())
     assert card["dtype"] == "float16" and card["base_model"] == "litemedsam"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint, write_torch
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_apart, path_component
 from sam4med.engine.models import base_prompt_path, load_model
 from sam4med.engine.registry import model_spec
 from sam4med.engine.sam_model import SamModel
@@ -44,6 +44,9 @@ def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,
     """Write a run's prompt encoder and mask decoder as fp16 ``folder/<name>.pt`` with its model card
     ``<name>.json`` (sha256, base weights, training configuration, and what ``card`` adds)."""
     checkpoint, folder = Path(checkpoint), Path(folder)
+    path_component(name, "--name")
+    for written in (folder / f"{name}.pt", folder / f"{name}.json"):
+        check_apart(written, [checkpoint], "--out/--name")
     saved = read_trained_checkpoint(checkpoint, CHECKPOINT_KIND)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.pt"

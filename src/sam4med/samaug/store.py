@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, load_datasets
-from sam4med.engine.errors import InputError, check_precision, one_line
+from sam4med.engine.errors import InputError, check_apart, check_precision, one_line
 from sam4med.engine.imageio import read_image
 from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
@@ -147,6 +147,7 @@ def generate_priors(
         raise InputError(f"--max-images {max_images}: must be >= 1 (or unset for all)")
     check_precision(precision)
     datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
+    check_apart(Path(out), [dataset.root for dataset in datasets])
     sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device,
                                                                 encoder_backend=encoder_backend,
                                                                 precision=precision)
