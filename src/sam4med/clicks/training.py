@@ -453,6 +453,10 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     if backbone.spec.prompt_weights is not None:
         raise InputError(f"--backbone {config.backbone}: already carries trained prompt weights; train on its base "
                          "model and start from them with --init")
+    # the base decoder is copied before --init replaces the prompt parts; a bad --init is refused before any embedding
+    base = base_prompt_path(backbone.network, use_shared_decoder=False) if config.base_box_decoder else None
+    if config.init_weights is not None:
+        load_prompt_parts(backbone.network, Path(config.init_weights))
     sides = {d.name: (splits[d.name]["train"][: config.max_train_images], splits[d.name]["val"][: config.max_val_images])
              for d in datasets}
     unknown = sorted(set(config.tiled) - {d.name for d in datasets})
@@ -481,10 +485,7 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
             "datasets": [d.name for d in datasets], "train_images": len(train), "val_images": len(val),
             "train_objects": sum(e.objects for e in train), "embeddings": str(store),
             "train_per_folder": {f: sum(e.dataset == f for e in train) for fs in folders.values() for f in fs}}
-    # copied before --init replaces the prompt parts
-    base = base_prompt_path(backbone.network, use_shared_decoder=False) if config.base_box_decoder else None
     if config.init_weights is not None:
-        load_prompt_parts(backbone.network, Path(config.init_weights))
         meta["init_weights_sha256"] = file_sha256(Path(config.init_weights))
     task = ClickTask(config, backbone.network, backbone.spec.image_size, train, val, meta, base, backbone.device)
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train clicks ({config.backbone})",
