@@ -219,7 +219,12 @@ def _may_hide_nonfinite(image: sitk.Image) -> bool:
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
     """The series with the most files (first series UID on ties): folders often hold scouts too."""
-    series = sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns on stderr where no series is: our line says it
+    try:
+        series = sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         raise InputError(f"{folder}: no DICOM series found in the folder")
     files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series), key=len)
