@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -180,6 +181,15 @@ def test_annotate_refuses_a_folder_without_images_or_a_bad_port_before_the_model
     assert "no images" in _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path / "empty")]))
     assert "not a folder" in _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path / "missing")]))
     assert "--port 0" in _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path), "--port", "0"]))
+    bad_host = _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path), "--host", "999.1.1.1"]))
+    assert bad_host.startswith("error: --host '999.1.1.1': not an address")
+    with socket.socket() as taken:  # a port another program listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        busy = _one_error_line(CliRunner().invoke(app, ["annotate", str(tmp_path), "--port", port]))
+    assert busy.startswith(f"error: --host 127.0.0.1 --port {port}: cannot listen there")
+    assert not any(tmp_path.rglob(".sam4med"))
 
 
 def test_ray_options_without_ray_say_how_to_install_it(tmp_path, monkeypatch):

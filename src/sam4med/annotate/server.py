@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import socket
 import time
 import webbrowser
 from pathlib import Path
@@ -156,13 +157,29 @@ def annotate_folder(folder: str | Path, model: str, checkpoint: str | Path | Non
     """``sam4med annotate``: check the folder, port and tiling, load the model, serve the page until interrupted."""
     from sam4med.engine.models import load_model
 
-    if not 1 <= port <= 65535:
-        raise InputError(f"--port {port}: must be 1..65535")
+    check_address(host, port)
     check_tiling(tile, halo)
     check_precision(precision)
     frames = open_frames(folder)  # a folder without images, or a damaged volume, fails before the model loads
     sam = load_model(model, checkpoint, device, encoder_backend=encoder_backend, precision=precision)
     serve(AnnotationSession(frames, sam, tile=tile, halo=halo), host, port, open_browser)
+
+
+def check_address(host: str, port: int) -> None:
+    """The page can be served at ``host:port`` (a known address, a free port), checked before the model loads."""
+    if not 1 <= port <= 65535:
+        raise InputError(f"--port {port}: must be 1..65535")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise InputError(f"--host {host!r}: not an address of this machine ({one_line(error)})") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server sets it
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise InputError(f"--host {host} --port {port}: cannot listen there ({error.strerror or one_line(error)})"
+                             ) from None
 
 
 def serve(session: AnnotationSession, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False) -> None:
