@@ -51,6 +51,10 @@ def _table(tmp_path, body: str, header: str = HEADER):
     (HEADER, "/etc/x.png,,1,1,5,5,,\n", "must be a path inside"),
     (HEADER, "./.,,1,1,5,5,,\n", "image './.': must be a path inside"),
     (HEADER, "", "has no rows"),
+    ("image,x0,y0,x1,y1,x0\n", "a.png,1,1,5,5,2\n", "the header names x0 more than once"),
+    ("image,Image,x0,y0,x1,y1\n", "a.png,a.png,1,1,5,5\n", "the header names image more than once"),
+    ("image,x0,y0,x1,y1,\n", "a.png,1,1,5,5,\n", "column 6 of the header has no name"),
+    (HEADER, '"a.png,,1,1,5,5,,\n', "not CSV after line 1 .*a quote left open"),
 ])
 def test_bad_tables_name_the_file_and_line(tmp_path, header, body, message):
     with pytest.raises(InputError, match=message):

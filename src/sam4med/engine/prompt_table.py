@@ -49,8 +49,21 @@ def read_prompt_table(path: str | Path) -> dict[str, list[PromptRow]]:
         raise InputError(f"{path}: no such prompt table") from None
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"{path}: cannot read the prompt table ({one_line(error)})") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted cells may hold line breaks
+    # quoted cells may hold line breaks; strict: a quote left open is an error, not the rest of the file in one cell
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    try:
+        return _read_rows(path, reader)
+    except csv.Error as error:
+        raise InputError(f"{path}: not CSV after line {reader.line_num} ({one_line(error)}; a quote left open?)") from None
+
+
+def _read_rows(path: Path, reader: csv.DictReader) -> dict[str, list[PromptRow]]:
     columns = [c.strip().lower() for c in reader.fieldnames or []]  # "Image" or " x0" from a spreadsheet too
+    if "" in columns:
+        raise InputError(f"{path}: column {columns.index('') + 1} of the header has no name")
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise InputError(f"{path}: the header names {', '.join(repeated)} more than once")
     if "image" not in columns:
         raise InputError(f"{path}: the prompt table needs a header with an 'image' column ({', '.join(PROMPT_COLUMNS)})")
     unknown = sorted(set(columns) - set(PROMPT_COLUMNS))
