@@ -149,6 +149,8 @@ def test_cli_benchmark_report_and_segment(tmp_path):
         (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--rounds", "100000000"], "--rounds 100000000"),
         (["eval", "benchmark", "--data", "{data}", "--out", "{data}"], "--out"),
         (["segment", "{image}", "--box", "1", "1", "5", "5", "--device", "tpu", "--out", "m.png"], "--device 'tpu'"),
+        (["segment", "{image}", "--box", "1", "1", "5", "5", "--out", "{data}/dataset.json/m.png"],
+         "dataset.json: File exists (a file stands where a folder is needed)"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
@@ -248,5 +250,5 @@ def test_split_selects_the_trainers_test_side_and_says_what_to_do_when_a_set_is_
     assert len(config.samples(dataset)) == 2
     small = load_dataset(write_dataset(tmp_path / "two", broken=False, count=2))
     assert BenchmarkConfig().samples(small) == small.samples
-    with pytest.raises(InputError, match="side of the split is empty.*without --split every image"):
+    with pytest.raises(InputError, match="too few for a train/val/test split .*without --split every image"):
         config.samples(small)

@@ -60,7 +60,10 @@ def one_line_errors(command: F) -> F:
             raise typer.Exit(2) from None
         except OSError as error:  # the file system refused: permissions, a full or read-only disk
             where = error.filename if error.filename is not None else "file system"
-            typer.echo(f"error: {where}: {error.strerror or one_line(error)}", err=True)
+            reason = error.strerror or one_line(error)
+            if isinstance(error, (FileExistsError, NotADirectoryError)):  # a file where a folder has to be made
+                reason = f"{reason} (a file stands where a folder is needed)"
+            typer.echo(f"error: {where}: {reason}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -132,7 +132,7 @@ def _opened(path: Path) -> Iterator[Image.Image]:
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
                 raise InputError(
-                    f"{path}: {frames} frames; a 2D image or mask must have one "
+                    f"{path}: {frames} frames (pages, or planes read as pages); a 2D image or mask must have one "
                     "(read 3D data with sam4med.engine.volumes.read_volume)"
                 )
             image.load()
