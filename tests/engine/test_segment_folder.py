@@ -132,7 +132,7 @@ def _dice(a, b):
     return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
-def test_label_maps_rows_failures_and_resume(tmp_path, folder, click_model):
+def test_label_maps_rows_failures_and_resume(tmp_path, folder, click_model, capsys):
     images, truths = folder
     table = _table(tmp_path, "a.png,ellipse,75,55,225,145,,\n"
                              "a.png,corner,,,,,5 5,\n"
@@ -152,6 +152,7 @@ def test_label_maps_rows_failures_and_resume(tmp_path, folder, click_model):
     assert rows[("a.png", 1)]["area"] >= int((first == 1).sum())
     assert rows[("sub/b.jpg", 1)]["area"] == int((second == 1).sum())
     assert rows[("sub/b.jpg", 2)]["status"] == "error" and "reaches outside" in rows[("sub/b.jpg", 2)]["error"]
+    assert "prompts.csv: line 5: prompt" in capsys.readouterr().err  # the user sees which prompt failed
     assert rows[("broken.png", None)]["status"] == "error" and "cannot read image" in rows[("broken.png", None)]["error"]
     assert not (second == 2).any()
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [

@@ -12,7 +12,7 @@ from PIL import Image
 from sam4med.engine.errors import InputError, check_apart, check_number
 from sam4med.engine.imageio import read_image
 from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
-from sam4med.engine.runs import atomic_path
+from sam4med.engine.runs import atomic_path, warn
 
 # segment_everything's label maps drop a mask left with less than this share of its own area: the rule chosen
 # among ten on the validation sides of DSB 2018 and GlaS by object F1 at IoU 0.5 (README)
@@ -206,8 +206,9 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
                    "line": entry.line, **entry.prompt.to_record(), "prompts_sha256": digests[item.sample.id]}
             try:
                 entry.prompt.check_inside(pixels.shape[:2])
-            except InputError as error:
+            except InputError as error:  # this object is an error row (and a warning); the image's others go on
                 rows.append({**row, "status": "error", "error": f"{item.sample.image_path}: {error}"})
+                warn(f"{prompts}: line {entry.line}: {error}")
                 continue
             mask, predicted_iou = segment_prompt(ready, pixels, entry.prompt, rule)
             labels[mask] = value
