@@ -95,6 +95,14 @@ def test_load_results_skips_a_line_cut_by_a_kill(results: Path) -> None:
     assert len(load_results(results)) == 16
 
 
+def test_a_report_warns_once_about_a_damaged_line(results: Path, capsys) -> None:
+    lines = (results / "results.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines.insert(3, '{"dataset": "ds_b", "ima\n')
+    (results / "results.jsonl").write_text("".join(lines), encoding="utf-8")
+    write_report(results)
+    assert capsys.readouterr().err.count("line 4 is damaged") == 1
+
+
 def test_summary_means_match_hand_computed(results: Path) -> None:
     df = load_results(results)
     table = summary_table(df).set_index(["dataset", "mode"])

@@ -240,8 +240,8 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
 
 
 def _report_body(results_dir: Path) -> str:
-    write_tables(results_dir)
     df = load_results(results_dir)
+    write_tables(results_dir, df)
     ok = ok_rows(df, "dice", "modality", *FACTORS)
     modes = ordered(ok["mode"])
     protocol_path = results_dir / PROTOCOL_FILE

@@ -201,11 +201,12 @@ def failures(df: pd.DataFrame) -> pd.DataFrame:
     return errors[columns].reset_index(drop=True)
 
 
-def write_tables(results_dir: str | Path) -> list[Path]:
+def write_tables(results_dir: str | Path, df: pd.DataFrame | None = None) -> list[Path]:
     """Write summary.csv (every metric), mean_dice.csv, factors.csv, clicks.csv, timing.csv and
-    failures.csv into ``results_dir``; returns their paths."""
+    failures.csv into ``results_dir``; returns their paths. ``df``: its :func:`load_results`, when the caller
+    has read it already (read once, a damaged line is warned about once)."""
     results_dir = Path(results_dir)
-    df = load_results(results_dir)
+    df = load_results(results_dir) if df is None else df
     ok = ok_rows(df)
     metrics = [m for m in METRICS if m in ok.columns and ok[m].notna().any()] or ["dice"]
     summary = pd.concat([summary_table(df, m) for m in metrics], ignore_index=True)
