@@ -264,9 +264,9 @@ def test_everything_over_a_folder_writes_an_empty_map_for_an_image_where_no_mask
         ("blank.png", None, "ok"), ("ellipse.png", None, "ok")]
 
 
-@pytest.mark.parametrize("where", ["the folder", "inside it", "above it"])
+@pytest.mark.parametrize("where", ["the folder", "inside its images", "its masks", "beside them", "above it"])
 def test_folder_verbs_refuse_an_output_folder_that_overlaps_their_images(tmp_path, where):
-    """Results written into a data set (its masks/) would replace its ground truth."""
+    """Results written into a data set (its masks/) would replace its ground truth; beside it they are fine."""
     from sam4med.engine.segment import segment_everything
 
     data = tmp_path / "data"
@@ -276,10 +276,15 @@ def test_folder_verbs_refuse_an_output_folder_that_overlaps_their_images(tmp_pat
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(data / "masks" / "a.png")
     truth = (data / "masks" / "a.png").read_bytes()
     table = _table(tmp_path, "a.png,,1,1,9,9,,\n")
-    out = {"the folder": data, "inside it": data / "images" / "results", "above it": tmp_path}[where]
+    out = {"the folder": data, "inside its images": data / "images" / "results", "its masks": data / "masks",
+           "beside them": data / "results", "above it": tmp_path}[where]
     for run in (lambda: segment_folder(never_loaded, data / "images", table, out),
                 lambda: segment_everything(never_loaded, data, out)):
-        with pytest.raises(InputError, match="--out .*(is the input|holds the input|lies inside the input)"):
+        if where in ("beside them", "above it"):  # the checks pass: the model is what comes next
+            with pytest.raises(AssertionError, match="the model was loaded"):
+                run()
+            continue
+        with pytest.raises(InputError, match="--out .*(is the input|lies inside the input|would write over the input)"):
             run()
     assert (data / "masks" / "a.png").read_bytes() == truth and not (data / "images" / "results").exists()
 

@@ -194,8 +194,10 @@ def test_label_volume_must_match_its_image(tmp_path):
         read_label_volume(tmp_path / "soft.nii.gz")
     with pytest.raises(InputError, match=r"labels have shape \(2, 2, 2\)"):
         write_label_volume(np.zeros((2, 2, 2), np.uint8), volume, tmp_path / "x.nii.gz")
-    with pytest.raises(InputError, match="unknown volume extension"):
-        write_label_volume(np.zeros(SHAPE, np.uint8), volume, tmp_path / "x.png")
+    for name in ("x.png", "x.mhd", "x.nhdr"):  # a detached header's data file would keep a temporary name
+        with pytest.raises(InputError, match="label volumes are written as .nii, .nii.gz, .nrrd, .mha"):
+            write_label_volume(np.zeros(SHAPE, np.uint8), volume, tmp_path / name)
+    assert not list(tmp_path.glob("x.*"))
 
 
 def test_percentile_and_fixed_windows():

@@ -234,7 +234,7 @@ def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task
     scored = evaluate(tmp_path / "dual" / "best.pt", [data], priors, None)
     assert scored.loc[scored["image"] == "n99", "status"].tolist() == ["error"]
     assert scored["dice"].notna().sum() == 16 * 5
-    with pytest.raises(InputError, match="--out .*lies inside the input"):
+    with pytest.raises(InputError, match="--out .*masks: is the input"):
         predict(tmp_path / "dual" / "best.pt", data, data / "masks", priors, "confident", show_progress=False)
     data.joinpath("images", "n99.png").unlink()
     data.joinpath("masks", "n99.png").unlink()

@@ -66,6 +66,13 @@ class Dataset:
     samples: list[Sample]
 
     @property
+    def folders(self) -> list[Path]:
+        """Where its images and masks are read from: no output may be written into them."""
+        found = {self.root / "images", self.root / "masks"} | {s.image_path.parent for s in self.samples} \
+            | {s.mask_path.parent for s in self.samples if s.mask_path is not None}
+        return sorted(folder for folder in found if folder.is_dir())
+
+    @property
     def groups(self) -> dict[str, list[Sample]]:
         """Group name -> its samples (sorted group names); empty when no sample has a group."""
         groups: dict[str, list[Sample]] = {}

@@ -90,15 +90,23 @@ def path_component(value: object, what: str) -> str:
     return value
 
 
-def check_apart(out: Path, inputs: Iterable[Path], what: str = "--out") -> None:
-    """Refuse an output that could overwrite an input: the same path, a folder that holds an input, or a
-    path inside an input folder (results written into a data set would replace its ground truth)."""
+def check_apart(out: Path, inputs: Iterable[Path], what: str = "--out", roots: Iterable[Path] = (),
+                writes: Iterable[str] = ()) -> None:
+    """Refuse an output that could overwrite an input. ``out`` may not be an input (a file, or a folder such as
+    a data set's images/ and masks/) nor lie inside one; it may not be one of the ``roots`` (the folder a verb
+    was given), though it may lie inside it; and the folders it fills (``writes``, names under ``out``, such as
+    masks/) may not meet an input. Results beside the data are fine; results over it are refused."""
     target = Path(out).resolve()
+    filled = [(name, target / name) for name in writes]
+    for root in roots:
+        if target == Path(root).resolve():
+            raise InputError(f"{what} {out}: is the input folder {root}; name another folder")
     for source in inputs:
         origin = Path(source).resolve()
         if target == origin:
             raise InputError(f"{what} {out}: is the input {source}; name another path")
-        if origin.is_relative_to(target):
-            raise InputError(f"{what} {out}: holds the input {source}; name a folder beside it")
         if target.is_relative_to(origin):
             raise InputError(f"{what} {out}: lies inside the input {source}; name a folder outside it")
+        for name, folder in filled:
+            if folder.is_relative_to(origin) or origin.is_relative_to(folder):
+                raise InputError(f"{what} {out}: its {name}/ would write over the input {source}; name another folder")

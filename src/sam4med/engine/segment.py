@@ -181,9 +181,10 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
 
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder of images")
-    check_apart(out, [folder, prompts])
     check_mask_rule(mask_rule, with_truth=False)
     table = read_prompt_table(prompts)
+    check_apart(out, [prompts, *(folder / image for image in table), *_data_set_folders(folder)], roots=[folder],
+                writes=["masks"])
     maps = _label_map_paths(table, prompts)
     ready = _ready(predictor)
     rule = mask_rule or ready.default_mask_rule
@@ -243,7 +244,9 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     settings = settings or EverythingSettings()
     settings.check()
     images = _folder_images(folder)
-    check_apart(out, [folder])
+    root = _images_root(folder)
+    check_apart(out, [*(root / image for image in images), *_data_set_folders(folder)], roots=[folder, root],
+                writes=["masks"])
     maps = _label_map_paths(images, folder)
     ready = _ready(predictor)
     resolved = settings.resolved(ready.model.spec)
@@ -275,6 +278,12 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     return run_items([WorkItem(dataset, sample) for sample in dataset.samples], segment_one, out / RESULTS_FILE,
                      "everything", show_progress=show_progress,
                      check_done=_finished_outputs(out / RESULTS_FILE, maps)[1])
+
+
+def _data_set_folders(folder: Path) -> list[Path]:
+    """A data set's images/ and masks/ when ``folder`` is one (or its images/ folder): no output goes in there."""
+    base = folder.parent if folder.name == "images" and (folder.parent / "masks").is_dir() else folder
+    return [base / name for name in ("images", "masks") if (base / name).is_dir()]
 
 
 def _images_root(folder: Path) -> Path:

@@ -58,8 +58,10 @@ def run_record(config: Mapping[str, object]) -> dict[str, object]:
 def start_run(out: Path, config: Mapping[str, object], splits: Mapping[str, Mapping[str, list[Sample]]]) -> None:
     """Claim ``out`` for ``config`` (a rerun with the same config resumes) and record the split (rank 0
     under torchrun; the others wait for it)."""
-    check_apart(out, {sample.image_path.parent.parent for sides in splits.values() for samples in sides.values()
-                      for sample in samples})  # the data sets' folders
+    samples = [sample for sides in splits.values() for side in sides.values() for sample in side]
+    check_apart(out, {sample.image_path.parent for sample in samples}  # where the data sets' images and masks are
+                | {sample.mask_path.parent for sample in samples if sample.mask_path is not None},
+                roots={sample.image_path.parent.parent for sample in samples})
     group = processes()
     if group.leader:
         claim_folder(out, CONFIG_FILE, run_record(config))

@@ -205,7 +205,7 @@ def run_benchmark(
     out = Path(out)
     modes = [make_mode(name, config.prompts, config.everything) for name in config.modes]
     datasets = load_datasets(data)
-    check_apart(out, [dataset.root for dataset in datasets])
+    check_apart(out, [folder for dataset in datasets for folder in dataset.folders], roots=[d.root for d in datasets])
     if model is None:
         model = load_model(config.model, config.checkpoint, device, encoder_backend=encoder_backend,
                            precision=precision)

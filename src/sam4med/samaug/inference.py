@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sam4med.engine.datasets import Dataset, Sample, load_dataset
+from sam4med.engine.datasets import Dataset, Sample, load_dataset, load_datasets
 from sam4med.engine.imageio import read_mask
 from sam4med.engine.errors import InputError, check_apart, one_line
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
@@ -128,7 +128,9 @@ def evaluate(
     """
     checkpoint = Path(checkpoint)
     if out is not None:
-        check_apart(Path(out), [Path(folder) for folder in data])
+        datasets = load_datasets(data)
+        check_apart(Path(out), [folder for dataset in datasets for folder in dataset.folders],
+                    roots=[dataset.root for dataset in datasets])
     segmenter = load_segmenter(checkpoint)
     split_ids = _split_ids(checkpoint.parent, split) if split else None
     rows = []
@@ -195,7 +197,7 @@ def predict(
         raise InputError(f"--mode {mode}: the model was trained on raw input only; use --mode raw")
     dataset = load_dataset(data, require_masks=False)
     out = Path(out)
-    check_apart(out, [dataset.root])
+    check_apart(out, dataset.folders, roots=[dataset.root])
     store = prior_store(segmenter, priors, dataset)
     claim_folder(out, PROTOCOL_FILE, {"task": "samaug predict", "checkpoint_sha256": file_sha256(Path(checkpoint)),
                                       "mode": mode, "priors": None if store is None else store.record["key"]})

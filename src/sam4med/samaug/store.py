@@ -147,7 +147,8 @@ def generate_priors(
         raise InputError(f"--max-images {max_images}: must be >= 1 (or unset for all)")
     check_precision(precision)
     datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
-    check_apart(Path(out), [dataset.root for dataset in datasets])
+    check_apart(Path(out), [folder for dataset in datasets for folder in dataset.folders],
+                roots=[dataset.root for dataset in datasets])
     sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device,
                                                                 encoder_backend=encoder_backend,
                                                                 precision=precision)
