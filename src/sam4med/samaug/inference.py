@@ -127,15 +127,14 @@ def evaluate(
     scores every image of the data sets. ``out`` also writes ``metrics.csv`` there.
     """
     checkpoint = Path(checkpoint)
+    datasets = load_datasets(data)
     if out is not None:
-        datasets = load_datasets(data)
         check_apart(Path(out), [folder for dataset in datasets for folder in dataset.folders],
                     roots=[dataset.root for dataset in datasets])
     segmenter = load_segmenter(checkpoint)
     split_ids = _split_ids(checkpoint.parent, split) if split else None
     rows = []
-    for folder in data:
-        dataset = load_dataset(folder)
+    for folder, dataset in zip(data, datasets):
         samples = dataset.samples
         if split_ids is not None:
             if dataset.name not in split_ids:
@@ -204,7 +203,9 @@ def predict(
 
     def predict_one(item: WorkItem) -> list[dict]:
         maps, _ = predict_sample(segmenter, dataset, item.sample, store)
-        with atomic_path(out / f"{item.sample.id}.png") as temporary:
+        path = out / f"{item.sample.id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)  # ids of images in sub-folders hold a '/'
+        with atomic_path(path) as temporary:
             Image.fromarray(((maps[mode] > 0.5) * 255).astype(np.uint8)).save(temporary, format="PNG")
         return [{"dataset": dataset.name, "image": item.sample.id, "mode": mode}]
 
