@@ -16,7 +16,7 @@ import pandas as pd
 from scipy import stats
 
 from sam4med.engine.items import RESULTS_FILE
-from sam4med.engine.runs import atomic_path, read_jsonl
+from sam4med.engine.runs import atomic_path, read_jsonl, warn
 
 METRICS = ("dice", "iou", "hd95", "hd", "asd", "nsd")
 FACTORS = ("object_area", "boundary_complexity", "contrast")
@@ -43,7 +43,15 @@ def load_results(results: str | Path) -> pd.DataFrame:
             df[column] = np.nan
     df["status"] = df["status"].fillna("ok")
     for column in NUMERIC_COLUMNS:
-        df[column] = pd.to_numeric(df[column], errors="coerce") if column in df.columns else np.nan
+        if column not in df.columns:
+            df[column] = np.nan
+            continue
+        numbers = pd.to_numeric(df[column], errors="coerce")
+        unreadable = numbers.isna() & df[column].notna()
+        if unreadable.any():  # a hand-edited or foreign file: say so instead of losing the values quietly
+            warn(f"{path}: {int(unreadable.sum())} row(s) whose '{column}' is not a number (first "
+                 f"{df.loc[unreadable, column].iloc[0]!r}) are read as missing")
+        df[column] = numbers
     df[list(NUMERIC_COLUMNS)] = df[list(NUMERIC_COLUMNS)].astype(float)
     return df
 
