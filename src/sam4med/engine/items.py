@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sam4med.engine.datasets import Dataset, Sample
@@ -157,3 +158,26 @@ def _json_default(value: object) -> object:
     if isinstance(value, (np.ndarray, torch.Tensor)):
         return value.tolist()
     raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def finished_outputs(results: Path, outputs: Mapping[str, Path]) -> tuple[dict[str, dict], Callable[[WorkItem], bool]]:
+    """The last stored row of each image, and the ``check_done`` of a loop that writes one image file per item
+    (``outputs``: image id -> its path under ``results``' folder): an item that failed whole is done (its error
+    row says why); one that succeeded, while its file can still be read."""
+    stored = {row.get("image"): row for _, row in parse_jsonl(results.read_bytes(), results, skip_damaged=True)} \
+        if results.is_file() else {}
+
+    def whole(item: WorkItem) -> bool:
+        row = stored.get(item.sample.id, {})
+        return row.get("status") == "error" and "object" not in row \
+            or _readable(results.parent / outputs[item.sample.id])
+    return stored, whole
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+    except (OSError, ValueError):
+        return False
+    return True

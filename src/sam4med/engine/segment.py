@@ -175,7 +175,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
     whose rows in the table have changed. An image that cannot be read, or a prompt outside its image,
     is recorded as an error row and the run goes on. The table is checked whole before the model loads.
     """
-    from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
+    from sam4med.engine.items import RESULTS_FILE, WorkItem, finished_outputs, run_items
     from sam4med.engine.prompt_table import prompts_digest, read_prompt_table
     from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 
@@ -192,7 +192,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
                                       "label_map": "object k of an image = value k in table order; later objects "
                                                    "kept where masks overlap"})
     digests = {image: prompts_digest(rows) for image, rows in table.items()}
-    stored, whole = _finished_outputs(out / RESULTS_FILE, maps)
+    stored, whole = finished_outputs(out / RESULTS_FILE, maps)
     dataset = _folder_dataset(folder, table)
 
     def done(item: WorkItem) -> bool:  # the image's prompts unchanged since, and its outputs whole
@@ -237,7 +237,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     read is an error row and the run goes on.
     """
     from sam4med.engine.everything import EverythingSettings, generate_masks
-    from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
+    from sam4med.engine.items import RESULTS_FILE, WorkItem, finished_outputs, run_items
     from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 
     min_visible = MIN_VISIBLE if min_visible is None else check_number(min_visible, "--min-visible", minimum=0, maximum=1)
@@ -253,7 +253,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-everything", "model": ready.protocol,
                                       "everything": resolved.record(), "min_visible": min_visible,
                                       "label_map": "16-bit instances; pixels claimed best score first"})
-    dataset = _folder_dataset(_images_root(folder), images)
+    dataset = _folder_dataset(root, images)
 
     def segment_one(item: WorkItem) -> list[dict]:
         pixels = read_image(item.sample.image_path)
@@ -277,7 +277,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
 
     return run_items([WorkItem(dataset, sample) for sample in dataset.samples], segment_one, out / RESULTS_FILE,
                      "everything", show_progress=show_progress,
-                     check_done=_finished_outputs(out / RESULTS_FILE, maps)[1])
+                     check_done=finished_outputs(out / RESULTS_FILE, maps)[1])
 
 
 def _data_set_folders(folder: Path) -> list[Path]:
@@ -326,33 +326,10 @@ def _label_map_paths(images: Iterable[str], source: Path) -> dict[str, Path]:
     return maps
 
 
-def _finished_outputs(results: Path, maps: dict[str, Path]) -> tuple[dict[str, dict], Callable[[WorkItem], bool]]:
-    """The last stored row of each image, and the folder verbs' ``check_done``: an image that failed whole is
-    done (its error row says why); one that was segmented, while its label map can still be read."""
-    from sam4med.engine.runs import parse_jsonl
-
-    stored = {row.get("image"): row for _, row in parse_jsonl(results.read_bytes(), results, skip_damaged=True)} \
-        if results.is_file() else {}
-
-    def whole(item: WorkItem) -> bool:
-        row = stored.get(item.sample.id, {})
-        return row.get("status") == "error" and "object" not in row or _readable(results.parent / maps[item.sample.id])
-    return stored, whole
-
-
 def _write_label_map(path: Path, labels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
         Image.fromarray(labels).save(temporary, format="PNG")
-
-
-def _readable(path: Path) -> bool:
-    try:
-        with Image.open(path) as handle:
-            handle.load()
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def segment_volume_file(predictor: PredictorSource, volume_path: Path, box3d: Sequence[float], out: Path,

@@ -23,10 +23,10 @@ from PIL import Image
 from sam4med.engine.datasets import Dataset, Sample, load_dataset, load_datasets
 from sam4med.engine.imageio import read_mask
 from sam4med.engine.errors import InputError, check_apart, one_line
-from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
+from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, finished_outputs, run_items
 from sam4med.engine.metrics import aggregated_jaccard_index, dice, iou, label_instances, object_f1, soft_dice
 from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint
-from sam4med.engine.runs import PROTOCOL_FILE, SPLIT_FILE, atomic_path, claim_folder, parse_jsonl, warn
+from sam4med.engine.runs import PROTOCOL_FILE, SPLIT_FILE, atomic_path, claim_folder, warn
 from sam4med.samaug.inputs import prepare_images
 from sam4med.samaug.networks import build_network
 from sam4med.samaug.prediction import PREDICT_MODES, combine, default_mode, probabilities
@@ -201,17 +201,16 @@ def predict(
     claim_folder(out, PROTOCOL_FILE, {"task": "samaug predict", "checkpoint_sha256": file_sha256(Path(checkpoint)),
                                       "mode": mode, "priors": None if store is None else store.record["key"]})
 
+    masks = {sample.id: Path(f"{sample.id}.png") for sample in dataset.samples}  # under out
+
     def predict_one(item: WorkItem) -> list[dict]:
         maps, _ = predict_sample(segmenter, dataset, item.sample, store)
-        path = out / f"{item.sample.id}.png"
+        path = out / masks[item.sample.id]
         path.parent.mkdir(parents=True, exist_ok=True)  # ids of images in sub-folders hold a '/'
         with atomic_path(path) as temporary:
             Image.fromarray(((maps[mode] > 0.5) * 255).astype(np.uint8)).save(temporary, format="PNG")
         return [{"dataset": dataset.name, "image": item.sample.id, "mode": mode}]
 
-    results = out / RESULTS_FILE
-    failed = {row.get("image") for _, row in parse_jsonl(results.read_bytes(), results, skip_damaged=True)
-              if row.get("status") == "error"} if results.is_file() else set()
-    return run_items([WorkItem(dataset, sample) for sample in dataset.samples], predict_one, results, "predict",
-                     show_progress=show_progress,  # an image that failed is done (its row says why)
-                     check_done=lambda item: item.sample.id in failed or (out / f"{item.sample.id}.png").is_file())
+    return run_items([WorkItem(dataset, sample) for sample in dataset.samples], predict_one, out / RESULTS_FILE,
+                     "predict", show_progress=show_progress,
+                     check_done=finished_outputs(out / RESULTS_FILE, masks)[1])
