@@ -108,6 +108,9 @@ TileOption = Annotated[int, typer.Option(help="Tiled embeddings for large images
                                               "its halo at the model's size; a prompt goes to the tile that holds it "
                                               "(0: whole images).")]
 HaloOption = Annotated[int, typer.Option(help="Pixels around each tile's core (with --tile).")]
+# the verbs that segment a user's images, without ground truth (so without the benchmark's oracle rule)
+SegmentMaskRuleOption = Annotated[Optional[str], typer.Option(help="single, auto (3 masks for a lone click) or iou; "
+                                                                   "default: the model's.")]
 
 
 def echo_training_result(out: Path, result: object, model_hint: str = "") -> None:
