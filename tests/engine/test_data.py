@@ -110,6 +110,29 @@ def test_float_tiff_with_nan_is_rejected(tmp_path):
         read_image(save(values, tmp_path / "nan_float.tif"))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_tiff_that_pil_cannot_read_is_read_with_tifffile(tmp_path, dtype):
+    values = (RNG.random((40, 50)) * 1000).astype(dtype)  # PIL: "cannot identify image file"
+    tifffile.imwrite(tmp_path / "gray.tif", values)
+    np.testing.assert_array_equal(read_image(tmp_path / "gray.tif")[..., 0], window(values))
+    np.testing.assert_array_equal(read_mask(tmp_path / "gray.tif"), values > 0)
+
+
+def test_float_rgb_tiff_stored_plane_by_plane_is_channels_last(tmp_path):
+    rgb = RGB.astype(np.float64) / 255
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    np.testing.assert_array_equal(read_image(tmp_path / "planar.tif"), window(rgb))
+
+
+def test_tiff_of_complex_or_many_float_pages_is_refused(tmp_path):
+    tifffile.imwrite(tmp_path / "complex.tif", np.ones((40, 50), np.complex64))
+    with pytest.raises(InputError, match="complex.tif: complex64 pixels"):
+        read_image(tmp_path / "complex.tif")
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((5, 40, 50), np.float64), photometric="minisblack")
+    with pytest.raises(InputError, match="stack.tif: 5 frames"):
+        read_image(tmp_path / "stack.tif")
+
+
 def test_jpeg_reads_close_to_original(tmp_path):
     smooth = np.dstack([np.tile(np.linspace(0, 255, 50, dtype=np.uint8), (40, 1))] * 3)
     image = read_image(save(smooth, tmp_path / "smooth.jpg", quality=95))

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from sam4med.engine.datasets import IMAGE_EXTENSIONS, MEDICAL_EXTENSIONS, Sample, image_extension
 from sam4med.engine.errors import InputError, hw, one_line
@@ -19,6 +19,7 @@ from sam4med.engine.errors import InputError, hw, one_line
 # PIL modes whose pixels numpy takes as they are stored; others go through convert("RGB").
 _HIGH_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "F"}
 _NUMPY_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"} | _HIGH_BIT_MODES
+_TIFF_SUFFIXES = {".tif", ".tiff"}
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -80,6 +81,8 @@ def _stored_pixels(path: Path, expand_palette: bool) -> np.ndarray:
     """The pixels of any 2D image file as stored; palettes as RGB with ``expand_palette``, else as indices."""
     if _is_medical(path):
         return _medical_pixels(path)
+    if path.suffix.lower() in _TIFF_SUFFIXES and not _pil_identifies(path):
+        return _tiff_pixels(path)
     with _opened(path) as image:
         if expand_palette and image.mode in ("P", "PA"):
             return np.asarray(image.convert("RGB"))
@@ -118,6 +121,40 @@ def _medical_pixels(path: Path) -> np.ndarray:
     return pixels
 
 
+def _pil_identifies(path: Path) -> bool:
+    """Whether PIL knows the file's pixel layout (it does not know float64, float16 or float RGB TIFFs)."""
+    try:
+        Image.open(path).close()
+    except UnidentifiedImageError:
+        return False
+    except Exception:  # a corrupt file: _opened says what is wrong
+        return True
+    return True
+
+
+def _tiff_pixels(path: Path) -> np.ndarray:
+    """A TIFF that PIL cannot read (float64, float16, float RGB, planar samples), read with tifffile."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            if len(tiff.pages) != 1:
+                raise _many_frames(path, len(tiff.pages))
+            page = tiff.pages[0]
+            pixels = page.asarray()
+            planar = page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+    except InputError:
+        raise
+    except Exception as exc:  # tifffile raises many types for corrupt or unsupported files
+        raise InputError(f"{path}: cannot read image ({one_line(exc)})") from exc
+    if planar and pixels.ndim == 3:
+        pixels = np.moveaxis(pixels, 0, -1)  # samples stored plane by plane: channels last
+    if pixels.dtype.kind not in "biuf" or pixels.ndim not in (2, 3):
+        raise InputError(f"{path}: {pixels.dtype} pixels of shape {pixels.shape} (expected real-valued gray or "
+                         "colour samples)")
+    return pixels
+
+
 @contextmanager
 def _opened(path: Path) -> Iterator[Image.Image]:
     """A fully decoded single-frame image; every decoding failure becomes one InputError.
@@ -131,10 +168,7 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         with Image.open(path) as image:
             frames = getattr(image, "n_frames", 1)
             if frames > 1:
-                raise InputError(
-                    f"{path}: {frames} frames (pages, or planes read as pages); a 2D image or mask must have one "
-                    "(read 3D data with sam4med.engine.volumes.read_volume)"
-                )
+                raise _many_frames(path, frames)
             image.load()
             yield image
     except InputError:
@@ -143,6 +177,11 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         raise InputError(f"{path}: cannot read image ({one_line(exc)})") from exc
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _many_frames(path: Path, frames: int) -> InputError:
+    return InputError(f"{path}: {frames} frames (pages, or planes read as pages); a 2D image or mask must have one "
+                      "(read 3D data with sam4med.engine.volumes.read_volume)")
 
 
 def _pixels(image: Image.Image, path: Path) -> np.ndarray:
