@@ -132,6 +132,21 @@ def _dice(a, b):
     return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
+def test_image_whose_every_prompt_fails_is_a_failed_image(tmp_path, folder, click_model):
+    images, _ = folder
+    table = _table(tmp_path, "a.png,ellipse,75,55,225,145,,\n"
+                             "sub/b.jpg,outside,400,400,500,500,,\n"
+                             "sub/b.jpg,far,,,,,900 900,\n")
+    out = tmp_path / "out"
+    summary = segment_folder(Predictor(click_model), images, table, out, show_progress=False)
+    assert (summary.computed, summary.failed) == (1, 1)
+    assert not (out / "masks" / "sub" / "b.png").exists()
+    [row] = [r for r in _rows(out) if r["image"] == "sub/b.jpg"]
+    assert row["status"] == "error" and "none of its 2 prompt(s) could be segmented" in row["error"]
+    assert "reaches outside" in row["error"]
+    assert segment_folder(Predictor(click_model), images, table, out, show_progress=False).skipped == 2
+
+
 def test_label_maps_rows_failures_and_resume(tmp_path, folder, click_model, capsys):
     images, truths = folder
     table = _table(tmp_path, "a.png,ellipse,75,55,225,145,,\n"

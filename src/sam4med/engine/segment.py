@@ -214,6 +214,8 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
             mask, predicted_iou = segment_prompt(ready, pixels, entry.prompt, rule)
             labels[mask] = value
             rows.append({**row, "area": int(mask.sum()), "predicted_iou": round(predicted_iou, 4)})
+        if all(row.get("status") == "error" for row in rows):  # nothing segmented: a failed image, no empty map
+            raise InputError(f"none of its {len(rows)} prompt(s) could be segmented ({rows[0]['error']})")
         _write_label_map(out / maps[item.sample.id], labels)
         return rows
 
