@@ -23,7 +23,7 @@ from typing import Annotated
 import torch
 import typer
 
-from sam4med.cli.options import EncoderOption, MaxTrainImagesOption, PrecisionOption, ThreadsOption
+from sam4med.cli.options import DeviceOption, EncoderOption, MaxTrainImagesOption, PrecisionOption, ThreadsOption
 from sam4med.engine.runtime import configure_cpu
 from sam4med.samaug.experiment import PRESETS, PRIOR_GENERATORS, images_used, run_experiment, write_curves, write_summary
 from sam4med.samaug.priors import prior_settings
@@ -42,6 +42,7 @@ def main(
     max_train_images: MaxTrainImagesOption = 0,
     encoder: EncoderOption = "onnx",
     prior_precision: PrecisionOption = "fp32",
+    device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Train and score every arm and seed (resumable), then write the summary table and figures."""
@@ -60,11 +61,11 @@ def main(
     if "dual" in arms:
         for summary in generate_priors([data], priors / generator, model, settings=settings,
                                        encoder_backend=encoder, image_ids=images_used(data, config),
-                                       precision=prior_precision):
+                                       precision=prior_precision, device=device):
             print(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
                   f"{summary.failed} failed")
     results = run_experiment(data, priors / generator, out, config, [int(s) for s in seeds.split(",")],
-                             trainings=arms, instances=chosen.instances)
+                             trainings=arms, instances=chosen.instances, device=device)
     table = write_summary(out, results)
     write_curves(out)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")

@@ -24,7 +24,7 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from sam4med.cli.options import (BackboneOption, EpochsOption, MaxTrainImagesOption, PatienceOption, ThreadsOption,
+from sam4med.cli.options import (BackboneOption, DeviceOption, EpochsOption, MaxTrainImagesOption, PatienceOption, ThreadsOption,
                                  TrainPrecisionOption, one_line_errors)
 from sam4med.cli.samunet import ImagesPerStepOption
 from sam4med.engine.runtime import configure_cpu
@@ -48,6 +48,7 @@ def main(
     max_test_images: Annotated[int, typer.Option(help="Per data set, the first N of its test images (0: all).")] = 0,
     score_only: Annotated[bool, typer.Option(help="Score the runs in OUT/<arm> as they are.")] = False,
     precision: TrainPrecisionOption = "fp32",
+    device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Train every arm (resumable), score it and the zero-shot backbone, print the table and the paired gains."""
@@ -56,7 +57,8 @@ def main(
     config = PromptTrainConfig(backbone=backbone, conv_branch=conv_branch, epochs=epochs, patience=patience or None,
                                images_per_step=images_per_step, max_train_images=max_train_images or None,
                                precision=precision)
-    table = run_comparison(train, left_out, out, config, max_test_images or None, train=not score_only, arms=chosen)
+    table = run_comparison(train, left_out, out, config, max_test_images or None, train=not score_only, arms=chosen,
+                           device=device)
     print(table.round(4).to_string(index=False))
     scores = pd.read_csv(out / "scores.csv")
     pairs = [(arm, "zero_shot") for arm in chosen] + [(arm, "decoder") for arm in chosen

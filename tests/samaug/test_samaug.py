@@ -16,6 +16,7 @@ from skimage.segmentation import find_boundaries
 from typer.testing import CliRunner
 
 from sam4med.cli import app
+from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import ProposedMask
 from sam4med.engine.prompts import Prompt
@@ -142,6 +143,13 @@ def test_generate_priors_with_litemedsam_caches_resumes_and_refuses_other_settin
     [repaired] = generate_priors([data], out, litemedsam, show_progress=False)
     assert (repaired.computed, repaired.skipped) == (1, 1)
     np.testing.assert_array_equal(store.load("img01").segmentation, priors_before["img01"].segmentation)
+    replaced = data / "images" / "img00.png"  # another picture under the same id: its priors are stale
+    replaced.write_bytes((data / "images" / "img01.png").read_bytes())
+    with pytest.raises(InputError, match="img00.npz: made from another version of .*img00.png"):
+        store.load("img00", replaced)
+    [redone] = generate_priors([data], out, litemedsam, show_progress=False)
+    assert (redone.computed, redone.skipped) == (1, 1)
+    np.testing.assert_array_equal(store.load("img00", replaced).segmentation, priors_before["img01"].segmentation)
     with pytest.raises(InputError, match="other settings"):
         generate_priors([data], out, litemedsam, settings=PriorSettings(weight="one"), show_progress=False)
 
@@ -176,7 +184,8 @@ def _oracle_priors(data, out):
     store.claim({"key": key, "settings": settings.record()})
     for path in sorted((data / "masks").glob("*.png")):
         mask = (np.asarray(Image.open(path)) > 0).astype(np.float32)
-        store.save(path.stem, Priors(mask, find_boundaries(mask > 0, mode="thick").astype(np.float32), 1), key)
+        store.save(path.stem, Priors(mask, find_boundaries(mask > 0, mode="thick").astype(np.float32), 1), key,
+                   file_sha256(data / "images" / path.name))
     return out
 
 
@@ -256,7 +265,29 @@ def test_training_resumes_and_refuses_another_configuration(tmp_path):
         train([data], None, tmp_path / "run", TrainConfig(**{**config.__dict__, "learning_rate": 0.1}),
               show_progress=False)
     assert load_segmenter(tmp_path / "run" / "best.pt").config.input_kind == "raw"
+    from sam4med.engine.models import load_model
 
+    with pytest.raises(InputError, match="a 'samaug-segmenter' checkpoint, not a promptable model's"):
+        load_model("litemedsam", tmp_path / "run" / "best.pt", device="cpu")  # eval benchmark --checkpoint
+
+
+def test_a_missing_gpu_is_refused_first_and_a_gpu_run_is_scored_alike_on_the_cpu(tmp_path):
+    data = _noise_dataset(tmp_path / "noise", count=8, size=32)
+    config = TrainConfig(input_kind="raw", image_size=32, features=4, epochs=2, batch_size=4,
+                         fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="--device cuda: this machine has no CUDA GPU"):
+            train([data], None, tmp_path / "run", config, show_progress=False, device="cuda")
+        assert not (tmp_path / "run").exists()
+        with pytest.raises(InputError, match="--device cuda: this machine has no CUDA GPU"):
+            evaluate(tmp_path / "missing.pt", [data], None, "test", device="cuda")
+        pytest.skip("no CUDA GPU here: training on one and scoring on the CPU is checked where there is one")
+    trained = train([data], None, tmp_path / "run", config, show_progress=False, device="cuda")
+    assert train([data], None, tmp_path / "run", config, show_progress=False, device="cpu").epochs_run == 2
+    on_gpu = evaluate(tmp_path / "run" / "best.pt", [data], None, "test", device="cuda")
+    on_cpu = evaluate(tmp_path / "run" / "best.pt", [data], None, "test", device="cpu")
+    np.testing.assert_allclose(on_gpu["dice"], on_cpu["dice"], atol=1e-3)
+    assert trained.best_epoch >= 1
 
 
 def test_an_experiment_stops_each_arm_on_its_plateau_records_it_and_draws_the_curves(tmp_path):
@@ -333,6 +364,13 @@ def test_cli_train_rejects_bad_arguments_in_one_line(tmp_path):
     assert result.exit_code == 2 and "needs --priors" in result.output
     result = runner.invoke(app, ["samaug", "evaluate", str(tmp_path / "missing.pt"), "--data", str(data), "--out", str(tmp_path)])
     assert result.exit_code == 2 and "missing.pt: checkpoint file not found" in result.output
+    for size, message in ((["--image-size", "33"], "--image-size 33: must be a multiple of 16"),
+                          (["--image-size", "32", "--net", "swin_unet"], "swin_unet needs a multiple of 32 of at least 64"),
+                          (["--image-size", "100000"], "--image-size 100000: must be <= 2048")):
+        result = runner.invoke(app, ["samaug", "train", "--data", str(data), "--out", str(tmp_path / "r"),
+                                     "--input", "raw", *size])
+        assert result.exit_code == 2 and message in result.output and len(result.output.splitlines()) == 1, result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_tiled_priors_put_each_tiles_masks_back_in_place(litemedsam):
@@ -448,3 +486,30 @@ def test_priors_on_a_disk_that_fills_end_in_one_line_and_keep_every_recorded_pri
     for image_id in done:  # every image the run recorded has its priors whole
         assert store.load(image_id).segmentation.shape == (256, 256)
     assert not [p.name for p in store.folder.rglob(".tmp*")]
+
+
+@pytest.mark.parametrize("content", [b"{", b"[]", b'{"key": 3}', b"\xff\xfe"])
+def test_a_damaged_priors_record_is_one_input_error(tmp_path, content):
+    (tmp_path / "priors.json").write_bytes(content)
+    with pytest.raises(InputError, match="priors.json: damaged"):
+        PriorStore(tmp_path).record
+
+
+def test_a_test_image_gone_from_the_data_set_is_an_error_row_and_all_empty_masks_are_refused(tmp_path):
+    data = _noise_dataset(tmp_path / "noise", count=8, size=32)
+    config = TrainConfig(input_kind="raw", image_size=32, features=4, epochs=1, batch_size=4,
+                         fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    train([data], None, tmp_path / "run", config, show_progress=False)
+    [gone, kept] = json.loads((tmp_path / "run" / "split.json").read_text())["noise"]["test"]
+    for folder in ("images", "masks"):
+        (data / folder / f"{gone}.png").unlink()
+    scored = evaluate(tmp_path / "run" / "best.pt", [data], None, "test")
+    assert scored.loc[scored["image"] == gone, "status"].tolist() == ["error"]
+    assert "no longer in the data set" in scored.loc[scored["image"] == gone, "error"].iloc[0]
+    assert scored.loc[scored["image"] == kept, "dice"].notna().all()
+
+    for mask in (data / "masks").glob("*.png"):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)
+    with pytest.raises(InputError, match="every training mask is empty"):
+        train([data], None, tmp_path / "empty", config, show_progress=False)
+    assert not (tmp_path / "empty").exists()

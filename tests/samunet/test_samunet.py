@@ -183,3 +183,12 @@ def test_comparison_trains_both_methods_and_scores_three_rows(tmp_path):
         assert predictor.predict([Prompt(box=[10.0, 10, 80, 80])]).masks().shape == (1, 1, 96, 96)
     with pytest.raises(InputError, match="not 'medsam'"):
         load_model("medsam", tmp_path / "cmp" / "samunet" / "best.pt")
+
+
+def test_a_refused_backbone_leaves_no_run_folder_behind(tmp_path):
+    from sam4med.samunet.training import PromptTrainConfig, train_promptable
+
+    data = _ellipse_dataset(tmp_path / "ellipses")
+    with pytest.raises(InputError, match="ships no weights"):
+        train_promptable([data], tmp_path / "run", PromptTrainConfig(backbone="medsam"), show_progress=False)
+    assert not (tmp_path / "run").exists()  # the corrected command may use the same --out

@@ -52,8 +52,9 @@ def priors(
     settings = prior_settings(model, weight, normalise, tile or None, region_proposals, everything_method)
     for summary in generate_priors(data, out, model, checkpoint, settings, device, figures, max_images or None,
                                    encoder_backend=encoder, executor=executor, precision=precision):
+        speed = f", {summary.seconds_per_item:.2f} s/image" if summary.computed else ""
         typer.echo(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
-                   f"{summary.failed} failed, {summary.seconds_per_item:.2f} s/image")
+                   f"{summary.failed} failed{speed}")
 
 
 @app.command()
@@ -78,6 +79,7 @@ def train(
     split_seed: Annotated[int, typer.Option(help="Seed of the train/val/test split (kept apart from --seed).")] = 0,
     max_train_images: MaxTrainImagesOption = 0,
     precision: TrainPrecisionOption = "fp32",
+    device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Train a U-Net / Attention U-Net / Swin-UNETR on raw, SAMAug or dual input; resumable."""
@@ -90,7 +92,7 @@ def train(
                          epochs=epochs, patience=patience or None, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                          split_seed=split_seed, max_train_images=max_train_images or None,
                          precision=precision)
-    echo_training_result(out, train_segmenter(data, priors, out, config))
+    echo_training_result(out, train_segmenter(data, priors, out, config, device=device))
 
 
 @app.command()
@@ -101,13 +103,14 @@ def predict(
     out: Annotated[Path, typer.Option(help="Folder for the 0/255 PNG masks.")],
     priors: PriorsOption = None,
     mode: Annotated[Optional[str], typer.Option(help="raw, aug, mean, confident or entropy; default: the model's.")] = None,
+    device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Segment images with a trained SAMAug segmenter."""
     from sam4med.samaug.inference import predict as predict_masks
 
     configure_cpu(threads)
-    summary = predict_masks(checkpoint, data, out, priors, mode)
+    summary = predict_masks(checkpoint, data, out, priors, mode, device=device)
     typer.echo(f"{out}: {summary.computed} masks written, {summary.skipped} already there, {summary.failed} failed")
 
 
@@ -120,12 +123,13 @@ def evaluate(
     priors: PriorsOption = None,
     split: Annotated[str, typer.Option(help="test, val or train side of the run's split.json, or all.")] = "test",
     instances: Annotated[bool, typer.Option(help="Also AJI and object F1 on connected components (nuclei).")] = False,
+    device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Score a trained segmenter under every prediction mode: Dice, IoU, soft Dice (+ AJI, object F1)."""
     from sam4med.samaug.inference import evaluate as evaluate_segmenter
 
     configure_cpu(threads)
-    frame = evaluate_segmenter(checkpoint, data, priors, None if split == "all" else split, instances, out)
+    frame = evaluate_segmenter(checkpoint, data, priors, None if split == "all" else split, instances, out, device)
     metrics = [c for c in ("dice", "iou", "soft_dice_authors", "aji", "object_f1") if c in frame]
     typer.echo(frame.groupby(["dataset", "mode"])[metrics].mean().round(4).to_string())

@@ -74,8 +74,10 @@ def run_experiment(
     trainings: Sequence[str] = ("raw", "dual"),
     instances: bool = False,
     show_progress: bool = True,
+    device: str | None = None,
 ) -> pd.DataFrame:
-    """Train and score every (training, seed); finished runs are skipped, so a killed run resumes.
+    """Train and score every (training, seed); finished runs are skipped, so a killed run resumes (on any
+    ``device``: None is a CUDA GPU where there is one).
 
     Returns one row per test image x arm x seed; also written to ``out/metrics.csv``.
     """
@@ -87,11 +89,13 @@ def run_experiment(
             scored = run / METRICS_FILE
             if not scored.is_file():
                 result = train([data], priors if training != "raw" else None, run,
-                               replace(config, input_kind=training, seed=seed), show_progress=show_progress)
+                               replace(config, input_kind=training, seed=seed), show_progress=show_progress,
+                               device=device)
                 write_json(run / "result.json", {"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch,
                                                  "epochs_run": result.epochs_run, "stopped_early": result.stopped_early,
                                                  "train_seconds": result.seconds})
-                evaluate(run / "best.pt", [data], priors if training != "raw" else None, "test", instances, run)
+                evaluate(run / "best.pt", [data], priors if training != "raw" else None, "test", instances, run,
+                         device)
             frame = pd.read_csv(scored)
             frame["arm"] = training + "/" + frame["mode"]
             frame["seed"] = seed

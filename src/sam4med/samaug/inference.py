@@ -25,6 +25,7 @@ from sam4med.engine.imageio import read_mask
 from sam4med.engine.errors import InputError, check_apart, one_line
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, finished_outputs, run_items
 from sam4med.engine.metrics import aggregated_jaccard_index, dice, iou, label_instances, object_f1, soft_dice
+from sam4med.engine.models import resolve_device
 from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint
 from sam4med.engine.runs import PROTOCOL_FILE, SPLIT_FILE, atomic_path, claim_folder, warn
 from sam4med.samaug.inputs import prepare_images
@@ -48,12 +49,14 @@ class TrainedSegmenter:
         return self.config.input_kind != "raw"
 
 
-def load_segmenter(checkpoint: str | Path) -> TrainedSegmenter:
+def load_segmenter(checkpoint: str | Path, device: str | torch.device | None = None) -> TrainedSegmenter:
+    """A trained segmenter on ``device`` (None: a CUDA GPU where there is one), ready for inference."""
+    resolved = resolve_device(device)
     saved = read_trained_checkpoint(Path(checkpoint), CHECKPOINT_KIND)
     config = TrainConfig(**saved["config"])
-    network = build_network(config.net, saved["meta"]["in_channels"], config.features, config.image_size)
+    network = build_network(config.net, saved["meta"]["in_channels"], config.features)
     network.load_state_dict(saved["weights"])
-    network.eval()
+    network.to(resolved).eval()
     return TrainedSegmenter(network, config, saved["meta"]["gray"], saved["meta"]["prior_keys"])
 
 
@@ -119,6 +122,7 @@ def evaluate(
     split: str | None = "test",
     instances: bool = False,
     out: str | Path | None = None,
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Score a trained segmenter: one row per image x mode (``picked_aug``: 1 where a selection
     mode kept the augmented-input map).
@@ -131,7 +135,7 @@ def evaluate(
     if out is not None:
         check_apart(Path(out), [folder for dataset in datasets for folder in dataset.folders],
                     roots=[dataset.root for dataset in datasets])
-    segmenter = load_segmenter(checkpoint)
+    segmenter = load_segmenter(checkpoint, device)
     split_ids = _split_ids(checkpoint.parent, split) if split else None
     rows = []
     for folder, dataset in zip(data, datasets):
@@ -141,13 +145,18 @@ def evaluate(
                 raise InputError(f"{folder}: data set '{dataset.name}' was not part of this run's split")
             wanted = set(split_ids[dataset.name])
             samples = [s for s in samples if s.id in wanted]
+            for missing in sorted(wanted - {s.id for s in samples}):  # the run's side, not the folder, is scored
+                rows.append({"dataset": dataset.name, "image": missing, "status": "error",
+                             "error": f"{dataset.root}: image '{missing}' of the run's split is no longer in the data set"})
+                warn(rows[-1]["error"])
         store = prior_store(segmenter, priors, dataset)
         for sample in samples:
             try:
                 maps, gt = predict_sample(segmenter, dataset, sample, store)
             except (InputError, OSError) as error:  # one bad image is a row of its own; the others go on
                 rows.append({"dataset": dataset.name, "image": sample.id, "status": "error", "error": one_line(error)})
-                warn(f"{sample.image_path}: {one_line(error)}")
+                message = one_line(error)  # most errors name their file already
+                warn(message if str(dataset.root) in message else f"{sample.image_path}: {message}")
                 continue
             for mode, prob in maps.items():
                 row = {"dataset": dataset.name, "image": sample.id, "mode": mode,
@@ -181,6 +190,7 @@ def predict(
     priors: str | Path | None = None,
     mode: str | None = None,
     show_progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> ItemRunSummary:
     """Write one 0/255 PNG mask per image of ``data`` (masks not needed) to ``out`` on the resumable item loop:
     ``out/results.jsonl`` holds a row per image (an image that cannot be read is an error row and the run goes
@@ -188,7 +198,7 @@ def predict(
 
     ``mode`` defaults to the model's own: raw, aug, or confident for dual-trained models.
     """
-    segmenter = load_segmenter(checkpoint)
+    segmenter = load_segmenter(checkpoint, device)
     mode = mode or default_mode(segmenter.config.input_kind)
     if mode not in PREDICT_MODES:
         raise InputError(f"--mode {mode!r}: choose one of {', '.join(PREDICT_MODES)}")

@@ -117,7 +117,7 @@ def prepare_images(dataset: Dataset, samples: Sequence[Sample], store: PriorStor
         size = longest_side_size(original, side)
         channels = torch.from_numpy(image_channels_first(pixels[..., :1] if gray else pixels))
         if store is not None:
-            priors = torch.from_numpy(store.load(sample.id).as_channels())
+            priors = torch.from_numpy(store.load(sample.id, sample.image_path).as_channels())
             if tuple(priors.shape[1:]) != original:
                 raise InputError(f"{store.path(sample.id)}: priors are {tuple(priors.shape[1:])}, image is {original}")
         else:

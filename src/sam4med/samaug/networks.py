@@ -15,8 +15,9 @@ from sam4med.engine.errors import InputError
 NETWORKS: tuple[str, ...] = ("unet", "attention_unet", "swin_unet")
 
 
-def build_network(name: str, in_channels: int, features: int = 16, image_size: int = 128) -> torch.nn.Module:
-    """A freshly initialised 2D segmenter taking ``in_channels`` and returning one logit map."""
+def build_network(name: str, in_channels: int, features: int = 16) -> torch.nn.Module:
+    """A freshly initialised 2D segmenter taking ``in_channels`` and returning one logit map (patch sizes are
+    checked by ``TrainConfig.check``)."""
     channels = tuple(features * 2**level for level in range(5))
     if name == "unet":
         return UNet(spatial_dims=2, in_channels=in_channels, out_channels=1, channels=channels,
@@ -25,8 +26,6 @@ def build_network(name: str, in_channels: int, features: int = 16, image_size: i
         return AttentionUnet(spatial_dims=2, in_channels=in_channels, out_channels=1, channels=channels,
                              strides=(2, 2, 2, 2))
     if name == "swin_unet":
-        if image_size % 32:
-            raise InputError(f"--image-size {image_size}: swin_unet needs a multiple of 32")
         # SwinUNETR's feature size must be a multiple of 12 (its heads); round the width up to one.
         return SwinUNETR(in_channels=in_channels, out_channels=1, spatial_dims=2,
                          feature_size=max(12, -(-features // 12) * 12))

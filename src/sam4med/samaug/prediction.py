@@ -12,11 +12,13 @@ from sam4med.samaug.inputs import compose_input
 def probabilities(network: torch.nn.Module, image: torch.Tensor, priors: torch.Tensor | None, policy: str,
                   image_size: int) -> torch.Tensor:
     """The network's foreground probability (h, w) for one image at the working scale, by sliding
-    ``image_size`` windows (one window, padded, for a whole-image model)."""
+    ``image_size`` windows (one window, padded, for a whole-image model). The windows run on the network's
+    device; the image and the stitched map stay on the CPU."""
     inputs = compose_input(image[None], None if priors is None else priors[None], policy)  # type: ignore[arg-type]
+    device = next(network.parameters()).device
     with torch.inference_mode():
         logits = sliding_window_inference(inputs, (image_size, image_size), sw_batch_size=4, predictor=network,
-                                          overlap=0.25, mode="gaussian")
+                                          overlap=0.25, mode="gaussian", sw_device=device, device="cpu")
     return torch.sigmoid(torch.as_tensor(logits))[0, 0]
 
 

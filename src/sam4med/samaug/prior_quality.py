@@ -49,6 +49,6 @@ def measure_prior_quality(data: Sequence[str | Path | Dataset], priors: str | Pa
         for sample in dataset.samples:
             if image_ids is not None and sample.id not in image_ids:
                 continue
-            scores = score_priors(store.load(sample.id), read_mask(sample.mask_path), tolerance)
+            scores = score_priors(store.load(sample.id, sample.image_path), read_mask(sample.mask_path), tolerance)
             rows.append({"dataset": dataset.name, "image": sample.id, **scores})
     return pd.DataFrame(rows)

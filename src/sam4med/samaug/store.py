@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.datasets import Dataset, load_datasets
 from sam4med.engine.errors import InputError, check_apart, check_precision, one_line
 from sam4med.engine.imageio import read_image
@@ -45,7 +46,14 @@ class PriorStore:
         path = self.folder / SETTINGS_FILE
         if not path.is_file():
             raise InputError(f"{self.folder}: no {SETTINGS_FILE} here (run `sam4med samaug priors` for this data set first)")
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+            raise InputError(f"{path}: damaged (not the JSON record of `sam4med samaug priors`); compute this data "
+                             "set's priors again into a new folder")
+        return record
 
     def claim(self, record: dict[str, object]) -> None:
         """Record the settings, or refuse a folder that holds priors made with others."""
@@ -54,19 +62,23 @@ class PriorStore:
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.npz"
 
-    def save(self, image_id: str, priors: Priors, key: str) -> None:
+    def save(self, image_id: str, priors: Priors, key: str, image_sha256: str) -> None:
+        """Store an image's priors with the settings key and the sha256 of the image file they were made from."""
         buffer = io.BytesIO()
         np.savez_compressed(buffer, segmentation=priors.segmentation, boundary=priors.boundary.astype(np.uint8),
-                            masks=np.int64(priors.masks), key=np.array(key))
+                            masks=np.int64(priors.masks), key=np.array(key), image_sha256=np.array(image_sha256))
         write_bytes_atomic(self.path(image_id), buffer.getvalue())
 
-    def load(self, image_id: str) -> Priors:
+    def load(self, image_id: str, image_path: Path | None = None) -> Priors:
+        """An image's priors; with ``image_path``, refused when that file is not the one they were made from
+        (an image replaced under the same id). Priors stored before the hash was kept are taken as they are."""
         path = self.path(image_id)
         if not path.is_file():
             raise InputError(f"{path}: no priors for image '{image_id}' (run `sam4med samaug priors` on its data set)")
         try:
             with np.load(path) as data:
                 key = str(data["key"])
+                made_from = str(data["image_sha256"]) if "image_sha256" in data.files else None
                 priors = Priors(data["segmentation"].astype(np.float32), data["boundary"].astype(np.float32),
                                 int(data["masks"]))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
@@ -74,12 +86,16 @@ class PriorStore:
                              "again, it computes damaged files anew") from None
         if key != self.record["key"]:
             raise InputError(f"{path}: made with other settings than {self.folder / SETTINGS_FILE}")
+        if image_path is not None and made_from is not None and made_from != file_sha256(image_path):
+            raise InputError(f"{path}: made from another version of {image_path}; run `sam4med samaug priors` again, "
+                             "it computes them anew")
         return priors
 
-    def is_whole(self, image_id: str) -> bool:
-        """Whether the image's priors file loads (a resumed run recomputes it otherwise)."""
+    def is_whole(self, image_id: str, image_path: Path | None = None) -> bool:
+        """Whether the image's priors file loads, and was made from ``image_path`` as it is now (a resumed run
+        recomputes it otherwise)."""
         try:
-            self.load(image_id)
+            self.load(image_id, image_path)
         except InputError:
             return False
         return True
@@ -99,17 +115,18 @@ class PriorWorker:
     def outputs_whole(self, item: WorkItem) -> bool:
         """Whether a finished image's priors still load (its row is written after its figure, so a kill
         never leaves a row without its figure)."""
-        return self.store.is_whole(item.sample.id)
+        return self.store.is_whole(item.sample.id, item.sample.image_path)
 
     def figure_path(self, image_id: str) -> Path:
         return self.store.folder / "figures" / f"{image_id}.png"
 
     def __call__(self, item: WorkItem) -> list[dict]:
+        image_sha256 = file_sha256(item.sample.image_path)  # before reading: the priors belong to these bytes
         image = read_image(item.sample.image_path)
         start = time.perf_counter()
         priors = compute_priors(self.predictor, image, self.settings)
         seconds = time.perf_counter() - start
-        self.store.save(item.sample.id, priors, self.key)
+        self.store.save(item.sample.id, priors, self.key, image_sha256)
         if item.sample.id in self.with_figure:
             write_prior_figure(self.figure_path(item.sample.id), image, priors)
         return [{"dataset": item.dataset.name, "image": item.sample.id, "masks": priors.masks,
@@ -144,7 +161,7 @@ def generate_priors(
     if figures_per_dataset < 0:
         raise InputError(f"--figures {figures_per_dataset}: must be >= 0")
     if max_images is not None and max_images < 1:
-        raise InputError(f"--max-images {max_images}: must be >= 1 (or unset for all)")
+        raise InputError(f"--max-images {max_images}: must be >= 1 (0 or unset: no limit)")
     check_precision(precision)
     datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
     check_apart(Path(out), [folder for dataset in datasets for folder in dataset.folders],

@@ -29,6 +29,7 @@ from sam4med.engine.datasets import load_datasets
 from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_precision, check_seed
 from sam4med.engine.imageio import read_image
 from sam4med.engine.metrics import dice
+from sam4med.engine.models import resolve_device
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
 from sam4med.engine.training import TrainingTask, TrainResult, fit, seed_everything, start_run
 from sam4med.samaug.inputs import POLICIES, PreparedImage, compose_input, input_channels, is_gray, prepare_images
@@ -39,6 +40,7 @@ from sam4med.samaug.store import PriorStore
 INPUTS: tuple[str, ...] = ("raw", "samaug", "dual")
 DUAL_UPDATES: tuple[str, ...] = ("summed", "alternate")
 CHECKPOINT_KIND = "samaug-segmenter"
+MAX_IMAGE_SIZE = 2048  # a training patch's side; a whole image may be --scale-to up to 4x that
 
 
 @dataclass
@@ -70,7 +72,13 @@ class TrainConfig:
                                      ("--policy", self.policy, POLICIES), ("--dual-update", self.dual_update, DUAL_UPDATES)):
             if value not in allowed:
                 raise InputError(f"{name} {value!r}: choose one of {', '.join(allowed)}")
-        check_number(self.image_size, "--image-size", minimum=16)
+        check_number(self.image_size, "--image-size", minimum=16, maximum=MAX_IMAGE_SIZE)
+        if self.image_size % 16:  # four halvings down to the bottleneck and back must give the same size
+            raise InputError(f"--image-size {self.image_size}: must be a multiple of 16 (the networks halve it 4 times)")
+        if self.net == "swin_unet" and (self.image_size % 32 or self.image_size < 64):
+            raise InputError(f"--image-size {self.image_size}: swin_unet needs a multiple of 32 of at least 64")
+        if self.scale_to is not None:
+            check_number(self.scale_to, "--scale-to", maximum=MAX_IMAGE_SIZE * 4)
         check_counts(epochs=self.epochs, batch_size=self.batch_size, patches_per_image=self.patches_per_image,
                      features=self.features)
         check_number(self.learning_rate, "--learning-rate", above=0)
@@ -106,14 +114,14 @@ class SegmenterTask(TrainingTask):
     kind = CHECKPOINT_KIND
 
     def __init__(self, config: TrainConfig, train_items: list[PreparedImage], val_items: list[PreparedImage],
-                 meta: dict[str, object]):
+                 meta: dict[str, object], device: torch.device | None = None):
         self.config = config
+        self.device = device or torch.device("cpu")
         self.val_items = val_items
         self.meta = meta
         self.records = [{"image": item.image, "priors": item.priors, "mask": item.mask}
                         for item in train_items for _ in range(config.patches_per_image)]
-        self.module = build_network(config.net, meta["in_channels"], config.features,  # type: ignore[arg-type]
-                                    config.image_size)
+        self.module = build_network(config.net, meta["in_channels"], config.features).to(self.device)  # type: ignore[arg-type]
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
@@ -131,7 +139,8 @@ class SegmenterTask(TrainingTask):
         """Raw, SAMAug or dual input: the losses of both inputs summed, or (dual, alternate) the input of this
         update."""
         # plain tensors: MONAI's MetaTensor tracking through the network made a step several times slower
-        images, maps, target = (convert_to_tensor(batch[key], track_meta=False) for key in ("image", "priors", "mask"))
+        images, maps, target = (convert_to_tensor(batch[key], track_meta=False).to(self.device)
+                                for key in ("image", "priors", "mask"))
         inputs = {"raw": [None], "samaug": [maps], "dual": [None, maps]}[self.config.input_kind]
         if self.updates_per_batch > 1:
             inputs = [inputs[update]]
@@ -158,14 +167,17 @@ def train(
     out: str | Path,
     config: TrainConfig | None = None,
     show_progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
-    """Train one segmenter; calling again with the same ``out`` and config resumes from ``last.pt``.
+    """Train one segmenter; calling again with the same ``out`` and config resumes from ``last.pt`` (on any
+    device: the device is not part of the run's config).
 
     ``priors`` is the folder given to ``sam4med samaug priors --out`` (one sub-folder per data set); it
-    is needed unless ``config.input_kind == "raw"``.
+    is needed unless ``config.input_kind == "raw"``. ``device``: None is a CUDA GPU where there is one.
     """
     config = config or TrainConfig()
     config.check()
+    resolved = resolve_device(device)
     out = Path(out)
     if config.input_kind != "raw" and priors is None:
         raise InputError(f"--input {config.input_kind}: needs --priors (run `sam4med samaug priors` first)")
@@ -173,7 +185,6 @@ def train(
     stores = {d.name: PriorStore(Path(priors) / d.name) if priors is not None else None for d in datasets}
     prior_keys = {name: store.record["key"] for name, store in stores.items() if store is not None}
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
-    start_run(out, asdict(config), splits)
     gray = all(is_gray([read_image(s.image_path) for s in d.samples[:8]]) for d in datasets)
     train_items: list[PreparedImage] = []
     val_items: list[PreparedImage] = []
@@ -182,11 +193,15 @@ def train(
         train_samples = splits[dataset.name]["train"][: config.max_train_images]
         train_items += prepare_images(dataset, train_samples, store, config.working_side, gray)
         val_items += prepare_images(dataset, splits[dataset.name]["val"], store, config.working_side, gray)
+    if not any(item.mask.any() for item in train_items):
+        raise InputError(f"--data {', '.join(str(d.root) for d in datasets)}: every training mask is empty; "
+                         "there is nothing to learn")
+    start_run(out, asdict(config), splits)  # once every image, mask and prior has been read
     seed_everything(config.seed)
     set_determinism(config.seed)
     image_channels = train_items[0].image.shape[0]
     meta = {"in_channels": input_channels(image_channels, config.policy), "image_channels": image_channels,  # type: ignore[arg-type]
             "gray": gray, "prior_keys": prior_keys, "datasets": [d.name for d in datasets]}
-    task = SegmenterTask(config, train_items, val_items, meta)
+    task = SegmenterTask(config, train_items, val_items, meta, resolved)
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train {config.net}/{config.input_kind}",
                show_progress, config.patience)

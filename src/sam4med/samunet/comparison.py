@@ -72,13 +72,14 @@ ARMS: dict[str, dict[str, object]] = {
 def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str | Path], out: str | Path,
                    config: PromptTrainConfig, max_test_images: int | None = None,
                    show_progress: bool = True, train: bool = True,
-                   arms: Sequence[str] = ("decoder", "samunet")) -> pd.DataFrame:
+                   arms: Sequence[str] = ("decoder", "samunet"), device: str | None = None) -> pd.DataFrame:
     """Train every arm (resumable), score it with the zero-shot backbone, write ``scores.csv``, ``table.csv``
     and ``curves.png`` (each arm's validation Dice and loss per epoch).
 
     ``arms`` are keys of ``ARMS``. ``train=False`` scores the runs already in ``out/<arm>`` (trained by the
     CLI, elsewhere, or stopped early) as they are; each run's own configuration and epochs done are
-    recorded, and the test split is the one in their ``config.json``.
+    recorded, and the test split is the one in their ``config.json``. ``device``: where every arm trains and is
+    scored (default: CUDA when present).
     """
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown or not arms:
@@ -87,15 +88,15 @@ def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str
     out.mkdir(parents=True, exist_ok=True)
     if train:
         for arm in arms:
-            train_promptable(train_data, out / arm, replace(config, **ARMS[arm]), show_progress=show_progress)
+            train_promptable(train_data, out / arm, replace(config, **ARMS[arm]), device, show_progress)
     runs = {arm: trained_run_record(out / arm) for arm in arms}
     for arm, record in runs.items():
         fractions, split_seed = record["config"]["fractions"], record["config"]["split_seed"]  # type: ignore[index]
         if (fractions, split_seed) != (config.fractions, config.split_seed):
             raise InputError(f"{out / arm}: trained on another split (fractions {fractions}, seed {split_seed})")
     write_training_curves([(arm, out / arm) for arm in arms], out / "curves.png")
-    models = {"zero_shot": load_model(config.backbone, config.backbone_checkpoint),
-              **{arm: load_model(config.backbone, out / arm / "best.pt") for arm in arms}}
+    models = {"zero_shot": load_model(config.backbone, config.backbone_checkpoint, device),
+              **{arm: load_model(config.backbone, out / arm / "best.pt", device) for arm in arms}}
     frames = []
     for setting, folders in (("in_domain", train_data), ("left_out", left_out_data)):
         for folder in folders:

@@ -66,7 +66,7 @@ class PromptTrainConfig:
     def check(self) -> None:
         check_precision(self.precision or "fp32")
         if self.method not in METHODS:
-            raise InputError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
+            raise InputError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.conv_branch not in CONV_BRANCHES:
             raise InputError(f"--conv-branch {self.conv_branch!r}: choose one of {', '.join(CONV_BRANCHES)}")
         check_counts(epochs=self.epochs, images_per_step=self.images_per_step, masks_per_image=self.masks_per_image,
@@ -233,21 +233,23 @@ class PromptableTask(TrainingTask):
 
 def train_promptable(data: Sequence[str | Path], out: str | Path, config: PromptTrainConfig | None = None,
                      device: str | None = None, show_progress: bool = True) -> TrainResult:
-    """Train SAM-UNet (``method="samunet"``) or fine-tune the mask decoder (``"decoder"``); resumable."""
+    """Train SAM-UNet (``method="samunet"``) or fine-tune the mask decoder (``"decoder"``); resumable, on any
+    ``device`` (default: CUDA when present)."""
     config = config or PromptTrainConfig()
     config.check()
     out = Path(out)
     datasets = load_datasets(data)
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
-    start_run(out, asdict(config), splits)
     train_items = [item for d in datasets
                    for item in _prepare(splits[d.name]["train"][: config.max_train_images], config.min_object_area)]
     val_items = [item for d in datasets
                  for item in _prepare(splits[d.name]["val"][: config.max_val_images], config.min_object_area)]
     if not train_items:
-        raise InputError("no training image has an object of at least --min-object-area pixels")
+        raise InputError(f"--data {', '.join(str(d.root) for d in datasets)}: no training image has an object of at "
+                         f"least --min-object-area {config.min_object_area} pixels (are the masks empty?)")
     seed_everything(config.seed)
-    backbone = load_model(config.backbone, config.backbone_checkpoint, device or "cpu", use_shared_decoder=False)
+    backbone = load_model(config.backbone, config.backbone_checkpoint, device, use_shared_decoder=False)
+    start_run(out, asdict(config), splits)  # once the data and the backbone have been checked
     task = PromptableTask(config, backbone, train_items, val_items, [d.name for d in datasets])
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train {config.method} ({config.backbone})",
                show_progress, config.patience)
