@@ -133,12 +133,15 @@ def test_a_killed_run_continues_with_the_same_history(trained, tmp_path):
 
 def test_exported_weights_load_over_litemedsam_and_a_changed_file_is_refused(trained, tmp_path, monkeypatch):
     _, run, _ = trained
-    before = (run / "best.pt").read_bytes()
-    for folder, name, message in ((run, "best", "is the input"), (tmp_path, "../toy", "not a safe file name"),
-                                  (tmp_path, "", "not a safe file name")):
-        with pytest.raises(InputError, match=message):  # the run's checkpoint stays, nothing lands outside
+    before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
+    for folder, name, message in ((run, "best", "is the input"), (run, "last", "a file of the training run"),
+                                  (run, "config", "a file of the training run"),
+                                  (run, "split", "a file of the training run"),
+                                  (tmp_path, "../toy", "not a safe file name"), (tmp_path, "", "not a safe file name")):
+        with pytest.raises(InputError, match=message):  # the run's files stay, nothing lands outside
             export_prompt_weights(run / "best.pt", folder, name)
-    assert (run / "best.pt").read_bytes() == before and not (tmp_path.parent / "toy.pt").exists()
+    assert {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()} == before
+    assert not (tmp_path.parent / "toy.pt").exists()
     path = export_prompt_weights(run / "best.pt", tmp_path, "toy_click")
     card = json.loads((tmp_path / "toy_click.json").read_text())
     assert card["dtype"] == "float16" and card["base_model"] == "litemedsam"
@@ -360,3 +363,18 @@ def test_tile_share_decides_how_often_a_tile_is_drawn_however_many_tiles_there_a
         train_clicks([], Path("unused"), replace(CONFIG, tile_share=0.3), Path("unused"))
     with pytest.raises(InputError, match="--tile-share"):
         replace(CONFIG, tile=256, tiled=("nuclei",), tile_share=1.5).check()
+
+
+def test_an_image_that_cannot_be_embedded_is_named_on_every_run(tmp_path, litemedsam, capsys):
+    from sam4med.clicks.embeddings import embed_datasets
+    from sam4med.engine.datasets import load_dataset
+
+    data = ellipses(tmp_path / "ellipses", count=1)
+    good = (data / "images" / "e0.png").read_bytes()
+    (data / "images" / "cut.png").write_bytes(good[: len(good) // 2])
+    (data / "masks" / "cut.png").write_bytes((data / "masks" / "e0.png").read_bytes())
+    dataset = load_dataset(data)
+    for _ in range(2):  # the second run embeds nothing, and still says what training lacks
+        embed_datasets(litemedsam, {"ellipses": (dataset, dataset.samples)}, tmp_path / "emb", (False,),
+                       show_progress=False)
+        assert "1 image(s) could not be embedded and are left out (first: " in capsys.readouterr().err

@@ -10,11 +10,13 @@ import tifffile
 from PIL import Image, ImageFile
 from skimage.draw import disk
 
+from conftest import write_dataset
+
 from sam4med.engine.datasets import Dataset, Sample, load_dataset, load_datasets
 from sam4med.engine.imageio import load_pair, read_image, read_intensities, read_mask
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.splits import predefined_split, split_samples
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, check_apart
 from sam4med.engine.volumes import window
 
 RNG = np.random.default_rng(0)
@@ -151,6 +153,17 @@ def test_truncated_file_is_an_input_error(tmp_path, monkeypatch, ext, load_trunc
         read_image(truncated)
     assert "\n" not in str(error.value)
     assert ImageFile.LOAD_TRUNCATED_IMAGES is load_truncated
+
+
+def test_a_data_sets_layout_folders_are_inputs_that_no_output_may_enter(tmp_path):
+    root = write_dataset(tmp_path / "set", broken=False)
+    (root / "fov").mkdir()
+    for name in ("case0", "case1"):
+        Image.fromarray(np.full((128, 160), 255, np.uint8)).save(root / "fov" / f"{name}.png")
+    dataset = load_dataset(root)
+    assert [folder.name for folder in dataset.folders] == ["fov", "images", "masks"]
+    with pytest.raises(InputError, match="--out .*fov/results: lies inside the input"):
+        check_apart(root / "fov" / "results", dataset.folders, roots=[root])
 
 
 def test_unknown_extension_and_missing_file(tmp_path):

@@ -31,7 +31,7 @@ def test_onnx_encoder_matches_pytorch_and_is_exported_once(litemedsam, tmp_path,
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(InputError, match="encoder backend 'tensorrt'"):
+    with pytest.raises(InputError, match="--encoder 'tensorrt'"):
         load_model("litemedsam", device="cpu", encoder_backend="tensorrt")
 
 

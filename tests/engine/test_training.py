@@ -95,6 +95,20 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_epoch(tmp_p
     assert len(history(tmp_path)) == 1
 
 
+class NothingToValidateTask(LineTask):
+    """Validation over no object (every validation mask empty): the mean of nothing."""
+
+    def validate(self) -> float:
+        return float("nan")
+
+
+def test_validation_over_no_object_stops_with_one_line_and_writes_no_checkpoint(tmp_path):
+    with pytest.raises(InputError, match=r"split.json: the validation images hold no object to score"):
+        fit(NothingToValidateTask(), tmp_path, {"lr": 0.05}, 2, seed=0, description="line", show_progress=False)
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
+    assert not (tmp_path / "history.jsonl").is_file() or history(tmp_path) == []
+
+
 def test_checkpoints_name_their_kind(tmp_path):
     fit(LineTask(), tmp_path, {}, 1, seed=0, description="line", show_progress=False)
     with pytest.raises(InputError, match="a 'test-line' checkpoint, not 'promptable'"):

@@ -148,6 +148,10 @@ def test_cli_benchmark_report_and_segment(tmp_path):
         (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--modes", "points999999999"], "at most 100"),
         (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--rounds", "100000000"], "--rounds 100000000"),
         (["eval", "benchmark", "--data", "{data}", "--out", "{data}"], "--out"),
+        (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--modes", "box,box"], "--modes: box given more"),
+        (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--modes", ","], "--modes: give at least one"),
+        (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--cache-dir", "{data}/images/cache"],
+         "images/cache: lies inside the input"),
         (["segment", "{image}", "--box", "1", "1", "5", "5", "--device", "tpu", "--out", "m.png"], "--device 'tpu'"),
         (["segment", "{image}", "--box", "1", "1", "5", "5", "--out", "{data}/dataset.json/m.png"],
          "dataset.json: File exists (a file stands where a folder is needed)"),
@@ -192,7 +196,7 @@ def test_cli_segment_volume_along_an_axis(tmp_path):
     image.SetSpacing((0.8, 0.8, 2.5))
     path = tmp_path / "cylinder.nrrd"
     sitk.WriteImage(image, str(path))
-    out = tmp_path / "labels.nii.gz"
+    out = tmp_path / "new" / "labels.nii.gz"  # a folder that is not there yet is made, as segment does
     ys, xs = np.nonzero(disc)  # rows are z (40), columns are y (64) on a sagittal slice
     result = CliRunner().invoke(app, ["segment-volume", str(path), "--axis", "2", "--out", str(out), "--device", "cpu",
                                       "--box3d", str(xs.min()), str(ys.min()), "3", str(xs.max()), str(ys.max()), "8"])
@@ -252,3 +256,12 @@ def test_split_selects_the_trainers_test_side_and_says_what_to_do_when_a_set_is_
     assert BenchmarkConfig().samples(small) == small.samples
     with pytest.raises(InputError, match="too few for a train/val/test split .*without --split every image"):
         config.samples(small)
+
+
+
+def test_a_refused_benchmark_leaves_no_output_folder_behind(tmp_path, litemedsam):
+    small = write_dataset(tmp_path / "two", broken=False, count=2)
+    with pytest.raises(InputError, match="too few for a train/val/test split"):
+        run_benchmark([small], tmp_path / "out", BenchmarkConfig(model="litemedsam", split="test", modes=("box",)),
+                      model=litemedsam, show_progress=False)
+    assert not (tmp_path / "out").exists()  # the corrected command may use the same --out

@@ -103,14 +103,15 @@ def test_a_report_warns_once_about_a_damaged_line(results: Path, capsys) -> None
     assert capsys.readouterr().err.count("line 4 is damaged") == 1
 
 
-def test_a_metric_that_is_not_a_number_is_read_as_missing_with_a_warning(results: Path, capsys) -> None:
+@pytest.mark.parametrize("value, shown", [("abc", "'abc'"), (float("inf"), "inf")])
+def test_a_metric_that_is_not_a_number_is_read_as_missing_with_a_warning(results: Path, capsys, value, shown) -> None:
     rows = [json.loads(line) for line in (results / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     edited = next(i for i, row in enumerate(rows) if row.get("dice") is not None)
-    rows[edited]["dice"] = "abc"
+    rows[edited]["dice"] = value  # json writes inf as the literal Infinity
     (results / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     frame = load_results(results)
     assert len(frame) == len(rows) and math.isnan(frame["dice"].iloc[edited])
-    assert "1 row(s) whose 'dice' is not a number (first 'abc') are read as missing" in capsys.readouterr().err
+    assert f"1 row(s) whose 'dice' is not a number (first {shown}) are read as missing" in capsys.readouterr().err
 
 
 def test_summary_means_match_hand_computed(results: Path) -> None:

@@ -36,7 +36,7 @@ def benchmark(
     out: Annotated[Path, typer.Option(help="Results folder (results.jsonl, protocol.json, overlays/).")],
     model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
-    modes: Annotated[str, typer.Option(help="Comma-separated prompt modes.")] = "",
+    modes: Annotated[str, typer.Option(help="Comma-separated prompt modes (default: the nine of the study).")] = "",
     mask_rule: Annotated[Optional[str], typer.Option(help="single, auto (3 masks for a lone click), oracle (COSMOS) or iou (SAM-Med2D); default: the model's.")] = None,
     seed: int = 0,
     jitter: Annotated[float, typer.Option(help="box_jitter amount.")] = 5.0,
@@ -74,7 +74,7 @@ def benchmark(
     config = BenchmarkConfig(
         model=model,
         checkpoint=str(checkpoint) if checkpoint else None,
-        modes=tuple(m.strip() for m in modes.split(",") if m.strip()) or DEFAULT_MODES,
+        modes=tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else DEFAULT_MODES,
         mask_rule=mask_rule,
         seed=seed,
         as_one_object=one_object,
@@ -99,8 +99,12 @@ def print_summary(results_dir: Path) -> None:
 
     frame = load_results(results_dir)
     console = Console()
-    console.print("mean Dice (data set x mode):")
-    console.print(mean_table(frame, "dice").round(3).to_string())
+    table = mean_table(frame, "dice")
+    if table.empty:
+        console.print("no object was scored: every image failed or held no object")
+    else:
+        console.print("mean Dice (data set x mode):")
+        console.print(table.round(3).to_string())
     failed = failures(frame)
     if len(failed):
         console.print(f"{len(failed)} image(s) failed; see {results_dir / 'results.jsonl'} (status = error)")

@@ -28,7 +28,7 @@ from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
 from sam4med.engine.objects import connected_components
 from sam4med.engine.preprocessing import labels_to_low_res, low_res_content
-from sam4med.engine.runs import claim_folder, read_jsonl
+from sam4med.engine.runs import claim_folder, read_jsonl, warn
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.tiling import tiles
 
@@ -112,6 +112,10 @@ def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample
         worker = EmbeddingWorker(model, folder, flips, min_area, tiling)
         summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, folder / RESULTS_FILE,
                                    f"embed {name}", show_progress=show_progress, executor=executor))
+        failed = [row for row in read_jsonl(folder / RESULTS_FILE, skip_damaged=True) if row.get("status") == "error"]
+        if failed:  # this run's and earlier runs' failures alike: the user learns which images training lacks
+            warn(f"{folder / RESULTS_FILE}: {len(failed)} image(s) could not be embedded and are left out "
+                 f"(first: {failed[0].get('error')})")
     return summaries
 
 

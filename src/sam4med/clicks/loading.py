@@ -17,7 +17,11 @@ from sam4med.engine.errors import InputError, check_apart, path_component
 from sam4med.engine.models import base_prompt_path, load_model
 from sam4med.engine.registry import model_spec
 from sam4med.engine.sam_model import SamModel
-from sam4med.engine.runs import write_json
+from sam4med.engine.runs import CONFIG_FILE, PROTOCOL_FILE, SPLIT_FILE, write_json
+from sam4med.engine.training import BEST_FILE, LAST_FILE
+
+# A run folder's own files, which an export into that folder must not replace.
+_RUN_FILES = {BEST_FILE, LAST_FILE, CONFIG_FILE, SPLIT_FILE, PROTOCOL_FILE}
 
 CHECKPOINT_KIND = "clicks"
 
@@ -47,6 +51,9 @@ def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,
     path_component(name, "--name")
     for written in (folder / f"{name}.pt", folder / f"{name}.json"):
         check_apart(written, [checkpoint], "--out/--name")
+        if written.name in _RUN_FILES and (folder / CONFIG_FILE).is_file():
+            raise InputError(f"--name {name}: {written} is a file of the training run in {folder}; choose another "
+                             "--name or --out")
     saved = read_trained_checkpoint(checkpoint, CHECKPOINT_KIND)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.pt"

@@ -45,6 +45,7 @@ from sam4med.engine.executors import Executor
 from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.errors import (
     InputError,
+    check_apart,
     check_counts,
     check_limit,
     check_number,
@@ -447,8 +448,8 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     out = Path(out)
     datasets = load_datasets(data)
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
-    start_run(out, asdict(config), splits)
     store = Path(embeddings) if embeddings is not None else out / "embeddings"
+    check_apart(store, [folder for d in datasets for folder in d.folders], "--embeddings", [d.root for d in datasets])
     backbone = load_model(config.backbone, device=device, encoder_backend=encoder_backend)
     if backbone.spec.prompt_weights is not None:
         raise InputError(f"--backbone {config.backbone}: already carries trained prompt weights; train on its base "
@@ -464,6 +465,7 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
         raise InputError(f"--tiled {unknown[0]}: not one of the data sets given with --data")
     folders = {d.name: [d.name] + ([tiled_folder_name(d.name, config.tile, config.halo)]  # type: ignore[arg-type]
                                    if d.name in config.tiled else []) for d in datasets}
+    start_run(out, asdict(config), splits)  # once the model, --init and --tiled have been checked
     group = processes()
     if group.leader:  # under torchrun the others wait for the embeddings
         flips = (False, True) if config.flips else (False,)
@@ -479,7 +481,8 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
            for e in spread([e for e in embedded_images(store, folder, [s.id for s in sides[d.name][1]])
                             if ".hflip" not in e.path.name], config.max_val_images)]
     if not train:
-        raise InputError(f"no training image has an object of at least {config.min_object_area} pixels at 256 px")
+        raise InputError(f"--data {', '.join(str(d.root) for d in datasets)}: no training image has an object of at "
+                         f"least {config.min_object_area} pixels at 256 px (are the masks empty?)")
     seed_everything(config.seed)
     meta = {"backbone": config.backbone, "backbone_sha256": backbone.weights_sha256,
             "datasets": [d.name for d in datasets], "train_images": len(train), "val_images": len(val),

@@ -67,8 +67,10 @@ class Dataset:
 
     @property
     def folders(self) -> list[Path]:
-        """Where its images and masks are read from: no output may be written into them."""
-        found = {self.root / "images", self.root / "masks"} | {s.image_path.parent for s in self.samples} \
+        """Where its images, masks and other layout folders (fov/, instances/, volumes/) are: no output may be
+        written into them."""
+        found = {self.root / name for name in ("images", "masks", "fov", "instances", "volumes")} \
+            | {s.image_path.parent for s in self.samples} \
             | {s.mask_path.parent for s in self.samples if s.mask_path is not None}
         return sorted(folder for folder in found if folder.is_dir())
 

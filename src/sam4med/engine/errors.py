@@ -54,7 +54,7 @@ def check_seed(value: int, what: str) -> int:
 def check_limit(value: int | None, what: str) -> int | None:
     """An optional count (None: no limit) that must be at least 1 when given."""
     if value is not None and not _is_integer(value, 1):
-        raise InputError(f"{what} {value}: must be >= 1 (or unset for all)")
+        raise InputError(f"{what} {value}: must be >= 1 (0 or unset: no limit)")
     return value
 
 

@@ -138,7 +138,11 @@ def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: tor
         saved = read_checkpoint(path)
         if is_trained_checkpoint(saved, path):
             assert isinstance(saved, dict)
-            if saved.get("meta", {}).get("backbone") != name:
+            backbone = saved.get("meta", {}).get("backbone")
+            if backbone is None:  # a segmenter's or another trainer's checkpoint, not a promptable model's
+                raise InputError(f"{path}: a '{saved.get('kind')}' checkpoint, not a promptable model's (give a "
+                                 "`samunet train` or `clicks train` run's best.pt, or the model's own weights)")
+            if backbone != name:
                 raise InputError(f"{path}: trained on backbone '{saved.get('meta', {}).get('backbone')}', "
                                  f"not '{name}'")
             return checkpoint_loader(saved["kind"], path)(path, saved, device)

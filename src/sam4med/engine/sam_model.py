@@ -124,7 +124,7 @@ class SamModel:
                  use_shared_decoder: bool = True, encoder_backend: str = "torch", base_weights_sha256: str | None = None,
                  box_path: PromptPath | None = None):
         if encoder_backend not in ENCODER_BACKENDS:
-            raise InputError(f"encoder backend {encoder_backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
+            raise InputError(f"--encoder {encoder_backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
         self.spec = spec
         self.network = network.to(device).eval()
         self.weights_sha256 = weights_sha256

@@ -351,5 +351,6 @@ def segment_volume_file(predictor: PredictorSource, volume_path: Path, box3d: Se
     _check_box3d(box3d, len(stack), stack[0].shape[:2] if stack else None)
     labels = segment_volume(_ready(predictor), stack, box3d)
     labels = np.moveaxis(labels, 0, axis)
+    out.parent.mkdir(parents=True, exist_ok=True)  # as segment does for its mask
     write_label_volume(labels.astype(np.uint8), image, out)
     return labels

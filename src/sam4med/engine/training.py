@@ -36,7 +36,7 @@ from sam4med.engine.datasets import Sample
 from sam4med.engine.distributed import Processes, barrier, mean_over_processes, processes, shard, wrap
 from sam4med.engine.errors import InputError, check_apart, check_precision
 from sam4med.engine.runtime import precision_autocast
-from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, append_jsonl, claim_folder, write_split, write_text_atomic
+from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, SPLIT_FILE, append_jsonl, claim_folder, write_split, write_text_atomic
 
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
@@ -203,6 +203,9 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
                 task.module.eval()
                 val_dice = task.validate()
                 task.module.train()
+                if not math.isfinite(val_dice):  # a mean over no object: nothing to pick the best epoch by
+                    raise InputError(f"{out / SPLIT_FILE}: the validation images hold no object to score (validation "
+                                     f"Dice {val_dice}); check their masks, or give more images")
             elapsed = time.perf_counter() - start
             loop["seconds"] += elapsed
             loop["epoch"] = epoch + 1

@@ -71,6 +71,9 @@ class BenchmarkConfig:
         check_tiling(self.tile, self.halo)
         if not self.modes:
             raise InputError("--modes: give at least one mode")
+        repeated = sorted({mode for mode in self.modes if self.modes.count(mode) > 1})
+        if repeated:
+            raise InputError(f"--modes: {', '.join(repeated)} given more than once (each mode is one set of rows)")
         self.everything.check()
         self.prompts.check()
 
@@ -205,7 +208,10 @@ def run_benchmark(
     out = Path(out)
     modes = [make_mode(name, config.prompts, config.everything) for name in config.modes]
     datasets = load_datasets(data)
-    check_apart(out, [folder for dataset in datasets for folder in dataset.folders], roots=[d.root for d in datasets])
+    inputs = [folder for dataset in datasets for folder in dataset.folders]
+    check_apart(out, inputs, roots=[d.root for d in datasets])
+    if cache_dir is not None:
+        check_apart(Path(cache_dir), inputs, "--cache-dir", roots=[d.root for d in datasets])
     if model is None:
         model = load_model(config.model, config.checkpoint, device, encoder_backend=encoder_backend,
                            precision=precision)
@@ -213,10 +219,10 @@ def run_benchmark(
         raise InputError(f"run_benchmark: model '{model.name}' given for a config of '{config.model}'")
     elif model.precision != precision:
         raise InputError(f"run_benchmark: a model loaded in {model.precision} given with precision {precision!r}")
-    claim_folder(out, PROTOCOL_FILE, config.protocol(model, modes))
+    items = [WorkItem(d, s) for d in datasets for s in config.samples(d)[: config.max_images]]
+    claim_folder(out, PROTOCOL_FILE, config.protocol(model, modes))  # once every input has been checked
     predictor = make_predictor(model, config.tile, config.halo, EmbeddingCache(cache_dir) if cache_dir else None)
     evaluator = ImageEvaluator(predictor, config, modes, out / "overlays", overlays_per_dataset)
-    items = [WorkItem(d, s) for d in datasets for s in config.samples(d)[: config.max_images]]
     run_items(items, evaluator, out / RESULTS_FILE, "benchmark", evaluator.error_fields, show_progress,
               executor=executor)
     return out / RESULTS_FILE

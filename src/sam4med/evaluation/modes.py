@@ -316,5 +316,5 @@ def make_mode(name: str, settings: PromptSettings, everything: EverythingSetting
     if PointsMode.pattern.fullmatch(name):
         return PointsMode(name, settings)
     raise InputError(
-        f"unknown mode '{name}'; use {', '.join(DEFAULT_MODES)}, point_random, or pointsK / pointsK_negK"
+        f"--modes: unknown mode '{name}'; use {', '.join(DEFAULT_MODES)}, point_random, or pointsK / pointsK_negK"
     )

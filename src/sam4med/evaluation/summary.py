@@ -47,10 +47,13 @@ def load_results(results: str | Path) -> pd.DataFrame:
             df[column] = np.nan
             continue
         numbers = pd.to_numeric(df[column], errors="coerce")
+        numbers = numbers.where(~np.isinf(numbers.astype(float)))  # no metric is infinite: a hand-edited value
         unreadable = numbers.isna() & df[column].notna()
         if unreadable.any():  # a hand-edited or foreign file: say so instead of losing the values quietly
-            warn(f"{path}: {int(unreadable.sum())} row(s) whose '{column}' is not a number (first "
-                 f"{df.loc[unreadable, column].iloc[0]!r}) are read as missing")
+            first = df.loc[unreadable, column].iloc[0]
+            shown = repr(first) if isinstance(first, str) else str(first)
+            warn(f"{path}: {int(unreadable.sum())} row(s) whose '{column}' is not a number (first {shown}) "
+                 "are read as missing")
         df[column] = numbers
     df[list(NUMERIC_COLUMNS)] = df[list(NUMERIC_COLUMNS)].astype(float)
     return df
