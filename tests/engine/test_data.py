@@ -371,6 +371,8 @@ def test_mask_without_image(tmp_path):
     save(square_mask(), root / "masks" / "orphan.png")
     with pytest.raises(InputError, match=r"masks/orphan.png: mask without an image of id 'orphan'"):
         load_dataset(root)
+    images_only = load_dataset(root, require_masks=False)  # priors, prediction: masks are not needed
+    assert [s.id for s in images_only] == ["a"] and images_only.samples[0].mask_path is not None
 
 
 def test_unknown_file_in_images_is_named(tmp_path):

@@ -67,3 +67,13 @@ def test_volume_arguments_are_checked_before_the_model_loads(tmp_path, out, box3
     with pytest.raises(InputError, match=message):
         segment_volume_file(never_loaded, volume, box3d, tmp_path / out, axis)
     assert volume.read_bytes() == before and (out == "volume.nrrd" or not (tmp_path / out).exists())
+
+
+def test_volume_window_options_are_named_and_a_constant_volume_is_flagged(tmp_path, capsys):
+    volume = tmp_path / "volume.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 16, 16), np.float32)), str(volume))
+    with pytest.raises(InputError, match=r"--lower-percentile 99, --upper-percentile 1: need 0 <= lower < upper"):
+        segment_volume_file(never_loaded, volume, (1, 1, 0, 5, 5, 2), tmp_path / "labels.nii.gz", 0, (99, 1))
+    with pytest.raises(AssertionError, match="the model was loaded"):  # flagged before the model loads
+        segment_volume_file(never_loaded, volume, (1, 1, 0, 5, 5, 2), tmp_path / "labels.nii.gz")
+    assert "every voxel is 0.0; a volume without contrast" in capsys.readouterr().err

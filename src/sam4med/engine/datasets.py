@@ -127,7 +127,7 @@ def load_dataset(
     if masks_dir is not None:
         mask_files = _match(image_files, _index_folder(masks_dir, "masks"), masks_dir, "mask", require_masks)
     elif require_masks:
-        raise InputError(f"{root}: no masks folder (give masks=, or require_masks=False to load images only)")
+        raise InputError(f"{root}: no masks folder (this needs ground-truth masks in masks/ beside images/)")
     else:
         mask_files = {}
     fov_dir = root / "fov"
@@ -212,10 +212,16 @@ def _index_folder(folder: Path, what: str) -> dict[str, Path]:
 def _match(
     images: dict[str, Path], others: dict[str, Path], folder: Path, what: str, required: bool
 ) -> dict[str, Path]:
-    """Pair masks (or FOV masks) with images by id; unpaired files on either side are errors."""
-    for other_id, other in others.items():
-        if other_id not in images:
-            raise InputError(f"{other}: {what} without an image of id '{other_id}'")
+    """Pair masks (or FOV masks) with images by id; unpaired files on either side are errors, except masks
+    without an image where masks are not ``required`` (images read for their own sake): those are left out."""
+    orphans = [(other_id, other) for other_id, other in others.items() if other_id not in images]
+    if orphans and required:
+        raise InputError(f"{orphans[0][1]}: {what} without an image of id '{orphans[0][0]}'")
+    if orphans:
+        from sam4med.engine.runs import warn  # runs imports this module
+
+        warn(f"{folder}: {len(orphans)} {what}(s) without an image left out (first {orphans[0][1].name})")
+        others = {other_id: other for other_id, other in others.items() if other_id in images}
     if required:
         for image_id, image in images.items():
             if image_id not in others:

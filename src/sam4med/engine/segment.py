@@ -344,9 +344,15 @@ def segment_volume_file(predictor: PredictorSource, volume_path: Path, box3d: Se
 
     if axis not in (0, 1, 2):
         raise InputError(f"--axis {axis}: must be 0, 1 or 2")
+    lower, upper = percentiles
+    if not 0 <= lower < upper <= 100:
+        raise InputError(f"--lower-percentile {lower}, --upper-percentile {upper}: need 0 <= lower < upper <= 100")
     _check_output(out, "--out", LABEL_VOLUME_SUFFIXES)
     check_apart(out, [volume_path])
     image = read_volume(volume_path)
+    if image.array.size and image.array.min() == image.array.max():
+        warn(f"{volume_path}: every voxel is {image.array.flat[0]}; a volume without contrast gives a mask that "
+             "means nothing")
     stack = list(slices(window(image.array, *percentiles), axis))
     _check_box3d(box3d, len(stack), stack[0].shape[:2] if stack else None)
     labels = segment_volume(_ready(predictor), stack, box3d)
