@@ -182,7 +182,7 @@ def test_training_can_start_from_exported_weights(trained, tmp_path):
         torch.testing.assert_close(saved["weights"][key], value.float(), atol=2e-3, rtol=2e-3)  # fp16 export
     with pytest.raises(InputError, match="no such file"):
         train_clicks([data], tmp_path / "other", ClickTrainConfig(init_weights=str(tmp_path / "missing.pt")))
-    assert not (tmp_path / "other" / "embeddings").exists()  # refused before any image was embedded
+    assert not (tmp_path / "other").exists()  # refused before the run folder is claimed or an image embedded
 
 
 def iou_head_error(model, data: Path) -> float:
