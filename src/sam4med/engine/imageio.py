@@ -81,12 +81,13 @@ def _stored_pixels(path: Path, expand_palette: bool) -> np.ndarray:
     """The pixels of any 2D image file as stored; palettes as RGB with ``expand_palette``, else as indices."""
     if _is_medical(path):
         return _medical_pixels(path)
-    if path.suffix.lower() in _TIFF_SUFFIXES and not _pil_identifies(path):
+    try:
+        with _opened(path) as image:
+            if expand_palette and image.mode in ("P", "PA"):
+                return np.asarray(image.convert("RGB"))
+            return _pixels(image, path)
+    except _TiffPilCannotRead:
         return _tiff_pixels(path)
-    with _opened(path) as image:
-        if expand_palette and image.mode in ("P", "PA"):
-            return np.asarray(image.convert("RGB"))
-        return _pixels(image, path)
 
 
 def _is_medical(path: Path) -> bool:
@@ -121,15 +122,8 @@ def _medical_pixels(path: Path) -> np.ndarray:
     return pixels
 
 
-def _pil_identifies(path: Path) -> bool:
-    """Whether PIL knows the file's pixel layout (it does not know float64, float16 or float RGB TIFFs)."""
-    try:
-        Image.open(path).close()
-    except UnidentifiedImageError:
-        return False
-    except Exception:  # a corrupt file: _opened says what is wrong
-        return True
-    return True
+class _TiffPilCannotRead(Exception):
+    """A TIFF whose pixel layout PIL does not know (float64, float16, float RGB): tifffile reads it."""
 
 
 def _tiff_pixels(path: Path) -> np.ndarray:
@@ -174,6 +168,8 @@ def _opened(path: Path) -> Iterator[Image.Image]:
     except InputError:
         raise
     except Exception as exc:  # PIL and tifffile raise many types for corrupt files
+        if isinstance(exc, UnidentifiedImageError) and path.suffix.lower() in _TIFF_SUFFIXES:
+            raise _TiffPilCannotRead from exc
         raise InputError(f"{path}: cannot read image ({one_line(exc)})") from exc
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
