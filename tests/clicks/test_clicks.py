@@ -378,3 +378,32 @@ def test_an_image_that_cannot_be_embedded_is_named_on_every_run(tmp_path, liteme
         embed_datasets(litemedsam, {"ellipses": (dataset, dataset.samples)}, tmp_path / "emb", (False,),
                        show_progress=False)
         assert "1 image(s) could not be embedded and are left out (first: " in capsys.readouterr().err
+
+
+def test_a_replaced_image_or_mask_or_a_lost_embedding_is_embedded_again(tmp_path, litemedsam, capsys):
+    """Cached embeddings belong to the files they were made from, not to an image id."""
+    from sam4med.clicks.embeddings import embed_datasets
+    from sam4med.engine.datasets import load_dataset
+
+    data = ellipses(tmp_path / "ellipses", count=3)
+    store = tmp_path / "emb"
+
+    def embed() -> tuple[int, str]:
+        dataset = load_dataset(data)
+        summary, = embed_datasets(litemedsam, {"ellipses": (dataset, dataset.samples)}, store, (False,),
+                                  show_progress=False)
+        return summary.computed, capsys.readouterr().err
+
+    def labels(image_id: str) -> torch.Tensor:
+        return load_embedding(store / "ellipses" / f"{image_id}.pt")[1]
+
+    assert embed()[0] == 3
+    assert embed() == (0, "")  # nothing changed: nothing embedded, nothing said
+    before = labels("e1")
+    (data / "masks" / "e1.png").write_bytes((data / "masks" / "e2.png").read_bytes())  # another object, same id
+    (store / "ellipses" / "e0.pt").unlink()
+    computed, said = embed()
+    assert computed == 2 and "2 finished image(s) whose outputs are damaged, missing or out of date" in said
+    assert not torch.equal(labels("e1"), before) and torch.equal(labels("e1"), labels("e2"))
+    assert (store / "ellipses" / "e0.pt").is_file()
+    assert embed()[0] == 0
