@@ -397,6 +397,10 @@ def test_bad_description_and_missing_group(tmp_path):
     (root / "dataset.json").write_text(json.dumps({"groups": {"a": "p1"}}), encoding="utf-8")
     with pytest.raises(InputError, match=r"images/b.png: no entry in dataset.json groups"):
         load_dataset(root)
+    folder = make_dataset(tmp_path / "folder", ["a"])
+    (folder / "dataset.json").mkdir()  # not passed over: its groups would be lost from every split
+    with pytest.raises(InputError, match=r"folder/dataset.json: cannot read data set description \(.*directory"):
+        load_dataset(folder)
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/anywhere", "..", "a\\b", "", " padded", "tab\tname", 7, ["x"]])

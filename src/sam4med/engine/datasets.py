@@ -118,7 +118,8 @@ def load_dataset(
     else:
         masks_dir = base / "masks" if path is not None and (base / "masks").is_dir() else None
     root = Path(path) if path is not None else images_dir.parent
-    meta = _read_meta(root / "dataset.json") if path is not None and (root / "dataset.json").is_file() else {}
+    # a dataset.json that is there but cannot be read (a folder too) is refused, not passed over
+    meta = _read_meta(root / "dataset.json") if path is not None and (root / "dataset.json").exists() else {}
     groups: dict[str, str] = meta.get("groups", {})
 
     image_files = _index_folder(images_dir, "images")
