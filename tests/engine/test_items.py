@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 from pathlib import Path
 
@@ -115,3 +116,38 @@ def test_an_output_disk_that_refuses_stops_the_loop_and_an_image_error_does_not(
     with pytest.raises(OSError, match="No space left on device"):
         run_items(items(["a", "gone", "full", "b"]), writes, results, "test", show_progress=False)
     assert [(r["image"], r["status"]) for r in read(results)] == [("a", "ok"), ("gone", "error")]
+
+
+def test_an_image_or_mask_replaced_under_its_id_is_done_again(tmp_path, capsys):
+    """Rows keep the sha256 of the files they were made from; resuming redoes what changed, and only that."""
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.png").write_bytes(f"image {name}".encode())
+        (tmp_path / f"{name}_mask.png").write_bytes(f"mask {name}".encode())
+    data = Dataset("toy", "test", "test", tmp_path, [Sample(n, tmp_path / f"{n}.png", tmp_path / f"{n}_mask.png")
+                                                     for n in ("a", "b", "c")] + [Sample("gone", tmp_path / "gone.png")])
+    work = [WorkItem(data, s) for s in data.samples]
+    results = tmp_path / "results.jsonl"
+    run_items(work, two_rows, results, "test", show_progress=False)
+    first = {r["image"]: r for r in read(results)}
+    assert first["a"]["image_sha256"] == hashlib.sha256(b"image a").hexdigest()
+    assert first["a"]["mask_sha256"] == hashlib.sha256(b"mask a").hexdigest()
+    assert first["gone"]["image_sha256"] is None and first["gone"]["mask_sha256"] is None
+    assert run_items(work, two_rows, results, "test", show_progress=False).computed == 0
+    assert "computed again" not in capsys.readouterr().err
+
+    (tmp_path / "a.png").write_bytes(b"another image a")
+    (tmp_path / "b_mask.png").write_bytes(b"another mask b")
+    (tmp_path / "gone.png").write_bytes(b"image gone, now there")
+    again = run_items(work, two_rows, results, "test", show_progress=False)
+    assert (again.computed, again.skipped) == (3, 1)
+    assert "3 finished image(s) whose outputs are damaged, missing or out of date are computed again" in \
+        capsys.readouterr().err
+    rows = read(results)
+    assert [r["image"] for r in rows].count("a") == 2  # redone once, its old rows gone
+    assert {r["image"]: r["image_sha256"] for r in rows}["a"] == hashlib.sha256(b"another image a").hexdigest()
+
+    # rows written before the hashes were kept are taken as they are
+    results.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.endswith("_sha256")}) + "\n"
+                               for r in rows))
+    (tmp_path / "c.png").write_bytes(b"changed, but its rows cannot tell")
+    assert run_items(work, two_rows, results, "test", show_progress=False).computed == 0

@@ -4,6 +4,7 @@ resume and re-runs of changed prompts, and the command line."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -320,3 +321,34 @@ def test_everything_over_a_folder_refuses_bad_options_in_one_line_before_the_mod
     result = CliRunner().invoke(app, ["segment-everything", str(empty), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "no images" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_folder_verbs_redo_a_replaced_image_and_refuse_another_folders_images_in_their_out(tmp_path, folder,
+                                                                                          click_model):
+    """Results belong to the files they were made from: an image replaced under its name is segmented again,
+    and another folder whose images share names cannot resume (and overwrite) this folder's outputs."""
+    from sam4med.engine.segment import segment_everything
+
+    images, _ = folder
+    table = _table(tmp_path, "a.png,ellipse,75,55,225,145,,\nsub/b.jpg,clicked,,,,,90 70,\n")
+    other = tmp_path / "other" / "images"
+    other.mkdir(parents=True)
+    (other / "a.png").write_bytes((images / "a.png").read_bytes())
+    for verb, run in (("segment", lambda source, out: segment_folder(Predictor(click_model), source, table, out,
+                                                                     show_progress=False)),
+                      ("everything", lambda source, out: segment_everything(Predictor(click_model), source, out,
+                                                                            show_progress=False))):
+        out = tmp_path / verb
+        run(images, out)
+        before = {path.name: path.read_bytes() for path in (out / "masks").rglob("*.png")}
+        assert run(images, out).computed == 0
+        flipped = np.array(Image.open(images / "a.png"))[::-1].copy()
+        Image.fromarray(flipped).save(images / "a.png")  # the same name, another image
+        assert run(images, out).computed == 1, verb
+        assert (out / "masks" / "a.png").read_bytes() != before["a.png"]
+        assert [r["image_sha256"] for r in _rows(out) if r["image"] == "a.png"][-1] == \
+            hashlib.sha256((images / "a.png").read_bytes()).hexdigest()
+        kept = {path: path.read_bytes() for path in (out / "masks").rglob("*.png")}
+        with pytest.raises(InputError, match=r"other settings \(images differ\)"):
+            run(other, out)
+        assert {path: path.read_bytes() for path in (out / "masks").rglob("*.png")} == kept

@@ -3,8 +3,8 @@
 Layout: ``EMBEDDINGS/<data set>/embeddings.json`` (model and weights hash, flips, minimum object area),
 one ``<image id>.pt`` (and ``<image id>.hflip.pt``, the image flipped left-right) per image, and
 ``results.jsonl`` with one row per embedded image: the shared resumable item loop runs them, so a killed
-run continues where it stopped. Each row keeps the sha256 of the image and mask files it was made from,
-so a resumed run embeds again an image or mask replaced under the same id (or whose cached file is gone).
+run continues where it stopped; it embeds again an image or mask replaced under the same id (the loop
+keeps their sha256) and an image whose cached file is gone.
 
 Small objects (nuclei, cells in 500-1000 px images) are a few pixels wide in a whole image's 256 px
 frame, and at inference they are prompted on tiles (``engine.tiling``). Training sees them at that scale
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam4med.engine.checkpoints import file_sha256, write_torch
+from sam4med.engine.checkpoints import write_torch
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.executors import Executor
@@ -73,12 +73,11 @@ class EmbeddingWorker:
         self.tiling = tiling  # (tile, halo): embed the tiles of images larger than one tile instead
 
     def __call__(self, item: WorkItem) -> list[dict]:
-        sources = source_hashes(item.sample)  # before reading: the embedding belongs to these bytes
         image, mask = load_pair(item.sample)
         if self.tiling is None:
             views: list[tuple[int | None, np.ndarray, np.ndarray]] = [(None, image, mask)]
         elif max(image.shape[:2]) <= self.tiling[0]:  # the whole image is one tile: the untiled store has it
-            return [{"dataset": item.dataset.name, "image": item.sample.id, "tile": None, "objects": 0, **sources}]
+            return [{"dataset": item.dataset.name, "image": item.sample.id, "tile": None, "objects": 0}]
         else:
             views = [(k, t.crop(image), t.crop(mask)) for k, t in enumerate(tiles(image.shape[:2], *self.tiling))]
         rows = []
@@ -94,19 +93,12 @@ class EmbeddingWorker:
                                    "labels": torch.where(torch.isin(labels, torch.tensor(kept)), labels, 0).to(torch.int16)})
                 rows.append({"dataset": item.dataset.name, "image": item.sample.id, "tile": tile, "flip": flip,
                              "objects": len(kept), "content": list(low_res_content(embedding.geometry)),
-                             "bytes": path.stat().st_size, **sources})
+                             "bytes": path.stat().st_size})
         return rows
 
 
-def source_hashes(sample: Sample) -> dict[str, str | None]:
-    """The sha256 of the image and mask files an embedding and its object labels are made from."""
-    return {"image_sha256": file_sha256(sample.image_path),
-            "mask_sha256": None if sample.mask_path is None else file_sha256(sample.mask_path)}
-
-
-class CachedCurrent:
-    """Whether a finished image's cached embeddings are still there and made from its files as they are now;
-    rows written before the hashes were kept are taken as they are."""
+class CachedWhole:
+    """Whether a finished image's cached embeddings are all still there."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -118,12 +110,8 @@ class CachedCurrent:
 
     def __call__(self, item: WorkItem) -> bool:
         rows = self.rows.get(item.sample.id, [])
-        if any("flip" in r and not embedding_path(self.folder, r["image"], r["flip"], r.get("tile")).is_file()
-               for r in rows):
-            return False
-        made_from = next(({key: r[key] for key in ("image_sha256", "mask_sha256")} for r in rows if "image_sha256" in r),
-                         None)  # an image's rows are written together, from one reading of its files
-        return made_from is None or made_from == source_hashes(item.sample)
+        return all(embedding_path(self.folder, r["image"], r["flip"], r.get("tile")).is_file()
+                   for r in rows if "flip" in r)  # a whole image in a tiled folder has a row and no file
 
 
 def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample]]], out: Path,
@@ -142,7 +130,7 @@ def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample
         worker = EmbeddingWorker(model, folder, flips, min_area, tiling)
         summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, folder / RESULTS_FILE,
                                    f"embed {name}", show_progress=show_progress,
-                                   check_done=CachedCurrent(folder), executor=executor))
+                                   check_done=CachedWhole(folder), executor=executor))
         failed = [row for row in read_jsonl(folder / RESULTS_FILE, skip_damaged=True) if row.get("status") == "error"]
         if failed:  # this run's and earlier runs' failures alike: the user learns which images training lacks
             warn(f"{folder / RESULTS_FILE}: {len(failed)} image(s) could not be embedded and are left out "

@@ -6,7 +6,9 @@ the loop, so that another executor (``engine.executors``: this process, or Ray a
 function; the loop stays the one writer. Rows stream to ``results.jsonl``, one
 block per image written with one unbuffered write; every row carries ``dataset``, ``image`` and
 ``image_rows`` (the size of its block), so a block cut by a kill is found, dropped and redone, and
-running the same command again continues after the last finished image.
+running the same command again continues after the last finished image. Every row also keeps the sha256
+of its image's file and mask's (``image_sha256``, ``mask_sha256``), so an image or mask replaced under the
+same id is done again rather than taken as finished.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.executors import Executor, LocalExecutor
 from sam4med.engine.runs import parse_jsonl, warn, write_bytes_atomic
@@ -76,6 +79,33 @@ def finished_items(path: Path) -> set[ItemKey]:
     return done
 
 
+def source_hashes(sample: Sample) -> dict[str, str | None]:
+    """The sha256 of an image's file and its mask's; None where there is none or it cannot be read (a failed
+    image whose file is mended later is done again too)."""
+    def digest(path: Path | None) -> str | None:
+        try:
+            return None if path is None else file_sha256(path)
+        except OSError:
+            return None
+    return {"image_sha256": digest(sample.image_path), "mask_sha256": digest(sample.mask_path)}
+
+
+def _sources_changed(path: Path, items: Sequence[WorkItem], finished: set[ItemKey]) -> set[ItemKey]:
+    """The finished items whose image or mask file is no longer the one their rows were made from (rows
+    written before the hashes were kept are taken as they are)."""
+    if not finished:
+        return set()
+    stored = {(row.get("dataset"), row.get("image")): row for _, row in parse_jsonl(path.read_bytes(), path, True)}
+    changed = set()
+    for item in items:
+        row = stored.get(item.key)
+        if item.key in finished and row is not None and "image_sha256" in row:
+            made_from = {key: row.get(key) for key in ("image_sha256", "mask_sha256")}
+            if made_from != source_hashes(item.sample):
+                changed.add(item.key)
+    return changed
+
+
 def forget_items(path: Path, keys: set[ItemKey]) -> None:
     """Remove the rows of ``keys`` from a results file (atomically), so those items run again."""
     pairs = parse_jsonl(path.read_bytes(), path, skip_damaged=True)
@@ -97,21 +127,24 @@ def run_items(
     (``status = "error"``, ``error``, plus ``error_fields(item)``) and the loop goes on.
 
     ``check_done(item)``: whether a finished item's own outputs (files beside the rows) are still whole and
-    current; an item whose outputs are damaged, missing or out of date is computed again, and the run says so.
+    current; an item whose outputs are damaged, missing or out of date, or whose image or mask file has
+    changed, is computed again, and the run says so.
     ``executor``: where ``process`` runs (default: here, one item after another); rows are written as items finish."""
     finished = finished_items(results)
+    redo = _sources_changed(results, items, finished)
     if check_done is not None:
-        redo = {item.key for item in items if item.key in finished and not check_done(item)}
-        if redo:
-            warn(f"{results.parent}: {len(redo)} finished image(s) whose outputs are damaged, missing or out of date "
-                 "are computed again")
-            forget_items(results, redo)
-            finished -= redo
+        redo |= {item.key for item in items if item.key in finished and item.key not in redo and not check_done(item)}
+    if redo:
+        warn(f"{results.parent}: {len(redo)} finished image(s) whose outputs are damaged, missing or out of date "
+             "are computed again")
+        forget_items(results, redo)
+        finished -= redo
     pending = []
     for item in items:  # an item listed twice (the same image given twice) is done once
         if item.key not in finished:
             pending.append(item)
             finished.add(item.key)
+    sources = {item.key: source_hashes(item.sample) for item in pending}  # before the work reads the files
     seconds: list[float] = []
     failed = 0
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -131,7 +164,8 @@ def run_items(
             block = []
             for row in rows:
                 row.setdefault("status", "ok")
-                block.append(json.dumps({**row, "image_rows": len(rows)}, default=_json_default) + "\n")
+                block.append(json.dumps({**row, **sources[item.key], "image_rows": len(rows)}, default=_json_default)
+                             + "\n")
             _write_all(handle, "".join(block).encode())
             release_free_memory()  # one image's intermediates at a time, not the heap's high-water mark
             progress.update(task, advance=1, description=f"{description} {item.dataset.name}/{item.sample.id}")

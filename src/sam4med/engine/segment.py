@@ -170,10 +170,11 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
 
     Writes ``out/masks/<image path>.png``, one label map per image (the image's k-th object has value k, in
     the table's order; where masks overlap, the later object's is kept), ``out/results.jsonl`` (one row
-    per object: its label, prompt, area, predicted IoU and the table's line) and ``out/protocol.json``
-    (model, weights, mask rule). Resumable: running it again does only the images not done, and those
-    whose rows in the table have changed. An image that cannot be read, or a prompt outside its image,
-    is recorded as an error row and the run goes on. The table is checked whole before the model loads.
+    per object: its label, prompt, area, predicted IoU, the table's line and the image file's sha256) and
+    ``out/protocol.json`` (model, weights, mask rule, image folder). Resumable: running it again does only
+    the images not done, those whose rows in the table have changed and those whose file has changed; another
+    folder's images into the same ``out`` are refused. An image that cannot be read, or a prompt outside its
+    image, is recorded as an error row and the run goes on. The table is checked whole before the model loads.
     """
     from sam4med.engine.items import RESULTS_FILE, WorkItem, finished_outputs, run_items
     from sam4med.engine.prompt_table import prompts_digest, read_prompt_table
@@ -189,6 +190,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
     ready = _ready(predictor)
     rule = mask_rule or ready.default_mask_rule
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-folder", "model": ready.protocol, "mask_rule": rule,
+                                      "images": str(folder.resolve()),
                                       "label_map": "object k of an image = value k in table order; later objects "
                                                    "kept where masks overlap"})
     digests = {image: prompts_digest(rows) for image, rows in table.items()}
@@ -234,9 +236,10 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     object. Masks claim pixels best score (predicted IoU x stability) first, a pixel staying with the first
     mask that claims it; a mask left with less than ``min_visible`` (default ``MIN_VISIBLE``) of its own
     area is dropped, its pixels background. Writes ``out/masks/<image>.png`` (16 bits), ``out/results.jsonl`` (one row per kept
-    mask: value, own and visible area, box, predicted IoU, stability) and ``out/protocol.json`` (model,
-    weights, tiling, every everything-mode setting and ``min_visible``). Resumable; an image that cannot be
-    read is an error row and the run goes on.
+    mask: value, own and visible area, box, predicted IoU, stability, the image file's sha256) and
+    ``out/protocol.json`` (model, weights, tiling, every everything-mode setting, ``min_visible``, the image
+    folder). Resumable (an image whose file has changed is done again; another folder's images into the same
+    ``out`` are refused); an image that cannot be read is an error row and the run goes on.
     """
     from sam4med.engine.everything import EverythingSettings, generate_masks
     from sam4med.engine.items import RESULTS_FILE, WorkItem, finished_outputs, run_items
@@ -254,6 +257,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     resolved = settings.resolved(ready.model.spec)
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-everything", "model": ready.protocol,
                                       "everything": resolved.record(), "min_visible": min_visible,
+                                      "images": str(root.resolve()),
                                       "label_map": "16-bit instances; pixels claimed best score first"})
     dataset = _folder_dataset(root, images)
 
