@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -352,3 +353,19 @@ def test_folder_verbs_redo_a_replaced_image_and_refuse_another_folders_images_in
         with pytest.raises(InputError, match=r"other settings \(images differ\)"):
             run(other, out)
         assert {path: path.read_bytes() for path in (out / "masks").rglob("*.png")} == kept
+
+
+def test_a_symbolic_link_loop_is_one_line_or_an_error_row_never_a_traceback(tmp_path, folder, click_model):
+    images, _ = folder
+    (images / "loop.png").symlink_to("loop.png")
+    (tmp_path / "out.png").symlink_to("out.png")
+    for arguments, line in (([str(images / "loop.png"), "--out", str(tmp_path / "m.png")], "loop.png: a symbolic link loop"),
+                            ([str(images / "a.png"), "--out", str(tmp_path / "out.png")], "--out .*out.png: a symbolic link loop")):
+        result = CliRunner().invoke(app, ["segment", *arguments, "--box", "75", "55", "225", "145"])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert re.search(line, result.output)
+    table = _table(tmp_path, "a.png,ellipse,75,55,225,145,,\nloop.png,looped,1,1,5,5,,\n")
+    summary = segment_folder(Predictor(click_model), images, table, tmp_path / "folder", show_progress=False)
+    assert (summary.computed, summary.failed) == (1, 1)
+    [row] = [r for r in _rows(tmp_path / "folder") if r["image"] == "loop.png"]
+    assert row["status"] == "error" and row["error"].endswith("loop.png: a symbolic link loop")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from sam4med.engine.datasets import IMAGE_EXTENSIONS, image_extension, image_id
-from sam4med.engine.errors import InputError, hw, path_component
+from sam4med.engine.errors import InputError, hw, path_component, resolved
 from sam4med.engine.imageio import read_image, read_intensities, read_mask
 from sam4med.engine.predictor import EmbeddingCache
 from sam4med.engine.prompts import Prompt, select_mask, wants_multimask
@@ -48,8 +48,9 @@ class SavedObject:
 
 def _inside(root: Path, path: Path) -> Path:
     """``path`` if it (its links followed) lies inside ``root``: a ``masks`` link elsewhere is refused."""
-    if not path.resolve().is_relative_to(root):
-        raise InputError(f"{path}: leads outside {root}; nothing is written there")
+    target = resolved(path)
+    if target is None or not target.is_relative_to(root):
+        raise InputError(f"{path}: leads outside {root} (or round a link loop); nothing is written there")
     return path
 
 

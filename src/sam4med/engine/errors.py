@@ -90,19 +90,37 @@ def path_component(value: object, what: str) -> str:
     return value
 
 
+def resolved(path: Path) -> Path | None:
+    """``path`` with its links followed, or None for a symbolic link loop (Python 3.11's ``Path.resolve`` raises
+    RuntimeError there, later versions OSError)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        return None
+
+
+def not_there(path: Path, what: str = "file") -> str:
+    """Why ``path`` cannot be opened when it is not there: a link loop says so, a missing file too."""
+    return "a symbolic link loop" if path.is_symlink() and resolved(path) is None else f"no such {what}"
+
+
 def check_apart(out: Path, inputs: Iterable[Path], what: str = "--out", roots: Iterable[Path] = (),
                 writes: Iterable[str] = ()) -> None:
     """Refuse an output that could overwrite an input. ``out`` may not be an input (a file, or a folder such as
     a data set's images/ and masks/) nor lie inside one; it may not be one of the ``roots`` (the folder a verb
     was given), though it may lie inside it; and the folders it fills (``writes``, names under ``out``, such as
     masks/) may not meet an input. Results beside the data are fine; results over it are refused."""
-    target = Path(out).resolve()
+    target = resolved(out)
+    if target is None:
+        raise InputError(f"{what} {out}: a symbolic link loop; name another path")
     filled = [(name, target / name) for name in writes]
     for root in roots:
-        if target == Path(root).resolve():
+        if target == resolved(root):
             raise InputError(f"{what} {out}: is the input folder {root}; name another folder")
     for source in inputs:
-        origin = Path(source).resolve()
+        origin = resolved(source)
+        if origin is None:  # a link loop holds nothing an output could overwrite; reading it fails on its own
+            continue
         if target == origin:
             raise InputError(f"{what} {out}: is the input {source}; name another path")
         if target.is_relative_to(origin):

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from sam4med.engine.datasets import IMAGE_EXTENSIONS, MEDICAL_EXTENSIONS, Sample, image_extension
-from sam4med.engine.errors import InputError, hw, one_line
+from sam4med.engine.errors import InputError, hw, not_there, one_line
 
 # PIL modes whose pixels numpy takes as they are stored; others go through convert("RGB").
 _HIGH_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "F"}
@@ -97,7 +97,7 @@ def _is_medical(path: Path) -> bool:
         raise InputError(f"{path}: unknown image extension (expected one of {', '.join(IMAGE_EXTENSIONS)}, "
                          "or a DICOM file)")
     if not path.is_file():
-        raise InputError(f"{path}: no such file")
+        raise InputError(f"{path}: {not_there(path)}")
     return extension in MEDICAL_EXTENSIONS
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, not_there
 from sam4med.engine.runs import atomic_path
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -178,7 +178,7 @@ def _read_itk(path: Path) -> sitk.Image:
     if path.is_dir():
         image = _read_dicom_series(path)
     elif not path.exists():
-        raise InputError(f"{path}: no such file or folder")
+        raise InputError(f"{path}: {not_there(path, 'file or folder')}")
     elif not _has_volume_suffix(path):
         raise InputError(
             f"{path}: unknown volume extension (expected one of {', '.join(VOLUME_SUFFIXES)}, or a DICOM folder)"
