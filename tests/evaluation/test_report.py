@@ -245,6 +245,17 @@ def test_write_overlay_large_grayscale_image_many_modes(tmp_path: Path) -> None:
     assert width <= 5 * 2.2 * 80 + 2 and height > 0  # wrapped onto two rows of five panels
 
 
+
+@pytest.mark.parametrize("shape", [(1, 50), (50, 1), (10, 10000)])
+def test_write_overlay_draws_strips_whose_panel_is_one_pixel_thin(tmp_path: Path, shape) -> None:
+    """A contour needs 2 x 2 pixels: a 1 px image (or one the overlay shrinks to 1 px) still gets its overlay."""
+    image = np.full(shape, 128, np.uint8)
+    gt = np.zeros(shape, bool)
+    gt[: shape[0] // 2 + 1, : shape[1] // 2 + 1] = True
+    gt[-1, -1] = False
+    with Image.open(write_overlay(tmp_path / "strip.png", image, gt, [("box", [gt], 0.9)])) as png:
+        assert png.format == "PNG" and min(png.size) > 0
+
 def test_write_overlay_leaves_no_drawn_figure_for_the_garbage_collector(tmp_path: Path) -> None:
     """A figure and its canvas hold each other, so a written figure lingers until a collection: its panels'
     arrays must already be gone by then (a benchmark draws a few overlays per data set mid-run)."""

@@ -62,7 +62,7 @@ def _draw_panel(ax, image: np.ndarray, gt: np.ndarray, masks: Sequence[np.ndarra
         for index, mask in enumerate(masks):
             layer[mask] = to_rgba(PALETTE[index % len(PALETTE)], 0.45)
         ax.imshow(layer, interpolation="nearest")
-    if gt.any() and not gt.all():
+    if gt.any() and not gt.all() and min(gt.shape) >= 2:  # a contour needs 2 x 2 pixels; a 1 px strip has none
         ax.contour(gt.astype(float), levels=[0.5], colors=[GT_COLOR], linewidths=1.0)
     ax.set_title(title, fontsize=8)
     ax.set_axis_off()
