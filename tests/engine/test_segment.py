@@ -49,6 +49,22 @@ def test_unreadable_image_is_reported_before_the_model_loads(tmp_path):
         segment_image_file(never_loaded, tmp_path / "broken.png", Prompt(box=[1, 1, 5, 5]), tmp_path / "mask.png")
 
 
+
+def test_an_image_thinner_than_one_embedding_token_at_the_models_size_is_flagged(tmp_path, click_model, capsys):
+    """A 4000 x 12 strip is 0.8 px wide at 256: no mask can follow it, and the runtimes differ on it."""
+    from sam4med.engine.predictor import Predictor
+
+    strip = np.full((4000, 12), 40, np.uint8)
+    strip[1000:2000] = 200
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    segment_image_file(Predictor(click_model), tmp_path / "strip.png", Prompt(box=[0, 500, 11, 2500]),
+                       tmp_path / "mask.png")
+    assert "strip.png: its shorter side becomes 0.8 px at the model's 256 px input" in capsys.readouterr().err
+    Image.fromarray(strip[:1000:4]).save(tmp_path / "shorter.png")  # 250 x 12: 12 px wide at 256
+    segment_image_file(Predictor(click_model), tmp_path / "shorter.png", Prompt(box=[0, 50, 11, 200]),
+                       tmp_path / "mask.png")
+    assert capsys.readouterr().err == ""
+
 @pytest.mark.parametrize(("out", "box3d", "axis", "message"), [
     ("labels.png", (1, 1, 0, 5, 5, 2), 0, "unknown extension"),
     ("labels.nii.gz", (1, 1, 0, 5, 5, 9), 0, "outside the volume's 4 slices"),

@@ -153,7 +153,9 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
         prompt.check_inside(pixels.shape[:2])
     except InputError as exc:
         raise InputError(f"{image_path}: {exc}") from None
-    mask = segment_image(_ready(predictor), pixels, prompt, mask_rule)
+    ready = _ready(predictor)
+    _warn_if_thin(image_path, pixels.shape[:2], ready.protocol)
+    mask = segment_image(ready, pixels, prompt, mask_rule)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as temporary:
         Image.fromarray((mask * 255).astype(np.uint8)).save(temporary, format="PNG")
@@ -162,6 +164,18 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
 
         write_overlay(overlay, pixels, mask, [("segment", [mask], float("nan"))])
     return mask
+
+
+def _warn_if_thin(image_path: Path, size: tuple[int, int], protocol: dict[str, object]) -> None:
+    """Say so when the image's shorter side shrinks below one embedding token (a 64th of the model's input) as
+    its longer side is scaled to the input: no mask can follow such a strip, and runtimes differ on it."""
+    side = protocol.get("image_size")
+    if protocol.get("resize") != "longest_side" or "tiling" in protocol or not isinstance(side, int):
+        return
+    thin = min(size) * side / max(size)
+    if thin < side / 64:
+        warn(f"{image_path}: its shorter side becomes {thin:.1f} px at the model's {side} px input, less than one "
+             "embedding token: the mask cannot follow it (crop the image around the object)")
 
 
 def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out: Path, mask_rule: str | None = None,
