@@ -74,7 +74,8 @@ def test_a_box_a_correcting_click_and_saving_in_the_data_set_layout(client, fold
     [kept] = (root / ".sam4med" / "history").glob("case0.*.png")
     assert np.array_equal(np.asarray(Image.open(kept)) > 0, first)
     [reopened] = client.get("/api/images/0/objects").json()["objects"]
-    assert reopened["label"] == "object" and np.array_equal(mask_of(reopened["mask"]), mask_of(clicked["mask"]))
+    assert reopened["label"] == "ellipse" and np.array_equal(mask_of(reopened["mask"]), mask_of(clicked["mask"]))
+    assert json.loads((root / "labels" / "case0.json").read_text())["objects"] == [{"value": 255, "label": "ellipse"}]
     assert client.get("/api/state").json()["annotated"] == 1
 
 

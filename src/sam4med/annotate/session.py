@@ -134,8 +134,9 @@ class ImageFolder:
         return [SavedObject(name, values == value) for value, name in sorted(names.items()) if (values == value).any()]
 
     def write(self, index: int, objects: list[SavedObject], shape: tuple[int, int]) -> Path:
-        """One object: 0/255. Several: a label image (1..N, 16 bits past 255) and its names; the later wins.
-        ``shape`` is the frame's size, which the session checked the masks against."""
+        """One object: 0/255. Several: a label image (1..N, 16 bits past 255); the later wins. Either way the
+        objects' names beside it (``labels/<id>.json``), so reopening shows what was saved. ``shape`` is the
+        frame's size, which the session checked the masks against."""
         path, labels_path = (_inside(self.root, p) for p in self._files(index))
         existing = self._existing_mask(index)
         _keep(self.root, [p for p in (existing, labels_path) if p is not None], self.ids[index])
@@ -150,10 +151,10 @@ class ImageFolder:
             Image.fromarray(values).save(temporary, format="PNG")
         if existing is not None and existing != path:  # one mask per id, or the data set no longer loads
             _inside(self.root, existing).unlink()
-        if len(objects) > 1:
+        if objects:
             labels_path.parent.mkdir(exist_ok=True)
-            write_json(labels_path, {"image": self.ids[index],
-                                     "objects": [{"value": v, "label": o.label} for v, o in enumerate(objects, 1)]})
+            write_json(labels_path, {"image": self.ids[index], "objects": [
+                {"value": v if len(objects) > 1 else 255, "label": o.label} for v, o in enumerate(objects, 1)]})
         else:
             labels_path.unlink(missing_ok=True)
         return path
