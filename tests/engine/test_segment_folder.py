@@ -41,6 +41,8 @@ def _table(tmp_path, body: str, header: str = HEADER):
     ("image,x0,y0,x1,y1,colour\n", "a.png,1,1,5,5,red\n", "unknown column"),
     (HEADER, "a.png,,1,2,3,,,\n", "line 2: a box needs all of x0, y0, x1, y1"),
     (HEADER, "a.png,,1,2,three,4,,\n", "line 2: x1 'three': not a number"),
+    (HEADER, "a.png,,1,2,1_0,4,,\n", "line 2: x1 '1_0': not a number"),
+    (HEADER, "a.png,,1,2,\u0661\u0662,40,,\n", "line 2: x1 '\u0661\u0662': not a number"),
     (HEADER, "a.png,,,,,,,1\n", "line 2: 'labels' given without 'points'"),
     (HEADER, "a.png,,,,,,1 2;3,1\n", "line 2: point '3': expected 'x y'"),
     (HEADER, "a.png,,,,,,1 2,1;0\n", "line 2: 1 points but 2 labels"),

@@ -128,7 +128,11 @@ def _prompt(cells: dict[str, str]) -> Prompt:
 
 
 def _number(text: str, what: str) -> float:
+    """A plain decimal number; Python's own extras (``1_0`` for 10, digits of other scripts) are refused, since a
+    spreadsheet would not read them as the same number."""
     try:
+        if "_" in text or not text.isascii():
+            raise ValueError(text)
         return float(text)
     except ValueError:
         raise InputError(f"{what} '{text}': not a number") from None
