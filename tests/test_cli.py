@@ -36,6 +36,16 @@ def test_models_lists_the_registry():
     assert result.exit_code == 0 and "litemedsam" in result.output and "bundled" in result.output
 
 
+def test_ctrl_c_says_what_was_kept_instead_of_exiting_silently(monkeypatch):
+    class Interrupting(dict):
+        def values(self):
+            raise KeyboardInterrupt
+    monkeypatch.setattr("sam4med.engine.registry.MODELS", Interrupting())
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 130
+    assert result.output.strip() == ("error: interrupted; what was finished is kept, and the same command continues a "
+                                     "batch run or training where it stopped")
+
 def test_bad_input_in_a_group_verb_is_one_line_with_exit_2(tmp_path):
     result = CliRunner().invoke(app, ["samunet", "train", "--method", "decoder", "--data", str(tmp_path / "none"), "--out",
                                       str(tmp_path / "run")])

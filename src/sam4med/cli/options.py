@@ -17,6 +17,9 @@ from sam4med.engine.errors import InputError, one_line
 F = TypeVar("F", bound=Callable[..., object])
 
 
+INTERRUPTED = 130  # the exit status typer gives a command stopped by Ctrl+C (128 + SIGINT)
+
+
 class OneLineErrorsGroup(TyperGroup):
     """The root command: a usage error (a wrong type, an unknown or missing option) is one line
     ``error: <option>: <problem>`` with exit status 2, like every other bad input, not a framed panel."""
@@ -35,6 +38,9 @@ class OneLineErrorsGroup(TyperGroup):
         except typer.Abort:
             typer.echo("error: aborted", err=True)
             sys.exit(1)
+        if result == INTERRUPTED:  # typer's answer to Ctrl+C, silent on its own
+            typer.echo("error: interrupted; what was finished is kept, and the same command continues a batch "
+                       "run or training where it stopped", err=True)
         sys.exit(result if isinstance(result, int) else 0)
 
 
