@@ -142,6 +142,17 @@ def test_jpeg_reads_close_to_original(tmp_path):
     assert np.abs(image.astype(int) - smooth).mean() < 3
 
 
+def test_a_jpeg_with_an_exif_orientation_is_read_as_stored(tmp_path):
+    """Pixels, prompts and masks stay in the file's own frame, as the data sets' masks are drawn."""
+    stored = np.zeros((40, 50, 3), np.uint8)
+    stored[:10, :20] = 255
+    exif = Image.Image.getexif(Image.new("RGB", (1, 1)))
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    image = read_image(tmp_path / "turned.jpg")
+    assert image.shape == (40, 50, 3) and image[:10, :20].mean() > 200 and image[30:, 30:].mean() < 50
+
+
 @pytest.mark.parametrize("ext", ["png", "jpg", "tif"])
 @pytest.mark.parametrize("load_truncated", [False, True])
 def test_truncated_file_is_an_input_error(tmp_path, monkeypatch, ext, load_truncated):
