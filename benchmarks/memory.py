@@ -6,8 +6,10 @@ Each figure is a fresh process, as a user runs the verb: its peak resident set (
 and wall time. Printed, for the ONNX encoder (the benchmark's fast path) and the PyTorch encoder (the path
 before it): the floor (the process imports what the benchmark imports and loads the model, then stops), the
 benchmark on ``--images`` images of ``--data`` under every prompt mode (or ``--modes``), the part above the
-floor, and the ratio against the 1.5 GB target of the speed issue. With ``--tile``, the same on tiled
-embeddings. Results go to a temporary folder that is removed.
+floor, and the ratio against the 1.5 GB target of the speed issue; beside them the peak of the process's
+anonymous memory (heap and arrays, sampled), since the resident set also counts pages of the shared libraries
+it maps (PyTorch's CUDA libraries among them, on a CPU), which the system can drop and read again. With
+``--tile``, the same on tiled embeddings. Results go to a temporary folder that is removed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from processes import run_process
+from processes import run_process_sampled
 
 TARGET_MB = 1536
 FLOOR = """
@@ -45,10 +47,10 @@ def main() -> None:
     print(f"sam4med eval benchmark, {args.model}, {args.images} images of {args.data.name}, modes "
           f"{args.modes or 'all'}; peak RSS of a fresh process")
     print(f"{'encoder':8s} {'images':16s} {'floor MB':>9s} {'peak MB':>8s} {'above floor':>12s} "
-          f"{'wall s':>7s} {'peak / 1.5 GB':>14s}")
+          f"{'wall s':>7s} {'peak / 1.5 GB':>14s} {'anon floor':>11s} {'anon peak':>10s}")
     with tempfile.TemporaryDirectory() as scratch:
         for encoder in ("onnx", "torch"):
-            _, floor = run_process([sys.executable, "-c", FLOOR, args.model, encoder])
+            _, floor, anonymous_floor = run_process_sampled([sys.executable, "-c", FLOOR, args.model, encoder])
             for label, options in configurations:
                 out = Path(scratch) / f"{encoder}{len(options)}"
                 command = [sys.executable, "-m", "sam4med", "eval", "benchmark", "--data", str(args.data),
@@ -56,9 +58,9 @@ def main() -> None:
                            "--max-images", str(args.images), *options]
                 command += ["--modes", args.modes] if args.modes else []
                 command += ["--threads", str(args.threads)] if args.threads else []
-                seconds, peak = run_process(command)
+                seconds, peak, anonymous = run_process_sampled(command)
                 print(f"{encoder:8s} {label:16s} {floor:9.0f} {peak:8.0f} {peak - floor:12.0f} {seconds:7.1f} "
-                      f"{peak / TARGET_MB:14.2f}", flush=True)
+                      f"{peak / TARGET_MB:14.2f} {anonymous_floor:11.0f} {anonymous:10.0f}", flush=True)
 
 
 if __name__ == "__main__":
