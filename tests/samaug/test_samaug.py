@@ -150,6 +150,9 @@ def test_generate_priors_with_litemedsam_caches_resumes_and_refuses_other_settin
     [redone] = generate_priors([data], out, litemedsam, show_progress=False)
     assert (redone.computed, redone.skipped) == (1, 1)
     np.testing.assert_array_equal(store.load("img00", replaced).segmentation, priors_before["img01"].segmentation)
+    (data / "masks" / "img01.png").write_bytes((data / "masks" / "img00.png").read_bytes())  # priors read no mask
+    [unchanged] = generate_priors([data], out, litemedsam, show_progress=False)
+    assert (unchanged.computed, unchanged.skipped) == (0, 2)
     with pytest.raises(InputError, match="other settings"):
         generate_priors([data], out, litemedsam, settings=PriorSettings(weight="one"), show_progress=False)
 

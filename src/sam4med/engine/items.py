@@ -95,7 +95,7 @@ def _sources_changed(path: Path, items: Sequence[WorkItem], finished: set[ItemKe
     written before the hashes were kept are taken as they are)."""
     if not finished:
         return set()
-    stored = {(row.get("dataset"), row.get("image")): row for _, row in parse_jsonl(path.read_bytes(), path, True)}
+    stored = {(row.get("dataset"), row.get("image")): row for _, row in parse_jsonl(path.read_bytes(), path, skip_damaged=True)}
     changed = set()
     for item in items:
         row = stored.get(item.key)

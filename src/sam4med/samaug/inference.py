@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +221,7 @@ def predict(
             Image.fromarray(((maps[mode] > 0.5) * 255).astype(np.uint8)).save(temporary, format="PNG")
         return [{"dataset": dataset.name, "image": item.sample.id, "mode": mode}]
 
-    return run_items([WorkItem(dataset, sample) for sample in dataset.samples], predict_one, out / RESULTS_FILE,
-                     "predict", show_progress=show_progress,
+    # predictions are made from the image alone: without its mask, an edited mask leaves them current
+    return run_items([WorkItem(dataset, replace(sample, mask_path=None)) for sample in dataset.samples], predict_one,
+                     out / RESULTS_FILE, "predict", show_progress=show_progress,
                      check_done=finished_outputs(out / RESULTS_FILE, masks)[1])

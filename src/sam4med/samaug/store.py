@@ -14,6 +14,7 @@ import json
 import time
 import zipfile
 from collections.abc import Collection, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -179,7 +180,9 @@ def generate_priors(
         samples = [s for s in dataset.samples if image_ids is None or s.id in image_ids]
         samples = samples[:max_images] if max_images else samples
         worker = PriorWorker(predictor, resolved, key, store, {s.id for s in samples[:figures_per_dataset]})
-        summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, store.folder / RESULTS_FILE,
+        # priors are made from the image alone: without its mask, an edited mask leaves them current
+        summaries.append(run_items([WorkItem(dataset, replace(s, mask_path=None)) for s in samples], worker,
+                                   store.folder / RESULTS_FILE,
                                    f"priors {dataset.name}", show_progress=show_progress,
                                    check_done=worker.outputs_whole, executor=executor))
     return summaries
