@@ -358,13 +358,12 @@ def segment_volume_file(predictor: PredictorSource, volume_path: Path, box3d: Se
     (z, y, x) array (0 axial, 1 coronal, 2 sagittal); write the label volume on the image's grid.
 
     Output, axis, volume and box are checked before ``predictor`` is made (when it is a function)."""
-    from sam4med.engine.volumes import LABEL_VOLUME_SUFFIXES, read_volume, slices, window, write_label_volume
+    from sam4med.engine.volumes import (LABEL_VOLUME_SUFFIXES, check_percentiles, read_volume, slices, window,
+                                        write_label_volume)
 
     if axis not in (0, 1, 2):
         raise InputError(f"--axis {axis}: must be 0, 1 or 2")
-    lower, upper = percentiles
-    if not 0 <= lower < upper <= 100:
-        raise InputError(f"--lower-percentile {lower}, --upper-percentile {upper}: need 0 <= lower < upper <= 100")
+    check_percentiles(*percentiles, names=("--lower-percentile", "--upper-percentile"))
     _check_output(out, "--out", LABEL_VOLUME_SUFFIXES)
     check_apart(out, [volume_path])
     image = read_volume(volume_path)

@@ -125,6 +125,14 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | Path) -> Pa
     return path
 
 
+def check_percentiles(lower: float, upper: float,
+                      names: tuple[str, str] = ("window: lower_percentile", "upper_percentile")) -> None:
+    """The percentile range of :func:`window`; a command checks it under its options' ``names`` before it reads
+    a volume."""
+    if not 0 <= lower < upper <= 100:
+        raise InputError(f"{names[0]} {lower}, {names[1]} {upper}: need 0 <= lower < upper <= 100")
+
+
 def window(
     array: np.ndarray,
     lower_percentile: float = 0.5,
@@ -151,11 +159,7 @@ def window(
             raise InputError(f"window: width must be positive, got level_width={level_width}")
         low, high = level - width / 2, level + width / 2
     else:
-        if not 0 <= lower_percentile < upper_percentile <= 100:
-            raise InputError(
-                f"window: need 0 <= lower_percentile < upper_percentile <= 100, "
-                f"got {lower_percentile} and {upper_percentile}"
-            )
+        check_percentiles(lower_percentile, upper_percentile)
         low, high = np.percentile(values, [lower_percentile, upper_percentile])
         if high <= low:
             low, high = values.min(), values.max()
