@@ -13,10 +13,15 @@ def run_process(command: list[str], environment: dict[str, str] | None = None) -
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
+    _check_exit(command, process, status)
+    return seconds, usage.ru_maxrss / 1024
+
+
+def _check_exit(command: list[str], process: subprocess.Popen, status: int) -> None:
+    """Stop the benchmark with the child's last words when it failed."""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"error: {' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
     process.stderr.close()
-    return seconds, usage.ru_maxrss / 1024
 
 
 def run_process_sampled(command: list[str], every: float = 0.02) -> tuple[float, float, float]:
@@ -38,7 +43,5 @@ def run_process_sampled(command: list[str], every: float = 0.02) -> tuple[float,
             pass
         time.sleep(every)
     seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"error: {' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
-    process.stderr.close()
+    _check_exit(command, process, status)
     return seconds, usage.ru_maxrss / 1024, anonymous_kb / 1024
