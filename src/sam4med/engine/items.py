@@ -57,20 +57,21 @@ class ItemRunSummary:
     seconds_per_item: float
 
 
-def finished_items(path: Path) -> set[ItemKey]:
-    """Images whose rows are all in the results file; a cut last line or a partial block is removed."""
+def finished_items(path: Path) -> dict[ItemKey, dict]:
+    """Images whose rows are all in the results file, each with its last row; a cut last line or a partial
+    block is removed."""
     if not path.exists():
-        return set()
+        return {}
     data = path.read_bytes()
     pairs = [(line, row) for line, row in parse_jsonl(data, path, skip_damaged=True)
              if isinstance(row.get("image_rows"), int) and "dataset" in row and "image" in row]
     counts: dict[ItemKey, int] = {}
-    expected: dict[ItemKey, int] = {}
+    last: dict[ItemKey, dict] = {}
     for _, row in pairs:
         key = (row["dataset"], row["image"])
         counts[key] = counts.get(key, 0) + 1
-        expected[key] = row["image_rows"]
-    done = {key for key, count in counts.items() if count == expected[key]}
+        last[key] = row
+    done = {key: row for key, row in last.items() if counts[key] == row["image_rows"]}
     kept = b"".join(line + b"\n" for line, row in pairs if (row["dataset"], row["image"]) in done)
     if kept != data:
         if len(done) != len(counts):
@@ -90,16 +91,13 @@ def source_hashes(sample: Sample) -> dict[str, str | None]:
     return {"image_sha256": digest(sample.image_path), "mask_sha256": digest(sample.mask_path)}
 
 
-def _sources_changed(path: Path, items: Sequence[WorkItem], finished: set[ItemKey]) -> set[ItemKey]:
+def _sources_changed(items: Sequence[WorkItem], finished: dict[ItemKey, dict]) -> set[ItemKey]:
     """The finished items whose image or mask file is no longer the one their rows were made from (rows
     written before the hashes were kept are taken as they are)."""
-    if not finished:
-        return set()
-    stored = {(row.get("dataset"), row.get("image")): row for _, row in parse_jsonl(path.read_bytes(), path, skip_damaged=True)}
     changed = set()
     for item in items:
-        row = stored.get(item.key)
-        if item.key in finished and row is not None and "image_sha256" in row:
+        row = finished.get(item.key)
+        if row is not None and "image_sha256" in row:
             made_from = {key: row.get(key) for key in ("image_sha256", "mask_sha256")}
             if made_from != source_hashes(item.sample):
                 changed.add(item.key)
@@ -130,15 +128,15 @@ def run_items(
     current; an item whose outputs are damaged, missing or out of date, or whose image or mask file has
     changed, is computed again, and the run says so.
     ``executor``: where ``process`` runs (default: here, one item after another); rows are written as items finish."""
-    finished = finished_items(results)
-    redo = _sources_changed(results, items, finished)
+    stored = finished_items(results)
+    redo = _sources_changed(items, stored)
     if check_done is not None:
-        redo |= {item.key for item in items if item.key in finished and item.key not in redo and not check_done(item)}
+        redo |= {item.key for item in items if item.key in stored and item.key not in redo and not check_done(item)}
     if redo:
         warn(f"{results.parent}: {len(redo)} finished image(s) whose outputs are damaged, missing or out of date "
              "are computed again")
         forget_items(results, redo)
-        finished -= redo
+    finished = set(stored) - redo
     pending = []
     for item in items:  # an item listed twice (the same image given twice) is done once
         if item.key not in finished:
