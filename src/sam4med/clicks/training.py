@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding, tiled_folder_name
-from sam4med.engine.datasets import load_datasets
+from sam4med.engine.datasets import data_option, load_datasets
 from sam4med.engine.distributed import barrier, processes
 from sam4med.engine.executors import Executor
 from sam4med.engine.checkpoints import file_sha256
@@ -481,7 +481,7 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
            for e in spread([e for e in embedded_images(store, folder, [s.id for s in sides[d.name][1]])
                             if ".hflip" not in e.path.name], config.max_val_images)]
     if not train:
-        raise InputError(f"--data {', '.join(str(d.root) for d in datasets)}: no training image has an object of at "
+        raise InputError(f"{data_option(datasets)}: no training image has an object of at "
                          f"least {config.min_object_area} pixels at 256 px (are the masks empty?)")
     seed_everything(config.seed)
     meta = {"backbone": config.backbone, "backbone_sha256": backbone.weights_sha256,

@@ -174,6 +174,11 @@ def load_datasets(paths: Iterable[str | Path | Dataset], require_masks: bool = T
     return datasets
 
 
+def data_option(datasets: Iterable[Dataset]) -> str:
+    """How an error names the ``--data`` sets it is about: ``--data ROOT, ROOT``."""
+    return f"--data {', '.join(str(d.root) for d in datasets)}"
+
+
 def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

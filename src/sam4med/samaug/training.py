@@ -25,7 +25,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, SpatialPadd
 from monai.utils import convert_to_tensor, set_determinism
 
-from sam4med.engine.datasets import load_datasets
+from sam4med.engine.datasets import data_option, load_datasets
 from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_precision, check_seed
 from sam4med.engine.imageio import read_image
 from sam4med.engine.metrics import dice
@@ -194,7 +194,7 @@ def train(
         train_items += prepare_images(dataset, train_samples, store, config.working_side, gray)
         val_items += prepare_images(dataset, splits[dataset.name]["val"], store, config.working_side, gray)
     if not any(item.mask.any() for item in train_items):
-        raise InputError(f"--data {', '.join(str(d.root) for d in datasets)}: every training mask is empty; "
+        raise InputError(f"{data_option(datasets)}: every training mask is empty; "
                          "there is nothing to learn")
     start_run(out, asdict(config), splits)  # once every image, mask and prior has been read
     seed_everything(config.seed)

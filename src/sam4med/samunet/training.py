@@ -20,7 +20,7 @@ import torch
 from monai.losses import DiceLoss, FocalLoss
 from torch import Tensor, nn
 
-from sam4med.engine.datasets import Sample, load_datasets
+from sam4med.engine.datasets import Sample, data_option, load_datasets
 from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_precision, check_seed
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.metrics import batch_dice
@@ -245,7 +245,7 @@ def train_promptable(data: Sequence[str | Path], out: str | Path, config: Prompt
     val_items = [item for d in datasets
                  for item in _prepare(splits[d.name]["val"][: config.max_val_images], config.min_object_area)]
     if not train_items:
-        raise InputError(f"--data {', '.join(str(d.root) for d in datasets)}: no training image has an object of at "
+        raise InputError(f"{data_option(datasets)}: no training image has an object of at "
                          f"least --min-object-area {config.min_object_area} pixels (are the masks empty?)")
     seed_everything(config.seed)
     backbone = load_model(config.backbone, config.backbone_checkpoint, device, use_shared_decoder=False)
