@@ -85,7 +85,7 @@ def object_areas(page) -> list[int]:
 
 def test_box_click_save_and_reload_in_a_real_browser(browser, tmp_path, click_model):
     truths = write_images(tmp_path / "scans", count=2)
-    with serving(AnnotationSession(tmp_path / "scans", click_model)) as url:
+    with serving(AnnotationSession(tmp_path / "scans", click_model, correction="global")) as url:
         check_the_page(browser, url, truths["case0"], tmp_path / "scans", screenshot=SCREENSHOT)
         assert "1 / 2 annotated" in page_text(browser, url)
 
@@ -101,7 +101,7 @@ def test_a_real_polyp_in_a_real_browser(browser, tmp_path, click_model, shared_d
     shutil.copy(first, tmp_path / "polyps" / first.name)
     labels = connected_components(read_mask(next((source / "masks").glob(first.stem + ".*"))))
     largest = np.argmax(np.bincount(labels.ravel())[1:]) + 1
-    with serving(AnnotationSession(tmp_path / "polyps", click_model)) as url:
+    with serving(AnnotationSession(tmp_path / "polyps", click_model, correction="global")) as url:
         check_the_page(browser, url, labels == largest, tmp_path / "polyps", first.stem)
 
 
@@ -117,7 +117,7 @@ def check_the_page(browser, url: str, truth: np.ndarray, folder: Path, image_id:
     ys, xs = np.nonzero(truth)
     [boxed] = draw_box(page, truth)
 
-    page.keyboard.press("n")  # negative click tool
+    page.keyboard.press("n")  # negative click tool (the sessions correct globally, so the mask changes at once)
     page.mouse.click(*page_point(page, xs.mean(), ys.mean()))
     page.wait_for_function(f"Number(document.querySelector('#objects .area').dataset.area) !== {boxed}", timeout=30_000)
     [clicked] = object_areas(page)

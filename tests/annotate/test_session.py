@@ -59,10 +59,15 @@ def test_a_box_a_correcting_click_and_saving_in_the_data_set_layout(client, fold
     boxed = client.post("/api/images/0/segment", json={"object": 0, "box": box_of(truth)}).json()
     first = mask_of(boxed["mask"])
     assert dice(first, truth) >= 0.9 and boxed["area"] == int(first.sum())
-    ys, xs = np.nonzero(truth)  # a negative click goes in with the box and the previous logits
+    ys, xs = np.nonzero(truth)  # another object: a box that stops short of the right end, then a click there
+    short = box_of(truth)
+    short[2] -= 20
+    missed = mask_of(client.post("/api/images/0/segment", json={"object": 1, "box": short}).json()["mask"])
     clicked = client.post("/api/images/0/segment", json={
-        "object": 0, "box": box_of(truth), "points": [[float(xs.mean()), float(ys.mean())]], "labels": [0]}).json()
-    assert not np.array_equal(mask_of(clicked["mask"]), first)  # (the v2 click model moves it little: README)
+        "object": 1, "box": short, "points": [[float(xs.max() - 8), float(ys.mean())]], "labels": [1]}).json()
+    changed = mask_of(clicked["mask"]) ^ missed
+    assert dice(mask_of(clicked["mask"]), truth) > dice(missed, truth) + 0.1
+    assert changed[:, : xs.min() + 40].sum() <= 0.01 * changed.sum()  # corrected at the click, the far end kept
 
     saved = client.post("/api/images/0/save", json={"objects": [{"label": "ellipse", "mask": boxed["mask"]}]}).json()
     assert saved["saved"] == "masks/case0.png" and (saved["annotated"], saved["versions"]) == (1, 0)

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from sam4med.annotate.session import AnnotationSession, SavedObject, decode_mask_png, encode_png, open_frames
 from sam4med.engine.errors import InputError, check_precision, check_tiling, one_line
+from sam4med.engine.interactive import Correction, check_correction
 from sam4med.engine.prompts import Prompt
 
 STATIC = Path(__file__).parent / "static"
@@ -153,16 +154,18 @@ def _unbase64(text: str, what: str) -> bytes:
 def annotate_folder(folder: str | Path, model: str, checkpoint: str | Path | None = None, device: str | None = None,
                     host: str = "127.0.0.1", port: int = 8765, open_browser: bool = False,
                     encoder_backend: str = "torch", tile: int | None = None, halo: int = 32,
-                    precision: str = "fp32") -> None:
-    """``sam4med annotate``: check the folder, port and tiling, load the model, serve the page until interrupted."""
+                    precision: str = "fp32", correction: Correction = "auto") -> None:
+    """``sam4med annotate``: check the folder, port and tiling, load the model, serve the page until interrupted.
+    ``correction``: what a corrective click may change (``engine.interactive``)."""
     from sam4med.engine.models import load_model
 
     check_address(host, port)
     check_tiling(tile, halo)
     check_precision(precision)
+    check_correction(correction)
     frames = open_frames(folder)  # a folder without images, or a damaged volume, fails before the model loads
     sam = load_model(model, checkpoint, device, encoder_backend=encoder_backend, precision=precision)
-    serve(AnnotationSession(frames, sam, tile=tile, halo=halo), host, port, open_browser)
+    serve(AnnotationSession(frames, sam, tile=tile, halo=halo, correction=correction), host, port, open_browser)
 
 
 def check_address(host: str, port: int) -> None:

@@ -19,14 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from sam4med.engine.datasets import IMAGE_EXTENSIONS, image_extension, image_id
 from sam4med.engine.errors import InputError, hw, path_component, resolved
 from sam4med.engine.imageio import read_image, read_intensities, read_mask
 from sam4med.engine.predictor import EmbeddingCache
-from sam4med.engine.prompts import Prompt, select_mask, wants_multimask
+from sam4med.engine.interactive import Correction, Round, correct
+from sam4med.engine.prompts import Prompt
 from sam4med.engine.runs import atomic_path, write_bytes_atomic, write_json
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.segment import propagate
@@ -270,20 +270,21 @@ def decode_mask_png(data: bytes, what: str) -> np.ndarray:
 class _OpenFrame:
     index: int
     shape: tuple[int, int]
-    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # per object: its last mask's low-res logits
+    rounds: dict[int, Round] = field(default_factory=dict)  # per object: its last mask, what a click corrects
 
 
 class AnnotationSession:
     """The state behind the annotation page; safe to call from the server's worker threads."""
 
     def __init__(self, source: str | Path | Frames, model: SamModel, prefetch: bool = True, tile: int | None = None,
-                 halo: int = 32):
+                 halo: int = 32, correction: Correction = "auto"):
         self.frames = source if isinstance(source, (ImageFolder, VolumeSlices)) else open_frames(source)
         self.root = self.frames.root
         self.model = model
         cache = EmbeddingCache(_inside(self.root, self.root / TOOL_FOLDER / "embeddings"))
         self.predictor = make_predictor(model, tile, halo, cache)  # tiled: each prompt on the tile that holds it
         self.prefetch = prefetch
+        self.correction = correction  # what a corrective click may change (engine.interactive)
         self._lock = threading.RLock()
         self._open: _OpenFrame | None = None
         self._prefetching: threading.Thread | None = None
@@ -359,7 +360,8 @@ class AnnotationSession:
 
     def segment(self, index: int, object_id: int, prompt: Prompt, refine: bool = True) -> tuple[np.ndarray, float]:
         """The mask of one object for its whole current prompt; with ``refine`` the object's previous logits
-        go in too, so each click corrects the last mask. Returns the mask and the model's IoU estimate."""
+        go in too, so each click (the prompt's last point) corrects the last mask as ``correction`` allows.
+        Returns the mask and the model's IoU estimate."""
         if prompt.points is not None and not self.takes_clicks:
             raise InputError(f"model {self.model.spec.name} takes boxes only; clicks need a click-capable model "
                              "(--model litemedsam-click)")
@@ -368,18 +370,16 @@ class AnnotationSession:
             assert self._open is not None
             prompt.check_inside(self._open.shape)
             rule = self.model.spec.default_mask_rule
-            mask_input = self._open.logits.get(object_id) if refine and prompt.points is not None else None
-            decoded = self.predictor.predict([prompt], mask_input=mask_input, multimask=wants_multimask(rule, prompt))
-            masks, iou = decoded.masks()[0], decoded.iou[0].cpu().numpy()
-            choice = select_mask(masks, iou, "iou" if rule == "oracle" else rule)
-            self._open.logits[object_id] = decoded.low_res[:, choice : choice + 1]
-            return masks[choice], float(iou[choice])
+            previous = self._open.rounds.get(object_id) if refine and prompt.points is not None else None
+            mask, iou, self._open.rounds[object_id] = correct(self.predictor, prompt, previous,
+                                                              "iou" if rule == "oracle" else rule, self.correction)
+            return mask, iou
 
     def forget(self, index: int, object_id: int) -> None:
         """Start an object afresh (cleared or deleted on the page): its next click ignores earlier masks."""
         with self._lock:
             if self._open is not None and self._open.index == self.check(index):
-                self._open.logits.pop(object_id, None)
+                self._open.rounds.pop(object_id, None)
 
     def propagate(self, index: int, obj: SavedObject, first: int | None = None, last: int | None = None
                   ) -> dict[str, object]:

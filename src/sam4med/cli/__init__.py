@@ -11,6 +11,7 @@ import typer
 from sam4med.cli import clicks, evaluation, samaug, samunet
 from sam4med.cli.options import (
     CheckpointOption,
+    CorrectionOption,
     DeviceOption,
     EncoderOption,
     EverythingMethodOption,
@@ -243,6 +244,7 @@ def annotate(
     precision: PrecisionOption = "fp32",
     tile: TileOption = 0,
     halo: HaloOption = 32,
+    correction: CorrectionOption = "auto",
     device: DeviceOption = None,
     threads: ThreadsOption = None,
 ) -> None:
@@ -251,7 +253,7 @@ def annotate(
 
     configure_cpu(threads)
     annotate_folder(folder, model, checkpoint, device, host, port, open_browser, encoder, tile or None, halo,
-                    precision)
+                    precision, correction)  # type: ignore[arg-type]
 
 
 @app.command()

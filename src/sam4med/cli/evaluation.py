@@ -9,6 +9,7 @@ import typer
 
 from sam4med.cli.options import (
     CheckpointOption,
+    CorrectionOption,
     DataOption,
     DeviceOption,
     EncoderOption,
@@ -47,6 +48,7 @@ def benchmark(
     interactive_start: Annotated[str, typer.Option(help="box or point_center.")] = "box",
     rounds: Annotated[int, typer.Option(help="Corrective clicks in interactive mode.")] = 5,
     click_rule: Annotated[str, typer.Option(help="largest (RITM) or random (SAM-Med2D) error click.")] = "largest",
+    correction: CorrectionOption = "auto",
     one_object: Annotated[bool, typer.Option(help="Treat each mask as one object instead of its connected components.")] = False,
     max_objects: Annotated[int, typer.Option(help="Objects per image, drawn by seed when more (0: all).")] = 20,
     max_images: MaxImagesOption = 0,
@@ -84,7 +86,7 @@ def benchmark(
         tile=tile or None,
         halo=halo,
         prompts=PromptSettings(jitter, jitter_unit, jitter_kind, points_sampler, negative_region,  # type: ignore[arg-type]
-                               interactive_start, rounds, click_rule),
+                               interactive_start, rounds, click_rule, correction),
         everything=EverythingSettings(method=everything_method),  # type: ignore[arg-type]
     )
     results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir, encoder_backend=encoder,

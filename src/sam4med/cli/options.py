@@ -117,6 +117,10 @@ HaloOption = Annotated[int, typer.Option(help="Pixels around each tile's core (w
 # the verbs that segment a user's images, without ground truth (so without the benchmark's oracle rule)
 SegmentMaskRuleOption = Annotated[Optional[str], typer.Option(help="single, auto (3 masks for a lone click) or iou; "
                                                                    "default: the model's.")]
+CorrectionOption = Annotated[str, typer.Option(help="What a corrective click may change: local (the changed region "
+                                                    "at the click, the mask kept elsewhere), global (the decoder's "
+                                                    "new mask everywhere, SAM's loop) or auto (local when the "
+                                                    "prompt holds a box, else global).")]
 
 
 def echo_training_result(out: Path, result: object, model_hint: str = "") -> None:

@@ -73,6 +73,16 @@ class Decoded:
         return Decoded(self.low_res[prompt_index, mask_index][:, None], self.iou[prompt_index, mask_index][:, None],
                        self.geometry, self.model)
 
+    @property
+    def frame(self) -> tuple[int, int, ImageGeometry]:
+        """Where ``low_res`` lies: the corner in the image of the region it was decoded on, and that region's
+        geometry (here the whole image)."""
+        return 0, 0, self.geometry
+
+    def with_low_res(self, low_res: torch.Tensor) -> Decoded:
+        """The same prompts with other low-res logits in the same frame (a merged correction)."""
+        return Decoded(low_res, self.iou, self.geometry, self.model)
+
     def masks(self) -> np.ndarray:
         """Binary masks (B, M, H, W) at the original size. Without logits computed already, each prompt's are
         upscaled and thresholded in turn: a batch's float logits at full size would outweigh its masks 4x."""

@@ -15,6 +15,7 @@ import torch
 from sam4med.engine.errors import check_tiling
 from sam4med.engine.predictor import Box, EmbeddingCache, Predictor
 from sam4med.engine.prompts import Prompt
+from sam4med.engine.preprocessing import ImageGeometry
 from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 
 OUTSIDE_LOGIT = -1e4  # where a tile's mask does not reach
@@ -229,6 +230,17 @@ class TiledDecoded(Decoded):
                                         piece.decoded.pick([pair for _, pair in chosen])))
         base = super().pick(pairs)
         return TiledDecoded(base.low_res, base.iou, self.geometry, self.model, pieces=pieces)
+
+    @property
+    def frame(self) -> tuple[int, int, ImageGeometry]:
+        if len(self.pieces) != 1:
+            raise ValueError("prompts decoded on several tiles have no one frame")
+        piece = self.pieces[0]
+        return piece.x0, piece.y0, piece.decoded.geometry
+
+    def with_low_res(self, low_res: torch.Tensor) -> TiledDecoded:
+        pieces = [TilePiece(p.positions, p.x0, p.y0, p.decoded.with_low_res(low_res[p.positions])) for p in self.pieces]
+        return TiledDecoded(low_res, self.iou, self.geometry, self.model, pieces=pieces)
 
     def masks(self) -> np.ndarray:
         if self._logits is not None:

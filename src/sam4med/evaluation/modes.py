@@ -19,7 +19,7 @@ import numpy as np
 
 from sam4med.engine.errors import InputError, check_number
 from sam4med.engine.everything import EverythingSettings, ProposedMask, generate_masks
-from sam4med.engine.interactive import run_interactive
+from sam4med.engine.interactive import CORRECTIONS, run_interactive
 from sam4med.engine.metrics import segmentation_metrics
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import (
@@ -56,13 +56,15 @@ class PromptSettings:
     interactive_start: str = "box"  # box or point_center
     interactive_rounds: int = 5
     click_rule: str = "largest"  # largest (RITM) or random (SAM-Med2D)
+    correction: str = "auto"  # what a corrective click may change (engine.interactive): auto, local or global
 
     def check(self) -> None:
         """Every setting within its range, before any work or any file: one InputError otherwise."""
         check_number(self.jitter, "--jitter", minimum=0)
         choices = {"jitter_unit": ("px", "percent"), "jitter_kind": ("corners", "shift", "scale"),
                    "points_sampler": ("stride", "random"), "negative_region": ("double_box", "image"),
-                   "interactive_start": ("box", "point_center"), "click_rule": ("largest", "random")}
+                   "interactive_start": ("box", "point_center"), "click_rule": ("largest", "random"),
+                   "correction": CORRECTIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 option = "--" + name.replace("_", "-")
@@ -267,7 +269,8 @@ class InteractiveMode(Mode):
     def __init__(self, name: str, settings: PromptSettings):
         self.name, self.settings = name, settings
         self.params = {"prompt": f"interactive from {settings.interactive_start}",
-                       "rounds": settings.interactive_rounds, "click_rule": settings.click_rule}
+                       "rounds": settings.interactive_rounds, "click_rule": settings.click_rule,
+                       "correction": settings.correction}
 
     def run(self, image: ImageObjects) -> list[ObjectResult]:
         s = self.settings
@@ -277,7 +280,8 @@ class InteractiveMode(Mode):
                 else Prompt(points=[center_point(obj)])
             start = time.perf_counter()
             outcome = run_interactive(image.predictor, obj, start_prompt, s.interactive_rounds,
-                                      image.rng(i, self.name), s.click_rule, image.mask_rule)  # type: ignore[arg-type]
+                                      image.rng(i, self.name), s.click_rule, image.mask_rule,  # type: ignore[arg-type]
+                                      s.correction)  # type: ignore[arg-type]
             results.append(ObjectResult({
                 **image.score(outcome.final_mask, obj),
                 "dice_per_round": [round(d, 5) for d in outcome.dice_per_round],
