@@ -407,3 +407,12 @@ def test_a_replaced_image_or_mask_or_a_lost_embedding_is_embedded_again(tmp_path
     assert not torch.equal(labels("e1"), before) and torch.equal(labels("e1"), labels("e2"))
     assert (store / "ellipses" / "e0.pt").is_file()
     assert embed()[0] == 0
+
+
+@pytest.mark.parametrize("changes", [{"rounds": 1000}, {"images_per_step": 40, "objects_per_image": 4},
+                                     {"background_clicks": 300}])
+def test_a_step_too_large_for_memory_is_refused_before_any_file(changes, tmp_path):
+    """Every decoder pass of a step is held for its backward pass: --rounds 1000 once grew to 21 GB."""
+    with pytest.raises(InputError, match=r"decoder passes a step, each held for the backward pass; at most 256"):
+        train_clicks([], tmp_path / "run", replace(CONFIG, **changes), tmp_path / "embeddings")
+    assert not (tmp_path / "run").exists()

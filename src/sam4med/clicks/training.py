@@ -67,6 +67,9 @@ BOX_ALONE = ("box", "box_jitter")
 TRAINABLE = ("all", "iou_head")  # "all" is stored as None, so that runs from before the option still resume
 IOU_HEAD = "mask_decoder.iou_prediction_head."
 IOU_RANK_TEMPERATURE = 0.1  # IoUs differ by tenths between a click's masks: softmax over IoU / 0.1
+# Decoder passes of one step, every one held for the backward pass (tens of MB each): beyond this a typo in
+# --rounds or the counts per step fills the machine's memory before the first step ends
+MAX_DECODES_PER_STEP = 256
 
 
 @dataclass
@@ -123,6 +126,12 @@ class ClickTrainConfig:
                      steps_per_epoch=self.steps_per_epoch, epochs=self.epochs, max_points=self.max_points)
         check_number(self.rounds, "--rounds", minimum=0)
         check_number(self.background_clicks, "--background-clicks", minimum=0)
+        decodes = self.images_per_step * (self.objects_per_image * (self.rounds + 1) + self.background_clicks)
+        if decodes > MAX_DECODES_PER_STEP:
+            raise InputError(f"--rounds {self.rounds}: with --images-per-step {self.images_per_step}, "
+                             f"--objects-per-image {self.objects_per_image} and --background-clicks "
+                             f"{self.background_clicks}, {decodes} decoder passes a step, each held for the backward "
+                             f"pass; at most {MAX_DECODES_PER_STEP} (lower one of them)")
         check_number(self.learning_rate, "--learning-rate", above=0)
         check_number(self.weight_decay, "weight_decay", minimum=0)
         check_number(self.lr_gamma, "lr_gamma", above=0, maximum=1)
