@@ -12,6 +12,7 @@ import torch
 from sam4med.engine.checkpoints import read_trained_checkpoint
 from sam4med.engine.errors import InputError
 from sam4med.engine.runs import HISTORY_FILE
+from sam4med.engine.splits import training_split
 from sam4med.engine.training import TrainingTask, fit
 
 
@@ -192,3 +193,29 @@ def test_fp32_spelt_out_resumes_a_run_whose_precision_is_unset_and_the_other_way
         assert [row["epoch"] for row in history] == [1, 2]
         with pytest.raises(InputError, match="precision differ"):
             fit(LineTask(), out, {"lr": 0.05, "precision": "bf16"}, 3, seed=0, description="line", show_progress=False)
+
+
+def test_a_run_resumed_on_other_images_under_the_same_data_set_name_is_refused(tmp_path):
+    """Another folder named alike (or the same folder with images added) must not continue the first one's
+    weights and overwrite the record of what they were trained on."""
+    from conftest import write_dataset
+
+    from sam4med.engine.datasets import load_dataset
+    from sam4med.engine.runs import SPLIT_FILE
+    from sam4med.engine.splits import DEFAULT_FRACTIONS
+    from sam4med.engine.training import start_run
+
+    def splits(count: int, folder: str) -> dict:
+        dataset = load_dataset(write_dataset(tmp_path / folder, broken=False, count=count))
+        return {dataset.name: training_split(dataset, dict(DEFAULT_FRACTIONS), 0)}
+
+    out = tmp_path / "run"
+    start_run(out, {"lr": 0.05}, splits(6, "first"))
+    recorded = (out / SPLIT_FILE).read_bytes()
+    start_run(out, {"lr": 0.05}, splits(6, "copy"))  # the same images elsewhere: the same split, resumed
+    with pytest.raises(InputError, match=r"run: its run was trained on other images of ellipses \(its split.json\)"):
+        start_run(out, {"lr": 0.05}, splits(8, "more"))
+    assert (out / SPLIT_FILE).read_bytes() == recorded
+    (out / SPLIT_FILE).write_text("[1, 2")
+    with pytest.raises(InputError, match=r"split.json: damaged \(not a JSON object\)"):
+        start_run(out, {"lr": 0.05}, splits(6, "again"))

@@ -119,10 +119,33 @@ def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -
     write_json(path, current)
 
 
+def split_record(splits: Mapping[str, Mapping[str, list[Sample]]]) -> dict[str, dict[str, list[str]]]:
+    """What ``split.json`` holds: data set -> side -> image ids."""
+    return {name: {side: [s.id for s in samples] for side, samples in sides.items()} for name, sides in splits.items()}
+
+
 def write_split(out: Path, splits: Mapping[str, Mapping[str, list[Sample]]]) -> None:
-    """``split.json``: data set -> side -> image ids."""
-    write_json(out / SPLIT_FILE, {name: {side: [s.id for s in samples] for side, samples in sides.items()}
-                                  for name, sides in splits.items()})
+    write_json(out / SPLIT_FILE, split_record(splits))
+
+
+def check_split(out: Path, splits: Mapping[str, Mapping[str, list[Sample]]]) -> None:
+    """Refuse to resume a run on other images: another folder (or an edited one) under a data set's name would
+    otherwise continue weights trained on the first and record a split they never saw."""
+    path = out / SPLIT_FILE
+    if not path.is_file():
+        return
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        existing = None
+    if not isinstance(existing, dict):
+        raise InputError(f"{path}: damaged (not a JSON object); it records what the run in {out} was trained on, "
+                         "so it cannot be resumed: choose another --out")
+    current = split_record(splits)
+    if existing != current:
+        names = sorted(n for n in set(existing) | set(current) if existing.get(n) != current.get(n))
+        raise InputError(f"{out}: its run was trained on other images of {', '.join(names)} (its {SPLIT_FILE}); "
+                         "choose another --out")
 
 
 def append_jsonl(path: Path, row: Mapping[str, object]) -> None:

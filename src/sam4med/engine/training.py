@@ -36,7 +36,16 @@ from sam4med.engine.datasets import Sample
 from sam4med.engine.distributed import Processes, barrier, mean_over_processes, processes, shard, wrap
 from sam4med.engine.errors import InputError, check_apart, check_precision
 from sam4med.engine.runtime import precision_autocast
-from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, SPLIT_FILE, append_jsonl, claim_folder, write_split, write_text_atomic
+from sam4med.engine.runs import (
+    CONFIG_FILE,
+    HISTORY_FILE,
+    SPLIT_FILE,
+    append_jsonl,
+    check_split,
+    claim_folder,
+    write_split,
+    write_text_atomic,
+)
 
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
@@ -62,6 +71,7 @@ def start_run(out: Path, config: Mapping[str, object], splits: Mapping[str, Mapp
     check_apart(out, {sample.image_path.parent for sample in samples}  # where the data sets' images and masks are
                 | {sample.mask_path.parent for sample in samples if sample.mask_path is not None},
                 roots={sample.image_path.parent.parent for sample in samples})
+    check_split(out, splits)
     group = processes()
     if group.leader:
         claim_folder(out, CONFIG_FILE, run_record(config))
