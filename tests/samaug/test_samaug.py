@@ -510,6 +510,13 @@ def test_a_test_image_gone_from_the_data_set_is_an_error_row_and_all_empty_masks
     assert scored.loc[scored["image"] == gone, "status"].tolist() == ["error"]
     assert "no longer in the data set" in scored.loc[scored["image"] == gone, "error"].iloc[0]
     assert scored.loc[scored["image"] == kept, "dice"].notna().all()
+    for folder in ("images", "masks"):  # the whole test side gone: the rows are written, and it says so
+        (data / folder / f"{kept}.png").rename(tmp_path / f"{kept}.{folder}.png")
+    with pytest.raises(InputError, match=r"best.pt: no image of test could be scored \(2 failed; each is a row of"):
+        evaluate(tmp_path / "run" / "best.pt", [data], None, "test", out=tmp_path / "scores")
+    assert (tmp_path / "scores" / "metrics.csv").read_text().count("no longer in the data set") == 2
+    for folder in ("images", "masks"):
+        (tmp_path / f"{kept}.{folder}.png").rename(data / folder / f"{kept}.png")
 
     for mask in (data / "masks").glob("*.png"):
         Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask)

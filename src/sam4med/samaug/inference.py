@@ -128,7 +128,8 @@ def evaluate(
     mode kept the augmented-input map).
 
     ``split`` names the side of the run's ``split.json`` (next to the checkpoint) to score; None
-    scores every image of the data sets. ``out`` also writes ``metrics.csv`` there.
+    scores every image of the data sets. ``out`` also writes ``metrics.csv`` there. An image that cannot be
+    scored is a row of its own; none scored at all is an InputError.
     """
     checkpoint = Path(checkpoint)
     datasets = load_datasets(data)
@@ -170,6 +171,10 @@ def evaluate(
         Path(out).mkdir(parents=True, exist_ok=True)
         with atomic_path(Path(out) / "metrics.csv") as temporary:
             frame.to_csv(temporary, index=False)
+    if "mode" not in frame or frame["mode"].isna().all():
+        where = f"; each is a row of {Path(out) / 'metrics.csv'}" if out is not None else ""
+        raise InputError(f"{checkpoint}: no image of {split or 'the data sets'} could be scored "
+                         f"({len(frame)} failed{where})")
     return frame
 
 
