@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -243,6 +244,10 @@ def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task
     assert (again.computed, again.skipped) == (0, 17)
     with pytest.raises(InputError, match="other settings"):
         predict(tmp_path / "dual" / "best.pt", data, tmp_path / "pred", priors, "aug", show_progress=False)
+    shutil.copytree(data, tmp_path / "other")  # another folder's images, named alike, would overwrite these masks
+    with pytest.raises(InputError, match=r"other settings \(images differ\)"):
+        predict(tmp_path / "dual" / "best.pt", tmp_path / "other", tmp_path / "pred", priors, "confident",
+                show_progress=False)
     scored = evaluate(tmp_path / "dual" / "best.pt", [data], priors, None)
     assert scored.loc[scored["image"] == "n99", "status"].tolist() == ["error"]
     assert scored["dice"].notna().sum() == 16 * 5

@@ -199,7 +199,7 @@ def predict(
 ) -> ItemRunSummary:
     """Write one 0/255 PNG mask per image of ``data`` (masks not needed) to ``out`` on the resumable item loop:
     ``out/results.jsonl`` holds a row per image (an image that cannot be read is an error row and the run goes
-    on), ``out/protocol.json`` the checkpoint, mode and priors (a rerun with others is refused).
+    on), ``out/protocol.json`` the checkpoint, mode, priors and image folder (a rerun with others is refused).
 
     ``mode`` defaults to the model's own: raw, aug, or confident for dual-trained models.
     """
@@ -214,7 +214,8 @@ def predict(
     check_apart(out, dataset.folders, roots=[dataset.root])
     store = prior_store(segmenter, priors, dataset)
     claim_folder(out, PROTOCOL_FILE, {"task": "samaug predict", "checkpoint_sha256": file_sha256(Path(checkpoint)),
-                                      "mode": mode, "priors": None if store is None else store.record["key"]})
+                                      "mode": mode, "priors": None if store is None else store.record["key"],
+                                      "images": str(dataset.root.resolve())})  # another folder would overwrite
 
     masks = {sample.id: Path(f"{sample.id}.png") for sample in dataset.samples}  # under out
 
