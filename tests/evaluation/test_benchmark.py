@@ -63,6 +63,12 @@ def test_benchmark_rows_resume_and_failures(tmp_path):
     with pytest.raises(InputError, match="holds results made with other settings .*seed.* differ"):
         run_benchmark([data], tmp_path / "out", BenchmarkConfig(modes=FAST_MODES, seed=1), device="cpu",
                       show_progress=False)
+    # another folder under the same data set name would be averaged with this one: refused, nothing written
+    other = write_dataset(tmp_path / "other", count=3)
+    with pytest.raises(InputError, match=r"other: data set 'ellipses' of .*out came from .*ellipses; give this one"):
+        run_benchmark([other], tmp_path / "out", config, device="cpu", show_progress=False)
+    assert results.read_text(encoding="utf-8").count('"image": "case2"') == 0
+    assert json.loads((tmp_path / "out" / "datasets.json").read_text()) == {"ellipses": str(data.resolve())}
 
 
 KILLED_BENCHMARK = """

@@ -24,6 +24,7 @@ CONFIG_FILE = "config.json"
 PROTOCOL_FILE = "protocol.json"
 SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
+DATASETS_FILE = "datasets.json"
 # which machine wrote a temporary: writers on other machines (Ray workers on shared storage) are not ours to judge
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
@@ -117,6 +118,27 @@ def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -
         return
     folder.mkdir(parents=True, exist_ok=True)
     write_json(path, current)
+
+
+def claim_datasets(out: Path, roots: Mapping[str, Path]) -> None:
+    """Record the folder of each data set name in ``out/datasets.json``. Results are kept by data set name and
+    image id, so a run may be extended to more data sets, but a name already recorded with another folder is
+    refused: the second folder's images would be scored, averaged and reported with the first's."""
+    path = out / DATASETS_FILE
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise InputError(f"{path}: damaged (not a JSON object); it records which folder each data set of {out} "
+                         "came from: choose another --out")
+    current = {name: str(Path(root).resolve()) for name, root in roots.items()}
+    for name, root in current.items():
+        if recorded.get(name, root) != root:
+            raise InputError(f"{root}: data set '{name}' of {out} came from {recorded[name]}; give this one another "
+                             "name in its dataset.json, or choose another --out")
+    if any(name not in recorded for name in current):
+        write_json(path, {**recorded, **current})
 
 
 def split_record(splits: Mapping[str, Mapping[str, list[Sample]]]) -> dict[str, dict[str, list[str]]]:

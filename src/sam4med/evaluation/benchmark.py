@@ -28,7 +28,7 @@ from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.tiling import make_predictor
 from sam4med.engine.prompts import check_mask_rule
 from sam4med.engine.defaults import DEFAULT_MODEL
-from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
+from sam4med.engine.runs import PROTOCOL_FILE, claim_datasets, claim_folder
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
 from sam4med.evaluation.modes import DEFAULT_MODES, ImageObjects, Mode, PromptSettings, make_mode, object_rng
@@ -221,6 +221,7 @@ def run_benchmark(
         raise InputError(f"run_benchmark: a model loaded in {model.precision} given with precision {precision!r}")
     items = [WorkItem(d, s) for d in datasets for s in config.samples(d)[: config.max_images]]
     claim_folder(out, PROTOCOL_FILE, config.protocol(model, modes))  # once every input has been checked
+    claim_datasets(out, {d.name: d.root for d in datasets})
     predictor = make_predictor(model, config.tile, config.halo, EmbeddingCache(cache_dir) if cache_dir else None)
     evaluator = ImageEvaluator(predictor, config, modes, out / "overlays", overlays_per_dataset)
     run_items(items, evaluator, out / RESULTS_FILE, "benchmark", evaluator.error_fields, show_progress,
