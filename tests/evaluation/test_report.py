@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from sam4med.engine.errors import InputError
 from sam4med.engine.overlays import shrink_for_overlay, write_overlay
 from sam4med.evaluation.report import write_report
 from sam4med.evaluation.summary import (
@@ -101,6 +102,22 @@ def test_a_report_warns_once_about_a_damaged_line(results: Path, capsys) -> None
     (results / "results.jsonl").write_text("".join(lines), encoding="utf-8")
     write_report(results)
     assert capsys.readouterr().err.count("line 4 is damaged") == 1
+
+
+def test_a_report_of_no_rows_is_refused_and_the_earlier_tables_are_kept(results: Path) -> None:
+    write_report(results)
+    tables = {path.name: path.read_bytes() for path in results.glob("*.csv")}
+    assert tables
+    (results / "results.jsonl").write_text("", encoding="utf-8")
+    with pytest.raises(InputError, match="results.jsonl: holds no rows yet"):
+        write_report(results)
+    assert {path.name: path.read_bytes() for path in results.glob("*.csv")} == tables
+
+
+def test_a_damaged_protocol_is_said_and_left_out_of_the_report(results: Path, capsys) -> None:
+    (results / "protocol.json").write_bytes(b"\xff{")
+    write_report(results)
+    assert "protocol.json: damaged; the report leaves the protocol out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value, shown", [("abc", "'abc'"), (float("inf"), "inf")])

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.items import RESULTS_FILE
-from sam4med.engine.runs import PROTOCOL_FILE, write_text_atomic
+from sam4med.engine.runs import PROTOCOL_FILE, warn, write_text_atomic
 from sam4med.engine.overlays import PALETTE, new_figure, quiet
 from sam4med.evaluation.summary import (
     FACTORS,
@@ -241,6 +241,8 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
 
 def _report_body(results_dir: Path) -> str:
     df = load_results(results_dir)
+    if df.empty:  # before the tables: a report of nothing would overwrite those of an earlier report
+        raise InputError(f"{results_dir / RESULTS_FILE}: holds no rows yet; run `sam4med eval benchmark` first")
     write_tables(results_dir, df)
     ok = ok_rows(df, "dice", "modality", *FACTORS)
     modes = ordered(ok["mode"])
@@ -249,7 +251,8 @@ def _report_body(results_dir: Path) -> str:
     if protocol_path.exists():
         try:
             protocol = json.loads(protocol_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, OSError):
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            warn(f"{protocol_path}: damaged; the report leaves the protocol out")
             protocol = None
     errors = failures(df)
 
