@@ -336,6 +336,8 @@ def test_tiled_data_sets_are_also_trained_tile_by_tile_at_the_scale_tiled_infere
     assert sum(e.objects for e in cut) >= sum(e.objects for e in whole)  # a blob on a cut may count twice
     with pytest.raises(InputError, match="--tiled other: not one of the data sets"):
         train_clicks([data], tmp_path / "run2", replace(config, tiled=("other",)), tmp_path / "embeddings")
+    with pytest.raises(InputError, match="--tile 256: needs --tiled data sets"):
+        replace(CONFIG, tile=256).check()
     with pytest.raises(InputError, match="--tiled blobs: needs --tile"):
         train_clicks([data], tmp_path / "run3", replace(config, tile=None), tmp_path / "embeddings")
 

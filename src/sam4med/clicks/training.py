@@ -143,6 +143,8 @@ class ClickTrainConfig:
         check_limit(self.max_train_images, "--max-train-images")
         check_limit(self.max_val_images, "max_val_images")
         check_tiling(self.tile, self.halo)
+        if self.tile is not None and not self.tiled:
+            raise InputError(f"--tile {self.tile}: needs --tiled data sets (only those are cut into tiles)")
         if self.tiled and self.tile is None:
             raise InputError(f"--tiled {self.tiled[0]}: needs --tile")
         if self.tile_share is not None:
