@@ -139,7 +139,7 @@ class ClickTrainConfig:
         check_number(self.focal_weight, "focal_weight", minimum=0)
         check_seed(self.seed, "--seed")
         check_seed(self.split_seed, "split_seed")
-        check_limit(self.min_object_area, "--min-object-area")
+        check_limit(self.min_object_area, "min_object_area")
         check_limit(self.max_train_images, "--max-train-images")
         check_limit(self.max_val_images, "max_val_images")
         check_tiling(self.tile, self.halo)

@@ -75,7 +75,7 @@ class PromptTrainConfig:
         check_number(self.jitter_px, "--jitter", minimum=0)
         check_number(self.lr_gamma, "lr_gamma", above=0, maximum=1)
         check_number(self.dice_weight, "dice_weight", minimum=0)
-        check_limit(self.min_object_area, "--min-object-area")
+        check_limit(self.min_object_area, "min_object_area")
         check_limit(self.patience, "--patience")
         check_limit(self.max_train_images, "--max-train-images")
         check_limit(self.max_val_images, "max_val_images")
@@ -246,7 +246,7 @@ def train_promptable(data: Sequence[str | Path], out: str | Path, config: Prompt
                  for item in _prepare(splits[d.name]["val"][: config.max_val_images], config.min_object_area)]
     if not train_items:
         raise InputError(f"{data_option(datasets)}: no training image has an object of at "
-                         f"least --min-object-area {config.min_object_area} pixels (are the masks empty?)")
+                         f"least {config.min_object_area} pixels (are the masks empty?)")
     seed_everything(config.seed)
     backbone = load_model(config.backbone, config.backbone_checkpoint, device, use_shared_decoder=False)
     start_run(out, asdict(config), splits)  # once the data and the backbone have been checked
