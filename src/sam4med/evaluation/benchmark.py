@@ -60,7 +60,7 @@ class BenchmarkConfig:
         """Every choice within its range, before a model is loaded or a file written."""
         check_mask_rule(self.mask_rule)
         if self.min_object_area < 1:
-            raise InputError(f"--min-object-area {self.min_object_area}: must be >= 1")
+            raise InputError(f"min_object_area {self.min_object_area}: must be >= 1")
         check_limit(self.max_objects_per_image, "--max-objects")
         check_limit(self.max_images, "--max-images")
         check_seed(self.seed, "--seed")
