@@ -421,7 +421,7 @@ def test_a_step_too_large_for_memory_is_refused_before_any_file(changes, tmp_pat
 
 
 def test_an_out_folder_inside_the_data_is_named_as_the_out_folder(tmp_path):
-    data = blobs(tmp_path / "blobs", count=1, size=64)
+    data = blobs(tmp_path / "blobs", count=1, size=128)
     with pytest.raises(InputError, match=r"--out .*images.run: lies inside the input"):
         train_clicks([data], data / "images" / "run", CONFIG)
     assert not (data / "images" / "run").exists()
