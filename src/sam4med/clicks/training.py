@@ -458,11 +458,11 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     config.check()
     out = Path(out)
     datasets = load_datasets(data)
-    splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
     store = Path(embeddings) if embeddings is not None else out / "embeddings"
     inputs, roots = [folder for d in datasets for folder in d.folders], [d.root for d in datasets]
     check_apart(out, inputs, roots=roots)  # --out first: the embeddings' default folder is inside it
     check_apart(store, inputs, "--embeddings", roots)
+    splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
     backbone = load_model(config.backbone, device=device, encoder_backend=encoder_backend)
     if backbone.spec.prompt_weights is not None:
         raise InputError(f"--backbone {config.backbone}: already carries trained prompt weights; train on its base "
