@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from sam4med.engine.errors import InputError
-from sam4med.engine.interactive import LOCAL_RADIUS, check_correction, correct, local_change, run_interactive
+from sam4med.engine.interactive import (
+    LOCAL_RADIUS,
+    check_correction,
+    correct,
+    corrects_locally,
+    local_change,
+    run_interactive,
+)
 from sam4med.engine.metrics import dice
 from sam4med.engine.objects import object_labels
 from sam4med.engine.predictor import Predictor
@@ -74,12 +81,21 @@ def test_local_change_takes_new_logits_only_on_changes_that_touch_or_are_near_th
     assert np.array_equal(taken, changed & allowed)
 
 
+def test_auto_is_local_once_a_box_or_a_click_and_its_first_correction_set_the_object():
+    click = Prompt(points=[(10.0, 10.0)])
+    boxed = Prompt(box=np.array([0, 0, 20, 20], dtype=np.float32)).add_point((5.0, 5.0), 0)
+    assert corrects_locally(boxed, "auto") and not corrects_locally(boxed, "global")
+    assert not corrects_locally(click.add_point((12.0, 12.0), 1), "auto")
+    assert corrects_locally(click.add_point((12.0, 12.0), 1).add_point((3.0, 3.0), 0), "auto")
+    assert corrects_locally(click.add_point((12.0, 12.0), 1), "local")
+
+
 def test_an_unknown_correction_is_one_input_error():
     with pytest.raises(InputError, match="--correction 'nearby': choose one of auto, local, global"):
         check_correction("nearby")
 
 
-def test_auto_corrects_a_box_locally_and_lone_clicks_globally(click_model):
+def test_auto_corrects_a_box_locally_and_a_lone_clicks_first_correction_globally(click_model):
     image, truth = make_ellipse_image()
     predictor = Predictor(click_model)
     predictor.set_image(image)
@@ -92,9 +108,13 @@ def test_auto_corrects_a_box_locally_and_lone_clicks_globally(click_model):
     click = Prompt(points=[(150.0, 100.0)])
     _, _, clicked = correct(predictor, click, None, "auto")
     second = click.add_point((150.0, 60.0), 0)
-    globally, _, _ = correct(predictor, second, clicked, "auto", "global")
+    globally, _, corrected = correct(predictor, second, clicked, "auto", "global")
     automatic, _, _ = correct(predictor, second, clicked, "auto", "auto")
     assert np.array_equal(automatic, globally)
+    third = second.add_point((210.0, 100.0), 1)  # the object is set: from here on the clicks correct locally
+    local, _, _ = correct(predictor, third, corrected, "auto", "local")
+    automatic, _, _ = correct(predictor, third, corrected, "auto", "auto")
+    assert np.array_equal(automatic, local)
 
 
 def test_a_local_correction_leaves_the_mask_far_from_the_click_as_it_was(click_model):

@@ -10,10 +10,11 @@ What a click may change (``correction``):
   within ``LOCAL_RADIUS`` of it, and the previous logits are kept elsewhere. A click says what is wrong
   where it lands; FocalClick (Chen et al., CVPR 2022) refines a local crop around each click for the same
   reason;
-- ``auto`` (default): ``local`` when the prompt holds a box, ``global`` for clicks alone. A box fixes the
-  object's extent, and a decoder that redraws the whole object on every click can undo a good box mask far
-  from the click. From a lone click the first masks are often far off and a click may rightly redraw the
-  whole object. Both were chosen on the data sets' validation sides (figures in the README).
+- ``auto`` (default): ``local`` once the object is set, by a box or by a click and its first correction;
+  ``global`` for that first correction. A box fixes the object's extent, and a decoder that redraws the whole
+  object on every click can undo a good box mask far from the click. A lone click is ambiguous and its mask
+  often far off: the click after it may rightly redraw the whole object. Chosen on the data sets'
+  validation sides (figures in the README).
 
 The merge is done on the low-res logits, in the frame they were decoded in, so the mask shown and the
 logits fed back to the next round agree.
@@ -40,6 +41,7 @@ CORRECTIONS = ("auto", "local", "global")
 # Besides the changed regions that hold the click: changes within this share of the logits' side of it are
 # taken too (a small object's outline moves all around it). Chosen on the validation sides (README).
 LOCAL_RADIUS = 1 / 16
+SETTLED_CLICKS = 2  # without a box, ``auto`` corrects locally from the third click on
 
 
 def check_correction(correction: str) -> None:
@@ -75,6 +77,13 @@ def local_change(previous: torch.Tensor, new: torch.Tensor, click: tuple[float, 
     return torch.where(torch.from_numpy(accept).to(new.device)[None, None], new, previous)
 
 
+def corrects_locally(prompt: Prompt, correction: Correction) -> bool:
+    """Whether a click (the prompt's last point) may change the mask only near itself."""
+    if correction == "auto":
+        return prompt.box is not None or (prompt.points is not None and len(prompt.points) > SETTLED_CLICKS)
+    return correction == "local"
+
+
 def correct(predictor: Predictor, prompt: Prompt, previous: Round | None, mask_rule: str,
             correction: Correction = "auto", gt: np.ndarray | None = None) -> tuple[np.ndarray, float, Round]:
     """One round: decode ``prompt`` (its last point the new click) with the previous round fed back, and keep
@@ -87,8 +96,8 @@ def correct(predictor: Predictor, prompt: Prompt, previous: Round | None, mask_r
     kept: Decoded = decoded.pick([(0, choice)])
     x0, y0, geometry = kept.frame
     current = Round(kept.low_res, (x0, y0, geometry))
-    local = correction == "local" or (correction == "auto" and prompt.box is not None)
-    if local and previous is not None and previous.frame == current.frame and prompt.points is not None:
+    if prompt.points is not None and previous is not None and previous.frame == current.frame \
+            and corrects_locally(prompt, correction):
         click = prompt.points[-1]
         merged = local_change(previous.low_res, kept.low_res, (click[0] - x0, click[1] - y0), geometry)
         return kept.with_low_res(merged).masks()[0, 0], float(iou[choice]), Round(merged, current.frame)
