@@ -81,13 +81,11 @@ def test_local_change_takes_new_logits_only_on_changes_that_touch_or_are_near_th
     assert np.array_equal(taken, changed & allowed)
 
 
-def test_auto_is_local_once_a_box_or_a_click_and_its_first_correction_set_the_object():
-    click = Prompt(points=[(10.0, 10.0)])
+def test_auto_is_local_once_the_prompt_holds_a_box_and_global_for_clicks_alone():
+    clicks = Prompt(points=[(10.0, 10.0)]).add_point((12.0, 12.0), 1).add_point((3.0, 3.0), 0)
     boxed = Prompt(box=np.array([0, 0, 20, 20], dtype=np.float32)).add_point((5.0, 5.0), 0)
     assert corrects_locally(boxed, "auto") and not corrects_locally(boxed, "global")
-    assert not corrects_locally(click.add_point((12.0, 12.0), 1), "auto")
-    assert corrects_locally(click.add_point((12.0, 12.0), 1).add_point((3.0, 3.0), 0), "auto")
-    assert corrects_locally(click.add_point((12.0, 12.0), 1), "local")
+    assert not corrects_locally(clicks, "auto") and corrects_locally(clicks, "local")
 
 
 def test_an_unknown_correction_is_one_input_error():
@@ -95,7 +93,7 @@ def test_an_unknown_correction_is_one_input_error():
         check_correction("nearby")
 
 
-def test_auto_corrects_a_box_locally_and_a_lone_clicks_first_correction_globally(click_model):
+def test_auto_corrects_a_box_locally_and_clicks_alone_globally(click_model):
     image, truth = make_ellipse_image()
     predictor = Predictor(click_model)
     predictor.set_image(image)
@@ -111,10 +109,10 @@ def test_auto_corrects_a_box_locally_and_a_lone_clicks_first_correction_globally
     globally, _, corrected = correct(predictor, second, clicked, "auto", "global")
     automatic, _, _ = correct(predictor, second, clicked, "auto", "auto")
     assert np.array_equal(automatic, globally)
-    third = second.add_point((210.0, 100.0), 1)  # the object is set: from here on the clicks correct locally
-    local, _, _ = correct(predictor, third, corrected, "auto", "local")
+    third = second.add_point((210.0, 100.0), 1)
+    globally, _, _ = correct(predictor, third, corrected, "auto", "global")
     automatic, _, _ = correct(predictor, third, corrected, "auto", "auto")
-    assert np.array_equal(automatic, local)
+    assert np.array_equal(automatic, globally)
 
 
 def test_a_local_correction_leaves_the_mask_far_from_the_click_as_it_was(click_model):

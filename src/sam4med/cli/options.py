@@ -119,8 +119,8 @@ SegmentMaskRuleOption = Annotated[Optional[str], typer.Option(help="single, auto
                                                                    "default: the model's.")]
 CorrectionOption = Annotated[str, typer.Option(help="What a corrective click may change: local (the changed region "
                                                     "at the click, the mask kept elsewhere), global (the decoder's "
-                                                    "new mask everywhere, SAM's loop) or auto (local once a box, "
-                                                    "or a click and its first correction, set the object).")]
+                                                    "new mask everywhere, SAM's loop) or auto (local when the "
+                                                    "prompt holds a box, else global).")]
 
 
 def echo_training_result(out: Path, result: object, model_hint: str = "") -> None:

@@ -10,11 +10,11 @@ What a click may change (``correction``):
   within ``LOCAL_RADIUS`` of it, and the previous logits are kept elsewhere. A click says what is wrong
   where it lands; FocalClick (Chen et al., CVPR 2022) refines a local crop around each click for the same
   reason;
-- ``auto`` (default): ``local`` once the object is set, by a box or by a click and its first correction;
-  ``global`` for that first correction. A box fixes the object's extent, and a decoder that redraws the whole
-  object on every click can undo a good box mask far from the click. A lone click is ambiguous and its mask
-  often far off: the click after it may rightly redraw the whole object. Chosen on the data sets'
-  validation sides (figures in the README).
+- ``auto`` (default): ``local`` once the prompt holds a box, ``global`` for clicks alone. A box fixes the
+  object's extent, and a decoder that redraws the whole object on every click can undo a good box mask far
+  from the click. A lone click is ambiguous and its mask often far off: the clicks after it may rightly
+  redraw the whole object. Chosen on the data sets' validation sides, held on their test sides (figures in
+  the README).
 
 The merge is done on the low-res logits, in the frame they were decoded in, so the mask shown and the
 logits fed back to the next round agree.
@@ -41,7 +41,6 @@ CORRECTIONS = ("auto", "local", "global")
 # Besides the changed regions that hold the click: changes within this share of the logits' side of it are
 # taken too (a small object's outline moves all around it). Chosen on the validation sides (README).
 LOCAL_RADIUS = 1 / 16
-SETTLED_CLICKS = 2  # without a box, ``auto`` corrects locally from the third click on
 
 
 def check_correction(correction: str) -> None:
@@ -79,9 +78,7 @@ def local_change(previous: torch.Tensor, new: torch.Tensor, click: tuple[float, 
 
 def corrects_locally(prompt: Prompt, correction: Correction) -> bool:
     """Whether a click (the prompt's last point) may change the mask only near itself."""
-    if correction == "auto":
-        return prompt.box is not None or (prompt.points is not None and len(prompt.points) > SETTLED_CLICKS)
-    return correction == "local"
+    return correction == "local" or (correction == "auto" and prompt.box is not None)
 
 
 def correct(predictor: Predictor, prompt: Prompt, previous: Round | None, mask_rule: str,
