@@ -91,10 +91,10 @@ def correct(predictor: Predictor, prompt: Prompt, previous: Round | None, mask_r
     masks, iou = decoded.masks()[0], decoded.iou[0].cpu().numpy()
     choice = select_mask(masks, iou, mask_rule, gt)
     kept: Decoded = decoded.pick([(0, choice)])
-    x0, y0, geometry = kept.frame
-    current = Round(kept.low_res, (x0, y0, geometry))
+    current = Round(kept.low_res, kept.frame)
     if prompt.points is not None and previous is not None and previous.frame == current.frame \
             and corrects_locally(prompt, correction):
+        x0, y0, geometry = current.frame
         click = prompt.points[-1]
         merged = local_change(previous.low_res, kept.low_res, (click[0] - x0, click[1] - y0), geometry)
         return kept.with_low_res(merged).masks()[0, 0], float(iou[choice]), Round(merged, current.frame)

@@ -120,18 +120,23 @@ def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -
     write_json(path, current)
 
 
+def _record(path: Path, purpose: str) -> dict:
+    """The JSON object a record file holds, or one line saying it is damaged and what it records."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: damaged (not a JSON object); it records {purpose}: choose another --out")
+    return record
+
+
 def claim_datasets(out: Path, roots: Mapping[str, Path]) -> None:
     """Record the folder of each data set name in ``out/datasets.json``. Results are kept by data set name and
     image id, so a run may be extended to more data sets, but a name already recorded with another folder is
     refused: the second folder's images would be scored, averaged and reported with the first's."""
     path = out / DATASETS_FILE
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        raise InputError(f"{path}: damaged (not a JSON object); it records which folder each data set of {out} "
-                         "came from: choose another --out")
+    recorded = _record(path, f"which folder each data set of {out} came from") if path.is_file() else {}
     current = {name: str(Path(root).resolve()) for name, root in roots.items()}
     for name, root in current.items():
         if recorded.get(name, root) != root:
@@ -156,13 +161,7 @@ def check_split(out: Path, splits: Mapping[str, Mapping[str, list[Sample]]]) -> 
     path = out / SPLIT_FILE
     if not path.is_file():
         return
-    try:
-        existing = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        existing = None
-    if not isinstance(existing, dict):
-        raise InputError(f"{path}: damaged (not a JSON object); it records what the run in {out} was trained on, "
-                         "so it cannot be resumed: choose another --out")
+    existing = _record(path, f"what the run in {out} was trained on, so it cannot be resumed")
     current = split_record(splits)
     if existing != current:
         names = sorted(n for n in set(existing) | set(current) if existing.get(n) != current.get(n))
