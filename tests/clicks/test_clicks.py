@@ -24,6 +24,7 @@ from sam4med.clicks.embeddings import EmbeddedImage, embedded_images, load_embed
 from sam4med.clicks.loading import export_prompt_weights
 from sam4med.clicks.training import (ClickTrainConfig, ImageSampler, background_points, best_object_iou,
                                      first_prompts, iou_rank_loss, train_clicks)
+from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.models import WEIGHTS_DIR, load_model, load_prompt_weights
@@ -132,7 +133,7 @@ def test_a_killed_run_continues_with_the_same_history(trained, tmp_path):
 
 
 def test_exported_weights_load_over_litemedsam_and_a_changed_file_is_refused(trained, tmp_path, monkeypatch):
-    _, run, _ = trained
+    data, run, _ = trained
     before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
     for folder, name, message in ((run, "best", "is the input"), (run, "last", "a file of the training run"),
                                   (run, "config", "a file of the training run"),
@@ -157,6 +158,23 @@ def test_exported_weights_load_over_litemedsam_and_a_changed_file_is_refused(tra
     path.unlink()
     with pytest.raises(InputError, match="differs from its model card"):
         load_prompt_weights(network, "toy_click", tmp_path)
+
+
+def test_export_keeps_other_weights_and_stays_out_of_data_sets(trained, tmp_path):
+    data, run, _ = trained
+    with pytest.raises(InputError, match="lies inside the data set folder"):
+        export_prompt_weights(run / "best.pt", data / "images" / "weights", "toy_click")
+    assert not (data / "images" / "weights").exists()
+    path = export_prompt_weights(run / "best.pt", tmp_path, "toy_click")
+    assert export_prompt_weights(run / "best.pt", tmp_path, "toy_click") == path  # the same weights again
+    other = {key: value + 1 if value.is_floating_point() else value
+             for key, value in torch.load(path, weights_only=True).items()}
+    torch.save(other, path)
+    with pytest.raises(InputError, match="holds other weights; give --overwrite"):
+        export_prompt_weights(run / "best.pt", tmp_path, "toy_click")
+    assert all(torch.equal(value, other[key]) for key, value in torch.load(path, weights_only=True).items())
+    export_prompt_weights(run / "best.pt", tmp_path, "toy_click", overwrite=True)
+    assert load_prompt_weights(model_spec("litemedsam").build(), "toy_click", tmp_path) == file_sha256(path)
 
 
 @pytest.mark.skipif(not any(spec.prompt_weights for spec in MODELS.values()), reason="no shipped prompt weights yet")
@@ -425,3 +443,11 @@ def test_an_out_folder_inside_the_data_is_named_as_the_out_folder(tmp_path):
     with pytest.raises(InputError, match=r"--out .*images.run: lies inside the input"):
         train_clicks([data], data / "images" / "run", CONFIG)
     assert not (data / "images" / "run").exists()
+
+
+def test_an_embeddings_path_that_is_a_file_is_refused_before_the_run_is_claimed(tmp_path):
+    data = blobs(tmp_path / "blobs", count=1, size=128)
+    (tmp_path / "embeddings").write_text("not a folder")
+    with pytest.raises(InputError, match=r"--embeddings .*embeddings: is a file, not a folder"):
+        train_clicks([data], tmp_path / "run", CONFIG, tmp_path / "embeddings")
+    assert not (tmp_path / "run").exists()

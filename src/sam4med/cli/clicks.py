@@ -90,9 +90,10 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="best.pt of a `sam4med clicks train` run.")],
     out: Annotated[Path, typer.Option(help="Folder for NAME.pt (fp16) and its model card NAME.json.")],
     name: Annotated[str, typer.Option(help="File name stem of the weights.")] = "litemedsam_click",
+    overwrite: Annotated[bool, typer.Option(help="Replace other weights already exported under --name.")] = False,
 ) -> None:
     """Export a run's prompt encoder and mask decoder as fp16 weights with a model card."""
     from sam4med.clicks.loading import export_prompt_weights
 
-    path = export_prompt_weights(checkpoint, out, name)
+    path = export_prompt_weights(checkpoint, out, name, overwrite=overwrite)
     typer.echo(f"{path}: {path.stat().st_size / 1e6:.1f} MB")

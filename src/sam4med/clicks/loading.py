@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint, write_torch
-from sam4med.engine.errors import InputError, check_apart, path_component
+from sam4med.engine.checkpoints import file_sha256, read_checkpoint, read_trained_checkpoint, write_torch
+from sam4med.engine.errors import InputError, check_apart, check_outside_data_sets, path_component
 from sam4med.engine.models import base_prompt_path, load_model
 from sam4med.engine.registry import model_spec
 from sam4med.engine.sam_model import SamModel
@@ -44,21 +44,29 @@ def load_trained(path: Path, saved: dict, device: str | torch.device | None = No
 
 
 def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,
-                          card: dict[str, object] | None = None) -> Path:
+                          card: dict[str, object] | None = None, overwrite: bool = False) -> Path:
     """Write a run's prompt encoder and mask decoder as fp16 ``folder/<name>.pt`` with its model card
-    ``<name>.json`` (sha256, base weights, training configuration, and what ``card`` adds)."""
+    ``<name>.json`` (sha256, base weights, training configuration, and what ``card`` adds).
+
+    Other weights already under that name are replaced only with ``overwrite`` (shipping a new version does
+    that); exporting the same weights again just rewrites the card."""
     checkpoint, folder = Path(checkpoint), Path(folder)
     path_component(name, "--name")
+    check_outside_data_sets(folder)
     for written in (folder / f"{name}.pt", folder / f"{name}.json"):
         check_apart(written, [checkpoint], "--out/--name")
         if written.name in _RUN_FILES and (folder / CONFIG_FILE).is_file():
             raise InputError(f"--name {name}: {written} is a file of the training run in {folder}; choose another "
                              "--name or --out")
     saved = read_trained_checkpoint(checkpoint, CHECKPOINT_KIND)
-    folder.mkdir(parents=True, exist_ok=True)
+    weights = {key: value.to(torch.float16) if value.is_floating_point() else value
+               for key, value in saved["weights"].items()}
     path = folder / f"{name}.pt"
-    write_torch(path, {key: value.to(torch.float16) if value.is_floating_point() else value
-                       for key, value in saved["weights"].items()})
+    if not overwrite and (path.exists() or path.with_suffix(".json").exists()) and not _same_weights(path, weights):
+        raise InputError(f"--out {folder}: {name}.pt or {name}.json holds other weights; give --overwrite to replace "
+                         "them, or another --name")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_torch(path, weights)
     write_json(folder / f"{name}.json", {
         "file": path.name, "sha256": file_sha256(path), "dtype": "float16",
         "base_model": saved["meta"]["backbone"], "base_weights_sha256": saved["meta"]["backbone_sha256"],
@@ -67,3 +75,15 @@ def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,
         **(card or {}),
     })
     return path
+
+
+def _same_weights(path: Path, weights: dict[str, torch.Tensor]) -> bool:
+    """Whether ``path`` holds exactly ``weights`` (an export repeated); an unreadable file does not."""
+    if not path.is_file():
+        return False
+    try:
+        stored = read_checkpoint(path)
+    except InputError:
+        return False
+    return isinstance(stored, dict) and stored.keys() == weights.keys() and all(
+        isinstance(stored[key], torch.Tensor) and torch.equal(stored[key], value) for key, value in weights.items())

@@ -45,6 +45,8 @@ def file_sha256(path: Path) -> str:
 
 def read_checkpoint(path: Path) -> object:
     """A checkpoint loaded with ``weights_only=True``: a pickle can never run code here."""
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a checkpoint file (give the run's best.pt)")
     if not path.is_file():
         raise InputError(f"{path}: checkpoint file not found")
     try:

@@ -104,6 +104,18 @@ def not_there(path: Path, what: str = "file") -> str:
     return "a symbolic link loop" if path.is_symlink() and resolved(path) is None else f"no such {what}"
 
 
+def check_outside_data_sets(out: Path, what: str = "--out") -> None:
+    """Refuse an output inside a data set's images/ or masks/ folder (the layout: both side by side), for the
+    verbs that are given no data set to keep apart from: a file written there would become a bad sample."""
+    target = resolved(out)
+    if target is None:
+        raise InputError(f"{what} {out}: a symbolic link loop; name another path")
+    for folder in (target, *target.parents):
+        if folder.name in ("images", "masks") and (folder.parent / "images").is_dir() \
+                and (folder.parent / "masks").is_dir():
+            raise InputError(f"{what} {out}: lies inside the data set folder {folder}; name a folder outside it")
+
+
 def check_apart(out: Path, inputs: Iterable[Path], what: str = "--out", roots: Iterable[Path] = (),
                 writes: Iterable[str] = ()) -> None:
     """Refuse an output that could overwrite an input. ``out`` may not be an input (a file, or a folder such as

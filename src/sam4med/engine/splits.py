@@ -89,7 +89,7 @@ def training_split(dataset: Dataset, fractions: dict[str, float], split_seed: in
         sides = split_samples(dataset, fractions, split_seed)
     for side in ("train", "val", "test"):
         if not sides.get(side):
-            raise InputError(f"{dataset.name}: {len(dataset.samples)} images are too few for a train/val/test split "
+            raise InputError(f"{dataset.root}: {len(dataset.samples)} images are too few for a train/val/test split "
                              f"(its {side} side would be empty; too few images or groups)")
     return {side: sides[side] for side in ("train", "val", "test")}
 

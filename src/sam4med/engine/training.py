@@ -215,7 +215,8 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
                 task.module.train()
                 if not math.isfinite(val_dice):  # a mean over no object: nothing to pick the best epoch by
                     raise InputError(f"{out / SPLIT_FILE}: the validation images hold no object to score (validation "
-                                     f"Dice {val_dice}); check their masks, or give more images")
+                                     f"Dice {val_dice}): their masks are empty, too small or unreadable (a warning "
+                                     "above names each unreadable one); mend them, or give more images")
             elapsed = time.perf_counter() - start
             loop["seconds"] += elapsed
             loop["epoch"] = epoch + 1
