@@ -198,8 +198,10 @@ def test_training_can_start_from_exported_weights(trained, tmp_path):
     assert saved["meta"]["init_weights_sha256"] == json.loads((tmp_path / "start.json").read_text())["sha256"]
     for key, value in initial.items():
         torch.testing.assert_close(saved["weights"][key], value.float(), atol=2e-3, rtol=2e-3)  # fp16 export
-    with pytest.raises(InputError, match="no such file"):
+    with pytest.raises(InputError, match="--init .*missing.pt: no such file"):
         train_clicks([data], tmp_path / "other", ClickTrainConfig(init_weights=str(tmp_path / "missing.pt")))
+    with pytest.raises(InputError, match="--init .*: a folder, not a weights file"):
+        train_clicks([data], tmp_path / "other", ClickTrainConfig(init_weights=str(tmp_path)))
     assert not (tmp_path / "other").exists()  # refused before the run folder is claimed or an image embedded
 
 

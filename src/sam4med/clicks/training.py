@@ -160,7 +160,8 @@ class ClickTrainConfig:
         if self.trainable == "iou_head" and self.init_weights is None:
             raise InputError("--train-only iou_head: needs --init (the decoder whose IoU head is retrained)")
         if self.init_weights is not None and not Path(self.init_weights).is_file():
-            raise InputError(f"{self.init_weights}: no such file (init weights)")
+            problem = "a folder, not a weights file" if Path(self.init_weights).is_dir() else "no such file"
+            raise InputError(f"--init {self.init_weights}: {problem}")
 
 
 @dataclass
