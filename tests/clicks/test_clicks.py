@@ -453,3 +453,10 @@ def test_an_embeddings_path_that_is_a_file_is_refused_before_the_run_is_claimed(
     with pytest.raises(InputError, match=r"--embeddings .*embeddings: is a file, not a folder"):
         train_clicks([data], tmp_path / "run", CONFIG, tmp_path / "embeddings")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_given_to_another_model_names_the_model_to_give(trained):
+    _, run, _ = trained
+    with pytest.raises(InputError, match="trained on backbone 'litemedsam', not 'litemedsam-click'; give --model "
+                                         "litemedsam"):
+        load_model("litemedsam-click", run / "best.pt", device="cpu")

@@ -143,8 +143,7 @@ def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: tor
                 raise InputError(f"{path}: a '{saved.get('kind')}' checkpoint, not a promptable model's (give a "
                                  "`samunet train` or `clicks train` run's best.pt, or the model's own weights)")
             if backbone != name:
-                raise InputError(f"{path}: trained on backbone '{saved.get('meta', {}).get('backbone')}', "
-                                 f"not '{name}'")
+                raise InputError(f"{path}: trained on backbone '{backbone}', not '{name}'; give --model {backbone}")
             return checkpoint_loader(saved["kind"], path)(path, saved, device)
         sha256 = file_sha256(path)
     network = spec.build()
