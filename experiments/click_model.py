@@ -45,6 +45,8 @@ def main(
                                                                "litemedsam-click weights).")] = None,
     modes: Annotated[str, typer.Option(help="Comma-separated prompt modes.")] = ",".join(MODES),
     max_test_images: Annotated[int, typer.Option(help="Test images per data set (0: all).")] = 20,
+    baseline: Annotated[bool, typer.Option(help="Run LiteMedSAM too (--no-baseline: the click model alone, to "
+                                                "compare a new click run with figures already measured).")] = True,
     threads: ThreadsOption = None,
 ) -> None:
     """Benchmark both models on the same objects and print the comparison table."""
@@ -52,9 +54,9 @@ def main(
         raise typer.BadParameter("give at least one of --data, --tiled-data, --left-out")
     configure_cpu(threads)
     prompts = PromptSettings(interactive_start="point_center", interactive_rounds=5)
-    models = {"litemedsam": load_model("litemedsam", encoder_backend="onnx"),
-              "click": load_model("litemedsam", checkpoint, encoder_backend="onnx") if checkpoint
-              else load_model("litemedsam-click", encoder_backend="onnx")}
+    models = {"litemedsam": load_model("litemedsam", encoder_backend="onnx")} if baseline else {}
+    models["click"] = load_model("litemedsam", checkpoint, encoder_backend="onnx") if checkpoint \
+        else load_model("litemedsam-click", encoder_backend="onnx")
     folders = {}
     for label, model in models.items():
         for suffix, sets, split, tiling in (("", data, "test", None), ("_tiled", tiled_data, "test", tile),
