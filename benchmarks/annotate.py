@@ -1,7 +1,7 @@
 """The annotation page's speed and the effort it saves, measured on this machine.
 
-    python benchmarks/annotate.py --data ../shared/data/kvasir_seg [--data ...] [--max-images 10]
-                                  [--model litemedsam-click] [--out runs/annotate-bench]
+    python benchmarks/annotate.py --data ../shared/data/kvasir_seg [--data ...] [--max-images 10] [--correction auto]
+                                  [--model litemedsam-click] [--out runs/annotate-bench] [--skip-speed]
 
 Speed (through the HTTP API, as the page calls it, on the first data set's first images copied to a
 temporary folder): open-to-ready of the process's first image (warm-up included), of an image never
@@ -14,7 +14,8 @@ component of at least --min-area px; at most --max-objects per image, drawn with
 first --max-images images of each data set, a simulated
 annotator reaches Dice 0.90 with
 - sam4med, box first: a box (2 clicks: its corners), then corrective clicks at the centre of the
-  largest error region (the benchmark's interactive rule), at most --rounds of them;
+  largest error region (the benchmark's interactive rule), at most --rounds of them, each changing the
+  mask as --correction says (auto, the annotator's default: near the click once the object has a box);
 - sam4med, clicks only: a click at the object's innermost point, then corrective clicks alike;
 - a polygon: the fewest vertices of the object's outline, simplified (Douglas-Peucker) as far as Dice
   stays >= 0.90, each vertex one click.
@@ -39,7 +40,7 @@ from skimage.measure import approximate_polygon, find_contours
 
 from sam4med.engine.datasets import load_dataset
 from sam4med.engine.imageio import load_pair
-from sam4med.engine.interactive import run_interactive
+from sam4med.engine.interactive import CORRECTIONS, run_interactive
 from sam4med.engine.metrics import dice
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_labels
@@ -75,7 +76,7 @@ def polygon_vertices(mask: np.ndarray, target: float = TARGET) -> int:
 
 
 def effort(data: list[Path], model_name: str, max_images: int, min_area: int, rounds: int,
-           max_objects: int) -> pd.DataFrame:
+           max_objects: int, correction: str = "auto") -> pd.DataFrame:
     model = load_model(model_name)
     predictor = Predictor(model)
     rng = np.random.default_rng(0)
@@ -91,9 +92,10 @@ def effort(data: list[Path], model_name: str, max_images: int, min_area: int, ro
             for object_id in ids:
                 gt = labels == object_id
                 by_box = run_interactive(predictor, gt, Prompt(box=tight_box(gt)), rounds, rng, "largest",
-                                         model.spec.default_mask_rule)
+                                         model.spec.default_mask_rule, correction)  # type: ignore[arg-type]
                 by_clicks = run_interactive(predictor, gt, Prompt(points=[center_point(gt)]), rounds, rng, "largest",
-                                            model.spec.default_mask_rule) if model.spec.takes_point_prompts else None
+                                            model.spec.default_mask_rule, correction  # type: ignore[arg-type]
+                                            ) if model.spec.takes_point_prompts else None
                 row = {"dataset": dataset.name, "image": sample.id, "object": int(object_id), "area": int(gt.sum()),
                        "polygon_vertices": polygon_vertices(gt),
                        "box_clicks": 1 + by_box.clicks_to_reach(TARGET),  # the box's two corners count as two
@@ -174,20 +176,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("runs/annotate-bench"))
+    parser.add_argument("--correction", choices=CORRECTIONS, default="auto",
+                        help="how a corrective click changes the mask (the annotator's --correction)")
     parser.add_argument("--skip-effort", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     configure_cpu(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    for encoder, precision in (("torch", "fp32"), ("onnx", "fp32"), ("torch", "bf16")):
+    for encoder, precision in () if args.skip_speed else (("torch", "fp32"), ("onnx", "fp32"), ("torch", "bf16")):
         report_speed(speed(args.data[0], args.model, 3, args.repeats, encoder, precision), args.model,
                      f"--encoder {encoder} --precision {precision}")
     if args.skip_effort:
         return
-    frame = effort(args.data, args.model, args.max_images, args.min_area, args.rounds, args.max_objects)
+    frame = effort(args.data, args.model, args.max_images, args.min_area, args.rounds, args.max_objects,
+                   args.correction)
     frame.to_csv(args.out / "effort_objects.csv", index=False)
     table = summarise(frame)
     table.to_csv(args.out / "effort.csv", index=False)
-    print(f"effort to Dice {TARGET} ({args.model}; first {args.max_images} images per set, at most {args.max_objects} "
+    print(f"effort to Dice {TARGET} ({args.model}, --correction {args.correction}; first {args.max_images} images per set, at most {args.max_objects} "
           f"objects >= {args.min_area} px each, at most {args.rounds} corrective clicks, seed 0):")
     print(table.round(2).to_string(index=False))
 
