@@ -193,8 +193,9 @@ def main() -> None:
     frame.to_csv(args.out / "effort_objects.csv", index=False)
     table = summarise(frame)
     table.to_csv(args.out / "effort.csv", index=False)
-    print(f"effort to Dice {TARGET} ({args.model}, --correction {args.correction}; first {args.max_images} images per set, at most {args.max_objects} "
-          f"objects >= {args.min_area} px each, at most {args.rounds} corrective clicks, seed 0):")
+    print(f"effort to Dice {TARGET} ({args.model}, --correction {args.correction}; first {args.max_images} images "
+          f"per set, at most {args.max_objects} objects >= {args.min_area} px each, at most {args.rounds} corrective "
+          "clicks, seed 0):")
     print(table.round(2).to_string(index=False))
 
 

@@ -133,7 +133,7 @@ def test_a_killed_run_continues_with_the_same_history(trained, tmp_path):
 
 
 def test_exported_weights_load_over_litemedsam_and_a_changed_file_is_refused(trained, tmp_path, monkeypatch):
-    data, run, _ = trained
+    _, run, _ = trained
     before = {path.name: path.read_bytes() for path in run.iterdir() if path.is_file()}
     for folder, name, message in ((run, "best", "is the input"), (run, "last", "a file of the training run"),
                                   (run, "config", "a file of the training run"),
