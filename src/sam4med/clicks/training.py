@@ -48,6 +48,7 @@ from sam4med.engine.errors import (
     check_apart,
     check_counts,
     check_limit,
+    check_not_a_file,
     check_number,
     check_precision,
     check_seed,
@@ -463,9 +464,7 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     inputs, roots = [folder for d in datasets for folder in d.folders], [d.root for d in datasets]
     check_apart(out, inputs, roots=roots)  # --out first: the embeddings' default folder is inside it
     check_apart(store, inputs, "--embeddings", roots)
-    for folder, option in ((out, "--out"), (store, "--embeddings")):  # before start_run writes into --out
-        if folder.exists() and not folder.is_dir():
-            raise InputError(f"{option} {folder}: is a file, not a folder; choose another {option}")
+    check_not_a_file(store, "--embeddings")  # before start_run writes into --out
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
     backbone = load_model(config.backbone, device=device, encoder_backend=encoder_backend)
     if backbone.spec.prompt_weights is not None:

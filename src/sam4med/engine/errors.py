@@ -104,6 +104,12 @@ def not_there(path: Path, what: str = "file") -> str:
     return "a symbolic link loop" if path.is_symlink() and resolved(path) is None else f"no such {what}"
 
 
+def check_not_a_file(folder: Path, option: str = "--out") -> None:
+    """Refuse a folder option that names an existing file, before anything is written for it."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option} {folder}: is a file, not a folder; choose another {option}")
+
+
 def check_outside_data_sets(out: Path, what: str = "--out") -> None:
     """Refuse an output inside a data set's images/ or masks/ folder (the layout: both side by side), for the
     verbs that are given no data set to keep apart from: a file written there would become a bad sample."""

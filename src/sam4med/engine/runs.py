@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sam4med.engine.datasets import Sample
-from sam4med.engine.errors import InputError, one_line
+from sam4med.engine.errors import InputError, check_not_a_file, one_line
 
 CONFIG_FILE = "config.json"
 PROTOCOL_FILE = "protocol.json"
@@ -91,35 +91,6 @@ def write_json(path: Path, record: object) -> None:
     write_bytes_atomic(path, json.dumps(record, indent=2, default=str).encode("utf-8"))
 
 
-def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -> None:
-    """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one; a folder resumed
-    loses what killed writers left half written (:func:`remove_stale_temporaries`).
-
-    A setting the stored record lacks matches while it is unset (None): settings added in a later version
-    default to what earlier versions did, so their runs still resume."""
-    path = folder / record_file
-    current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{folder}: is a file, not a folder; choose another --out")
-    if path.is_file():
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise InputError(f"{path}: damaged (not JSON); it records how the results in {folder} were made, "
-                             "so they cannot be resumed: choose another --out") from None
-        if not isinstance(existing, dict):
-            raise InputError(f"{path}: damaged (not a JSON object); choose another --out")
-        added_unset = {k for k, v in current.items() if k not in existing and v is None}
-        if existing != {k: v for k, v in current.items() if k not in added_unset}:
-            changed = sorted(k for k in existing.keys() | current.keys() if existing.get(k) != current.get(k))
-            raise InputError(f"{folder}: holds results made with other settings ({', '.join(changed)} differ); "
-                             "choose another --out")
-        remove_stale_temporaries(folder)
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(path, current)
-
-
 def _record(path: Path, purpose: str) -> dict:
     """The JSON object a record file holds, or one line saying it is damaged and what it records."""
     try:
@@ -129,6 +100,28 @@ def _record(path: Path, purpose: str) -> dict:
     if not isinstance(record, dict):
         raise InputError(f"{path}: damaged (not a JSON object); it records {purpose}: choose another --out")
     return record
+
+
+def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -> None:
+    """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one; a folder resumed
+    loses what killed writers left half written (:func:`remove_stale_temporaries`).
+
+    A setting the stored record lacks matches while it is unset (None): settings added in a later version
+    default to what earlier versions did, so their runs still resume."""
+    path = folder / record_file
+    current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
+    check_not_a_file(folder)
+    if path.is_file():
+        existing = _record(path, f"how the results in {folder} were made, so they cannot be resumed")
+        added_unset = {k for k, v in current.items() if k not in existing and v is None}
+        if existing != {k: v for k, v in current.items() if k not in added_unset}:
+            changed = sorted(k for k in existing.keys() | current.keys() if existing.get(k) != current.get(k))
+            raise InputError(f"{folder}: holds results made with other settings ({', '.join(changed)} differ); "
+                             "choose another --out")
+        remove_stale_temporaries(folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(path, current)
 
 
 def claim_datasets(out: Path, roots: Mapping[str, Path]) -> None:
