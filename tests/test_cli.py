@@ -160,9 +160,11 @@ def test_bad_trainer_settings_stop_before_anything_is_written(tmp_path, verb, ar
 @pytest.mark.parametrize(("arguments", "expected"), [
     (["eval", "benchmark", "--data", "d", "--out", "o", "--threads", "abc"], "error: --threads: "),
     (["eval", "benchmark", "--data", "d"], "error: --out: missing"),
-    (["segment", "image.png", "--out", "m.png", "--box", "1", "2", "3"], "error: Option '--box' requires 4"),
+    (["segment", "image.png", "--out", "m.png", "--box", "1", "2", "3"], "error: --box: requires 4"),
     (["segment", "image.png", "--out", "m.png", "--box", "1", "2", "3", "x"], "error: --box: "),
-    (["segment", "--no-such-option"], "error: No such option: --no-such-option"),
+    (["segment", "--no-such-option"], "error: --no-such-option: no such option"),
+    (["segment", "image.png", "extra", "--out", "m.png", "--box", "1", "2", "3", "4"],
+     "error: arguments: Got unexpected extra argument"),
     (["eval", "no-such-verb"], "error: No such command 'no-such-verb'"),
 ])
 def test_usage_errors_are_one_line_too(arguments, expected):

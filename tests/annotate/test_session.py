@@ -126,6 +126,27 @@ def test_bad_requests_get_a_json_error_and_nothing_outside_the_folder(client, fo
     assert not (folder[0] / "masks").exists()
 
 
+def test_saved_masks_that_cannot_be_shown_as_they_are_get_a_json_error(client, folder):
+    """A damaged mask with its names, names whose value no number holds, a mask of another size, a window past
+    float range: 400 naming the file, never a 500 or a mask drawn off its image."""
+    masks, labels = folder[0] / "masks", folder[0] / "labels"
+    masks.mkdir()
+    labels.mkdir()
+    Image.fromarray(np.ones((160, 200), np.uint8)).save(masks / "case0.png")
+    (masks / "case0.png").write_bytes((masks / "case0.png").read_bytes()[:30])
+    (labels / "case0.json").write_text('{"objects": [{"value": 1, "label": "gland"}]}')
+    Image.fromarray(np.ones((160, 200), np.uint8)).save(masks / "case1.png")
+    (labels / "case1.json").write_text('{"objects": [{"value": 1e400, "label": "gland"}]}')
+    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(masks / "case2.png")
+    for index, message in ((0, "masks/case0.png: "), (1, "labels/case1.json: damaged"),
+                           (2, "masks/case2.png: mask is 10x10 (HxW) but the image is 160x200")):
+        for path in (f"/api/images/{index}", f"/api/images/{index}/objects"):
+            response = client.get(path)
+            assert response.status_code == 400 and message in response.json()["error"], (path, response.text)
+    response = client.get("/api/images/0/pixels", params={"low": -1e308, "high": 1e308})
+    assert response.status_code == 400 and "finite" in response.json()["error"]
+
+
 def test_links_out_of_the_folder_are_neither_listed_nor_written_through(tmp_path, click_model):
     write_images(tmp_path / "scans", count=1)
     outside = tmp_path / "elsewhere"
@@ -263,3 +284,36 @@ def test_a_large_image_annotated_on_tiles_segments_small_objects_and_prefetches_
     frame_b = image[::-1]
     for tile in tiles(frame_b.shape[:2], 256, 32):
         assert cache.load(cache.key(click_model, tile.crop(frame_b)), click_model.device) is not None
+
+
+def test_a_label_volume_with_values_past_sixteen_bits_is_refused_and_no_new_value_passes_them(tmp_path, click_model):
+    """The annotator keeps labels in 16 bits: a label 70000 would be saved back as 4464, and a new object after
+    value 65535 would not fit; both are refused, the files as they were."""
+    import SimpleITK as sitk
+
+    from conftest import write_disc_volume
+    from sam4med.engine.errors import InputError
+
+    truth = write_disc_volume(tmp_path / "scan" / "disc.nrrd")
+    reference = sitk.ReadImage(str(tmp_path / "scan" / "disc.nrrd"))
+    labels_file = tmp_path / "scan" / "masks" / "disc.nii.gz"
+    labels_file.parent.mkdir()
+    wide = truth.astype(np.int32) * 70000
+    labels = sitk.GetImageFromArray(wide)
+    labels.CopyInformation(reference)
+    sitk.WriteImage(labels, str(labels_file))
+    before = labels_file.read_bytes()
+    with pytest.raises(InputError, match="label values 0..70000 lie outside 0..65535"):
+        AnnotationSession(tmp_path / "scan" / "disc.nrrd", click_model, prefetch=False)
+    assert labels_file.read_bytes() == before
+
+    labels = sitk.GetImageFromArray(truth.astype(np.uint16) * 65535)
+    labels.CopyInformation(reference)
+    sitk.WriteImage(labels, str(labels_file))
+    before = labels_file.read_bytes()
+    client = TestClient(create_app(AnnotationSession(tmp_path / "scan" / "disc.nrrd", click_model, prefetch=False)))
+    assert client.get("/api/images/5/objects").json()["objects"][0]["label"] == "object 65535"
+    response = client.post("/api/images/5/save", json={"objects": [{"label": "new", "mask": png64(truth[5])}]})
+    assert response.status_code == 400 and "no label value left" in response.json()["error"]
+    assert labels_file.read_bytes() == before
+    assert client.get("/api/images/5/objects").json()["objects"][0]["label"] == "object 65535"  # kept in memory too

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from sam4med.engine.runs import atomic_path, claim_folder
 
 KILLED_WRITER = """
@@ -33,3 +35,17 @@ def test_a_resumed_folder_loses_what_killed_writers_left_and_keeps_the_rest(tmp_
         assert live.exists() and other_machine.exists()
     assert (out / "overlays" / "c.png").read_bytes() == b"this process, still writing"
     assert not (out / "overlays" / "a.png").exists()
+
+
+def test_a_name_near_the_file_system_limit_is_written_and_one_past_it_names_the_file(tmp_path):
+    near = tmp_path / ("a" * 245 + ".nii.gz")  # fits; with atomic_path's prefix it would not
+    with atomic_path(near) as temporary:
+        assert len(temporary.name) <= 255 and temporary.name.endswith(".nii.gz")
+        temporary.write_bytes(b"labels")
+    assert near.read_bytes() == b"labels"
+    past = tmp_path / ("b" * 256 + ".png")
+    with pytest.raises(OSError) as raised:
+        with atomic_path(past) as temporary:
+            temporary.write_bytes(b"mask")
+    assert raised.value.filename == str(past)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [near.name]  # no temporary left behind

@@ -50,6 +50,17 @@ def test_unreadable_image_is_reported_before_the_model_loads(tmp_path):
 
 
 
+def test_an_overlay_that_cannot_be_written_leaves_an_existing_mask_as_it_was(tmp_path, image_path, click_model):
+    from sam4med.engine.predictor import Predictor
+
+    (tmp_path / "mask.png").write_bytes(b"yesterday's mask")
+    (tmp_path / "afile").write_bytes(b"a file where the overlay's folder would go")
+    with pytest.raises(FileExistsError):
+        segment_image_file(Predictor(click_model), image_path, Prompt(box=[1, 1, 20, 20]), tmp_path / "mask.png",
+                           tmp_path / "afile" / "overlay.png")
+    assert (tmp_path / "mask.png").read_bytes() == b"yesterday's mask"
+
+
 def test_an_image_thinner_than_one_embedding_token_at_the_models_size_is_flagged(tmp_path, click_model, capsys):
     """A 4000 x 12 strip is 0.8 px wide at 256: no mask can follow it, and the runtimes differ on it."""
     from sam4med.engine.predictor import Predictor
@@ -69,6 +80,7 @@ def test_an_image_thinner_than_one_embedding_token_at_the_models_size_is_flagged
     ("labels.png", (1, 1, 0, 5, 5, 2), 0, "unknown extension"),
     ("labels.nii.gz", (1, 1, 0, 5, 5, 9), 0, "outside the volume's 4 slices"),
     ("labels.nii.gz", (1, 1, 3, 5, 5, 1), 0, "z0 must not exceed z1"),
+    ("labels.nii.gz", (1, 1, 3.6, 5, 5, 3.9), 0, "slice indices"),  # below 4, but 3.9 would round to slice 4
     ("labels.nii.gz", (1, float("nan"), 0, 5, 5, 2), 0, "six finite numbers"),
     ("labels.nii.gz", (1, 1, 0, 5, 5, 2), 3, "--axis"),
     ("labels.nii.gz", (1, 1, 0, 16, 5, 2), 0, r"--box3d x y 1 1 16 5: .* outside the 16x16 image"),

@@ -19,7 +19,7 @@ from sam4med.cli import app
 from sam4med.engine.errors import InputError
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompt_table import prompts_digest, read_prompt_table
-from sam4med.engine.segment import segment_folder
+from sam4med.engine.segment import _label_map_paths, segment_folder
 
 from conftest import make_ellipse_image
 
@@ -201,6 +201,20 @@ def test_images_that_would_share_a_label_map_are_refused_before_the_model_loads(
     with pytest.raises(InputError, match="a.png and A.jpg would share the mask file"):
         segment_folder(never_loaded, images, table, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_label_maps_are_named_by_image_id_so_dicom_files_named_by_uid_keep_apart(tmp_path):
+    import SimpleITK as sitk
+
+    for name in ("1.2.840.5.1", "1.2.840.5.2"):  # DICOM files named by their UID, no extension
+        written = tmp_path / f"{name}.dcm"
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.uint16)), str(written))
+        written.rename(tmp_path / name)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "scan.v2.png")
+    maps = _label_map_paths(["1.2.840.5.1", "1.2.840.5.2", "scan.v2.png", "sub/ct.nii.gz"], tmp_path, tmp_path)
+    assert {image: path.as_posix() for image, path in maps.items()} == {
+        "1.2.840.5.1": "masks/1.2.840.5.1.png", "1.2.840.5.2": "masks/1.2.840.5.2.png",
+        "scan.v2.png": "masks/scan.v2.png", "sub/ct.nii.gz": "masks/sub/ct.png"}
 
 
 def test_the_command_line_segments_a_folder_and_refuses_a_bad_table_in_one_line(tmp_path, folder):

@@ -219,6 +219,18 @@ def test_percentile_and_fixed_windows():
         window(np.array([1.0, np.nan]))
 
 
+def test_windows_of_values_past_float32_and_of_infinite_widths(recwarn):
+    huge = np.linspace(0, 1e300, 1000)  # finite float64 that float32 would turn into inf
+    windowed = window(huge)
+    assert windowed[0] == 0 and windowed[-1] == 255 and int(windowed[500]) == pytest.approx(127, abs=2)
+    extreme = np.array([-3e38, 0, 3e38], dtype=np.float32)  # their difference passes float32's range
+    np.testing.assert_array_equal(window(extreme, 0, 100), [0, 128, 255])
+    for level_width in ((0, np.inf), (np.nan, 10), (1e308, 1e308)):  # the annotator's window from the page
+        with pytest.raises(InputError, match="finite"):
+            window(huge, level_width=level_width)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_slices_along_each_axis():
     array = np.arange(np.prod(SHAPE)).reshape(SHAPE)
     for axis, expected in ((0, (32, 32)), (1, (20, 32)), (2, (20, 32))):

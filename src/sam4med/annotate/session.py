@@ -23,7 +23,7 @@ from PIL import Image
 
 from sam4med.engine.datasets import IMAGE_EXTENSIONS, image_extension, image_id
 from sam4med.engine.errors import InputError, hw, path_component, resolved
-from sam4med.engine.imageio import read_image, read_intensities, read_mask
+from sam4med.engine.imageio import read_image, read_intensities, read_labels, read_mask
 from sam4med.engine.predictor import EmbeddingCache
 from sam4med.engine.interactive import Correction, Round, correct
 from sam4med.engine.prompts import Prompt
@@ -36,6 +36,7 @@ from sam4med.engine.volumes import VOLUME_SUFFIXES, read_label_volume, read_volu
 TOOL_FOLDER = ".sam4med"
 LABELS_FOLDER = "labels"
 MASKS_FOLDER = "masks"
+MAX_LABEL = 2**16 - 1  # masks and label volumes are kept in 16 bits
 
 
 @dataclass
@@ -70,9 +71,12 @@ def _read_names(path: Path) -> dict[int, str]:
     if not path.is_file():
         return {}
     try:
-        return {int(o["value"]): str(o["label"]) for o in json.loads(path.read_text(encoding="utf-8"))["objects"]}
-    except (ValueError, KeyError, TypeError) as error:
+        names = {int(o["value"]): str(o["label"]) for o in json.loads(path.read_text(encoding="utf-8"))["objects"]}
+    except (ValueError, KeyError, TypeError, OverflowError) as error:
         raise InputError(f"{path}: damaged ({type(error).__name__})") from None
+    if outside := [value for value in names if not 0 < value <= MAX_LABEL]:
+        raise InputError(f"{path}: damaged (object value {outside[0]} outside 1..{MAX_LABEL})")
+    return names
 
 
 class ImageFolder:
@@ -125,12 +129,11 @@ class ImageFolder:
         if path is None:
             return []
         names = _read_names(labels_path)
+        shape = self.intensities(index).shape  # a mask of another size would be drawn off its image
         if not names:  # a 0/255 (or any binary) mask: one object
-            mask = read_mask(path)
+            mask = read_mask(path, shape)
             return [SavedObject(default_label, mask)] if mask.any() else []
-        with Image.open(path) as image:
-            values = np.asarray(image)
-        values = values[..., 0] if values.ndim == 3 else values
+        values = read_labels(path, shape)
         return [SavedObject(name, values == value) for value, name in sorted(names.items()) if (values == value).any()]
 
     def write(self, index: int, objects: list[SavedObject], shape: tuple[int, int]) -> Path:
@@ -140,6 +143,8 @@ class ImageFolder:
         path, labels_path = (_inside(self.root, p) for p in self._files(index))
         existing = self._existing_mask(index)
         _keep(self.root, [p for p in (existing, labels_path) if p is not None], self.ids[index])
+        if len(objects) > MAX_LABEL:
+            raise InputError(f"{self.ids[index]}: {len(objects)} objects, more than a 16-bit mask holds ({MAX_LABEL})")
         path.parent.mkdir(exist_ok=True)
         if len(objects) <= 1:
             values = (objects[0].mask if objects else np.zeros(shape, bool)).astype(np.uint8) * 255
@@ -180,7 +185,7 @@ class VolumeSlices:
         self.model_input = window(self.image.array)  # one window for the whole volume keeps slices comparable
         self.labels_file = self.root / MASKS_FOLDER / f"{self.name}.nii.gz"
         self.names_file = self.root / LABELS_FOLDER / f"{self.name}.json"
-        self.labels = read_label_volume(self.labels_file, like=self.image).astype(np.uint16) \
+        self.labels = _sixteen_bits(read_label_volume(self.labels_file, like=self.image), self.labels_file) \
             if self.labels_file.is_file() else np.zeros(self.image.array.shape, np.uint16)
         self.names = _read_names(self.names_file)
 
@@ -207,14 +212,22 @@ class VolumeSlices:
             if name == label:
                 return value
         value = max([0, *self.names, int(self.labels.max())]) + 1
+        if value > MAX_LABEL:
+            raise InputError(f"{label}: no label value left for a new object ({MAX_LABEL} are in use)")
         self.names[value] = label
         return value
 
     def write(self, index: int, objects: list[SavedObject], shape: tuple[int, int]) -> Path:
         """The slice's labels become exactly ``objects`` (the page sends all of a slice's objects)."""
+        names = dict(self.names)
+        try:
+            values = [self.value_of(obj.label) for obj in objects]
+        except InputError:  # no value left: the slice and the names stay as they were
+            self.names = names
+            raise
         self.labels[index] = 0
-        for obj in objects:
-            self.labels[index][obj.mask] = self.value_of(obj.label)
+        for obj, value in zip(objects, values):
+            self.labels[index][obj.mask] = value
         return self._write()
 
     def write_object(self, label: str, masks: np.ndarray) -> Path:
@@ -237,6 +250,14 @@ class VolumeSlices:
     def versions(self, index: int) -> int:
         history = self.root / TOOL_FOLDER / "history"
         return len(list(history.glob(f"{self.name}.*.nii.gz"))) if history.is_dir() else 0
+
+
+def _sixteen_bits(labels: np.ndarray, path: Path) -> np.ndarray:
+    """A label volume as the annotator keeps it; values it would wrap are refused, so a save never rewrites them."""
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > MAX_LABEL):
+        raise InputError(f"{path}: label values {int(labels.min())}..{int(labels.max())} lie outside 0..{MAX_LABEL}, "
+                         "which the annotator keeps (16 bits); nothing was changed")
+    return labels.astype(np.uint16)
 
 
 Frames = ImageFolder | VolumeSlices

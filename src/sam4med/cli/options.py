@@ -51,7 +51,11 @@ def usage_error_line(error: Exception) -> str:
     opts = getattr(param, "opts", None)
     if opts and type(error).__name__ == "MissingParameter":
         return f"{opts[0]}: missing (required)"
-    return f"{opts[0]}: {message}" if opts else message
+    name = opts[0] if opts else getattr(error, "option_name", None)  # an option used wrongly, or unknown
+    if name:
+        message = message.replace(f"Option '{name}' ", "").replace(f"No such option: {name}", "no such option")
+        return f"{name}: {message}"
+    return f"arguments: {message}" if message.startswith("Got unexpected extra argument") else message
 
 
 def one_line_errors(command: F) -> F:

@@ -100,8 +100,12 @@ def resolved(path: Path) -> Path | None:
 
 
 def not_there(path: Path, what: str = "file") -> str:
-    """Why ``path`` cannot be opened when it is not there: a link loop says so, a missing file too."""
-    return "a symbolic link loop" if path.is_symlink() and resolved(path) is None else f"no such {what}"
+    """Why ``path`` cannot be opened as a ``what``: a link loop, a folder where a file is wanted, or nothing there."""
+    if path.is_symlink() and resolved(path) is None:
+        return "a symbolic link loop"
+    if what == "file" and path.is_dir():
+        return "is a folder, not a file"
+    return f"no such {what}"
 
 
 def check_not_a_file(folder: Path, option: str = "--out") -> None:

@@ -58,15 +58,21 @@ def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndar
     images count as one foreground); JPEG masks use > 127, since compression leaves faint
     non-zero pixels around the object. ``shape`` (HxW, or an image's HxWxC) must match."""
     path = Path(path)
+    return read_labels(path, shape) > (127 if path.suffix.lower() in (".jpg", ".jpeg") else 0)
+
+
+def read_labels(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A mask file's values as stored, HxW (the first channel; palettes as their indices): a label image's
+    object values. ``shape`` (HxW, or an image's HxWxC) must match; NaN or inf is refused."""
+    path = Path(path)
     pixels = _stored_pixels(path, expand_palette=False)
     if pixels.ndim == 3:
         pixels = pixels[..., 0]
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         raise InputError(f"{path}: mask contains NaN or inf values")
-    mask = pixels > (127 if path.suffix.lower() in (".jpg", ".jpeg") else 0)
-    if shape is not None and mask.shape != tuple(shape[:2]):
-        raise InputError(f"{path}: mask is {hw(mask.shape)} (HxW) but the image is {hw(shape)}")
-    return mask
+    if shape is not None and pixels.shape != tuple(shape[:2]):
+        raise InputError(f"{path}: mask is {hw(pixels.shape)} (HxW) but the image is {hw(shape)}")
+    return pixels
 
 
 def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:

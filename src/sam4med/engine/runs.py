@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,7 +35,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     writer is done it is flushed to disk and renamed over ``path``, so a kill or a full disk never leaves
     half a file where a whole one was. The name keeps ``path``'s suffixes, from which writers pick the format."""
     path = Path(path)
-    temporary = path.with_name(f".tmp.{_HOST}.{os.getpid()}.{path.name}")
+    temporary = path.with_name(_temporary_name(path))
     try:
         yield temporary
         with temporary.open("rb+") as handle:
@@ -44,7 +44,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as error:  # name the file the user asked for, not the temporary one
         raise OSError(error.errno, error.strerror or one_line(error), str(path)) from error
     finally:
-        temporary.unlink(missing_ok=True)
+        with suppress(OSError):  # a failed clean-up must not hide why the write failed
+            temporary.unlink(missing_ok=True)
+
+
+def _temporary_name(path: Path) -> str:
+    """``.tmp.<host>.<pid>.<name>``; a name that would pass the file system's limit (255 bytes) is shortened to
+    a digest of it with the last suffixes kept (``.nii.gz``), from which writers pick the format."""
+    prefix = f".tmp.{_HOST}.{os.getpid()}."
+    if len(os.fsencode(prefix + path.name)) <= 255:
+        return prefix + path.name
+    suffix = "".join(s for s in path.suffixes[-2:] if len(s) <= 8)
+    return prefix + hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16] + suffix
 
 
 def remove_stale_temporaries(folder: Path) -> int:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from PIL import Image
 
+from sam4med.engine.datasets import image_id
 from sam4med.engine.errors import InputError, check_apart, check_number
 from sam4med.engine.imageio import read_image
 from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
@@ -54,6 +55,8 @@ def _check_box3d(box3d: Sequence[float], depth: int, size: tuple[int, int] | Non
     for axis, low, high in (("x", values[0], values[3]), ("y", values[1], values[4]), ("z", values[2], values[5])):
         if low > high:
             raise InputError(f"--box3d {axis} range {low:g}..{high:g}: {axis}0 must not exceed {axis}1")
+    if not (values[2].is_integer() and values[5].is_integer()):
+        raise InputError(f"--box3d z {values[2]:g} {values[5]:g}: z0 and z1 are slice indices (whole numbers)")
     if not (0 <= values[2] <= values[5] < depth):
         raise InputError(f"--box3d z range {values[2]:g}..{values[5]:g} lies outside the volume's {depth} slices")
     if size is not None:
@@ -156,7 +159,8 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
     ready = _ready(predictor)
     _warn_if_thin(image_path, pixels.shape[:2], ready.protocol)
     mask = segment_image(ready, pixels, prompt, mask_rule)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for written in (out, overlay) if overlay else (out,):  # both folders before either file: a failure replaces nothing
+        written.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as temporary:
         Image.fromarray((mask * 255).astype(np.uint8)).save(temporary, format="PNG")
     if overlay:
@@ -182,8 +186,8 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
                    show_progress: bool = True) -> ItemRunSummary:
     """Segment every object of a prompt table (``engine.prompt_table``) on the images of ``folder``.
 
-    Writes ``out/masks/<image path>.png``, one label map per image (the image's k-th object has value k, in
-    the table's order; where masks overlap, the later object's is kept), ``out/results.jsonl`` (one row
+    Writes ``out/masks/<folder>/<image id>.png``, one label map per image (the image's k-th object has value k,
+    in the table's order; where masks overlap, the later object's is kept), ``out/results.jsonl`` (one row
     per object: its label, prompt, area, predicted IoU, the table's line and the image file's sha256) and
     ``out/protocol.json`` (model, weights, mask rule, image folder). Resumable: running it again does only
     the images not done, those whose rows in the table have changed and those whose file has changed; another
@@ -200,7 +204,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
     table = read_prompt_table(prompts)
     check_apart(out, [prompts, *(folder / image for image in table), *_data_set_folders(folder)], roots=[folder],
                 writes=["masks"])
-    maps = _label_map_paths(table, prompts)
+    maps = _label_map_paths(table, folder, prompts)
     ready = _ready(predictor)
     rule = mask_rule or ready.default_mask_rule
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-folder", "model": ready.protocol, "mask_rule": rule,
@@ -249,10 +253,10 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     Everything mode's masks overlap (a nucleus, its cluster, half of it); a label map gives each pixel one
     object. Masks claim pixels best score (predicted IoU x stability) first, a pixel staying with the first
     mask that claims it; a mask left with less than ``min_visible`` (default ``MIN_VISIBLE``) of its own
-    area is dropped, its pixels background. Writes ``out/masks/<image>.png`` (16 bits), ``out/results.jsonl`` (one row per kept
-    mask: value, own and visible area, box, predicted IoU, stability, the image file's sha256) and
-    ``out/protocol.json`` (model, weights, tiling, every everything-mode setting, ``min_visible``, the image
-    folder). Resumable (an image whose file has changed is done again; another folder's images into the same
+    area is dropped, its pixels background. Writes ``out/masks/<folder>/<image id>.png`` (16 bits),
+    ``out/results.jsonl`` (one row per kept mask: value, own and visible area, box, predicted IoU, stability,
+    the image file's sha256) and ``out/protocol.json`` (model, weights, tiling, every everything-mode setting,
+    ``min_visible``, the image folder). Resumable (an image whose file has changed is done again; another folder's images into the same
     ``out`` are refused); an image that cannot be read is an error row and the run goes on.
     """
     from sam4med.engine.everything import EverythingSettings, generate_masks
@@ -266,7 +270,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     root = _images_root(folder)
     check_apart(out, [*(root / image for image in images), *_data_set_folders(folder)], roots=[folder, root],
                 writes=["masks"])
-    maps = _label_map_paths(images, folder)
+    maps = _label_map_paths(images, root, folder)
     ready = _ready(predictor)
     resolved = settings.resolved(ready.model.spec)
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-everything", "model": ready.protocol,
@@ -332,13 +336,14 @@ def _folder_dataset(root: Path, images: Iterable[str]) -> Dataset:
     return Dataset(root.resolve().name or "images", "", "", root, [Sample(image, root / image) for image in images])
 
 
-def _label_map_paths(images: Iterable[str], source: Path) -> dict[str, Path]:
-    """Image path -> its label map's path in the output folder (``masks/<image path>.png``); two images whose
-    maps would be one file (``a.png`` and ``a.jpg``, or names that differ in case) are refused."""
+def _label_map_paths(images: Iterable[str], root: Path, source: Path) -> dict[str, Path]:
+    """Image path (relative to ``root``) -> its label map's path in the output folder
+    (``masks/<folder>/<image id>.png``, the id being the name without its image extension); two images whose maps
+    would be one file (``a.png`` and ``a.jpg``, or names that differ in case) are refused, naming ``source``."""
     maps: dict[str, Path] = {}
     seen: dict[str, str] = {}
     for image in images:
-        maps[image] = Path("masks") / Path(image).with_suffix(".png")
+        maps[image] = Path("masks") / Path(image).parent / f"{image_id(root / image)}.png"  # DICOM UIDs keep their dots
         key = maps[image].as_posix().lower()
         if key in seen:
             raise InputError(f"{source}: images {seen[key]} and {image} would share the mask file {maps[image]}")

@@ -148,24 +148,27 @@ def window(
     image) the min-max range is used, and a constant array maps to 0. ``level_width`` gives a
     fixed window instead, such as a CT window in HU: (40, 400) for soft tissue.
     """
-    values = np.asarray(array, dtype=np.float32)
+    values = np.asarray(array)
     if values.size == 0:
         raise InputError("window: array is empty")
     if not np.isfinite(values).all():
         raise InputError("window: array contains NaN or inf values")
+    # float32 halves a volume's memory, but values near or past its range would overflow to inf
+    wide = values.dtype.kind == "f" and float(np.abs(values).max()) > float(np.finfo(np.float32).max) / 4
+    values = values.astype(np.float64 if wide else np.float32, copy=False)
     if level_width is not None:
         level, width = level_width
-        if width <= 0:
-            raise InputError(f"window: width must be positive, got level_width={level_width}")
+        if not (np.isfinite(level) and np.isfinite(width) and width > 0 and np.isfinite(level + width)):
+            raise InputError(f"window: level and width must be finite and the width positive, got {level_width}")
         low, high = level - width / 2, level + width / 2
     else:
         check_percentiles(lower_percentile, upper_percentile)
-        low, high = np.percentile(values, [lower_percentile, upper_percentile])
+        low, high = (float(v) for v in np.percentile(values, [lower_percentile, upper_percentile]))
         if high <= low:
-            low, high = values.min(), values.max()
+            low, high = float(values.min()), float(values.max())
         if high <= low:
             return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values - low) * (255.0 / (high - low))
+    scaled = (values - low) * (255.0 / (high - low))  # Python floats keep the array's type
     return np.rint(np.clip(scaled, 0, 255)).astype(np.uint8)
 
 
