@@ -147,6 +147,23 @@ def test_saved_masks_that_cannot_be_shown_as_they_are_get_a_json_error(client, f
     assert response.status_code == 400 and "finite" in response.json()["error"]
 
 
+def test_earlier_versions_are_counted_per_image_whatever_characters_its_id_holds(tmp_path, click_model):
+    """``case0`` and ``case0.x`` are two images, and ``[`` in an id is a character, not a glob's set."""
+    truths = write_images(tmp_path / "scans", count=1)
+    for name in ("case0.x.png", "case[0].png"):
+        (tmp_path / "scans" / name).write_bytes((tmp_path / "scans" / "case0.png").read_bytes())
+    session = AnnotationSession(tmp_path / "scans", click_model, prefetch=False)
+    client = TestClient(create_app(session))
+    ids = [image["id"] for image in client.get("/api/state").json()["images"]]
+    assert sorted(ids) == ["case0", "case0.x", "case[0]"]
+    mask = png64(truths["case0"])
+    for image in ("case0.x", "case[0]"):
+        for _ in range(3):
+            saved = client.post(f"/api/images/{ids.index(image)}/save", json={"objects": [{"label": "e", "mask": mask}]})
+        assert saved.json()["versions"] == 2
+    assert session.versions(ids.index("case0")) == 0
+
+
 def test_links_out_of_the_folder_are_neither_listed_nor_written_through(tmp_path, click_model):
     write_images(tmp_path / "scans", count=1)
     outside = tmp_path / "elsewhere"

@@ -59,6 +59,7 @@ def _table(tmp_path, body: str, header: str = HEADER):
     ("image,Image,x0,y0,x1,y1\n", "a.png,a.png,1,1,5,5\n", "the header names image more than once"),
     ("image,x0,y0,x1,y1,\n", "a.png,1,1,5,5,\n", "column 6 of the header has no name"),
     (HEADER, '"a.png,,1,1,5,5,,\n', "not CSV after line 1 .*a quote left open"),
+    (HEADER, "a.png,,1,1,5,5,,\n" * 65536, "line 65537: image a.png has more than 65535 prompts"),
 ])
 def test_bad_tables_name_the_file_and_line(tmp_path, header, body, message):
     with pytest.raises(InputError, match=message):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,14 @@ def _keep(root: Path, files: list[Path], name: str) -> None:
             history.mkdir(parents=True, exist_ok=True)
             suffix = "".join(current.suffixes[-2:]) if current.name.endswith(".nii.gz") else current.suffix
             write_bytes_atomic(history / f"{name}.{stamp}{suffix}", current.read_bytes())
+
+
+def _history(root: Path, name: str) -> list[Path]:
+    """The files :func:`_keep` made of ``name`` (``<name>.<stamp><suffix>``): not another id's that starts with
+    this one and a dot (``g8`` and ``g8.x``), whatever characters the id holds (a glob would read ``[``)."""
+    history = root / TOOL_FOLDER / "history"
+    stamp = re.compile(re.escape(name) + r"\.\d{8}T\d{6}\.\d{6}Z\.")
+    return [p for p in history.iterdir() if stamp.match(p.name)] if history.is_dir() else []
 
 
 def _read_names(path: Path) -> dict[int, str]:
@@ -165,8 +174,7 @@ class ImageFolder:
         return path
 
     def versions(self, index: int) -> int:
-        history = self.root / TOOL_FOLDER / "history"
-        return len([p for p in history.glob(f"{self.ids[index]}.*") if p.suffix != ".json"]) if history.is_dir() else 0
+        return len([p for p in _history(self.root, self.ids[index]) if p.suffix != ".json"])
 
 
 class VolumeSlices:
@@ -248,8 +256,7 @@ class VolumeSlices:
         return path
 
     def versions(self, index: int) -> int:
-        history = self.root / TOOL_FOLDER / "history"
-        return len(list(history.glob(f"{self.name}.*.nii.gz"))) if history.is_dir() else 0
+        return len([p for p in _history(self.root, self.name) if p.name.endswith(".nii.gz")])
 
 
 def _sixteen_bits(labels: np.ndarray, path: Path) -> np.ndarray:

@@ -28,6 +28,7 @@ from sam4med.engine.prompts import Prompt
 
 PROMPT_COLUMNS = ("image", "label", "x0", "y0", "x1", "y1", "points", "labels")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+MAX_OBJECTS = 2**16 - 1  # an image's label map is 16 bits: object k has value k
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def _read_rows(path: Path, reader: csv.DictReader) -> dict[str, list[PromptRow]]
         except InputError as error:
             raise InputError(f"{path}: line {line}: {error}") from None
         rows = table.setdefault(image, [])
+        if len(rows) == MAX_OBJECTS:
+            raise InputError(f"{path}: line {line}: image {image} has more than {MAX_OBJECTS} prompts, the objects a "
+                             "16-bit label map holds; split the table")
         rows.append(PromptRow(line, cells.get("label") or f"object {len(rows) + 1}", prompt))
     if not table:
         raise InputError(f"{path}: the prompt table has no rows")
