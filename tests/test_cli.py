@@ -165,6 +165,10 @@ def test_bad_trainer_settings_stop_before_anything_is_written(tmp_path, verb, ar
     (["segment", "--no-such-option"], "error: --no-such-option: no such option"),
     (["segment", "image.png", "extra", "--out", "m.png", "--box", "1", "2", "3", "4"],
      "error: arguments: Got unexpected extra argument"),
+    (["segment", "image.png", "--out", "m.png", "--point", "nan,1"], "error: --point 'nan,1': X and Y must be finite"),
+    (["segment", "image.png", "--out", "m.png", "--point", "1e40,1"], "error: --point: points [[1e+40, 1.0]]"),
+    (["segment", "image.png", "--out", "m.png", "--box", "5", "5", "1", "1"], "error: --box: box [5.0, 5.0, 1.0, 1.0]"),
+    (["segment", "image.png", "--out", "m.png", "--point", "1,1", "--label", "3"], "error: --point --label: point"),
     (["eval", "no-such-verb"], "error: No such command 'no-such-verb'"),
 ])
 def test_usage_errors_are_one_line_too(arguments, expected):

@@ -3,6 +3,7 @@ thin shell over one documented function (as micro-sam's are)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -61,6 +62,8 @@ def _parse_point(text: str) -> tuple[float, float]:
         x, y = (float(v) for v in text.split(","))
     except ValueError:
         raise InputError(f"--point '{text}': expected X,Y") from None
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise InputError(f"--point '{text}': X and Y must be finite numbers")
     return x, y
 
 
@@ -93,7 +96,11 @@ def segment(
     points = [_parse_point(p) for p in point or []]
     if label and len(label) != len(points):
         raise InputError(f"--label given {len(label)} times for {len(points)} --point")
-    prompt = Prompt(points=points or None, labels=label or None, box=box)
+    try:
+        prompt = Prompt(points=points or None, labels=label or None, box=box)
+    except InputError as error:  # name the options the prompt came from
+        given = " ".join(name for name, value in (("--box", box), ("--point", points), ("--label", label)) if value)
+        raise InputError(f"{given or '--box, --point'}: {error}") from None
     predictor = _predictor_source(model, checkpoint, tile, halo, device, runtime, int8, precision, threads)
     mask = segment_image_file(predictor, image, prompt, out, overlay, mask_rule)
     typer.echo(f"{out}: {int(mask.sum())} foreground pixels")

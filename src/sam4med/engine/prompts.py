@@ -114,6 +114,8 @@ def _array(values: object, dtype: type, what: str, expected: str) -> np.ndarray:
     if dtype is np.int64:
         if not np.isfinite(array).all() or (array != np.round(array)).any():
             raise InputError(f"{what} {array.tolist()}: expected {expected}")
+    elif (np.abs(array[np.isfinite(array)]) > float(np.finfo(np.float32).max)).any():  # not shown as inf
+        raise InputError(f"{what} {array.tolist()}: expected {expected} within float32 range, as pixels are")
     with np.errstate(invalid="ignore", over="ignore"):  # out-of-range values become inf or garbage labels,
         return array.astype(dtype)  # which the caller's finite and 0/1 checks refuse
 
