@@ -175,6 +175,13 @@ def test_export_keeps_other_weights_and_stays_out_of_data_sets(trained, tmp_path
     assert all(torch.equal(value, other[key]) for key, value in torch.load(path, weights_only=True).items())
     export_prompt_weights(run / "best.pt", tmp_path, "toy_click", overwrite=True)
     assert load_prompt_weights(model_spec("litemedsam").build(), "toy_click", tmp_path) == file_sha256(path)
+    for record in ("datasets", "priors", "embeddings"):  # another verb's record under the name: never replaced
+        (tmp_path / f"{record}.json").write_text('{"name": "kvasir_seg"}')
+        with pytest.raises(InputError, match=f"{record}.pt or {record}.json is not an export of sam4med"):
+            export_prompt_weights(run / "best.pt", tmp_path, record, overwrite=True)
+        assert (tmp_path / f"{record}.json").read_text() == '{"name": "kvasir_seg"}'
+    with pytest.raises(InputError, match="without its extension"):
+        export_prompt_weights(run / "best.pt", tmp_path, "toy_click.pt")
 
 
 @pytest.mark.skipif(not any(spec.prompt_weights for spec in MODELS.values()), reason="no shipped prompt weights yet")

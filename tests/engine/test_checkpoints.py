@@ -64,3 +64,16 @@ def test_a_full_disk_keeps_the_previous_checkpoint_whole(small_disk):
     assert error.value.errno == errno.ENOSPC and error.value.filename == str(path)
     assert torch.equal(read_trained_checkpoint(path, "test")["weights"]["w"], torch.zeros(100))
     assert [p.name for p in small_disk.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+@pytest.mark.parametrize(("kind", "config", "meta"), [
+    ("promptable", {"zzz": 1}, {"backbone": "litemedsam"}),  # a setting this version does not know
+    ("promptable", {}, {"backbone": "litemedsam"}),  # settings it needs, missing
+    ("clicks", {}, {"backbone": "litemedsam"}),  # no backbone hash in its record
+])
+def test_a_checkpoint_whose_record_does_not_fit_this_version_is_one_line(tmp_path, kind, config, meta):
+    """What a checkpoint of a newer or older sam4med, or one edited by hand, looks like to its loader."""
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, {"kind": kind, "config": config, "meta": meta, "weights": {}})
+    with pytest.raises(InputError, match="run.pt: its configuration or weights do not fit this version of sam4med"):
+        load_model("litemedsam", path)

@@ -15,7 +15,7 @@ from conftest import write_dataset
 from sam4med.engine.datasets import Dataset, Sample, load_dataset, load_datasets
 from sam4med.engine.imageio import load_pair, read_image, read_intensities, read_mask
 from sam4med.engine.objects import object_factors, object_labels
-from sam4med.engine.splits import predefined_split, split_samples
+from sam4med.engine.splits import DEFAULT_FRACTIONS, predefined_split, split_samples, training_split
 from sam4med.engine.errors import InputError, check_apart
 from sam4med.engine.volumes import window
 
@@ -496,6 +496,9 @@ def test_predefined_split():
         split_samples(dataset)
     with pytest.raises(InputError, match="sample 'g00_00' has group 'patient00', not a split name"):
         predefined_split(synthetic_dataset([2, 2]))
+    only_test = Dataset("toy", "unknown", "unknown", Path("."), [Sample(k, Path(f"{k}.png"), group="test") for k in "ab"])
+    with pytest.raises(InputError, match="its groups name no training side"):
+        training_split(only_test, DEFAULT_FRACTIONS, 0)
 
 
 # --- object factors -----------------------------------------------------------------------

@@ -104,6 +104,28 @@ def test_a_report_warns_once_about_a_damaged_line(results: Path, capsys) -> None
     assert capsys.readouterr().err.count("line 4 is damaged") == 1
 
 
+def test_rows_whose_names_are_lists_or_objects_are_left_out_with_a_warning(results: Path, capsys) -> None:
+    with (results / "results.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write('{"dataset": ["x"], "mode": "box", "image": "a", "dice": 0.5, "status": "ok"}\n')
+        handle.write('{"dataset": "ds_b", "mode": "box", "image": {"a": 1}, "dice": 0.5, "status": "ok"}\n')
+    assert len(load_results(results)) == 16
+    write_report(results)
+    assert "2 row(s) whose dataset, image, object, mode, model, status are not names" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("record", "content", "task"), [
+    ("protocol.json", '{"task": "samaug predict", "checkpoint_sha256": "ab"}', "samaug predict"),
+    ("protocol.json", '{"task": "segment-folder"}', "segment-folder"),
+    ("priors.json", '{"key": "ab"}', "samaug priors"),
+])
+def test_another_verbs_folder_is_refused_and_nothing_written_into_it(results: Path, record, content, task) -> None:
+    (results / record).write_text(content, encoding="utf-8")
+    before = sorted(path.name for path in results.iterdir())
+    with pytest.raises(InputError, match=f"holds a `sam4med {task}` run, not an `eval benchmark` one"):
+        write_report(results)
+    assert sorted(path.name for path in results.iterdir()) == before
+
+
 def test_a_report_of_no_rows_is_refused_and_the_earlier_tables_are_kept(results: Path) -> None:
     write_report(results)
     tables = {path.name: path.read_bytes() for path in results.glob("*.csv")}

@@ -158,6 +158,15 @@ def test_generate_priors_with_litemedsam_caches_resumes_and_refuses_other_settin
         generate_priors([data], out, litemedsam, settings=PriorSettings(weight="one"), show_progress=False)
 
 
+def test_priors_are_refused_where_a_data_sets_folder_would_receive_them(tmp_path):
+    """OUT/<name> is where a set's priors go: with OUT the folder above the data set, that is the data set."""
+    data = _write_dataset(tmp_path / "ellipses", count=2, size=128)
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(InputError, match="ellipses: is the input folder"):
+        generate_priors([data], tmp_path, "litemedsam", show_progress=False)  # refused before the model loads
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
 def test_a_failing_image_is_recorded_and_the_run_goes_on(tmp_path, litemedsam):
     data = _write_dataset(tmp_path / "ellipses", count=2, size=64)
     (data / "images" / "img01.png").write_bytes(b"not a png")
@@ -273,6 +282,12 @@ def test_training_resumes_and_refuses_another_configuration(tmp_path):
         train([data], None, tmp_path / "run", TrainConfig(**{**config.__dict__, "learning_rate": 0.1}),
               show_progress=False)
     assert load_segmenter(tmp_path / "run" / "best.pt").config.input_kind == "raw"
+    saved = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    for name, edit in (("extra", {"config": {**saved["config"], "zzz": 1}}), ("nomodel", {"meta": {}}),
+                       ("wider", {"config": {**saved["config"], "features": 8}})):  # another version's record
+        torch.save({**saved, **edit}, tmp_path / f"{name}.pt")
+        with pytest.raises(InputError, match=f"{name}.pt: its configuration or weights do not fit this version"):
+            load_segmenter(tmp_path / f"{name}.pt")
     from sam4med.engine.models import load_model
 
     with pytest.raises(InputError, match="a 'samaug-segmenter' checkpoint, not a promptable model's"):

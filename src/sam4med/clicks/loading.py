@@ -52,6 +52,8 @@ def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,
     that); exporting the same weights again just rewrites the card."""
     checkpoint, folder = Path(checkpoint), Path(folder)
     path_component(name, "--name")
+    if name.lower().endswith((".pt", ".json")):
+        raise InputError(f"--name {name}: give the name without its extension (it writes <name>.pt and <name>.json)")
     check_outside_data_sets(folder)
     for written in (folder / f"{name}.pt", folder / f"{name}.json"):
         check_apart(written, [checkpoint], "--out/--name")
@@ -62,6 +64,9 @@ def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,
     weights = {key: value.to(torch.float16) if value.is_floating_point() else value
                for key, value in saved["weights"].items()}
     path = folder / f"{name}.pt"
+    if (path.exists() or path.with_suffix(".json").exists()) and not _exported_weights(path):
+        raise InputError(f"--out {folder}: {name}.pt or {name}.json is not an export of sam4med (a checkpoint, another "
+                         "tool's record); nothing is replaced, even with --overwrite: choose another --name or --out")
     if not overwrite and (path.exists() or path.with_suffix(".json").exists()) and not _same_weights(path, weights):
         raise InputError(f"--out {folder}: {name}.pt or {name}.json holds other weights; give --overwrite to replace "
                          "them, or another --name")
@@ -75,6 +80,19 @@ def export_prompt_weights(checkpoint: str | Path, folder: str | Path, name: str,
         **(card or {}),
     })
     return path
+
+
+def _exported_weights(path: Path) -> bool:
+    """Whether ``path``'s ``.json`` is a model card this function wrote (it names ``path`` and a sha256), so the
+    pair is an export another may replace; anything else under those names (a checkpoint, a data set's or a run's
+    record) is left alone."""
+    import json
+
+    try:
+        card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(card, dict) and card.get("file") == path.name and isinstance(card.get("sha256"), str)
 
 
 def _same_weights(path: Path, weights: dict[str, torch.Tensor]) -> bool:

@@ -18,7 +18,8 @@ import hashlib
 import io
 import pickle
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,20 @@ def read_trained_checkpoint(path: Path, kind: str) -> dict:
     if saved["kind"] != kind:
         raise InputError(f"{path}: a '{saved['kind']}' checkpoint, not '{kind}'")
     return saved
+
+
+@contextmanager
+def unpacked(path: Path) -> Iterator[None]:
+    """Around rebuilding a trained checkpoint's configuration and network: a file another version of sam4med wrote
+    (or one edited by hand), whose configuration or weights do not fit this one, becomes one line naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        if isinstance(error, InputError):
+            raise
+        reason = " ".join(str(error).split())[:200]
+        raise InputError(f"{path}: its configuration or weights do not fit this version of sam4med "
+                         f"({type(error).__name__}: {reason})") from None
 
 
 def write_torch(path: Path, value: object) -> None:

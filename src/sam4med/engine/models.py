@@ -16,6 +16,7 @@ from sam4med.engine.checkpoints import (
     is_trained_checkpoint,
     read_checkpoint,
     state_dict_of,
+    unpacked,
 )
 from sam4med.engine.errors import InputError, check_precision
 from sam4med.engine.defaults import DEFAULT_MODEL
@@ -144,7 +145,9 @@ def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: tor
                                  "`samunet train` or `clicks train` run's best.pt, or the model's own weights)")
             if backbone != name:
                 raise InputError(f"{path}: trained on backbone '{backbone}', not '{name}'; give --model {backbone}")
-            return checkpoint_loader(saved["kind"], path)(path, saved, device)
+            loader = checkpoint_loader(saved["kind"], path)
+            with unpacked(path):
+                return loader(path, saved, device)
         sha256 = file_sha256(path)
     network = spec.build()
     try:

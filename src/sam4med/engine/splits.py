@@ -78,6 +78,9 @@ def training_split(dataset: Dataset, fractions: dict[str, float], split_seed: in
         sides = predefined_split(dataset)
         if "test" not in sides and "val" in sides:
             sides["test"] = sides.pop("val")
+        if "train" not in sides:
+            raise InputError(f"{dataset.root}: its groups name no training side (only {', '.join(sorted(sides))}); "
+                             "a split needs images in a 'train' group")
         if "val" not in sides:
             train = sides["train"]
             order = np.random.default_rng(split_seed).permutation(len(train))

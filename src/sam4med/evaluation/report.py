@@ -228,6 +228,8 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     results_dir = Path(results_dir)
     if not (results_dir / RESULTS_FILE).exists():
         raise InputError(f"{results_dir}: no {RESULTS_FILE} found; run `sam4med eval benchmark` first")
+    if task := _other_task(results_dir):  # its tables and report would land among another verb's files
+        raise InputError(f"{results_dir}: holds a `sam4med {task}` run, not an `eval benchmark` one; nothing written")
     out = Path(out) if out is not None else results_dir / REPORT_FILE
     with quiet():
         body = _report_body(results_dir)
@@ -237,6 +239,19 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, page)
     return out
+
+
+def _other_task(results_dir: Path) -> str | None:
+    """The verb that wrote ``results_dir`` when it is not the benchmark: its protocol names a task (the
+    segment and predict verbs), or it holds a priors record. A damaged protocol is the report's to say."""
+    if (results_dir / "priors.json").is_file():  # samaug.store.SETTINGS_FILE (evaluation imports no other method)
+        return "samaug priors"
+    try:
+        protocol = json.loads((results_dir / PROTOCOL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    task = protocol.get("task") if isinstance(protocol, dict) else None
+    return str(task) if task else None
 
 
 def _report_body(results_dir: Path) -> str:

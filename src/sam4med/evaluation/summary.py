@@ -25,6 +25,8 @@ NUMERIC_COLUMNS = (
     "encode_s", "decode_s", "everything_s", "noc85", "noc90", "n_masks", "predicted_iou", "stability",
 )
 BASE_COLUMNS = ("dataset", "modality", "target", "image", "object", "mode", "status", "error")
+KEY_COLUMNS = ("dataset", "image", "object", "mode", "model", "status")  # what rows are grouped and told apart by
+KEY_TYPES = (str, int, float, type(None))
 
 
 def load_results(results: str | Path) -> pd.DataFrame:
@@ -37,7 +39,11 @@ def load_results(results: str | Path) -> pd.DataFrame:
     if path.is_dir():
         path = path / RESULTS_FILE
     records = read_jsonl(path, skip_damaged=True)  # a damaged line is left out with a warning
-    df = pd.DataFrame.from_records(records)
+    keyed = [r for r in records if all(isinstance(r.get(key), KEY_TYPES) for key in KEY_COLUMNS)]
+    if len(keyed) < len(records):  # a list or object where a name belongs: a foreign or hand-edited row
+        warn(f"{path}: {len(records) - len(keyed)} row(s) whose {', '.join(KEY_COLUMNS)} are not names or "
+             "numbers are left out")
+    df = pd.DataFrame.from_records(keyed)
     for column in BASE_COLUMNS:
         if column not in df.columns:
             df[column] = np.nan

@@ -26,7 +26,7 @@ from sam4med.engine.errors import InputError, check_apart, one_line
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, finished_outputs, run_items
 from sam4med.engine.metrics import aggregated_jaccard_index, dice, iou, label_instances, object_f1, soft_dice
 from sam4med.engine.models import resolve_device
-from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint
+from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint, unpacked
 from sam4med.engine.runs import PROTOCOL_FILE, SPLIT_FILE, atomic_path, claim_folder, warn
 from sam4med.samaug.inputs import prepare_images
 from sam4med.samaug.networks import build_network
@@ -53,11 +53,13 @@ def load_segmenter(checkpoint: str | Path, device: str | torch.device | None = N
     """A trained segmenter on ``device`` (None: a CUDA GPU where there is one), ready for inference."""
     resolved = resolve_device(device)
     saved = read_trained_checkpoint(Path(checkpoint), CHECKPOINT_KIND)
-    config = TrainConfig(**saved["config"])
-    network = build_network(config.net, saved["meta"]["in_channels"], config.features)
-    network.load_state_dict(saved["weights"])
+    with unpacked(Path(checkpoint)):
+        config = TrainConfig(**saved["config"])
+        network = build_network(config.net, saved["meta"]["in_channels"], config.features)
+        network.load_state_dict(saved["weights"])
+        segmenter = TrainedSegmenter(network, config, saved["meta"]["gray"], saved["meta"]["prior_keys"])
     network.to(resolved).eval()
-    return TrainedSegmenter(network, config, saved["meta"]["gray"], saved["meta"]["prior_keys"])
+    return segmenter
 
 
 def prior_store(segmenter: TrainedSegmenter, priors: str | Path | None, dataset: Dataset) -> PriorStore | None:

@@ -167,6 +167,9 @@ def generate_priors(
     datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
     check_apart(Path(out), [folder for dataset in datasets for folder in dataset.folders],
                 roots=[dataset.root for dataset in datasets])
+    for dataset in datasets:  # each set's priors go to OUT/<its name>, which may not be a data set's folder either
+        check_apart(Path(out) / dataset.name, [folder for d in datasets for folder in d.folders],
+                    roots=[d.root for d in datasets])
     sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device,
                                                                 encoder_backend=encoder_backend,
                                                                 precision=precision)
