@@ -63,6 +63,15 @@ def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path):
             torch.testing.assert_close(b["weights"][key], value, rtol=0, atol=0)
 
 
+def test_a_run_whose_best_checkpoint_is_gone_says_so_instead_of_reporting_it(tmp_path):
+    fit(LineTask(), tmp_path, {"lr": 0.05}, 2, seed=0, description="line", show_progress=False)
+    (tmp_path / "best.pt").unlink()
+    for epochs in (2, 3):  # finished, or continued
+        with pytest.raises(InputError, match=r"best.pt: missing, though last.pt records epoch \d as the best"):
+            fit(LineTask(), tmp_path, {"lr": 0.05}, epochs, seed=0, description="line", show_progress=False)
+    assert len(history(tmp_path)) == 2
+
+
 def test_another_configuration_in_the_run_folder_is_refused(tmp_path):
     fit(LineTask(), tmp_path, {"lr": 0.05}, 1, seed=0, description="line", show_progress=False)
     with pytest.raises(InputError, match=r"other settings \(lr differ\)"):

@@ -186,6 +186,9 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
         task.optimizer.load_state_dict(resume["optimizer"])
         task.scheduler.load_state_dict(resume["scheduler"])
         loop = resume["loop"]
+        if loop["best_epoch"] >= 1 and not (out / BEST_FILE).is_file():  # written before last.pt: moved or deleted
+            raise InputError(f"{out / BEST_FILE}: missing, though {LAST_FILE} records epoch {loop['best_epoch']} as "
+                             "the best; put it back, or train again into another --out")
     if group.leader:
         _keep_history(out / HISTORY_FILE, loop["epoch"])
     record = {"kind": task.kind, "config": dict(config), "meta": task.checkpoint_meta()}
