@@ -206,7 +206,7 @@ def _factor_wide(factors: pd.DataFrame) -> pd.DataFrame:
 
 def _overlay_files(results_dir: Path, limit: int = MAX_OVERLAYS) -> list[Path]:
     """Up to ``limit`` overlay PNGs, taken in turn from each data set."""
-    files = sorted((results_dir / OVERLAY_DIR).glob("*.png"))
+    files = sorted(path for path in (results_dir / OVERLAY_DIR).glob("*.png") if path.is_file())  # not a folder
     by_dataset: dict[str, list[Path]] = {}
     for file in files:
         by_dataset.setdefault(file.stem.split("__")[0], []).append(file)
@@ -328,9 +328,14 @@ def _report_body(results_dir: Path) -> str:
     overlays = _overlay_files(results_dir)
     if overlays:
         parts.append(f'<p class="note">Ground truth contour in green; predicted masks filled. '
-                     f"{len(overlays)} of {len(list((results_dir / OVERLAY_DIR).glob('*.png')))} overlays.</p>")
+                     f"{len(overlays)} of {len([p for p in (results_dir / OVERLAY_DIR).glob('*.png') if p.is_file()])} "
+                     "overlays.</p>")
         for file in overlays:
-            uri = "data:image/png;base64," + base64.b64encode(file.read_bytes()).decode("ascii")
+            try:
+                uri = "data:image/png;base64," + base64.b64encode(file.read_bytes()).decode("ascii")
+            except OSError as error:  # one unreadable overlay is left out, not the report
+                warn(f"{file}: cannot read ({error.strerror or type(error).__name__}); the report leaves it out")
+                continue
             parts.append(f"<figure>{_img(uri, file.stem)}<figcaption>{html.escape(file.stem)}</figcaption></figure>")
     else:
         parts.append('<p class="note">no overlays</p>')
