@@ -60,7 +60,7 @@ def test_bad_input_in_a_group_verb_is_one_line_with_exit_2(tmp_path):
     (["--max-objects", "-1"], "--max-objects"),
     (["--rounds", "-1"], "--rounds"),
     (["--mask-rule", "biggest"], "--mask-rule"),
-    (["--modes", "points0"], "points0"),
+    (["--modes", "points0"], "--modes points0: needs at least one positive"),
     (["--click-rule", "nearest"], "--click-rule"),
     (["--threads", "-3"], "--threads"),
     (["--split", "holdout"], "--split"),

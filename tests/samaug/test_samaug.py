@@ -266,7 +266,7 @@ def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task
     data.joinpath("masks", "n99.png").unlink()
     predicted = np.asarray(Image.open(tmp_path / "pred" / "n00.png"))
     assert predicted.shape == (32, 32) and set(np.unique(predicted)) <= {0, 255}
-    with pytest.raises(InputError, match="give --priors"):
+    with pytest.raises(InputError, match="--priors: missing; the model was trained with --input dual"):
         evaluate(tmp_path / "dual" / "best.pt", [data], None, "test")
 
 

@@ -215,9 +215,9 @@ class PointsMode(PromptMode):
         self.name, self.settings = name, settings
         self.positives, self.negatives = int(match.group(1)), int(match.group(2) or 0)
         if self.positives < 1:
-            raise InputError(f"mode '{name}': needs at least one positive point (points1 or more)")
+            raise InputError(f"--modes {name}: needs at least one positive point (points1 or more)")
         if max(self.positives, self.negatives) > MAX_CLICKS:
-            raise InputError(f"mode '{name}': at most {MAX_CLICKS} positive and {MAX_CLICKS} negative points")
+            raise InputError(f"--modes {name}: at most {MAX_CLICKS} positive and {MAX_CLICKS} negative points")
         if settings.points_sampler not in ("stride", "random"):
             raise InputError(f"unknown --points-sampler '{settings.points_sampler}'; use stride or random")
         self.params: dict[str, object] = {"prompt": f"{self.positives} positive points",

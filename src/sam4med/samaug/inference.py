@@ -67,7 +67,7 @@ def prior_store(segmenter: TrainedSegmenter, priors: str | Path | None, dataset:
     if not segmenter.uses_priors:
         return None
     if priors is None:
-        raise InputError(f"the model was trained with --input {segmenter.config.input_kind}: give --priors")
+        raise InputError(f"--priors: missing; the model was trained with --input {segmenter.config.input_kind}")
     store = PriorStore(Path(priors) / dataset.name)
     expected = segmenter.prior_keys.get(dataset.name)
     if expected is not None and store.record["key"] != expected:
