@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from sam4med.engine.errors import InputError
 from sam4med.engine.runs import atomic_path, claim_folder
 
 KILLED_WRITER = """
@@ -49,3 +50,14 @@ def test_a_name_near_the_file_system_limit_is_written_and_one_past_it_names_the_
             temporary.write_bytes(b"mask")
     assert raised.value.filename == str(past)
     assert sorted(p.name for p in tmp_path.iterdir()) == [near.name]  # no temporary left behind
+
+
+def test_a_folder_holding_another_runs_rows_is_not_claimed_by_another_record(tmp_path):
+    """Item-loop verbs share results.jsonl: priors, predictions and embeddings each keep theirs apart."""
+    claim_folder(tmp_path / "priors", "priors.json", {"key": "a"})
+    (tmp_path / "priors" / "results.jsonl").write_text('{"image": "im00", "masks": 3}\n')
+    with pytest.raises(InputError, match="holds another run's results.jsonl .no protocol.json of this one"):
+        claim_folder(tmp_path / "priors", "protocol.json", {"task": "samaug predict"})
+    claim_folder(tmp_path / "priors", "priors.json", {"key": "a"})  # its own run, resumed
+    assert (tmp_path / "priors" / "results.jsonl").read_text() == '{"image": "im00", "masks": 3}\n'
+    assert not (tmp_path / "priors" / "protocol.json").exists()

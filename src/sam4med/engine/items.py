@@ -29,10 +29,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.executors import Executor, LocalExecutor
+from sam4med.engine.runs import RESULTS_FILE as RESULTS_FILE  # re-exported: the verbs name it from here
 from sam4med.engine.runs import parse_jsonl, warn, write_bytes_atomic
 from sam4med.engine.runtime import release_free_memory
 
-RESULTS_FILE = "results.jsonl"
 ItemKey = tuple[str, str]  # (data set name, image id)
 
 

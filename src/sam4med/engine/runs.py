@@ -25,6 +25,7 @@ PROTOCOL_FILE = "protocol.json"
 SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 DATASETS_FILE = "datasets.json"
+RESULTS_FILE = "results.jsonl"  # the item loop's rows (engine.items), one folder claimed by one record
 # which machine wrote a temporary: writers on other machines (Ray workers on shared storage) are not ours to judge
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
@@ -122,6 +123,9 @@ def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -
     path = folder / record_file
     current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
     check_not_a_file(folder)
+    if not path.is_file() and (folder / RESULTS_FILE).is_file():  # rows of another verb, or of a run whose record is gone
+        raise InputError(f"{folder}: holds another run's {RESULTS_FILE} (no {record_file} of this one beside it); "
+                         "choose another --out")
     if path.is_file():
         existing = _record(path, f"how the results in {folder} were made, so they cannot be resumed")
         added_unset = {k for k, v in current.items() if k not in existing and v is None}
