@@ -153,7 +153,7 @@ def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: tor
     try:
         network.load_state_dict(state_dict_of(saved, path), strict=True)
     except RuntimeError as error:
-        summary = str(error).splitlines()[0] + " " + " ".join(str(error).split())[:300]
+        summary = " ".join(str(error).split())[:300]
         raise InputError(f"{path}: weights do not fit model '{name}': {summary}") from None
     base_sha256, box_path = None, None
     if spec.prompt_weights is not None and checkpoint is None:  # sam4med's own prompt weights over the bundled ones
