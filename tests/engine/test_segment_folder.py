@@ -298,6 +298,21 @@ def test_everything_over_a_folder_writes_an_empty_map_for_an_image_where_no_mask
         ("blank.png", None, "ok"), ("ellipse.png", None, "ok")]
 
 
+def test_a_folder_run_where_every_image_failed_exits_with_status_1(tmp_path, click_model):
+    """Each failure is an error row and the run goes on; when none is done at all, a script must notice."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n not the rest")
+    arguments = ["segment-everything", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--points-per-side", "2"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 1 and "0 images segmented, 0 already there, 1 failed" in result.output, result.output
+    image, _ = make_ellipse_image(64, 80, centre=(32, 40), radii=(15, 20), seed=0)
+    Image.fromarray(image).save(images / "ellipse.png")
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0 and "1 images segmented, 1 already there" in result.output  # its error row kept
+
+
 @pytest.mark.parametrize("where", ["the folder", "inside its images", "its masks", "beside them", "above it"])
 def test_folder_verbs_refuse_an_output_folder_that_overlaps_their_images(tmp_path, where):
     """Results written into a data set (its masks/) would replace its ground truth; beside it they are fine."""

@@ -23,6 +23,7 @@ from sam4med.cli.options import (
     SegmentMaskRuleOption,
     ThreadsOption,
     TileOption,
+    exit_if_every_image_failed,
     one_line_errors,
 )
 from sam4med.engine.errors import InputError
@@ -165,6 +166,7 @@ def segment_folder(
 
 def _echo_folder_summary(out: Path, summary: ItemRunSummary) -> None:
     typer.echo(f"{out}: {summary.computed} images segmented, {summary.skipped} already there, {summary.failed} failed")
+    exit_if_every_image_failed([summary])
 
 
 @app.command("segment-everything")

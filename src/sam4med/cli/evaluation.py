@@ -110,6 +110,8 @@ def print_summary(results_dir: Path) -> None:
     failed = failures(frame)
     if len(failed):
         console.print(f"{len(failed)} image(s) failed; see {results_dir / 'results.jsonl'} (status = error)")
+    if table.empty and len(failed):  # nothing scored, and errors say why: a script should notice
+        raise typer.Exit(1)
 
 
 @app.command()

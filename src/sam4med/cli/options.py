@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -56,6 +56,14 @@ def usage_error_line(error: Exception) -> str:
         message = message.replace(f"Option '{name}' ", "").replace(f"No such option: {name}", "no such option")
         return f"{name}: {message}"
     return f"arguments: {message}" if message.startswith("Got unexpected extra argument") else message
+
+
+def exit_if_every_image_failed(summaries: Iterable[Any]) -> None:
+    """A batch run that finished no image at all (each one an error row, saying why) ends with exit status 1, so a
+    script notices; one with any image done, now or before, ends as usual."""
+    summaries = list(summaries)
+    if sum(s.failed for s in summaries) and not sum(s.computed + s.skipped for s in summaries):
+        raise typer.Exit(1)
 
 
 def one_line_errors(command: F) -> F:

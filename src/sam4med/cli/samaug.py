@@ -11,7 +11,7 @@ from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, E
 from sam4med.cli.options import MaxImagesOption, PatienceOption, PrecisionOption
 from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RayOption, RayWorkersOption, RunFolderOption, SeedOption
 from sam4med.cli.options import ThreadsOption, TrainPrecisionOption
-from sam4med.cli.options import TrainDataOption, echo_training_result, one_line_errors
+from sam4med.cli.options import TrainDataOption, echo_training_result, exit_if_every_image_failed, one_line_errors
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
 
@@ -50,11 +50,14 @@ def priors(
     executor = make_executor(ray, ray_workers, threads)
     configure_cpu(None if ray else threads)
     settings = prior_settings(model, weight, normalise, tile or None, region_proposals, everything_method)
+    summaries = []
     for summary in generate_priors(data, out, model, checkpoint, settings, device, figures, max_images or None,
                                    encoder_backend=encoder, executor=executor, precision=precision):
         speed = f", {summary.seconds_per_item:.2f} s/image" if summary.computed else ""
         typer.echo(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
                    f"{summary.failed} failed{speed}")
+        summaries.append(summary)
+    exit_if_every_image_failed(summaries)
 
 
 @app.command()
@@ -112,6 +115,7 @@ def predict(
     configure_cpu(threads)
     summary = predict_masks(checkpoint, data, out, priors, mode, device=device)
     typer.echo(f"{out}: {summary.computed} masks written, {summary.skipped} already there, {summary.failed} failed")
+    exit_if_every_image_failed([summary])
 
 
 @app.command()
