@@ -7,6 +7,7 @@ with the trained prompt encoder and decoder, which takes clicks.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,8 +87,6 @@ def _exported_weights(path: Path) -> bool:
     """Whether ``path``'s ``.json`` is a model card this function wrote (it names ``path`` and a sha256), so the
     pair is an export another may replace; anything else under those names (a checkpoint, a data set's or a run's
     record) is left alone."""
-    import json
-
     try:
         card = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
