@@ -159,7 +159,8 @@ def test_earlier_versions_are_counted_per_image_whatever_characters_its_id_holds
     mask = png64(truths["case0"])
     for image in ("case0.x", "case[0]"):
         for _ in range(3):
-            saved = client.post(f"/api/images/{ids.index(image)}/save", json={"objects": [{"label": "e", "mask": mask}]})
+            saved = client.post(f"/api/images/{ids.index(image)}/save",
+                                json={"objects": [{"label": "e", "mask": mask}]})
         assert saved.json()["versions"] == 2
     assert session.versions(ids.index("case0")) == 0
 

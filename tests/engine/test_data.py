@@ -496,7 +496,8 @@ def test_predefined_split():
         split_samples(dataset)
     with pytest.raises(InputError, match="sample 'g00_00' has group 'patient00', not a split name"):
         predefined_split(synthetic_dataset([2, 2]))
-    only_test = Dataset("toy", "unknown", "unknown", Path("."), [Sample(k, Path(f"{k}.png"), group="test") for k in "ab"])
+    only_test = Dataset("toy", "unknown", "unknown", Path("."),
+                        [Sample(k, Path(f"{k}.png"), group="test") for k in "ab"])
     with pytest.raises(InputError, match="its groups name no training side"):
         training_split(only_test, DEFAULT_FRACTIONS, 0)
 

@@ -85,7 +85,8 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path: Path):
     torch.save({"image_encoder.foo": torch.zeros(1)}, wrong)
     with pytest.raises(InputError, match="do not fit model 'mobilesam'") as info:
         load_model("mobilesam", wrong)
-    assert "\n" not in str(info.value) and len(str(info.value)) <= len(str(wrong)) + 360 and str(info.value).count("Error(s) in loading") == 1
+    message = str(info.value)
+    assert "\n" not in message and len(message) <= len(str(wrong)) + 360 and message.count("Error(s) in loading") == 1
     with pytest.raises(InputError, match="ships no weights"):
         load_model("sam_vit_h")
     with pytest.raises(InputError, match="unknown model"):

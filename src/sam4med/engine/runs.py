@@ -123,7 +123,7 @@ def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -
     path = folder / record_file
     current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
     check_not_a_file(folder)
-    if not path.is_file() and (folder / RESULTS_FILE).is_file():  # rows of another verb, or of a run whose record is gone
+    if not path.is_file() and (folder / RESULTS_FILE).is_file():  # another verb's rows, or a run's whose record is gone
         raise InputError(f"{folder}: holds another run's {RESULTS_FILE} (no {record_file} of this one beside it); "
                          "choose another --out")
     if path.is_file():

@@ -256,8 +256,8 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     area is dropped, its pixels background. Writes ``out/masks/<folder>/<image id>.png`` (16 bits),
     ``out/results.jsonl`` (one row per kept mask: value, own and visible area, box, predicted IoU, stability,
     the image file's sha256) and ``out/protocol.json`` (model, weights, tiling, every everything-mode setting,
-    ``min_visible``, the image folder). Resumable (an image whose file has changed is done again; another folder's images into the same
-    ``out`` are refused); an image that cannot be read is an error row and the run goes on.
+    ``min_visible``, the image folder). Resumable (an image whose file has changed is done again; another folder's
+    images into the same ``out`` are refused); an image that cannot be read is an error row and the run goes on.
     """
     from sam4med.engine.everything import EverythingSettings, generate_masks
     from sam4med.engine.items import RESULTS_FILE, WorkItem, finished_outputs, run_items
