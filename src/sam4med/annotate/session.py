@@ -132,13 +132,14 @@ class ImageFolder:
     def is_annotated(self, index: int) -> bool:
         return self._existing_mask(index) is not None
 
-    def saved_objects(self, index: int, default_label: str) -> list[SavedObject]:
+    def saved_objects(self, index: int, default_label: str, shape: tuple[int, ...] | None = None) -> list[SavedObject]:
+        """The frame's saved objects, checked against its size (``shape``, or read from the image)."""
         labels_path = self._files(index)[1]
         path = self._existing_mask(index)
         if path is None:
             return []
         names = _read_names(labels_path)
-        shape = self.intensities(index).shape  # a mask of another size would be drawn off its image
+        shape = shape or self.intensities(index).shape  # a mask of another size would be drawn off its image
         if not names:  # a 0/255 (or any binary) mask: one object
             mask = read_mask(path, shape)
             return [SavedObject(default_label, mask)] if mask.any() else []
@@ -209,8 +210,8 @@ class VolumeSlices:
     def is_annotated(self, index: int) -> bool:
         return bool(self.labels[index].any())
 
-    def saved_objects(self, index: int, default_label: str) -> list[SavedObject]:
-        values = self.labels[index]
+    def saved_objects(self, index: int, default_label: str, shape: tuple[int, ...] | None = None) -> list[SavedObject]:
+        values = self.labels[index]  # on the image's grid, checked when the volume was opened
         return [SavedObject(self.names.get(int(v), default_label if int(v) == 1 else f"object {int(v)}"), values == v)
                 for v in np.unique(values) if v]
 
@@ -340,7 +341,7 @@ class AnnotationSession:
         return {"index": index, "id": self.frames.ids[index], "height": pixels.shape[0], "width": pixels.shape[1],
                 "gray": pixels.ndim == 2, "dtype": str(pixels.dtype), "range": [lowest, highest],
                 "window": [low, high] if high > low else [lowest, highest], "volume": self.frames.volume,
-                "objects": [o.label for o in self.saved_objects(index)]}
+                "objects": [o.label for o in self.saved_objects(index, pixels.shape)]}
 
     def display_png(self, index: int, low: float | None = None, high: float | None = None) -> bytes:
         """The frame as 8-bit PNG: colour as stored, gray and high-bit frames through the window [low, high]."""
@@ -434,8 +435,9 @@ class AnnotationSession:
         return {"first": int(reached.min()), "last": int(reached.max()), "slices": len(reached)}
 
     # --- saving ---------------------------------------------------------------------------------
-    def saved_objects(self, index: int) -> list[SavedObject]:
-        return self.frames.saved_objects(self.check(index), self._default_label())
+    def saved_objects(self, index: int, shape: tuple[int, ...] | None = None) -> list[SavedObject]:
+        """The frame's saved objects; ``shape`` is its size when the caller has read it already."""
+        return self.frames.saved_objects(self.check(index), self._default_label(), shape)
 
     def save(self, index: int, objects: list[SavedObject]) -> Path:
         """Write a frame's objects in the data set layout, keeping the version they replace."""

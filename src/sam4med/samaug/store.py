@@ -166,10 +166,8 @@ def generate_priors(
     check_precision(precision)
     datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
     check_apart(Path(out), [folder for dataset in datasets for folder in dataset.folders],
-                roots=[dataset.root for dataset in datasets])
-    for dataset in datasets:  # each set's priors go to OUT/<its name>, which may not be a data set's folder either
-        check_apart(Path(out) / dataset.name, [folder for d in datasets for folder in d.folders],
-                    roots=[d.root for d in datasets])
+                roots=[dataset.root for dataset in datasets],
+                writes=[dataset.name for dataset in datasets])  # each set's priors fill OUT/<its name>
     sam = model if isinstance(model, SamModel) else load_model(model, checkpoint, device,
                                                                 encoder_backend=encoder_backend,
                                                                 precision=precision)
