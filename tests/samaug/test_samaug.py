@@ -276,7 +276,7 @@ def test_training_resumes_and_refuses_another_configuration(tmp_path):
                          fractions={"train": 0.5, "val": 0.25, "test": 0.25})
     first = train([data], None, tmp_path / "run", config, show_progress=False)
     assert first.epochs_run == 2
-    again = train([data], None, tmp_path / "run", config, show_progress=False)
+    again = train([data], tmp_path / "no priors here", tmp_path / "run", config, show_progress=False)  # raw: unread
     assert again.epochs_run == 2 and len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 2
     with pytest.raises(InputError, match="holds results made with other settings .learning_rate differ."):
         train([data], None, tmp_path / "run", TrainConfig(**{**config.__dict__, "learning_rate": 0.1}),

@@ -173,13 +173,16 @@ def train(
     device: the device is not part of the run's config).
 
     ``priors`` is the folder given to ``sam4med samaug priors --out`` (one sub-folder per data set); it
-    is needed unless ``config.input_kind == "raw"``. ``device``: None is a CUDA GPU where there is one.
+    is needed unless ``config.input_kind == "raw"``, which does not read it (an experiment may pass the same
+    ``priors`` to every arm). ``device``: None is a CUDA GPU where there is one.
     """
     config = config or TrainConfig()
     config.check()
     resolved = resolve_device(device)
     out = Path(out)
-    if config.input_kind != "raw" and priors is None:
+    if config.input_kind == "raw":
+        priors = None
+    elif priors is None:
         raise InputError(f"--input {config.input_kind}: needs --priors (run `sam4med samaug priors` first)")
     datasets = load_datasets(data)
     stores = {d.name: PriorStore(Path(priors) / d.name) if priors is not None else None for d in datasets}
