@@ -61,3 +61,29 @@ def test_a_folder_holding_another_runs_rows_is_not_claimed_by_another_record(tmp
     claim_folder(tmp_path / "priors", "priors.json", {"key": "a"})  # its own run, resumed
     assert (tmp_path / "priors" / "results.jsonl").read_text() == '{"image": "im00", "masks": 3}\n'
     assert not (tmp_path / "priors" / "protocol.json").exists()
+
+
+def test_a_checkpoint_named_by_another_path_of_the_same_file_resumes_and_another_file_is_refused(tmp_path, monkeypatch):
+    """Runs record file settings absolute (cli.options.recorded_path); older runs recorded them as typed."""
+    from sam4med.cli.options import recorded_path
+
+    (tmp_path / "runs").mkdir()
+    weights = tmp_path / "runs" / "v7.pt"
+    weights.write_bytes(b"weights")
+    (tmp_path / "runs" / "other.pt").write_bytes(b"weights")  # the same bytes, another file
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    claim_folder(out, "config.json", {"init_weights": "runs/v7.pt", "seed": 0})  # recorded as typed
+    for typed in (str(weights), "./runs/v7.pt", recorded_path(weights.relative_to(tmp_path))):
+        claim_folder(out, "config.json", {"init_weights": typed, "seed": 0})
+    assert recorded_path(weights.relative_to(tmp_path)) == str(weights.resolve())
+    assert recorded_path(tmp_path / "absent.pt") == str(tmp_path / "absent.pt")  # its error names it as typed
+    for typed in ("runs/other.pt", "runs/absent.pt"):
+        with pytest.raises(InputError, match="other settings .init_weights differ"):
+            claim_folder(out, "config.json", {"init_weights": typed, "seed": 0})
+    claim_folder(tmp_path / "named", "config.json", {"name": "runs/v7.pt"})
+    with pytest.raises(InputError, match="other settings .name differ"):  # only settings that name a file
+        claim_folder(tmp_path / "named", "config.json", {"name": "./runs/v7.pt"})
+    monkeypatch.chdir(out)  # another working directory: an absolute record still matches
+    claim_folder(tmp_path / "abs", "config.json", {"checkpoint": recorded_path(weights), "seed": 0})
+    claim_folder(tmp_path / "abs", "config.json", {"checkpoint": "../runs/v7.pt", "seed": 0})

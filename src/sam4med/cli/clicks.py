@@ -9,7 +9,7 @@ import typer
 
 from sam4med.cli.options import BackboneOption, DeviceOption, EncoderOption, EpochsOption, MaxTrainImagesOption, RunFolderOption
 from sam4med.cli.options import RayWorkersOption, SeedOption, ThreadsOption, TrainDataOption, TrainPrecisionOption
-from sam4med.cli.options import echo_training_result, one_line_errors
+from sam4med.cli.options import echo_training_result, one_line_errors, recorded_path
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="A click-capable medical SAM: train the prompt encoder and decoder.")
@@ -77,7 +77,7 @@ def train(
                               tile_share=tile_share,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
                               iou_rank_weight=iou_rank_weight, centre_click_share=centre_click_share,
-                              init_weights=None if init is None else str(init),
+                              init_weights=recorded_path(init),
                               trainable=None if train_only == "all" else train_only, seed=seed,
                               precision=precision)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),

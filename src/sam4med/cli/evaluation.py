@@ -23,6 +23,7 @@ from sam4med.cli.options import (
     ThreadsOption,
     TileOption,
     one_line_errors,
+    recorded_path,
 )
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runtime import configure_cpu
@@ -75,7 +76,7 @@ def benchmark(
     configure_cpu(None if ray else threads)
     config = BenchmarkConfig(
         model=model,
-        checkpoint=str(checkpoint) if checkpoint else None,
+        checkpoint=recorded_path(checkpoint),
         modes=tuple(m.strip() for m in modes.split(",") if m.strip()) if modes else DEFAULT_MODES,
         mask_rule=mask_rule,
         seed=seed,

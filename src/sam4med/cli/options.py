@@ -58,6 +58,15 @@ def usage_error_line(error: Exception) -> str:
     return f"arguments: {message}" if message.startswith("Got unexpected extra argument") else message
 
 
+def recorded_path(path: Path | None) -> str | None:
+    """A file option as a run records it: absolute when the file is there, so the run resumes from another
+    working directory (``engine.runs.claim_folder`` matches two paths of one file); as typed otherwise, so the
+    error names what was typed."""
+    if path is None:
+        return None
+    return str(path.resolve()) if path.is_file() else str(path)
+
+
 def exit_if_every_image_failed(summaries: Iterable[Any]) -> None:
     """A batch run that finished no image at all (each one an error row, saying why) ends with exit status 1, so a
     script notices; one with any image done, now or before, ends as usual."""

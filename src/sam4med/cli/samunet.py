@@ -8,7 +8,7 @@ import typer
 
 from sam4med.cli.options import BackboneOption, CheckpointOption, DeviceOption, EpochsOption, MaxTrainImagesOption
 from sam4med.cli.options import RunFolderOption, SeedOption, ThreadsOption, TrainDataOption, echo_training_result
-from sam4med.cli.options import PatienceOption, TrainPrecisionOption, one_line_errors
+from sam4med.cli.options import PatienceOption, TrainPrecisionOption, one_line_errors, recorded_path
 from sam4med.engine.runtime import configure_cpu
 
 app = typer.Typer(no_args_is_help=True, help="SAM-UNet (arXiv 2408.09886): a conv branch beside the frozen SAM encoder.")
@@ -44,7 +44,7 @@ def train(
     from sam4med.samunet.training import PromptTrainConfig, train_promptable
 
     configure_cpu(threads)
-    config = PromptTrainConfig(method=method, backbone=backbone, backbone_checkpoint=str(checkpoint) if checkpoint else None,
+    config = PromptTrainConfig(method=method, backbone=backbone, backbone_checkpoint=recorded_path(checkpoint),
                                conv_branch=conv_branch, warm_start=not cold_start, epochs=epochs, patience=patience or None,
                                images_per_step=images_per_step, masks_per_image=masks_per_image,
                                learning_rate=learning_rate, seed=seed, max_train_images=max_train_images or None,

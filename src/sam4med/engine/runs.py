@@ -26,6 +26,7 @@ SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 DATASETS_FILE = "datasets.json"
 RESULTS_FILE = "results.jsonl"  # the item loop's rows (engine.items), one folder claimed by one record
+FILE_SETTINGS = frozenset({"checkpoint", "init_weights", "backbone_checkpoint"})  # settings that name a file read
 # which machine wrote a temporary: writers on other machines (Ray workers on shared storage) are not ours to judge
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
@@ -114,12 +115,26 @@ def _record(path: Path, purpose: str) -> dict:
     return record
 
 
+def _same_setting(key: str, existing: object, current: object) -> bool:
+    """Equal values, or two paths of one file for a setting that names a file (:data:`FILE_SETTINGS`): the
+    checkpoint given relative to another working directory, or by its absolute path, is the same setting."""
+    if existing == current:
+        return True
+    if key not in FILE_SETTINGS or not isinstance(existing, str) or not isinstance(current, str):
+        return False
+    try:
+        return os.path.samefile(existing, current)
+    except OSError:  # either path names no file (any more)
+        return False
+
+
 def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -> None:
     """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one; a folder resumed
     loses what killed writers left half written (:func:`remove_stale_temporaries`).
 
     A setting the stored record lacks matches while it is unset (None): settings added in a later version
-    default to what earlier versions did, so their runs still resume."""
+    default to what earlier versions did, so their runs still resume. Settings that name a file match when
+    both paths name the same file (the command line records them absolute)."""
     path = folder / record_file
     current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
     check_not_a_file(folder)
@@ -129,8 +144,9 @@ def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -
     if path.is_file():
         existing = _record(path, f"how the results in {folder} were made, so they cannot be resumed")
         added_unset = {k for k, v in current.items() if k not in existing and v is None}
-        if existing != {k: v for k, v in current.items() if k not in added_unset}:
-            changed = sorted(k for k in existing.keys() | current.keys() if existing.get(k) != current.get(k))
+        changed = sorted(k for k in existing.keys() | current.keys() - added_unset
+                         if not _same_setting(k, existing.get(k), current.get(k)))
+        if changed:
             raise InputError(f"{folder}: holds results made with other settings ({', '.join(changed)} differ); "
                              "choose another --out")
         remove_stale_temporaries(folder)
