@@ -33,6 +33,7 @@ def image_path(tmp_path):
     ("image.png", None, Prompt(box=[1, 1, 20, 20]), None, "--out .*image.png: is the input"),
     ("mask.png", "image.png", Prompt(box=[1, 1, 20, 20]), None, "--overlay .*: is the input .*image.png"),
     ("mask.png", "mask.png", Prompt(box=[1, 1, 20, 20]), None, "--overlay .*mask.png: is the --out mask too"),
+    ("image.png/mask.png", None, Prompt(box=[1, 1, 20, 20]), None, "--out .*: .*image.png is a file, not a folder"),
 ])
 def test_image_arguments_are_checked_before_the_model_loads(tmp_path, image_path, out, overlay, prompt, rule, message):
     (tmp_path / "folder").mkdir()
@@ -55,7 +56,7 @@ def test_an_overlay_that_cannot_be_written_leaves_an_existing_mask_as_it_was(tmp
 
     (tmp_path / "mask.png").write_bytes(b"yesterday's mask")
     (tmp_path / "afile").write_bytes(b"a file where the overlay's folder would go")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(InputError, match="--overlay .*afile is a file, not a folder"):  # before the model's work
         segment_image_file(Predictor(click_model), image_path, Prompt(box=[1, 1, 20, 20]), tmp_path / "mask.png",
                            tmp_path / "afile" / "overlay.png")
     assert (tmp_path / "mask.png").read_bytes() == b"yesterday's mask"
@@ -87,6 +88,7 @@ def test_an_image_thinner_than_one_embedding_token_at_the_models_size_is_flagged
     ("labels.nii.gz", (9, 1, 0, 5, 5, 2), 0, "x0 must not exceed x1"),
     ("labels.mhd", (1, 1, 0, 5, 5, 2), 0, "unknown extension"),  # a detached header: its data file apart
     ("volume.nrrd", (1, 1, 0, 5, 5, 2), 0, "is the input"),
+    ("volume.nrrd/labels.nii.gz", (1, 1, 0, 5, 5, 2), 0, "volume.nrrd is a file, not a folder"),
 ])
 def test_volume_arguments_are_checked_before_the_model_loads(tmp_path, out, box3d, axis, message):
     volume = tmp_path / "volume.nrrd"

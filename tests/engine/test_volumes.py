@@ -81,12 +81,16 @@ def test_dicom_series_round_trips(tmp_path):
     np.testing.assert_allclose(volume.origin, ORIGIN, atol=1e-3)
 
 
-def test_dicom_series_with_a_broken_slice(tmp_path):
+def test_dicom_series_with_a_broken_or_missing_slice(tmp_path, capfd):
     write_dicom_series(sphere(), tmp_path / "ct")
     broken = sorted((tmp_path / "ct").iterdir())[5]
     broken.write_bytes(broken.read_bytes()[:300])
     with pytest.raises(InputError, match="ct: DICOM series has missing or unevenly spaced slices"):
         read_volume(tmp_path / "ct")
+    broken.unlink()
+    with pytest.raises(InputError, match="ct: DICOM series has missing or unevenly spaced slices"):
+        read_volume(tmp_path / "ct")
+    assert capfd.readouterr().err == ""  # ITK's own "missing slices" warning stays off stderr: our line says it
 
 
 def test_folder_without_dicom(tmp_path, capfd):
@@ -113,7 +117,17 @@ def test_truncated_volume_files(tmp_path, name, cut):
     (tmp_path / f"cut_{name}").write_bytes(data[: int(len(data) * cut)])
     with pytest.raises(InputError, match=rf"cut_{name}: (cannot read volume|truncated file)") as error:
         read_volume(tmp_path / f"cut_{name}")
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and "No such file" not in str(error.value)  # the file is there
+
+
+def test_a_truncated_metaimage_says_why_in_its_one_line_and_prints_nothing_else(tmp_path, capfd):
+    sitk.WriteImage(itk_image(sphere()), str(tmp_path / "v.mha"), useCompression=False)
+    data = (tmp_path / "v.mha").read_bytes()
+    (tmp_path / "cut.mha").write_bytes(data[:-1000])
+    with pytest.raises(InputError, match=r"cut.mha: cannot read volume \(.*data not read completely"):
+        read_volume(tmp_path / "cut.mha")
+    assert capfd.readouterr().err == ""
+    assert read_volume(tmp_path / "v.mha").array.shape == SHAPE  # the captured stream is given back
 
 
 @pytest.mark.parametrize("name", ["nan.nrrd", "nan.nii.gz", "nan.nii", "nan.mha"])
@@ -176,6 +190,30 @@ def test_labels_round_trip_on_the_image_grid(tmp_path):
     assert image.GetDirection() == volume.direction
     many = np.arange(np.prod(SHAPE)).reshape(SHAPE) % 300
     np.testing.assert_array_equal(read_label_volume(write_label_volume(many, volume, tmp_path / "l.nii.gz")), many)
+
+
+@pytest.mark.parametrize("name", ["l.nii.nii.gz", "l.nii.gz.nii.gz", "L.MHA", "L.NII.GZ", "L.Nrrd", "l.mha.nii"])
+def test_label_volumes_named_in_capitals_or_with_doubled_suffixes_are_one_file_read_back_whole(tmp_path, name):
+    """ITK picks a writer by the lower-case suffix and derives names from the rest (an upper-case .MHA was
+    written as .mhd + .zraw under temporary names, a.nii.nii.gz as a.nii.gz): the name asked for is what appears."""
+    sitk.WriteImage(itk_image(sphere()), str(tmp_path / "image.nrrd"))
+    volume = read_volume(tmp_path / "image.nrrd")
+    (tmp_path / "out").mkdir()
+    written = write_label_volume(volume.array > 0, volume, tmp_path / "out" / name)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [name]
+    np.testing.assert_array_equal(read_label_volume(written, like=volume), volume.array > 0)
+    np.testing.assert_array_equal(read_volume(written).array, volume.array > 0)
+
+
+def test_a_float64_volume_past_float32_is_read_in_float64(tmp_path):
+    array = sphere().astype(np.float64)
+    array[array > 0] = 1e300
+    sitk.WriteImage(itk_image(array), str(tmp_path / "wide.nii.gz"))
+    volume = read_volume(tmp_path / "wide.nii.gz")
+    assert volume.array.dtype == np.float64 and volume.array.max() == 1e300
+    assert np.array_equal(window(volume.array) == 255, array > 0)
+    sitk.WriteImage(itk_image(array / 1e290), str(tmp_path / "narrow.nii.gz"))  # within float32: kept as before
+    assert read_volume(tmp_path / "narrow.nii.gz").array.dtype == np.float32
 
 
 def test_label_volume_must_match_its_image(tmp_path):

@@ -32,12 +32,14 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """A temporary path beside ``path`` for any writer (PIL, matplotlib, SimpleITK, pandas); once the
     writer is done it is flushed to disk and renamed over ``path``, so a kill or a full disk never leaves
-    half a file where a whole one was. The name keeps ``path``'s suffixes, from which writers pick the format."""
+    half a file where a whole one was. The name keeps ``path``'s suffixes, from which writers pick the format,
+    or ends in ``suffix`` alone (a writer that reads more into a name than its format)."""
     path = Path(path)
-    temporary = path.with_name(_temporary_name(path))
+    named = path if suffix is None else Path(hashlib.sha256(os.fsencode(path.name)).hexdigest()[:16] + suffix)
+    temporary = path.with_name(_temporary_name(named))
     try:
         yield temporary
         with temporary.open("rb+") as handle:

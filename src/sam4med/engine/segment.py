@@ -72,6 +72,9 @@ def _check_output(out: Path, what: str, suffixes: tuple[str, ...]) -> None:
         raise InputError(f"{what} {out}: is a folder; name a file ({', '.join(suffixes)})")
     if not out.name.lower().endswith(suffixes):
         raise InputError(f"{what} {out}: unknown extension (expected {', '.join(suffixes)})")
+    blocking = next((folder for folder in out.parents if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:  # found now, not when the mask is written after the model's work
+        raise InputError(f"{what} {out}: {blocking} is a file, not a folder")
 
 
 def segment_image(predictor: PromptMasks, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None) -> np.ndarray:

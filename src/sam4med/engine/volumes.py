@@ -10,9 +10,13 @@ volume lands exactly on the image in any viewer.
 from __future__ import annotations
 
 import gzip
+import os
 import re
+import sys
+import tempfile
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +30,14 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # written in one file: a detached header (.mhd, .nhdr) names its data file, which an atomic write would leave
 # under its temporary name
 LABEL_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+# ITK recognises some formats by their lower-case suffix alone; a file named in capitals is read with its format's IO
+_IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+             ".mha": "MetaImageIO", ".mhd": "MetaImageIO"}
 
 
 @dataclass
 class Volume:
-    """A scalar 3D image: ``array`` (z, y, x) float32, ``spacing`` (z, y, x) in mm,
+    """A scalar 3D image: ``array`` (z, y, x) float32 (float64 where values pass float32's range), ``spacing`` (z, y, x) in mm,
     ``origin`` (x, y, z) in mm and ``direction`` (3x3 row-major) as ITK gives them."""
 
     array: np.ndarray
@@ -44,10 +51,13 @@ def read_volume(path: str | Path) -> Volume:
     """Read a volume file, or a folder holding a DICOM series (the series with most slices)."""
     path = Path(path)
     image = _read_itk(path)
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array = sitk.GetArrayFromImage(image)
     bad = int(np.count_nonzero(~np.isfinite(array)))
     if bad:
         raise InputError(f"{path}: volume contains {bad} NaN or inf voxels")
+    # float32 halves a volume's memory, but values past its range would become inf (window() takes both)
+    wide = array.dtype == np.float64 and array.size and float(np.abs(array).max()) > float(np.finfo(np.float32).max)
+    array = array.astype(np.float64 if wide else np.float32, copy=False)
     return Volume(
         array=array,
         spacing=_zyx(image.GetSpacing()),
@@ -117,8 +127,11 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | Path) -> Pa
     image.SetSpacing(tuple(reversed(like.spacing)))
     image.SetOrigin(like.origin)
     image.SetDirection(like.direction)
+    # ITK picks the format from the name and derives more names from it (an upper-case .MHA becomes .mhd + .zraw,
+    # a.nii.nii.gz becomes a.nii.gz): it writes a temporary it cannot misread, renamed to the name asked for
+    suffix = max((s for s in LABEL_VOLUME_SUFFIXES if path.name.lower().endswith(s)), key=len)
     try:
-        with atomic_path(path) as temporary:
+        with atomic_path(path, suffix=suffix) as temporary:
             sitk.WriteImage(image, str(temporary), useCompression=True)
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot write label volume ({_itk_reason(exc)})") from exc
@@ -207,13 +220,45 @@ def read_itk_file(path: Path, what: str) -> sitk.Image:
     nifti = path.name.lower().endswith((".nii", ".nii.gz"))
     if nifti:
         _check_nifti_length(path, what)
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise InputError(f"{path}: cannot read {what} ({_itk_reason(exc)})") from exc
+    with _printed_by_itk() as printed:
+        try:
+            image = sitk.ReadImage(str(path), imageIO=_image_io(path))
+        except RuntimeError as exc:
+            failure = exc
+        else:
+            failure = None
+    if failure is not None:  # MetaImage's reader says why on stderr and throws "No such file or directory"
+        raise InputError(f"{path}: cannot read {what} ({'; '.join(printed) or _itk_reason(failure)})") from failure
+    sys.stderr.write("".join(line + "\n" for line in printed))  # what a successful read printed, as it was
     if nifti and _may_hide_nonfinite(image) and (bad := nifti_nonfinite(path)):
         raise InputError(f"{path}: {what} contains {bad} NaN or inf {'voxels' if what == 'volume' else 'values'}")
     return image
+
+
+def _image_io(path: Path) -> str:
+    """The ITK reader of a volume format named by ``path``'s suffix in any case ("" lets ITK choose)."""
+    name = path.name.lower()
+    return next((io for suffix, io in sorted(_IMAGE_IO.items(), key=lambda item: -len(item[0]))
+                 if name.endswith(suffix)), "")
+
+
+@contextmanager
+def _printed_by_itk() -> Iterator[list[str]]:
+    """Collect the lines ITK's readers print to the process's stderr (C++ streams, past Python's ``sys.stderr``)
+    while the block runs, so that a failed read says why in its one error line. The lines go to an unnamed
+    temporary file (a pipe could fill and block the reader)."""
+    printed: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield printed
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            printed += [line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip()]
 
 
 def _may_hide_nonfinite(image: sitk.Image) -> bool:
@@ -238,10 +283,13 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "missing slices" warnings: _check_even_slices says it in one line
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{folder}: cannot read DICOM series ({_itk_reason(exc)})") from exc
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     _check_even_slices(folder, reader, image)
     return image
 
