@@ -100,7 +100,7 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (
               bundled_checkpoint=_litemedsam_checkpoint, expected_sha256=_litemedsam_sha256,
               prompt_weights="litemedsam_click", boxes_by_base_decoder=True,
               # chosen on the validation sides, experiments/everything_thresholds.py (best mean F1 over sets)
-              point_grid_thresholds=(0.35, 0.5)),
+              point_grid_thresholds=(0.4, 0.5)),
     ModelSpec("medsam", "MedSAM (ViT-B, 1024 px, image stretched to a square as its authors do)",
               1024, "stretch", "minmax", _network("build_vit_sam", 768, 12, 12, (2, 5, 8, 11)), False, "single"),
     ModelSpec("mobilesam", "MobileSAM (TinyViT distilled from SAM ViT-H, 1024 px)",
