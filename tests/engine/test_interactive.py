@@ -14,11 +14,9 @@ from scipy import ndimage
 from sam4med.engine.errors import InputError
 from sam4med.engine.interactive import (
     LOCAL_RADIUS,
-    Round,
     check_correction,
     correct,
     corrects_locally,
-    honours_last_click,
     local_change,
     run_interactive,
 )
@@ -145,36 +143,6 @@ def test_corrections_on_a_tile_are_merged_in_the_tiles_frame_and_not_across_fram
     far = inside.add_point((float(image.shape[1] - 5), float(image.shape[0] - 5)), 0)  # another tile: whole image
     _, _, elsewhere = correct(predictor, far, merged, "auto")
     assert elsewhere.frame[:2] == (0, 0) and elsewhere.frame != merged.frame
-
-
-def test_honours_last_click_reads_the_clicked_pixel_on_its_own_side():
-    mask = np.zeros((10, 20), bool)
-    mask[2:5, 3:8] = True
-    assert honours_last_click(mask, Prompt(points=[(4.0, 3.0)]))
-    assert not honours_last_click(mask, Prompt(points=[(4.0, 3.0)], labels=[0]))
-    assert honours_last_click(mask, Prompt(points=[(4.0, 3.0), (15.2, 8.7)], labels=[1, 0]))
-    assert not honours_last_click(mask, Prompt(points=[(7.4, 4.4)], labels=[0]))  # rounded to pixel (7, 4)
-    assert honours_last_click(mask, Prompt(points=[(-3.0, 40.0)], labels=[0]))  # clamped to the image
-
-
-def test_a_correction_whose_fed_back_mask_outweighs_its_click_is_decoded_again_without_it(click_model):
-    """A fed-back mask of strong background logits makes the decoder ignore a positive click inside the
-    ellipse; with ``click_check`` the round is decoded afresh, as if nothing were fed back."""
-    image, truth = make_ellipse_image()
-    predictor = Predictor(click_model)
-    predictor.set_image(image)
-    first = Prompt(points=[(150.0, 100.0)])
-    _, _, start = correct(predictor, first, None, "auto")
-    overruled = Round(torch.full_like(start.low_res, -20.0), start.frame)
-    second = first.add_point((110.0, 90.0), 1)
-    ignored, _, _ = correct(predictor, second, overruled, "auto")
-    assert not honours_last_click(ignored, second) and dice(ignored, truth) < 0.1  # the case this guards against
-    checked, _, kept = correct(predictor, second, overruled, "auto", click_check=True)
-    fresh, _, _ = correct(predictor, second, None, "auto")
-    assert honours_last_click(checked, second) and np.array_equal(checked, fresh) and dice(checked, truth) > 0.9
-    assert kept.frame == start.frame
-    honoured, _, _ = correct(predictor, second, start, "auto", click_check=True)  # a click honoured: one decode
-    assert np.array_equal(honoured, correct(predictor, second, start, "auto")[0])
 
 
 def test_on_real_data_a_box_mask_survives_its_corrections_locally_but_not_globally(click_model, shared_data):

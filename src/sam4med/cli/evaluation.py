@@ -50,8 +50,6 @@ def benchmark(
     rounds: Annotated[int, typer.Option(help="Corrective clicks in interactive mode.")] = 5,
     click_rule: Annotated[str, typer.Option(help="largest (RITM) or random (SAM-Med2D) error click.")] = "largest",
     correction: CorrectionOption = "auto",
-    click_check: Annotated[bool, typer.Option(help="Decode a corrective click again without the previous mask "
-                                                   "when the mask leaves the click on the wrong side.")] = False,
     one_object: Annotated[bool, typer.Option(help="Treat each mask as one object instead of its connected components.")] = False,
     max_objects: Annotated[int, typer.Option(help="Objects per image, drawn by seed when more (0: all).")] = 20,
     max_images: MaxImagesOption = 0,
@@ -89,7 +87,7 @@ def benchmark(
         tile=tile or None,
         halo=halo,
         prompts=PromptSettings(jitter, jitter_unit, jitter_kind, points_sampler, negative_region,  # type: ignore[arg-type]
-                               interactive_start, rounds, click_rule, correction, click_check),
+                               interactive_start, rounds, click_rule, correction),
         everything=EverythingSettings(method=everything_method),  # type: ignore[arg-type]
     )
     results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir, encoder_backend=encoder,

@@ -81,39 +81,15 @@ def corrects_locally(prompt: Prompt, correction: Correction) -> bool:
     return correction == "local" or (correction == "auto" and prompt.box is not None)
 
 
-def honours_last_click(mask: np.ndarray, prompt: Prompt) -> bool:
-    """Whether the prompt's last point lies on its own side of ``mask``: inside for a positive click, outside
-    for a negative one."""
-    x, y = prompt.points[-1]  # type: ignore[index]
-    row = min(max(int(round(float(y))), 0), mask.shape[0] - 1)
-    column = min(max(int(round(float(x))), 0), mask.shape[1] - 1)
-    return bool(mask[row, column]) == bool(prompt.labels[-1])  # type: ignore[index]
-
-
-def _decode(predictor: Predictor, prompt: Prompt, mask_input: torch.Tensor | None, mask_rule: str,
-            gt: np.ndarray | None) -> tuple[Decoded, np.ndarray, np.ndarray, int]:
-    decoded = predictor.predict([prompt], mask_input=mask_input, multimask=wants_multimask(mask_rule, prompt))
-    masks, iou = decoded.masks()[0], decoded.iou[0].cpu().numpy()
-    return decoded, masks, iou, select_mask(masks, iou, mask_rule, gt)
-
-
 def correct(predictor: Predictor, prompt: Prompt, previous: Round | None, mask_rule: str,
-            correction: Correction = "auto", gt: np.ndarray | None = None,
-            click_check: bool = False) -> tuple[np.ndarray, float, Round]:
+            correction: Correction = "auto", gt: np.ndarray | None = None) -> tuple[np.ndarray, float, Round]:
     """One round: decode ``prompt`` (its last point the new click) with the previous round fed back, and keep
     what ``correction`` lets the click change. Returns the mask at the image's size, the model's IoU estimate
-    of the decoded mask, and the round to build on next. ``gt`` only for the ``oracle`` mask rule.
-
-    With ``click_check``, a mask that leaves the new click on the wrong side is decoded again without the
-    previous mask: a fed-back mask can outweigh the clicks, and a model may then shrink it round after round
-    whatever is clicked. The fresh mask is taken when it honours the click."""
-    mask_input = None if previous is None else previous.low_res
-    decoded, masks, iou, choice = _decode(predictor, prompt, mask_input, mask_rule, gt)
-    if click_check and mask_input is not None and prompt.points is not None \
-            and not honours_last_click(masks[choice], prompt):
-        fresh = _decode(predictor, prompt, None, mask_rule, gt)
-        if honours_last_click(fresh[1][fresh[3]], prompt):
-            decoded, masks, iou, choice = fresh
+    of the decoded mask, and the round to build on next. ``gt`` only for the ``oracle`` mask rule."""
+    decoded = predictor.predict([prompt], mask_input=None if previous is None else previous.low_res,
+                                multimask=wants_multimask(mask_rule, prompt))
+    masks, iou = decoded.masks()[0], decoded.iou[0].cpu().numpy()
+    choice = select_mask(masks, iou, mask_rule, gt)
     kept: Decoded = decoded.pick([(0, choice)])
     current = Round(kept.low_res, kept.frame)
     if prompt.points is not None and previous is not None and previous.frame == current.frame \
@@ -148,7 +124,6 @@ def run_interactive(
     click_rule: Literal["largest", "random"] = "largest",
     mask_rule: str = "single",
     correction: Correction = "auto",
-    click_check: bool = False,
 ) -> InteractiveResult:
     """Simulate ``rounds`` corrective clicks on one object of the image set in ``predictor``."""
     prompt, previous = initial, None
@@ -162,7 +137,7 @@ def run_interactive(
                 dice_per_round.append(dice_per_round[-1])
                 continue
             prompt = prompt.add_point(*click)
-        mask, _, previous = correct(predictor, prompt, previous, mask_rule, correction, gt, click_check)
+        mask, _, previous = correct(predictor, prompt, previous, mask_rule, correction, gt)
         prompts.append(prompt)
         dice_per_round.append(dice(mask, gt))
     return InteractiveResult(dice_per_round, prompts, mask)

@@ -86,8 +86,6 @@ class BenchmarkConfig:
             del record["split"], record["split_seed"]
         if self.tile is None:  # whole images, as before tiling existed: earlier runs still resume
             del record["tile"], record["halo"]
-        if not self.prompts.click_check:  # as before the setting existed: earlier runs still resume
-            del record["prompts"]["click_check"]
         record["mask_rule"] = self.resolved_mask_rule(model)
         record["everything"] = self.everything.resolved(model.spec).record()
         record["model_protocol"] = model.protocol()

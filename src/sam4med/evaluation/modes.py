@@ -57,7 +57,6 @@ class PromptSettings:
     interactive_rounds: int = 5
     click_rule: str = "largest"  # largest (RITM) or random (SAM-Med2D)
     correction: str = "auto"  # what a corrective click may change (engine.interactive): auto, local or global
-    click_check: bool = False  # a correction that ignores its click is decoded again without the fed-back mask
 
     def check(self) -> None:
         """Every setting within its range, before any work or any file: one InputError otherwise."""
@@ -272,8 +271,6 @@ class InteractiveMode(Mode):
         self.params = {"prompt": f"interactive from {settings.interactive_start}",
                        "rounds": settings.interactive_rounds, "click_rule": settings.click_rule,
                        "correction": settings.correction}
-        if settings.click_check:  # recorded where set: rows made before the setting existed stay as they were
-            self.params["click_check"] = True
 
     def run(self, image: ImageObjects) -> list[ObjectResult]:
         s = self.settings
@@ -284,7 +281,7 @@ class InteractiveMode(Mode):
             start = time.perf_counter()
             outcome = run_interactive(image.predictor, obj, start_prompt, s.interactive_rounds,
                                       image.rng(i, self.name), s.click_rule, image.mask_rule,  # type: ignore[arg-type]
-                                      s.correction, s.click_check)  # type: ignore[arg-type]
+                                      s.correction)  # type: ignore[arg-type]
             results.append(ObjectResult({
                 **image.score(outcome.final_mask, obj),
                 "dice_per_round": [round(d, 5) for d in outcome.dice_per_round],
