@@ -13,7 +13,7 @@ from skimage.draw import disk
 from conftest import write_dataset
 
 from sam4med.engine.datasets import Dataset, Sample, load_dataset, load_datasets
-from sam4med.engine.imageio import load_pair, read_image, read_intensities, read_mask
+from sam4med.engine.imageio import load_pair, read_image, read_intensities, read_labels, read_mask
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.splits import DEFAULT_FRACTIONS, predefined_split, split_samples, training_split
 from sam4med.engine.errors import InputError, check_apart
@@ -272,9 +272,59 @@ def test_mask_foreground_is_nonzero(tmp_path, foreground):
     np.testing.assert_array_equal(read_mask(save(mask, tmp_path / "mask.png")), mask > 0)
 
 
-def test_rgb_mask_uses_first_channel(tmp_path):
-    mask = np.dstack([square_mask(), np.zeros((40, 50), np.uint8), np.full((40, 50), 255, np.uint8)])
-    np.testing.assert_array_equal(read_mask(save(mask, tmp_path / "mask.png")), square_mask() > 0)
+def test_a_colour_mask_gives_each_colour_but_black_a_label_and_gray_stored_as_colour_keeps_its_values(tmp_path):
+    """A mask drawn in green (its red channel empty) is not read as empty, nor a blue object left out."""
+    red, blue = square_mask() > 0, square_mask(box=(30, 38, 35, 45)) > 0
+    mask = np.zeros((40, 50, 3), np.uint8)
+    mask[red, 0] = 255
+    mask[blue, 2] = 200
+    labels = read_labels(save(mask, tmp_path / "mask.png"))
+    assert labels.dtype == np.uint16 and set(np.unique(labels)) == {0, 1, 2}
+    assert len(np.unique(labels[red])) == len(np.unique(labels[blue])) == 1 and labels[red][0] != labels[blue][0]
+    np.testing.assert_array_equal(read_mask(tmp_path / "mask.png"), red | blue)
+    green = np.dstack([np.zeros((40, 50), np.uint8), square_mask(), np.zeros((40, 50), np.uint8)])
+    np.testing.assert_array_equal(read_mask(save(green, tmp_path / "green.png")), red)
+    rgba = np.dstack([green, np.full((40, 50), 255, np.uint8)])  # opaque alpha is not a colour
+    np.testing.assert_array_equal(read_mask(save(rgba, tmp_path / "rgba.png")), red)
+    gray = np.repeat((square_mask() // 255 * 7)[..., None], 3, axis=2)
+    np.testing.assert_array_equal(read_labels(save(gray, tmp_path / "gray.png")), square_mask() // 255 * 7)
+    jpeg = read_mask(save(green, tmp_path / "green.jpg", quality=75))  # its brightest channel, > 127
+    assert (jpeg != red).sum() < 10
+
+
+def test_a_sixteen_bit_colour_png_keeps_its_sixteen_bits(tmp_path):
+    """Pillow reads 16-bit RGB(A) PNG samples as their high byte: values below 256 would all be 0."""
+    import struct
+    import zlib
+
+    rgb16 = (RGB.astype(np.uint16) + 40)  # 40..295: one value past 8 bits, the rest below
+    for name, samples in (("rgb16.png", rgb16), ("rgba16.png", np.dstack([rgb16, np.full((40, 50), 65535, np.uint16)]))):
+        height, width, channels = samples.shape
+        rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[channels], 0, 0, 0)
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                                      + chunk(b"IEND", b""))
+        assert Image.open(tmp_path / name).mode in ("RGB", "RGBA")  # what Pillow makes of it
+        np.testing.assert_array_equal(read_intensities(tmp_path / name), rgb16)
+        np.testing.assert_array_equal(read_image(tmp_path / name), window(rgb16))
+
+
+def test_an_image_past_pillows_warning_size_is_read_quietly_and_one_past_its_limit_is_one_line(tmp_path, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # Pillow warns past this and refuses past twice this
+    path = save(RGB, tmp_path / "large.png")  # 2000 pixels
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(read_image(path), RGB)
+    assert not [w for w in shown if issubclass(w.category, Image.DecompressionBombWarning)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 900)
+    with pytest.raises(InputError, match="large.png: cannot read image .*exceeds limit"):
+        read_image(path)
 
 
 def test_jpeg_mask_ignores_compression_noise(tmp_path):

@@ -401,3 +401,15 @@ def test_a_symbolic_link_loop_is_one_line_or_an_error_row_never_a_traceback(tmp_
     assert (summary.computed, summary.failed) == (1, 1)
     [row] = [r for r in _rows(tmp_path / "folder") if r["image"] == "loop.png"]
     assert row["status"] == "error" and row["error"].endswith("loop.png: a symbolic link loop")
+
+
+def test_files_of_a_folder_that_are_not_images_are_named_when_left_out(tmp_path, capsys):
+    """segment-everything over a folder: a .gif or .webp is said to be left out, not skipped without a word."""
+    from sam4med.engine.segment import _folder_images
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "b.gif")
+    (tmp_path / "notes.txt").write_text("scanned 2026-12-01")
+    (tmp_path / ".hidden").write_text("")
+    assert _folder_images(tmp_path) == ["a.png"]
+    assert capsys.readouterr().err == f"warning: {tmp_path}: 2 file(s) left out, not images by name or content (b.gif, notes.txt)\n"

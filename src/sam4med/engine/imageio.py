@@ -6,6 +6,7 @@ file such as a radiograph, or a one-slice NIfTI, MetaImage or NRRD file) with Si
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,17 +63,36 @@ def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndar
 
 
 def read_labels(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """A mask file's values as stored, HxW (the first channel; palettes as their indices): a label image's
-    object values. ``shape`` (HxW, or an image's HxWxC) must match; NaN or inf is refused."""
+    """A mask file's values as stored, HxW (palettes as their indices): a label image's object values. A colour
+    mask (RGB, alpha dropped) whose channels differ gives each colour but black a label of its own (1, 2, ...
+    in the order of the colours), a JPEG one its brightest channel (compression blurs its colours); gray
+    stored as colour keeps its value. ``shape`` (HxW, or an image's HxWxC) must match; NaN or inf is refused."""
     path = Path(path)
     pixels = _stored_pixels(path, expand_palette=False)
     if pixels.ndim == 3:
-        pixels = pixels[..., 0]
+        pixels = _colour_labels(pixels, path) if pixels.shape[-1] >= 3 else pixels[..., 0]
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
         raise InputError(f"{path}: mask contains NaN or inf values")
     if shape is not None and pixels.shape != tuple(shape[:2]):
         raise InputError(f"{path}: mask is {hw(pixels.shape)} (HxW) but the image is {hw(shape)}")
     return pixels
+
+
+def _colour_labels(pixels: np.ndarray, path: Path) -> np.ndarray:
+    """HxW labels of an HxWxC colour mask (see :func:`read_labels`); a mask drawn in green or blue, or with
+    objects in several colours, is not read as its red channel alone."""
+    colour = pixels[..., :3]
+    if (colour == colour[..., :1]).all():
+        return colour[..., 0]
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        return colour.max(axis=-1)
+    if colour.dtype.kind == "f":
+        raise InputError(f"{path}: a colour mask of float values (expected integer colours or gray labels)")
+    bits = 8 * colour.dtype.itemsize
+    packed = sum(colour[..., channel].astype(np.uint64) << np.uint64(bits * (2 - channel)) for channel in range(3))
+    values, labels = np.unique(packed, return_inverse=True)
+    labels = labels.reshape(colour.shape[:2]) + (values[0] != 0)  # black, where present, is the first value
+    return labels.astype(np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32)
 
 
 def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
@@ -165,12 +185,16 @@ def _opened(path: Path) -> Iterator[Image.Image]:
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with Image.open(path) as image:
-            frames = getattr(image, "n_frames", 1)
-            if frames > 1:
-                raise _many_frames(path, frames)
-            image.load()
-            yield image
+        with warnings.catch_warnings():
+            # an image past Pillow's warning size is read without its warning on stderr (Pillow refuses one
+            # twice that size, which becomes the one line below)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                frames = getattr(image, "n_frames", 1)
+                if frames > 1:
+                    raise _many_frames(path, frames)
+                image.load()
+                yield image
     except InputError:
         raise
     except Exception as exc:  # PIL and tifffile raise many types for corrupt files
@@ -188,6 +212,8 @@ def _many_frames(path: Path, frames: int) -> InputError:
 
 def _pixels(image: Image.Image, path: Path) -> np.ndarray:
     """Pixel values as stored (palette indices for palette images), channels last."""
+    if image.format == "PNG" and image.mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
+        return _sixteen_bit_colour_png(path)  # PIL cuts them to 8 bits, as colour TIFFs below
     if image.format == "TIFF" and image.mode not in _HIGH_BIT_MODES and _bits(image) > 8:
         import tifffile
 
@@ -195,6 +221,22 @@ def _pixels(image: Image.Image, path: Path) -> np.ndarray:
     if image.mode in _NUMPY_MODES:
         return np.asarray(image)
     return np.asarray(image.convert("RGB"))
+
+
+def _png_bit_depth(path: Path) -> int:
+    """The bit depth in a PNG file's header (IHDR, right after the signature)."""
+    with path.open("rb") as handle:
+        header = handle.read(25)
+    return header[24] if len(header) == 25 else 8
+
+
+def _sixteen_bit_colour_png(path: Path) -> np.ndarray:
+    """A 16-bit RGB(A) PNG's samples as stored, read with SimpleITK (whose PNG reader keeps all 16 bits)."""
+    import SimpleITK as sitk
+
+    from sam4med.engine.volumes import read_itk_file
+
+    return sitk.GetArrayFromImage(read_itk_file(path, "image"))
 
 
 def _bits(image: Image.Image) -> int:
