@@ -245,12 +245,14 @@ def _image_io(path: Path) -> str:
 @contextmanager
 def _printed_by_itk() -> Iterator[list[str]]:
     """Collect the lines ITK's readers print to the process's stderr (C++ streams, past Python's ``sys.stderr``)
-    while the block runs, so that a failed read says why in its one error line. The lines go to an unnamed
-    temporary file (a pipe could fill and block the reader)."""
+    while the block runs, so that a failed read says why in its one error line. The lines go to an anonymous
+    file in memory where the system has one, else to an unnamed temporary file (a pipe could fill and block
+    the reader)."""
     printed: list[str] = []
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
+    memory = getattr(os, "memfd_create", None)
+    with (open(memory("sam4med-itk"), "w+b") if memory else tempfile.TemporaryFile()) as sink:
         os.dup2(sink.fileno(), 2)
         try:
             yield printed
