@@ -37,8 +37,8 @@ _IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdIm
 
 @dataclass
 class Volume:
-    """A scalar 3D image: ``array`` (z, y, x) float32 (float64 where values pass float32's range), ``spacing`` (z, y, x) in mm,
-    ``origin`` (x, y, z) in mm and ``direction`` (3x3 row-major) as ITK gives them."""
+    """A scalar 3D image: ``array`` (z, y, x) float32 (float64 where values pass float32's range), ``spacing``
+    (z, y, x) in mm, ``origin`` (x, y, z) in mm and ``direction`` (3x3 row-major) as ITK gives them."""
 
     array: np.ndarray
     spacing: tuple[float, float, float]
@@ -228,7 +228,8 @@ def read_itk_file(path: Path, what: str) -> sitk.Image:
         else:
             failure = None
     if failure is not None:  # MetaImage's reader says why on stderr and throws "No such file or directory"
-        raise InputError(f"{path}: cannot read {what} ({'; '.join(printed) or _itk_reason(failure)})") from failure
+        reason = "; ".join(printed[:3]) or _itk_reason(failure)  # the first lines say why; the rest repeat it
+        raise InputError(f"{path}: cannot read {what} ({reason})") from failure
     sys.stderr.write("".join(line + "\n" for line in printed))  # what a successful read printed, as it was
     if nifti and _may_hide_nonfinite(image) and (bad := nifti_nonfinite(path)):
         raise InputError(f"{path}: {what} contains {bad} NaN or inf {'voxels' if what == 'volume' else 'values'}")
