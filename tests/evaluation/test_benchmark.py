@@ -160,7 +160,9 @@ def test_cli_benchmark_report_and_segment(tmp_path):
          "images/cache: lies inside the input"),
         (["segment", "{image}", "--box", "1", "1", "5", "5", "--device", "tpu", "--out", "m.png"], "--device 'tpu'"),
         (["segment", "{image}", "--box", "1", "1", "5", "5", "--out", "{data}/dataset.json/m.png"],
-         "dataset.json: File exists (a file stands where a folder is needed)"),
+         "dataset.json is a file, not a folder"),  # found before the model loads
+        (["segment-everything", "{data}/images", "--out", "{data}/dataset.json/o"],
+         "dataset.json/o: Not a directory (a file stands where a folder is needed)"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, message):
