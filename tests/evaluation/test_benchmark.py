@@ -220,26 +220,33 @@ def test_cli_segment_volume_along_an_axis(tmp_path):
 @pytest.mark.parametrize(("tile", "modes"), [(None, DEFAULT_MODES), (64, ("box", "point_center", "interactive"))])
 def test_every_mode_runs_in_bf16_and_scores_as_fp32_does(tmp_path, click_model, tile, modes):
     """bfloat16 autocast reaches every mode's decoder path (everything mode's early rejection, the corrections'
-    mask inputs, tiles) without an error row, and each prompted mode's Dice stays within 0.01 of fp32's on the
-    same objects. Everything mode is only required to run: whether a grid mask passes its predicted-IoU and
-    stability thresholds can flip with any change of arithmetic (on three such ellipses cut in 64 px tiles, one
-    went from no match in fp32 to Dice 0.63 in bf16); benchmarks/precision.py measures it on real data."""
+    mask inputs, tiles) without an error row, and each prompted object's Dice stays within 0.01 of fp32's where
+    both kept the same mask. Which of a lone click's 3 masks is kept can flip where the IoU head scores two of
+    them alike (v9 on a 64 px tile of an ellipse: predicted IoU 0.301 in fp32, 0.311 in bf16 for another mask,
+    Dice 0.96 -> 0.77); such a flip must be a near tie. Everything mode is only required to run: whether a grid
+    mask passes its predicted-IoU and stability thresholds can flip with any change of arithmetic (on three such
+    ellipses cut in 64 px tiles, one went from no match in fp32 to Dice 0.63 in bf16); benchmarks/precision.py
+    measures both on real data."""
     from sam4med.engine.models import load_model
 
     data = write_dataset(tmp_path / "ellipses", broken=False, count=2)
     config = BenchmarkConfig(model="litemedsam-click", tile=tile, modes=modes)
-    dice = {}
+    rows = {}
     for precision, model in (("fp32", click_model), ("bf16", load_model("litemedsam-click", device="cpu", precision="bf16"))):
         out = tmp_path / precision
         run_benchmark([data], out, config, model=model, overlays_per_dataset=0, show_progress=False,
                       precision=precision)
         frame = load_results(out)
         assert set(frame["status"]) == {"ok"}, frame.get("error")
-        dice[precision] = frame.groupby("mode")["dice"].mean()
-        assert set(dice[precision].index) == set(modes)
+        assert set(frame["mode"]) == set(modes)
+        rows[precision] = frame[frame["mode"] != "everything"].set_index(["mode", "image", "object"]).sort_index()
     assert json.loads((tmp_path / "bf16" / "protocol.json").read_text())["model_protocol"]["precision"].startswith("bf16")
-    prompted = [mode for mode in modes if mode != "everything"]
-    assert (dice["bf16"][prompted] - dice["fp32"][prompted]).abs().max() < 0.01, (dice["fp32"], dice["bf16"])
+    fp32, bf16 = rows["fp32"], rows["bf16"]
+    assert fp32.index.equals(bf16.index)
+    same_mask = (fp32["mask_index"] == bf16["mask_index"]) | fp32["mask_index"].isna()
+    assert same_mask.mean() >= 0.75, (fp32["mask_index"], bf16["mask_index"])
+    assert (bf16["dice"] - fp32["dice"])[same_mask].abs().max() < 0.01, (fp32["dice"], bf16["dice"])
+    assert ((bf16["predicted_iou"] - fp32["predicted_iou"])[~same_mask].abs() < 0.02).all()
 
 
 def test_a_loaded_model_in_another_precision_is_refused_before_anything_is_written(tmp_path, click_model):
