@@ -297,7 +297,7 @@ def test_a_sixteen_bit_colour_png_keeps_its_sixteen_bits(tmp_path):
     import struct
     import zlib
 
-    rgb16 = (RGB.astype(np.uint16) + 40)  # 40..295: one value past 8 bits, the rest below
+    rgb16 = RGB.astype(np.uint16) + 40  # 40..295: most below 256, which the high byte alone reads as 0
     for name, samples in (("rgb16.png", rgb16), ("rgba16.png", np.dstack([rgb16, np.full((40, 50), 65535, np.uint16)]))):
         height, width, channels = samples.shape
         rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)
