@@ -325,11 +325,13 @@ def _folder_images(folder: Path) -> list[str]:
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder of images")
     root = _images_root(folder)
-    files = [path for path in sorted(root.iterdir()) if not path.name.startswith(".") and path.is_file()]
-    images = [path.name for path in files if image_extension(path) is not None]
+    images: list[str] = []
+    others: list[str] = []
+    for path in sorted(root.iterdir()):
+        if not path.name.startswith(".") and path.is_file():
+            (images if image_extension(path) is not None else others).append(path.name)
     if not images:
         raise InputError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}, or DICOM)")
-    others = [path.name for path in files if path.name not in images]
     if others:  # said, so that a .gif or .webp left out is not taken for a folder segmented whole
         warn(f"{root}: {len(others)} file(s) left out, not images by name or content "
              f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''})")

@@ -129,7 +129,7 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | Path) -> Pa
     image.SetDirection(like.direction)
     # ITK picks the format from the name and derives more names from it (an upper-case .MHA becomes .mhd + .zraw,
     # a.nii.nii.gz becomes a.nii.gz): it writes a temporary it cannot misread, renamed to the name asked for
-    suffix = max((s for s in LABEL_VOLUME_SUFFIXES if path.name.lower().endswith(s)), key=len)
+    suffix = next(s for s in LABEL_VOLUME_SUFFIXES if path.name.lower().endswith(s))  # checked above: one matches
     try:
         with atomic_path(path, suffix=suffix) as temporary:
             sitk.WriteImage(image, str(temporary), useCompression=True)
@@ -239,8 +239,7 @@ def read_itk_file(path: Path, what: str) -> sitk.Image:
 def _image_io(path: Path) -> str:
     """The ITK reader of a volume format named by ``path``'s suffix in any case ("" lets ITK choose)."""
     name = path.name.lower()
-    return next((io for suffix, io in sorted(_IMAGE_IO.items(), key=lambda item: -len(item[0]))
-                 if name.endswith(suffix)), "")
+    return next((io for suffix, io in _IMAGE_IO.items() if name.endswith(suffix)), "")  # no suffix ends another
 
 
 @contextmanager
