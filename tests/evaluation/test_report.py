@@ -327,6 +327,22 @@ def test_masks_shrunk_for_the_overlay_draw_the_same_png_at_a_ninth_of_the_memory
     assert full.read_bytes() == small.read_bytes()
 
 
+def test_a_shrunk_mask_lets_its_full_size_batch_go() -> None:
+    """A mode's mask is a view into the decoder's (prompts, masks, H, W) batch: the shrunk copy kept for the
+    overlay must not hold that batch alive (a strided view did: 60 MB per mode on a 1000 px image)."""
+    import gc
+    import weakref
+
+    batch = np.zeros((20, 3, 1000, 1000), bool)
+    batch[4, 1, 100:300, 200:400] = True
+    alive, drawn = weakref.ref(batch), batch[4, 1, ::3, ::3].copy()
+    shrunk = shrink_for_overlay(batch[4][1])
+    del batch
+    gc.collect()
+    assert alive() is None
+    assert np.array_equal(shrunk, drawn)
+
+
 def test_write_report_embeds_tables_plots_and_overlays(results: Path, capsys) -> None:
     image, gt, rows = _overlay_inputs()
     write_overlay(results / "overlays" / "ds_a__a1.png", image, gt, rows)

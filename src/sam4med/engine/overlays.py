@@ -75,9 +75,10 @@ def overlay_stride(shape: tuple[int, ...]) -> int:
 
 def shrink_for_overlay(mask: np.ndarray) -> np.ndarray:
     """A full-size mask as ``write_overlay`` draws it: a caller that keeps every mode's masks of an image
-    until drawing them holds 1 / stride^2 of their pixels."""
+    until drawing them holds 1 / stride^2 of their pixels. A copy, not a strided view: a view would keep the
+    full-size mask alive, and with it the whole batch of masks that mask is a view of."""
     step = overlay_stride(np.shape(mask))
-    return np.asarray(mask, dtype=bool)[::step, ::step]
+    return np.array(np.asarray(mask, dtype=bool)[::step, ::step])
 
 
 def write_overlay(path: str | Path, image: np.ndarray, gt: np.ndarray,
