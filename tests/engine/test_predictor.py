@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +206,32 @@ def test_everything_mode_upscales_only_what_passes_the_iou_test_and_keeps_the_sa
     assert [[p is c.prompt for p in prompts].index(True) for c in kept] == [b for b, _ in expected]
     for candidate, (_, mask) in zip(kept, expected):
         assert np.array_equal(candidate.mask, mask)
+
+
+ENCODE_PROBE = """
+import re
+import subprocess
+import sys
+
+import numpy as np
+from sam4med.engine.models import load_model
+from sam4med.engine.predictor import Predictor
+
+def status_mb(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+
+predictor = Predictor(load_model("litemedsam", device="cpu"))
+before = status_mb("VmRSS")
+predictor.set_image(np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8))
+print(status_mb("VmHWM") - before, status_mb("VmRSS") - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_the_encoders_activations_are_handed_back_before_the_decoders_run():
+    """The tuned allocator keeps freed blocks; the encoder's activations (its first stage works on 256 x 256 maps
+    of 256 channels) would stay resident under every decoder call of the image if set_image kept them."""
+    peak, after = map(int, subprocess.run([sys.executable, "-c", ENCODE_PROBE], check=True, capture_output=True,
+                                          text=True).stdout.split())
+    assert peak >= 150  # the encoder's activations were resident ...
+    assert after < peak - 120  # ... and are not any more

@@ -29,6 +29,7 @@ from sam4med.engine.tiling import make_predictor
 from sam4med.engine.prompts import check_mask_rule
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.runs import PROTOCOL_FILE, claim_datasets, claim_folder
+from sam4med.engine.runtime import release_free_memory
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
 from sam4med.evaluation.modes import DEFAULT_MODES, ImageObjects, Mode, PromptSettings, make_mode, object_rng
@@ -164,6 +165,8 @@ class ImageEvaluator:
             for index, factor, result in zip(objects.indices, factors, results):
                 rows.append({**common, "object": index, "mode": mode.name, **factor, **result.row, "status": "ok",
                              "encode_s": encode_s, "mode_params": self.mode_params[mode.name]})
+            del results
+            release_free_memory()  # the mode's decoder batches and masks: not stacked under the next mode's
         if overlay is not None:
             write_overlay(overlay, image, gt, panels)
         return rows
