@@ -210,8 +210,6 @@ def test_everything_mode_upscales_only_what_passes_the_iou_test_and_keeps_the_sa
 
 ENCODE_PROBE = """
 import re
-import subprocess
-import sys
 
 import numpy as np
 from sam4med.engine.models import load_model
