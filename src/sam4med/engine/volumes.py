@@ -273,27 +273,32 @@ def _may_hide_nonfinite(image: sitk.Image) -> bool:
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
     """The series with the most files (first series UID on ties): folders often hold scouts too."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns on stderr where no series is: our line says it
-    try:
+    with _itk_warnings_off():  # ITK warns on stderr where no series is: our line says it
         series = sorted(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         raise InputError(f"{folder}: no DICOM series found in the folder")
     files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series), key=len)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # "missing slices" warnings: _check_even_slices says it in one line
     try:
-        image = reader.Execute()
+        with _itk_warnings_off():  # "missing slices" warnings: _check_even_slices says it in one line
+            image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{folder}: cannot read DICOM series ({_itk_reason(exc)})") from exc
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     _check_even_slices(folder, reader, image)
     return image
+
+
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK's warnings kept off stderr while the block runs, where sam4med says the same in its own line."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def _check_even_slices(folder: Path, reader: sitk.ImageSeriesReader, image: sitk.Image) -> None:
