@@ -90,13 +90,23 @@ def test_bad_tiling_is_one_input_error(litemedsam):
         TiledPredictor(litemedsam, tile=256, halo=-1)
 
 
-def test_the_benchmark_records_its_tiling_and_scores_on_tiles(tmp_path):
+def test_the_benchmark_records_its_tiling_encodes_every_tile_before_decoding_and_scores_on_tiles(tmp_path, monkeypatch):
+    """Every tile is encoded in the image's set-up: encode_s is all of its encoding (it was about 0 on tiles,
+    encodes being counted in the first mode's decode_s), and no encoder runs on top of decoder results."""
     import json
 
     from PIL import Image
 
+    from sam4med.engine.sam_model import SamModel
     from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
     from sam4med.evaluation.summary import load_results
+
+    calls = []
+    for name in ("encode", "decode"):
+        def logged(self, *args, _original=getattr(SamModel, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(SamModel, name, logged)
 
     image, masks = small_blobs(size=512, count=4, seed=2)
     (tmp_path / "blobs" / "images").mkdir(parents=True)
@@ -109,6 +119,7 @@ def test_the_benchmark_records_its_tiling_and_scores_on_tiles(tmp_path):
     assert (protocol["tile"], protocol["halo"]) == (256, 16)
     frame = load_results(results)
     assert len(frame) == 4 and frame.dice.mean() > 0.85
+    assert calls[:4] == ["encode"] * 4 and "encode" not in calls[4:] and "decode" in calls  # 2 x 2 tiles
 
 
 

@@ -319,6 +319,7 @@ def generate_masks(predictor: Predictor, image: np.ndarray, settings: Everything
     settings = (settings or EverythingSettings()).resolved(predictor.model.spec)
     predictor.set_image(image)
     size = image.shape[:2]
+    predictor.encode_all()  # every region is visited: its encodes come before any decoder's batches
     if settings.method == "points":
         candidates = box_nms(grid_candidates(predictor, settings), settings.nms_thresh)
         return sorted(candidates, key=lambda c: c.score, reverse=True)

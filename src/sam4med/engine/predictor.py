@@ -93,6 +93,13 @@ class Predictor:
         """Encode ``image`` into the cache before it is set (the annotator's next frame), leaving the image set as it is."""
         self.embed(image)
 
+    def encode_all(self) -> None:
+        """Encode now all that prompts anywhere on the set image could need (here its one embedding, which
+        ``set_image`` made). Callers that will visit the whole image call it first, so that encoding is timed
+        apart from decoding and no encoder's activations stack on the decoders' results."""
+        if self.image is None:
+            raise RuntimeError("call set_image before encode_all")
+
     def grid_regions(self) -> list[tuple[Box, Box]]:
         """Where everything mode lays SAM's point grid, as (core, extent) pairs of (x0, y0, x1, y1) boxes:
         the points lie in the core, the model sees the extent. Here the whole image set, both times."""

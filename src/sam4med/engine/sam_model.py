@@ -265,14 +265,14 @@ class SamModel:
     @staticmethod
     def _decode_on_path(path: PromptPath, embedding: Embedding, sparse: torch.Tensor, dense: torch.Tensor,
                         has_mask_input: bool, multimask: bool, min_iou: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        image_pe = path.prompt_encoder.get_dense_pe()
         if path.shared_decoder is None:
-            return path.mask_decoder(image_embeddings=embedding.features, image_pe=image_pe,
+            return path.mask_decoder(image_embeddings=embedding.features, image_pe=path.prompt_encoder.get_dense_pe(),
                                      sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                      multimask_output=multimask)
-        if path not in embedding.decoder_states:
+        if path not in embedding.decoder_states:  # the positional encoding is needed once per image state
             no_mask = path.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-            embedding.decoder_states[path] = path.shared_decoder.prepare(embedding.features, image_pe, no_mask)
+            embedding.decoder_states[path] = path.shared_decoder.prepare(embedding.features,
+                                                                         path.prompt_encoder.get_dense_pe(), no_mask)
         return path.shared_decoder(embedding.decoder_states[path], sparse, multimask,
                                    dense if has_mask_input else None, min_iou)
 

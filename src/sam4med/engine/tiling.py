@@ -114,6 +114,12 @@ class TiledPredictor(Predictor):
             self._tile_embeddings[index] = self.embed(self._tiles[index].crop(self.image))
         return self._tile_embeddings[index]
 
+    def encode_all(self) -> None:
+        """Encode every tile of the set image (the lazy path encodes a tile when a prompt first needs it)."""
+        super().encode_all()
+        for index in range(len(self._tiles)):
+            self._encode(index)
+
     def embed_ahead(self, image: np.ndarray) -> None:
         """Encode every tile of ``image`` into the cache (or the whole image when it is not tiled)."""
         if self._untiled(image):

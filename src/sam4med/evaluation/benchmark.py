@@ -152,6 +152,7 @@ class ImageEvaluator:
         objects = self.image_objects(item, image, gt)
         start = time.perf_counter()
         self.predictor.set_image(image)
+        self.predictor.encode_all()  # tiles too: encode_s is all of the image's encoding, decode_s decoding alone
         encode_s = time.perf_counter() - start
         factors = [object_factors(image, obj) for obj in objects.objects]
         common = self.common_fields(item)
