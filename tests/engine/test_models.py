@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -171,3 +173,54 @@ def test_cuda_without_a_gpu_is_refused_before_any_model_loads():
     with pytest.raises(InputError, match="--device cuda: this machine has no CUDA GPU"):
         load_model("litemedsam", device="cuda")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_preprocessing_channel_by_channel_gives_the_whole_tensors_values(litemedsam):
+    from sam4med.engine.preprocessing import normalise, pad_to_input, resize_content
+
+    for size in [(1000, 700), (37, 500), (257, 255)]:
+        image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+        model_input, geometry = litemedsam.preprocess(image)
+        whole = resize_content(torch.tensor(image).permute(2, 0, 1)[None].float(), geometry)
+        assert torch.equal(model_input, pad_to_input(normalise(whole, litemedsam.spec), geometry))
+
+
+LARGE_IMAGE_PROBE = """
+import re
+import sys
+
+import numpy as np
+from PIL import Image
+from sam4med.engine.imageio import read_image
+from sam4med.engine.models import load_model
+from sam4med.engine.runtime import release_free_memory
+
+def status_mb(field):
+    return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+
+model = load_model("litemedsam", device="cpu")  # tunes the allocator as the verbs do
+rows = np.arange(6000, dtype=np.uint8)[:, None, None]
+Image.fromarray(np.broadcast_to(rows, (6000, 6000, 3)).copy()).save(sys.argv[1])
+release_free_memory()
+before = status_mb("RssAnon")
+image = read_image(sys.argv[1])
+kept_by_reading = status_mb("RssAnon") - before
+with open("/proc/self/clear_refs", "w") as handle:  # the resident peak counts from here on
+    handle.write("5")
+start = status_mb("VmRSS")
+model.preprocess(image)
+print(image.nbytes >> 20, kept_by_reading, status_mb("VmHWM") - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator and /proc")
+def test_a_large_image_is_read_and_preprocessed_within_twice_its_size(tmp_path):
+    """A 6000 px RGB image (103 MB, 102 MiB): reading kept the decoder's buffers resident (the tuned allocator holds freed
+    blocks; 3x the image was resident after a 12000 px read), and preprocessing made the image one float tensor
+    (4x) and copied it again before resizing."""
+    image_mb, kept_by_reading, preprocessing_peak = map(int, subprocess.run(
+        [sys.executable, "-c", LARGE_IMAGE_PROBE, str(tmp_path / "large.png")], check=True, capture_output=True,
+        text=True).stdout.split())
+    assert image_mb == 102  # MiB
+    assert kept_by_reading < 1.5 * image_mb
+    assert preprocessing_peak < 2 * image_mb

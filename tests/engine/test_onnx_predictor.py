@@ -77,6 +77,17 @@ def test_model_input_and_upscaling_equal_pytorch(click_model):
             np.testing.assert_allclose(resize_bilinear(logits, target), reference[0].numpy(), atol=1e-4)
 
 
+def test_upscaling_in_strips_gives_the_same_logits_and_thresholds_them(monkeypatch):
+    from sam4med.engine import onnx_predictor
+
+    logits = np.random.default_rng(2).normal(size=(3, 171, 256)).astype(np.float32)
+    whole = resize_bilinear(logits, (1000, 1500))
+    monkeypatch.setattr(onnx_predictor, "STRIP_PIXELS", 7 * 1500)  # strips of 7 rows, the last one shorter
+    assert np.array_equal(resize_bilinear(logits, (1000, 1500)), whole)
+    masks = resize_bilinear(logits, (1000, 1500), above=0.0)
+    assert masks.dtype == bool and np.array_equal(masks, whole > 0) and 0.2 < masks.mean() < 0.8
+
+
 def test_segment_from_a_fresh_process_imports_no_pytorch(graphs, tmp_path):
     image, mask = make_ellipse_image()
     Image.fromarray(image).save(tmp_path / "image.png")

@@ -16,6 +16,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from sam4med.engine.datasets import IMAGE_EXTENSIONS, MEDICAL_EXTENSIONS, Sample, image_extension
 from sam4med.engine.errors import InputError, hw, not_there, one_line
+from sam4med.engine.runtime import release_free_memory
 
 # PIL modes whose pixels numpy takes as they are stored; others go through convert("RGB").
 _HIGH_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "F"}
@@ -37,7 +38,9 @@ def read_image(path: str | Path) -> np.ndarray:
         pixels = window(pixels)
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[..., None], 3, axis=2)
-    return np.ascontiguousarray(pixels)
+    pixels = np.ascontiguousarray(pixels)
+    release_free_memory()  # the decoder's buffers (twice the pixels' size), else kept by the tuned allocator
+    return pixels
 
 
 def read_intensities(path: str | Path) -> np.ndarray:

@@ -112,7 +112,8 @@ def model_input(image: np.ndarray, side: int) -> tuple[np.ndarray, tuple[int, in
     if image.ndim != 3 or image.shape[2] != 3:
         raise InputError(f"image must be (H, W, 3) RGB, got shape {tuple(image.shape)}")
     height, width = longest_side_size(image.shape[:2], side)
-    content = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F")
+    # each channel becomes a float image inside Pillow ("L" to "F" is exact), without a float copy in NumPy too
+    content = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c])).convert("F")
                                    .resize((width, height), Image.Resampling.BILINEAR)) for c in range(3)])
     low, high = content.min(), content.max()
     content = (content - low) / max(high - low, 1e-8)
@@ -130,12 +131,23 @@ def _linear_taps(size_out: int, size_in: int) -> tuple[np.ndarray, np.ndarray, n
     return first, second, (source - first).astype(np.float32)
 
 
-def resize_bilinear(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(M, h, w) float -> (M, H, W), separably, as the PyTorch path upscales logits."""
+STRIP_PIXELS = 1 << 22  # output pixels a plane is resized in at once
+
+
+def resize_bilinear(planes: np.ndarray, size: tuple[int, int], above: float | None = None) -> np.ndarray:
+    """(M, h, w) float -> (M, H, W), separably, as the PyTorch path upscales logits; with ``above``, the masks
+    ``> above`` instead. Made in strips of rows: on a large image (12000 px) image-sized float temporaries
+    were several times the result."""
     top, bottom, fy = _linear_taps(size[0], planes.shape[1])
-    rows = planes[:, top] * (1 - fy)[:, None] + planes[:, bottom] * fy[:, None]
     left, right, fx = _linear_taps(size[1], planes.shape[2])
-    return rows[:, :, left] * (1 - fx) + rows[:, :, right] * fx
+    result = np.empty((planes.shape[0], *size), dtype=np.float32 if above is None else bool)
+    step = max(1, STRIP_PIXELS // size[1])
+    for y0 in range(0, size[0], step):
+        rows = slice(y0, y0 + step)
+        strip = planes[:, top[rows]] * (1 - fy[rows])[:, None] + planes[:, bottom[rows]] * fy[rows][:, None]
+        strip = strip[:, :, left] * (1 - fx) + strip[:, :, right] * fx
+        result[:, rows] = strip if above is None else strip > above
+    return result
 
 
 class OnnxPredictor:
@@ -222,19 +234,19 @@ class OnnxPredictor:
         })
         return low_res[0], iou[0]
 
-    def upscale(self, low_res: np.ndarray) -> np.ndarray:
-        """Low-res logits (M, 256, 256) -> logits (M, H, W) at the image's size: the content is cut out of the
-        padded frame and resized."""
+    def upscale(self, low_res: np.ndarray, above: float | None = None) -> np.ndarray:
+        """Low-res logits (M, 256, 256) -> logits (M, H, W) at the image's size, or with ``above`` the masks
+        ``> above``: the content is cut out of the padded frame and resized."""
         assert self.image is not None
         height, width = self.resized
-        return resize_bilinear(low_res[:, :height, :width], self.image.shape[:2])
+        return resize_bilinear(low_res[:, :height, :width], self.image.shape[:2], above)
 
     def prompt_masks(self, image: np.ndarray, prompt: Prompt, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
         """Masks (M, H, W) of one prompt on ``image`` and their predicted IoUs (M,)."""
         self.set_image(image)
         low_res, iou = self.decode(prompt)
         keep = slice(1, None) if multimask else slice(0, 1)
-        return self.upscale(low_res[keep]) > 0, iou[keep]
+        return self.upscale(low_res[keep], above=0.0), iou[keep]
 
 
 def onnx_predictor(model_name: str, threads: int | None = None, folder: Path | None = None,

@@ -28,7 +28,7 @@ from sam4med.engine.preprocessing import (
 )
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.registry import ModelSpec
-from sam4med.engine.runtime import precision_autocast
+from sam4med.engine.runtime import precision_autocast, release_free_memory
 
 ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
 
@@ -84,14 +84,16 @@ class Decoded:
         return Decoded(low_res, self.iou, self.geometry, self.model)
 
     def masks(self) -> np.ndarray:
-        """Binary masks (B, M, H, W) at the original size. Without logits computed already, each prompt's are
+        """Binary masks (B, M, H, W) at the original size. Without logits computed already, each mask is
         upscaled and thresholded in turn: a batch's float logits at full size would outweigh its masks 4x."""
         if self._logits is not None:
             return (self._logits > 0).cpu().numpy()
         batch, count = self.low_res.shape[:2]
         masks = np.empty((batch, count, *self.geometry.original_size), dtype=bool)
         for index in range(batch):
-            masks[index] = (self.model.upscale(self.low_res[index : index + 1], self.geometry)[0] > 0).cpu().numpy()
+            for output in range(count):
+                logits = self.model.upscale(self.low_res[index : index + 1, output : output + 1], self.geometry)
+                masks[index, output] = (logits[0, 0] > 0).cpu().numpy()
         return masks
 
 
@@ -184,14 +186,18 @@ class SamModel:
         if image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"image must be (H, W, 3) RGB, got shape {tuple(image.shape)}")
         geometry = self.geometry(image.shape[:2])
-        pixels = torch.tensor(image, device=self.device)  # a copy: callers may pass read-only arrays
-        content = normalise(resize_content(pixels.permute(2, 0, 1)[None].float(), geometry), self.spec)
+        # channel by channel, each made float at once (the same values): a large image as one float tensor was four
+        # times its own size, then copied; a copy of each channel before its float one kept the heap from reusing it
+        content = torch.cat([resize_content(torch.from_numpy(image[..., c].astype(np.float32)).to(self.device)[None, None],
+                                            geometry) for c in range(3)], dim=1)
+        content = normalise(content, self.spec)
         return pad_to_input(content, geometry), geometry
 
     # --- encoder and decoder --------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, image: np.ndarray) -> Embedding:
         model_input, geometry = self.preprocess(image)
+        release_free_memory()  # a large image's float channels, kept by the tuned allocator under the encoder's peak
         if self.encoder_backend != "torch":
             if self._onnx_encoder is None:
                 self._onnx_encoder = OnnxEncoder(self.network.image_encoder, self.spec.image_size, self.name,

@@ -165,7 +165,7 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
     for written in (out, overlay) if overlay else (out,):  # both folders before either file: a failure replaces nothing
         written.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as temporary:
-        Image.fromarray((mask * 255).astype(np.uint8)).save(temporary, format="PNG")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(temporary, format="PNG")  # uint8 throughout: bool * 255 is int64
     if overlay:
         from sam4med.engine.overlays import write_overlay
 

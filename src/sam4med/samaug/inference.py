@@ -226,7 +226,7 @@ def predict(
         path = out / masks[item.sample.id]
         path.parent.mkdir(parents=True, exist_ok=True)  # ids of images in sub-folders hold a '/'
         with atomic_path(path) as temporary:
-            Image.fromarray(((maps[mode] > 0.5) * 255).astype(np.uint8)).save(temporary, format="PNG")
+            Image.fromarray((maps[mode] > 0.5).astype(np.uint8) * 255).save(temporary, format="PNG")
         return [{"dataset": dataset.name, "image": item.sample.id, "mode": mode}]
 
     # predictions are made from the image alone: without its mask, an edited mask leaves them current
