@@ -24,6 +24,7 @@ from PIL import Image
 from sam4med.engine.errors import InputError
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.registry import ModelSpec
+from sam4med.engine.runtime import release_free_memory
 
 BUNDLE_FORMAT = 2  # raised whenever what the exporter writes changes, so older bundles are exported again
 LOW_RES = 256  # the decoder's logits side, and the one input size this predictor serves
@@ -202,7 +203,9 @@ class OnnxPredictor:
         if image is self.image and self.features is not None:
             return
         pixels, self.resized = model_input(image, self.image_size)
+        release_free_memory()  # a large image's float channels, else kept by the tuned allocator under the encoder
         self.features = self.encoder.run(None, {self.encoder.get_inputs()[0].name: pixels})[0]
+        release_free_memory()  # the encoder's activations, as ``Predictor.embed`` hands them back
         self.image = image
 
     def decode(self, prompt: Prompt, mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -235,7 +235,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
                 warn(f"{prompts}: line {entry.line}: {error}")
                 continue
             mask, predicted_iou = segment_prompt(ready, pixels, entry.prompt, rule)
-            labels[mask] = value
+            np.putmask(labels, mask, value)  # without the index arrays of labels[mask] (16 bytes a pixel)
             rows.append({**row, "area": int(mask.sum()), "predicted_iou": round(predicted_iou, 4)})
         if all(row.get("status") == "error" for row in rows):  # nothing segmented: a failed image, no empty map
             raise InputError(f"none of its {len(rows)} prompt(s) could be segmented ({rows[0]['error']})")
