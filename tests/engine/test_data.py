@@ -332,6 +332,22 @@ def test_jpeg_mask_ignores_compression_noise(tmp_path):
     assert (mask != (square_mask() > 0)).sum() < 10
 
 
+def test_an_antialiased_or_resized_0_255_mask_is_read_at_half_and_labels_beside_255_keep_the_nonzero_rule(tmp_path):
+    """A disk drawn at 4x and shrunk with Pillow's default filter has a ring of values between 0 and 255; read > 0
+    the ring made the object 7% larger (Dice 0.967 with the disk it was drawn as, against 0.998 at half)."""
+    large = np.zeros((400, 400), np.uint8)
+    large[disk((200, 200), 120)] = 255
+    small = np.asarray(Image.fromarray(large).resize((100, 100), Image.Resampling.BILINEAR))
+    truth = np.zeros((100, 100), bool)
+    truth[disk((49.5, 49.5), 30)] = True
+    assert ((small > 0) & (small < 255)).sum() > 100  # the soft ring
+    mask = read_mask(save(small, tmp_path / "soft.png"))
+    assert np.array_equal(mask, small > 127) and abs(int(mask.sum()) - int(truth.sum())) < 20
+    labels = np.zeros((100, 100), np.uint8)
+    labels[10:30, 10:30], labels[60:90, 60:90], labels[40, 40] = 255, 100, 3  # objects of three values, apart
+    assert np.array_equal(read_mask(save(labels, tmp_path / "labels.png")), labels > 0)
+
+
 def test_mask_size_mismatch_names_file_and_both_sizes(tmp_path):
     path = save(square_mask(), tmp_path / "mask.png")
     assert read_mask(path, (40, 50, 3)).shape == (40, 50)

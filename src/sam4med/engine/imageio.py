@@ -59,10 +59,30 @@ def read_intensities(path: str | Path) -> np.ndarray:
 
 def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Read a binary mask as HxW bool: foreground is value > 0 of the first channel (label
-    images count as one foreground); JPEG masks use > 127, since compression leaves faint
-    non-zero pixels around the object. ``shape`` (HxW, or an image's HxWxC) must match."""
+    images count as one foreground); JPEG masks and antialiased 0/255 masks use > 127, since
+    compression, antialiased drawing or a bilinear resize leave faint non-zero pixels around the
+    object. ``shape`` (HxW, or an image's HxWxC) must match."""
     path = Path(path)
-    return read_labels(path, shape) > (127 if path.suffix.lower() in (".jpg", ".jpeg") else 0)
+    values = read_labels(path, shape)
+    return values > (127 if path.suffix.lower() in (".jpg", ".jpeg") or soft_edged(values) else 0)
+
+
+SOFT_EDGE_PX = 2  # how far from a 255 pixel an antialiased or resampled edge's values reach
+
+
+def soft_edged(values: np.ndarray) -> bool:
+    """Whether an 8-bit mask is 0/255 with soft edges: every value between 0 and 255 lies within ``SOFT_EDGE_PX``
+    of a 255 pixel. A label image's objects of other values (1, 2, ... beside 255) lie apart from it and keep
+    the > 0 rule."""
+    if values.dtype != np.uint8 or values.max(initial=0) != 255:
+        return False
+    between = (values > 0) & (values < 255)
+    if not between.any():
+        return False
+    from scipy import ndimage  # only for masks with values between 0 and 255
+
+    near_full = ndimage.binary_dilation(values == 255, np.ones((3, 3), bool), iterations=SOFT_EDGE_PX)
+    return bool(near_full[between].all())
 
 
 def read_labels(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
