@@ -123,9 +123,11 @@ def test_the_benchmark_records_its_tiling_encodes_every_tile_before_decoding_and
 
 
 
-def test_everything_mode_lays_its_grid_on_every_tile_and_finds_small_objects_the_whole_image_misses(click_model):
+def test_everything_mode_lays_its_grid_on_every_tile_and_finds_small_objects_the_whole_image_misses(click_model,
+                                                                                                     monkeypatch):
     """Blobs on points of the tiles' grids (8 per 256 px core: every 32 px from 16) that lie between the
-    points of the whole image's grid (8 per 512 px: every 64 px from 32)."""
+    points of the whole image's grid (8 per 512 px: every 64 px from 32). Every tile is encoded before the first
+    decode, so no encoder's activations sit on top of a tile's decoding."""
     from sam4med.engine.everything import EverythingSettings, generate_masks
 
     rng = np.random.default_rng(3)
@@ -139,10 +141,17 @@ def test_everything_mode_lays_its_grid_on_every_tile_and_finds_small_objects_the
     image = image.clip(0, 255).astype(np.uint8)
     settings = EverythingSettings(method="points", points_per_side=8)
     tiled = TiledPredictor(click_model, tile=256, halo=32)
-    found = {}
+    found, calls = {}, []
     for name, predictor in (("whole", Predictor(click_model)), ("tiled", tiled)):
+        for step in ("encode", "decode"):
+            def logged(*args, _original=getattr(type(click_model), step), _step=step, **kwargs):
+                calls.append(_step)
+                return _original(click_model, *args, **kwargs)
+            monkeypatch.setattr(click_model, step, logged)
+        calls.clear()
         proposals = generate_masks(predictor, image, settings)
         found[name] = [max((dice(p.mask, m) for p in proposals), default=0.0) for m in masks]
+    assert calls[:4] == ["encode"] * 4 and "encode" not in calls[4:] and calls.count("decode") >= 4
     assert tiled.grid_regions() == [(t.core, t.extent) for t in tiles((512, 512), 256, 32)]
     assert min(found["tiled"]) > 0.6 and max(found["whole"]) < 0.5, found
 
