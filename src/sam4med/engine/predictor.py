@@ -137,7 +137,7 @@ class Predictor:
         The default batch size, 4, trades a little speed for memory: a batch's intermediates (image tokens
         per prompt, upscaled logits) set the process's peak, and the shared-image decoder runs everything
         mode somewhat faster at 8 for a higher peak; segment_anything's own decoder grows more costly per
-        prompt past 4 (figures: the README).
+        prompt past 4. Tiled predictors decode one prompt a call (``tiling.TILED_BATCH``; figures: the README).
         """
         if self.embedding is None:
             raise RuntimeError("call set_image before predict")

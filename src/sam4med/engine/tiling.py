@@ -19,6 +19,9 @@ from sam4med.engine.preprocessing import ImageGeometry
 from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 
 OUTSIDE_LOGIT = -1e4  # where a tile's mask does not reach
+# Prompts per decoder call on tiles. A tiled image is a large one, and its peak memory is set by everything mode's
+# grid decoding: one prompt a call lowered it by about 0.2 GB on 1000 px H&E for about 2% more time (README).
+TILED_BATCH = 1
 Stitched = TypeVar("Stitched", np.ndarray, torch.Tensor)
 
 
@@ -72,7 +75,7 @@ class TiledPredictor(Predictor):
     def __init__(self, model: SamModel, tile: int, halo: int = 32, cache: EmbeddingCache | None = None,
                  batch_size: int | None = None):
         check_tiling(tile, halo)
-        super().__init__(model, cache, batch_size)
+        super().__init__(model, cache, batch_size or TILED_BATCH)
         self.tile, self.halo = tile, halo
         self._tiles: list[Tile] = []
         self._tile_embeddings: dict[int, Embedding] = {}
