@@ -11,9 +11,21 @@ from sam4med.engine.errors import InputError
 from sam4med.engine.metrics import dice
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, center_point, tight_box
+from sam4med.engine.sam_model import SamModel
 from sam4med.engine.segment import segment_image
 from sam4med.engine.tiling import TiledPredictor, tile_boxes, tiles
 from conftest import small_blobs
+
+
+def encoder_and_decoder_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """"encode" and "decode", in the order any model is called, from now until the test ends."""
+    calls: list[str] = []
+    for step in ("encode", "decode"):
+        def logged(self: SamModel, *args, _original=getattr(SamModel, step), _step=step, **kwargs):
+            calls.append(_step)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(SamModel, step, logged)
+    return calls
 
 
 def test_the_cores_cover_the_image_once_and_the_halo_stays_inside():
@@ -97,17 +109,10 @@ def test_the_benchmark_records_its_tiling_encodes_every_tile_before_decoding_and
 
     from PIL import Image
 
-    from sam4med.engine.sam_model import SamModel
     from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
     from sam4med.evaluation.summary import load_results
 
-    calls = []
-    for name in ("encode", "decode"):
-        def logged(self, *args, _original=getattr(SamModel, name), _name=name, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(SamModel, name, logged)
-
+    calls = encoder_and_decoder_calls(monkeypatch)
     image, masks = small_blobs(size=512, count=4, seed=2)
     (tmp_path / "blobs" / "images").mkdir(parents=True)
     (tmp_path / "blobs" / "masks").mkdir()
@@ -141,13 +146,8 @@ def test_everything_mode_lays_its_grid_on_every_tile_and_finds_small_objects_the
     image = image.clip(0, 255).astype(np.uint8)
     settings = EverythingSettings(method="points", points_per_side=8)
     tiled = TiledPredictor(click_model, tile=256, halo=32)
-    found, calls = {}, []
+    found, calls = {}, encoder_and_decoder_calls(monkeypatch)
     for name, predictor in (("whole", Predictor(click_model)), ("tiled", tiled)):
-        for step in ("encode", "decode"):
-            def logged(*args, _original=getattr(type(click_model), step), _step=step, **kwargs):
-                calls.append(_step)
-                return _original(click_model, *args, **kwargs)
-            monkeypatch.setattr(click_model, step, logged)
         calls.clear()
         proposals = generate_masks(predictor, image, settings)
         found[name] = [max((dice(p.mask, m) for p in proposals), default=0.0) for m in masks]
