@@ -205,7 +205,7 @@ class OnnxPredictor:
         pixels, self.resized = model_input(image, self.image_size)
         release_free_memory()  # a large image's float channels, else kept by the tuned allocator under the encoder
         self.features = self.encoder.run(None, {self.encoder.get_inputs()[0].name: pixels})[0]
-        release_free_memory()  # the encoder's activations, as ``Predictor.embed`` hands them back
+        release_free_memory()  # the encoder's activations, as ``SamModel.encode`` hands them back
         self.image = image
 
     def decode(self, prompt: Prompt, mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

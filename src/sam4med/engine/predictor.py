@@ -17,7 +17,6 @@ import torch
 
 from sam4med.engine.checkpoints import write_torch
 from sam4med.engine.prompts import Prompt
-from sam4med.engine.runtime import release_free_memory
 from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1, ends exclusive
@@ -82,9 +81,6 @@ class Predictor:
             return Embedding(features, self.model.geometry(image.shape[:2]))
         embedding = self.model.encode(image)
         self.encoder_calls += 1
-        # The encoder's activations (a few hundred MB at its first stage) are free now but kept by the tuned
-        # allocator; handed back, the decoders' work of this image does not stack on top of them.
-        release_free_memory()
         if cache:
             cache.store(key, embedding.features)
         return embedding

@@ -202,10 +202,15 @@ class SamModel:
             if self._onnx_encoder is None:
                 self._onnx_encoder = OnnxEncoder(self.network.image_encoder, self.spec.image_size, self.name,
                                                  self.weights_sha256, int8=self.encoder_backend == "onnx-int8")
-            return Embedding(self._onnx_encoder(model_input).to(self.device), geometry)
-        with self.autocast():
-            features = self.network.image_encoder(model_input)
-        return Embedding(features.float(), geometry)
+            features = self._onnx_encoder(model_input).to(self.device)
+        else:
+            with self.autocast():
+                features = self.network.image_encoder(model_input)
+            features = features.float()
+        # The encoder's activations (a few hundred MB at its first stage) are free now but kept by the tuned
+        # allocator; handed back, the decoders' work of this image does not stack on top of them.
+        release_free_memory()
+        return Embedding(features, geometry)
 
     def prompt_tensors(
         self, prompts: Sequence[Prompt], geometry: ImageGeometry
