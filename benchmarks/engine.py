@@ -8,8 +8,8 @@ Each measurement runs in a fresh subprocess, so peak memory and allocator settin
 - reference: the straightforward eager use of the model: one encoder call per image, one
   segment_anything MaskDecoder call per prompt, no embedding cache, glibc's default allocator;
 - optimised: what sam4med does: allocator tuned at start-up, the encoder on ONNX Runtime
-  (``--encoder onnx``, the default when onnxruntime is installed), the shared-image decoder
-  (``engine.decoder``) on batches of ``--batch`` prompts, mask inputs included, and everything mode's
+  (``--encoder onnx``, the default when onnxruntime is installed; ``--encoder openvino``: OpenVINO), the
+  shared-image decoder (``engine.decoder``) on batches of ``--batch`` prompts, mask inputs included, and everything mode's
   early rejection (prompts below the predicted-IoU threshold skip the upscaling).
 
 In the protocol rows both paths use the benchmark's own predictor, which hands the reference decoder
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="prompts per decoder call on the optimised path (the predictor's default)")
     parser.add_argument("--image", default=None)
-    parser.add_argument("--encoder", choices=("torch", "onnx"), default=None,
+    parser.add_argument("--encoder", choices=("torch", "onnx", "openvino"), default=None,
                         help="encoder backend of the optimised path (default: onnx when onnxruntime is installed)")
     parser.add_argument("--protocol-data", default=None)
     parser.add_argument("--protocol-images", type=int, default=20)

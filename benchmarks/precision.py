@@ -1,13 +1,16 @@
-"""Reduced precision against fp32: the int8 ONNX encoder and bfloat16 autocast, speed and Dice on every data set.
+"""Reduced precision and other runtimes against fp32: the int8 ONNX encoder, bfloat16, OpenVINO; speed and Dice.
 
     python benchmarks/precision.py --data ../shared/data [--images 30] [--model litemedsam-click] [--threads 2]
                                    [--modes box,point_center]
 
-Three ways to run one model, all in this process:
+Five ways to run one model, all in this process:
 
-- fp32: the encoder on ONNX Runtime in fp32 (sam4med's fastest fp32 path), the decoders in fp32;
+- fp32: the encoder on ONNX Runtime in fp32, the decoders in fp32;
 - int8: the encoder's int8 copy (``--encoder onnx-int8``), the decoders in fp32;
-- bf16: the encoder and the decoders on PyTorch under bfloat16 autocast (``--precision bf16``).
+- bf16: the encoder and the decoders on PyTorch under bfloat16 autocast (``--precision bf16``);
+- openvino: the same graph as fp32's compiled by OpenVINO in fp32 (``--encoder openvino``), the decoders in fp32;
+- openvino-bf16: OpenVINO's encoder in bfloat16 where the CPU has it, the decoders under bfloat16 autocast
+  (``--encoder openvino --precision bf16``).
 
 Speed: the encoder of each way (and PyTorch's fp32 encoder, for reference), interleaved image by image so that
 a busy machine slows all alike, median seconds per image; the decoder in fp32 and bf16 on batches of 8 lone
@@ -31,16 +34,18 @@ import torch
 
 from sam4med.engine.datasets import load_dataset
 from sam4med.engine.imageio import read_image
-from sam4med.engine.models import load_model, native_bf16
+from sam4med.engine.models import load_model
+from sam4med.engine.runtime import configure_cpu, native_bf16
 from sam4med.engine.prompts import Prompt
-from sam4med.engine.runtime import configure_cpu
 from sam4med.engine.sam_model import SamModel
 from sam4med.evaluation.benchmark import BenchmarkConfig, run_benchmark
 from sam4med.evaluation.summary import load_results
 
 from engine import measured_floor, median_seconds  # benchmarks/engine.py, beside this script
 
-WAYS = {"fp32": ("onnx", "fp32"), "int8": ("onnx-int8", "fp32"), "bf16": ("torch", "bf16")}
+WAYS = {"fp32": ("onnx", "fp32"), "int8": ("onnx-int8", "fp32"), "bf16": ("torch", "bf16"),
+        "openvino": ("openvino", "fp32"), "openvino-bf16": ("openvino", "bf16")}
+OTHERS = [name for name in WAYS if name != "fp32"]
 
 
 def encoder_seconds(models: dict[str, SamModel], images: list[np.ndarray]) -> dict[str, float]:
@@ -88,17 +93,17 @@ def main() -> None:
     encoders = encoder_seconds({**models, "torch fp32": load_model(args.model, device="cpu")},
                                [read_image(sample.image_path) for folder in folders
                                 for sample in load_dataset(folder).samples[:3]])
-    print("encoder, s/image: " + ", ".join(f"{name} {value:.3f}" for name, value in encoders.items())
-          + f"; int8 {encoders['fp32'] / encoders['int8']:.2f}x, bf16 {encoders['fp32'] / encoders['bf16']:.2f}x "
-          "the fp32 ONNX encoder", flush=True)
+    print("encoder, s/image: " + ", ".join(f"{name} {value:.3f}" for name, value in encoders.items()) + "; "
+          + ", ".join(f"{name} {encoders['fp32'] / encoders[name]:.2f}x" for name in OTHERS)
+          + " the fp32 ONNX encoder", flush=True)
     image = read_image(load_dataset(folders[0]).samples[0].image_path)
     decoder = {name: decoder_ms_per_prompt(models[name], image) for name in ("fp32", "bf16")}
     print(f"decoder, ms/prompt: fp32 {decoder['fp32']:.1f}, bf16 {decoder['bf16']:.1f} "
           f"({decoder['fp32'] / decoder['bf16']:.2f}x)", flush=True)
     modes = tuple(args.modes.split(","))
-    print(f"{'data set':16s} {'mode':13s} {'objects':>7s} {'fp32':>7s} {'int8':>7s} {'bf16':>7s} {'int8-fp32':>9s} "
-          f"{'bf16-fp32':>9s}", flush=True)
-    worst = {"int8": 0.0, "bf16": 0.0}
+    print(f"{'data set':16s} {'mode':13s} {'objects':>7s} {'fp32':>7s} "
+          + " ".join(f"{name + ' - fp32':>21s}" for name in OTHERS), flush=True)
+    worst = {name: 0.0 for name in OTHERS}
     with tempfile.TemporaryDirectory() as scratch:
         for folder in folders:
             frames = {}
@@ -113,9 +118,8 @@ def main() -> None:
                 for name in worst:
                     worst[name] = max(worst[name], abs(means[name] - means["fp32"]))
                 count = int((frames["fp32"]["mode"] == mode).sum())
-                print(f"{folder.name:16s} {mode:13s} {count:7d} {means['fp32']:7.4f} {means['int8']:7.4f} "
-                      f"{means['bf16']:7.4f} {means['int8'] - means['fp32']:+9.4f} {means['bf16'] - means['fp32']:+9.4f}",
-                      flush=True)
+                print(f"{folder.name:16s} {mode:13s} {count:7d} {means['fp32']:7.4f} "
+                      + " ".join(f"{means[name] - means['fp32']:+21.4f}" for name in OTHERS), flush=True)
     for name in worst:
         print(f"{name}: largest |Dice - fp32| {worst[name]:.4f}, encoder {encoders['fp32'] / encoders[name]:.2f}x "
               "(rule: <= 0.005 and >= 1.5x)")

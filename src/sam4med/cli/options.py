@@ -116,8 +116,9 @@ RunFolderOption = Annotated[Path, typer.Option(help="Run folder (config.json, sp
 MaxTrainImagesOption = Annotated[int, typer.Option(help="Training images per data set (0: all).")]
 MaxImagesOption = Annotated[int, typer.Option(help="Images per data set (0: all).")]
 EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, onnx (ONNX Runtime, CPU; same "
-                                                 "embedding) or onnx-int8 (int8 MatMul weights: faster, changes "
-                                                 "the embedding slightly; recorded in the protocol).")]
+                                                 "embedding), openvino (OpenVINO, CPU; same embedding, in bf16 with "
+                                                 "--precision bf16) or onnx-int8 (int8 MatMul weights: faster, "
+                                                 "changes the embedding slightly; recorded in the protocol).")]
 PrecisionOption = Annotated[str, typer.Option(help="fp32, or bf16: PyTorch's encoder and decoders under bfloat16 "
                                                    "autocast (much faster on CPUs with AVX-512 BF16 or AMX; masks "
                                                    "differ at the edges; recorded in the protocol).")]

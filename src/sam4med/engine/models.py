@@ -21,7 +21,7 @@ from sam4med.engine.checkpoints import (
 from sam4med.engine.errors import InputError, check_precision
 from sam4med.engine.defaults import DEFAULT_MODEL
 from sam4med.engine.registry import ModelSpec, model_spec
-from sam4med.engine.runtime import tune_allocator
+from sam4med.engine.runtime import native_bf16, tune_allocator
 from sam4med.engine.sam_model import PromptPath, SamModel
 
 
@@ -116,11 +116,6 @@ def load_model(
     if precision == "bf16" and on_cpu and not native_bf16():
         warnings.warn("this CPU has neither AVX-512 BF16 nor AMX: bf16 is emulated and slower than fp32", stacklevel=2)
     return model
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (AVX-512 BF16 or AMX), where bf16 pays."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: torch.device,

@@ -18,6 +18,7 @@ from sam4med.engine.decoder import ImageState, SharedImageDecoder
 from sam4med.engine.decoder import supports as supports_shared_decoding
 from sam4med.engine.errors import InputError
 from sam4med.engine.onnx_encoder import OnnxEncoder
+from sam4med.engine.openvino_encoder import OpenVinoEncoder
 from sam4med.engine.preprocessing import (
     ImageGeometry,
     from_model_frame,
@@ -28,9 +29,9 @@ from sam4med.engine.preprocessing import (
 )
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.registry import ModelSpec
-from sam4med.engine.runtime import precision_autocast, release_free_memory
+from sam4med.engine.runtime import native_bf16, precision_autocast, release_free_memory
 
-ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8")
+ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8", "openvino")
 
 
 @dataclass
@@ -142,16 +143,16 @@ class SamModel:
         self.weights_sha256 = weights_sha256
         self.base_weights_sha256 = base_weights_sha256  # the bundled weights under sam4med's own prompt weights
         self.device = device
-        # ONNX Runtime runs the encoder on CPUs only; made (and exported, once) on the first encode.
+        # ONNX Runtime and OpenVINO run the encoder on CPUs only; made (and exported, once) on the first encode.
         self.encoder_backend = encoder_backend if device.type == "cpu" else "torch"
-        self._onnx_encoder: OnnxEncoder | None = None
+        self._compiled_encoder: OnnxEncoder | OpenVinoEncoder | None = None
         self.main_path = PromptPath(network.prompt_encoder, network.mask_decoder, use_shared_decoder)
         self.box_path = None if box_path is None else box_path.to(device).eval()
 
     def __getstate__(self) -> dict[str, object]:
-        """Pickled without its ONNX Runtime session (not picklable; made again on the next encode), so that a
-        model can be shipped to the actors of a Ray run."""
-        return {**self.__dict__, "_onnx_encoder": None}
+        """Pickled without its ONNX Runtime or OpenVINO encoder (not picklable; made again on the next encode), so
+        that a model can be shipped to the actors of a Ray run."""
+        return {**self.__dict__, "_compiled_encoder": None}
 
     @property
     def shared_decoder(self) -> SharedImageDecoder | None:
@@ -169,7 +170,10 @@ class SamModel:
             record["box_prompts"] = "base model's prompt encoder and decoder"
         if self.encoder_backend == "onnx-int8":  # fp32 ONNX gives PyTorch's embedding; int8 changes it
             record["encoder"] = "onnx-int8 (dynamic quantisation of MatMul weights, per channel)"
-        if self.precision != "fp32":
+        if self.precision != "fp32" and self.encoder_backend == "openvino":  # its encoder computes in bf16 too
+            record["precision"] = (f"{self.precision} (encoder on openvino in {self.encoder_precision()}, "
+                                   "decoder under torch autocast)")
+        elif self.precision != "fp32":
             record["precision"] = f"{self.precision} autocast (encoder on {self.encoder_backend}, decoder on torch)"
         return record
 
@@ -199,10 +203,7 @@ class SamModel:
         model_input, geometry = self.preprocess(image)
         release_free_memory()  # a large image's float channels, kept by the tuned allocator under the encoder's peak
         if self.encoder_backend != "torch":
-            if self._onnx_encoder is None:
-                self._onnx_encoder = OnnxEncoder(self.network.image_encoder, self.spec.image_size, self.name,
-                                                 self.weights_sha256, int8=self.encoder_backend == "onnx-int8")
-            features = self._onnx_encoder(model_input).to(self.device)
+            features = self._encoder()(model_input).to(self.device)
         else:
             with self.autocast():
                 features = self.network.image_encoder(model_input)
@@ -211,6 +212,23 @@ class SamModel:
         # allocator; handed back, the decoders' work of this image does not stack on top of them.
         release_free_memory()
         return Embedding(features, geometry)
+
+    def _encoder(self) -> OnnxEncoder | OpenVinoEncoder:
+        """The compiled encoder of a CPU backend, made (and the graph exported, once) on first use."""
+        if self._compiled_encoder is None:
+            encoder, size = self.network.image_encoder, self.spec.image_size
+            if self.encoder_backend == "openvino":  # bf16 where the CPU has it (OpenVINO may refuse it elsewhere)
+                self._compiled_encoder = OpenVinoEncoder(encoder, size, self.name, self.weights_sha256,
+                                                         bf16=self.precision == "bf16" and native_bf16())
+            else:
+                self._compiled_encoder = OnnxEncoder(encoder, size, self.name, self.weights_sha256,
+                                                     int8=self.encoder_backend == "onnx-int8")
+        return self._compiled_encoder
+
+    def encoder_precision(self) -> str:
+        """What the OpenVINO encoder computes in: the model's precision where the CPU has it (compiled to ask)."""
+        encoder = self._encoder()
+        return encoder.precision if isinstance(encoder, OpenVinoEncoder) else "fp32"
 
     def prompt_tensors(
         self, prompts: Sequence[Prompt], geometry: ImageGeometry

@@ -1,0 +1,50 @@
+"""The OpenVINO encoder gives PyTorch's embedding in fp32 and records bf16 where it computes in it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sam4med.engine.runtime import native_bf16
+from sam4med.engine.sam_model import SamModel
+
+from conftest import make_ellipse_image
+
+pytest.importorskip("openvino")
+
+
+def openvino_model(litemedsam: SamModel, precision: str = "fp32") -> SamModel:
+    model = SamModel(litemedsam.spec, litemedsam.network, litemedsam.weights_sha256, litemedsam.device,
+                     encoder_backend="openvino")
+    model.precision = precision
+    return model
+
+
+def test_openvino_encoder_matches_pytorch_from_the_shared_export(litemedsam, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM4MED_CACHE", str(tmp_path))
+    image, _ = make_ellipse_image()
+    model = openvino_model(litemedsam)
+    embedding, expected = model.encode(image), litemedsam.encode(image)
+    assert embedding.features.shape == expected.features.shape == (1, 256, 64, 64)
+    assert float((embedding.features - expected.features).abs().max()) < 1e-4
+    assert model.protocol() == litemedsam.protocol()  # the same embedding: not part of a protocol
+    assert len(list((tmp_path / "onnx").glob("litemedsam-*.onnx"))) == 1  # the graph the onnx backend uses
+    assert any((tmp_path / "openvino" / "f32").iterdir())  # the compiled graph, cached
+    # a second model compiles from the cache and gives the same embedding
+    torch.testing.assert_close(openvino_model(litemedsam).encode(image).features, embedding.features)
+
+
+def test_openvino_bf16_is_kept_apart_and_recorded_as_computed(litemedsam, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM4MED_CACHE", str(tmp_path))
+    image, _ = make_ellipse_image()
+    fp32 = openvino_model(litemedsam).encode(image).features
+    bf16_model = openvino_model(litemedsam, "bf16")
+    features = bf16_model.encode(image).features
+    computed = "bf16" if native_bf16() else "fp32"
+    assert bf16_model.protocol()["precision"] == f"bf16 (encoder on openvino in {computed}, decoder under torch autocast)"
+    similarity = float(torch.nn.functional.cosine_similarity(features.flatten(), fp32.flatten(), dim=0))
+    if native_bf16():  # a graph compiled for one precision must not be loaded for the other (one cache folder each)
+        assert 0.99 < similarity < 1.0 and {p.name for p in (tmp_path / "openvino").iterdir()} == {"f32", "bf16"}
+        torch.testing.assert_close(openvino_model(litemedsam).encode(image).features, fp32)
+    else:
+        assert similarity > 1 - 1e-6
