@@ -1,15 +1,16 @@
 """Peak resident memory of `sam4med eval benchmark` on large images, and how much of it is the libraries.
 
     python benchmarks/memory.py --data ../shared/data/monuseg --images 3 [--tile 256] [--threads 2]
+                                [--encoders onnx,openvino,torch]
 
 Each figure is a fresh process, as a user runs the verb: its peak resident set (``ru_maxrss`` of the child)
-and wall time. Printed, for the ONNX encoder (the benchmark's fast path) and the PyTorch encoder (the path
-before it): the floor (the process imports what the benchmark imports and loads the model, then stops), the
-benchmark on ``--images`` images of ``--data`` under every prompt mode (or ``--modes``), the part above the
-floor, and the ratio against the 1.5 GB target of the speed issue; beside them the peak of the process's
-anonymous memory (heap and arrays, sampled), since the resident set also counts pages of the shared libraries
-it maps (PyTorch's CUDA libraries among them, on a CPU), which the system can drop and read again. With
-``--tile``, the same on tiled embeddings. Results go to a temporary folder that is removed.
+and wall time. Printed, for each encoder backend of ``--encoders`` (ONNX Runtime, OpenVINO, PyTorch): the
+floor (the process imports what the benchmark imports and loads the model, then stops), the benchmark on
+``--images`` images of ``--data`` under every prompt mode (or ``--modes``), the part above the floor, and the
+ratio against the 1.5 GB target of the speed issue; beside them the peak of the process's anonymous memory
+(heap and arrays, sampled), since the resident set also counts pages of the shared libraries it maps
+(PyTorch's CUDA libraries among them, on a CPU), which the system can drop and read again. With ``--tile``,
+the same on tiled embeddings. Results go to a temporary folder that is removed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--model", default="litemedsam-click")
     parser.add_argument("--tile", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--encoders", default="onnx,openvino,torch", help="comma-separated encoder backends")
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"error: {args.data}: no such data set folder")
@@ -49,7 +51,7 @@ def main() -> None:
     print(f"{'encoder':8s} {'images':16s} {'floor MB':>9s} {'peak MB':>8s} {'above floor':>12s} "
           f"{'wall s':>7s} {'peak / 1.5 GB':>14s} {'anon floor':>11s} {'anon peak':>10s}")
     with tempfile.TemporaryDirectory() as scratch:
-        for encoder in ("onnx", "torch"):
+        for encoder in args.encoders.split(","):
             _, floor, anonymous_floor = run_process_sampled([sys.executable, "-c", FLOOR, args.model, encoder])
             for label, options in configurations:
                 out = Path(scratch) / f"{encoder}{len(options)}"

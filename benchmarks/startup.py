@@ -5,9 +5,10 @@
 
 Each run is a new ``python -m sam4med segment`` process, as a user (or a challenge's container) starts one.
 Printed: the median wall time and peak resident memory of ``--runtime onnx`` (ONNX Runtime alone, graphs
-already exported), the same with ``--int8`` (the encoder's int8 copy) and ``--runtime torch`` (the PyTorch
-path, as `segment` ran before), the ratios, and the one-off cost of the first ONNX run on an empty cache
-(the export, which imports PyTorch).
+already exported), the same with ``--int8`` (the encoder's int8 copy), ``--runtime openvino`` (the same graphs,
+the encoder compiled by OpenVINO, its compiled graph cached) and ``--runtime torch`` (the PyTorch path, as
+`segment` ran before), the ratios, and the one-off costs of the first ONNX run on an empty cache (the export,
+which imports PyTorch) and of the first OpenVINO run (compiling with an empty OpenVINO cache).
 Without ``--image`` a synthetic ellipse image is segmented. The machine's cores are not assumed: the
 README's figures say on which CPU they were measured.
 """
@@ -53,8 +54,10 @@ def main() -> None:
                 "--out", str(folder / "mask.png")] + (["--threads", str(args.threads)] if args.threads else [])
         environment = {**os.environ, "SAM4MED_CACHE": str(folder / "cache")}
         first, _ = run_process(base + ["--runtime", "onnx"], environment)  # empty cache: exports the graphs
+        first_openvino, _ = run_process(base + ["--runtime", "openvino"], environment)  # compiles, fills its cache
         rows = {}
-        paths = {"onnx": ["--runtime", "onnx"], "onnx int8": ["--runtime", "onnx", "--int8"], "torch": ["--runtime", "torch"]}
+        paths = {"onnx": ["--runtime", "onnx"], "onnx int8": ["--runtime", "onnx", "--int8"],
+                 "openvino": ["--runtime", "openvino"], "torch": ["--runtime", "torch"]}
         measured: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
         for _ in range(args.repeats):  # interleaved, so that a busy moment of the machine slows every path alike
             for name, options in paths.items():
@@ -66,8 +69,8 @@ def main() -> None:
     for runtime, (median, peak, runs) in rows.items():
         print(f"{runtime:10s} {median:9.2f} {peak:8.0f}  {' '.join(f'{s:.2f}' for s in runs)}")
     print(f"torch / onnx: {rows['torch'][0] / rows['onnx'][0]:.1f}x, torch / onnx int8: "
-          f"{rows['torch'][0] / rows['onnx int8'][0]:.1f}x; first onnx run on an empty cache (export included): "
-          f"{first:.1f} s")
+          f"{rows['torch'][0] / rows['onnx int8'][0]:.1f}x, onnx / openvino: {rows['onnx'][0] / rows['openvino'][0]:.2f}x; "
+          f"first onnx run on an empty cache (export included): {first:.1f} s, first openvino run: {first_openvino:.1f} s")
 
 
 if __name__ == "__main__":

@@ -244,3 +244,11 @@ def test_segment_refuses_int8_with_bf16_in_one_line(tmp_path):
     line = _one_error_line(result)
     assert line.startswith("error: --int8: only on the ONNX Runtime path") and "--precision bf16" in line
     assert not (tmp_path / "mask.png").exists()
+
+
+def test_segment_refuses_int8_with_the_openvino_runtime_in_one_line(tmp_path):
+    """The int8 encoder is ONNX Runtime's own graph; OpenVINO compiles the fp32 one."""
+    result = CliRunner().invoke(app, ["segment", str(tmp_path / "image.png"), "--box", "1", "2", "30", "40", "--out",
+                                      str(tmp_path / "mask.png"), "--int8", "--runtime", "openvino"])
+    assert _one_error_line(result) == "error: --int8 is ONNX Runtime's int8 graph: not with --runtime openvino"
+    assert not (tmp_path / "mask.png").exists()

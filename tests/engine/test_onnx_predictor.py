@@ -88,16 +88,18 @@ def test_upscaling_in_strips_gives_the_same_logits_and_thresholds_them(monkeypat
     assert masks.dtype == bool and np.array_equal(masks, whole > 0) and 0.2 < masks.mean() < 0.8
 
 
-def test_segment_from_a_fresh_process_imports_no_pytorch(graphs, tmp_path):
+@pytest.mark.parametrize("runtime", ["auto", "openvino"])
+def test_segment_from_a_fresh_process_imports_no_pytorch(graphs, tmp_path, runtime):
     image, mask = make_ellipse_image()
     Image.fromarray(image).save(tmp_path / "image.png")
     x0, y0, x1, y1 = tight_box(mask).tolist()
     probe = ("import runpy, sys\n"
-             "sys.argv = ['sam4med', 'segment', 'image.png', '--box', *map(str, [%r, %r, %r, %r]), '--out', 'out.png']\n"
+             "sys.argv = ['sam4med', 'segment', 'image.png', '--box', *map(str, [%r, %r, %r, %r]), '--out', 'out.png',\n"
+             "            '--runtime', %r]\n"
              "try:\n    runpy.run_module('sam4med', run_name='__main__')\n"
              "except SystemExit:\n    pass\n"
              "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'monai', 'scipy', 'skimage') if m in sys.modules))\n"
-             % (x0, y0, x1, y1))
+             % (x0, y0, x1, y1, runtime))
     environment = {**os.environ, "SAM4MED_CACHE": str(graphs.parent)}
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=environment, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -139,9 +141,27 @@ def test_the_int8_encoder_keeps_the_masks_and_is_recorded(graphs):
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
 
 
+def test_the_openvino_encoder_gives_onnx_runtimes_embedding_and_masks(graphs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM4MED_CACHE", str(tmp_path))  # OpenVINO's compiled graph is cached there
+    image, mask = make_ellipse_image(240, 320, centre=(120, 160), radii=(50, 80))
+    onnx, openvino = (onnx_predictor("litemedsam-click", folder=graphs, openvino=flag) for flag in (False, True))
+    onnx.set_image(image)
+    openvino.set_image(image)
+    assert np.abs(onnx.features - openvino.features).max() < 1e-4 and openvino.protocol == onnx.protocol
+    for prompt, multimask in _prompts(mask):
+        a, a_iou = onnx.prompt_masks(image, prompt, multimask)
+        b, b_iou = openvino.prompt_masks(image, prompt, multimask)
+        assert (a != b).mean() < 1e-4
+        np.testing.assert_allclose(a_iou, b_iou, atol=1e-4)
+    assert any((tmp_path / "openvino" / "f32").iterdir())
+
+
 def test_runtime_choice():
     click = model_spec("litemedsam-click")
     assert choose_runtime("auto", click) == "onnx"
+    assert choose_runtime("openvino", click) == "openvino"
+    with pytest.raises(InputError, match="--runtime openvino: not with --tile"):
+        choose_runtime("openvino", click, tile=256)
     assert choose_runtime("auto", click, tile=256) == choose_runtime("auto", model_spec("medsam")) == "torch"
     assert choose_runtime("auto", click, checkpoint="run/best.pt") == choose_runtime("torch", click) == "torch"
     assert choose_runtime("auto", click, precision="bf16") == "torch"  # autocast is PyTorch's

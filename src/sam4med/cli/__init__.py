@@ -84,7 +84,8 @@ def segment(
     halo: HaloOption = 32,
     device: DeviceOption = None,
     runtime: Annotated[str, typer.Option(help="auto (ONNX Runtime alone where it serves: no PyTorch import, graphs "
-                                              "exported once), onnx, or torch.")] = "auto",
+                                              "exported once), onnx, openvino (the same graphs, the encoder "
+                                              "compiled by OpenVINO), or torch.")] = "auto",
     int8: Annotated[bool, typer.Option("--int8", help="The encoder's int8 copy (ONNX Runtime path): faster, "
                                                       "slightly different embedding.")] = False,
     precision: PrecisionOption = "fp32",
@@ -117,9 +118,12 @@ def _predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int,
 
     check_tiling(tile or None, halo)
     check_threads(threads)
-    if choose_runtime(runtime, model_spec(model), checkpoint, device, tile, precision) == "onnx":
+    chosen = choose_runtime(runtime, model_spec(model), checkpoint, device, tile, precision)
+    if chosen in ("onnx", "openvino"):
+        if int8 and chosen == "openvino":
+            raise InputError("--int8 is ONNX Runtime's int8 graph: not with --runtime openvino")
         configure_cpu()
-        return lambda: onnx_predictor(model, threads, int8=int8)
+        return lambda: onnx_predictor(model, threads, int8=int8, openvino=chosen == "openvino")
     if int8:
         raise InputError("--int8: only on the ONNX Runtime path (--runtime auto or onnx, without --checkpoint, "
                          "--device, --tile or --precision bf16)")
@@ -151,7 +155,8 @@ def segment_folder(
     tile: TileOption = 0,
     halo: HaloOption = 32,
     device: DeviceOption = None,
-    runtime: Annotated[str, typer.Option(help="auto (ONNX Runtime where it serves), onnx, or torch.")] = "auto",
+    runtime: Annotated[str, typer.Option(help="auto (ONNX Runtime where it serves), onnx, openvino (its encoder "
+                                              "compiled by OpenVINO), or torch.")] = "auto",
     int8: Annotated[bool, typer.Option("--int8", help="The encoder's int8 copy (ONNX Runtime path).")] = False,
     precision: PrecisionOption = "fp32",
     threads: ThreadsOption = None,

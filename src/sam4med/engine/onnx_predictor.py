@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,10 @@ def onnx_runtime_available() -> bool:
     return True
 
 
+def openvino_available() -> bool:
+    return find_spec("openvino") is not None
+
+
 def serves(spec: ModelSpec) -> bool:
     """Whether this predictor runs a registered model: bundled weights, the 256 px input it upscales from,
     longest-side resizing and min-max normalisation."""
@@ -49,13 +54,15 @@ def serves(spec: ModelSpec) -> bool:
         and spec.normalisation == "minmax"
 
 
-RUNTIMES = ("auto", "onnx", "torch")
+RUNTIMES = ("auto", "onnx", "openvino", "torch")
 
 
 def choose_runtime(runtime: str, spec: ModelSpec, checkpoint: object = None, device: str | None = None,
                    tile: int | None = None, precision: str = "fp32") -> str:
-    """``onnx`` or ``torch`` for a one-image command: ``auto`` takes ONNX Runtime alone wherever it serves the
-    request (a registered model it runs, no --checkpoint, the CPU, whole images) and PyTorch elsewhere."""
+    """``onnx``, ``openvino`` or ``torch`` for a one-image command. ``onnx`` runs the exported graphs on ONNX Runtime
+    alone; ``openvino`` the same graphs with the encoder compiled by OpenVINO (the same embedding, faster where
+    ``benchmarks/startup.py`` measured it). ``auto`` takes ``onnx`` wherever it serves the request (a registered
+    model it runs, no --checkpoint, the CPU, whole images) and PyTorch elsewhere."""
     if runtime not in RUNTIMES:
         raise InputError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     blockers = [reason for reason, present in (
@@ -65,10 +72,13 @@ def choose_runtime(runtime: str, spec: ModelSpec, checkpoint: object = None, dev
         ("--tile", bool(tile)),
         (f"--precision {precision} (PyTorch's autocast)", precision != "fp32"),
         ("onnxruntime not installed (pip install onnxruntime)", runtime != "torch" and not onnx_runtime_available()),
+        ("openvino not installed (pip install openvino)", runtime == "openvino" and not openvino_available()),
     ) if present]
-    if runtime == "onnx" and blockers:
-        raise InputError(f"--runtime onnx: not with {blockers[0]}; use --runtime torch")
-    return "onnx" if runtime == "onnx" or (runtime == "auto" and not blockers) else "torch"
+    if runtime in ("onnx", "openvino") and blockers:
+        raise InputError(f"--runtime {runtime}: not with {blockers[0]}; use --runtime torch")
+    if runtime == "auto":
+        return "torch" if blockers else "onnx"
+    return runtime
 
 
 def manifest_path(model_name: str, folder: Path | None = None) -> Path:
@@ -156,16 +166,20 @@ class OnnxPredictor:
 
     Made with :func:`onnx_predictor`, which exports the graphs first when they are missing or stale."""
 
-    def __init__(self, manifest: dict, folder: Path, threads: int | None = None, int8: bool = False):
+    def __init__(self, manifest: dict, folder: Path, threads: int | None = None, int8: bool = False,
+                 openvino: bool = False):
         import onnxruntime
 
         self.options = onnxruntime.SessionOptions()
         self.options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice, one per physical core
+        self.threads = threads
         # the memory arena: a fifth off the first encode, for a few hundred MB that a short process can spare
         # (the long-running encoder of engine.onnx_encoder goes without it)
         self.folder, self.graphs = folder, manifest["graphs"]
         self.model_name: str = manifest["model"]["model"]
-        self.encoder = self._session("encoder_int8" if int8 else "encoder")
+        # the encoder: ONNX Runtime's session, or OpenVINO's request on the same graph (the same embedding)
+        self.openvino = openvino
+        self.encoder = self._graph("encoder_int8" if int8 else "encoder", openvino)
         self._decoders: dict[str, object] = {}
         self.protocol: dict[str, object] = manifest["model"]
         if int8:
@@ -177,13 +191,18 @@ class OnnxPredictor:
         self.features: np.ndarray | None = None
         self.resized: tuple[int, int] = (0, 0)
 
-    def _session(self, graph: str):  # noqa: ANN202 - an onnxruntime.InferenceSession
-        """A graph's session; a damaged file (ONNX Runtime raises its own types) is exported again, once."""
+    def _graph(self, graph: str, openvino: bool = False):  # noqa: ANN202
+        """A graph's ONNX Runtime session (or, ``openvino``, an OpenVINO infer request on it); a damaged file (either
+        runtime raises its own types) is exported again, once."""
         import onnxruntime
 
         def load():  # noqa: ANN202
-            return onnxruntime.InferenceSession(str(self.folder / self.graphs[graph]), self.options,
-                                                providers=["CPUExecutionProvider"])
+            path = self.folder / self.graphs[graph]
+            if openvino:
+                from sam4med.engine.openvino_encoder import compile_encoder
+
+                return compile_encoder(path, self.threads, bf16=False).create_infer_request()
+            return onnxruntime.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
         try:
             return load()
         except Exception:
@@ -195,7 +214,7 @@ class OnnxPredictor:
 
     def _decoder(self, graph: str):  # noqa: ANN202 - made on first use: a box alone never needs the other
         if graph not in self._decoders:
-            self._decoders[graph] = self._session(graph)
+            self._decoders[graph] = self._graph(graph)
         return self._decoders[graph]
 
     def set_image(self, image: np.ndarray) -> None:
@@ -204,7 +223,12 @@ class OnnxPredictor:
             return
         pixels, self.resized = model_input(image, self.image_size)
         release_free_memory()  # a large image's float channels, else kept by the tuned allocator under the encoder
-        self.features = self.encoder.run(None, {self.encoder.get_inputs()[0].name: pixels})[0]
+        if self.openvino:
+            from sam4med.engine.openvino_encoder import run_encoder
+
+            self.features = run_encoder(self.encoder, pixels)
+        else:
+            self.features = self.encoder.run(None, {self.encoder.get_inputs()[0].name: pixels})[0]
         release_free_memory()  # the encoder's activations, as ``SamModel.encode`` hands them back
         self.image = image
 
@@ -253,10 +277,10 @@ class OnnxPredictor:
 
 
 def onnx_predictor(model_name: str, threads: int | None = None, folder: Path | None = None,
-                   int8: bool = False) -> OnnxPredictor:
+                   int8: bool = False, openvino: bool = False) -> OnnxPredictor:
     """The ONNX Runtime predictor of a registered model with bundled weights; its graphs are exported first
     (which imports PyTorch, once per model and weights) when missing or stale. ``int8``: the encoder's int8
-    copy (``engine.onnx_encoder``)."""
+    copy (``engine.onnx_encoder``); ``openvino``: the encoder compiled by OpenVINO (``engine.openvino_encoder``)."""
     if not onnx_runtime_available():
         raise InputError("the ONNX Runtime path needs onnxruntime: pip install onnxruntime")
     folder = folder or cache_root() / "onnx"
@@ -268,4 +292,4 @@ def onnx_predictor(model_name: str, threads: int | None = None, folder: Path | N
         manifest = current_manifest(model_name, folder)
         if manifest is None:
             raise RuntimeError(f"{manifest_path(model_name, folder)}: exported, but not readable back")
-    return OnnxPredictor(manifest, folder, threads, int8)
+    return OnnxPredictor(manifest, folder, threads, int8, openvino)

@@ -11,19 +11,35 @@ compiled graph reports. Compiled graphs are cached under ``$SAM4MED_CACHE/openvi
 
 from __future__ import annotations
 
-from importlib.util import find_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from sam4med.engine.errors import InputError
-from sam4med.engine.onnx_encoder import ensure_encoder
-from sam4med.engine.onnx_predictor import cache_root
+from sam4med.engine.onnx_predictor import cache_root, openvino_available
+
+if TYPE_CHECKING:  # not imported at run time: the ONNX Runtime path of ``segment`` compiles with it without PyTorch
+    import torch
 
 
-def openvino_available() -> bool:
-    return find_spec("openvino") is not None
+def compile_encoder(path: Path, threads: int | None, bf16: bool, cache_dir: Path | None = None):  # noqa: ANN201
+    """An exported encoder graph compiled for this CPU (an ``openvino.CompiledModel``); ``threads=None``:
+    OpenVINO's choice."""
+    if not openvino_available():
+        raise InputError("encoder backend 'openvino' needs OpenVINO: pip install openvino")
+    import openvino
+
+    precision = "bf16" if bf16 else "f32"
+    core = openvino.Core()
+    # compiling again from the cache is quicker; one folder per precision, as OpenVINO's cache key leaves the
+    # precision hint out (a graph compiled for one, loaded for the other, crashed its first inference)
+    core.set_property({"CACHE_DIR": str((cache_dir or cache_root()) / "openvino" / precision)})
+    settings: dict[str, object] = {"INFERENCE_PRECISION_HINT": precision,
+                                   "PERFORMANCE_HINT": "LATENCY"}  # one image at a time, every thread on it
+    if threads:
+        settings["INFERENCE_NUM_THREADS"] = threads
+    return core.compile_model(str(path), "CPU", settings)
 
 
 class OpenVinoEncoder:
@@ -31,27 +47,24 @@ class OpenVinoEncoder:
 
     def __init__(self, encoder: torch.nn.Module, image_size: int, name: str, weights_sha256: str | None,
                  threads: int | None = None, cache_dir: str | Path | None = None, bf16: bool = False):
-        if not openvino_available():
-            raise InputError("encoder backend 'openvino' needs OpenVINO: pip install openvino")
-        import openvino
+        import torch
+
+        from sam4med.engine.onnx_encoder import ensure_encoder
 
         root = Path(cache_dir) if cache_dir is not None else cache_root()
         self.path = ensure_encoder(encoder, root / "onnx", name, weights_sha256, image_size)
-        core = openvino.Core()
-        precision = "bf16" if bf16 else "f32"
-        # compiling again from the cache is quicker; one folder per precision, as OpenVINO's cache key leaves the
-        # precision hint out (a graph compiled for one, loaded for the other, crashed its first inference)
-        core.set_property({"CACHE_DIR": str(root / "openvino" / precision)})
-        compiled = core.compile_model(str(self.path), "CPU", {
-            "INFERENCE_PRECISION_HINT": precision,
-            "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-            "PERFORMANCE_HINT": "LATENCY",  # one image at a time, every thread on it
-        })
+        compiled = compile_encoder(self.path, threads or torch.get_num_threads(), bf16, root)
         # what the compiled graph computes in, as the plugin reports it (recorded in the protocol)
         self.precision = "bf16" if compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16" else "fp32"
         self.request = compiled.create_infer_request()
 
     def __call__(self, model_input: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(model_input.detach().cpu().numpy(), dtype=np.float32)
-        output = self.request.infer([array])[0]
-        return torch.from_numpy(np.array(output, dtype=np.float32))  # a copy: the request reuses its output buffer
+        import torch
+
+        return torch.from_numpy(run_encoder(self.request, model_input.detach().cpu().numpy()))
+
+
+def run_encoder(request, pixels: np.ndarray) -> np.ndarray:  # noqa: ANN001 - an openvino.InferRequest
+    """The embedding of a (1, 3, S, S) input, as a float32 array of its own (the request reuses its output buffer)."""
+    output = request.infer([np.ascontiguousarray(pixels, dtype=np.float32)])[0]
+    return np.array(output, dtype=np.float32)
