@@ -113,15 +113,14 @@ def _predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int,
     """How ``segment`` and ``segment-folder`` make their predictor once every argument is checked: on ONNX
     Runtime alone where it serves (``choose_runtime``), else on PyTorch."""
     from sam4med.engine.errors import check_tiling
-    from sam4med.engine.onnx_predictor import choose_runtime, onnx_predictor
+    from sam4med.engine.onnx_predictor import check_encoder_graph, choose_runtime, onnx_predictor
     from sam4med.engine.registry import model_spec
 
     check_tiling(tile or None, halo)
     check_threads(threads)
     chosen = choose_runtime(runtime, model_spec(model), checkpoint, device, tile, precision)
     if chosen in ("onnx", "openvino"):
-        if int8 and chosen == "openvino":
-            raise InputError("--int8 is ONNX Runtime's int8 graph: not with --runtime openvino")
+        check_encoder_graph(int8, chosen == "openvino")  # before anything is read or exported
         configure_cpu()
         return lambda: onnx_predictor(model, threads, int8=int8, openvino=chosen == "openvino")
     if int8:

@@ -81,6 +81,12 @@ def choose_runtime(runtime: str, spec: ModelSpec, checkpoint: object = None, dev
     return runtime
 
 
+def check_encoder_graph(int8: bool, openvino: bool) -> None:
+    """The int8 encoder is a graph of ONNX Runtime's own quantisation; OpenVINO compiles the fp32 one."""
+    if int8 and openvino:
+        raise InputError("--int8 is ONNX Runtime's int8 graph: not with --runtime openvino")
+
+
 def manifest_path(model_name: str, folder: Path | None = None) -> Path:
     return (folder or cache_root() / "onnx") / f"{model_name}.json"
 
@@ -283,6 +289,7 @@ def onnx_predictor(model_name: str, threads: int | None = None, folder: Path | N
     copy (``engine.onnx_encoder``); ``openvino``: the encoder compiled by OpenVINO (``engine.openvino_encoder``)."""
     if not onnx_runtime_available():
         raise InputError("the ONNX Runtime path needs onnxruntime: pip install onnxruntime")
+    check_encoder_graph(int8, openvino)
     folder = folder or cache_root() / "onnx"
     manifest = current_manifest(model_name, folder)
     if manifest is None:
