@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sam4med.engine.errors import InputError
 from sam4med.engine.runtime import native_bf16
 from sam4med.engine.sam_model import SamModel
 
@@ -48,3 +49,11 @@ def test_openvino_bf16_is_kept_apart_and_recorded_as_computed(litemedsam, tmp_pa
         torch.testing.assert_close(openvino_model(litemedsam).encode(image).features, fp32)
     else:
         assert similarity > 1 - 1e-6
+
+
+def test_a_missing_openvino_is_one_line_when_the_model_is_made(litemedsam, monkeypatch):
+    """Not at the first image's encode, where a batch run would turn it into an error row per image."""
+    monkeypatch.setattr("sam4med.engine.sam_model.openvino_available", lambda: False)
+    with pytest.raises(InputError, match=r"^--encoder openvino: needs OpenVINO \(pip install openvino\)$"):
+        SamModel(litemedsam.spec, litemedsam.network, litemedsam.weights_sha256, litemedsam.device,
+                 encoder_backend="openvino")
