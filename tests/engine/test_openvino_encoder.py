@@ -40,9 +40,12 @@ def test_openvino_bf16_is_kept_apart_and_recorded_as_computed(litemedsam, tmp_pa
     image, _ = make_ellipse_image()
     fp32 = openvino_model(litemedsam).encode(image).features
     bf16_model = openvino_model(litemedsam, "bf16")
-    features = bf16_model.encode(image).features
     computed = "bf16" if native_bf16() else "fp32"
-    assert bf16_model.protocol()["precision"] == f"bf16 (encoder on openvino in {computed}, decoder under torch autocast)"
+    recorded = f"bf16 (encoder on openvino in {computed}, decoder under torch autocast)"
+    assert bf16_model.protocol()["precision"] == recorded
+    assert bf16_model._compiled_encoder is None  # recording the protocol compiles nothing
+    features = bf16_model.encode(image).features
+    assert bf16_model.protocol()["precision"] == recorded
     similarity = float(torch.nn.functional.cosine_similarity(features.flatten(), fp32.flatten(), dim=0))
     if native_bf16():  # a graph compiled for one precision must not be loaded for the other (one cache folder each)
         assert 0.99 < similarity < 1.0 and {p.name for p in (tmp_path / "openvino").iterdir()} == {"f32", "bf16"}

@@ -6,7 +6,7 @@ Runtime depends on the CPU: ``benchmarks/engine.py`` measures both (README, Spee
 PyTorch's to float rounding (a test holds it to 1e-4), so, like ``onnx``, it is not part of a protocol. With the
 model's ``precision="bf16"`` the graph is compiled to compute in bfloat16 where the CPU multiplies it in hardware
 (AVX-512 BF16 or AMX; elsewhere in fp32): that changes the embedding, and the protocol records the precision the
-compiled graph reports. Compiled graphs are cached under ``$SAM4MED_CACHE/openvino/<precision>``. CPU only.
+graph is compiled for (a graph the plugin compiled otherwise is refused). Compiled graphs are cached under ``$SAM4MED_CACHE/openvino/<precision>``. CPU only.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ class OpenVinoEncoder:
         root = Path(cache_dir) if cache_dir is not None else cache_root()
         self.path = ensure_encoder(encoder, root / "onnx", name, weights_sha256, image_size)
         compiled = compile_encoder(self.path, threads or torch.get_num_threads(), bf16, root)
-        # what the compiled graph computes in, as the plugin reports it (recorded in the protocol)
-        self.precision = "bf16" if compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16" else "fp32"
+        computed = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if computed != ("bf16" if bf16 else "f32"):  # the protocol records the precision asked for
+            raise RuntimeError(f"{self.path}: OpenVINO compiled the encoder for {computed}, not the "
+                               f"{'bf16' if bf16 else 'f32'} asked for")
         self.request = compiled.create_infer_request()
 
     def __call__(self, model_input: torch.Tensor) -> torch.Tensor:

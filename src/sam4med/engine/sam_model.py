@@ -220,18 +220,18 @@ class SamModel:
         """The compiled encoder of a CPU backend, made (and the graph exported, once) on first use."""
         if self._compiled_encoder is None:
             encoder, size = self.network.image_encoder, self.spec.image_size
-            if self.encoder_backend == "openvino":  # bf16 where the CPU has it (OpenVINO may refuse it elsewhere)
+            if self.encoder_backend == "openvino":
                 self._compiled_encoder = OpenVinoEncoder(encoder, size, self.name, self.weights_sha256,
-                                                         bf16=self.precision == "bf16" and native_bf16())
+                                                         bf16=self.encoder_precision() == "bf16")
             else:
                 self._compiled_encoder = OnnxEncoder(encoder, size, self.name, self.weights_sha256,
                                                      int8=self.encoder_backend == "onnx-int8")
         return self._compiled_encoder
 
     def encoder_precision(self) -> str:
-        """What the OpenVINO encoder computes in: the model's precision where the CPU has it (compiled to ask)."""
-        encoder = self._encoder()
-        return encoder.precision if isinstance(encoder, OpenVinoEncoder) else "fp32"
+        """What the OpenVINO encoder computes in: the model's precision where the CPU multiplies bf16 in hardware
+        (OpenVINO may refuse bf16 elsewhere), else fp32. Derived, so that recording it compiles nothing."""
+        return "bf16" if self.precision == "bf16" and native_bf16() else "fp32"
 
     def prompt_tensors(
         self, prompts: Sequence[Prompt], geometry: ImageGeometry
