@@ -12,11 +12,15 @@ decoder (its weights, not a copy of its code) and computes the same outputs with
    re-associated so image tokens are never projected per prompt: for token-to-image attention
    ``q (X Wk)^T = (q Wk) X^T`` and ``P (X Wv) = (P X) Wv``; for image-to-token attention the output
    projection is folded into the values, ``P (V Wo) `` instead of ``(P V) Wo``. The key bias adds a
-   constant to each softmax row and is dropped; the value bias passes through since rows sum to 1.
+   constant to each softmax row and is dropped; the value bias passes through since rows sum to 1, and
+   so does the output bias, added to the folded values. The positional encoding, shared by all prompts,
+   is never added to per-prompt image tokens: ``A (X + PE)^T = A X^T + A PE^T``, the second product
+   one matrix product over the batch, and residual updates accumulate into the tokens in place.
 3. The upscaling (two 2x2 stride-2 transposed convolutions with LayerNorm and GELU) is computed as
    two matrix products in sub-pixel layout, and only the final few mask maps are shuffled to pixels.
 
-Outputs equal the reference decoder up to float rounding (a test holds them to it). Mask prompts
+Under autocast only the image-token products run in the autocast type; the few prompt tokens stay in
+fp32. Outputs equal the reference decoder up to float rounding (a test holds them to it). Mask prompts
 (dense embeddings that differ per prompt) and decoders of other classes use the reference path.
 """
 
@@ -71,9 +75,9 @@ class ImageState:
     image: Tensor  # (N, C) image embedding alone, for prompts with their own dense embedding
     keys: Tensor  # (N, C) image embedding + the no-mask dense embedding
     pe: Tensor  # (N, C) positional encoding
-    first_k: Tensor  # (H, N, d) layer-0 token-to-image keys
+    first_k: Tensor  # (H, d, N) layer-0 token-to-image keys, transposed for the products that read them
     first_v: Tensor  # (H, N, d) layer-0 token-to-image values
-    first_q: Tensor  # (H, N, d) layer-0 image-to-token queries
+    first_q: Tensor  # (H, d, N) layer-0 image-to-token queries, transposed likewise
     size: tuple[int, int]
 
 
@@ -101,9 +105,9 @@ class SharedImageDecoder:
             image=image,
             keys=keys,
             pe=pe,
-            first_k=_heads(first.cross_attn_token_to_image.k_proj(keyed), heads),
+            first_k=_heads(first.cross_attn_token_to_image.k_proj(keyed), heads).transpose(1, 2).contiguous(),
             first_v=_heads(first.cross_attn_token_to_image.v_proj(keys), heads),
-            first_q=_heads(first.cross_attn_image_to_token.q_proj(keyed), heads),
+            first_q=_heads(first.cross_attn_image_to_token.q_proj(keyed), heads).transpose(1, 2).contiguous(),
             size=(h, w),
         )
 
@@ -120,13 +124,19 @@ class SharedImageDecoder:
         decoder = self.decoder
         batch = sparse.shape[0]
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse], dim=1)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
         keys = None if dense is None else state.image + dense.flatten(2).transpose(1, 2)
-        queries, keys = self._transformer(state, tokens, keys)
-
+        # under autocast the per-prompt image tokens (B, N, C) stay in the autocast type from layer to layer: each
+        # add, layer norm and cast of them is bound by memory traffic, and fp32 tokens would be cast again by
+        # every product that reads them. The few prompt tokens stay fp32 with autocast off: their products are
+        # small, and autocast would cast each layer's weights again on every call.
+        device = state.keys.device.type
+        stream = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else state.keys.dtype
         selected = range(1, decoder.num_mask_tokens) if multimask else range(0, 1)
-        hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i]) for i in selected], dim=1)
-        iou = decoder.iou_prediction_head(queries[:, 0])
+        with torch.autocast(device, enabled=False):
+            queries, keys = self._transformer(state, tokens, keys, stream)
+            hyper_in = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i]) for i in selected], dim=1)
+            iou = decoder.iou_prediction_head(queries[:, 0])
         iou = iou[:, 1:] if multimask else iou[:, :1]
         if min_iou is None:
             return self._upscaled_masks(keys, hyper_in, state.size), iou
@@ -138,17 +148,13 @@ class SharedImageDecoder:
         return masks, iou
 
     # --- transformer -----------------------------------------------------------------------
-    def _transformer(self, state: ImageState, point_embedding: Tensor,
-                     keys: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``keys`` (B, N, C) are per-prompt image tokens, or None while they are the image's own."""
+    def _transformer(self, state: ImageState, point_embedding: Tensor, keys: Tensor | None,
+                     stream: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``keys`` (B, N, C) are per-prompt image tokens, or None while they are the image's own; image
+        tokens are computed in ``stream``, prompt tokens in ``point_embedding``'s type."""
         transformer = self.transformer
         query_pe = point_embedding
         queries = point_embedding
-        # under autocast the per-prompt image tokens (B, N, C) stay in the autocast type from layer to layer: each
-        # add, layer norm and cast of them is bound by memory traffic, and fp32 tokens would be cast again by
-        # every product that reads them
-        device = state.keys.device.type
-        stream = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else state.keys.dtype
         image_keys, pe = state.keys.to(stream), state.pe.to(stream)
         keys = None if keys is None else keys.to(stream)
         for layer in transformer.layers:
@@ -160,24 +166,22 @@ class SharedImageDecoder:
             queries = layer.norm1(queries)
 
             q = queries + query_pe
-            keyed = None if keys is None else keys + pe  # image tokens with positions, for both attentions
             if keys is None:
                 attention = _token_to_shared_image(layer.cross_attn_token_to_image, q, state.first_k, state.first_v)
             else:
-                attention = _token_to_image(layer.cross_attn_token_to_image, q, keyed, keys)
+                attention = _token_to_image(layer.cross_attn_token_to_image, q, keys, pe)
             queries = layer.norm2(queries + attention)
             queries = layer.norm3(queries + layer.mlp(queries))
 
             q = queries + query_pe
             if keys is None:
-                update = _image_to_token(layer.cross_attn_image_to_token, None, state.first_q, q, queries)
-                keys = _layer_norm(image_keys + update.to(stream), layer.norm4)
+                keys = _image_to_token(layer.cross_attn_image_to_token, None, state.first_q, q, queries, image_keys)
             else:
-                update = _image_to_token(layer.cross_attn_image_to_token, keyed, None, q, queries)
-                keys = _layer_norm(keys + update.to(stream), layer.norm4)
+                keys = _image_to_token(layer.cross_attn_image_to_token, keys, None, q, queries, keys, pe)
+            keys = _layer_norm(keys, layer.norm4)
         assert keys is not None
         q = queries + query_pe
-        queries = queries + _token_to_image(transformer.final_attn_token_to_image, q, keys + pe, keys)
+        queries = queries + _token_to_image(transformer.final_attn_token_to_image, q, keys, pe)
         return transformer.norm_final_attn(queries), keys
 
     # --- upscaling ---------------------------------------------------------------------------
@@ -193,7 +197,7 @@ class SharedImageDecoder:
         w2 = second.weight.permute(2, 3, 1, 0).reshape(4 * out, mid)  # ([a2 b2 o], mid)
         x = act2(F.linear(x, w2, second.bias.repeat(4)).reshape(batch, n, 4, 4, out))
         h, w = size
-        masks = torch.einsum("bnpqo,bmo->bmnpq", x, hyper_in)  # (B, M, N, [a1 b1], [a2 b2])
+        masks = torch.einsum("bnpqo,bmo->bmnpq", x, hyper_in.to(x.dtype))  # (B, M, N, [a1 b1], [a2 b2])
         masks = masks.reshape(batch, -1, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         return masks.reshape(batch, -1, 4 * h, 4 * w)
 
@@ -206,31 +210,48 @@ def _layer_norm(x: Tensor, norm: torch.nn.LayerNorm | LayerNorm2d) -> Tensor:
 
 
 def _token_to_shared_image(attention: Attention, q_in: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Tokens (B, T, C) attend to one image's projected keys/values (H, N, d)."""
-    q = _heads(attention.q_proj(q_in), attention.num_heads)  # (B, H, T, d)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    return attention.out_proj(_merge_heads(torch.softmax(scores, dim=-1) @ v))
+    """Tokens (B, T, C) attend to one image's projected keys (H, d, N) and values (H, N, d).
+
+    The prompts' queries are stacked per head, (H, B*T, d), so the shared keys and values enter each
+    product once instead of being broadcast (copied) to every prompt."""
+    heads = attention.num_heads
+    q = _heads(attention.q_proj(q_in), heads)  # (B, H, T, d)
+    batch, _, tokens, d = q.shape
+    stacked = q.transpose(0, 1).reshape(heads, batch * tokens, d).to(k.dtype)
+    probabilities = torch.softmax((stacked @ k) / math.sqrt(d), dim=-1)  # (H, B*T, N)
+    context = (probabilities @ v).reshape(heads, batch, tokens, d).permute(1, 2, 0, 3)  # (B, T, H, d)
+    return attention.out_proj(context.reshape(batch, tokens, heads * d).to(q.dtype))
 
 
-def _token_to_image(attention: Attention, q_in: Tensor, k_in: Tensor, v_in: Tensor) -> Tensor:
-    """Tokens (B, T, C) attend to per-prompt image tokens (B, N, C) without projecting them."""
+def _with_positions(left: Tensor, image: Tensor, pe: Tensor) -> Tensor:
+    """``left @ (image + pe)^T`` for left (B, R, C), per-prompt image tokens (B, N, C) and the shared
+    positional encoding (N, C): the encoding's product is one matrix product over all prompts, and
+    the tokens-plus-positions sum, an image-sized array per prompt, is never made."""
+    left = left.to(image.dtype)
+    return (left @ pe.t().to(image.dtype)).baddbmm_(left, image.transpose(1, 2))
+
+
+def _token_to_image(attention: Attention, q_in: Tensor, image: Tensor, pe: Tensor) -> Tensor:
+    """Tokens (B, T, C) attend to per-prompt image tokens (B, N, C) plus positions (keys) and the tokens
+    alone (values), without projecting the image tokens."""
     heads = attention.num_heads
     q = _heads(attention.q_proj(q_in), heads)  # (B, H, T, d)
     batch, _, tokens, d = q.shape
     query_keys = torch.einsum("bhtd,hdc->bhtc", q, _head_weights(attention.k_proj, heads)) / math.sqrt(d)
-    scores = query_keys.reshape(batch, heads * tokens, -1) @ k_in.transpose(1, 2)  # (B, H*T, N)
-    context = (torch.softmax(scores, dim=-1) @ v_in).reshape(batch, heads, tokens, -1)  # (B, H, T, C)
+    scores = _with_positions(query_keys.reshape(batch, heads * tokens, -1), image, pe)  # (B, H*T, N)
+    context = (torch.softmax(scores, dim=-1) @ image).reshape(batch, heads, tokens, -1).to(q.dtype)  # (B, H, T, C)
     values = torch.einsum("bhtc,hdc->bhtd", context, _head_weights(attention.v_proj, heads))
     values = values + attention.v_proj.bias.reshape(heads, 1, d)
     return attention.out_proj(_merge_heads(values))
 
 
-def _image_to_token(attention: Attention, q_in: Tensor | None, q_shared: Tensor | None, k_in: Tensor,
-                    v_in: Tensor) -> Tensor:
-    """Image tokens attend to the prompt tokens (B, T, C); returns the update (B, N, C).
+def _image_to_token(attention: Attention, image: Tensor | None, q_shared: Tensor | None, k_in: Tensor,
+                    v_in: Tensor, residual: Tensor, pe: Tensor | None = None) -> Tensor:
+    """Image tokens attend to the prompt tokens (B, T, C); returns ``residual`` plus the update, (B, N, C).
 
-    Queries are either per-prompt image tokens ``q_in`` (B, N, C), projected through the product
-    of the query and key weights, or the image's shared projected queries ``q_shared`` (H, N, d).
+    Queries are either per-prompt image tokens ``image`` (B, N, C) plus ``pe``, projected through the
+    product of the query and key weights, or the image's shared projected queries ``q_shared`` (H, d, N).
+    A per-prompt ``residual`` is updated in place (the caller's own tokens); a shared one (N, C) is not.
     """
     heads = attention.num_heads
     k = _heads(attention.k_proj(k_in), heads)  # (B, H, T, d)
@@ -239,14 +260,20 @@ def _image_to_token(attention: Attention, q_in: Tensor | None, q_shared: Tensor 
     # scores are laid out tokens-major, (B, H, T, N): a softmax over the few tokens then runs along a
     # strided axis, vectorised over the image tokens, not along a contiguous axis of length T (slow)
     if q_shared is not None:
-        scores = k @ q_shared.transpose(-1, -2)  # (B, H, T, N)
+        stacked = k.transpose(0, 1).reshape(heads, batch * tokens, d).to(q_shared.dtype)  # shared queries enter once
+        scores = (stacked @ q_shared).reshape(heads, batch, tokens, -1).transpose(0, 1)
     else:
-        assert q_in is not None
+        assert image is not None and pe is not None
         weights = _head_weights(attention.q_proj, heads)  # (H, d, C)
         query_map = torch.einsum("hdc,bhtd->bhtc", weights, k).reshape(batch, heads * tokens, -1)
         bias = torch.einsum("hd,bhtd->bht", attention.q_proj.bias.reshape(heads, d), k).reshape(batch, -1, 1)
-        scores = torch.baddbmm(bias, query_map, q_in.transpose(1, 2)).reshape(batch, heads, tokens, -1)
+        scores = _with_positions(query_map, image, pe).add_(bias.to(image.dtype)).reshape(batch, heads, tokens, -1)
     probabilities = torch.softmax(scores / math.sqrt(d), dim=2).reshape(batch, heads * tokens, -1)
     out_weights = attention.out_proj.weight.reshape(-1, heads, d)  # (C, H, d)
-    folded = torch.einsum("bhtd,chd->bhtc", v, out_weights).reshape(batch, heads * tokens, -1)
-    return torch.baddbmm(attention.out_proj.bias, probabilities.transpose(1, 2), folded)
+    # the output bias rides on the folded values: each head's probabilities over the tokens sum to 1
+    folded = torch.einsum("bhtd,chd->bhtc", v, out_weights) + attention.out_proj.bias / heads
+    folded = folded.reshape(batch, heads * tokens, -1).to(residual.dtype)
+    probabilities = probabilities.to(residual.dtype).transpose(1, 2)
+    if residual.dim() == 2:
+        return torch.baddbmm(residual, probabilities, folded)
+    return residual.baddbmm_(probabilities, folded)
