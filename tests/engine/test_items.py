@@ -44,7 +44,8 @@ def test_rows_and_failures_are_recorded_and_a_rerun_does_nothing_again(tmp_path)
     assert rows[3]["error"].startswith("ZeroDivisionError: division by zero (two_rows)")
     assert all(r["image_rows"] == (1 if r["status"] == "error" else 2) for r in rows)
     again = run_items(work, two_rows, results, "test", show_progress=False)
-    assert (again.computed, again.skipped, again.failed) == (0, 4, 0)
+    assert (again.computed, again.skipped, again.failed, again.failed_before) == (0, 4, 0, 2)
+    assert again.describe() == "0 computed, 4 already there (2 of them failed before), 0 failed"
     assert read(results) == rows
 
 

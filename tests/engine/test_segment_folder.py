@@ -307,10 +307,12 @@ def test_a_folder_run_where_every_image_failed_exits_with_status_1(tmp_path, cli
                  "--points-per-side", "2"]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 1 and "0 images segmented, 0 already there, 1 failed" in result.output, result.output
+    result = CliRunner().invoke(app, arguments)  # run again: the error row is kept, and still nothing is done
+    assert result.exit_code == 1 and "0 images segmented, 1 already there (1 of them failed before), 0 failed" in result.output, result.output
     image, _ = make_ellipse_image(64, 80, centre=(32, 40), radii=(15, 20), seed=0)
     Image.fromarray(image).save(images / "ellipse.png")
     result = CliRunner().invoke(app, arguments)
-    assert result.exit_code == 0 and "1 images segmented, 1 already there" in result.output  # its error row kept
+    assert result.exit_code == 0 and "1 images segmented, 1 already there (1 of them failed before)" in result.output
 
 
 @pytest.mark.parametrize("where", ["the folder", "inside its images", "its masks", "beside them", "above it"])

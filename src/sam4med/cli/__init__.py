@@ -169,7 +169,7 @@ def segment_folder(
 
 
 def _echo_folder_summary(out: Path, summary: ItemRunSummary) -> None:
-    typer.echo(f"{out}: {summary.computed} images segmented, {summary.skipped} already there, {summary.failed} failed")
+    typer.echo(f"{out}: {summary.describe('images segmented')}")
     exit_if_every_image_failed([summary])
 
 

@@ -68,10 +68,11 @@ def recorded_path(path: Path | None) -> str | None:
 
 
 def exit_if_every_image_failed(summaries: Iterable[Any]) -> None:
-    """A batch run that finished no image at all (each one an error row, saying why) ends with exit status 1, so a
-    script notices; one with any image done, now or before, ends as usual."""
+    """A batch run that finished no image at all (each one an error row, saying why, now or in an earlier run) ends
+    with exit status 1, so a script notices; one with any image done, now or before, ends as usual."""
     summaries = list(summaries)
-    if sum(s.failed for s in summaries) and not sum(s.computed + s.skipped for s in summaries):
+    failed = sum(s.failed + s.failed_before for s in summaries)
+    if failed and not sum(s.computed + s.skipped - s.failed_before for s in summaries):
         raise typer.Exit(1)
 
 

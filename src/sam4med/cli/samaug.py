@@ -54,8 +54,7 @@ def priors(
     for summary in generate_priors(data, out, model, checkpoint, settings, device, figures, max_images or None,
                                    encoder_backend=encoder, executor=executor, precision=precision):
         speed = f", {summary.seconds_per_item:.2f} s/image" if summary.computed else ""
-        typer.echo(f"{summary.results.parent}: {summary.computed} computed, {summary.skipped} already there, "
-                   f"{summary.failed} failed{speed}")
+        typer.echo(f"{summary.results.parent}: {summary.describe()}{speed}")
         summaries.append(summary)
     exit_if_every_image_failed(summaries)
 
@@ -114,7 +113,7 @@ def predict(
 
     configure_cpu(threads)
     summary = predict_masks(checkpoint, data, out, priors, mode, device=device)
-    typer.echo(f"{out}: {summary.computed} masks written, {summary.skipped} already there, {summary.failed} failed")
+    typer.echo(f"{out}: {summary.describe('masks written')}")
     exit_if_every_image_failed([summary])
 
 

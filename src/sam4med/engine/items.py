@@ -55,6 +55,12 @@ class ItemRunSummary:
     skipped: int
     failed: int
     seconds_per_item: float
+    failed_before: int = 0  # of the skipped: images whose stored row is an error (kept, not retried)
+
+    def describe(self, done: str = "computed") -> str:
+        """``3 computed, 2 already there (1 of them failed before), 0 failed``."""
+        before = f" ({self.failed_before} of them failed before)" if self.failed_before else ""
+        return f"{self.computed} {done}, {self.skipped} already there{before}, {self.failed} failed"
 
 
 def finished_items(path: Path) -> dict[ItemKey, dict]:
@@ -169,7 +175,10 @@ def run_items(
             progress.update(task, advance=1, description=f"{description} {item.dataset.name}/{item.sample.id}")
     skipped = len(items) - len(pending)
     computed = len(pending) - failed
-    return ItemRunSummary(results, computed, skipped, failed, float(np.mean(seconds)) if seconds else float("nan"))
+    failed_before = sum(stored[key].get("status") == "error" for key in {item.key for item in items} - redo
+                        if key in stored)
+    return ItemRunSummary(results, computed, skipped, failed, float(np.mean(seconds)) if seconds else float("nan"),
+                          failed_before)
 
 
 def _write_all(handle: BinaryIO, data: bytes) -> None:
