@@ -213,7 +213,7 @@ def test_ray_options_without_ray_say_how_to_install_it(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["eval", "benchmark", "--data", str(tmp_path), "--out", str(tmp_path / "out"),
                                       "--ray", "auto"])
     assert result.exit_code == 2
-    assert result.output.strip() == "error: --ray: Ray is not installed: pip install 'sam4med[distributed]'"
+    assert result.output.strip() == "error: --ray: needs Ray (pip install 'sam4med[distributed]')"
     assert not (tmp_path / "out").exists()
 
 

@@ -171,3 +171,14 @@ def test_runtime_choice():
         choose_runtime("onnx", click, device="cuda")
     with pytest.raises(InputError, match="--runtime 'tensorrt'"):
         choose_runtime("tensorrt", click)
+
+
+def test_a_runtime_that_is_not_installed_is_named_with_how_to_install_it(monkeypatch):
+    click = model_spec("litemedsam-click")
+    monkeypatch.setattr("sam4med.engine.onnx_predictor.openvino_available", lambda: False)
+    with pytest.raises(InputError, match=r"^--runtime openvino: needs OpenVINO \(pip install openvino\)$"):
+        choose_runtime("openvino", click)
+    monkeypatch.setattr("sam4med.engine.onnx_predictor.onnx_runtime_available", lambda: False)
+    with pytest.raises(InputError, match=r"^--runtime onnx: needs ONNX Runtime \(pip install onnxruntime\)$"):
+        choose_runtime("onnx", click)
+    assert choose_runtime("auto", click) == "torch"  # auto takes what is there

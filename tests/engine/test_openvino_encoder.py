@@ -54,9 +54,14 @@ def test_openvino_bf16_is_kept_apart_and_recorded_as_computed(litemedsam, tmp_pa
         assert similarity > 1 - 1e-6
 
 
-def test_a_missing_openvino_is_one_line_when_the_model_is_made(litemedsam, monkeypatch):
+def test_a_missing_openvino_or_onnx_runtime_is_one_line_when_the_model_is_made(litemedsam, monkeypatch):
     """Not at the first image's encode, where a batch run would turn it into an error row per image."""
     monkeypatch.setattr("sam4med.engine.sam_model.openvino_available", lambda: False)
     with pytest.raises(InputError, match=r"^--encoder openvino: needs OpenVINO \(pip install openvino\)$"):
         SamModel(litemedsam.spec, litemedsam.network, litemedsam.weights_sha256, litemedsam.device,
                  encoder_backend="openvino")
+    monkeypatch.setattr("sam4med.engine.sam_model.onnx_runtime_available", lambda: False)
+    for backend in ("onnx", "onnx-int8"):  # ONNX Runtime's encoders likewise
+        with pytest.raises(InputError, match=rf"^--encoder {backend}: needs ONNX Runtime \(pip install onnxruntime\)$"):
+            SamModel(litemedsam.spec, litemedsam.network, litemedsam.weights_sha256, litemedsam.device,
+                     encoder_backend=backend)

@@ -9,6 +9,12 @@ class InputError(ValueError):
     """Raised for unreadable files, mismatched sizes, bad prompts and other bad input."""
 
 
+def missing_package(what: str, package: str, install: str) -> InputError:
+    """One wording for an optional package that is not installed, named by what asked for it:
+    ``--ray: needs Ray (pip install 'sam4med[distributed]')``."""
+    return InputError(f"{what}: needs {package} (pip install {install})")
+
+
 def one_line(error: BaseException) -> str:
     """An exception's message folded onto one line (its type's name when it has none)."""
     return " ".join(str(error).split()) or type(error).__name__

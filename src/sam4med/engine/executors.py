@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from sam4med.engine.errors import InputError, one_line
+from sam4med.engine.errors import InputError, missing_package, one_line
 
 if TYPE_CHECKING:
     from sam4med.engine.items import WorkItem
@@ -87,7 +87,7 @@ def ray_module():  # noqa: ANN201 - the ray package, when installed
     try:
         import ray
     except ImportError:
-        raise InputError("--ray: Ray is not installed: pip install 'sam4med[distributed]'") from None
+        raise missing_package("--ray", "Ray", "'sam4med[distributed]'") from None
     return ray
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import missing_package
 from sam4med.engine.onnx_predictor import cache_root, onnx_runtime_available
 from sam4med.engine.runs import atomic_path
 
@@ -72,7 +72,7 @@ class OnnxEncoder:
     def __init__(self, encoder: torch.nn.Module, image_size: int, name: str, weights_sha256: str | None,
                  threads: int | None = None, cache_dir: str | Path | None = None, int8: bool = False):
         if not onnx_runtime_available():
-            raise InputError("encoder backend 'onnx' needs onnxruntime: pip install onnxruntime")
+            raise missing_package("encoder backend 'onnx'", "ONNX Runtime", "onnxruntime")
         import onnxruntime
 
         folder = Path(cache_dir) if cache_dir is not None else cache_root() / "onnx"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, missing_package
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.registry import ModelSpec
 from sam4med.engine.runtime import release_free_memory
@@ -65,14 +65,17 @@ def choose_runtime(runtime: str, spec: ModelSpec, checkpoint: object = None, dev
     model it runs, no --checkpoint, the CPU, whole images) and PyTorch elsewhere."""
     if runtime not in RUNTIMES:
         raise InputError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if runtime in ("onnx", "openvino") and not onnx_runtime_available():
+        raise missing_package(f"--runtime {runtime}", "ONNX Runtime", "onnxruntime")
+    if runtime == "openvino" and not openvino_available():
+        raise missing_package("--runtime openvino", "OpenVINO", "openvino")
     blockers = [reason for reason, present in (
         (f"model '{spec.name}' (it serves {LOW_RES} px longest-side min-max models with bundled weights)", not serves(spec)),
         ("--checkpoint", checkpoint is not None),
         (f"--device {device}", device not in (None, "cpu")),
         ("--tile", bool(tile)),
         (f"--precision {precision} (PyTorch's autocast)", precision != "fp32"),
-        ("onnxruntime not installed (pip install onnxruntime)", runtime != "torch" and not onnx_runtime_available()),
-        ("openvino not installed (pip install openvino)", runtime == "openvino" and not openvino_available()),
+        ("ONNX Runtime, which is not installed", not onnx_runtime_available()),
     ) if present]
     if runtime in ("onnx", "openvino") and blockers:
         raise InputError(f"--runtime {runtime}: not with {blockers[0]}; use --runtime torch")
@@ -288,7 +291,7 @@ def onnx_predictor(model_name: str, threads: int | None = None, folder: Path | N
     (which imports PyTorch, once per model and weights) when missing or stale. ``int8``: the encoder's int8
     copy (``engine.onnx_encoder``); ``openvino``: the encoder compiled by OpenVINO (``engine.openvino_encoder``)."""
     if not onnx_runtime_available():
-        raise InputError("the ONNX Runtime path needs onnxruntime: pip install onnxruntime")
+        raise missing_package("the ONNX Runtime path", "ONNX Runtime", "onnxruntime")
     check_encoder_graph(int8, openvino)
     folder = folder or cache_root() / "onnx"
     manifest = current_manifest(model_name, folder)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import missing_package
 from sam4med.engine.onnx_predictor import cache_root, openvino_available
 
 if TYPE_CHECKING:  # not imported at run time: the ONNX Runtime path of ``segment`` compiles with it without PyTorch
@@ -27,7 +27,7 @@ def compile_encoder(path: Path, threads: int | None, bf16: bool, cache_dir: Path
     """An exported encoder graph compiled for this CPU (an ``openvino.CompiledModel``); ``threads=None``:
     OpenVINO's choice."""
     if not openvino_available():
-        raise InputError("encoder backend 'openvino' needs OpenVINO: pip install openvino")
+        raise missing_package("encoder backend 'openvino'", "OpenVINO", "openvino")
     import openvino
 
     precision = "bf16" if bf16 else "f32"

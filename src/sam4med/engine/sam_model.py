@@ -16,9 +16,9 @@ from segment_anything.modeling import Sam
 
 from sam4med.engine.decoder import ImageState, SharedImageDecoder
 from sam4med.engine.decoder import supports as supports_shared_decoding
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, missing_package
 from sam4med.engine.onnx_encoder import OnnxEncoder
-from sam4med.engine.onnx_predictor import openvino_available
+from sam4med.engine.onnx_predictor import onnx_runtime_available, openvino_available
 from sam4med.engine.openvino_encoder import OpenVinoEncoder
 from sam4med.engine.preprocessing import (
     ImageGeometry,
@@ -139,8 +139,11 @@ class SamModel:
                  box_path: PromptPath | None = None):
         if encoder_backend not in ENCODER_BACKENDS:
             raise InputError(f"--encoder {encoder_backend!r}: choose one of {', '.join(ENCODER_BACKENDS)}")
-        if encoder_backend == "openvino" and not openvino_available():  # now, not at the first image's encode
-            raise InputError("--encoder openvino: needs OpenVINO (pip install openvino)")
+        # now, not at the first image's encode (on other devices the encoder is PyTorch's)
+        if device.type == "cpu" and encoder_backend == "openvino" and not openvino_available():
+            raise missing_package("--encoder openvino", "OpenVINO", "openvino")
+        if device.type == "cpu" and encoder_backend in ("onnx", "onnx-int8") and not onnx_runtime_available():
+            raise missing_package(f"--encoder {encoder_backend}", "ONNX Runtime", "onnxruntime")
         self.spec = spec
         self.network = network.to(device).eval()
         self.weights_sha256 = weights_sha256
