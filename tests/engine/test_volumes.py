@@ -214,6 +214,10 @@ def test_a_float64_volume_past_float32_is_read_in_float64(tmp_path):
     assert np.array_equal(window(volume.array) == 255, array > 0)
     sitk.WriteImage(itk_image(array / 1e290), str(tmp_path / "narrow.nii.gz"))  # within float32: kept as before
     assert read_volume(tmp_path / "narrow.nii.gz").array.dtype == np.float32
+    near = np.where(array > 0, 2e38, -2e38)  # float32 holds these, not their difference: one rule with window()
+    sitk.WriteImage(itk_image(near), str(tmp_path / "near.nii.gz"))
+    volume = read_volume(tmp_path / "near.nii.gz")
+    assert volume.array.dtype == np.float64 and np.array_equal(window(volume.array) == 255, array > 0)
 
 
 def test_label_volume_must_match_its_image(tmp_path):

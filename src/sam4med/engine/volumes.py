@@ -37,7 +37,7 @@ _IMAGE_IO = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdIm
 
 @dataclass
 class Volume:
-    """A scalar 3D image: ``array`` (z, y, x) float32 (float64 where values pass float32's range), ``spacing``
+    """A scalar 3D image: ``array`` (z, y, x) float32 (float64 where values come near float32's range), ``spacing``
     (z, y, x) in mm, ``origin`` (x, y, z) in mm and ``direction`` (3x3 row-major) as ITK gives them."""
 
     array: np.ndarray
@@ -45,6 +45,13 @@ class Volume:
     origin: tuple[float, float, float]
     direction: tuple[float, ...]
     path: Path | None = None
+
+
+def _float_type(values: np.ndarray) -> type[np.floating]:
+    """float32, which halves a volume's memory, unless values come near its range: past a quarter of it, a
+    window's width or a difference of two values could overflow to inf (finite values only)."""
+    wide = values.dtype.kind == "f" and values.size and float(np.abs(values).max()) > float(np.finfo(np.float32).max) / 4
+    return np.float64 if wide else np.float32
 
 
 def read_volume(path: str | Path) -> Volume:
@@ -55,9 +62,7 @@ def read_volume(path: str | Path) -> Volume:
     bad = int(np.count_nonzero(~np.isfinite(array)))
     if bad:
         raise InputError(f"{path}: volume contains {bad} NaN or inf voxels")
-    # float32 halves a volume's memory, but values past its range would become inf (window() takes both)
-    wide = array.dtype == np.float64 and array.size and float(np.abs(array).max()) > float(np.finfo(np.float32).max)
-    array = array.astype(np.float64 if wide else np.float32, copy=False)
+    array = array.astype(_float_type(array), copy=False)
     return Volume(
         array=array,
         spacing=_zyx(image.GetSpacing()),
@@ -166,9 +171,7 @@ def window(
         raise InputError("window: array is empty")
     if not np.isfinite(values).all():
         raise InputError("window: array contains NaN or inf values")
-    # float32 halves a volume's memory, but values near or past its range would overflow to inf
-    wide = values.dtype.kind == "f" and float(np.abs(values).max()) > float(np.finfo(np.float32).max) / 4
-    values = values.astype(np.float64 if wide else np.float32, copy=False)
+    values = values.astype(_float_type(values), copy=False)
     if level_width is not None:
         level, width = level_width
         if not (np.isfinite(level) and np.isfinite(width) and width > 0 and np.isfinite(level + width)):
