@@ -543,3 +543,18 @@ def test_a_test_image_gone_from_the_data_set_is_an_error_row_and_all_empty_masks
     with pytest.raises(InputError, match="every training mask is empty"):
         train([data], None, tmp_path / "empty", config, show_progress=False)
     assert not (tmp_path / "empty").exists()
+
+
+def test_every_unusable_training_file_is_named_in_one_error_and_no_run_is_started(tmp_path):
+    data = _noise_dataset(tmp_path / "noise", count=8, size=32)
+    config = TrainConfig(input_kind="raw", image_size=32, features=4, epochs=1, batch_size=4,
+                         fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    train([data], None, tmp_path / "run", config, show_progress=False)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())["noise"]
+    (data / "images" / f"{split['train'][0]}.png").write_text("not an image")
+    (data / "masks" / f"{split['val'][0]}.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    with pytest.raises(InputError) as refused:
+        train([data], None, tmp_path / "again", config, show_progress=False)
+    message = str(refused.value)
+    assert f"images/{split['train'][0]}.png" in message and f"masks/{split['val'][0]}.png" in message, message
+    assert "\n" not in message and not (tmp_path / "again").exists()

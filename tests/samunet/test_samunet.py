@@ -192,3 +192,26 @@ def test_a_refused_backbone_leaves_no_run_folder_behind(tmp_path):
     with pytest.raises(InputError, match="ships no weights"):
         train_promptable([data], tmp_path / "run", PromptTrainConfig(backbone="medsam"), show_progress=False)
     assert not (tmp_path / "run").exists()  # the corrected command may use the same --out
+
+
+def test_every_unusable_training_file_is_named_in_one_error_before_anything_is_written(tmp_path):
+    """A set with several bad files is mended in one pass, not one run per file."""
+    from sam4med.engine.datasets import load_dataset
+    from sam4med.engine.splits import training_split
+    from sam4med.samunet.training import PromptTrainConfig, train_promptable
+
+    data = _ellipse_dataset(tmp_path / "ellipses", count=12)
+    config = PromptTrainConfig(epochs=1)
+    sides = training_split(load_dataset(data), config.fractions, config.split_seed)
+    train_side, val_side = sides["train"][0].id, sides["val"][0].id
+    (data / "masks" / f"{train_side}.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    (data / "images" / f"{val_side}.png").write_text("not an image")
+    Image.new("L", (40, 96)).save(data / "masks" / f"{sides['train'][1].id}.png")  # another size than its image
+    (data / "masks" / f"{sides['test'][0].id}.png").write_text("not read: the test side is not the trainer's")
+    with pytest.raises(InputError) as refused:
+        train_promptable([data], tmp_path / "run", config, show_progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and message.count("unusable too:") == 1
+    named = [f"masks/{train_side}.png", f"images/{val_side}.png", f"masks/{sides['train'][1].id}.png"]
+    assert all(name in message for name in named) and f"masks/{sides['test'][0].id}.png" not in message, message
+    assert not (tmp_path / "run").exists()

@@ -1,8 +1,12 @@
 """The one error type for bad user input: its message is a single line naming the file or argument."""
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
+
+Item = TypeVar("Item")
+Read = TypeVar("Read")
 
 
 class InputError(ValueError):
@@ -13,6 +17,22 @@ def missing_package(what: str, package: str, install: str) -> InputError:
     """One wording for an optional package that is not installed, named by what asked for it:
     ``--ray: needs Ray (pip install 'sam4med[distributed]')``."""
     return InputError(f"{what}: needs {package} (pip install {install})")
+
+
+def read_every(items: Iterable[Item], read: Callable[[Item], Read]) -> list[Read]:
+    """``read`` of every item, or one InputError with the first refusal's reason and the files of the others:
+    a training set with several bad files is mended in one pass, not one run per file."""
+    results, refused = [], []
+    for item in items:
+        try:
+            results.append(read(item))
+        except InputError as error:
+            refused.append(str(error))
+    if refused:
+        others = [reason.split(": ", 1)[0] for reason in refused[1:]]  # each message starts with its file
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise InputError(refused[0] + (f" (unusable too: {listed})" if others else ""))
+    return results
 
 
 def one_line(error: BaseException) -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sam4med.engine.datasets import Dataset, Sample
-from sam4med.engine.errors import InputError
+from sam4med.engine.errors import InputError, read_every
 from sam4med.engine.imageio import read_image, read_mask
 from sam4med.engine.preprocessing import longest_side_size
 from sam4med.samaug.priors import Priors
@@ -107,11 +107,25 @@ def is_gray(dataset_images: Sequence[np.ndarray]) -> bool:
                for im in dataset_images)
 
 
+def dataset_is_gray(dataset: Dataset, count: int = 8) -> bool:
+    """``is_gray`` of the first ``count`` images that can be read (the others are named when the set is prepared)."""
+    images: list[np.ndarray] = []
+    for sample in dataset.samples:
+        try:
+            images.append(read_image(sample.image_path))
+        except InputError:
+            continue
+        if len(images) == count:
+            break
+    return is_gray(images)
+
+
 def prepare_images(dataset: Dataset, samples: Sequence[Sample], store: PriorStore | None, side: int,
                    gray: bool, need_masks: bool = True) -> list[PreparedImage]:
-    """Read, resize and attach priors (zeros when ``store`` is None, for raw-only training)."""
-    prepared = []
-    for sample in samples:
+    """Read, resize and attach priors (zeros when ``store`` is None, for raw-only training); every sample that
+    cannot be used is named in one InputError."""
+
+    def prepare(sample: Sample) -> PreparedImage:
         pixels = read_image(sample.image_path)
         original = pixels.shape[:2]
         size = longest_side_size(original, side)
@@ -129,6 +143,6 @@ def prepare_images(dataset: Dataset, samples: Sequence[Sample], store: PriorStor
             raise InputError(f"{sample.image_path}: no mask for training or evaluation")
         else:
             mask = torch.zeros((1, *size))
-        prepared.append(PreparedImage(dataset.name, sample, _resize(channels, size), _resize(priors, size), mask,
-                                      original))
-    return prepared
+        return PreparedImage(dataset.name, sample, _resize(channels, size), _resize(priors, size), mask, original)
+
+    return read_every(samples, prepare)

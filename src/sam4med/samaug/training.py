@@ -27,12 +27,11 @@ from monai.utils import convert_to_tensor, set_determinism
 
 from sam4med.engine.datasets import data_option, load_datasets
 from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_precision, check_seed
-from sam4med.engine.imageio import read_image
 from sam4med.engine.metrics import dice
 from sam4med.engine.models import resolve_device
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
 from sam4med.engine.training import TrainingTask, TrainResult, fit, seed_everything, start_run
-from sam4med.samaug.inputs import POLICIES, PreparedImage, compose_input, input_channels, is_gray, prepare_images
+from sam4med.samaug.inputs import POLICIES, PreparedImage, compose_input, dataset_is_gray, input_channels, prepare_images
 from sam4med.samaug.networks import NETWORKS, build_network
 from sam4med.samaug.prediction import combine, default_mode, probabilities
 from sam4med.samaug.store import PriorStore
@@ -188,14 +187,16 @@ def train(
     stores = {d.name: PriorStore(Path(priors) / d.name) if priors is not None else None for d in datasets}
     prior_keys = {name: store.record["key"] for name, store in stores.items() if store is not None}
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
-    gray = all(is_gray([read_image(s.image_path) for s in d.samples[:8]]) for d in datasets)
+    gray = all(dataset_is_gray(d) for d in datasets)
     train_items: list[PreparedImage] = []
     val_items: list[PreparedImage] = []
     for dataset in datasets:
         store = stores[dataset.name]
         train_samples = splits[dataset.name]["train"][: config.max_train_images]
-        train_items += prepare_images(dataset, train_samples, store, config.working_side, gray)
-        val_items += prepare_images(dataset, splits[dataset.name]["val"], store, config.working_side, gray)
+        prepared = prepare_images(dataset, [*train_samples, *splits[dataset.name]["val"]], store, config.working_side,
+                                  gray)  # one error names every unusable file of both sides
+        train_items += prepared[: len(train_samples)]
+        val_items += prepared[len(train_samples) :]
     if not any(item.mask.any() for item in train_items):
         raise InputError(f"{data_option(datasets)}: every training mask is empty; "
                          "there is nothing to learn")

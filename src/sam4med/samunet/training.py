@@ -21,7 +21,8 @@ from monai.losses import DiceLoss, FocalLoss
 from torch import Tensor, nn
 
 from sam4med.engine.datasets import Sample, data_option, load_datasets
-from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_precision, check_seed
+from sam4med.engine.errors import (InputError, check_counts, check_limit, check_number, check_precision, check_seed,
+                                   read_every)
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.metrics import batch_dice
 from sam4med.engine.models import load_model
@@ -139,13 +140,13 @@ class PreparedObjects:
 
 
 def _prepare(samples: Sequence[Sample], min_area: int) -> list[PreparedObjects]:
-    prepared = []
-    for sample in samples:
+    """The samples with an object of ``min_area`` pixels; every file that cannot be used is named in one InputError."""
+
+    def prepare(sample: Sample) -> PreparedObjects:
         image, mask = load_pair(sample)
-        labels, objects = object_labels(mask, min_area=min_area)
-        if objects:
-            prepared.append(PreparedObjects(sample, image, labels, objects))
-    return prepared
+        return PreparedObjects(sample, image, *object_labels(mask, min_area=min_area))
+
+    return [item for item in read_every(samples, prepare) if item.objects]
 
 
 def _boxes(item: PreparedObjects, chosen: Sequence[int], geometry: ImageGeometry,
@@ -240,10 +241,13 @@ def train_promptable(data: Sequence[str | Path], out: str | Path, config: Prompt
     out = Path(out)
     datasets = load_datasets(data)
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
-    train_items = [item for d in datasets
-                   for item in _prepare(splits[d.name]["train"][: config.max_train_images], config.min_object_area)]
-    val_items = [item for d in datasets
-                 for item in _prepare(splits[d.name]["val"][: config.max_val_images], config.min_object_area)]
+    train_items, val_items = [], []
+    for d in datasets:  # both sides at once: one error names every unusable file of the set
+        train, val = splits[d.name]["train"][: config.max_train_images], splits[d.name]["val"][: config.max_val_images]
+        prepared = _prepare([*train, *val], config.min_object_area)
+        train_ids = {sample.id for sample in train}
+        train_items += [item for item in prepared if item.sample.id in train_ids]
+        val_items += [item for item in prepared if item.sample.id not in train_ids]
     if not train_items:
         raise InputError(f"{data_option(datasets)}: no training image has an object of at "
                          f"least {config.min_object_area} pixels (are the masks empty?)")
