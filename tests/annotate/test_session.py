@@ -197,6 +197,8 @@ def test_sixteen_bit_images_are_shown_through_the_window_asked_for(tmp_path, cli
     shown = np.asarray(Image.open(io.BytesIO(client.get("/api/images/0/pixels?low=1000&high=2000").content)))
     assert shown.dtype == np.uint8 and shown[0, ramp[0] <= 1000].max() == 0 and shown[0, ramp[0] >= 2000].min() == 255
     assert client.get("/api/images/0/pixels?low=5&high=5").status_code == 400
+    alone = client.get("/api/images/0/pixels?low=1000")
+    assert alone.status_code == 400 and "give both ends" in alone.json()["error"]
 
 
 def test_a_radiograph_in_dicom_named_by_its_uid_is_annotated_and_saved_under_that_id(tmp_path, click_model):

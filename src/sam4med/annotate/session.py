@@ -346,6 +346,8 @@ class AnnotationSession:
     def display_png(self, index: int, low: float | None = None, high: float | None = None) -> bytes:
         """The frame as 8-bit PNG: colour as stored, gray and high-bit frames through the window [low, high]."""
         pixels = self.frames.intensities(self.check(index))
+        if (low is None) != (high is None):  # one bound alone would be ignored without a word
+            raise InputError(f"window {low}..{high}: give both ends, or neither for the default window")
         if low is not None and high is not None:
             if not (np.isfinite(low) and np.isfinite(high) and high > low):
                 raise InputError(f"window {low}..{high}: needs two finite numbers, low < high")
