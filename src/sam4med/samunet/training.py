@@ -142,11 +142,12 @@ class PreparedObjects:
 def _prepare(samples: Sequence[Sample], min_area: int) -> list[PreparedObjects]:
     """The samples with an object of ``min_area`` pixels; every file that cannot be used is named in one InputError."""
 
-    def prepare(sample: Sample) -> PreparedObjects:
+    def prepare(sample: Sample) -> PreparedObjects | None:  # None: an image without objects is not kept
         image, mask = load_pair(sample)
-        return PreparedObjects(sample, image, *object_labels(mask, min_area=min_area))
+        labels, objects = object_labels(mask, min_area=min_area)
+        return PreparedObjects(sample, image, labels, objects) if objects else None
 
-    return [item for item in read_every(samples, prepare) if item.objects]
+    return [item for item in read_every(samples, prepare) if item is not None]
 
 
 def _boxes(item: PreparedObjects, chosen: Sequence[int], geometry: ImageGeometry,
@@ -241,7 +242,8 @@ def train_promptable(data: Sequence[str | Path], out: str | Path, config: Prompt
     out = Path(out)
     datasets = load_datasets(data)
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
-    train_items, val_items = [], []
+    train_items: list[PreparedObjects] = []
+    val_items: list[PreparedObjects] = []
     for d in datasets:  # both sides at once: one error names every unusable file of the set
         train, val = splits[d.name]["train"][: config.max_train_images], splits[d.name]["val"][: config.max_val_images]
         prepared = _prepare([*train, *val], config.min_object_area)
