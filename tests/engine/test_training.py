@@ -63,6 +63,46 @@ def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path):
             torch.testing.assert_close(b["weights"][key], value, rtol=0, atol=0)
 
 
+class KilledTask(LineTask):
+    """Killed (as by Ctrl-C or the machine going away) on its ``kill_at``-th training step."""
+
+    def __init__(self, kill_at: int) -> None:
+        super().__init__()
+        self.kill_at, self.steps = kill_at, 0
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], update: int = 0) -> torch.Tensor:
+        self.steps += 1
+        if self.steps == self.kill_at:
+            raise KeyboardInterrupt
+        return super().loss(batch, update)
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_last_step_and_trains_exactly_as_an_uninterrupted_one(tmp_path):
+    straight = fit(LineTask(), tmp_path / "straight", {"lr": 0.05}, 4, seed=3, description="line",
+                   show_progress=False)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):  # epoch 3 of 4 batches: steps 9 and 10 done, killed in step 11
+        fit(KilledTask(kill_at=11), out, {"lr": 0.05}, 4, seed=3, description="line", show_progress=False,
+            checkpoint_minutes=0)
+    saved = read_trained_checkpoint(out / "last.pt", "test-line")
+    assert saved["epoch"] == 2 and saved["resume"]["loop"]["partial"]["steps"] == 2
+    assert len(history(out)) == 2
+    resumed_task = KilledTask(kill_at=0)
+    resumed = fit(resumed_task, out, {"lr": 0.05}, 4, seed=3, description="line", show_progress=False,
+                  checkpoint_minutes=0)
+    assert resumed_task.steps == 6  # the two steps left of epoch 3 and the four of epoch 4
+    drop = ("seconds",)
+    assert [{k: v for k, v in row.items() if k not in drop} for row in history(out)] == \
+        [{k: v for k, v in row.items() if k not in drop} for row in history(tmp_path / "straight")]
+    assert (resumed.best_epoch, resumed.best_val_dice, resumed.epochs_run) == \
+        (straight.best_epoch, straight.best_val_dice, 4)
+    a = read_trained_checkpoint(tmp_path / "straight" / "last.pt", "test-line")
+    b = read_trained_checkpoint(out / "last.pt", "test-line")
+    assert "partial" not in b["resume"]["loop"]
+    for key, value in a["weights"].items():
+        torch.testing.assert_close(b["weights"][key], value, rtol=0, atol=0)
+
+
 def test_a_run_whose_best_checkpoint_is_gone_says_so_instead_of_reporting_it(tmp_path):
     fit(LineTask(), tmp_path, {"lr": 0.05}, 2, seed=0, description="line", show_progress=False)
     (tmp_path / "best.pt").unlink()

@@ -4,7 +4,7 @@ registry of checkpoint kinds that turns a trained checkpoint back into a model.
 Layout (``best.pt`` and ``last.pt`` alike)::
 
     {"format": CHECKPOINT_FORMAT, "kind": <registered kind>, "config": {...}, "meta": {...},
-     "weights": <what was trained>, "epoch": int, "val_dice": float,
+     "weights": <what was trained>, "epoch": int, "val_dice": float,  # None in a last.pt saved mid-epoch
      "resume": {...}}   # last.pt only: the whole module, optimiser, scheduler and loop state
 
 The engine names no method: a method registers a loader for its kind with

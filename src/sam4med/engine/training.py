@@ -5,7 +5,9 @@ progress), the way micro-sam's and nnU-Net's trainers do.
 A run folder holds ``config.json`` (checked on resume), ``split.json``, ``history.jsonl`` (one row
 per epoch), ``best.pt`` (the best validation Dice) and ``last.pt`` (everything to resume), both in the
 layout of :mod:`sam4med.engine.checkpoints`. Each epoch's randomness depends only on (seed, epoch),
-so a run killed and started again trains exactly as one that was never stopped. With a patience, a run
+so a run killed and started again trains exactly as one that was never stopped. An epoch longer than
+``CHECKPOINT_MINUTES`` also saves ``last.pt`` in its course (the steps done, their losses and the random
+generators' states), so a kill loses at most those minutes, not the epoch. With a patience, a run
 stops once that many epochs have passed without a better validation Dice (early stopping); the rule is
 read from the saved loop state, so a stopped run stays stopped when started again.
 
@@ -49,12 +51,29 @@ from sam4med.engine.runs import (
 
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
+CHECKPOINT_MINUTES = 10.0  # in a long epoch, last.pt is saved again once this much training time has passed
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def random_states() -> dict[str, object]:
+    """Python's, NumPy's and PyTorch's global generators, in types a ``weights_only`` load accepts."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+
+
+def set_random_states(states: Mapping[str, object]) -> None:
+    python, numpy_state = states["python"], states["numpy"]
+    random.setstate((python[0], tuple(python[1]), python[2]))  # type: ignore[index]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),  # type: ignore[index]
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["gauss"]))  # type: ignore[index]
+    torch.set_rng_state(states["torch"])  # type: ignore[arg-type]
 
 
 def run_record(config: Mapping[str, object]) -> dict[str, object]:
@@ -165,12 +184,15 @@ def plateaued(loop: Mapping[str, float], patience: int | None) -> bool:
 
 
 def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int, seed: int,
-        description: str, show_progress: bool = True, patience: int | None = None) -> TrainResult:
+        description: str, show_progress: bool = True, patience: int | None = None,
+        checkpoint_minutes: float = CHECKPOINT_MINUTES) -> TrainResult:
     """Train ``task`` for at most ``epochs`` in ``out``, continuing from ``last.pt`` when it is there
-    (``out`` is claimed for ``config`` first, as :func:`start_run` does); with ``patience``, stop early
-    once that many epochs have not improved the best validation Dice. The learning-rate schedule is the
-    task's, over ``epochs``, whether or not the run stops early. ``config["precision"]`` (unset or "fp32") is
-    the training steps' arithmetic; validation always runs in fp32, as the model is used afterwards."""
+    (``out`` is claimed for ``config`` first, as :func:`start_run` does), mid-epoch if it was saved there;
+    with ``patience``, stop early once that many epochs have not improved the best validation Dice. The
+    learning-rate schedule is the task's, over ``epochs``, whether or not the run stops early.
+    ``config["precision"]`` (unset or "fp32") is the training steps' arithmetic; validation always runs in
+    fp32, as the model is used afterwards. Within an epoch, ``last.pt`` is saved each time
+    ``checkpoint_minutes`` of training have passed since the last save."""
     precision = str(config.get("precision") or "fp32")
     check_precision(precision)
     config = run_record(config)  # what config.json and the checkpoints hold
@@ -194,6 +216,7 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
     record = {"kind": task.kind, "config": dict(config), "meta": task.checkpoint_meta()}
     model = wrap(_TaskLoss(task), group, task.unused_parameters)
     task.module.train()
+    partial = loop.pop("partial", None)  # the epoch a mid-epoch last.pt was saved in
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
                   TimeElapsedColumn(), disable=not (show_progress and group.leader)) as progress:
         bar = progress.add_task(description, total=None, status="")
@@ -203,14 +226,28 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
             start = time.perf_counter()
             seed_everything(seed * 100_003 + epoch)
             batches = task.batches(epoch, np.random.default_rng([seed, epoch]))
-            progress.update(bar, total=epochs * len(batches), completed=epoch * len(batches))
-            losses = []
+            done, losses, carried = (0, [], 0.0) if partial is None else \
+                (partial["steps"], list(partial["losses"]), partial["seconds"])
+            progress.update(bar, total=epochs * len(batches), completed=epoch * len(batches) + done)
+            saved = time.perf_counter()
             for step, batch in enumerate(batches, 1):
+                if step <= done:  # trained before the kill: drawn again (the draws stay in step), not trained
+                    if step == done:
+                        set_random_states(partial["random"])  # type: ignore[index]
+                    continue
                 losses.append(_train_step(task, model, batch, group, precision))
                 if not math.isfinite(losses[-1]):  # stop before a checkpoint keeps the broken weights
                     raise InputError(f"{out}: the training loss became {losses[-1]} at epoch {epoch + 1}, step "
                                      f"{step}; lower --learning-rate (the run keeps epoch {loop['epoch']})")
                 progress.update(bar, advance=1, status=f"loss {losses[-1]:.3f}")
+                if step < len(batches) and _leaders_choice(time.perf_counter() - saved >= 60 * checkpoint_minutes,
+                                                           group):
+                    if group.leader:
+                        _save_last(task, out, record, {**loop, "partial": {
+                            "steps": step, "losses": losses, "random": random_states(),
+                            "seconds": carried + time.perf_counter() - start}})
+                    saved = time.perf_counter()
+            partial = None
             task.scheduler.step()
             if group.leader:
                 task.module.eval()
@@ -220,7 +257,7 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
                     raise InputError(f"{out / SPLIT_FILE}: the validation images hold no object to score (validation "
                                      f"Dice {val_dice}): their masks are empty, too small or unreadable (a warning "
                                      "above names each unreadable one); mend them, or give more images")
-            elapsed = time.perf_counter() - start
+            elapsed = carried + time.perf_counter() - start
             loop["seconds"] += elapsed
             loop["epoch"] = epoch + 1
             if group.leader:
@@ -250,11 +287,26 @@ def _end_epoch(task: TrainingTask, out: Path, record: dict[str, object], loop: d
     # history first: a kill before last.pt is written leaves a row that the rerun drops and redoes
     append_jsonl(out / HISTORY_FILE, {"epoch": loop["epoch"], "loss": loss, "val_dice": val_dice,
                                       "lr": task.scheduler.get_last_lr()[0], "seconds": seconds})
+    _save_last(task, out, record, loop, val_dice)
+
+
+def _save_last(task: TrainingTask, out: Path, record: dict[str, object], loop: dict,
+               val_dice: float | None = None) -> None:
+    """``last.pt``: everything to resume, at an epoch's end or (``loop["partial"]``) in its course."""
     save_checkpoint(out / LAST_FILE, {**record, "weights": task.trained_weights(), "epoch": loop["epoch"],
                                       "val_dice": val_dice,
                                       "resume": {"module": task.module.state_dict(),
                                                  "optimizer": task.optimizer.state_dict(),
                                                  "scheduler": task.scheduler.state_dict(), "loop": loop}})
+
+
+def _leaders_choice(choice: bool, group: Processes) -> bool:
+    """Rank 0's ``choice`` on every process (a clock read on each would differ)."""
+    if not group.active:
+        return choice
+    shared = [choice]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return bool(shared[0])
 
 
 def _keep_history(path: Path, epochs: int) -> None:
