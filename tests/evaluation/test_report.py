@@ -364,6 +364,7 @@ def test_write_report_embeds_tables_plots_and_overlays(results: Path, capsys) ->
     assert captured.out == "" and captured.err == ""
     (results / "overlays" / "ds_c__c1.png").mkdir()  # a folder under an overlay's name is not an overlay
     assert "2 of 2 overlays" in write_report(results).read_text(encoding="utf-8")
+    assert write_report(results / "results.jsonl") == report  # the results file names its folder too
 
 
 def test_write_report_without_interactive_protocol_or_failures(tmp_path: Path, capsys) -> None:

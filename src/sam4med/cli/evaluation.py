@@ -117,7 +117,7 @@ def print_summary(results_dir: Path) -> None:
 
 @app.command()
 @one_line_errors
-def report(results: Annotated[Path, typer.Argument(help="Results folder of a benchmark run.")]) -> None:
+def report(results: Annotated[Path, typer.Argument(help="Results folder of a benchmark run (or its results.jsonl).")]) -> None:
     """Write tables (CSV) and an HTML report with plots and example overlays."""
     from sam4med.evaluation.report import write_report
 

@@ -224,8 +224,11 @@ def _img(uri: str, alt: str) -> str:
 
 def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``results_dir/report.html`` (or ``out``): protocol, tables, plots and example overlays,
-    all embedded; also writes the CSV tables (:func:`write_tables`) beside the results."""
+    all embedded; also writes the CSV tables (:func:`write_tables`) beside the results. ``results_dir`` may
+    also name its ``results.jsonl``."""
     results_dir = Path(results_dir)
+    if results_dir.name == RESULTS_FILE and results_dir.is_file():
+        results_dir = results_dir.parent
     if not (results_dir / RESULTS_FILE).exists():
         raise InputError(f"{results_dir}: no {RESULTS_FILE} found; run `sam4med eval benchmark` first")
     if task := _other_task(results_dir):  # its tables and report would land among another verb's files
