@@ -215,3 +215,66 @@ def test_every_unusable_training_file_is_named_in_one_error_before_anything_is_w
     named = [f"masks/{train_side}.png", f"images/{val_side}.png", f"masks/{sides['train'][1].id}.png"]
     assert all(name in message for name in named) and f"masks/{sides['test'][0].id}.png" not in message, message
     assert not (tmp_path / "run").exists()
+
+
+def test_decoder_fine_tuning_keeps_each_frozen_embedding_and_trains_exactly_as_when_it_encodes_every_step(
+        tmp_path, monkeypatch):
+    """The frozen encoder is run once per image and autocast type; the weights are those of a run that encodes
+    each image in every step, bf16 training steps and fp32 validation included."""
+    from sam4med.engine.checkpoints import read_trained_checkpoint
+    from sam4med.samunet import training
+    from sam4med.samunet.training import PromptTrainConfig, train_promptable
+
+    data = _ellipse_dataset(tmp_path / "ellipses", count=6)
+    config = PromptTrainConfig(method="decoder", epochs=2, images_per_step=2, masks_per_image=1, precision="bf16",
+                               fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    encoded = []  # (image, autocast on) of each call that ran the encoder
+    original = training.DecoderFineTune.encode
+
+    def counted(self, images, key=None):
+        before = len(self.embeddings)
+        result = original(self, images, key)
+        if len(self.embeddings) > before or not training.FROZEN_EMBEDDINGS_BYTES:
+            encoded.append((key, torch.is_autocast_enabled("cpu")))
+        return result
+
+    monkeypatch.setattr(training.DecoderFineTune, "encode", counted)
+    kept = train_promptable([data], tmp_path / "kept", config, show_progress=False)
+    images = json.loads((tmp_path / "kept" / "split.json").read_text())["ellipses"]
+    assert sorted(encoded) == sorted([(data / "images" / f"{i}.png", True) for i in images["train"]]
+                                     + [(data / "images" / f"{i}.png", False) for i in images["val"]])
+    monkeypatch.setattr(training, "FROZEN_EMBEDDINGS_BYTES", 0)
+    encoded.clear()
+    every_step = train_promptable([data], tmp_path / "every_step", config, show_progress=False)
+    assert len(encoded) == 2 * (len(images["train"]) + len(images["val"]))  # nothing kept: every image, every epoch
+    assert (kept.best_val_dice, kept.best_epoch) == (every_step.best_val_dice, every_step.best_epoch)
+    a = read_trained_checkpoint(tmp_path / "kept" / "last.pt", "promptable")["weights"]
+    b = read_trained_checkpoint(tmp_path / "every_step" / "last.pt", "promptable")["weights"]
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["decoder", "samunet"])
+def test_training_mode_leaves_the_frozen_encoder_computing_as_at_inference(litemedsam, ellipse_image, method):
+    """TinyViT has BatchNorm layers: in training mode they would normalise by each step's images and move
+    their running statistics, so the decoder would learn on embeddings that inference never gives."""
+    import types
+
+    from sam4med.samunet.training import DecoderFineTune, SamUNetTrainable
+
+    backbone = types.SimpleNamespace(network=copy.deepcopy(litemedsam.network), spec=litemedsam.spec)
+    module = DecoderFineTune(backbone) if method == "decoder" else SamUNetTrainable(backbone, "resnet34", True)
+    encoder = backbone.network.image_encoder
+    statistics = {name: value.clone() for name, value in encoder.named_buffers()}
+    assert any("running_mean" in name for name in statistics)
+    images, _ = litemedsam.preprocess(ellipse_image[0])
+    with torch.no_grad():
+        expected = litemedsam.network.image_encoder(images)
+    module.train()
+    assert not any(m.training for m in encoder.modules())
+    if method == "samunet":
+        assert module.net.conv_branch.training and module.net.fusions.training  # what is trained still trains
+    embedding, _ = module.encode(images)
+    torch.testing.assert_close(embedding.detach(), expected)  # the warm start's closed gates add nothing yet
+    for name, value in encoder.named_buffers():
+        torch.testing.assert_close(value, statistics[name], rtol=0, atol=0)

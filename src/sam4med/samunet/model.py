@@ -53,6 +53,7 @@ class FusionPoint:
 class EncoderStages(nn.Module):
     """A SAM image encoder run stage by stage, so conv features can be added between stages."""
 
+    encoder: nn.Module
     fusion_points: list[FusionPoint]
     map_channels: list[int]  # widths of the maps returned after each fused stage but the last
 
@@ -229,6 +230,14 @@ class SamUNet(nn.Module):
         if warm_start:
             for path in (self.embedding_upscale, *self.bridges):
                 zero_last_layer(path)
+
+    def train(self, mode: bool = True) -> SamUNet:
+        """The frozen image encoder stays in eval mode: its BatchNorm layers keep the statistics it was trained
+        with (in training mode each step's images would replace them, and move its running statistics) and its
+        dropout stays off, so it computes in training what it computes at inference."""
+        super().train(mode)
+        self.stages.encoder.eval()
+        return self
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Preprocessed images (B, 3, S, S) -> embeddings (B, 256, h, w) and multi-scale features

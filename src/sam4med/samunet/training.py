@@ -84,18 +84,43 @@ class PromptTrainConfig:
         check_seed(self.split_seed, "split_seed")
 
 
+FROZEN_EMBEDDINGS_BYTES = 4 << 30  # decoder fine-tuning keeps at most this much of image embeddings in memory
+
+
 class DecoderFineTune(nn.Module):
-    """The baseline: SAM's own network with only its mask decoder trained (single-mask output)."""
+    """The baseline: SAM's own network with only its mask decoder trained (single-mask output).
+
+    Its image encoder is frozen and no image is augmented, so each image's embedding is the same in every
+    epoch: it is kept in memory the first time (up to ``FROZEN_EMBEDDINGS_BYTES``; the images past that are
+    encoded each time), per autocast type, since training steps may run in bf16 and validation in fp32."""
 
     def __init__(self, backbone: SamModel):
         super().__init__()
         self.sam = backbone.network
         for name, parameter in self.sam.named_parameters():
             parameter.requires_grad_(name.startswith("mask_decoder."))
+        self.embeddings: dict[tuple[object, torch.dtype | None], Tensor] = {}
+        self.embedding_bytes = 0
 
-    def encode(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    def train(self, mode: bool = True) -> DecoderFineTune:
+        """The frozen image encoder stays in eval mode (its BatchNorm statistics and dropout as at inference)."""
+        super().train(mode)
+        self.sam.image_encoder.eval()
+        return self
+
+    def encode(self, images: Tensor, key: object = None) -> tuple[Tensor, Tensor | None]:
+        """The embedding of ``images``; ``key`` names the image for the memory of embeddings (None: no memory)."""
+        device = images.device.type
+        slot = (key, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        if slot in self.embeddings:
+            return self.embeddings[slot], None
         with torch.no_grad():
-            return self.sam.image_encoder(images), None
+            embedding = self.sam.image_encoder(images)
+        size = embedding.numel() * embedding.element_size()
+        if key is not None and self.embedding_bytes + size <= FROZEN_EMBEDDINGS_BYTES:
+            self.embeddings[slot] = embedding
+            self.embedding_bytes += size
+        return embedding, None
 
     def decode(self, embedding: Tensor, _: Tensor | None, boxes: Tensor) -> Tensor:
         sparse, dense = self.sam.prompt_encoder(points=None, boxes=boxes, masks=None)
@@ -117,7 +142,8 @@ class SamUNetTrainable(nn.Module):
         self.net = SamUNet(sam.image_encoder, sam.prompt_encoder, sam.mask_decoder, backbone.spec.image_size,
                            conv_branch, warm_start)
 
-    def encode(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+    def encode(self, images: Tensor, key: object = None) -> tuple[Tensor, Tensor | None]:
+        """``key`` is unused: the encoder trains, so an image's embedding changes with every step."""
         return self.net.encode(images)
 
     def decode(self, embedding: Tensor, multi_scale: Tensor | None, boxes: Tensor) -> Tensor:
@@ -209,7 +235,7 @@ class PromptableTask(TrainingTask):
         for item, chosen, boxes in batch:
             images, geometry = self.backbone.preprocess(item.image)
             targets = _targets(item, chosen, geometry)
-            embedding, multi_scale = self.module.encode(images)
+            embedding, multi_scale = self.module.encode(images, key=item.sample.image_path)
             logits = self.module.decode(embedding, multi_scale, boxes)
             loss = loss + self.focal(logits, targets) + self.config.dice_weight * self.dice_loss(logits, targets)
         return loss / max(1, len(batch))
@@ -219,7 +245,7 @@ class PromptableTask(TrainingTask):
         scores: list[float] = []
         for item in self.val_items:
             images, geometry = self.backbone.preprocess(item.image)
-            embedding, multi_scale = self.module.encode(images)
+            embedding, multi_scale = self.module.encode(images, key=item.sample.image_path)
             chosen = item.objects[:max_objects]
             logits = self.module.decode(embedding, multi_scale, _boxes(item, chosen, geometry, None, 0.0))
             scores += batch_dice(logits, _targets(item, chosen, geometry))
