@@ -208,6 +208,9 @@ class PromptableTask(TrainingTask):
         self.datasets = datasets
         self.module = SamUNetTrainable(backbone, config.conv_branch, config.warm_start) \
             if config.method == "samunet" else DecoderFineTune(backbone)
+        # convolution weights in channels-last layout: oneDNN then skips reordering every activation and
+        # gradient to and from NCHW in each step (the same arithmetic, up to float rounding)
+        self.module.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam([p for p in self.module.parameters() if p.requires_grad],
                                           lr=config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, config.lr_step_epochs, config.lr_gamma)
