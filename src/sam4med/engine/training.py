@@ -61,11 +61,16 @@ def seed_everything(seed: int) -> None:
 
 
 def random_states() -> dict[str, object]:
-    """Python's, NumPy's and PyTorch's global generators, in types a ``weights_only`` load accepts."""
+    """Python's, NumPy's and PyTorch's global generators (CUDA's too once it is in use), in types a
+    ``weights_only`` load accepts."""
     _, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                      "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    states: dict[str, object] = {
+        "python": random.getstate(), "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
 
 
 def set_random_states(states: Mapping[str, object]) -> None:
@@ -74,6 +79,8 @@ def set_random_states(states: Mapping[str, object]) -> None:
     np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),  # type: ignore[index]
                          numpy_state["position"], numpy_state["has_gauss"], numpy_state["gauss"]))  # type: ignore[index]
     torch.set_rng_state(states["torch"])  # type: ignore[arg-type]
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():  # type: ignore[arg-type]
+        torch.cuda.set_rng_state_all(states["cuda"])  # type: ignore[arg-type]
 
 
 def run_record(config: Mapping[str, object]) -> dict[str, object]:
