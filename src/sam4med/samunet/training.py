@@ -143,7 +143,8 @@ class SamUNetTrainable(nn.Module):
                            conv_branch, warm_start)
 
     def encode(self, images: Tensor, key: object = None) -> tuple[Tensor, Tensor | None]:
-        """``key`` is unused: the encoder trains, so an image's embedding changes with every step."""
+        """``key`` is unused: the conv branch trains and feeds the encoder, so an image's embedding changes with
+        every step."""
         return self.net.encode(images)
 
     def decode(self, embedding: Tensor, multi_scale: Tensor | None, boxes: Tensor) -> Tensor:
