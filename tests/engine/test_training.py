@@ -103,6 +103,17 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_step_and_trains_exactly_as
         torch.testing.assert_close(b["weights"][key], value, rtol=0, atol=0)
 
 
+def test_a_run_logged_to_a_file_gets_a_line_per_epoch(tmp_path, capsys):
+    """Under nohup or a batch scheduler there is no terminal for the progress bar: each epoch says how it went."""
+    fit(LineTask(), tmp_path / "logged", {"lr": 0.05}, 3, seed=3, description="train line")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train line: epoch")]
+    rows = history(tmp_path / "logged")
+    assert [line.split(",")[0] for line in lines] == [f"train line: epoch {e}/3" for e in (1, 2, 3)]
+    for line, row in zip(lines, rows):
+        assert f"validation Dice {row['val_dice']:.4f}" in line and f"loss {row['loss']:.4f}" in line
+        assert line.endswith(" min")  # one line, not wrapped at the 80 columns a file is given
+
+
 def test_a_run_whose_best_checkpoint_is_gone_says_so_instead_of_reporting_it(tmp_path):
     fit(LineTask(), tmp_path, {"lr": 0.05}, 2, seed=0, description="line", show_progress=False)
     (tmp_path / "best.pt").unlink()

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -73,14 +73,16 @@ def random_states() -> dict[str, object]:
     return states
 
 
-def set_random_states(states: Mapping[str, object]) -> None:
+def set_random_states(states: Mapping[str, Any]) -> None:
+    """The generators as :func:`random_states` saved them (CUDA's where as many devices are here)."""
     python, numpy_state = states["python"], states["numpy"]
-    random.setstate((python[0], tuple(python[1]), python[2]))  # type: ignore[index]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),  # type: ignore[index]
-                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["gauss"]))  # type: ignore[index]
-    torch.set_rng_state(states["torch"])  # type: ignore[arg-type]
-    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():  # type: ignore[arg-type]
-        torch.cuda.set_rng_state_all(states["cuda"])  # type: ignore[arg-type]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def run_record(config: Mapping[str, object]) -> dict[str, object]:
@@ -240,7 +242,7 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
             for step, batch in enumerate(batches, 1):
                 if step <= done:  # trained before the kill: drawn again (the draws stay in step), not trained
                     if step == done:
-                        set_random_states(partial["random"])  # type: ignore[index]
+                        set_random_states(partial["random"])
                     continue
                 losses.append(_train_step(task, model, batch, group, precision))
                 if not math.isfinite(losses[-1]):  # stop before a checkpoint keeps the broken weights
@@ -270,6 +272,11 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
             if group.leader:
                 _end_epoch(task, out, record, loop, val_dice, float(np.mean(losses)), round(elapsed, 2))
                 progress.update(bar, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
+                if show_progress and not progress.console.is_terminal:  # a log file (nohup, a batch job): no bar
+                    progress.console.print(f"{description}: epoch {epoch + 1}/{epochs}, loss {np.mean(losses):.4f}, "
+                                           f"validation Dice {val_dice:.4f} (best {loop['best_val_dice']:.4f} at "
+                                           f"epoch {loop['best_epoch']}), {elapsed / 60:.1f} min",
+                                           highlight=False, soft_wrap=True)
             loop = _leaders_loop(loop, group)
     return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"],
                        plateaued(loop, patience) and loop["epoch"] < epochs)
