@@ -152,3 +152,18 @@ def test_an_image_or_mask_replaced_under_its_id_is_done_again(tmp_path, capsys):
                                for r in rows))
     (tmp_path / "c.png").write_bytes(b"changed, but its rows cannot tell")
     assert run_items(work, two_rows, results, "test", show_progress=False).computed == 0
+
+
+def test_a_run_logged_to_a_file_says_how_far_it_is(tmp_path, capsys, monkeypatch):
+    """Under nohup or a batch scheduler there is no terminal for the progress bar: the loop writes a line
+    each LOG_SECONDS (here every image) with the count, the failures and the time left."""
+    from sam4med.engine import items as loop
+
+    results = tmp_path / "results.jsonl"
+    run_items(items(["a"]), two_rows, results, "test", show_progress=False)  # done before: counted, not redone
+    monkeypatch.setattr(loop, "LOG_SECONDS", 0.0)
+    run_items(items(["a", "b", "bad", "c"]), two_rows, results, "bench")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bench: ")]
+    assert [line.split(",")[0] for line in lines] == ["bench: 2 of 4 images (0 failed)", "bench: 3 of 4 images (1 failed)",
+                                                      "bench: 4 of 4 images (1 failed)"]
+    assert lines[-1].endswith("about 0 min left")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,9 @@ def forget_items(path: Path, keys: set[ItemKey]) -> None:
                                       if (row.get("dataset"), row.get("image")) not in keys))
 
 
+LOG_SECONDS = 60.0  # where the output is not a terminal (a log file), how often the loop says how far it is
+
+
 def run_items(
     items: Sequence[WorkItem],
     process: Callable[[WorkItem], list[dict]],
@@ -154,6 +158,8 @@ def run_items(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not show_progress) as progress, results.open("ab", buffering=0) as handle:
         task = progress.add_task(description, total=len(items), completed=len(items) - len(pending))
+        logged = started = time.perf_counter()
+        log = show_progress and not progress.console.is_terminal  # nohup, a batch job: no bar, a line a minute
         for outcome in (executor or LocalExecutor()).outcomes(process, pending):
             item = outcome.item
             if outcome.fatal is not None:  # a disk that refuses: every later item would fail too
@@ -173,6 +179,14 @@ def run_items(
             _write_all(handle, "".join(block).encode())
             release_free_memory()  # one image's intermediates at a time, not the heap's high-water mark
             progress.update(task, advance=1, description=f"{description} {item.dataset.name}/{item.sample.id}")
+            done = len(seconds) + failed
+            if log and (time.perf_counter() - logged >= LOG_SECONDS or done == len(pending)):
+                logged = time.perf_counter()
+                each = (logged - started) / done
+                progress.console.print(
+                    f"{description}: {len(items) - len(pending) + done} of {len(items)} images ({failed} failed), "
+                    f"{each:.1f} s an image, about {each * (len(pending) - done) / 60:.0f} min left",
+                    highlight=False, soft_wrap=True)
     skipped = len(items) - len(pending)
     computed = len(pending) - failed
     failed_before = sum(stored[key].get("status") == "error" for key in {item.key for item in items} - redo
