@@ -13,10 +13,13 @@ from __future__ import annotations
 import atexit
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,15 @@ def mean_over_processes(value: float, group: Processes) -> float:
                           device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(tensor)
     return float(tensor.item()) / group.world
+
+
+def leaders_value(value: T, group: Processes) -> T:
+    """Rank 0's ``value`` on every process (a decision made there: its validation, its clock)."""
+    if not group.active:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def wrap(module: nn.Module, group: Processes, unused_parameters: bool = False) -> nn.Module:

@@ -35,7 +35,7 @@ from torch import nn
 
 from sam4med.engine.checkpoints import read_trained_checkpoint, save_checkpoint
 from sam4med.engine.datasets import Sample
-from sam4med.engine.distributed import Processes, barrier, mean_over_processes, processes, shard, wrap
+from sam4med.engine.distributed import Processes, barrier, leaders_value, mean_over_processes, processes, shard, wrap
 from sam4med.engine.errors import InputError, check_apart, check_precision
 from sam4med.engine.runtime import precision_autocast
 from sam4med.engine.runs import (
@@ -249,8 +249,8 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
                     raise InputError(f"{out}: the training loss became {losses[-1]} at epoch {epoch + 1}, step "
                                      f"{step}; lower --learning-rate (the run keeps epoch {loop['epoch']})")
                 progress.update(bar, advance=1, status=f"loss {losses[-1]:.3f}")
-                if step < len(batches) and _leaders_choice(time.perf_counter() - saved >= 60 * checkpoint_minutes,
-                                                           group):
+                if step < len(batches) and leaders_value(time.perf_counter() - saved >= 60 * checkpoint_minutes,
+                                                         group):
                     if group.leader:
                         _save_last(task, out, record, {**loop, "partial": {
                             "steps": step, "losses": losses, "random": random_states(),
@@ -277,18 +277,9 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
                                            f"validation Dice {val_dice:.4f} (best {loop['best_val_dice']:.4f} at "
                                            f"epoch {loop['best_epoch']}), {elapsed / 60:.1f} min",
                                            highlight=False, soft_wrap=True)
-            loop = _leaders_loop(loop, group)
+            loop = leaders_value(loop, group)  # rank 0's validation decides; also waits for its checkpoint
     return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"],
                        plateaued(loop, patience) and loop["epoch"] < epochs)
-
-
-def _leaders_loop(loop: dict, group: Processes) -> dict:
-    """Rank 0's loop state on every process: its validation decides the best epoch and when to stop."""
-    if not group.active:
-        return loop
-    shared = [loop]
-    torch.distributed.broadcast_object_list(shared, src=0)  # also waits for rank 0's checkpoint
-    return shared[0]
 
 
 def _end_epoch(task: TrainingTask, out: Path, record: dict[str, object], loop: dict, val_dice: float, loss: float,
@@ -312,15 +303,6 @@ def _save_last(task: TrainingTask, out: Path, record: dict[str, object], loop: d
                                       "resume": {"module": task.module.state_dict(),
                                                  "optimizer": task.optimizer.state_dict(),
                                                  "scheduler": task.scheduler.state_dict(), "loop": loop}})
-
-
-def _leaders_choice(choice: bool, group: Processes) -> bool:
-    """Rank 0's ``choice`` on every process (a clock read on each would differ)."""
-    if not group.active:
-        return choice
-    shared = [choice]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    return bool(shared[0])
 
 
 def _keep_history(path: Path, epochs: int) -> None:
