@@ -62,6 +62,27 @@ def test_an_overlay_that_cannot_be_written_leaves_an_existing_mask_as_it_was(tmp
     assert (tmp_path / "mask.png").read_bytes() == b"yesterday's mask"
 
 
+def test_an_overlay_that_fails_while_written_leaves_an_existing_mask_as_it_was(tmp_path, image_path, click_model,
+                                                                                 monkeypatch):
+    """A full disk or a read-only folder is found only by writing: --out is replaced after the overlay is written."""
+    import errno
+
+    from sam4med.engine import overlays
+    from sam4med.engine.predictor import Predictor
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(overlays, "write_overlay", full_disk)
+    (tmp_path / "mask.png").write_bytes(b"yesterday's mask")
+    with pytest.raises(OSError, match="No space left") as raised:
+        segment_image_file(Predictor(click_model), image_path, Prompt(box=[1, 1, 20, 20]), tmp_path / "mask.png",
+                           tmp_path / "overlay.png")
+    assert raised.value.filename == str(tmp_path / "overlay.png")  # the file that failed, not --out
+    assert (tmp_path / "mask.png").read_bytes() == b"yesterday's mask"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "mask.png"]  # no temporary left behind
+
+
 def test_an_image_thinner_than_one_embedding_token_at_the_models_size_is_flagged(tmp_path, click_model, capsys):
     """A 4000 x 12 strip is 0.8 px wide at 256: no mask can follow it, and the runtimes differ on it."""
     from sam4med.engine.predictor import Predictor

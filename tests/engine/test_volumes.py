@@ -205,6 +205,28 @@ def test_label_volumes_named_in_capitals_or_with_doubled_suffixes_are_one_file_r
     np.testing.assert_array_equal(read_volume(written).array, volume.array > 0)
 
 
+@pytest.mark.parametrize("name", ["labels.nii.gz", "labels.nii", "labels.nrrd"])
+@pytest.mark.parametrize("kept", [0.0, 0.5])
+def test_a_label_volume_cut_short_by_a_full_disk_leaves_the_file_there_as_it_was(tmp_path, monkeypatch, name, kept):
+    """ITK's writers neither throw nor stop on a full disk (a NIfTI is left empty or cut short and the command said
+    it succeeded): the written file is read back, and one cut short replaces nothing."""
+    sitk.WriteImage(itk_image(sphere()), str(tmp_path / "image.nrrd"))
+    volume = read_volume(tmp_path / "image.nrrd")
+    (tmp_path / name).write_bytes(b"yesterday's labels")
+    write_image = sitk.WriteImage
+
+    def full_disk(image, path, *args, **kwargs):
+        write_image(image, path, *args, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: int(len(data) * kept)])
+
+    monkeypatch.setattr(sitk, "WriteImage", full_disk)
+    with pytest.raises(InputError, match=f"{name}: cannot write label volume"):
+        write_label_volume(volume.array > 0, volume, tmp_path / name)
+    assert (tmp_path / name).read_bytes() == b"yesterday's labels"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["image.nrrd", name])  # no temporary left
+
+
 def test_a_float64_volume_past_float32_is_read_in_float64(tmp_path):
     array = sphere().astype(np.float64)
     array[array > 0] = 1e300

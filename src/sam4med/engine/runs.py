@@ -46,6 +46,8 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except OSError as error:  # name the file the user asked for, not the temporary one
+        if error.filename not in (None, str(temporary), temporary):
+            raise  # another file's failure inside the block (a second output written with this one) names that file
         raise OSError(error.errno, error.strerror or one_line(error), str(path)) from error
     finally:
         with suppress(OSError):  # a failed clean-up must not hide why the write failed

@@ -166,10 +166,10 @@ def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Pro
         written.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as temporary:
         Image.fromarray(mask.astype(np.uint8) * 255).save(temporary, format="PNG")  # uint8 throughout: bool * 255 is int64
-    if overlay:
-        from sam4med.engine.overlays import write_overlay
+        if overlay:  # written before the mask replaces --out: an overlay that cannot be written leaves --out as it was
+            from sam4med.engine.overlays import write_overlay
 
-        write_overlay(overlay, pixels, mask, [("segment", [mask], float("nan"))])
+            write_overlay(overlay, pixels, mask, [("segment", [mask], float("nan"))])
     return mask
 
 

@@ -135,12 +135,32 @@ def write_label_volume(labels: np.ndarray, like: Volume, path: str | Path) -> Pa
     # ITK picks the format from the name and derives more names from it (an upper-case .MHA becomes .mhd + .zraw,
     # a.nii.nii.gz becomes a.nii.gz): it writes a temporary it cannot misread, renamed to the name asked for
     suffix = next(s for s in LABEL_VOLUME_SUFFIXES if path.name.lower().endswith(s))  # checked above: one matches
-    try:
-        with atomic_path(path, suffix=suffix) as temporary:
-            sitk.WriteImage(image, str(temporary), useCompression=True)
-    except RuntimeError as exc:
-        raise InputError(f"{path}: cannot write label volume ({_itk_reason(exc)})") from exc
+    with atomic_path(path, suffix=suffix) as temporary:
+        _write_whole(image, temporary, path)
     return path
+
+
+def _write_whole(image: sitk.Image, temporary: Path, path: Path) -> None:
+    """Write ``image`` to ``temporary`` and read it back before it may replace ``path``: ITK's writers may neither
+    throw nor stop when the disk fills (a NIfTI, gzipped or not, is left empty or cut short). What ITK prints goes
+    into the one error line, or to stderr as it was after a good write."""
+    error: RuntimeError | None = None
+    read_back = False
+    with _printed_by_itk() as printed:  # filled when the block ends
+        try:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
+            read_back = True
+            written = sitk.ReadImage(str(temporary), imageIO=_image_io(path))
+            whole = np.array_equal(sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image))
+        except RuntimeError as exc:
+            error, whole = exc, False
+    if whole:
+        sys.stderr.write("".join(line + "\n" for line in printed))
+        return
+    reason = _without_itk_prefix("; ".join(printed[:2])) or (_itk_reason(error) if error is not None else "")
+    if read_back:
+        reason = f"the file written does not read back whole{f': {reason}' if reason else ''}; is the disk full?"
+    raise InputError(f"{path}: cannot write label volume ({reason.replace(str(temporary), str(path))})")
 
 
 def check_percentiles(lower: float, upper: float,
@@ -369,7 +389,12 @@ def _itk_reason(exc: RuntimeError) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     lines = lines[1:] or lines
     reason = " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
-    return re.sub(r"(ITK ERROR|sitk::ERROR):\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", reason) or type(exc).__name__
+    return _without_itk_prefix(reason) or type(exc).__name__
+
+
+def _without_itk_prefix(line: str) -> str:
+    """``itk::ERROR: NrrdImageIO(0x55d0...): why`` -> ``why``."""
+    return re.sub(r"(ITK ERROR|sitk::ERROR|itk::ERROR):\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", line)
 
 
 def _check_nifti_length(path: Path, what: str) -> None:
