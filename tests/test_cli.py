@@ -6,6 +6,7 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -252,3 +253,28 @@ def test_segment_refuses_int8_with_the_openvino_runtime_in_one_line(tmp_path):
                                       str(tmp_path / "mask.png"), "--int8", "--runtime", "openvino"])
     assert _one_error_line(result) == "error: --int8 is ONNX Runtime's int8 graph: not with --runtime openvino"
     assert not (tmp_path / "mask.png").exists()
+
+
+def test_segment_runs_on_pytorch_when_the_onnx_cache_cannot_be_written(tmp_path, monkeypatch):
+    """``--runtime auto`` exports graphs to a cache; a read-only home or a full disk gives the same model on PyTorch
+    with a warning, not a failed command. A runtime asked for by name still fails."""
+    from PIL import Image
+
+    from conftest import make_ellipse_image
+
+    image, mask = make_ellipse_image()
+    Image.fromarray(image).save(tmp_path / "image.png")
+    (tmp_path / "cache").write_text("a file where the cache folder would go")
+    monkeypatch.setenv("SAM4MED_CACHE", str(tmp_path / "cache"))
+    ys, xs = mask.nonzero()
+    box = [str(v) for v in (xs.min(), ys.min(), xs.max(), ys.max())]
+    result = CliRunner().invoke(app, ["segment", str(tmp_path / "image.png"), "--box", *box, "--out",
+                                      str(tmp_path / "mask.png")])
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.stderr and "running on PyTorch" in result.stderr
+    written = np.asarray(Image.open(tmp_path / "mask.png")) > 0
+    assert 2 * (written & mask).sum() / (written.sum() + mask.sum()) > 0.9
+    named = CliRunner().invoke(app, ["segment", str(tmp_path / "image.png"), "--box", *box, "--out",
+                                     str(tmp_path / "again.png"), "--runtime", "onnx"])
+    assert named.exit_code == 2 and _one_error_line(named).startswith(f"error: {tmp_path / 'cache'}")
+    assert not (tmp_path / "again.png").exists()

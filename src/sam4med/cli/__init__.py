@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from sam4med.engine.items import ItemRunSummary
     from sam4med.engine.predictor import Predictor
-    from sam4med.engine.segment import PredictorSource
+    from sam4med.engine.segment import PredictorSource, PromptMasks
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.",
                   cls=OneLineErrorsGroup)
@@ -122,11 +122,27 @@ def _predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int,
     if chosen in ("onnx", "openvino"):
         check_encoder_graph(int8, chosen == "openvino")  # before anything is read or exported
         configure_cpu()
-        return lambda: onnx_predictor(model, threads, int8=int8, openvino=chosen == "openvino")
+        if runtime != "auto" or int8:
+            return lambda: onnx_predictor(model, threads, int8=int8, openvino=chosen == "openvino")
+        return lambda: _onnx_or_torch(model, threads)
     if int8:
         raise InputError("--int8: only on the ONNX Runtime path (--runtime auto or onnx, without --checkpoint, "
                          "--device, --tile or --precision bf16)")
     return _torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads)
+
+
+def _onnx_or_torch(model: str, threads: int | None) -> PromptMasks:
+    """``--runtime auto``'s predictor: ONNX Runtime's, or PyTorch's where the exported graphs cannot be kept (a
+    read-only home, a full disk), which serves the same masks more slowly rather than failing."""
+    from sam4med.engine.onnx_predictor import cache_root, onnx_predictor
+    from sam4med.engine.runs import warn
+
+    try:
+        return onnx_predictor(model, threads)
+    except OSError as error:
+        warn(f"{error.filename or cache_root()}: cannot keep the exported ONNX graphs there "
+             f"({error.strerror or error}); running on PyTorch (SAM4MED_CACHE names another cache folder)")
+    return _torch_predictor_source(model, None, 0, 0, None, "fp32", threads)()  # what auto chose onnx for
 
 
 def _torch_predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int, device: str | None,
