@@ -171,6 +171,9 @@ def test_bad_trainer_settings_stop_before_anything_is_written(tmp_path, verb, ar
     (["segment", "image.png", "--out", "m.png", "--box", "5", "5", "1", "1"], "error: --box: box [5.0, 5.0, 1.0, 1.0]"),
     (["segment", "image.png", "--out", "m.png", "--point", "1,1", "--label", "3"], "error: --point --label: point"),
     (["eval", "no-such-verb"], "error: No such command 'no-such-verb'"),
+    (["segment", "a\nb.png", "--out", "m.png", "--box", "1", "2", "3", "4"], "error: a\\nb.png: "),  # a file name's newline
+    (["segment-volume", "v.nii.gz", "--box3d", "1", "1", "1", "5", "5", "5", "--out", "l.nii.gz", "--threads", "0"],
+     "error: --threads 0: "),
 ])
 def test_usage_errors_are_one_line_too(arguments, expected):
     """A wrong type, a missing or unknown option: the same one line and exit 2 as any other bad input."""

@@ -244,17 +244,15 @@ def segment_volume(
     halo: HaloOption = 32,
     precision: PrecisionOption = "fp32",
     device: DeviceOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Segment one object in a volume from a 3D box, propagated slice by slice from the middle."""
     from sam4med.engine.errors import check_tiling
-    from sam4med.engine.models import load_model
     from sam4med.engine.segment import segment_volume_file
-    from sam4med.engine.tiling import make_predictor
 
     check_tiling(tile or None, halo)
-    configure_cpu()
-    labels = segment_volume_file(lambda: make_predictor(load_model(model, checkpoint, device, precision=precision),
-                                                        tile or None, halo),
+    check_threads(threads)
+    labels = segment_volume_file(_torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads),
                                  volume, box3d, out, axis, (lower_percentile, upper_percentile))
     typer.echo(f"{out}: {int(labels.sum())} foreground voxels in "
                f"{int(labels.any(axis=tuple(a for a in range(3) if a != axis)).sum())} slices")

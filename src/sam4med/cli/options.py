@@ -84,17 +84,23 @@ def one_line_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except InputError as error:
-            typer.echo(f"error: {error}", err=True)
+            typer.echo(_printable(f"error: {error}"), err=True)
             raise typer.Exit(2) from None
         except OSError as error:  # the file system refused: permissions, a full or read-only disk
             where = error.filename if error.filename is not None else "file system"
             reason = error.strerror or one_line(error)
             if isinstance(error, (FileExistsError, NotADirectoryError)):  # a file where a folder has to be made
                 reason = f"{reason} (a file stands where a folder is needed)"
-            typer.echo(f"error: {where}: {reason}", err=True)
+            typer.echo(_printable(f"error: {where}: {reason}"), err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _printable(line: str) -> str:
+    """``line`` with control characters escaped (``\\n``), so that a file name holding a newline stays on the
+    one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 ModelOption = Annotated[str, typer.Option(help="Registered model: litemedsam-click (bundled, the default: "
