@@ -1,6 +1,7 @@
 """2D data sets: reading images and masks, data set layouts, objects, splits and factors."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,11 @@ def test_unknown_extension_and_missing_file(tmp_path):
         read_image(tmp_path / "image.gif")
     with pytest.raises(InputError, match=r"missing.png: no such file"):
         read_image(tmp_path / "missing.png")
+    os.mkfifo(tmp_path / "pipe.png")  # read, it would block; /dev/zero would never end
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    for name in ("pipe.png", "zero.png"):
+        with pytest.raises(InputError, match=f"{name}: not a regular file"):
+            read_image(tmp_path / name)
 
 
 def test_multi_page_tiff_is_rejected(tmp_path):

@@ -126,11 +126,14 @@ def resolved(path: Path) -> Path | None:
 
 
 def not_there(path: Path, what: str = "file") -> str:
-    """Why ``path`` cannot be opened as a ``what``: a link loop, a folder where a file is wanted, or nothing there."""
+    """Why ``path`` cannot be opened as a ``what``: a link loop, a folder where a file is wanted, a device or a
+    pipe (which never ends, or is read once), or nothing there."""
     if path.is_symlink() and resolved(path) is None:
         return "a symbolic link loop"
     if what == "file" and path.is_dir():
         return "is a folder, not a file"
+    if what == "file" and path.exists():
+        return "not a regular file (a device, a pipe or a socket)"
     return f"no such {what}"
 
 
