@@ -10,7 +10,8 @@ encoder). GPU recipe: --epochs 20 --images-per-step 8 --max-train-images 0. Trai
 (`sam4med samunet train --method decoder|samunet --out OUT/decoder|samunet`, two processes, a GPU)
 and be scored with --score-only. Every arm (``sam4med.samunet.comparison.ARMS``: decoder, samunet warm
 started, samunet_cold as the paper) trains in OUT/<arm> under the same budget rule (--epochs as a limit,
---patience on validation Dice). Writes OUT/scores.csv (one row per object x model), OUT/table.csv
+--patience on validation Dice). Scoring is resumable too (OUT/scoring/<row>-<weights sha256>/, the item loop's
+rows). Writes OUT/scores.csv (one row per object x model), OUT/table.csv
 (Dice mean, std, count per data set and model), OUT/curves.png (each arm's validation Dice and loss per
 epoch) and OUT/protocol.json (configuration, data, and each run's own configuration, epochs done, best
 epoch and training seconds).

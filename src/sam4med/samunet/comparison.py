@@ -16,15 +16,15 @@ from pathlib import Path
 import pandas as pd
 
 from sam4med.engine.curves import write_training_curves
-from sam4med.engine.datasets import Dataset, Sample, load_dataset
+from sam4med.engine.datasets import load_dataset
 from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import load_pair
-from sam4med.engine.items import WorkItem
+from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
 from sam4med.engine.metrics import paired_bootstrap
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_labels
 from sam4med.engine.predictor import Predictor
-from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, PROTOCOL_FILE, atomic_path, read_jsonl, write_json
+from sam4med.engine.runs import CONFIG_FILE, HISTORY_FILE, PROTOCOL_FILE, atomic_path, claim_folder, read_jsonl, write_json
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.splits import training_split
 from sam4med.evaluation.benchmark import BenchmarkConfig, ImageEvaluator
@@ -32,22 +32,36 @@ from sam4med.evaluation.modes import make_mode
 from sam4med.samunet.training import PromptTrainConfig, train_promptable
 
 
-def box_prompt_scores(model: SamModel, dataset: Dataset, samples: Sequence[Sample], min_area: int = 10,
-                      max_objects: int = 20) -> pd.DataFrame:
+SCORING_FOLDER = "scoring"
+
+
+def box_prompt_scores(model: SamModel, items: Sequence[WorkItem], folder: Path, min_area: int = 10,
+                      max_objects: int = 20, show_progress: bool = False) -> pd.DataFrame:
     """Dice and IoU of every object (at most ``max_objects`` per image, drawn by seed as the benchmark
-    does) from its tight box: the benchmark's ``box`` mode, run on each image."""
+    does) from its tight box: the benchmark's ``box`` mode, run on each image.
+
+    Runs on the resumable item loop into ``folder`` (``results.jsonl``, and the model and settings in
+    ``scoring.json``): scoring every left-out image takes hours on a CPU, and a killed run goes on where it
+    stopped. An image without an object of ``min_area`` pixels gives a row saying so and no score."""
     config = BenchmarkConfig(model=model.name, modes=("box",), min_object_area=min_area,
                              max_objects_per_image=max_objects)
+    claim_folder(folder, "scoring.json", {"model": model.protocol(), "min_object_area": min_area,
+                                          "max_objects_per_image": max_objects, "seed": config.seed,
+                                          "prompt": "tight box per object (the benchmark's box mode), no jitter"})
     evaluator = ImageEvaluator(Predictor(model), config, [make_mode("box", config.prompts)])
-    rows = []
-    for sample in samples:
-        image, mask = load_pair(sample)
+
+    def score(item: WorkItem) -> list[dict]:
+        _, mask = load_pair(item.sample)
         if not object_labels(mask, min_area=min_area)[1]:
-            continue
-        for row in evaluator(WorkItem(dataset, sample)):
-            rows.append({"dataset": dataset.name, "image": sample.id, "object": row["object"],
-                         "dice": row["dice"], "iou": row["iou"]})
-    return pd.DataFrame(rows)
+            return [{"dataset": item.dataset.name, "image": item.sample.id, "status": "no_objects"}]
+        return [{"dataset": row["dataset"], "image": row["image"], "object": row["object"], "dice": row["dice"],
+                 "iou": row["iou"], "status": row.get("status", "ok")} for row in evaluator(item)]
+
+    run_items(items, score, folder / RESULTS_FILE, f"score {model.name}", show_progress=show_progress)
+    wanted = {(item.dataset.name, item.sample.id) for item in items}
+    rows = [row for row in read_jsonl(folder / RESULTS_FILE, skip_damaged=True)
+            if row.get("status") == "ok" and "object" in row and (row["dataset"], row["image"]) in wanted]
+    return pd.DataFrame(rows, columns=["dataset", "image", "object", "dice", "iou"])
 
 
 def trained_run_record(run: Path) -> dict[str, object]:
@@ -97,17 +111,20 @@ def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str
     write_training_curves([(arm, out / arm) for arm in arms], out / "curves.png")
     models = {"zero_shot": load_model(config.backbone, config.backbone_checkpoint, device),
               **{arm: load_model(config.backbone, out / arm / "best.pt", device) for arm in arms}}
-    frames = []
+    items, settings, modalities = [], {}, {}
     for setting, folders in (("in_domain", train_data), ("left_out", left_out_data)):
         for folder in folders:
             dataset = load_dataset(folder)
             samples = (training_split(dataset, config.fractions, config.split_seed)["test"]
                        if setting == "in_domain" else dataset.samples)
-            test = samples[:max_test_images]
-            for row, model in models.items():
-                frame = box_prompt_scores(model, dataset, test, config.min_object_area)
-                frame["row"], frame["setting"], frame["modality"] = row, setting, dataset.modality
-                frames.append(frame)
+            items += [WorkItem(dataset, sample) for sample in samples[:max_test_images]]
+            settings[dataset.name], modalities[dataset.name] = setting, dataset.modality
+    frames = []
+    for row, model in models.items():  # one folder per row and weights: an arm trained again is scored anew
+        frame = box_prompt_scores(model, items, out / SCORING_FOLDER / f"{row}-{model.weights_sha256[:12]}",
+                                  config.min_object_area, show_progress=show_progress)
+        frames.append(frame.assign(row=row, setting=frame["dataset"].map(settings),
+                                   modality=frame["dataset"].map(modalities)))
     scores = pd.concat(frames, ignore_index=True)
     with atomic_path(out / "scores.csv") as temporary:
         scores.to_csv(temporary, index=False)
