@@ -105,6 +105,7 @@ def test_several_objects_are_a_label_image_with_their_names(client, folder):
     ("get", "/api/images/..%2F..%2Fetc%2Fpasswd/pixels", None, 404, "Not Found"),
     ("get", "/api/images/passwd/pixels", None, 422, "index"),
     ("get", "/api/images/-1/pixels", None, 404, "no image -1"),
+    ("post", "/api/images/-1/open", None, 404, "no image -1"),  # on a fresh session too: not the last image
     ("get", "/static/../../../etc/passwd", None, 404, ""),
     ("get", "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd", None, 404, ""),
     ("post", "/api/images/0/segment", {"object": 0, "box": [1, 2, 3]}, 400, "box"),
@@ -124,6 +125,31 @@ def test_bad_requests_get_a_json_error_and_nothing_outside_the_folder(client, fo
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     assert not (folder[0] / "masks").exists()
+
+
+def test_a_save_the_folder_refuses_is_a_json_error_and_keeps_what_was_saved(client, folder):
+    """A file where ``labels/`` must go (or a full, read-only disk): the page gets the file and the reason, and the
+    saved mask stays as it was: a label image written without its names would read back as one object."""
+    root, _ = folder
+    left, right = np.zeros((160, 200), bool), np.zeros((160, 200), bool)
+    left[20:60, 10:50] = True
+    right[90:140, 120:190] = True
+    assert client.post("/api/images/1/save", json={"objects": [{"label": "cyst", "mask": png64(left)}]}).status_code == 200
+    before = (root / "masks" / "case1.png").read_bytes()
+    (root / "labels" / "case1.json").unlink()
+    (root / "labels").rmdir()
+    (root / "labels").write_text("a file where the labels folder would go")
+    response = client.post("/api/images/1/save", json={"objects": [{"label": "cyst", "mask": png64(left)},
+                                                                   {"label": "lesion", "mask": png64(right)}]})
+    assert response.status_code == 409 and response.json()["error"].startswith(str(root / "labels"))
+    assert (root / "masks" / "case1.png").read_bytes() == before
+    assert sorted(p.name for p in (root / "masks").iterdir()) == ["case1.png"]  # no temporary left
+    (root / "masks" / "case1.png").unlink()
+    (root / "masks").rmdir()
+    (root / "masks").write_text("a file where the masks folder would go")
+    response = client.post("/api/images/2/save", json={"objects": [{"label": "cyst", "mask": png64(left)}]})
+    assert response.status_code == 409 and "a file stands where a folder is needed" in response.json()["error"]
+    assert client.get("/api/state").status_code == 200  # the server goes on
 
 
 def test_saved_masks_that_cannot_be_shown_as_they_are_get_a_json_error(client, folder):

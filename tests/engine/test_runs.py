@@ -87,3 +87,29 @@ def test_a_checkpoint_named_by_another_path_of_the_same_file_resumes_and_another
     monkeypatch.chdir(out)  # another working directory: an absolute record still matches
     claim_folder(tmp_path / "abs", "config.json", {"checkpoint": recorded_path(weights), "seed": 0})
     claim_folder(tmp_path / "abs", "config.json", {"checkpoint": "../runs/v7.pt", "seed": 0})
+
+
+def test_two_threads_writing_one_file_at_once_both_finish(tmp_path):
+    """The annotation page's background encoding and a request may cache the same embedding together: each writer
+    has a temporary of its own (one per thread), so neither renames the other's away."""
+    import threading
+
+    path = tmp_path / "embedding.pt"
+    both_written = threading.Barrier(2)
+    failures = []
+
+    def write(data: bytes) -> None:
+        try:
+            with atomic_path(path) as temporary:
+                temporary.write_bytes(data)
+                both_written.wait(timeout=10)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            failures.append(error)
+
+    threads = [threading.Thread(target=write, args=(data,)) for data in (b"first", b"second")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures and path.read_bytes() in (b"first", b"second")
+    assert [p.name for p in tmp_path.iterdir()] == ["embedding.pt"]

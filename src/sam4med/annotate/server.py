@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import socket
 import time
 import webbrowser
@@ -72,6 +73,18 @@ def create_app(session: AnnotationSession) -> FastAPI:
         first = error.errors()[0] if error.errors() else {"loc": (), "msg": "malformed request"}
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         return JSONResponse({"error": f"{where or 'request'}: {first.get('msg')}"}, status_code=422)
+
+    @app.exception_handler(OSError)
+    async def refused_by_disk(_: Request, error: OSError) -> JSONResponse:
+        """The folder refused a write (a full or read-only disk, a file where a folder must go): the page says which
+        file and why, and what was saved before stays as it was."""
+        where = error.filename if error.filename is not None else session.root
+        reason = error.strerror or one_line(error)
+        if isinstance(error, (FileExistsError, NotADirectoryError)):
+            reason, status = f"{reason} (a file stands where a folder is needed)", 409
+        else:
+            status = {errno.ENOSPC: 507, errno.EROFS: 403, errno.EACCES: 403, errno.EPERM: 403}.get(error.errno, 500)
+        return JSONResponse({"error": f"{where}: {reason}"}, status_code=status)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:

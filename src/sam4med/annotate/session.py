@@ -155,23 +155,25 @@ class ImageFolder:
         _keep(self.root, [p for p in (existing, labels_path) if p is not None], self.ids[index])
         if len(objects) > MAX_LABEL:
             raise InputError(f"{self.ids[index]}: {len(objects)} objects, more than a 16-bit mask holds ({MAX_LABEL})")
-        path.parent.mkdir(exist_ok=True)
         if len(objects) <= 1:
             values = (objects[0].mask if objects else np.zeros(shape, bool)).astype(np.uint8) * 255
         else:
             values = np.zeros(shape, np.uint16 if len(objects) > 255 else np.uint8)
             for value, obj in enumerate(objects, 1):
                 values[obj.mask] = value
+        path.parent.mkdir(exist_ok=True)
+        labels_path.parent.mkdir(exist_ok=True)
+        # the mask replaces the old one only once the names are written: a label image without its names would
+        # read back as one object
         with atomic_path(path) as temporary:
             Image.fromarray(values).save(temporary, format="PNG")
+            if objects:
+                write_json(labels_path, {"image": self.ids[index], "objects": [
+                    {"value": v if len(objects) > 1 else 255, "label": o.label} for v, o in enumerate(objects, 1)]})
+            else:
+                labels_path.unlink(missing_ok=True)
         if existing is not None and existing != path:  # one mask per id, or the data set no longer loads
             _inside(self.root, existing).unlink()
-        if objects:
-            labels_path.parent.mkdir(exist_ok=True)
-            write_json(labels_path, {"image": self.ids[index], "objects": [
-                {"value": v if len(objects) > 1 else 255, "label": o.label} for v, o in enumerate(objects, 1)]})
-        else:
-            labels_path.unlink(missing_ok=True)
         return path
 
     def versions(self, index: int) -> int:
@@ -361,8 +363,9 @@ class AnnotationSession:
         """Make ``index`` the frame that prompts go to (encoding it, or taking its cached embedding), then
         start encoding the next one in the background; seconds until this one was ready."""
         start = time.perf_counter()
+        self.check(index)  # before anything: a negative index would name a frame from the end
         with self._lock:
-            if self._open is None or self._open.index != self.check(index):
+            if self._open is None or self._open.index != index:
                 rgb = self.frames.rgb(index)
                 self.predictor.set_image(rgb)
                 self._open = _OpenFrame(index, rgb.shape[:2])

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -55,9 +56,9 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
 
 
 def _temporary_name(path: Path) -> str:
-    """``.tmp.<host>.<pid>.<name>``; a name that would pass the file system's limit (255 bytes) is shortened to
+    """``.tmp.<host>.<pid>.<thread>.<name>``; a name that would pass the file system's limit (255 bytes) is shortened to
     a digest of it with the last suffixes kept (``.nii.gz``), from which writers pick the format."""
-    prefix = f".tmp.{_HOST}.{os.getpid()}."
+    prefix = f".tmp.{_HOST}.{os.getpid()}.{threading.get_native_id()}."  # two threads may write one file at once
     if len(os.fsencode(prefix + path.name)) <= 255:
         return prefix + path.name
     suffix = "".join(s for s in path.suffixes[-2:] if len(s) <= 8)
