@@ -152,6 +152,18 @@ def test_a_save_the_folder_refuses_is_a_json_error_and_keeps_what_was_saved(clie
     assert client.get("/api/state").status_code == 200  # the server goes on
 
 
+def test_an_image_replaced_on_disk_while_open_is_encoded_again(client, folder):
+    """The page reloads an image's pixels from its file; prompts must go to the same pixels, not to the
+    embedding of the file it replaced."""
+    root, _ = folder
+    client.post("/api/images/0/open")
+    image, truth = make_ellipse_image(160, 200, centre=(40, 50), radii=(20, 30), seed=5)
+    Image.fromarray(image).save(root / "case0.png")  # another scan under the same name
+    client.post("/api/images/0/open")
+    answer = client.post("/api/images/0/segment", json={"object": 0, "box": box_of(truth)}).json()
+    assert dice(mask_of(answer["mask"]), truth) >= 0.85
+
+
 def test_saved_masks_that_cannot_be_shown_as_they_are_get_a_json_error(client, folder):
     """A damaged mask with its names, names whose value no number holds, a mask of another size, a window past
     float range: 400 naming the file, never a 500 or a mask drawn off its image."""

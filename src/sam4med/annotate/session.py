@@ -118,6 +118,14 @@ class ImageFolder:
     def rgb(self, index: int) -> np.ndarray:
         return read_image(self.paths[self.ids[index]])
 
+    def stamp(self, index: int) -> tuple[int, int] | None:
+        """What tells the frame's file was replaced since it was encoded (size, modification time)."""
+        try:
+            status = self.paths[self.ids[index]].stat()
+        except OSError:
+            return None
+        return status.st_size, status.st_mtime_ns
+
     def _files(self, index: int) -> tuple[Path, Path]:
         image_id = self.ids[index]
         return self.root / MASKS_FOLDER / f"{image_id}.png", self.root / LABELS_FOLDER / f"{image_id}.json"
@@ -205,6 +213,9 @@ class VolumeSlices:
 
     def rgb(self, index: int) -> np.ndarray:
         return np.repeat(self.model_input[index][..., None], 3, axis=2)
+
+    def stamp(self, index: int) -> None:  # read once, when the volume was opened
+        return None
 
     def slices(self) -> list[np.ndarray]:
         return list(self.model_input)
@@ -301,6 +312,7 @@ def decode_mask_png(data: bytes, what: str) -> np.ndarray:
 class _OpenFrame:
     index: int
     shape: tuple[int, int]
+    stamp: tuple[int, int] | None  # the file as it was encoded (ImageFolder.stamp)
     rounds: dict[int, Round] = field(default_factory=dict)  # per object: its last mask, what a click corrects
 
 
@@ -365,10 +377,11 @@ class AnnotationSession:
         start = time.perf_counter()
         self.check(index)  # before anything: a negative index would name a frame from the end
         with self._lock:
-            if self._open is None or self._open.index != index:
+            stamp = self.frames.stamp(index)  # an image replaced on disk while open is encoded again
+            if self._open is None or (self._open.index, self._open.stamp) != (index, stamp):
                 rgb = self.frames.rgb(index)
                 self.predictor.set_image(rgb)
-                self._open = _OpenFrame(index, rgb.shape[:2])
+                self._open = _OpenFrame(index, rgb.shape[:2], stamp)
         seconds = time.perf_counter() - start
         if self.prefetch and index + 1 < len(self.frames.ids):
             self._start_prefetch(index + 1)
