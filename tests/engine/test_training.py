@@ -63,6 +63,17 @@ def test_a_resumed_run_trains_exactly_as_an_uninterrupted_one(tmp_path):
             torch.testing.assert_close(b["weights"][key], value, rtol=0, atol=0)
 
 
+def test_history_rows_a_cut_file_lost_are_written_back_from_the_checkpoint(tmp_path):
+    """history.jsonl is the run's record and its curves: rows lost to a cut or edited file come back on resume."""
+    fit(LineTask(), tmp_path / "run", {"lr": 0.05}, 4, seed=3, description="line", show_progress=False)
+    whole = history(tmp_path / "run")
+    lines = (tmp_path / "run" / HISTORY_FILE).read_text().splitlines(keepends=True)
+    (tmp_path / "run" / HISTORY_FILE).write_text(lines[0] + lines[3])  # epochs 2 and 3 gone
+    fit(LineTask(), tmp_path / "run", {"lr": 0.05}, 6, seed=3, description="line", show_progress=False)
+    assert history(tmp_path / "run")[:4] == whole and [row["epoch"] for row in history(tmp_path / "run")] == \
+        [1, 2, 3, 4, 5, 6]
+
+
 class KilledTask(LineTask):
     """Killed (as by Ctrl-C or the machine going away) on its ``kill_at``-th training step."""
 

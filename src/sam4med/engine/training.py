@@ -45,6 +45,7 @@ from sam4med.engine.runs import (
     append_jsonl,
     check_split,
     claim_folder,
+    warn,
     write_split,
     write_text_atomic,
 )
@@ -221,7 +222,7 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
             raise InputError(f"{out / BEST_FILE}: missing, though {LAST_FILE} records epoch {loop['best_epoch']} as "
                              "the best; put it back, or train again into another --out")
     if group.leader:
-        _keep_history(out / HISTORY_FILE, loop["epoch"])
+        _keep_history(out / HISTORY_FILE, loop)
     record = {"kind": task.kind, "config": dict(config), "meta": task.checkpoint_meta()}
     model = wrap(_TaskLoss(task), group, task.unused_parameters)
     task.module.train()
@@ -289,9 +290,11 @@ def _end_epoch(task: TrainingTask, out: Path, record: dict[str, object], loop: d
         loop.update(best_val_dice=val_dice, best_epoch=loop["epoch"])
         save_checkpoint(out / BEST_FILE, {**record, "weights": task.trained_weights(), "epoch": loop["epoch"],
                                           "val_dice": val_dice})
+    row = {"epoch": loop["epoch"], "loss": loss, "val_dice": val_dice, "lr": task.scheduler.get_last_lr()[0],
+           "seconds": seconds}
     # history first: a kill before last.pt is written leaves a row that the rerun drops and redoes
-    append_jsonl(out / HISTORY_FILE, {"epoch": loop["epoch"], "loss": loss, "val_dice": val_dice,
-                                      "lr": task.scheduler.get_last_lr()[0], "seconds": seconds})
+    append_jsonl(out / HISTORY_FILE, row)
+    loop["history"] = [*loop.get("history", []), row]  # last.pt keeps the rows too: a cut file is written back
     _save_last(task, out, record, loop, val_dice)
 
 
@@ -305,8 +308,12 @@ def _save_last(task: TrainingTask, out: Path, record: dict[str, object], loop: d
                                                  "scheduler": task.scheduler.state_dict(), "loop": loop}})
 
 
-def _keep_history(path: Path, epochs: int) -> None:
-    """Drop history rows of epochs that ``last.pt`` does not hold (written just before a kill, or cut)."""
+def _keep_history(path: Path, loop: dict) -> None:
+    """``history.jsonl`` as ``last.pt`` holds it: rows of later epochs (written just before a kill) dropped, and
+    rows that a cut or edited file lost written back from the checkpoint (one from before it kept them: said)."""
+    if "history" in loop:
+        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in loop["history"]))
+        return
     if not path.is_file():
         return
     rows = []
@@ -315,6 +322,9 @@ def _keep_history(path: Path, epochs: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if row["epoch"] <= epochs:
+        if row["epoch"] <= loop["epoch"]:
             rows.append(row)
+    if missing := sorted(set(range(1, loop["epoch"] + 1)) - {row["epoch"] for row in rows}):
+        warn(f"{path}: lacks the rows of epoch(s) {', '.join(map(str, missing))} that {LAST_FILE} holds; the "
+             "curves and the record of the run miss them")
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
