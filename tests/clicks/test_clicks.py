@@ -212,6 +212,15 @@ def test_training_can_start_from_exported_weights(trained, tmp_path):
     assert not (tmp_path / "other").exists()  # refused before the run folder is claimed or an image embedded
 
 
+def test_training_masks_that_are_all_empty_are_refused_before_any_embedding(tmp_path):
+    data = ellipses(tmp_path / "blank", count=5)
+    for mask in (data / "masks").iterdir():
+        Image.fromarray(np.zeros((128, 128), np.uint8)).save(mask)
+    with pytest.raises(InputError, match="every training image's mask is empty"):
+        train_clicks([data], tmp_path / "run", CONFIG, tmp_path / "embeddings", show_progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "embeddings").exists()
+
+
 def iou_head_error(model, data: Path) -> float:
     """Mean |predicted - real IoU| over the 3 masks of a centre click on each image."""
     predictor = Predictor(model)

@@ -27,7 +27,7 @@ the shared training loop's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,9 +39,10 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding, tiled_folder_name
-from sam4med.engine.datasets import data_option, load_datasets
+from sam4med.engine.datasets import Sample, data_option, load_datasets
 from sam4med.engine.distributed import barrier, processes
 from sam4med.engine.executors import Executor
+from sam4med.engine.imageio import read_mask
 from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.errors import (
     InputError,
@@ -446,6 +447,18 @@ def spread(items: list[EmbeddedImage], count: int) -> list[EmbeddedImage]:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
 
 
+def _any_foreground(samples: Iterable[Sample]) -> bool:
+    """Whether any of the samples' masks holds a foreground pixel (stops at the first that does); an unreadable
+    mask is passed over here, and the embedding run records why."""
+    for sample in samples:
+        try:
+            if sample.mask_path is not None and read_mask(sample.mask_path).any():
+                return True
+        except InputError:
+            continue
+    return False
+
+
 def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrainConfig | None = None,
                  embeddings: str | Path | None = None, encoder_backend: str = "torch",
                  show_progress: bool = True, device: str | None = None, executor: Executor | None = None) -> TrainResult:
@@ -481,7 +494,10 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
         raise InputError(f"--tiled {unknown[0]}: not one of the data sets given with --data")
     folders = {d.name: [d.name] + ([tiled_folder_name(d.name, config.tile, config.halo)]  # type: ignore[arg-type]
                                    if d.name in config.tiled else []) for d in datasets}
-    start_run(out, asdict(config), splits)  # once the model, --init and --tiled have been checked
+    if not _any_foreground(s for d in datasets for s in sides[d.name][0]):  # before hours of embedding
+        raise InputError(f"{data_option(datasets)}: every training image's mask is empty (or unreadable); "
+                         "nothing to train on")
+    start_run(out, asdict(config), splits)  # once the model, --init, --tiled and the masks have been checked
     group = processes()
     if group.leader:  # under torchrun the others wait for the embeddings
         flips = (False, True) if config.flips else (False,)
