@@ -113,3 +113,15 @@ def test_two_threads_writing_one_file_at_once_both_finish(tmp_path):
         thread.join()
     assert not failures and path.read_bytes() in (b"first", b"second")
     assert [p.name for p in tmp_path.iterdir()] == ["embedding.pt"]
+
+
+def test_a_training_runs_folder_and_a_batch_verbs_folder_are_kept_apart(tmp_path):
+    """`samaug predict --out RUN` wrote its masks, rows and protocol.json into a training run's folder."""
+    claim_folder(tmp_path / "run", "config.json", {"epochs": 3})
+    with pytest.raises(InputError, match=r"run: holds another kind of run \(config.json\)"):
+        claim_folder(tmp_path / "run", "protocol.json", {"task": "samaug predict"})
+    claim_folder(tmp_path / "predictions", "protocol.json", {"task": "samaug predict"})
+    with pytest.raises(InputError, match=r"predictions: holds another kind of run \(protocol.json\)"):
+        claim_folder(tmp_path / "predictions", "config.json", {"epochs": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions", "run"]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.json"]

@@ -143,6 +143,10 @@ def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -
     path = folder / record_file
     current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
     check_not_a_file(folder)
+    other = next((name for name in (CONFIG_FILE, PROTOCOL_FILE) if name != record_file and (folder / name).is_file()),
+                 None)
+    if other is not None:  # a training run's folder and a batch verb's (predictions, a benchmark) are kept apart
+        raise InputError(f"{folder}: holds another kind of run ({other}); choose another --out")
     if not path.is_file() and (folder / RESULTS_FILE).is_file():  # another verb's rows, or a run's whose record is gone
         raise InputError(f"{folder}: holds another run's {RESULTS_FILE} (no {record_file} of this one beside it); "
                          "choose another --out")
