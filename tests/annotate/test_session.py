@@ -152,6 +152,15 @@ def test_a_save_the_folder_refuses_is_a_json_error_and_keeps_what_was_saved(clie
     assert client.get("/api/state").status_code == 200  # the server goes on
 
 
+def test_a_request_larger_than_a_request_may_carry_is_refused_before_it_is_read(client, monkeypatch):
+    from sam4med.annotate import server
+
+    monkeypatch.setattr(server, "MAX_REQUEST_BYTES", 1000)
+    response = client.post("/api/images/0/save", json={"objects": [{"label": "a", "mask": "A" * 2000}]})
+    assert response.status_code == 413 and "more than the 1000 a request may carry" in response.json()["error"]
+    assert client.post("/api/images/0/open").status_code == 200
+
+
 def test_an_image_replaced_on_disk_while_open_is_encoded_again(client, folder):
     """The page reloads an image's pixels from its file; prompts must go to the same pixels, not to the
     embedding of the file it replaced."""

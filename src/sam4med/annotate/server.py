@@ -28,6 +28,9 @@ from sam4med.engine.interactive import Correction, check_correction
 from sam4med.engine.prompts import Prompt
 
 STATIC = Path(__file__).parent / "static"
+# a request carries at most a few masks as PNG (a 10000 x 10000 label image is a few MB); a larger body is refused
+# before it is read, rather than held in memory several times over while it is parsed
+MAX_REQUEST_BYTES = 256 << 20
 
 
 class SegmentRequest(BaseModel):
@@ -59,6 +62,14 @@ class ForgetRequest(BaseModel):
 def create_app(session: AnnotationSession) -> FastAPI:
     """The page, its files and the JSON API over one session."""
     app = FastAPI(title="sam4med annotate", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
+            return JSONResponse({"error": f"request body of {length} bytes: more than the {MAX_REQUEST_BYTES} a "
+                                          "request may carry"}, status_code=413)
+        return await call_next(request)
 
     @app.exception_handler(InputError)
     async def bad_input(_: Request, error: InputError) -> JSONResponse:
