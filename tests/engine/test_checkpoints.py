@@ -77,3 +77,16 @@ def test_a_checkpoint_whose_record_does_not_fit_this_version_is_one_line(tmp_pat
     save_checkpoint(path, {"kind": kind, "config": config, "meta": meta, "weights": {}})
     with pytest.raises(InputError, match="run.pt: its configuration or weights do not fit this version of sam4med"):
         load_model("litemedsam", path)
+
+
+def test_a_checkpoint_whose_bytes_changed_on_disk_is_refused_not_loaded(tmp_path):
+    """PyTorch never checks the checksums its zip format keeps: flipped bytes loaded as weights without a word."""
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"kind": "test", "config": {}, "weights": {"w": torch.arange(100_000, dtype=torch.float32)}})
+    assert torch.equal(read_trained_checkpoint(path, "test")["weights"]["w"], torch.arange(100_000, dtype=torch.float32))
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2  # inside the tensor's bytes
+    data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"best.pt: damaged checkpoint: its part .* does not match its checksum"):
+        read_trained_checkpoint(path, "test")

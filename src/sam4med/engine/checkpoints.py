@@ -18,6 +18,8 @@ import hashlib
 import io
 import pickle
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib.metadata import entry_points
@@ -50,6 +52,7 @@ def read_checkpoint(path: Path) -> object:
         raise InputError(f"{path}: a folder, not a checkpoint file (give the run's best.pt)")
     if not path.is_file():
         raise InputError(f"{path}: checkpoint file not found")
+    _check_crcs(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr: not the user's business
             warnings.simplefilter("ignore")
@@ -60,6 +63,25 @@ def read_checkpoint(path: Path) -> object:
     except Exception as error:  # zip and torch errors all mean the same to the user
         raise InputError(f"{path}: not a loadable PyTorch checkpoint ({type(error).__name__}: "
                          f"{' '.join(str(error).split())[:200]})") from None
+
+
+def _check_crcs(path: Path) -> None:
+    """PyTorch's zip format keeps a checksum of every part but never checks it when loading: flipped bytes (a
+    failing disk, a bad copy) loaded as weights without a word. A file that is not a zip (PyTorch's legacy format)
+    has none to check."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return  # the legacy format, no zip at all, or a cut one: torch.load says what it is
+    try:
+        with archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{path}: damaged checkpoint ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+                         ) from None
+    if damaged is not None:
+        raise InputError(f"{path}: damaged checkpoint: its part {damaged} does not match its checksum (changed on "
+                         "disk or in a copy); use another copy, or train again")
 
 
 def is_trained_checkpoint(saved: object, path: Path) -> bool:
