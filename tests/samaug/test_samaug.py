@@ -189,11 +189,11 @@ def test_priors_only_for_the_images_an_experiment_uses(tmp_path, litemedsam):
     assert {f"img{i:02d}" for i in range(10) if store.path(f"img{i:02d}").is_file()} == used
 
 
-def _oracle_priors(data, out):
+def _oracle_priors(data, out, model="oracle"):
     """Priors that are the ground truth itself, so a model that reads them can solve a task raw input cannot."""
     store = PriorStore(out / data.name)
     settings = PriorSettings()
-    key = settings_key({"model": "oracle"}, settings)
+    key = settings_key({"model": model}, settings)
     store.claim({"key": key, "settings": settings.record()})
     for path in sorted((data / "masks").glob("*.png")):
         mask = (np.asarray(Image.open(path)) > 0).astype(np.float32)
@@ -292,6 +292,19 @@ def test_training_resumes_and_refuses_another_configuration(tmp_path):
 
     with pytest.raises(InputError, match="a 'samaug-segmenter' checkpoint, not a promptable model's"):
         load_model("litemedsam", tmp_path / "run" / "best.pt", device="cpu")  # eval benchmark --checkpoint
+
+
+def test_a_run_resumes_only_on_the_priors_it_was_trained_on(tmp_path):
+    """config.json names the priors folder, not what is in it: a folder remade with other settings or another model
+    trained a resumed run's later epochs on other input without a word."""
+    data = _noise_dataset(tmp_path / "noise", count=8, size=32)
+    first, other = _oracle_priors(data, tmp_path / "priors"), _oracle_priors(data, tmp_path / "other", "oracle-2")
+    config = TrainConfig(input_kind="samaug", image_size=32, features=4, epochs=1, batch_size=4,
+                         fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    train([data], first, tmp_path / "run", config, show_progress=False)
+    with pytest.raises(InputError, match=r"run: trained on priors made with other settings or another model \(noise\)"):
+        train([data], other, tmp_path / "run", config, show_progress=False)
+    assert train([data], first, tmp_path / "run", config, show_progress=False).epochs_run == 1  # its own: resumed
 
 
 def test_a_missing_gpu_is_refused_first_and_a_gpu_run_is_scored_alike_on_the_cpu(tmp_path):

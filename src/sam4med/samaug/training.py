@@ -25,12 +25,13 @@ from monai.losses import DiceCELoss
 from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, SpatialPadd
 from monai.utils import convert_to_tensor, set_determinism
 
+from sam4med.engine.checkpoints import read_trained_checkpoint
 from sam4med.engine.datasets import data_option, load_datasets
 from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_precision, check_seed
 from sam4med.engine.metrics import dice
 from sam4med.engine.models import resolve_device
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
-from sam4med.engine.training import TrainingTask, TrainResult, fit, seed_everything, start_run
+from sam4med.engine.training import LAST_FILE, TrainingTask, TrainResult, fit, seed_everything, start_run
 from sam4med.samaug.inputs import POLICIES, PreparedImage, compose_input, dataset_is_gray, input_channels, prepare_images
 from sam4med.samaug.networks import NETWORKS, build_network
 from sam4med.samaug.prediction import combine, default_mode, probabilities
@@ -160,6 +161,20 @@ class SegmenterTask(TrainingTask):
         return self.meta
 
 
+def _check_same_priors(out: Path, prior_keys: dict[str, str]) -> None:
+    """A run resumes on the priors it was trained on: a priors folder made with other settings or another model
+    would train its later epochs on other input without a word (config.json names the folder, not what is in it)."""
+    last = out / LAST_FILE
+    if not last.is_file():
+        return
+    trained_on = read_trained_checkpoint(last, CHECKPOINT_KIND)["meta"].get("prior_keys")
+    if trained_on is not None and trained_on != prior_keys:
+        changed = sorted(name for name in trained_on.keys() | prior_keys.keys()
+                         if trained_on.get(name) != prior_keys.get(name))
+        raise InputError(f"{out}: trained on priors made with other settings or another model ({', '.join(changed)}); "
+                         "give the --priors it was trained on, or train again into another --out")
+
+
 def train(
     data: Sequence[str | Path],
     priors: str | Path | None,
@@ -186,6 +201,7 @@ def train(
     datasets = load_datasets(data)
     stores = {d.name: PriorStore(Path(priors) / d.name) if priors is not None else None for d in datasets}
     prior_keys = {name: store.record["key"] for name, store in stores.items() if store is not None}
+    _check_same_priors(out, prior_keys)
     splits = {d.name: training_split(d, config.fractions, config.split_seed) for d in datasets}
     gray = all(dataset_is_gray(d) for d in datasets)
     train_items: list[PreparedImage] = []
