@@ -41,14 +41,14 @@ def load_prompt_weights(network: Sam, name: str, folder: Path = WEIGHTS_DIR) -> 
     sha256 = file_sha256(path) if path.is_file() else "missing"
     if sha256 != expected:
         raise InputError(f"{path}: sha256 {sha256} differs from its model card's {expected}; reinstall sam4med")
-    load_prompt_parts(network, path)
+    load_prompt_parts(network, path, sha256_checked=True)
     return sha256
 
 
-def load_prompt_parts(network: Sam, path: Path) -> None:
+def load_prompt_parts(network: Sam, path: Path, sha256_checked: bool = False) -> None:
     """Load a file holding only a prompt encoder and a mask decoder (exported weights, or the
-    ``weights`` of a click-training checkpoint) over a network."""
-    saved = read_checkpoint(path)
+    ``weights`` of a click-training checkpoint) over a network (``sha256_checked``: see ``read_checkpoint``)."""
+    saved = read_checkpoint(path, sha256_checked)
     state = saved["weights"] if isinstance(saved, dict) and isinstance(saved.get("weights"), dict) \
         else state_dict_of(saved, path)
     if not state or not all(key.startswith(PROMPT_PARTS) for key in state):
@@ -128,7 +128,7 @@ def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: tor
         expected = spec.expected_sha256() if spec.expected_sha256 else None
         if expected and sha256 != expected:
             raise InputError(f"{path}: sha256 {sha256} differs from the published {expected}")
-        saved = read_checkpoint(path)
+        saved = read_checkpoint(path, sha256_checked=bool(expected))
     else:
         path = Path(checkpoint)
         saved = read_checkpoint(path)
