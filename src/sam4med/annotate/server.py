@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from sam4med.annotate.session import AnnotationSession, SavedObject, decode_mask_png, encode_png, open_frames
-from sam4med.engine.errors import InputError, check_precision, check_tiling, one_line
+from sam4med.engine.errors import InputError, check_precision, check_tiling, one_line, refused_by_file_system
 from sam4med.engine.interactive import Correction, check_correction
 from sam4med.engine.prompts import Prompt
 
@@ -89,13 +89,9 @@ def create_app(session: AnnotationSession) -> FastAPI:
     async def refused_by_disk(_: Request, error: OSError) -> JSONResponse:
         """The folder refused a write (a full or read-only disk, a file where a folder must go): the page says which
         file and why, and what was saved before stays as it was."""
-        where = error.filename if error.filename is not None else session.root
-        reason = error.strerror or one_line(error)
-        if isinstance(error, (FileExistsError, NotADirectoryError)):
-            reason, status = f"{reason} (a file stands where a folder is needed)", 409
-        else:
-            status = {errno.ENOSPC: 507, errno.EROFS: 403, errno.EACCES: 403, errno.EPERM: 403}.get(error.errno, 500)
-        return JSONResponse({"error": f"{where}: {reason}"}, status_code=status)
+        status = 409 if isinstance(error, (FileExistsError, NotADirectoryError)) else \
+            {errno.ENOSPC: 507, errno.EROFS: 403, errno.EACCES: 403, errno.EPERM: 403}.get(error.errno, 500)
+        return JSONResponse({"error": refused_by_file_system(error, session.root)}, status_code=status)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional, TypeVar
 import typer
 from typer.core import TyperGroup
 
-from sam4med.engine.errors import InputError, one_line
+from sam4med.engine.errors import InputError, refused_by_file_system
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -87,11 +87,7 @@ def one_line_errors(command: F) -> F:
             typer.echo(_printable(f"error: {error}"), err=True)
             raise typer.Exit(2) from None
         except OSError as error:  # the file system refused: permissions, a full or read-only disk
-            where = error.filename if error.filename is not None else "file system"
-            reason = error.strerror or one_line(error)
-            if isinstance(error, (FileExistsError, NotADirectoryError)):  # a file where a folder has to be made
-                reason = f"{reason} (a file stands where a folder is needed)"
-            typer.echo(_printable(f"error: {where}: {reason}"), err=True)
+            typer.echo(_printable(f"error: {refused_by_file_system(error)}"), err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

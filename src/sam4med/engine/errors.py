@@ -40,6 +40,15 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def refused_by_file_system(error: OSError, where: object = "file system") -> str:
+    """``<file>: <why>`` for an OSError (permissions, a full or read-only disk), the one line every front end gives;
+    ``where`` names the place when the error names no file."""
+    reason = error.strerror or one_line(error)
+    if isinstance(error, (FileExistsError, NotADirectoryError)):  # a file where a folder has to be made
+        reason = f"{reason} (a file stands where a folder is needed)"
+    return f"{error.filename if error.filename is not None else where}: {reason}"
+
+
 def hw(shape: tuple[int, ...]) -> str:
     """A shape as HxW, the way messages name image sizes."""
     return f"{shape[0]}x{shape[1]}"
