@@ -126,6 +126,21 @@ def test_another_verbs_folder_is_refused_and_nothing_written_into_it(results: Pa
     assert sorted(path.name for path in results.iterdir()) == before
 
 
+@pytest.mark.parametrize(("name", "problem"), [
+    ("results.jsonl", "a report is an HTML file"), ("protocol.json", "a report is an HTML file"),
+    ("data/images/a.png", "a report is an HTML file"), ("data/images/report.html", "inside the data set folder"),
+    ("folder.html", "is a folder"),
+])
+def test_a_report_path_that_could_replace_an_input_is_refused_and_nothing_written(results: Path, name, problem) -> None:
+    for folder in ("data/images", "data/masks", "folder.html"):
+        (results / folder).mkdir(parents=True)
+    (results / "data/images/a.png").write_bytes(b"image")
+    before = {path: path.read_bytes() for path in results.rglob("*") if path.is_file()}
+    with pytest.raises(InputError, match=problem):
+        write_report(results, out=results / name)
+    assert {path: path.read_bytes() for path in results.rglob("*") if path.is_file()} == before
+
+
 def test_a_report_of_no_rows_is_refused_and_the_earlier_tables_are_kept(results: Path) -> None:
     write_report(results)
     tables = {path.name: path.read_bytes() for path in results.glob("*.csv")}
