@@ -66,6 +66,7 @@ def test_bad_input_in_a_group_verb_is_one_line_with_exit_2(tmp_path):
     (["--threads", "-3"], "--threads"),
     (["--split", "holdout"], "--split"),
     (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),
     (["--tile", "8"], "--tile"),
     (["--halo", "-1"], "--halo"),
     (["--precision", "fp16"], "--precision"),
@@ -132,7 +133,8 @@ def test_a_folder_the_file_system_refuses_is_one_line(tmp_path):
 
 
 BAD_TRAINER_SETTINGS = [(["--learning-rate", value], "--learning-rate") for value in ("nan", "-1", "0")] + [
-    (["--seed", "-1"], "--seed"), (["--max-train-images", "-1"], "--max-train-images"), (["--epochs", "0"], "--epochs"),
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**64)], "--seed"),  # past 64 bits: PyTorch's seed overflowed
+    (["--max-train-images", "-1"], "--max-train-images"), (["--epochs", "0"], "--epochs"),
     (["--precision", "fp16"], "--precision")]
 
 

@@ -79,10 +79,13 @@ def check_counts(**counts: int) -> None:
             raise InputError(f"--{name.replace('_', '-')} {value}: must be >= 1")
 
 
+MAX_SEED = 2**32 - 1  # the trainers seed PyTorch with seed * 100_003 + epoch, which must fit its 64 bits
+
+
 def check_seed(value: int, what: str) -> int:
-    """``value`` if it can seed NumPy's and PyTorch's generators (an integer >= 0), else an InputError."""
-    if not _is_integer(value, 0):
-        raise InputError(f"{what} {value}: must be an integer >= 0")
+    """``value`` if it can seed NumPy's and PyTorch's generators (an integer in 0..MAX_SEED), else an InputError."""
+    if not _is_integer(value, 0) or value > MAX_SEED:
+        raise InputError(f"{what} {value}: must be an integer from 0 to {MAX_SEED}")
     return value
 
 
