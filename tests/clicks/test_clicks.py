@@ -403,6 +403,12 @@ def test_tile_share_decides_how_often_a_tile_is_drawn_however_many_tiles_there_a
         replace(CONFIG, tile=256, tiled=("nuclei",), tile_share=1.5).check()
 
 
+def test_a_set_with_fewer_images_than_a_step_gives_each_step_all_of_them():
+    train = [EmbeddedImage("polyps", f"p{i}", Path(f"p{i}.pt"), 3, (256, 256)) for i in range(1)]
+    sampler = ImageSampler(train, replace(CONFIG, images_per_step=2))  # one image with an object, no mirror image
+    assert [sampler.draw(np.random.default_rng(seed)) for seed in range(3)] == [[0], [0], [0]]
+
+
 def test_an_image_that_cannot_be_embedded_is_named_on_every_run(tmp_path, litemedsam, capsys):
     from sam4med.clicks.embeddings import embed_datasets
     from sam4med.engine.datasets import load_dataset

@@ -283,12 +283,13 @@ class ImageSampler:
     def draw(self, rng: np.random.Generator) -> list[int]:
         """One step's image indices: distinct images drawn evenly, or with ``balance_datasets`` one image
         from each of ``images_per_step`` data sets drawn evenly (with replacement). ``tile_share`` (when
-        there are both tiles and whole images) draws each image from the tiles or the whole images alone."""
+        there are both tiles and whole images) draws each image from the tiles or the whole images alone. A set
+        with fewer training images than ``images_per_step`` gives each step all of them."""
         config = self.config
         if config.tile_share is not None and all(self.pools):
             return [self._draw_from(0 if rng.random() < config.tile_share else 1, rng) for _ in range(config.images_per_step)]
         if not config.balance_datasets:
-            return rng.choice(self.count, config.images_per_step, replace=False).tolist()
+            return rng.choice(self.count, min(config.images_per_step, self.count), replace=False).tolist()
         return [int(rng.choice(self.groups[g])) for g in rng.integers(len(self.groups), size=config.images_per_step)]
 
     def _draw_from(self, pool: int, rng: np.random.Generator) -> int:
