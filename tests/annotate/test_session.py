@@ -100,6 +100,40 @@ def test_several_objects_are_a_label_image_with_their_names(client, folder):
     assert np.array_equal(mask_of(objects[1]["mask"]), right)
 
 
+def test_an_object_wholly_under_a_later_one_is_named_in_the_saves_answer(client, folder):
+    """A label image holds one object a pixel and the later wins: the answer names what it could not keep."""
+    root, _ = folder
+    disc, cup, other = np.zeros((160, 200), bool), np.zeros((160, 200), bool), np.zeros((160, 200), bool)
+    cup[40:60, 40:60] = True
+    disc[20:90, 20:90] = True
+    other[100:120, 150:170] = True
+    response = client.post("/api/images/1/save", json={"objects": [
+        {"label": "cup", "mask": png64(cup)}, {"label": "disc", "mask": png64(disc)},
+        {"label": "lesion", "mask": png64(other)}]})
+    assert response.status_code == 200 and response.json()["hidden"] == ["cup"]
+    assert [o["label"] for o in client.get("/api/images/1/objects").json()["objects"]] == ["disc", "lesion"]
+    response = client.post("/api/images/1/save", json={"objects": [
+        {"label": "disc", "mask": png64(disc)}, {"label": "cup", "mask": png64(cup)}]})
+    assert response.json()["hidden"] == []  # the cup drawn last keeps its pixels, the disc the rest
+
+
+def test_a_refused_save_keeps_no_earlier_version(client, folder, monkeypatch):
+    from sam4med.annotate import session
+
+    monkeypatch.setattr(session, "MAX_LABEL", 2)
+    masks = [np.zeros((160, 200), bool) for _ in range(3)]
+    for i, mask in enumerate(masks):
+        mask[10 * i:10 * i + 5, 10:20] = True
+    client.post("/api/images/1/save", json={"objects": [{"label": "a", "mask": png64(masks[0])},
+                                                          {"label": "b", "mask": png64(masks[1])}]})
+    before = client.get("/api/images/1/objects").json()["versions"]
+    response = client.post("/api/images/1/save", json={"objects": [
+        {"label": f"o{i}", "mask": png64(mask)} for i, mask in enumerate(masks)]})
+    assert response.status_code == 400 and "more than a 16-bit mask holds" in response.json()["error"]
+    assert client.get("/api/images/1/objects").json()["versions"] == before
+    assert [o["label"] for o in client.get("/api/images/1/objects").json()["objects"]] == ["a", "b"]
+
+
 @pytest.mark.parametrize(("method", "path", "body", "status", "message"), [
     ("get", "/api/images/7", None, 404, "no image 7"),
     ("get", "/api/images/..%2F..%2Fetc%2Fpasswd/pixels", None, 404, "Not Found"),

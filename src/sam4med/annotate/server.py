@@ -22,7 +22,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from sam4med.annotate.session import AnnotationSession, SavedObject, decode_mask_png, encode_png, open_frames
+from sam4med.annotate.session import (AnnotationSession, SavedObject, decode_mask_png, encode_png,
+                                      hidden_under_later, open_frames)
 from sam4med.engine.errors import InputError, check_precision, check_tiling, one_line, refused_by_file_system
 from sam4med.engine.interactive import Correction, check_correction
 from sam4med.engine.prompts import Prompt
@@ -153,10 +154,11 @@ def create_app(session: AnnotationSession) -> FastAPI:
 
     @app.post("/api/images/{index}/save")
     def save(index: int, request: SaveRequest) -> dict[str, object]:
-        path = session.save(index, objects_of(request.objects))
+        objects = objects_of(request.objects)
+        path = session.save(index, objects)
         listing = session.listing()
         return {"saved": str(path.relative_to(session.root)), "annotated": sum(bool(i["annotated"]) for i in listing),
-                "total": len(listing), "versions": session.versions(index)}
+                "total": len(listing), "versions": session.versions(index), "hidden": hidden_under_later(objects)}
 
     @app.post("/api/images/{index}/propagate")
     def propagate(index: int, request: PropagateRequest) -> dict[str, object]:

@@ -159,10 +159,10 @@ class ImageFolder:
         objects' names beside it (``labels/<id>.json``), so reopening shows what was saved. ``shape`` is the
         frame's size, which the session checked the masks against."""
         path, labels_path = (_inside(self.root, p) for p in self._files(index))
+        if len(objects) > MAX_LABEL:  # before anything is kept or written: a refused save changes nothing
+            raise InputError(f"{self.ids[index]}: {len(objects)} objects, more than a 16-bit mask holds ({MAX_LABEL})")
         existing = self._existing_mask(index)
         _keep(self.root, [p for p in (existing, labels_path) if p is not None], self.ids[index])
-        if len(objects) > MAX_LABEL:
-            raise InputError(f"{self.ids[index]}: {len(objects)} objects, more than a 16-bit mask holds ({MAX_LABEL})")
         if len(objects) <= 1:
             values = (objects[0].mask if objects else np.zeros(shape, bool)).astype(np.uint8) * 255
         else:
@@ -186,6 +186,17 @@ class ImageFolder:
 
     def versions(self, index: int) -> int:
         return len([p for p in _history(self.root, self.ids[index]) if p.suffix != ".json"])
+
+
+def hidden_under_later(objects: list[SavedObject]) -> list[str]:
+    """The names of objects that keep no pixel in a label image, where the later object wins every pixel: the
+    page says so, since a saved label image cannot hold them (nested structures want a mask each)."""
+    hidden, covered = [], None
+    for obj in reversed(objects):
+        if obj.mask.any() and covered is not None and not (obj.mask & ~covered).any():
+            hidden.append(obj.label)
+        covered = obj.mask.copy() if covered is None else covered | obj.mask
+    return hidden[::-1]
 
 
 class VolumeSlices:

@@ -326,7 +326,8 @@ async function save() {
   const result = await api(`/api/images/${state.index}/save`, { objects });
   state.images[state.index].annotated = true;
   renderList();
-  status(`saved ${result.saved} (${objects.length} object(s); ${result.versions} earlier version(s) kept)`);
+  const hidden = result.hidden.length ? `; not kept, wholly under a later object: ${result.hidden.join(", ")}` : "";
+  status(`saved ${result.saved} (${objects.length} object(s); ${result.versions} earlier version(s) kept)${hidden}`);
   $("stage").dataset.saved = String(state.index);
 }
 
