@@ -94,8 +94,8 @@ def test_an_image_thinner_than_one_embedding_token_at_the_models_size_is_flagged
                        tmp_path / "mask.png")
     assert "strip.png: its shorter side becomes 0.8 px at the model's 256 px input" in capsys.readouterr().err
     Image.fromarray(strip[:1000:4]).save(tmp_path / "shorter.png")  # 250 x 12: 12 px wide at 256
-    segment_image_file(Predictor(click_model), tmp_path / "shorter.png", Prompt(box=[0, 50, 11, 200]),
-                       tmp_path / "mask.png")
+    segment_image_file(Predictor(click_model), str(tmp_path / "shorter.png"), Prompt(box=[0, 50, 11, 200]),
+                       str(tmp_path / "mask.png"))  # the Python functions take str paths as well
     assert capsys.readouterr().err == ""
 
 @pytest.mark.parametrize(("out", "box3d", "axis", "message"), [
@@ -126,5 +126,5 @@ def test_volume_window_options_are_named_and_a_constant_volume_is_flagged(tmp_pa
     with pytest.raises(InputError, match=r"--lower-percentile 99, --upper-percentile 1: need 0 <= lower < upper"):
         segment_volume_file(never_loaded, volume, (1, 1, 0, 5, 5, 2), tmp_path / "labels.nii.gz", 0, (99, 1))
     with pytest.raises(AssertionError, match="the model was loaded"):  # flagged before the model loads
-        segment_volume_file(never_loaded, volume, (1, 1, 0, 5, 5, 2), tmp_path / "labels.nii.gz")
+        segment_volume_file(never_loaded, str(volume), (1, 1, 0, 5, 5, 2), str(tmp_path / "labels.nii.gz"))
     assert "every voxel is 0.0; a volume without contrast" in capsys.readouterr().err

@@ -143,7 +143,7 @@ def test_image_whose_every_prompt_fails_is_a_failed_image(tmp_path, folder, clic
                              "sub/b.jpg,outside,400,400,500,500,,\n"
                              "sub/b.jpg,far,,,,,900 900,\n")
     out = tmp_path / "out"
-    summary = segment_folder(Predictor(click_model), images, table, out, show_progress=False)
+    summary = segment_folder(Predictor(click_model), str(images), str(table), str(out), show_progress=False)  # str too
     assert (summary.computed, summary.failed) == (1, 1)
     assert not (out / "masks" / "sub" / "b.png").exists()
     [row] = [r for r in _rows(out) if r["image"] == "sub/b.jpg"]
@@ -270,7 +270,7 @@ def test_everything_mode_over_a_folder_writes_instances_best_score_first_and_res
     assert protocol["min_visible"] == 0.8
 
     (out / "masks" / "e1.png").write_bytes(b"cut")
-    again = segment_everything(Predictor(click_model), tmp_path, out, show_progress=False)
+    again = segment_everything(Predictor(click_model), str(tmp_path), str(out), show_progress=False)  # str paths too
     assert (again.computed, again.skipped) == (1, 2)
     with pytest.raises(InputError, match="other settings .*everything"):
         segment_everything(Predictor(click_model), tmp_path, out, EverythingSettings(points_per_side=8),

@@ -141,11 +141,12 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
 
 
-def segment_image_file(predictor: PredictorSource, image_path: Path, prompt: Prompt, out: Path,
-                       overlay: Path | None = None, mask_rule: str | None = None) -> np.ndarray:
+def segment_image_file(predictor: PredictorSource, image_path: str | Path, prompt: Prompt, out: str | Path,
+                       overlay: str | Path | None = None, mask_rule: str | None = None) -> np.ndarray:
     """Segment one object of an image file; write the mask as a 0/255 PNG (and the overlay, if asked).
 
     Outputs, mask rule, image and prompt are checked before ``predictor`` is made (when it is a function)."""
+    image_path, out, overlay = Path(image_path), Path(out), None if overlay is None else Path(overlay)
     _check_output(out, "--out", (".png",))
     check_apart(out, [image_path])
     if overlay is not None:
@@ -185,8 +186,8 @@ def _warn_if_thin(image_path: Path, size: tuple[int, int], protocol: dict[str, o
              "embedding token: the mask cannot follow it (crop the image around the object)")
 
 
-def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out: Path, mask_rule: str | None = None,
-                   show_progress: bool = True) -> ItemRunSummary:
+def segment_folder(predictor: PredictorSource, folder: str | Path, prompts: str | Path, out: str | Path,
+                   mask_rule: str | None = None, show_progress: bool = True) -> ItemRunSummary:
     """Segment every object of a prompt table (``engine.prompt_table``) on the images of ``folder``.
 
     Writes ``out/masks/<folder>/<image id>.png``, one label map per image (the image's k-th object has value k,
@@ -201,6 +202,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
     from sam4med.engine.prompt_table import prompts_digest, read_prompt_table
     from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 
+    folder, prompts, out = Path(folder), Path(prompts), Path(out)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such folder of images")
     check_mask_rule(mask_rule, with_truth=False)
@@ -246,7 +248,7 @@ def segment_folder(predictor: PredictorSource, folder: Path, prompts: Path, out:
                      "segment", lambda item: {"prompts_sha256": digests[item.sample.id]}, show_progress, done)
 
 
-def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: Path, out: Path,
+def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: str | Path, out: str | Path,
                        settings: EverythingSettings | None = None, min_visible: float | None = None,
                        show_progress: bool = True) -> ItemRunSummary:
     """Every object everything mode finds (``engine.everything``) in each image of ``folder`` (of
@@ -266,6 +268,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: P
     from sam4med.engine.items import RESULTS_FILE, WorkItem, finished_outputs, run_items
     from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
 
+    folder, out = Path(folder), Path(out)
     min_visible = MIN_VISIBLE if min_visible is None else check_number(min_visible, "--min-visible", minimum=0, maximum=1)
     settings = settings or EverythingSettings()
     settings.check()
@@ -366,12 +369,13 @@ def _write_label_map(path: Path, labels: np.ndarray) -> None:
         Image.fromarray(labels).save(temporary, format="PNG")
 
 
-def segment_volume_file(predictor: PredictorSource, volume_path: Path, box3d: Sequence[float], out: Path,
+def segment_volume_file(predictor: PredictorSource, volume_path: str | Path, box3d: Sequence[float], out: str | Path,
                         axis: int = 0, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
     """Segment one object of a volume file from a 3D box whose z is the index along ``axis`` of the
     (z, y, x) array (0 axial, 1 coronal, 2 sagittal); write the label volume on the image's grid.
 
     Output, axis, volume and box are checked before ``predictor`` is made (when it is a function)."""
+    volume_path, out = Path(volume_path), Path(out)
     from sam4med.engine.volumes import (LABEL_VOLUME_SUFFIXES, check_percentiles, read_volume, slices, window,
                                         write_label_volume)
 
