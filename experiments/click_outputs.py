@@ -50,7 +50,7 @@ def main(
         else load_model("litemedsam-click", encoder_backend="onnx")
     rows = []
     for paths, tiling in ((data, None), (tiled_data, tile)):
-        for dataset in load_datasets(paths):
+        for dataset in load_datasets(paths) if paths else []:
             predictor = make_predictor(model, tiling, halo)
             for sample in training_split(dataset, DEFAULT_FRACTIONS, 0)["test"][:max_test_images]:
                 image, truth = load_pair(sample)

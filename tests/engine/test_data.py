@@ -510,6 +510,14 @@ def test_the_same_data_set_twice_is_refused(tmp_path):
         load_datasets([first, second])
 
 
+def test_one_folder_given_alone_is_one_data_set_and_none_is_refused(tmp_path):
+    root = make_dataset(tmp_path / "one", ["a"], meta={"name": "polyps"})
+    assert [d.name for d in load_datasets(str(root))] == ["polyps"]  # not a data set per character of the path
+    assert [d.name for d in load_datasets(root)] == ["polyps"]
+    with pytest.raises(InputError, match="--data: no data set given"):
+        load_datasets([])
+
+
 def test_missing_folders(tmp_path):
     with pytest.raises(InputError, match="images folder not found"):
         load_dataset(tmp_path)

@@ -160,9 +160,14 @@ def load_dataset(
     )
 
 
-def load_datasets(paths: Iterable[str | Path | Dataset], require_masks: bool = True) -> list[Dataset]:
+def load_datasets(paths: Iterable[str | Path | Dataset] | str | Path, require_masks: bool = True) -> list[Dataset]:
     """Several data sets (folders, or data sets already loaded) whose names are unique: results are
-    keyed and stored by name."""
+    keyed and stored by name. One folder given alone is one data set (not a string of characters)."""
+    if isinstance(paths, (str, Path, Dataset)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise InputError("--data: no data set given")
     datasets: list[Dataset] = []
     for path in paths:
         dataset = path if isinstance(path, Dataset) else load_dataset(path, require_masks=require_masks)
