@@ -141,6 +141,15 @@ def test_a_report_path_that_could_replace_an_input_is_refused_and_nothing_writte
     assert {path: path.read_bytes() for path in results.rglob("*") if path.is_file()} == before
 
 
+def test_rows_of_two_models_are_refused_rather_than_averaged_together(results: Path) -> None:
+    rows = [json.loads(line) for line in (results / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows[0]["model"] = "other-model"  # results files put together by hand
+    (results / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.raises(InputError, match=r"holds rows of 2 models \(.*other-model.*\); a report is of one model"):
+        write_report(results)
+    assert not (results / "report.html").exists()
+
+
 def test_a_report_of_no_rows_is_refused_and_the_earlier_tables_are_kept(results: Path) -> None:
     write_report(results)
     tables = {path.name: path.read_bytes() for path in results.glob("*.csv")}
