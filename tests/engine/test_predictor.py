@@ -233,3 +233,34 @@ def test_the_encoders_activations_are_handed_back_before_the_decoders_run():
                                           text=True).stdout.split())
     assert peak >= 150  # the encoder's activations were resident ...
     assert after < peak - 120  # ... and are not any more
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    (np.zeros((0, 0, 3), np.uint8), "image is 0x0: it has no pixels"),
+    (np.zeros((0, 10, 3), np.uint8), "image is 0x10: it has no pixels"),
+    (np.full((16, 16, 3), np.nan, np.float32), "NaN or inf"),
+    ([[1, 2], [3, 4]], "must be an \\(H, W, 3\\) RGB array, got list"),
+    (None, "got NoneType"),
+])
+def test_pixels_no_model_can_encode_are_refused_by_both_runtimes(litemedsam, image, message):
+    """The Python functions that take pixels: one InputError, not a division by zero inside the resize."""
+    from sam4med.engine.errors import InputError
+    from sam4med.engine.onnx_predictor import model_input
+
+    with pytest.raises(InputError, match=message):
+        Predictor(litemedsam).set_image(image)
+    with pytest.raises(InputError, match=message):
+        model_input(image, 256)
+
+
+def test_predict_wants_a_list_of_prompts_and_a_batch_of_at_least_one(litemedsam, ellipse_image):
+    from sam4med.engine.errors import InputError
+
+    predictor = Predictor(litemedsam)
+    predictor.set_image(ellipse_image[0])
+    for prompts in ([], Prompt(box=tight_box(ellipse_image[1]))):
+        with pytest.raises(InputError, match="a non-empty list of prompts"):
+            predictor.predict(prompts)
+    for size in (0, -1):
+        with pytest.raises(InputError, match=f"--batch-size {size}: must be >= 1"):
+            Predictor(litemedsam, batch_size=size)

@@ -5,6 +5,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 Item = TypeVar("Item")
 Read = TypeVar("Read")
 
@@ -52,6 +54,18 @@ def refused_by_file_system(error: OSError, where: object = "file system") -> str
 def hw(shape: tuple[int, ...]) -> str:
     """A shape as HxW, the way messages name image sizes."""
     return f"{shape[0]}x{shape[1]}"
+
+
+def check_image_array(image: object) -> None:
+    """Refuse what no model can encode, for the Python functions that take pixels rather than a file (files are
+    checked where they are read): not an (H, W, 3) array, no pixels, NaN or infinite values."""
+    shape = getattr(image, "shape", None)
+    if not isinstance(image, np.ndarray) or len(image.shape) != 3 or image.shape[2] != 3:
+        raise InputError(f"image must be an (H, W, 3) RGB array, got {type(image).__name__} of shape {shape}")
+    if 0 in image.shape[:2]:
+        raise InputError(f"image is {hw(image.shape)}: it has no pixels")
+    if image.dtype.kind in "fc" and not np.isfinite(image).all():
+        raise InputError("image contains NaN or inf values")
 
 
 def check_number(value: float, what: str, *, minimum: float | None = None, above: float | None = None,

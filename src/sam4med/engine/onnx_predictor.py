@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sam4med.engine.errors import InputError, missing_package
+from sam4med.engine.errors import InputError, check_image_array, missing_package
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.registry import ModelSpec
 from sam4med.engine.runtime import release_free_memory
@@ -129,8 +129,7 @@ def model_input(image: np.ndarray, side: int) -> tuple[np.ndarray, tuple[int, in
     to ``side``, min-max to [0, 1], zero padding at the bottom and right) and the content's (h, w).
 
     Pillow's float resize is the filter PyTorch's ``antialias=True`` was written to reproduce."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise InputError(f"image must be (H, W, 3) RGB, got shape {tuple(image.shape)}")
+    check_image_array(image)
     height, width = longest_side_size(image.shape[:2], side)
     # each channel becomes a float image inside Pillow ("L" to "F" is exact), without a float copy in NumPy too
     content = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c])).convert("F")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sam4med.engine.checkpoints import write_torch
+from sam4med.engine.errors import InputError, check_counts
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 
@@ -59,6 +60,8 @@ class Predictor:
     def __init__(self, model: SamModel, cache: EmbeddingCache | None = None, batch_size: int | None = None):
         self.model = model
         self.cache = cache
+        if batch_size is not None:
+            check_counts(batch_size=batch_size)
         self.batch_size = batch_size or 4
         self.embedding: Embedding | None = None
         self.image: np.ndarray | None = None
@@ -137,6 +140,8 @@ class Predictor:
         """
         if self.embedding is None:
             raise RuntimeError("call set_image before predict")
+        if isinstance(prompts, Prompt) or not prompts:
+            raise InputError(f"prompts: a non-empty list of prompts is needed, got {prompts!r}")
         parts = []
         for start in range(0, len(prompts), self.batch_size):
             chunk_mask = None if mask_input is None else mask_input[start : start + self.batch_size]

@@ -16,7 +16,7 @@ from segment_anything.modeling import Sam
 
 from sam4med.engine.decoder import ImageState, SharedImageDecoder
 from sam4med.engine.decoder import supports as supports_shared_decoding
-from sam4med.engine.errors import InputError, missing_package
+from sam4med.engine.errors import InputError, check_image_array, missing_package
 from sam4med.engine.onnx_encoder import OnnxEncoder
 from sam4med.engine.onnx_predictor import onnx_runtime_available, openvino_available
 from sam4med.engine.openvino_encoder import OpenVinoEncoder
@@ -193,8 +193,7 @@ class SamModel:
 
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, ImageGeometry]:
         """uint8 (H, W, 3) image -> (1, 3, S, S) model input and its geometry."""
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise InputError(f"image must be (H, W, 3) RGB, got shape {tuple(image.shape)}")
+        check_image_array(image)
         geometry = self.geometry(image.shape[:2])
         # channel by channel, each made float at once (the same values): a large image as one float tensor was four
         # times its own size, then copied; a copy of each channel before its float one kept the heap from reusing it
