@@ -482,3 +482,13 @@ def test_a_run_given_to_another_model_names_the_model_to_give(trained):
     with pytest.raises(InputError, match="trained on backbone 'litemedsam', not 'litemedsam-click'; give --model "
                                          "litemedsam"):
         load_model("litemedsam-click", run / "best.pt", device="cpu")
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"rounds": 1.5}, "--rounds 1.5: must be an integer"), ({"background_clicks": 0.5}, "--background-clicks 0.5"),
+    ({"first_prompt_weights": (float("nan"), 1, 1, 1, 1)}, "first_prompt_weights"),
+    ({"first_prompt_weights": (float("inf"), 1, 1, 1, 1)}, "first_prompt_weights"),
+])
+def test_python_settings_no_option_could_give_are_refused_by_the_check(changes, named):
+    with pytest.raises(InputError, match=named):
+        replace(CONFIG, **changes).check()

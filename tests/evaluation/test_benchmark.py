@@ -280,3 +280,9 @@ def test_a_refused_benchmark_leaves_no_output_folder_behind(tmp_path, litemedsam
         run_benchmark([small], tmp_path / "out", BenchmarkConfig(model="litemedsam", split="test", modes=("box",)),
                       model=litemedsam, show_progress=False)
     assert not (tmp_path / "out").exists()  # the corrected command may use the same --out
+
+
+@pytest.mark.parametrize("area", [float("nan"), 0, "5"])
+def test_a_minimum_object_area_that_is_not_a_count_is_refused(area):
+    with pytest.raises(InputError, match="--min-object-area"):
+        BenchmarkConfig(min_object_area=area).check()

@@ -27,6 +27,7 @@ the shared training loop's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,13 +122,16 @@ class ClickTrainConfig:
 
     def check(self) -> None:
         check_precision(self.precision or "fp32")
-        if len(self.first_prompt_weights) != len(FIRST_PROMPTS) or min(self.first_prompt_weights) < 0 \
-                or sum(self.first_prompt_weights) <= 0:
-            raise InputError(f"first_prompt_weights: {len(FIRST_PROMPTS)} non-negative weights for {FIRST_PROMPTS}")
+        weights = self.first_prompt_weights
+        if len(weights) != len(FIRST_PROMPTS) or not all(math.isfinite(w) and w >= 0 for w in weights) \
+                or sum(weights) <= 0:
+            raise InputError(f"first_prompt_weights: {len(FIRST_PROMPTS)} finite non-negative weights for "
+                             f"{FIRST_PROMPTS}, not all 0")
         check_counts(images_per_step=self.images_per_step, objects_per_image=self.objects_per_image,
                      steps_per_epoch=self.steps_per_epoch, epochs=self.epochs, max_points=self.max_points)
-        check_number(self.rounds, "--rounds", minimum=0)
-        check_number(self.background_clicks, "--background-clicks", minimum=0)
+        for name, value in (("--rounds", self.rounds), ("--background-clicks", self.background_clicks)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InputError(f"{name} {value}: must be an integer >= 0")
         decodes = self.images_per_step * (self.objects_per_image * (self.rounds + 1) + self.background_clicks)
         if decodes > MAX_DECODES_PER_STEP:
             raise InputError(f"--rounds {self.rounds}: with --images-per-step {self.images_per_step}, "

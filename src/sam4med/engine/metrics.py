@@ -80,7 +80,7 @@ def _surface_inputs(
 
 def _check_tolerance(tolerance: float) -> None:
     if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise InputError(f"NSD tolerance must be a finite number >= 0, got {tolerance}")
+        raise InputError(f"tolerance {tolerance}: must be a finite number of pixels >= 0")
 
 
 # ---------------------------------------------------------------------------------------------- binary masks

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, Sample, load_datasets
-from sam4med.engine.errors import InputError, check_apart, check_limit, check_number, check_precision, check_seed, check_tiling
+from sam4med.engine.errors import (InputError, check_apart, check_counts, check_limit, check_number, check_precision,
+                                    check_seed, check_tiling)
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.executors import Executor
@@ -60,8 +61,7 @@ class BenchmarkConfig:
     def check(self) -> None:
         """Every choice within its range, before a model is loaded or a file written."""
         check_mask_rule(self.mask_rule)
-        if self.min_object_area < 1:
-            raise InputError(f"min_object_area {self.min_object_area}: must be >= 1")
+        check_counts(min_object_area=self.min_object_area)
         check_limit(self.max_objects_per_image, "--max-objects")
         check_limit(self.max_images, "--max-images")
         check_seed(self.seed, "--seed")
