@@ -134,6 +134,8 @@ def test_prompt_rejects_nan_and_unknown_labels():
         Prompt(points=[(float("inf"), 3)])
     with pytest.raises(InputError, match="1 \\(foreground\\) or 0"):
         Prompt(points=[(1, 1)], labels=[7])
+    with pytest.raises(InputError, match=r"point labels \[1e\+300\]: expected integers"):  # not wrapped round
+        Prompt(points=[(1, 1)], labels=[1e300])
     with pytest.raises(InputError, match="four numbers"):
         Prompt(box=[1, 2, 3])
 

@@ -111,8 +111,8 @@ def _array(values: object, dtype: type, what: str, expected: str) -> np.ndarray:
     if array.ndim > 2 or (pairs and array.size % 2) or (expected.startswith("four") and array.size != 4) \
             or (pairs and array.size == 0):
         raise InputError(f"{what} {array.tolist()}: expected {expected}")
-    if dtype is np.int64:
-        if not np.isfinite(array).all() or (array != np.round(array)).any():
+    if dtype is np.int64:  # past int64 a label would wrap round to another number in the message
+        if not np.isfinite(array).all() or (array != np.round(array)).any() or (np.abs(array) >= 2.0**63).any():
             raise InputError(f"{what} {array.tolist()}: expected {expected}")
     elif (np.abs(array[np.isfinite(array)]) > float(np.finfo(np.float32).max)).any():  # not shown as inf
         raise InputError(f"{what} {array.tolist()}: expected {expected} within float32 range, as pixels are")
