@@ -262,5 +262,5 @@ def test_predict_wants_a_list_of_prompts_and_a_batch_of_at_least_one(litemedsam,
         with pytest.raises(InputError, match="a non-empty list of prompts"):
             predictor.predict(prompts)
     for size in (0, -1):
-        with pytest.raises(InputError, match=f"--batch-size {size}: must be >= 1"):
+        with pytest.raises(InputError, match=f"batch_size {size}: must be >= 1"):
             Predictor(litemedsam, batch_size=size)

@@ -284,5 +284,5 @@ def test_a_refused_benchmark_leaves_no_output_folder_behind(tmp_path, litemedsam
 
 @pytest.mark.parametrize("area", [float("nan"), 0, "5"])
 def test_a_minimum_object_area_that_is_not_a_count_is_refused(area):
-    with pytest.raises(InputError, match="--min-object-area"):
+    with pytest.raises(InputError, match="min_object_area"):
         BenchmarkConfig(min_object_area=area).check()

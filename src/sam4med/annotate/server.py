@@ -66,15 +66,15 @@ def create_app(session: AnnotationSession) -> FastAPI:
     app = FastAPI(title="sam4med annotate", docs_url=None, redoc_url=None, openapi_url=None,
                   max_body_size=MAX_REQUEST_BYTES)
 
-    def too_large(length: str) -> JSONResponse:
-        return JSONResponse({"error": f"request body of {length} bytes: more than the {MAX_REQUEST_BYTES} a request "
-                                      "may carry"}, status_code=413)
+    def too_large(body: str) -> JSONResponse:
+        return JSONResponse({"error": f"request body {body}: more than the {MAX_REQUEST_BYTES} a request may carry"},
+                            status_code=413)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
         length = request.headers.get("content-length", "0")
         if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:  # refused before a byte of it is read
-            return too_large(length)
+            return too_large(f"of {length} bytes")
         return await call_next(request)
 
     @app.exception_handler(InputError)
@@ -102,7 +102,7 @@ def create_app(session: AnnotationSession) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         if error.status_code == 413:  # a streamed body that grew past the limit
-            return too_large("more than that")
+            return too_large("sent in chunks")
         return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
 
     @app.get("/", include_in_schema=False)

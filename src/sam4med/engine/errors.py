@@ -86,11 +86,17 @@ def _is_integer(value: object, minimum: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
 
 
+def check_count(value: int, what: str) -> int:
+    """``value`` if it is an integer of at least 1, else an InputError naming ``what``."""
+    if not _is_integer(value, 1):
+        raise InputError(f"{what} {value}: must be >= 1")
+    return value
+
+
 def check_counts(**counts: int) -> None:
     """Each named count (keyword: option name with ``_`` for ``-``) an integer of at least 1."""
     for name, value in counts.items():
-        if not _is_integer(value, 1):
-            raise InputError(f"--{name.replace('_', '-')} {value}: must be >= 1")
+        check_count(value, f"--{name.replace('_', '-')}")
 
 
 MAX_SEED = 2**32 - 1  # the trainers seed PyTorch with seed * 100_003 + epoch, which must fit its 64 bits

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sam4med.engine.checkpoints import write_torch
-from sam4med.engine.errors import InputError, check_counts
+from sam4med.engine.errors import InputError, check_count
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.sam_model import Decoded, Embedding, SamModel
 
@@ -60,9 +60,7 @@ class Predictor:
     def __init__(self, model: SamModel, cache: EmbeddingCache | None = None, batch_size: int | None = None):
         self.model = model
         self.cache = cache
-        if batch_size is not None:
-            check_counts(batch_size=batch_size)
-        self.batch_size = batch_size or 4
+        self.batch_size = 4 if batch_size is None else check_count(batch_size, "batch_size")
         self.embedding: Embedding | None = None
         self.image: np.ndarray | None = None
         self.encoder_calls = 0

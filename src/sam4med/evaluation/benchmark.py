@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sam4med.engine.datasets import Dataset, Sample, load_datasets
-from sam4med.engine.errors import (InputError, check_apart, check_counts, check_limit, check_number, check_precision,
+from sam4med.engine.errors import (InputError, check_apart, check_count, check_limit, check_number, check_precision,
                                     check_seed, check_tiling)
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.imageio import load_pair
@@ -61,7 +61,7 @@ class BenchmarkConfig:
     def check(self) -> None:
         """Every choice within its range, before a model is loaded or a file written."""
         check_mask_rule(self.mask_rule)
-        check_counts(min_object_area=self.min_object_area)
+        check_count(self.min_object_area, "min_object_area")  # a Python setting: no option names it
         check_limit(self.max_objects_per_image, "--max-objects")
         check_limit(self.max_images, "--max-images")
         check_seed(self.seed, "--seed")
