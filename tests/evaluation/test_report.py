@@ -127,9 +127,10 @@ def test_another_verbs_folder_is_refused_and_nothing_written_into_it(results: Pa
 
 
 @pytest.mark.parametrize(("name", "problem"), [
-    ("results.jsonl", "a report is an HTML file"), ("protocol.json", "a report is an HTML file"),
-    ("data/images/a.png", "a report is an HTML file"), ("data/images/report.html", "inside the data set folder"),
-    ("folder.html", "is a folder"),
+    ("results.jsonl", r"unknown extension \(expected .html, .htm\)"),
+    ("protocol.json", r"unknown extension \(expected .html, .htm\)"),
+    ("data/images/a.png", r"unknown extension \(expected .html, .htm\)"),
+    ("data/images/report.html", "inside the data set folder"), ("folder.html", "is a folder"),
 ])
 def test_a_report_path_that_could_replace_an_input_is_refused_and_nothing_written(results: Path, name, problem) -> None:
     for folder in ("data/images", "data/masks", "folder.html"):

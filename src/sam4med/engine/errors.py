@@ -175,6 +175,18 @@ def check_not_a_file(folder: Path, option: str = "--out") -> None:
         raise InputError(f"{option} {folder}: is a file, not a folder; choose another {option}")
 
 
+def check_output_file(out: Path, what: str, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output file path that is a folder, lacks one of ``suffixes`` (so it can never name an input of
+    another kind) or lies under a file; found before any work, not when the result is written."""
+    if out.is_dir():
+        raise InputError(f"{what} {out}: is a folder; name a file ({', '.join(suffixes)})")
+    if not out.name.lower().endswith(suffixes):
+        raise InputError(f"{what} {out}: unknown extension (expected {', '.join(suffixes)})")
+    blocking = next((folder for folder in out.parents if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"{what} {out}: {blocking} is a file, not a folder")
+
+
 def check_outside_data_sets(out: Path, what: str = "--out") -> None:
     """Refuse an output inside a data set's images/ or masks/ folder (the layout: both side by side), for the
     verbs that are given no data set to keep apart from: a file written there would become a bad sample."""

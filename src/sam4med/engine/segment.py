@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from sam4med.engine.datasets import image_id
-from sam4med.engine.errors import InputError, check_apart, check_number
+from sam4med.engine.errors import InputError, check_apart, check_number, check_output_file
 from sam4med.engine.imageio import read_image
 from sam4med.engine.prompts import Prompt, check_mask_rule, select_mask, tight_box, wants_multimask
 from sam4med.engine.runs import atomic_path, warn
@@ -65,16 +65,6 @@ def _check_box3d(box3d: Sequence[float], depth: int, size: tuple[int, int] | Non
         except InputError as exc:
             raise InputError(f"--box3d x y {values[0]:g} {values[1]:g} {values[3]:g} {values[4]:g}: {exc}") from None
     return values
-
-
-def _check_output(out: Path, what: str, suffixes: tuple[str, ...]) -> None:
-    if out.is_dir():
-        raise InputError(f"{what} {out}: is a folder; name a file ({', '.join(suffixes)})")
-    if not out.name.lower().endswith(suffixes):
-        raise InputError(f"{what} {out}: unknown extension (expected {', '.join(suffixes)})")
-    blocking = next((folder for folder in out.parents if folder.exists() and not folder.is_dir()), None)
-    if blocking is not None:  # found now, not when the mask is written after the model's work
-        raise InputError(f"{what} {out}: {blocking} is a file, not a folder")
 
 
 def segment_image(predictor: PromptMasks, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None) -> np.ndarray:
@@ -147,10 +137,10 @@ def segment_image_file(predictor: PredictorSource, image_path: str | Path, promp
 
     Outputs, mask rule, image and prompt are checked before ``predictor`` is made (when it is a function)."""
     image_path, out, overlay = Path(image_path), Path(out), None if overlay is None else Path(overlay)
-    _check_output(out, "--out", (".png",))
+    check_output_file(out, "--out", (".png",))
     check_apart(out, [image_path])
     if overlay is not None:
-        _check_output(overlay, "--overlay", (".png",))
+        check_output_file(overlay, "--overlay", (".png",))
         check_apart(overlay, [image_path], "--overlay")
         if overlay.resolve() == out.resolve():
             raise InputError(f"--overlay {overlay}: is the --out mask too; name another file")
@@ -382,7 +372,7 @@ def segment_volume_file(predictor: PredictorSource, volume_path: str | Path, box
     if axis not in (0, 1, 2):
         raise InputError(f"--axis {axis}: must be 0, 1 or 2")
     check_percentiles(*percentiles, names=("--lower-percentile", "--upper-percentile"))
-    _check_output(out, "--out", LABEL_VOLUME_SUFFIXES)
+    check_output_file(out, "--out", LABEL_VOLUME_SUFFIXES)
     check_apart(out, [volume_path])
     image = read_volume(volume_path)
     if image.array.size and image.array.min() == image.array.max():

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
-from sam4med.engine.errors import InputError, check_outside_data_sets
+from sam4med.engine.errors import InputError, check_output_file, check_outside_data_sets
 from sam4med.engine.items import RESULTS_FILE
 from sam4med.engine.runs import PROTOCOL_FILE, warn, write_text_atomic
 from sam4med.engine.overlays import PALETTE, new_figure, quiet
@@ -234,7 +234,8 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     if task := _other_task(results_dir):  # its tables and report would land among another verb's files
         raise InputError(f"{results_dir}: holds a `sam4med {task}` run, not an `eval benchmark` one; nothing written")
     out = Path(out) if out is not None else results_dir / REPORT_FILE
-    _check_report_path(out)
+    check_output_file(out, "out", (".html", ".htm"))  # never the run's results.jsonl, an image or a mask
+    check_outside_data_sets(out, "out")
     with quiet():
         body = _report_body(results_dir)
     title = "sam4med benchmark report"
@@ -243,16 +244,6 @@ def write_report(results_dir: str | Path, out: str | Path | None = None) -> Path
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, page)
     return out
-
-
-def _check_report_path(out: Path) -> None:
-    """Refuse a report path that could replace anything but a report: it must name an HTML file (so it is never
-    the run's results.jsonl or protocol.json, an image or a mask) outside every data set."""
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise InputError(f"out {out}: a report is an HTML file; name a path ending in .html")
-    if out.is_dir():
-        raise InputError(f"out {out}: is a folder; name a file ending in .html")
-    check_outside_data_sets(out, "out")
 
 
 def _other_task(results_dir: Path) -> str | None:
