@@ -152,6 +152,11 @@ def test_a_refused_save_keeps_no_earlier_version(client, folder, monkeypatch):
      "not a PNG"),
     ("post", "/api/images/0/save", {"objects": [{"label": "a", "mask": png64(np.ones((5, 5), bool))}]}, 400,
      "5x5 but the image is 160x200"),
+    ("post", "/api/images/0/save", {"objects": [{"label": "cyst\nwall", "mask": "AAAA"}]}, 422,
+     "objects.0.label: Value error, an object's name must not hold control characters"),
+    ("post", "/api/images/0/save", {"objects": [{"label": "a\x00", "mask": "AAAA"}]}, 422, "control characters"),
+    ("post", "/api/images/0/save", {"objects": [{"label": "   ", "mask": "AAAA"}]}, 422, "needs a visible character"),
+    ("post", "/api/images/0/propagate", {"label": "\t", "mask": "AAAA"}, 422, "label: Value error"),
 ])
 def test_bad_requests_get_a_json_error_and_nothing_outside_the_folder(client, folder, method, path, body, status,
                                                                       message):

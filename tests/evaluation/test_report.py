@@ -178,6 +178,22 @@ def test_a_metric_that_is_not_a_number_is_read_as_missing_with_a_warning(results
     assert f"1 row(s) whose 'dice' is not a number (first {shown}) are read as missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("column, value, span", [("dice", 1.7, "[0, 1]"), ("iou", -0.2, "[0, 1]"),
+                                                  ("hd95", -3.0, ">= 0")])
+def test_a_metric_outside_its_range_is_read_as_missing_with_a_warning(results: Path, capsys, column, value,
+                                                                      span) -> None:
+    rows = [json.loads(line) for line in (results / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    edited = next(i for i, row in enumerate(rows) if row.get(column) is not None)
+    before = load_results(results)[column]
+    rows[edited][column] = value
+    (results / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    frame = load_results(results)
+    assert math.isnan(frame[column].iloc[edited])
+    assert frame[column].drop(index=edited).equals(before.drop(index=edited))  # the other rows as they were
+    assert f"1 row(s) whose '{column}' lies outside {span} (first {value:g}) are read as missing" in \
+        capsys.readouterr().err
+
+
 def test_summary_means_match_hand_computed(results: Path) -> None:
     df = load_results(results)
     table = summary_table(df).set_index(["dataset", "mode"])

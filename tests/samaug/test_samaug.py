@@ -189,6 +189,17 @@ def test_priors_only_for_the_images_an_experiment_uses(tmp_path, litemedsam):
     assert {f"img{i:02d}" for i in range(10) if store.path(f"img{i:02d}").is_file()} == used
 
 
+@pytest.mark.parametrize(("options", "message"), [({"figures_per_dataset": -1}, "--figures -1: must be an integer >= 0"),
+                                                 ({"figures_per_dataset": 1.5}, "--figures 1.5: must be an integer"),
+                                                 ({"max_images": 0}, "--max-images 0: must be >= 1"),
+                                                 ({"max_images": 2.5}, "--max-images 2.5: must be >= 1")])
+def test_bad_prior_counts_are_refused_before_anything_is_read_or_written(tmp_path, options, message):
+    with pytest.raises(InputError, match=message):
+        generate_priors([tmp_path / "no such set"], tmp_path / "priors", "no such model", show_progress=False,
+                        **options)
+    assert not (tmp_path / "priors").exists()
+
+
 def _oracle_priors(data, out, model="oracle"):
     """Priors that are the ground truth itself, so a model that reads them can solve a task raw input cannot."""
     store = PriorStore(out / data.name)

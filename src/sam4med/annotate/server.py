@@ -12,6 +12,7 @@ import binascii
 import errno
 import socket
 import time
+import unicodedata
 import webbrowser
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from sam4med.annotate.session import (AnnotationSession, SavedObject, decode_mask_png, encode_png,
@@ -45,6 +46,17 @@ class SegmentRequest(BaseModel):
 class ObjectMask(BaseModel):
     label: str = Field(min_length=1, max_length=200)
     mask: str  # base64 PNG
+
+    @field_validator("label")
+    @classmethod
+    def visible_name(cls, label: str) -> str:
+        """A name is shown on the page and kept in ``labels/<id>.json`` for other tools: a blank one names
+        nothing, and a newline or NUL in it breaks the lines and tables it ends up in."""
+        if not label.strip():
+            raise ValueError("an object's name needs a visible character")
+        if any(unicodedata.category(character) == "Cc" for character in label):
+            raise ValueError("an object's name must not hold control characters (a newline, a tab, NUL)")
+        return label
 
 
 class PropagateRequest(ObjectMask):

@@ -55,6 +55,7 @@ from sam4med.engine.errors import (
     check_precision,
     check_seed,
     check_tiling,
+    check_whole,
 )
 from sam4med.engine.models import base_prompt_path, load_model, load_prompt_parts
 from sam4med.engine.metrics import dice
@@ -129,9 +130,8 @@ class ClickTrainConfig:
                              f"{FIRST_PROMPTS}, not all 0")
         check_counts(images_per_step=self.images_per_step, objects_per_image=self.objects_per_image,
                      steps_per_epoch=self.steps_per_epoch, epochs=self.epochs, max_points=self.max_points)
-        for name, value in (("--rounds", self.rounds), ("--background-clicks", self.background_clicks)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InputError(f"{name} {value}: must be an integer >= 0")
+        check_whole(self.rounds, "--rounds")
+        check_whole(self.background_clicks, "--background-clicks")
         decodes = self.images_per_step * (self.objects_per_image * (self.rounds + 1) + self.background_clicks)
         if decodes > MAX_DECODES_PER_STEP:
             raise InputError(f"--rounds {self.rounds}: with --images-per-step {self.images_per_step}, "

@@ -93,6 +93,13 @@ def check_count(value: int, what: str) -> int:
     return value
 
 
+def check_whole(value: int, what: str) -> int:
+    """``value`` if it is an integer of at least 0 (a number of extra rounds, clicks or pixels), else an InputError."""
+    if not _is_integer(value, 0):
+        raise InputError(f"{what} {value}: must be an integer >= 0")
+    return value
+
+
 def check_counts(**counts: int) -> None:
     """Each named count (keyword: option name with ``_`` for ``-``) an integer of at least 1."""
     for name, value in counts.items():
@@ -120,8 +127,7 @@ def check_tiling(tile: int | None, halo: int) -> None:
     """A tile core (None: whole images) of at least 16 px and a halo of at least 0 px."""
     if tile is not None and not _is_integer(tile, 16):
         raise InputError(f"--tile {tile}: must be at least 16 px (or unset for whole images)")
-    if not _is_integer(halo, 0):
-        raise InputError(f"--halo {halo}: must be an integer >= 0")
+    check_whole(halo, "--halo")
 
 
 PRECISIONS = ("fp32", "bf16")

@@ -215,6 +215,7 @@ def segment_folder(predictor: PredictorSource, folder: str | Path, prompts: str 
 
     def segment_one(item: WorkItem) -> list[dict]:
         pixels = read_image(item.sample.image_path)
+        _warn_if_thin(item.sample.image_path, pixels.shape[:2], ready.protocol)
         labels = np.zeros(pixels.shape[:2], np.uint16 if len(table[item.sample.id]) > 255 else np.uint8)
         rows = []
         for value, entry in enumerate(table[item.sample.id], start=1):
@@ -277,6 +278,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: s
 
     def segment_one(item: WorkItem) -> list[dict]:
         pixels = read_image(item.sample.image_path)
+        _warn_if_thin(item.sample.image_path, pixels.shape[:2], ready.protocol)
         ranked = sorted(generate_masks(ready, pixels, resolved), key=lambda p: p.score, reverse=True)
         claimed = np.zeros(pixels.shape[:2], np.int32)
         visible = []

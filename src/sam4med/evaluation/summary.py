@@ -27,6 +27,10 @@ NUMERIC_COLUMNS = (
 BASE_COLUMNS = ("dataset", "modality", "target", "image", "object", "mode", "status", "error")
 KEY_COLUMNS = ("dataset", "image", "object", "mode", "model", "status")  # what rows are grouped and told apart by
 KEY_TYPES = (str, int, float, type(None))
+# where each column's values can lie; a value outside was edited by hand or written by something else
+FRACTIONS = ("dice", "iou", "nsd", "area_fraction", "contrast", "stability")
+NON_NEGATIVE = ("hd95", "hd", "asd", "object_area", "boundary_complexity", "encode_s", "decode_s", "everything_s",
+                "noc85", "noc90", "n_masks")
 
 
 def load_results(results: str | Path) -> pd.DataFrame:
@@ -60,9 +64,21 @@ def load_results(results: str | Path) -> pd.DataFrame:
             shown = repr(first) if isinstance(first, str) else str(first)
             warn(f"{path}: {int(unreadable.sum())} row(s) whose '{column}' is not a number (first {shown}) "
                  "are read as missing")
-        df[column] = numbers
+        low, high = _value_range(column)
+        outside = (numbers < low) | (numbers > high)
+        if outside.any():  # a Dice of 1.7 would move every mean it enters without a word
+            span = f"[{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
+            warn(f"{path}: {int(outside.sum())} row(s) whose '{column}' lies outside {span} (first "
+                 f"{numbers[outside].iloc[0]:g}) are read as missing")
+        df[column] = numbers.where(~outside)
     df[list(NUMERIC_COLUMNS)] = df[list(NUMERIC_COLUMNS)].astype(float)
     return df
+
+
+def _value_range(column: str) -> tuple[float, float]:
+    if column in FRACTIONS:
+        return 0.0, 1.0
+    return (0.0, math.inf) if column in NON_NEGATIVE else (-math.inf, math.inf)
 
 
 def ok_rows(df: pd.DataFrame, *columns: str) -> pd.DataFrame:

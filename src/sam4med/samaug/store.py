@@ -21,7 +21,7 @@ import numpy as np
 
 from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.datasets import Dataset, load_datasets
-from sam4med.engine.errors import InputError, check_apart, check_precision, one_line
+from sam4med.engine.errors import InputError, check_apart, check_limit, check_precision, check_whole, one_line
 from sam4med.engine.imageio import read_image
 from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
@@ -159,10 +159,8 @@ def generate_priors(
     every machine shares, since each worker writes its priors there).
     """
     settings = settings or PriorSettings()
-    if figures_per_dataset < 0:
-        raise InputError(f"--figures {figures_per_dataset}: must be >= 0")
-    if max_images is not None and max_images < 1:
-        raise InputError(f"--max-images {max_images}: must be >= 1 (0 or unset: no limit)")
+    check_whole(figures_per_dataset, "--figures")
+    check_limit(max_images, "--max-images")
     check_precision(precision)
     datasets = load_datasets(data, require_masks=False)  # checked before the model is loaded
     check_apart(Path(out), [folder for dataset in datasets for folder in dataset.folders],
