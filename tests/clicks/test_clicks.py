@@ -451,6 +451,13 @@ def test_a_replaced_image_or_mask_or_a_lost_embedding_is_embedded_again(tmp_path
     assert not torch.equal(labels("e1"), before) and torch.equal(labels("e1"), labels("e2"))
     assert (store / "ellipses" / "e0.pt").is_file()
     assert embed()[0] == 0
+    whole = (store / "ellipses" / "e2.pt").read_bytes()
+    (store / "ellipses" / "e2.pt").write_bytes(whole[: len(whole) // 3])  # cut by a full disk or a copy
+    assert embed()[0] == 1 and (store / "ellipses" / "e2.pt").read_bytes() == whole
+    (store / "ellipses" / "e2.pt").write_bytes(bytes(len(whole)))  # damaged at its own size: found when read
+    with pytest.raises(InputError, match=r"e2.pt: a damaged cached embedding .*removed: run the same command again"):
+        labels("e2")
+    assert embed()[0] == 1 and (store / "ellipses" / "e2.pt").read_bytes() == whole
 
 
 @pytest.mark.parametrize("changes", [{"rounds": 1000}, {"images_per_step": 40, "objects_per_image": 4},
@@ -474,6 +481,21 @@ def test_an_embeddings_path_that_is_a_file_is_refused_before_the_run_is_claimed(
     (tmp_path / "embeddings").write_text("not a folder")
     with pytest.raises(InputError, match=r"--embeddings .*embeddings: is a file, not a folder"):
         train_clicks([data], tmp_path / "run", CONFIG, tmp_path / "embeddings")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_embeddings_folder_of_another_run_is_refused_naming_the_option_before_the_run_is_claimed(tmp_path):
+    """The run folder was claimed first: the corrected command was then refused for 'other settings'."""
+    data = blobs(tmp_path / "blobs", count=5, size=128)
+    (tmp_path / "cache" / "blobs").mkdir(parents=True)
+    (tmp_path / "cache" / "blobs" / "results.jsonl").write_text('{"image": "x", "status": "ok"}\n')
+    with pytest.raises(InputError, match=r"cache.blobs: holds another run's results.jsonl .*choose another --embeddings"):
+        train_clicks([data], tmp_path / "run", CONFIG, tmp_path / "cache")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "cache" / "blobs" / "results.jsonl").unlink()
+    (tmp_path / "cache" / "blobs" / "embeddings.json").write_text('{"min_area": 1}')
+    with pytest.raises(InputError, match=r"other settings \(.*min_area.*\); choose another --embeddings"):
+        train_clicks([data], tmp_path / "run", CONFIG, tmp_path / "cache")
     assert not (tmp_path / "run").exists()
 
 

@@ -28,6 +28,32 @@ def test_checkpoints_in_an_earlier_layout_are_refused(tmp_path, old):
         read_trained_checkpoint(path, "promptable")
 
 
+@pytest.mark.parametrize(("record", "message"), [
+    ({}, "without the kind of run that wrote it"),
+    ({"kind": ["samunet"]}, "without the kind of run that wrote it"),
+    ({"kind": "promptable", "meta": 5}, "whose 'meta' is not a record"),
+    ({"kind": "samaug-segmenter", "config": None}, "whose 'config' is not a record"),
+])
+def test_a_damaged_record_in_the_checkpoint_layout_is_one_line_for_every_reader(tmp_path, record, message):
+    """A KeyError or AttributeError traceback from segment, clicks export and samaug predict before."""
+    path = tmp_path / "hand_made.pt"
+    save_checkpoint(path, record)
+    with pytest.raises(InputError, match=f"hand_made.pt: a sam4med checkpoint {message}"):
+        load_model("litemedsam", path)
+    with pytest.raises(InputError, match=message):
+        read_trained_checkpoint(path, "promptable")
+
+
+def test_a_promptable_kind_without_its_backbone_is_called_damaged_not_another_kind(tmp_path):
+    path = tmp_path / "run.pt"
+    save_checkpoint(path, {"kind": "promptable", "config": {}, "meta": {}, "weights": {}})
+    with pytest.raises(InputError, match="a 'promptable' checkpoint that does not record the backbone"):
+        load_model("litemedsam", path)
+    save_checkpoint(path, {"kind": "samaug-segmenter", "config": {}, "meta": {}, "weights": {}})
+    with pytest.raises(InputError, match="a 'samaug-segmenter' checkpoint, not a promptable model's"):
+        load_model("litemedsam", path)
+
+
 def test_a_kind_no_package_registers_is_refused_and_a_registered_one_is_used(tmp_path):
     path = tmp_path / "run.pt"
     save_checkpoint(path, {"kind": "test-kind", "config": {}, "meta": {"backbone": "litemedsam"}, "weights": {}})

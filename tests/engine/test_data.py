@@ -494,6 +494,25 @@ def test_a_data_set_name_must_be_one_safe_path_component(tmp_path, name):
         load_dataset(root)
 
 
+@pytest.mark.parametrize(("encoding", "message"), [
+    ({"format": "png uint8", "background": 255, "foreground": 0}, "declares background 255 and foreground 0"),
+    ({"foreground": 0}, "foreground 0"),
+    ("inverted", '"mask" must describe the mask encoding'),
+])
+def test_a_declared_mask_encoding_other_than_background_zero_is_refused(tmp_path, encoding, message):
+    """Inverted masks were read with background and object swapped (Dice of the background, without a word)."""
+    root = make_dataset(tmp_path / "d", ["a"], meta={"name": "inv", "mask": encoding})
+    with pytest.raises(InputError, match=message):
+        load_dataset(root)
+
+
+@pytest.mark.parametrize("encoding", [{"format": "png uint8", "background": 0, "foreground": 255},
+                                      {"background": 0, "foreground": 1}, {"format": "png uint16"}])
+def test_the_mask_encodings_sam4med_reads_are_accepted(tmp_path, encoding):
+    root = make_dataset(tmp_path / "d", ["a"], meta={"name": "ok", "mask": encoding})
+    assert [sample.id for sample in load_dataset(root).samples] == ["a"]
+
+
 def test_modality_and_target_must_be_strings(tmp_path):
     root = make_dataset(tmp_path / "d", ["a"], meta={"name": "ok", "modality": ["x"]})
     with pytest.raises(InputError, match='"modality" must be a string'):
@@ -580,6 +599,15 @@ def test_predefined_split():
                         [Sample(k, Path(f"{k}.png"), group="test") for k in "ab"])
     with pytest.raises(InputError, match="its groups name no training side"):
         training_split(only_test, DEFAULT_FRACTIONS, 0)
+
+
+def test_a_split_refused_for_too_few_groups_says_so_rather_than_too_few_images():
+    """Eight images of one patient: 'too few images' sent the user looking for more images."""
+    with pytest.raises(InputError, match=r"8 images in 1 group\(s\) are too few for a train/val/test split "
+                                         r"\(its val side would be empty; a group's images stay on one side\)"):
+        training_split(synthetic_dataset([8]), DEFAULT_FRACTIONS, 0)
+    with pytest.raises(InputError, match=r": 2 images are too few"):
+        training_split(synthetic_dataset(None, 2), DEFAULT_FRACTIONS, 0)
 
 
 # --- object factors -----------------------------------------------------------------------

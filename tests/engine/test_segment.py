@@ -105,7 +105,9 @@ def test_an_image_thinner_than_one_embedding_token_at_the_models_size_is_flagged
     ("labels.nii.gz", (1, 1, 3.6, 5, 5, 3.9), 0, "slice indices"),  # below 4, but 3.9 would round to slice 4
     ("labels.nii.gz", (1, float("nan"), 0, 5, 5, 2), 0, "six finite numbers"),
     ("labels.nii.gz", (1, 1, 0, 5, 5, 2), 3, "--axis"),
-    ("labels.nii.gz", (1, 1, 0, 16, 5, 2), 0, r"--box3d x y 1 1 16 5: .* outside the 16x16 image"),
+    ("labels.nii.gz", (1, 1, 0, 16, 5, 2), 0,
+     r"--box3d 1 1 0 16 5 2: x 1..16 and y 1..5 reach outside the 16x16 slices \(x 0..15, y 0..15, the slices cut "
+     r"along --axis 0\)"),
     ("labels.nii.gz", (9, 1, 0, 5, 5, 2), 0, "x0 must not exceed x1"),
     ("labels.mhd", (1, 1, 0, 5, 5, 2), 0, "unknown extension"),  # a detached header: its data file apart
     ("volume.nrrd", (1, 1, 0, 5, 5, 2), 0, "is the input"),

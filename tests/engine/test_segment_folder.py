@@ -340,6 +340,36 @@ def test_folder_verbs_refuse_an_output_folder_that_overlaps_their_images(tmp_pat
     assert (data / "masks" / "a.png").read_bytes() == truth and not (data / "images" / "results").exists()
 
 
+def test_another_data_set_or_a_persons_own_files_are_never_written_over(tmp_path):
+    """Out given as another data set (its masks/ would receive the label maps) or a folder that already holds a
+    file a run would write: refused before the model loads, every file as it was."""
+    from sam4med.engine.segment import segment_everything
+
+    source, victim = tmp_path / "source", tmp_path / "victim"
+    for data in (source, victim):
+        (data / "images").mkdir(parents=True)
+        (data / "masks").mkdir()
+        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(data / "images" / "a.png")
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(data / "masks" / "a.png")
+    truth = (victim / "masks" / "a.png").read_bytes()
+    table = _table(tmp_path, "a.png,,1,1,9,9,,\n")
+    mine = tmp_path / "mine"
+    (mine / "masks").mkdir(parents=True)
+    (mine / "masks" / "a.png").write_bytes(b"my own mask")
+    for run in (lambda out: segment_folder(never_loaded, source / "images", table, out),
+                lambda out: segment_everything(never_loaded, source, out)):
+        with pytest.raises(InputError, match="--out .*victim: is a data set .*its masks/ would be written over"):
+            run(victim)
+        with pytest.raises(InputError, match="--out .*victim/masks/results: lies inside the data set folder"):
+            run(victim / "masks" / "results")
+        with pytest.raises(InputError, match="--out .*mine: already holds .*a.png, which no run recorded there wrote"):
+            run(mine)
+    assert (victim / "masks" / "a.png").read_bytes() == truth and sorted(p.name for p in victim.iterdir()) == [
+        "images", "masks"]
+    assert (mine / "masks" / "a.png").read_bytes() == b"my own mask" and sorted(p.name for p in mine.iterdir()) == [
+        "masks"]
+
+
 def test_everything_over_a_folder_refuses_bad_options_in_one_line_before_the_model_loads(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     for options, message in [(["--points-per-side", "0"], "--points-per-side 0"),
@@ -384,7 +414,7 @@ def test_folder_verbs_redo_a_replaced_image_and_refuse_another_folders_images_in
         assert [r["image_sha256"] for r in _rows(out) if r["image"] == "a.png"][-1] == \
             hashlib.sha256((images / "a.png").read_bytes()).hexdigest()
         kept = {path: path.read_bytes() for path in (out / "masks").rglob("*.png")}
-        with pytest.raises(InputError, match=r"other settings \(images differ\)"):
+        with pytest.raises(InputError, match=r"other settings \(images differs\)"):
             run(other, out)
         assert {path: path.read_bytes() for path in (out / "masks").rglob("*.png")} == kept
 
@@ -403,6 +433,26 @@ def test_a_symbolic_link_loop_is_one_line_or_an_error_row_never_a_traceback(tmp_
     assert (summary.computed, summary.failed) == (1, 1)
     [row] = [r for r in _rows(tmp_path / "folder") if r["image"] == "loop.png"]
     assert row["status"] == "error" and row["error"].endswith("loop.png: a symbolic link loop")
+
+
+def test_everything_over_a_folder_records_links_and_folders_named_as_images_as_error_rows(tmp_path, folder,
+                                                                                         click_model):
+    """A dangling link (a share not mounted), a link loop or a folder named x.png was left out without a word."""
+    from sam4med.engine.everything import EverythingSettings
+    from sam4med.engine.segment import segment_everything
+
+    images, _ = folder
+    (images / "b.png").symlink_to("/nonexistent/b.png")
+    (images / "c.png").symlink_to("c.png")
+    (images / "d.png").mkdir()
+    summary = segment_everything(Predictor(click_model), images, tmp_path / "out", EverythingSettings(points_per_side=4),
+                                 show_progress=False)
+    assert (summary.computed, summary.failed) == (1, 4)  # and broken.png, which is not an image
+    errors = {r["image"]: r["error"] for r in _rows(tmp_path / "out") if r["status"] == "error"}
+    assert sorted(errors) == ["b.png", "broken.png", "c.png", "d.png"]
+    assert errors["b.png"].endswith("b.png: a symbolic link to /nonexistent/b.png, where there is no file")
+    assert errors["c.png"].endswith("c.png: a symbolic link loop")
+    assert errors["d.png"].endswith("d.png: is a folder, not a file")
 
 
 def test_files_of_a_folder_that_are_not_images_are_named_when_left_out(tmp_path, capsys):

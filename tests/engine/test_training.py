@@ -136,9 +136,9 @@ def test_a_run_whose_best_checkpoint_is_gone_says_so_instead_of_reporting_it(tmp
 
 def test_another_configuration_in_the_run_folder_is_refused(tmp_path):
     fit(LineTask(), tmp_path, {"lr": 0.05}, 1, seed=0, description="line", show_progress=False)
-    with pytest.raises(InputError, match=r"other settings \(lr differ\)"):
+    with pytest.raises(InputError, match=r"other settings \(lr differs\)"):
         fit(LineTask(), tmp_path, {"lr": 0.1}, 2, seed=0, description="line", show_progress=False)
-    with pytest.raises(InputError, match=r"other settings \(patience differ\)"):
+    with pytest.raises(InputError, match=r"other settings \(patience differs\)"):
         fit(LineTask(), tmp_path, {"lr": 0.05, "patience": 3}, 2, seed=0, description="line", show_progress=False)
 
 

@@ -265,7 +265,7 @@ def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task
     with pytest.raises(InputError, match="other settings"):
         predict(tmp_path / "dual" / "best.pt", data, tmp_path / "pred", priors, "aug", show_progress=False)
     shutil.copytree(data, tmp_path / "other")  # another folder's images, named alike, would overwrite these masks
-    with pytest.raises(InputError, match=r"other settings \(images differ\)"):
+    with pytest.raises(InputError, match=r"other settings \(images differs\)"):
         predict(tmp_path / "dual" / "best.pt", tmp_path / "other", tmp_path / "pred", priors, "confident",
                 show_progress=False)
     scored = evaluate(tmp_path / "dual" / "best.pt", [data], priors, None)
@@ -273,6 +273,18 @@ def test_priors_reach_the_network_only_a_model_trained_with_them_solves_the_task
     assert scored["dice"].notna().sum() == 16 * 5
     with pytest.raises(InputError, match="--out .*masks: is the input"):
         predict(tmp_path / "dual" / "best.pt", data, data / "masks", priors, "confident", show_progress=False)
+    # another data set's masks, or a person's own file under the name of a prediction: never written over
+    other_truth = {path.name: path.read_bytes() for path in (tmp_path / "other" / "masks").iterdir()}
+    with pytest.raises(InputError, match="--out .*other/masks: lies inside the data set folder"):
+        predict(tmp_path / "dual" / "best.pt", data, tmp_path / "other" / "masks", priors, "confident",
+                show_progress=False)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "other" / "masks").iterdir()} == other_truth
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "n03.png").write_bytes(b"my notes")
+    with pytest.raises(InputError, match=r"--out .*mine: already holds .*n03.png, which no run recorded there wrote"):
+        predict(tmp_path / "dual" / "best.pt", data, tmp_path / "mine", priors, "confident", show_progress=False)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["n03.png"]
+    assert (tmp_path / "mine" / "n03.png").read_bytes() == b"my notes"
     data.joinpath("images", "n99.png").unlink()
     data.joinpath("masks", "n99.png").unlink()
     predicted = np.asarray(Image.open(tmp_path / "pred" / "n00.png"))

@@ -24,12 +24,13 @@ import torch
 
 from sam4med.engine.checkpoints import write_torch
 from sam4med.engine.datasets import Dataset, Sample
+from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
 from sam4med.engine.objects import connected_components
 from sam4med.engine.preprocessing import labels_to_low_res, low_res_content
-from sam4med.engine.runs import claim_folder, read_jsonl, warn
+from sam4med.engine.runs import check_claim, claim_folder, read_jsonl, warn
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.tiling import tiles
 
@@ -56,9 +57,18 @@ def tiled_folder_name(dataset: str, tile: int, halo: int) -> str:
 
 
 def load_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (1, 256, 64, 64) float32 and the object ids (256, 256) in the decoder's frame."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    return saved["features"].float()[None], saved["labels"].long()
+    """Features (1, 256, 64, 64) float32 and the object ids (256, 256) in the decoder's frame.
+
+    A cached file that cannot be read (cut by a full disk, damaged in a copy) is removed, so that the same
+    command run again embeds that image anew, and stops the run in one line."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["features"].float()[None], saved["labels"].long()
+    except Exception as error:  # zip, pickle, key and type errors all mean a damaged cache file
+        path.unlink(missing_ok=True)
+        raise InputError(f"{path}: a damaged cached embedding ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:120]}); removed: run the same command again to embed it "
+                         "anew") from None
 
 
 class EmbeddingWorker:
@@ -109,9 +119,33 @@ class CachedWhole:
                 self.rows.setdefault(row["image"], []).append(row)
 
     def __call__(self, item: WorkItem) -> bool:
-        rows = self.rows.get(item.sample.id, [])
-        return all(embedding_path(self.folder, r["image"], r["flip"], r.get("tile")).is_file()
-                   for r in rows if "flip" in r)  # a whole image in a tiled folder has a row and no file
+        return all(self._whole(row) for row in self.rows.get(item.sample.id, [])
+                   if "flip" in row)  # a whole image in a tiled folder has a row and no file
+
+    def _whole(self, row: dict) -> bool:
+        """The file is there, of the size written (a file cut short by a full disk or a copy is embedded anew)."""
+        path = embedding_path(self.folder, row["image"], row["flip"], row.get("tile"))
+        return path.is_file() and row.get("bytes") in (None, path.stat().st_size)
+
+
+def embedding_record(model: SamModel, flips: Sequence[bool], min_area: int,
+                     tiling: tuple[int, int] | None = None) -> dict[str, object]:
+    """What a folder of cached embeddings records: a folder made with another model or settings is refused."""
+    record = {"model": model.protocol(), "flips": list(flips), "min_area": min_area,
+              "features": "fp16 (256, 64, 64)", "labels": "int16 (256, 256)"}
+    return record if tiling is None else {**record, "tile": tiling[0], "halo": tiling[1]}
+
+
+def check_embedding_folders(model: SamModel, names: Sequence[str], out: Path, flips: Sequence[bool], min_area: int,
+                            tiled: Sequence[str] = (), tiling: tuple[int, int] | None = None) -> None:
+    """Refuse, naming --embeddings and before a run folder is claimed, a cache folder that :func:`embed_datasets`
+    would refuse (another run's rows, other settings)."""
+    for name in names:
+        check_claim(out / name, RECORD_FILE, embedding_record(model, flips, min_area), "--embeddings")
+    for name in tiled:
+        assert tiling is not None
+        check_claim(out / tiled_folder_name(name, *tiling), RECORD_FILE, embedding_record(model, flips, min_area, tiling),
+                    "--embeddings")
 
 
 def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample]]], out: Path,
@@ -124,9 +158,7 @@ def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample
     summaries = []
     for name, (dataset, samples) in splits.items():
         folder = out / (name if tiling is None else tiled_folder_name(name, *tiling))
-        record = {"model": model.protocol(), "flips": list(flips), "min_area": min_area,
-                  "features": "fp16 (256, 64, 64)", "labels": "int16 (256, 256)"}
-        claim_folder(folder, RECORD_FILE, record if tiling is None else {**record, "tile": tiling[0], "halo": tiling[1]})
+        claim_folder(folder, RECORD_FILE, embedding_record(model, flips, min_area, tiling), "--embeddings")
         worker = EmbeddingWorker(model, folder, flips, min_area, tiling)
         summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, folder / RESULTS_FILE,
                                    f"embed {name}", show_progress=show_progress,

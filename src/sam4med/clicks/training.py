@@ -39,7 +39,14 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from sam4med.clicks.embeddings import EmbeddedImage, embed_datasets, embedded_images, load_embedding, tiled_folder_name
+from sam4med.clicks.embeddings import (
+    EmbeddedImage,
+    check_embedding_folders,
+    embed_datasets,
+    embedded_images,
+    load_embedding,
+    tiled_folder_name,
+)
 from sam4med.engine.datasets import Sample, data_option, load_datasets
 from sam4med.engine.distributed import barrier, processes
 from sam4med.engine.executors import Executor
@@ -502,15 +509,18 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
     if not _any_foreground(s for d in datasets for s in sides[d.name][0]):  # before hours of embedding
         raise InputError(f"{data_option(datasets)}: every training image's mask is empty (or unreadable); "
                          "nothing to train on")
-    start_run(out, asdict(config), splits)  # once the model, --init, --tiled and the masks have been checked
+    flips = (False, True) if config.flips else (False,)
+    tiling = None if config.tile is None else (config.tile, config.halo)
+    check_embedding_folders(backbone, [d.name for d in datasets], store, flips, config.min_object_area, config.tiled,
+                            tiling)
+    start_run(out, asdict(config), splits)  # once the model, --init, --tiled, the masks and the cache are checked
     group = processes()
     if group.leader:  # under torchrun the others wait for the embeddings
-        flips = (False, True) if config.flips else (False,)
         chosen = {d.name: (d, sides[d.name][0] + sides[d.name][1]) for d in datasets}
         embed_datasets(backbone, chosen, store, flips, config.min_object_area, show_progress, executor)
         if config.tiled:
             embed_datasets(backbone, {name: chosen[name] for name in config.tiled}, store, flips,
-                           config.min_object_area, show_progress, executor, (config.tile, config.halo))  # type: ignore[arg-type]
+                           config.min_object_area, show_progress, executor, tiling)
     barrier(group)
     train = [e for d in datasets for folder in folders[d.name]
              for e in embedded_images(store, folder, [s.id for s in sides[d.name][0]])]

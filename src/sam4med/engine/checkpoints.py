@@ -92,6 +92,13 @@ def is_trained_checkpoint(saved: object, path: Path) -> bool:
     if not isinstance(saved, dict):
         return False
     if saved.get("format") == CHECKPOINT_FORMAT:
+        if not isinstance(saved.get("kind"), str) or not saved["kind"]:
+            raise InputError(f"{path}: a sam4med checkpoint without the kind of run that wrote it (damaged, or not "
+                             "written by sam4med)")
+        damaged = [key for key in ("meta", "config") if not isinstance(saved.get(key, {}), dict)]
+        if damaged:
+            raise InputError(f"{path}: a sam4med checkpoint whose '{damaged[0]}' is not a record (damaged, or not "
+                             "written by sam4med)")
         return True
     if "format" in saved or saved.get("kind") == "sam4med-promptable" or {"network", "config"} <= saved.keys():
         raise InputError(f"{path}: written by an earlier sam4med in another checkpoint layout; train it again")

@@ -197,7 +197,23 @@ def _read_meta(path: Path) -> dict:
     groups = meta.get("groups", {})
     if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
         raise InputError(f'{path}: "groups" must map image ids to group names')
+    _check_mask_encoding(path, meta.get("mask"))
     return meta
+
+
+def _check_mask_encoding(path: Path, encoding: object) -> None:
+    """Masks are read as 0 = background, any other value an object; a set that declares another encoding
+    (inverted masks: background 255, foreground 0) would be scored with background and object swapped."""
+    if encoding is None:
+        return
+    if not isinstance(encoding, dict):
+        raise InputError(f'{path}: "mask" must describe the mask encoding as an object '
+                         '(for example {"background": 0, "foreground": 255})')
+    background, foreground = encoding.get("background", 0), encoding.get("foreground")
+    if background != 0 or foreground == 0:
+        raise InputError(f'{path}: "mask" declares background {background!r} and foreground {foreground!r}; sam4med '
+                         "reads 0 as background and every other value as an object: store the masks that way "
+                         "(for inverted 0/255 masks, 255 - mask)")
 
 
 def _index_folder(folder: Path, what: str) -> dict[str, Path]:

@@ -172,6 +172,8 @@ def not_there(path: Path, what: str = "file") -> str:
         return "is a folder, not a file"
     if what == "file" and path.exists():
         return "not a regular file (a device, a pipe or a socket)"
+    if path.is_symlink():
+        return f"a symbolic link to {path.readlink()}, where there is no {what}"
     return f"no such {what}"
 
 
@@ -193,6 +195,9 @@ def check_output_file(out: Path, what: str, suffixes: tuple[str, ...]) -> None:
         raise InputError(f"{what} {out}: {blocking} is a file, not a folder")
 
 
+DATA_SET_FOLDERS = ("images", "masks")  # the data set layout: both side by side
+
+
 def check_outside_data_sets(out: Path, what: str = "--out") -> None:
     """Refuse an output inside a data set's images/ or masks/ folder (the layout: both side by side), for the
     verbs that are given no data set to keep apart from: a file written there would become a bad sample."""
@@ -200,17 +205,20 @@ def check_outside_data_sets(out: Path, what: str = "--out") -> None:
     if target is None:
         raise InputError(f"{what} {out}: a symbolic link loop; name another path")
     for folder in (target, *target.parents):
-        if folder.name in ("images", "masks") and (folder.parent / "images").is_dir() \
-                and (folder.parent / "masks").is_dir():
+        if folder.name in DATA_SET_FOLDERS and all((folder.parent / other).is_dir() for other in DATA_SET_FOLDERS):
             raise InputError(f"{what} {out}: lies inside the data set folder {folder}; name a folder outside it")
 
 
 def check_apart(out: Path, inputs: Iterable[Path], what: str = "--out", roots: Iterable[Path] = (),
-                writes: Iterable[str] = ()) -> None:
+                writes: Iterable[str] = (), file_output: bool = False) -> None:
     """Refuse an output that could overwrite an input. ``out`` may not be an input (a file, or a folder such as
     a data set's images/ and masks/) nor lie inside one; it may not be one of the ``roots`` (the folder a verb
     was given), though it may lie inside it; and the folders it fills (``writes``, names under ``out``, such as
-    masks/) may not meet an input. Results beside the data are fine; results over it are refused."""
+    masks/) may not meet an input. Results beside the data are fine; results over it are refused.
+
+    An output folder may not lie in any data set's images/ or masks/, given or not, nor be a data set whose
+    masks/ it would fill: its files would replace that set's ground truth. One mask file (``file_output``) may
+    go into a data set's masks/: that is how a person adds a mask to a set."""
     target = resolved(out)
     if target is None:
         raise InputError(f"{what} {out}: a symbolic link loop; name another path")
@@ -229,3 +237,10 @@ def check_apart(out: Path, inputs: Iterable[Path], what: str = "--out", roots: I
         for name, folder in filled:
             if folder.is_relative_to(origin) or origin.is_relative_to(folder):
                 raise InputError(f"{what} {out}: its {name}/ would write over the input {source}; name another folder")
+    if file_output:
+        return
+    check_outside_data_sets(out, what)
+    for name, folder in filled:
+        if name in DATA_SET_FOLDERS and all((target / other).is_dir() for other in DATA_SET_FOLDERS):
+            raise InputError(f"{what} {out}: is a data set (images/ and masks/); its {name}/ would be written over; "
+                             "name another folder")

@@ -135,9 +135,15 @@ def _load(spec: ModelSpec, name: str, checkpoint: str | Path | None, device: tor
         if is_trained_checkpoint(saved, path):
             assert isinstance(saved, dict)
             backbone = saved.get("meta", {}).get("backbone")
-            if backbone is None:  # a segmenter's or another trainer's checkpoint, not a promptable model's
-                raise InputError(f"{path}: a '{saved.get('kind')}' checkpoint, not a promptable model's (give a "
-                                 "`samunet train` or `clicks train` run's best.pt, or the model's own weights)")
+            if backbone is None:
+                try:  # a kind that makes promptable models, whose record lost its backbone
+                    checkpoint_loader(saved["kind"], path)
+                except InputError:  # a segmenter's or another trainer's checkpoint, not a promptable model's
+                    raise InputError(f"{path}: a '{saved['kind']}' checkpoint, not a promptable model's (give a "
+                                     "`samunet train` or `clicks train` run's best.pt, or the model's own weights)"
+                                     ) from None
+                raise InputError(f"{path}: a '{saved['kind']}' checkpoint that does not record the backbone it was "
+                                 "trained on (damaged, or not written by sam4med)")
             if backbone != name:
                 raise InputError(f"{path}: trained on backbone '{backbone}', not '{name}'; give --model {backbone}")
             loader = checkpoint_loader(saved["kind"], path)

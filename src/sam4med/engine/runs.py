@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -133,35 +133,55 @@ def _same_setting(key: str, existing: object, current: object) -> bool:
         return False
 
 
-def claim_folder(folder: Path, record_file: str, record: Mapping[str, object]) -> None:
-    """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one; a folder resumed
-    loses what killed writers left half written (:func:`remove_stale_temporaries`).
+def claim_folder(folder: Path, record_file: str, record: Mapping[str, object], option: str = "--out") -> None:
+    """Record ``record`` in ``folder/record_file``, or refuse a folder that holds another one (:func:`check_claim`);
+    a folder resumed loses what killed writers left half written (:func:`remove_stale_temporaries`)."""
+    if check_claim(folder, record_file, record, option):
+        remove_stale_temporaries(folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / record_file, json.loads(json.dumps(record, default=str)))  # tuples as stored: lists
+
+
+def check_claim(folder: Path, record_file: str, record: Mapping[str, object], option: str = "--out") -> bool:
+    """Whether ``folder`` already holds ``record`` (a run to resume); an InputError naming ``option`` when it holds
+    another run, another kind of run or rows without their record. Nothing is written.
 
     A setting the stored record lacks matches while it is unset (None): settings added in a later version
     default to what earlier versions did, so their runs still resume. Settings that name a file match when
     both paths name the same file (the command line records them absolute)."""
     path = folder / record_file
     current = json.loads(json.dumps(record, default=str))  # tuples become lists, as in the stored file
-    check_not_a_file(folder)
+    check_not_a_file(folder, option)
     other = next((name for name in (CONFIG_FILE, PROTOCOL_FILE) if name != record_file and (folder / name).is_file()),
                  None)
     if other is not None:  # a training run's folder and a batch verb's (predictions, a benchmark) are kept apart
-        raise InputError(f"{folder}: holds another kind of run ({other}); choose another --out")
+        raise InputError(f"{folder}: holds another kind of run ({other}); choose another {option}")
     if not path.is_file() and (folder / RESULTS_FILE).is_file():  # another verb's rows, or a run's whose record is gone
         raise InputError(f"{folder}: holds another run's {RESULTS_FILE} (no {record_file} of this one beside it); "
-                         "choose another --out")
-    if path.is_file():
-        existing = _record(path, f"how the results in {folder} were made, so they cannot be resumed")
-        added_unset = {k for k, v in current.items() if k not in existing and v is None}
-        changed = sorted(k for k in existing.keys() | current.keys() - added_unset
-                         if not _same_setting(k, existing.get(k), current.get(k)))
-        if changed:
-            raise InputError(f"{folder}: holds results made with other settings ({', '.join(changed)} differ); "
-                             "choose another --out")
-        remove_stale_temporaries(folder)
+                         f"choose another {option}")
+    if not path.is_file():
+        return False
+    existing = _record(path, f"how the results in {folder} were made, so they cannot be resumed")
+    added_unset = {k for k, v in current.items() if k not in existing and v is None}
+    changed = sorted(k for k in existing.keys() | current.keys() - added_unset
+                     if not _same_setting(k, existing.get(k), current.get(k)))
+    if changed:
+        raise InputError(f"{folder}: holds results made with other settings ({', '.join(changed)} "
+                         f"{'differs' if len(changed) == 1 else 'differ'}); choose another {option}")
+    return True
+
+
+def check_unclaimed_outputs(folder: Path, record_file: str, outputs: Iterable[Path]) -> None:
+    """Before ``folder`` is claimed (no ``record_file`` yet), refuse it when a file the run would write (``outputs``,
+    relative to it) is already there: a resumed run replaces what it wrote itself, a new one no person's file."""
+    if (folder / record_file).is_file():
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(path, current)
+    existing = next((folder / path for path in outputs if (folder / path).exists() or (folder / path).is_symlink()),
+                    None)
+    if existing is not None:
+        raise InputError(f"--out {folder}: already holds {existing}, which no run recorded there wrote; name a new or "
+                         "empty folder")
 
 
 def claim_datasets(out: Path, roots: Mapping[str, Path]) -> None:

@@ -46,15 +46,16 @@ def _ready(source: PredictorSource) -> PromptMasks:
     return source() if callable(source) else source
 
 
-def _check_box3d(box3d: Sequence[float], depth: int, size: tuple[int, int] | None = None) -> tuple[float, ...]:
+def _check_box3d(box3d: Sequence[float], depth: int, size: tuple[int, int] | None = None,
+                 axis: int | None = None) -> tuple[float, ...]:
     """The box as floats, or an InputError naming --box3d; x and y are checked too when the slices' (h, w)
-    is given."""
+    (cut along ``axis``) is given."""
     values = tuple(float(v) for v in box3d)
     if len(values) != 6 or not np.isfinite(values).all():
         raise InputError(f"--box3d {list(box3d)}: expected six finite numbers x0 y0 z0 x1 y1 z1")
-    for axis, low, high in (("x", values[0], values[3]), ("y", values[1], values[4]), ("z", values[2], values[5])):
+    for name, low, high in (("x", values[0], values[3]), ("y", values[1], values[4]), ("z", values[2], values[5])):
         if low > high:
-            raise InputError(f"--box3d {axis} range {low:g}..{high:g}: {axis}0 must not exceed {axis}1")
+            raise InputError(f"--box3d {name} range {low:g}..{high:g}: {name}0 must not exceed {name}1")
     if not (values[2].is_integer() and values[5].is_integer()):
         raise InputError(f"--box3d z {values[2]:g} {values[5]:g}: z0 and z1 are slice indices (whole numbers)")
     if not (0 <= values[2] <= values[5] < depth):
@@ -62,8 +63,12 @@ def _check_box3d(box3d: Sequence[float], depth: int, size: tuple[int, int] | Non
     if size is not None:
         try:
             Prompt(box=[values[0], values[1], values[3], values[4]]).check_inside(size)
-        except InputError as exc:
-            raise InputError(f"--box3d x y {values[0]:g} {values[1]:g} {values[3]:g} {values[4]:g}: {exc}") from None
+        except InputError:
+            height, width = size
+            cut = "" if axis is None else f", the slices cut along --axis {axis}"
+            raise InputError(f"--box3d {' '.join(f'{v:g}' for v in values)}: x {values[0]:g}..{values[3]:g} and y "
+                             f"{values[1]:g}..{values[4]:g} reach outside the {width}x{height} slices (x 0..{width - 1}, "
+                             f"y 0..{height - 1}{cut})") from None
     return values
 
 
@@ -138,10 +143,10 @@ def segment_image_file(predictor: PredictorSource, image_path: str | Path, promp
     Outputs, mask rule, image and prompt are checked before ``predictor`` is made (when it is a function)."""
     image_path, out, overlay = Path(image_path), Path(out), None if overlay is None else Path(overlay)
     check_output_file(out, "--out", (".png",))
-    check_apart(out, [image_path])
+    check_apart(out, [image_path], file_output=True)
     if overlay is not None:
         check_output_file(overlay, "--overlay", (".png",))
-        check_apart(overlay, [image_path], "--overlay")
+        check_apart(overlay, [image_path], "--overlay", file_output=True)
         if overlay.resolve() == out.resolve():
             raise InputError(f"--overlay {overlay}: is the --out mask too; name another file")
     check_mask_rule(mask_rule, with_truth=False)
@@ -190,7 +195,7 @@ def segment_folder(predictor: PredictorSource, folder: str | Path, prompts: str 
     """
     from sam4med.engine.items import RESULTS_FILE, WorkItem, finished_outputs, run_items
     from sam4med.engine.prompt_table import prompts_digest, read_prompt_table
-    from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
+    from sam4med.engine.runs import PROTOCOL_FILE, check_unclaimed_outputs, claim_folder
 
     folder, prompts, out = Path(folder), Path(prompts), Path(out)
     if not folder.is_dir():
@@ -200,6 +205,7 @@ def segment_folder(predictor: PredictorSource, folder: str | Path, prompts: str 
     check_apart(out, [prompts, *(folder / image for image in table), *_data_set_folders(folder)], roots=[folder],
                 writes=["masks"])
     maps = _label_map_paths(table, folder, prompts)
+    check_unclaimed_outputs(out, PROTOCOL_FILE, maps.values())
     ready = _ready(predictor)
     rule = mask_rule or ready.default_mask_rule
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-folder", "model": ready.protocol, "mask_rule": rule,
@@ -257,7 +263,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: s
     """
     from sam4med.engine.everything import EverythingSettings, generate_masks
     from sam4med.engine.items import RESULTS_FILE, WorkItem, finished_outputs, run_items
-    from sam4med.engine.runs import PROTOCOL_FILE, claim_folder
+    from sam4med.engine.runs import PROTOCOL_FILE, check_unclaimed_outputs, claim_folder
 
     folder, out = Path(folder), Path(out)
     min_visible = MIN_VISIBLE if min_visible is None else check_number(min_visible, "--min-visible", minimum=0, maximum=1)
@@ -268,6 +274,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: s
     check_apart(out, [*(root / image for image in images), *_data_set_folders(folder)], roots=[folder, root],
                 writes=["masks"])
     maps = _label_map_paths(images, root, folder)
+    check_unclaimed_outputs(out, PROTOCOL_FILE, maps.values())
     ready = _ready(predictor)
     resolved = settings.resolved(ready.model.spec)
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-everything", "model": ready.protocol,
@@ -323,8 +330,12 @@ def _folder_images(folder: Path) -> list[str]:
     images: list[str] = []
     others: list[str] = []
     for path in sorted(root.iterdir()):
-        if not path.name.startswith(".") and path.is_file():
+        if path.name.startswith("."):
+            continue
+        if path.is_file():
             (images if image_extension(path) is not None else others).append(path.name)
+        elif image_extension(path) is not None:  # named as an image (a folder, a dangling link): an error row, as
+            images.append(path.name)                 # segment-folder gives it, not an image left out without a word
     if not images:
         raise InputError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}, or DICOM)")
     if others:  # said, so that a .gif or .webp left out is not taken for a folder segmented whole
@@ -375,13 +386,13 @@ def segment_volume_file(predictor: PredictorSource, volume_path: str | Path, box
         raise InputError(f"--axis {axis}: must be 0, 1 or 2")
     check_percentiles(*percentiles, names=("--lower-percentile", "--upper-percentile"))
     check_output_file(out, "--out", LABEL_VOLUME_SUFFIXES)
-    check_apart(out, [volume_path])
+    check_apart(out, [volume_path], file_output=True)
     image = read_volume(volume_path)
     if image.array.size and image.array.min() == image.array.max():
         warn(f"{volume_path}: every voxel is {image.array.flat[0]}; a volume without contrast gives a mask that "
              "means nothing")
     stack = list(slices(window(image.array, *percentiles), axis))
-    _check_box3d(box3d, len(stack), stack[0].shape[:2] if stack else None)
+    _check_box3d(box3d, len(stack), stack[0].shape[:2] if stack else None, axis)
     labels = segment_volume(_ready(predictor), stack, box3d)
     labels = np.moveaxis(labels, 0, axis)
     out.parent.mkdir(parents=True, exist_ok=True)  # as segment does for its mask

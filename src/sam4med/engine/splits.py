@@ -92,8 +92,11 @@ def training_split(dataset: Dataset, fractions: dict[str, float], split_seed: in
         sides = split_samples(dataset, fractions, split_seed)
     for side in ("train", "val", "test"):
         if not sides.get(side):
-            raise InputError(f"{dataset.root}: {len(dataset.samples)} images are too few for a train/val/test split "
-                             f"(its {side} side would be empty; too few images or groups)")
+            groups = len({sample.group or sample.id for sample in dataset.samples})
+            held, why = (f"{len(dataset.samples)} images in {groups} group(s)", "; a group's images stay on one side") \
+                if groups < len(dataset.samples) else (f"{len(dataset.samples)} images", "")
+            raise InputError(f"{dataset.root}: {held} are too few for a train/val/test split (its {side} side "
+                             f"would be empty{why})")
     return {side: sides[side] for side in ("train", "val", "test")}
 
 

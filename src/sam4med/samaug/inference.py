@@ -27,7 +27,7 @@ from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, finishe
 from sam4med.engine.metrics import aggregated_jaccard_index, dice, iou, label_instances, object_f1, soft_dice
 from sam4med.engine.models import resolve_device
 from sam4med.engine.checkpoints import file_sha256, read_trained_checkpoint, unpacked
-from sam4med.engine.runs import PROTOCOL_FILE, SPLIT_FILE, atomic_path, claim_folder, warn
+from sam4med.engine.runs import PROTOCOL_FILE, SPLIT_FILE, atomic_path, check_unclaimed_outputs, claim_folder, warn
 from sam4med.samaug.inputs import prepare_images
 from sam4med.samaug.networks import build_network
 from sam4med.samaug.prediction import PREDICT_MODES, combine, default_mode, probabilities
@@ -214,12 +214,12 @@ def predict(
     dataset = load_dataset(data, require_masks=False)
     out = Path(out)
     check_apart(out, dataset.folders, roots=[dataset.root])
+    masks = {sample.id: Path(f"{sample.id}.png") for sample in dataset.samples}  # under out
+    check_unclaimed_outputs(out, PROTOCOL_FILE, masks.values())
     store = prior_store(segmenter, priors, dataset)
     claim_folder(out, PROTOCOL_FILE, {"task": "samaug predict", "checkpoint_sha256": file_sha256(Path(checkpoint)),
                                       "mode": mode, "priors": None if store is None else store.record["key"],
                                       "images": str(dataset.root.resolve())})  # another folder would overwrite
-
-    masks = {sample.id: Path(f"{sample.id}.png") for sample in dataset.samples}  # under out
 
     def predict_one(item: WorkItem) -> list[dict]:
         maps, _ = predict_sample(segmenter, dataset, item.sample, store)
