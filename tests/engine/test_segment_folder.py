@@ -315,16 +315,21 @@ def test_a_folder_run_where_every_image_failed_exits_with_status_1(tmp_path, cli
     assert result.exit_code == 0 and "1 images segmented, 1 already there (1 of them failed before)" in result.output
 
 
+def _one_image_set(data):
+    """A data set of one gray 32 px image and its empty mask."""
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(data / "images" / "a.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(data / "masks" / "a.png")
+    return data
+
+
 @pytest.mark.parametrize("where", ["the folder", "inside its images", "its masks", "beside them", "above it"])
 def test_folder_verbs_refuse_an_output_folder_that_overlaps_their_images(tmp_path, where):
     """Results written into a data set (its masks/) would replace its ground truth; beside it they are fine."""
     from sam4med.engine.segment import segment_everything
 
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    (data / "masks").mkdir()
-    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(data / "images" / "a.png")
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(data / "masks" / "a.png")
+    data = _one_image_set(tmp_path / "data")
     truth = (data / "masks" / "a.png").read_bytes()
     table = _table(tmp_path, "a.png,,1,1,9,9,,\n")
     out = {"the folder": data, "inside its images": data / "images" / "results", "its masks": data / "masks",
@@ -345,12 +350,7 @@ def test_another_data_set_or_a_persons_own_files_are_never_written_over(tmp_path
     file a run would write: refused before the model loads, every file as it was."""
     from sam4med.engine.segment import segment_everything
 
-    source, victim = tmp_path / "source", tmp_path / "victim"
-    for data in (source, victim):
-        (data / "images").mkdir(parents=True)
-        (data / "masks").mkdir()
-        Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(data / "images" / "a.png")
-        Image.fromarray(np.zeros((32, 32), np.uint8)).save(data / "masks" / "a.png")
+    source, victim = _one_image_set(tmp_path / "source"), _one_image_set(tmp_path / "victim")
     truth = (victim / "masks" / "a.png").read_bytes()
     table = _table(tmp_path, "a.png,,1,1,9,9,,\n")
     mine = tmp_path / "mine"
