@@ -14,7 +14,7 @@ from skimage.draw import disk
 from conftest import write_dataset
 
 from sam4med.engine.datasets import Dataset, Sample, load_dataset, load_datasets
-from sam4med.engine.imageio import load_pair, read_image, read_intensities, read_labels, read_mask
+from sam4med.engine.imageio import load_pair, read_image, read_intensities, read_labels, read_mask, read_mask_labels
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.splits import DEFAULT_FRACTIONS, predefined_split, split_samples, training_split
 from sam4med.engine.errors import InputError, check_apart
@@ -390,6 +390,26 @@ def test_objects_are_8_connected_components_in_raster_order():
     assert sizes(mask, connectivity=1) == [4, 1, 25, 1]
     assert sizes(mask, min_area=2) == [5, 25]
     assert sizes(np.zeros((5, 5), bool)) == []
+
+
+def test_touching_objects_of_two_labels_stay_two_objects(tmp_path):
+    """A label image or a colour mask names its objects: two touching ones were one object (one box round both)."""
+    labels = np.zeros((20, 20), np.uint16)
+    labels[2:10, 2:8], labels[2:10, 8:14] = 1, 2  # side by side
+    labels[15:18, 2:5] = labels[15:18, 10:13] = 3  # one label in two parts: two objects, as a binary mask's
+    assert sizes(labels) == [48, 48, 9, 9]
+    assert sizes(labels > 0) == [96, 9, 9]  # the binary view of the same pixels
+    colours = np.zeros((20, 20, 3), np.uint8)
+    colours[2:10, 2:8] = (255, 0, 0)
+    colours[2:10, 8:14] = (0, 255, 0)
+    read = read_mask_labels(save(colours, tmp_path / "colours.png"))
+    assert sizes(read) == [48, 48]
+    np.testing.assert_array_equal(read > 0, read_mask(tmp_path / "colours.png"))
+    soft = np.zeros((20, 20), np.uint8)  # an antialiased 0/255 mask: one object, cut at > 127 as read_mask does
+    soft[4:12, 4:12], soft[4:12, 12] = 255, 100
+    assert set(np.unique(read_mask_labels(save(soft, tmp_path / "soft.png")))) == {0, 1}
+    signed = np.array([[-1, 0, 5]], np.int16)  # values <= 0 are background
+    assert read_mask_labels(save(signed, tmp_path / "signed.tif")).tolist() == [[0, 0, 5]]
 
 
 def test_object_labels_rejects_bad_input():

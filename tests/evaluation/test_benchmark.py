@@ -117,6 +117,9 @@ def test_default_modes_are_the_nine_of_the_study():
         make_mode(name, PromptSettings())
     with pytest.raises(InputError, match="unknown mode 'boxes'"):
         make_mode("boxes", PromptSettings())
+    for alias in ("points03", "points3_neg0", "points3_neg02", "points\u0663"):  # points3 under another name
+        with pytest.raises(InputError, match=f"unknown mode '{alias}'"):
+            make_mode(alias, PromptSettings())
     assert make_mode("points3_neg2", PromptSettings()).params["prompt"] == "3 positive + 2 negative points"
 
 
@@ -286,3 +289,16 @@ def test_a_refused_benchmark_leaves_no_output_folder_behind(tmp_path, litemedsam
 def test_a_minimum_object_area_that_is_not_a_count_is_refused(area):
     with pytest.raises(InputError, match="min_object_area"):
         BenchmarkConfig(min_object_area=area).check()
+
+
+def test_touching_objects_of_a_colour_mask_are_scored_as_two(tmp_path, litemedsam):
+    """Red beside green was one object, boxed round both, Dice 0.78, without a word."""
+    data = write_dataset(tmp_path / "colour", broken=False, count=1)
+    colours = np.zeros((128, 160, 3), np.uint8)
+    colours[30:90, 30:80] = (255, 0, 0)
+    colours[30:90, 80:130] = (0, 255, 0)
+    Image.fromarray(colours).save(data / "masks" / "case0.png")
+    results = run_benchmark([data], tmp_path / "out", BenchmarkConfig(model="litemedsam", modes=("box",)),
+                            model=litemedsam, show_progress=False)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["object"], r["object_area"]) for r in rows] == [(0, 60 * 50), (1, 60 * 50)]

@@ -28,7 +28,7 @@ from sam4med.engine.errors import InputError
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.executors import Executor
 from sam4med.engine.items import RESULTS_FILE, ItemRunSummary, WorkItem, run_items
-from sam4med.engine.objects import connected_components
+from sam4med.engine.objects import object_labels
 from sam4med.engine.preprocessing import labels_to_low_res, low_res_content
 from sam4med.engine.runs import check_claim, claim_folder, read_jsonl, warn
 from sam4med.engine.sam_model import SamModel
@@ -83,7 +83,7 @@ class EmbeddingWorker:
         self.tiling = tiling  # (tile, halo): embed the tiles of images larger than one tile instead
 
     def __call__(self, item: WorkItem) -> list[dict]:
-        image, mask = load_pair(item.sample)
+        image, mask = load_pair(item.sample, labels=True)
         if self.tiling is None:
             views: list[tuple[int | None, np.ndarray, np.ndarray]] = [(None, image, mask)]
         elif max(image.shape[:2]) <= self.tiling[0]:  # the whole image is one tile: the untiled store has it
@@ -95,7 +95,7 @@ class EmbeddingWorker:
             for flip in self.flips:
                 pixels, truth = (view[:, ::-1].copy(), view_mask[:, ::-1].copy()) if flip else (view, view_mask)
                 embedding = self.model.encode(pixels)
-                labels = labels_to_low_res(torch.from_numpy(connected_components(truth)), embedding.geometry)
+                labels = labels_to_low_res(torch.from_numpy(object_labels(truth)[0]), embedding.geometry)
                 areas = torch.bincount(labels.flatten())
                 kept = [i for i in range(1, len(areas)) if areas[i] >= self.min_area]
                 path = embedding_path(self.folder, item.sample.id, flip, tile)

@@ -62,9 +62,20 @@ def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndar
     images count as one foreground); JPEG masks and antialiased 0/255 masks use > 127, since
     compression, antialiased drawing or a bilinear resize leave faint non-zero pixels around the
     object. ``shape`` (HxW, or an image's HxWxC) must match."""
+    return read_mask_labels(path, shape) > 0
+
+
+def read_mask_labels(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A mask's foreground as HxW integer labels, 0 the background: a label image's (or colour mask's) values, so
+    that touching objects of two values stay two objects (``engine.objects.object_labels``); a binary mask 0/1,
+    JPEG and antialiased 0/255 masks cut at > 127 as :func:`read_mask` does; values <= 0 are background."""
     path = Path(path)
     values = read_labels(path, shape)
-    return values > (127 if path.suffix.lower() in (".jpg", ".jpeg") or soft_edged(values) else 0)
+    if path.suffix.lower() in (".jpg", ".jpeg") or soft_edged(values):
+        return (values > 127).astype(np.uint8)
+    if values.dtype.kind not in "iu":  # bool or float values: one foreground
+        return (values > 0).astype(np.uint8)
+    return values if values.dtype.kind == "u" else np.where(values > 0, values, 0)
 
 
 SOFT_EDGE_PX = 2  # how far from a 255 pixel an antialiased or resampled edge's values reach
@@ -118,12 +129,13 @@ def _colour_labels(pixels: np.ndarray, path: Path) -> np.ndarray:
     return labels.astype(np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32)
 
 
-def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    """The image (HxWx3 uint8) and mask (HxW bool) of a sample, checked to be the same size."""
+def load_pair(sample: Sample, labels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The image (HxWx3 uint8) and mask (HxW bool, or with ``labels`` its :func:`read_mask_labels`) of a sample,
+    checked to be the same size."""
     if sample.mask_path is None:
         raise InputError(f"{sample.image_path}: sample '{sample.id}' has no mask")
     image = read_image(sample.image_path)
-    return image, read_mask(sample.mask_path, image.shape)
+    return image, (read_mask_labels if labels else read_mask)(sample.mask_path, image.shape)
 
 
 def _stored_pixels(path: Path, expand_palette: bool) -> np.ndarray:

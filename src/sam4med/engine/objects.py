@@ -22,18 +22,22 @@ def connected_components(mask: np.ndarray, connectivity: int | None = None) -> n
 
 
 def object_labels(mask: np.ndarray, *, min_area: int = 1, connectivity: int = 2) -> tuple[np.ndarray, list[int]]:
-    """Connected-component labels of a binary mask and the ids of components of at least
-    ``min_area`` pixels, in label order (raster order of each component's first pixel).
+    """The objects of a mask as labels, and the ids of those of at least ``min_area`` pixels, in label order
+    (raster order of each object's first pixel). An object is a connected component of one value: of a binary
+    mask's foreground, or of one label of a label image (``imageio.read_mask_labels``), so that two touching
+    objects of two labels stay two.
 
     Callers that keep only some objects (a benchmark capping hundreds of nuclei) build masks
     for those alone instead of one full-size array per component.
     """
-    mask = np.asarray(mask, dtype=bool)
+    mask = np.asarray(mask)
     if mask.ndim != 2:
         raise InputError(f"object_labels: mask must be 2D, got shape {mask.shape}")
     if connectivity not in (1, 2):
         raise InputError(f"object_labels: connectivity must be 1 or 2, got {connectivity}")
-    labels = connected_components(mask, connectivity)
+    if mask.dtype.kind not in "biu":
+        mask = mask > 0
+    labels = skimage_label(mask, background=0, connectivity=connectivity)
     count = int(labels.max())
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     return labels, [label for label in range(1, count + 1) if areas[label] >= min_area]

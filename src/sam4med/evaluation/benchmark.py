@@ -131,8 +131,9 @@ class ImageEvaluator:
     def error_fields(self, item: WorkItem) -> dict[str, object]:
         return {**self.common_fields(item), "encode_s": None, "mode_params": None}
 
-    def image_objects(self, item: WorkItem, image: np.ndarray, gt: np.ndarray) -> ImageObjects:
-        labels, ids = object_labels(gt, min_area=self.config.min_object_area)
+    def image_objects(self, item: WorkItem, image: np.ndarray, truth: np.ndarray) -> ImageObjects:
+        """The objects of ``truth`` (the mask's labels: each label's connected components) that are scored."""
+        labels, ids = object_labels(truth, min_area=self.config.min_object_area)
         if not ids:
             raise InputError(f"{item.sample.mask_path}: mask has no object of at least {self.config.min_object_area} pixels")
         if self.config.as_one_object:
@@ -144,12 +145,13 @@ class ImageEvaluator:
                 indices = sorted(object_rng(self.config.seed, item.sample.id, "objects")
                                  .choice(len(ids), cap, replace=False).tolist())
             objects = [labels == ids[i] for i in indices]
-        return ImageObjects(self.predictor, item.sample.id, image, gt, objects, indices, self.config.seed,
+        return ImageObjects(self.predictor, item.sample.id, image, truth > 0, objects, indices, self.config.seed,
                             self.mask_rule, self.config.nsd_tolerance)
 
     def __call__(self, item: WorkItem) -> list[dict]:
-        image, gt = load_pair(item.sample)
-        objects = self.image_objects(item, image, gt)
+        image, truth = load_pair(item.sample, labels=True)
+        gt = truth > 0
+        objects = self.image_objects(item, image, truth)
         start = time.perf_counter()
         self.predictor.set_image(image)
         self.predictor.encode_all()  # tiles too: encode_s is all of the image's encoding, decode_s decoding alone

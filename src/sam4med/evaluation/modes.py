@@ -207,7 +207,9 @@ class BoxPointMode(PromptMode):
 class PointsMode(PromptMode):
     """``pointsK`` and ``pointsK_negK``: K positives (stride or random) and negatives around the object."""
 
-    pattern = re.compile(r"points(\d+)(?:_neg(\d+))?")
+    # ASCII digits without leading zeros, no _neg0: each set of prompts has one name (points03 and points3_neg0
+    # would run points3 again under another column)
+    pattern = re.compile(r"points(0|[1-9][0-9]*)(?:_neg([1-9][0-9]*))?")
 
     def __init__(self, name: str, settings: PromptSettings):
         match = self.pattern.fullmatch(name)

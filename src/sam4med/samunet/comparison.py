@@ -51,7 +51,7 @@ def box_prompt_scores(model: SamModel, items: Sequence[WorkItem], folder: Path, 
     evaluator = ImageEvaluator(Predictor(model), config, [make_mode("box", config.prompts)])
 
     def score(item: WorkItem) -> list[dict]:
-        _, mask = load_pair(item.sample)
+        _, mask = load_pair(item.sample, labels=True)
         if not object_labels(mask, min_area=min_area)[1]:
             return [{"dataset": item.dataset.name, "image": item.sample.id, "status": "no_objects"}]
         return [{"dataset": row["dataset"], "image": row["image"], "object": row["object"], "dice": row["dice"],

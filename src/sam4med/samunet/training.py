@@ -170,7 +170,7 @@ def _prepare(samples: Sequence[Sample], min_area: int) -> list[PreparedObjects]:
     """The samples with an object of ``min_area`` pixels; every file that cannot be used is named in one InputError."""
 
     def prepare(sample: Sample) -> PreparedObjects | None:  # None: an image without objects is not kept
-        image, mask = load_pair(sample)
+        image, mask = load_pair(sample, labels=True)
         labels, objects = object_labels(mask, min_area=min_area)
         return PreparedObjects(sample, image, labels, objects) if objects else None
 
