@@ -302,3 +302,26 @@ def test_touching_objects_of_a_colour_mask_are_scored_as_two(tmp_path, litemedsa
                             model=litemedsam, show_progress=False)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["object"], r["object_area"]) for r in rows] == [(0, 60 * 50), (1, 60 * 50)]
+
+
+def test_an_image_without_an_object_is_said_and_not_counted_as_failed(tmp_path):
+    """A case without a lesion (or only specks) was an error row: a set with healthy cases read as failing."""
+    data = write_dataset(tmp_path / "ellipses", broken=False, count=2)
+    specks = np.zeros((128, 160), np.uint8)
+    specks[5, 5] = specks[60:62, 60:62] = 255  # 1 and 4 px: under the 10 px minimum
+    Image.fromarray(specks).save(data / "masks" / "case1.png")
+    out = tmp_path / "results"
+    result = CliRunner().invoke(app, ["eval", "benchmark", "--data", str(data), "--out", str(out), "--modes", "box",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "1 image(s) held no object to score" in result.output and "image(s) failed" not in result.output
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["image"], r["status"]) for r in rows] == [("case0", "ok"), ("case1", "no_objects")]
+    assert CliRunner().invoke(app, ["eval", "report", str(out)]).exit_code == 0
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "0 failed image(s); 1 image(s) without an object to score" in html
+    Image.fromarray(np.zeros((128, 160), np.uint8)).save(data / "masks" / "case0.png")  # now no image has one
+    result = CliRunner().invoke(app, ["eval", "benchmark", "--data", str(data), "--out", str(out), "--modes", "box",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0 and "no object was scored" in result.output and "2 image(s) held no object" in \
+        result.output

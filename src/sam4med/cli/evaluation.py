@@ -98,6 +98,7 @@ def benchmark(
 def print_summary(results_dir: Path) -> None:
     from rich.console import Console
 
+    from sam4med.engine.items import NO_OBJECTS
     from sam4med.evaluation.summary import failures, load_results, mean_table
 
     frame = load_results(results_dir)
@@ -108,6 +109,10 @@ def print_summary(results_dir: Path) -> None:
     else:
         console.print("mean Dice (data set x mode):")
         console.print(table.round(3).to_string())
+    empty = int((frame["status"] == NO_OBJECTS).sum())
+    if empty:
+        console.print(f"{empty} image(s) held no object to score (an empty mask, or only objects under the minimum "
+                      "area); not counted as failed")
     failed = failures(frame)
     if len(failed):
         console.print(f"{len(failed)} image(s) failed; see {results_dir / 'results.jsonl'} (status = error)")

@@ -119,6 +119,7 @@ def forget_items(path: Path, keys: set[ItemKey]) -> None:
 
 
 LOG_SECONDS = 60.0  # where the output is not a terminal (a log file), how often the loop says how far it is
+NO_OBJECTS = "no_objects"  # the status of an image whose mask holds nothing to score: done, not failed
 
 
 def run_items(

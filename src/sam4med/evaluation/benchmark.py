@@ -22,7 +22,7 @@ from sam4med.engine.errors import (InputError, check_apart, check_count, check_l
 from sam4med.engine.everything import EverythingSettings
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.executors import Executor
-from sam4med.engine.items import RESULTS_FILE, WorkItem, run_items
+from sam4med.engine.items import NO_OBJECTS, RESULTS_FILE, WorkItem, run_items
 from sam4med.engine.models import load_model
 from sam4med.engine.objects import object_factors, object_labels
 from sam4med.engine.predictor import EmbeddingCache, Predictor
@@ -131,11 +131,12 @@ class ImageEvaluator:
     def error_fields(self, item: WorkItem) -> dict[str, object]:
         return {**self.common_fields(item), "encode_s": None, "mode_params": None}
 
-    def image_objects(self, item: WorkItem, image: np.ndarray, truth: np.ndarray) -> ImageObjects:
-        """The objects of ``truth`` (the mask's labels: each label's connected components) that are scored."""
+    def image_objects(self, item: WorkItem, image: np.ndarray, truth: np.ndarray) -> ImageObjects | None:
+        """The objects of ``truth`` (the mask's labels: each label's connected components) that are scored; None
+        when it holds none of ``min_object_area`` pixels."""
         labels, ids = object_labels(truth, min_area=self.config.min_object_area)
         if not ids:
-            raise InputError(f"{item.sample.mask_path}: mask has no object of at least {self.config.min_object_area} pixels")
+            return None
         if self.config.as_one_object:
             indices, objects = [0], [np.isin(labels, ids)]
         else:
@@ -152,6 +153,8 @@ class ImageEvaluator:
         image, truth = load_pair(item.sample, labels=True)
         gt = truth > 0
         objects = self.image_objects(item, image, truth)
+        if objects is None:  # a case without a lesion, or only specks: nothing to prompt, and nothing failed
+            return [{**self.common_fields(item), "object": None, "mode": None, "status": NO_OBJECTS}]
         start = time.perf_counter()
         self.predictor.set_image(image)
         self.predictor.encode_all()  # tiles too: encode_s is all of the image's encoding, decode_s decoding alone

@@ -20,7 +20,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from sam4med.engine.errors import InputError, check_output_file, check_outside_data_sets
-from sam4med.engine.items import RESULTS_FILE
+from sam4med.engine.items import NO_OBJECTS, RESULTS_FILE
 from sam4med.engine.runs import PROTOCOL_FILE, warn, write_text_atomic
 from sam4med.engine.overlays import PALETTE, new_figure, quiet
 from sam4med.evaluation.summary import (
@@ -286,7 +286,8 @@ def _report_body(results_dir: Path) -> str:
     parts = [f"<h1>sam4med benchmark report{': ' + html.escape(', '.join(map(str, models))) if models else ''}</h1>"]
     parts.append(
         f"<p>{len(ordered(ok['dataset']))} data set(s), {ok.drop_duplicates(['dataset', 'image']).shape[0]} image(s), "
-        f"{len(ok)} result row(s) in {len(modes)} mode(s); {len(errors)} failed image(s). "
+        f"{len(ok)} result row(s) in {len(modes)} mode(s); {len(errors)} failed image(s); "
+        f"{int((df['status'] == NO_OBJECTS).sum())} image(s) without an object to score. "
         f"Results: <code>{html.escape(str(results_dir.resolve()))}</code></p>"
     )
 
