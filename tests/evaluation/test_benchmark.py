@@ -152,6 +152,8 @@ def test_cli_benchmark_report_and_segment(tmp_path):
         (["segment", "missing.png", "--box", "1", "1", "5", "5", "--out", "m.png"], "missing.png"),
         (["segment", "{image}", "--box", "1", "1", "500", "5", "--out", "m.png"], "outside the 160x128 image"),
         (["segment", "{image}", "--point", "3;4", "--out", "m.png"], "--point '3;4'"),
+        (["segment", "{image}", "--point", "40,60", "--model", "litemedsam", "--out", "m.png"],
+         "--point: model litemedsam takes boxes only"),  # an empty mask and exit 0 before
         (["segment", "{image}", "--box", "1", "1", "5", "5", "--model", "sam_vit_b", "--out", "m.png"], "--checkpoint"),
         (["eval", "report", "{tmp}"], "no results.jsonl"),
         (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--modes", "points999999999"], "at most 100"),
