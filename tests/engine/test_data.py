@@ -408,6 +408,17 @@ def test_touching_objects_of_two_labels_stay_two_objects(tmp_path):
     soft = np.zeros((20, 20), np.uint8)  # an antialiased 0/255 mask: one object, cut at > 127 as read_mask does
     soft[4:12, 4:12], soft[4:12, 12] = 255, 100
     assert set(np.unique(read_mask_labels(save(soft, tmp_path / "soft.png")))) == {0, 1}
+    blurred = np.zeros((20, 20), np.uint8)  # 0/255 with an edge too wide for soft_edged: one foreground, not rings
+    blurred[6:14, 6:14] = 255
+    for width, value in enumerate((200, 150, 100, 50), start=1):
+        ring = np.zeros((20, 20), bool)
+        ring[6 - width:14 + width, 6 - width:14 + width] = True
+        ring[7 - width:13 + width, 7 - width:13 + width] = False
+        blurred[ring] = value
+    assert sizes(read_mask_labels(save(blurred, tmp_path / "blurred.png"))) == [16 * 16]
+    classes = np.zeros((20, 20), np.uint8)  # an 8-bit label image (classes 1 and 2 side by side): two objects
+    classes[2:10, 2:8], classes[2:10, 8:14] = 1, 2
+    assert sizes(read_mask_labels(save(classes, tmp_path / "classes.png"))) == [48, 48]
     signed = np.array([[-1, 0, 5]], np.int16)  # values <= 0 are background
     assert read_mask_labels(save(signed, tmp_path / "signed.tif")).tolist() == [[0, 0, 5]]
 

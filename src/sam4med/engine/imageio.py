@@ -67,13 +67,16 @@ def read_mask(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndar
 
 def read_mask_labels(path: str | Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """A mask's foreground as HxW integer labels, 0 the background: a label image's (or colour mask's) values, so
-    that touching objects of two values stay two objects (``engine.objects.object_labels``); a binary mask 0/1,
-    JPEG and antialiased 0/255 masks cut at > 127 as :func:`read_mask` does; values <= 0 are background."""
+    that touching objects of two values stay two objects (``engine.objects.object_labels``); a binary mask 0/1
+    (an 8-bit mask holding 255 is one: 0/255 with whatever edges), JPEG and antialiased 0/255 masks cut at > 127
+    as :func:`read_mask` does; values <= 0 are background."""
     path = Path(path)
     values = read_labels(path, shape)
     if path.suffix.lower() in (".jpg", ".jpeg") or soft_edged(values):
         return (values > 127).astype(np.uint8)
-    if values.dtype.kind not in "iu":  # bool or float values: one foreground
+    if values.dtype.kind not in "iu" or (values.dtype == np.uint8 and values.max(initial=0) == 255):
+        # bool or float values, and 8-bit masks drawn in 255 whatever else they hold (a blurred or resampled edge
+        # wider than soft_edged allows), are one foreground: their values are not labels
         return (values > 0).astype(np.uint8)
     return values if values.dtype.kind == "u" else np.where(values > 0, values, 0)
 
