@@ -64,6 +64,8 @@ def load_embedding(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return saved["features"].float()[None], saved["labels"].long()
+    except MemoryError:  # the machine's trouble, not the file's
+        raise
     except Exception as error:  # zip, pickle, key and type errors all mean a damaged cache file
         path.unlink(missing_ok=True)
         raise InputError(f"{path}: a damaged cached embedding ({type(error).__name__}: "

@@ -151,7 +151,6 @@ class ImageEvaluator:
 
     def __call__(self, item: WorkItem) -> list[dict]:
         image, truth = load_pair(item.sample, labels=True)
-        gt = truth > 0
         objects = self.image_objects(item, image, truth)
         if objects is None:  # a case without a lesion, or only specks: nothing to prompt, and nothing failed
             return [{**self.common_fields(item), "object": None, "mode": None, "status": NO_OBJECTS}]
@@ -174,7 +173,7 @@ class ImageEvaluator:
             del results
             release_free_memory()  # the mode's decoder batches and masks: not stacked under the next mode's
         if overlay is not None:
-            write_overlay(overlay, image, gt, panels)
+            write_overlay(overlay, image, objects.foreground, panels)
         return rows
 
     def _overlay_path(self, item: WorkItem) -> Path | None:
