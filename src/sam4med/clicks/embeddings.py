@@ -138,15 +138,17 @@ def embedding_record(model: SamModel, flips: Sequence[bool], min_area: int,
     return record if tiling is None else {**record, "tile": tiling[0], "halo": tiling[1]}
 
 
+def cache_folder(out: Path, dataset: str, tiling: tuple[int, int] | None = None) -> Path:
+    """Where a data set's embeddings (or, with ``tiling``, its tiles') are cached under ``out``."""
+    return out / (dataset if tiling is None else tiled_folder_name(dataset, *tiling))
+
+
 def check_embedding_folders(model: SamModel, names: Sequence[str], out: Path, flips: Sequence[bool], min_area: int,
                             tiled: Sequence[str] = (), tiling: tuple[int, int] | None = None) -> None:
     """Refuse, naming --embeddings and before a run folder is claimed, a cache folder that :func:`embed_datasets`
     would refuse (another run's rows, other settings)."""
-    for name in names:
-        check_claim(out / name, RECORD_FILE, embedding_record(model, flips, min_area), "--embeddings")
-    for name in tiled:
-        assert tiling is not None
-        check_claim(out / tiled_folder_name(name, *tiling), RECORD_FILE, embedding_record(model, flips, min_area, tiling),
+    for name, cut in [(name, None) for name in names] + [(name, tiling) for name in tiled]:
+        check_claim(cache_folder(out, name, cut), RECORD_FILE, embedding_record(model, flips, min_area, cut),
                     "--embeddings")
 
 
@@ -159,7 +161,7 @@ def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample
     (``engine.executors``; on several machines ``out`` must be storage they share)."""
     summaries = []
     for name, (dataset, samples) in splits.items():
-        folder = out / (name if tiling is None else tiled_folder_name(name, *tiling))
+        folder = cache_folder(out, name, tiling)
         claim_folder(folder, RECORD_FILE, embedding_record(model, flips, min_area, tiling), "--embeddings")
         worker = EmbeddingWorker(model, folder, flips, min_area, tiling)
         summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, folder / RESULTS_FILE,

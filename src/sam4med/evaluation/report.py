@@ -263,10 +263,11 @@ def _report_body(results_dir: Path) -> str:
     df = load_results(results_dir)
     if df.empty:  # before the tables: a report of nothing would overwrite those of an earlier report
         raise InputError(f"{results_dir / RESULTS_FILE}: holds no rows yet; run `sam4med eval benchmark` first")
-    models = sorted(str(m) for m in df["model"].dropna().unique()) if "model" in df else []
+    models = ordered(df["model"]) if "model" in df.columns else []
     if len(models) > 1:  # the tables average over a data set and mode: two models' rows would make one mean
-        raise InputError(f"{results_dir / RESULTS_FILE}: holds rows of {len(models)} models ({', '.join(models)}); a "
-                         "report is of one model's run (the benchmark writes each into its own --out)")
+        raise InputError(f"{results_dir / RESULTS_FILE}: holds rows of {len(models)} models "
+                         f"({', '.join(sorted(map(str, models)))}); a report is of one model's run (the benchmark "
+                         "writes each into its own --out)")
     write_tables(results_dir, df)
     ok = ok_rows(df, "dice", "modality", *FACTORS)
     modes = ordered(ok["mode"])
@@ -280,7 +281,6 @@ def _report_body(results_dir: Path) -> str:
             protocol = None
     errors = failures(df)
 
-    models = ordered(df["model"]) if "model" in df.columns else []
     if not models and isinstance(protocol, dict) and protocol.get("model"):
         models = [protocol["model"]]
     parts = [f"<h1>sam4med benchmark report{': ' + html.escape(', '.join(map(str, models))) if models else ''}</h1>"]
