@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,26 @@ def small_disk(tmp_path):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)
+
+
+@contextmanager
+def _held_elsewhere(folder: Path) -> Iterator[int]:
+    """Another process holding ``folder`` (engine.runs.sole_writer) until the block ends; yields its pid."""
+    script = ("import sys; from pathlib import Path; from sam4med.engine.runs import sole_writer\n"
+              "with sole_writer(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.communicate("")  # stdin closed: it lets go and exits
+
+
+@pytest.fixture()
+def held_elsewhere() -> Callable[[Path], contextmanager]:
+    """``with held_elsewhere(folder) as pid:`` another process writes into ``folder`` meanwhile."""
+    return _held_elsewhere
 
 
 @pytest.fixture(scope="session")

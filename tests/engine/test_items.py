@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,3 +170,26 @@ def test_a_run_logged_to_a_file_says_how_far_it_is(tmp_path, capsys, monkeypatch
     assert [line.split(",")[0] for line in lines] == ["bench: 2 of 4 images (0 failed)", "bench: 3 of 4 images (1 failed)",
                                                       "bench: 4 of 4 images (1 failed)"]
     assert lines[-1].endswith("about 0 min left")
+
+
+def test_a_second_run_into_a_folder_another_process_is_writing_is_refused_and_adds_nothing(tmp_path, held_elsewhere):
+    results = tmp_path / "results.jsonl"
+    run_items(items(["a"]), two_rows, results, "test", show_progress=False)
+    before = results.read_bytes()
+    with held_elsewhere(tmp_path) as pid:
+        with pytest.raises(InputError, match=f"^{tmp_path}: another run \\(process {pid}\\) is writing into this "
+                                             "folder; let it finish or choose another --out$"):
+            run_items(items(["a", "b"]), two_rows, results, "test", show_progress=False)
+        assert results.read_bytes() == before
+    summary = run_items(items(["a", "b"]), two_rows, results, "test", show_progress=False)  # once it has let go
+    assert (summary.computed, summary.skipped) == (1, 1) and len(read(results)) == 4
+    assert not (tmp_path / ".sam4med.lock").exists()  # the folder holds what the run wrote, nothing else
+
+
+def test_a_folder_whose_writer_was_killed_is_not_held(tmp_path):
+    script = ("import os, signal, sys; from pathlib import Path; from sam4med.engine.runs import sole_writer\n"
+              "with sole_writer(Path(sys.argv[1])):\n    os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", script, str(tmp_path)]).returncode == -signal.SIGKILL
+    assert (tmp_path / ".sam4med.lock").exists()  # what a kill leaves behind
+    summary = run_items(items(["a"]), two_rows, tmp_path / "results.jsonl", "test", show_progress=False)
+    assert summary.computed == 1 and not (tmp_path / ".sam4med.lock").exists()

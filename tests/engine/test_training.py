@@ -290,3 +290,13 @@ def test_a_run_resumed_on_other_images_under_the_same_data_set_name_is_refused(t
     (out / SPLIT_FILE).write_text("[1, 2")
     with pytest.raises(InputError, match=r"split.json: damaged \(not a JSON object\)"):
         start_run(out, {"lr": 0.05}, splits(6, "again"))
+
+
+def test_a_second_training_into_a_run_folder_another_process_is_writing_is_refused(tmp_path, held_elsewhere):
+    fit(LineTask(), tmp_path, {"lr": 0.05}, 1, seed=0, description="line", show_progress=False)
+    kept = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with held_elsewhere(tmp_path) as pid:
+        with pytest.raises(InputError, match=f"another run \\(process {pid}\\) is writing into this folder"):
+            fit(LineTask(), tmp_path, {"lr": 0.05}, 2, seed=0, description="line", show_progress=False)
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.name != ".sam4med.lock"} == kept
+    assert fit(LineTask(), tmp_path, {"lr": 0.05}, 2, seed=0, description="line", show_progress=False).epochs_run == 2

@@ -166,7 +166,7 @@ def embed_datasets(model: SamModel, splits: dict[str, tuple[Dataset, list[Sample
         worker = EmbeddingWorker(model, folder, flips, min_area, tiling)
         summaries.append(run_items([WorkItem(dataset, s) for s in samples], worker, folder / RESULTS_FILE,
                                    f"embed {name}", show_progress=show_progress,
-                                   check_done=CachedWhole(folder), executor=executor))
+                                   check_done=CachedWhole(folder), executor=executor, option="--embeddings"))
         failed = [row for row in read_jsonl(folder / RESULTS_FILE, skip_damaged=True) if row.get("status") == "error"]
         if failed:  # this run's and earlier runs' failures alike: the user learns which images training lacks
             warn(f"{folder / RESULTS_FILE}: {len(failed)} image(s) could not be embedded and are left out "

@@ -31,7 +31,7 @@ from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.datasets import Dataset, Sample
 from sam4med.engine.executors import Executor, LocalExecutor
 from sam4med.engine.runs import RESULTS_FILE as RESULTS_FILE  # re-exported: the verbs name it from here
-from sam4med.engine.runs import parse_jsonl, warn, write_bytes_atomic
+from sam4med.engine.runs import parse_jsonl, sole_writer, warn, write_bytes_atomic
 from sam4med.engine.runtime import release_free_memory
 
 ItemKey = tuple[str, str]  # (data set name, image id)
@@ -131,6 +131,7 @@ def run_items(
     show_progress: bool = True,
     check_done: Callable[[WorkItem], bool] | None = None,
     executor: Executor | None = None,
+    option: str = "--out",
 ) -> ItemRunSummary:
     """Run ``process`` on every item not yet in ``results``; any failure becomes one error row
     (``status = "error"``, ``error``, plus ``error_fields(item)``) and the loop goes on.
@@ -138,62 +139,65 @@ def run_items(
     ``check_done(item)``: whether a finished item's own outputs (files beside the rows) are still whole and
     current; an item whose outputs are damaged, missing or out of date, or whose image or mask file has
     changed, is computed again, and the run says so.
-    ``executor``: where ``process`` runs (default: here, one item after another); rows are written as items finish."""
-    stored = finished_items(results)
-    redo = _sources_changed(items, stored)
-    if check_done is not None:
-        redo |= {item.key for item in items if item.key in stored and item.key not in redo and not check_done(item)}
-    if redo:
-        warn(f"{results.parent}: {len(redo)} finished image(s) whose outputs are damaged, missing or out of date "
-             "are computed again")
-        forget_items(results, redo)
-    finished = set(stored) - redo
-    pending = []
-    for item in items:  # an item listed twice (the same image given twice) is done once
-        if item.key not in finished:
-            pending.append(item)
-            finished.add(item.key)
-    sources = {item.key: source_hashes(item.sample) for item in pending}  # before the work reads the files
-    seconds: list[float] = []
-    failed = 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not show_progress) as progress, results.open("ab", buffering=0) as handle:
-        task = progress.add_task(description, total=len(items), completed=len(items) - len(pending))
-        logged = started = time.perf_counter()
-        log = show_progress and not progress.console.is_terminal  # nohup, a batch job: no bar, a line a minute
-        for outcome in (executor or LocalExecutor()).outcomes(process, pending):
-            item = outcome.item
-            if outcome.fatal is not None:  # a disk that refuses: every later item would fail too
-                raise outcome.fatal
-            if outcome.rows is None:
-                failed += 1
-                rows = [{"dataset": item.dataset.name, "image": item.sample.id, **error_fields(item),
-                         "status": "error", "error": outcome.error}]
-            else:
-                rows = outcome.rows
-                seconds.append(outcome.seconds)
-            block = []
-            for row in rows:
-                row.setdefault("status", "ok")
-                block.append(json.dumps({**row, **sources[item.key], "image_rows": len(rows)}, default=_json_default)
-                             + "\n")
-            _write_all(handle, "".join(block).encode())
-            release_free_memory()  # one image's intermediates at a time, not the heap's high-water mark
-            progress.update(task, advance=1, description=f"{description} {item.dataset.name}/{item.sample.id}")
-            done = len(seconds) + failed
-            if log and (time.perf_counter() - logged >= LOG_SECONDS or done == len(pending)):
-                logged = time.perf_counter()
-                each = (logged - started) / done
-                progress.console.print(
-                    f"{description}: {len(items) - len(pending) + done} of {len(items)} images ({failed} failed), "
-                    f"{each:.1f} s an image, about {each * (len(pending) - done) / 60:.0f} min left",
-                    highlight=False, soft_wrap=True)
-    skipped = len(items) - len(pending)
-    computed = len(pending) - failed
-    failed_before = sum(stored[key].get("status") == "error" for key in {item.key for item in items} - redo
-                        if key in stored)
-    return ItemRunSummary(results, computed, skipped, failed, float(np.mean(seconds)) if seconds else float("nan"),
-                          failed_before)
+    ``executor``: where ``process`` runs (default: here, one item after another); rows are written as items finish.
+    A second run into the same folder while this one runs is refused, naming ``option``
+    (:func:`~sam4med.engine.runs.sole_writer`)."""
+    with sole_writer(results.parent, option):  # a second process into the same folder would write every row twice
+        stored = finished_items(results)
+        redo = _sources_changed(items, stored)
+        if check_done is not None:
+            redo |= {item.key for item in items if item.key in stored and item.key not in redo and not check_done(item)}
+        if redo:
+            warn(f"{results.parent}: {len(redo)} finished image(s) whose outputs are damaged, missing or out of date "
+                 "are computed again")
+            forget_items(results, redo)
+        finished = set(stored) - redo
+        pending = []
+        for item in items:  # an item listed twice (the same image given twice) is done once
+            if item.key not in finished:
+                pending.append(item)
+                finished.add(item.key)
+        sources = {item.key: source_hashes(item.sample) for item in pending}  # before the work reads the files
+        seconds: list[float] = []
+        failed = 0
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=not show_progress) as progress, results.open("ab", buffering=0) as handle:
+            task = progress.add_task(description, total=len(items), completed=len(items) - len(pending))
+            logged = started = time.perf_counter()
+            log = show_progress and not progress.console.is_terminal  # nohup, a batch job: no bar, a line a minute
+            for outcome in (executor or LocalExecutor()).outcomes(process, pending):
+                item = outcome.item
+                if outcome.fatal is not None:  # a disk that refuses: every later item would fail too
+                    raise outcome.fatal
+                if outcome.rows is None:
+                    failed += 1
+                    rows = [{"dataset": item.dataset.name, "image": item.sample.id, **error_fields(item),
+                             "status": "error", "error": outcome.error}]
+                else:
+                    rows = outcome.rows
+                    seconds.append(outcome.seconds)
+                block = []
+                for row in rows:
+                    row.setdefault("status", "ok")
+                    block.append(json.dumps({**row, **sources[item.key], "image_rows": len(rows)},
+                                            default=_json_default) + "\n")
+                _write_all(handle, "".join(block).encode())
+                release_free_memory()  # one image's intermediates at a time, not the heap's high-water mark
+                progress.update(task, advance=1, description=f"{description} {item.dataset.name}/{item.sample.id}")
+                done = len(seconds) + failed
+                if log and (time.perf_counter() - logged >= LOG_SECONDS or done == len(pending)):
+                    logged = time.perf_counter()
+                    each = (logged - started) / done
+                    progress.console.print(
+                        f"{description}: {len(items) - len(pending) + done} of {len(items)} images ({failed} failed), "
+                        f"{each:.1f} s an image, about {each * (len(pending) - done) / 60:.0f} min left",
+                        highlight=False, soft_wrap=True)
+        skipped = len(items) - len(pending)
+        computed = len(pending) - failed
+        failed_before = sum(stored[key].get("status") == "error" for key in {item.key for item in items} - redo
+                            if key in stored)
+        return ItemRunSummary(results, computed, skipped, failed, float(np.mean(seconds)) if seconds else float("nan"),
+                              failed_before)
 
 
 def _write_all(handle: BinaryIO, data: bytes) -> None:

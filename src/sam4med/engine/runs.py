@@ -21,12 +21,18 @@ from typing import BinaryIO
 from sam4med.engine.datasets import Sample
 from sam4med.engine.errors import InputError, check_not_a_file, one_line
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so a folder is not guarded against a second writer there
+    fcntl = None  # type: ignore[assignment]
+
 CONFIG_FILE = "config.json"
 PROTOCOL_FILE = "protocol.json"
 SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 DATASETS_FILE = "datasets.json"
 RESULTS_FILE = "results.jsonl"  # the item loop's rows (engine.items), one folder claimed by one record
+LOCK_FILE = ".sam4med.lock"  # held by the one process writing a folder's results or checkpoints (sole_writer)
 FILE_SETTINGS = frozenset({"checkpoint", "init_weights", "backbone_checkpoint"})  # settings that name a file read
 # which machine wrote a temporary: writers on other machines (Ray workers on shared storage) are not ours to judge
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -131,6 +137,64 @@ def _same_setting(key: str, existing: object, current: object) -> bool:
         return os.path.samefile(existing, current)
     except OSError:  # either path names no file (any more)
         return False
+
+
+_held: dict[Path, int] = {}  # the folders this process holds, with how many sole_writer blocks hold each
+
+
+@contextmanager
+def sole_writer(folder: Path, option: str = "--out") -> Iterator[None]:
+    """Hold ``folder`` while this process writes its rows or checkpoints: a second run into it, in another process,
+    is refused in one line, where both would append the same rows or train from the same checkpoint. The lock is
+    the operating system's (``flock``), so a killed run holds nothing; its file is removed once released. A file
+    system that cannot lock (some network mounts) leaves the folder unguarded, as before."""
+    key = folder.resolve()
+    if key in _held:  # this process holds it already (a step of a run that holds its folder)
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    handle = _lock(folder / LOCK_FILE, option) if fcntl is not None else None
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        if handle is not None:
+            with suppress(OSError):
+                (folder / LOCK_FILE).unlink()  # before the unlock: whoever locks next finds its own file
+            handle.close()
+
+
+def _lock(path: Path, option: str) -> BinaryIO | None:
+    """An open handle of ``path`` holding its exclusive lock, with this process's id in it; None where the file
+    system cannot lock."""
+    while True:
+        handle = path.open("a+b")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().decode(errors="replace").strip()
+            handle.close()
+            process = f" (process {holder})" if holder.isdigit() else ""
+            raise InputError(f"{path.parent}: another run{process} is writing into this folder; let it finish or "
+                             f"choose another {option}") from None
+        except OSError:  # no locks on this file system
+            handle.close()
+            return None
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:  # its holder removed it between our open and our lock
+            same = False
+        if same:
+            handle.truncate(0)
+            handle.write(str(os.getpid()).encode())
+            handle.flush()
+            return handle
+        handle.close()  # a file its last holder removed: lock the one now there
 
 
 def claim_folder(folder: Path, record_file: str, record: Mapping[str, object], option: str = "--out") -> None:

@@ -24,6 +24,7 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,6 +46,7 @@ from sam4med.engine.runs import (
     append_jsonl,
     check_split,
     claim_folder,
+    sole_writer,
     warn,
     write_split,
     write_text_atomic,
@@ -209,7 +211,16 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
     group = processes()
     if group.leader:
         claim_folder(out, CONFIG_FILE, config)
-    barrier(group)
+    with sole_writer(out) if group.leader else nullcontext():  # a second run would train from the same last.pt
+        barrier(group)
+        return _fit(task, out, config, epochs, seed, description, show_progress, patience, checkpoint_minutes,
+                    precision, group)
+
+
+def _fit(task: TrainingTask, out: Path, config: dict[str, object], epochs: int, seed: int, description: str,
+         show_progress: bool, patience: int | None, checkpoint_minutes: float, precision: str,
+         group: Processes) -> TrainResult:
+    """:func:`fit`'s epochs, once ``out`` is claimed and held."""
     loop = {"epoch": 0, "best_val_dice": -1.0, "best_epoch": -1, "seconds": 0.0}
     last_path = out / LAST_FILE
     if last_path.is_file():
