@@ -99,6 +99,8 @@ def test_bad_ray_settings_are_one_line():
         make_executor(None, 2)
     with pytest.raises(InputError, match="--ray-workers 0"):
         make_executor("auto", 0)
+    with pytest.raises(InputError, match="^--threads 0: must be >= 1$"):  # was taken as 1
+        make_executor("auto", None, 0)
 
 
 def test_priors_and_embeddings_on_ray_equal_the_local_ones(local_cluster, litemedsam, tmp_path):

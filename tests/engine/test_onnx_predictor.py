@@ -17,6 +17,7 @@ from sam4med.engine.onnx_predictor import choose_runtime, manifest_path, model_i
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, center_point, tight_box
 from sam4med.engine.registry import model_spec
+from sam4med.engine.runtime import native_bf16
 
 from conftest import make_ellipse_image
 
@@ -156,6 +157,22 @@ def test_the_openvino_encoder_gives_onnx_runtimes_embedding_and_masks(graphs, tm
     assert any((tmp_path / "openvino" / "f32").iterdir())
 
 
+def test_the_openvino_encoder_in_bf16_is_recorded_and_keeps_the_masks(graphs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAM4MED_CACHE", str(tmp_path))
+    image, mask = make_ellipse_image(240, 320, centre=(120, 160), radii=(50, 80))
+    fp32, bf16 = (onnx_predictor("litemedsam-click", folder=graphs, openvino=True, bf16=flag) for flag in (False, True))
+    computed = "bf16" if native_bf16() else "fp32"
+    assert bf16.protocol == {**fp32.protocol, "precision": f"bf16 (encoder on openvino in {computed}, decoders fp32)"}
+    for prompt, multimask in _prompts(mask):
+        a, _ = fp32.prompt_masks(image, prompt, multimask)
+        b, _ = bf16.prompt_masks(image, prompt, multimask)
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.97
+    if native_bf16():
+        assert 0 < np.abs(fp32.features - bf16.features).max() and any((tmp_path / "openvino" / "bf16").iterdir())
+    with pytest.raises(InputError, match="^--precision bf16: on the exported graphs only with --runtime openvino$"):
+        onnx_predictor("litemedsam-click", folder=graphs, bf16=True)
+
+
 def test_runtime_choice():
     click = model_spec("litemedsam-click")
     assert choose_runtime("auto", click) == "onnx"
@@ -167,6 +184,7 @@ def test_runtime_choice():
     assert choose_runtime("auto", click, precision="bf16") == "torch"  # autocast is PyTorch's
     with pytest.raises(InputError, match="--runtime onnx: not with --precision bf16"):
         choose_runtime("onnx", click, precision="bf16")
+    assert choose_runtime("openvino", click, precision="bf16") == "openvino"  # its encoder computes in bf16
     with pytest.raises(InputError, match="--runtime onnx: not with --device cuda"):
         choose_runtime("onnx", click, device="cuda")
     with pytest.raises(InputError, match="--runtime 'tensorrt'"):

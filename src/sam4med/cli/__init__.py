@@ -85,7 +85,8 @@ def segment(
     device: DeviceOption = None,
     runtime: Annotated[str, typer.Option(help="auto (ONNX Runtime alone where it serves: no PyTorch import, graphs "
                                               "exported once), onnx, openvino (the same graphs, the encoder "
-                                              "compiled by OpenVINO), or torch.")] = "auto",
+                                              "compiled by OpenVINO; in bf16 with --precision bf16), or "
+                                              "torch.")] = "auto",
     int8: Annotated[bool, typer.Option("--int8", help="The encoder's int8 copy (ONNX Runtime path): faster, "
                                                       "slightly different embedding.")] = False,
     precision: PrecisionOption = "fp32",
@@ -127,7 +128,8 @@ def _predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int,
         check_encoder_graph(int8, chosen == "openvino")  # before anything is read or exported
         configure_cpu()
         if runtime != "auto" or int8:
-            return lambda: onnx_predictor(model, threads, int8=int8, openvino=chosen == "openvino")
+            return lambda: onnx_predictor(model, threads, int8=int8, openvino=chosen == "openvino",
+                                          bf16=precision == "bf16")
         return lambda: _onnx_or_torch(model, threads)
     if int8:
         raise InputError("--int8: only on the ONNX Runtime path (--runtime auto or onnx, without --checkpoint, "
@@ -175,7 +177,8 @@ def segment_folder(
     halo: HaloOption = 32,
     device: DeviceOption = None,
     runtime: Annotated[str, typer.Option(help="auto (ONNX Runtime where it serves), onnx, openvino (its encoder "
-                                              "compiled by OpenVINO), or torch.")] = "auto",
+                                              "compiled by OpenVINO; in bf16 with --precision bf16), or "
+                                              "torch.")] = "auto",
     int8: Annotated[bool, typer.Option("--int8", help="The encoder's int8 copy (ONNX Runtime path).")] = False,
     precision: PrecisionOption = "fp32",
     threads: ThreadsOption = None,

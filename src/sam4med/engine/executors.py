@@ -168,9 +168,10 @@ class RayExecutor:
 
 
 def make_executor(ray_address: str | None, workers: int | None = None, threads: int | None = None) -> Executor:
-    """The executor of a command's ``--ray`` / ``--ray-workers`` / ``--threads`` options."""
+    """The executor of a command's ``--ray`` / ``--ray-workers`` / ``--threads`` options (with Ray, ``threads`` is
+    each worker's, on whatever machine it runs: unset is 1, 0 is refused)."""
     if ray_address is None:
         if workers is not None:
             raise InputError("--ray-workers: only with --ray")
         return LocalExecutor()
-    return RayExecutor(ray_address, workers, threads or 1)
+    return RayExecutor(ray_address, workers, 1 if threads is None else threads)

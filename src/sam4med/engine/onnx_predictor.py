@@ -61,8 +61,9 @@ def choose_runtime(runtime: str, spec: ModelSpec, checkpoint: object = None, dev
                    tile: int | None = None, precision: str = "fp32") -> str:
     """``onnx``, ``openvino`` or ``torch`` for a one-image command. ``onnx`` runs the exported graphs on ONNX Runtime
     alone; ``openvino`` the same graphs with the encoder compiled by OpenVINO (the same embedding, faster where
-    ``benchmarks/startup.py`` measured it). ``auto`` takes ``onnx`` wherever it serves the request (a registered
-    model it runs, no --checkpoint, the CPU, whole images) and PyTorch elsewhere."""
+    ``benchmarks/startup.py`` measured it; with ``precision="bf16"`` in bfloat16, the decoders staying fp32). ``auto``
+    takes ``onnx`` wherever it serves the request (a registered model it runs, no --checkpoint, the CPU, whole images,
+    fp32) and PyTorch elsewhere."""
     if runtime not in RUNTIMES:
         raise InputError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
     if runtime in ("onnx", "openvino") and not onnx_runtime_available():
@@ -74,7 +75,8 @@ def choose_runtime(runtime: str, spec: ModelSpec, checkpoint: object = None, dev
         ("--checkpoint", checkpoint is not None),
         (f"--device {device}", device not in (None, "cpu")),
         ("--tile", bool(tile)),
-        (f"--precision {precision} (PyTorch's autocast)", precision != "fp32"),
+        (f"--precision {precision} (PyTorch's autocast, or --runtime openvino's encoder)",
+         precision != "fp32" and runtime != "openvino"),
         ("ONNX Runtime, which is not installed", not onnx_runtime_available()),
     ) if present]
     if runtime in ("onnx", "openvino") and blockers:
@@ -175,7 +177,7 @@ class OnnxPredictor:
     Made with :func:`onnx_predictor`, which exports the graphs first when they are missing or stale."""
 
     def __init__(self, manifest: dict, folder: Path, threads: int | None = None, int8: bool = False,
-                 openvino: bool = False):
+                 openvino: bool = False, bf16: bool = False):
         import onnxruntime
 
         self.options = onnxruntime.SessionOptions()
@@ -185,13 +187,19 @@ class OnnxPredictor:
         # (the long-running encoder of engine.onnx_encoder goes without it)
         self.folder, self.graphs = folder, manifest["graphs"]
         self.model_name: str = manifest["model"]["model"]
-        # the encoder: ONNX Runtime's session, or OpenVINO's request on the same graph (the same embedding)
-        self.openvino = openvino
-        self.encoder = self._graph("encoder_int8" if int8 else "encoder", openvino)
+        self.openvino, self.bf16 = openvino, False
         self._decoders: dict[str, object] = {}
         self.protocol: dict[str, object] = manifest["model"]
         if int8:
             self.protocol = {**self.protocol, "encoder": "onnx-int8"}
+        if bf16:  # an embedding of its own where the CPU computes it (fp32 OpenVINO gives ONNX Runtime's)
+            from sam4med.engine.openvino_encoder import computes_bf16
+
+            self.bf16 = computes_bf16()
+            self.protocol = {**self.protocol, "precision": f"bf16 (encoder on openvino in "
+                                                            f"{'bf16' if self.bf16 else 'fp32'}, decoders fp32)"}
+        # the encoder: ONNX Runtime's session, or OpenVINO's request on the same graph (the same embedding in fp32)
+        self.encoder = self._graph("encoder_int8" if int8 else "encoder", openvino)
         self.default_mask_rule: str = manifest["default_mask_rule"]
         self.takes_point_prompts: bool = manifest["takes_point_prompts"]
         self.image_size: int = int(self.protocol["image_size"])  # type: ignore[call-overload]
@@ -209,7 +217,7 @@ class OnnxPredictor:
             if openvino:
                 from sam4med.engine.openvino_encoder import compile_encoder
 
-                return compile_encoder(path, self.threads, bf16=False).create_infer_request()
+                return compile_encoder(path, self.threads, bf16=self.bf16).create_infer_request()
             return onnxruntime.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
         try:
             return load()
@@ -285,13 +293,16 @@ class OnnxPredictor:
 
 
 def onnx_predictor(model_name: str, threads: int | None = None, folder: Path | None = None,
-                   int8: bool = False, openvino: bool = False) -> OnnxPredictor:
+                   int8: bool = False, openvino: bool = False, bf16: bool = False) -> OnnxPredictor:
     """The ONNX Runtime predictor of a registered model with bundled weights; its graphs are exported first
     (which imports PyTorch, once per model and weights) when missing or stale. ``int8``: the encoder's int8
-    copy (``engine.onnx_encoder``); ``openvino``: the encoder compiled by OpenVINO (``engine.openvino_encoder``)."""
+    copy (``engine.onnx_encoder``); ``openvino``: the encoder compiled by OpenVINO (``engine.openvino_encoder``), in
+    bfloat16 with ``bf16``."""
     if not onnx_runtime_available():
         raise missing_package("the ONNX Runtime path", "ONNX Runtime", "onnxruntime")
     check_encoder_graph(int8, openvino)
+    if bf16 and not openvino:
+        raise InputError("--precision bf16: on the exported graphs only with --runtime openvino")
     folder = folder or cache_root() / "onnx"
     manifest = current_manifest(model_name, folder)
     if manifest is None:
@@ -301,4 +312,4 @@ def onnx_predictor(model_name: str, threads: int | None = None, folder: Path | N
         manifest = current_manifest(model_name, folder)
         if manifest is None:
             raise RuntimeError(f"{manifest_path(model_name, folder)}: exported, but not readable back")
-    return OnnxPredictor(manifest, folder, threads, int8, openvino)
+    return OnnxPredictor(manifest, folder, threads, int8, openvino, bf16)

@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # not imported at run time: the ONNX Runtime path of ``segmen
 
 
 def compile_encoder(path: Path, threads: int | None, bf16: bool, cache_dir: Path | None = None):  # noqa: ANN201
-    """An exported encoder graph compiled for this CPU (an ``openvino.CompiledModel``); ``threads=None``:
-    OpenVINO's choice."""
+    """An exported encoder graph compiled for this CPU (an ``openvino.CompiledModel``), in the precision asked for or
+    not at all; ``threads=None``: OpenVINO's choice."""
     if not openvino_available():
         raise missing_package("encoder backend 'openvino'", "OpenVINO", "openvino")
     import openvino
@@ -39,7 +39,21 @@ def compile_encoder(path: Path, threads: int | None, bf16: bool, cache_dir: Path
                                    "PERFORMANCE_HINT": "LATENCY"}  # one image at a time, every thread on it
     if threads:
         settings["INFERENCE_NUM_THREADS"] = threads
-    return core.compile_model(str(path), "CPU", settings)
+    compiled = core.compile_model(str(path), "CPU", settings)
+    computed = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    if computed != precision:  # the protocol records the precision asked for
+        raise RuntimeError(f"{path}: OpenVINO compiled the encoder for {computed}, not the {precision} asked for")
+    return compiled
+
+
+def computes_bf16() -> bool:
+    """Whether OpenVINO multiplies bfloat16 on this CPU (AVX-512 BF16 or AMX); asked of OpenVINO itself, so that the
+    ONNX Runtime path need not import PyTorch to know."""
+    if not openvino_available():
+        raise missing_package("--runtime openvino", "OpenVINO", "openvino")
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 class OpenVinoEncoder:
@@ -53,12 +67,7 @@ class OpenVinoEncoder:
 
         root = Path(cache_dir) if cache_dir is not None else cache_root()
         self.path = ensure_encoder(encoder, root / "onnx", name, weights_sha256, image_size)
-        compiled = compile_encoder(self.path, threads or torch.get_num_threads(), bf16, root)
-        computed = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        if computed != ("bf16" if bf16 else "f32"):  # the protocol records the precision asked for
-            raise RuntimeError(f"{self.path}: OpenVINO compiled the encoder for {computed}, not the "
-                               f"{'bf16' if bf16 else 'f32'} asked for")
-        self.request = compiled.create_infer_request()
+        self.request = compile_encoder(self.path, threads or torch.get_num_threads(), bf16, root).create_infer_request()
 
     def __call__(self, model_input: torch.Tensor) -> torch.Tensor:
         import torch
