@@ -242,19 +242,21 @@ def test_factor_analysis_constant_input_gives_nan_without_warning(results: Path,
 
 def test_clicks_curve_is_the_per_round_mean(results: Path) -> None:
     curve = clicks_curve(load_results(results)).set_index("dataset")
-    assert list(curve.columns) == ["n", "noc85", "noc90", "dice_r0", "dice_r1", "dice_r2"]
+    assert list(curve.columns) == ["n", "noc85", "noc90", "nof85", "nof90", "dice_r0", "dice_r1", "dice_r2"]
     a = curve.loc["ds_a"]
     assert a["n"] == 3
     assert a["dice_r0"] == pytest.approx((0.6 + 0.5 + 0.8) / 3)
     assert a["dice_r1"] == pytest.approx((0.7 + 0.7 + 0.85) / 3)
     assert a["dice_r2"] == pytest.approx((0.8 + 0.9 + 0.9) / 3)
     assert a["noc85"] == pytest.approx((3 + 3 + 2) / 3)
-    assert a["noc90"] == pytest.approx(3.0)
+    assert a["noc90"] == pytest.approx(3.0)  # reached on the last click twice, never once: NoF tells them apart
+    assert (a["nof85"], a["nof90"]) == (1, 1)
     b = curve.loc["ds_b"]  # rounds of different length: the last round has one object
     assert b["dice_r0"] == pytest.approx(0.65)
     assert b["dice_r1"] == pytest.approx(0.85)
     assert b["dice_r2"] == pytest.approx(0.95)
     assert b["noc85"] == pytest.approx((2 + 3) / 2)
+    assert (b["nof85"], b["nof90"]) == (0, 0)
 
 
 def test_timing_is_per_image_for_encoding(results: Path) -> None:

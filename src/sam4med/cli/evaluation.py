@@ -50,7 +50,9 @@ def benchmark(
     rounds: Annotated[int, typer.Option(help="Corrective clicks in interactive mode.")] = 5,
     click_rule: Annotated[str, typer.Option(help="largest (RITM) or random (SAM-Med2D) error click.")] = "largest",
     correction: CorrectionOption = "auto",
-    one_object: Annotated[bool, typer.Option(help="Treat each mask as one object instead of its connected components.")] = False,
+    one_object: Annotated[bool, typer.Option(help="Treat each mask as one object instead of its connected "
+                                                  "components (its components under 10 px still left out, as "
+                                                  "specks).")] = False,
     max_objects: Annotated[int, typer.Option(help="Objects per image, drawn by seed when more (0: all).")] = 20,
     max_images: MaxImagesOption = 0,
     everything_method: EverythingMethodOption = "auto",

@@ -164,15 +164,17 @@ def factor_analysis(df: pd.DataFrame, metric: str = "dice",
 
 
 def clicks_curve(df: pd.DataFrame) -> pd.DataFrame:
-    """Interactive rows per data set: n, mean NoC@85 and NoC@90, and mean Dice per round.
+    """Interactive rows per data set: n, mean NoC@85 and NoC@90, NoF@85 and NoF@90, and mean Dice per round.
 
-    ``dice_r0`` is the Dice of the initial prompt, ``dice_rK`` the Dice after K corrective clicks
-    (the mean over the objects that have that round).
+    NoC is capped at the clicks given (rounds + 1) for an object that never reaches the threshold, as in RITM, so a
+    mean NoC cannot tell "on the last click" from "never": NoF counts the objects that never do. ``dice_r0`` is the
+    Dice of the initial prompt, ``dice_rK`` the Dice after K corrective clicks (the mean over the objects that have
+    that round).
     """
     ok = ok_rows(df, "dice_per_round", "noc85", "noc90")
     ok = ok[ok["dice_per_round"].map(lambda v: isinstance(v, (list, tuple)))]
     if ok.empty:
-        return pd.DataFrame(columns=["dataset", "n", "noc85", "noc90"])
+        return pd.DataFrame(columns=["dataset", "n", "noc85", "noc90", "nof85", "nof90"])
     rows = []
     for dataset, group in ok.groupby("dataset", sort=False):
         lists = [[_float(d) for d in v] for v in group["dice_per_round"]]
@@ -180,12 +182,13 @@ def clicks_curve(df: pd.DataFrame) -> pd.DataFrame:
         rounds = pd.DataFrame([d + [math.nan] * (width - len(d)) for d in lists], columns=range(width))
         row = {"dataset": dataset, "n": len(group),
                "noc85": pd.to_numeric(group["noc85"], errors="coerce").mean(),
-               "noc90": pd.to_numeric(group["noc90"], errors="coerce").mean()}
+               "noc90": pd.to_numeric(group["noc90"], errors="coerce").mean(),
+               **{f"nof{round(100 * t)}": sum(not any(d >= t for d in v) for v in lists) for t in (0.85, 0.90)}}
         row.update({f"dice_r{k}": rounds[k].mean() for k in rounds.columns})
         rows.append(row)
     table = pd.DataFrame(rows)
     round_columns = sorted((c for c in table.columns if c.startswith("dice_r")), key=lambda c: int(c[6:]))
-    return table[["dataset", "n", "noc85", "noc90", *round_columns]]
+    return table[["dataset", "n", "noc85", "noc90", "nof85", "nof90", *round_columns]]
 
 
 def _float(value: object) -> float:
