@@ -425,11 +425,24 @@ def test_cli_train_rejects_bad_arguments_in_one_line(tmp_path):
     assert result.exit_code == 2 and "missing.pt: checkpoint file not found" in result.output
     for size, message in ((["--image-size", "33"], "--image-size 33: must be a multiple of 16"),
                           (["--image-size", "32", "--net", "swin_unet"], "swin_unet needs a multiple of 32 of at least 64"),
-                          (["--image-size", "100000"], "--image-size 100000: must be <= 2048")):
+                          (["--image-size", "100000"], "--image-size 100000: must be <= 2048"),
+                          (["--image-size", "64", "--scale-to", "32"],
+                           "--scale-to 32: must be 0 (whole images at the patch size) or at least --image-size 64")):
         result = runner.invoke(app, ["samaug", "train", "--data", str(data), "--out", str(tmp_path / "r"),
                                      "--input", "raw", *size])
         assert result.exit_code == 2 and message in result.output and len(result.output.splitlines()) == 1, result.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(("options", "warning"), [
+    (["--input", "raw", "--policy", "concat"], "warning: --policy concat: has no effect with --input raw"),
+    (["--input", "samaug", "--dual-update", "alternate"], "warning: --dual-update alternate: has no effect with --input samaug"),
+])
+def test_a_setting_the_chosen_input_does_not_use_is_warned_about(options, warning, capsys):
+    TrainConfig(**{"input_kind": options[1], options[2][2:].replace("-", "_"): options[3]}).check()
+    assert capsys.readouterr().err.strip() == warning
+    TrainConfig(input_kind="dual", policy="concat", dual_update="alternate").check()  # both used
+    assert capsys.readouterr().err == ""
 
 
 def test_tiled_priors_put_each_tiles_masks_back_in_place(litemedsam):

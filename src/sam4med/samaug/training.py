@@ -30,6 +30,7 @@ from sam4med.engine.datasets import data_option, load_datasets
 from sam4med.engine.errors import InputError, check_counts, check_limit, check_number, check_precision, check_seed
 from sam4med.engine.metrics import dice
 from sam4med.engine.models import resolve_device
+from sam4med.engine.runs import warn
 from sam4med.engine.splits import DEFAULT_FRACTIONS, training_split
 from sam4med.engine.training import LAST_FILE, TrainingTask, TrainResult, fit, seed_everything, start_run
 from sam4med.samaug.inputs import POLICIES, PreparedImage, compose_input, dataset_is_gray, input_channels, prepare_images
@@ -84,7 +85,12 @@ class TrainConfig:
         check_number(self.learning_rate, "--learning-rate", above=0)
         check_number(self.weight_decay, "weight_decay", minimum=0)
         if self.scale_to is not None and self.scale_to < self.image_size:
-            raise InputError(f"--scale-to {self.scale_to}: must be at least --image-size {self.image_size}")
+            raise InputError(f"--scale-to {self.scale_to}: must be 0 (whole images at the patch size) or at least "
+                             f"--image-size {self.image_size}")
+        for option, value, default, used in (("--policy", self.policy, "add", self.input_kind != "raw"),
+                                             ("--dual-update", self.dual_update, "summed", self.input_kind == "dual")):
+            if value != default and not used:  # recorded all the same: the run folder holds what was asked
+                warn(f"{option} {value}: has no effect with --input {self.input_kind}")
         check_seed(self.seed, "--seed")
         check_seed(self.split_seed, "--split-seed")
         check_limit(self.max_train_images, "--max-train-images")
