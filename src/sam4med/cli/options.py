@@ -124,7 +124,8 @@ EncoderOption = Annotated[str, typer.Option(help="Image encoder backend: torch, 
                                                  "changes the embedding slightly; recorded in the protocol).")]
 PrecisionOption = Annotated[str, typer.Option(help="fp32, or bf16: PyTorch's encoder and decoders under bfloat16 "
                                                    "autocast (much faster on CPUs with AVX-512 BF16 or AMX; masks "
-                                                   "differ at the edges; recorded in the protocol).")]
+                                                   "differ at the edges, and in everything mode a mask near the "
+                                                   "thresholds may come or go; recorded in the protocol).")]
 TrainPrecisionOption = Annotated[str, typer.Option(help="fp32, or bf16: each training step's forward pass under "
                                                         "bfloat16 autocast (weights, gradients, optimiser and "
                                                         "validation stay fp32); pays on CPUs with AVX-512 BF16 or "
