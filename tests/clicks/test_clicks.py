@@ -23,7 +23,7 @@ from PIL import Image
 from sam4med.clicks.embeddings import EmbeddedImage, embedded_images, load_embedding
 from sam4med.clicks.loading import export_prompt_weights
 from sam4med.clicks.training import (ClickTrainConfig, ImageSampler, background_points, best_object_iou,
-                                     first_prompts, iou_rank_loss, train_clicks)
+                                     click_agreement_loss, first_prompts, iou_rank_loss, train_clicks)
 from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings
@@ -266,6 +266,32 @@ def test_iou_rank_loss_rewards_the_real_order_whatever_the_level():
     predicted = torch.tensor([[0.5, 0.5, 0.5]], requires_grad=True)
     iou_rank_loss(predicted, real).backward()
     assert predicted.grad[0].argmin() == 1  # gradient descent raises the best mask's prediction most
+
+
+def test_click_agreement_loss_holds_the_mask_to_each_click_and_only_there():
+    logits = torch.full((2, 8, 8), -4.0)
+    logits[0, 2, 3] = 4.0  # object 0 holds the pixel x 3, y 2
+    logits.requires_grad_(True)
+    points = np.array([[[3.4, 2.6], [6.0, 6.0]], [[3.0, 2.0], [0.0, 0.0]]], dtype=np.float32)
+    agreed = np.array([[1, 0], [0, -1]])  # a positive click on the object, negatives off it, one slot without a click
+    loss = click_agreement_loss(logits, points, agreed)
+    assert float(loss) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(-4.0))), rel=1e-5)
+    loss.backward()
+    assert set(zip(*np.nonzero(logits.grad.numpy()))) == {(0, 2, 3), (0, 6, 6), (1, 2, 3)}
+    disagreed = click_agreement_loss(logits.detach(), points, np.array([[0, 1], [1, -1]]))
+    assert float(disagreed) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(4.0))), rel=1e-5)
+    assert float(click_agreement_loss(logits.detach(), points, np.full((2, 2), -1))) == 0.0
+
+
+def test_the_click_term_takes_part_in_training(trained, tmp_path):
+    data, run, _ = trained
+    plain, held = (replace(CONFIG, epochs=1, click_weight=weight) for weight in (None, 5.0))
+    for name, config in (("plain", plain), ("held", held)):
+        train_clicks([data], tmp_path / name, config, run / "embeddings", show_progress=False)
+    weights = [torch.load(tmp_path / name / "last.pt", weights_only=True)["weights"] for name in ("plain", "held")]
+    assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    with pytest.raises(InputError, match="--click-weight -1"):
+        replace(CONFIG, click_weight=-1.0).check()
 
 
 def test_centre_click_share_puts_lone_clicks_at_the_centre():

@@ -53,6 +53,9 @@ def train(
     centre_click_share: Annotated[Optional[float], typer.Option(help="Chance that a lone first click is the "
                                                                 "object's centre, not a random pixel of it; "
                                                                 "default: always a random pixel.")] = None,
+    click_weight: Annotated[Optional[float], typer.Option(help="Weight of a term holding each corrected mask to "
+                                                          "every click given (the logit under a click against its "
+                                                          "label); default: the mask loss alone.")] = None,
     init: Annotated[Optional[Path], typer.Option(help="Start from these prompt weights (an exported .pt or a "
                                                  "run's checkpoint), e.g. src/sam4med/weights/litemedsam_click.pt.")] = None,
     seed: SeedOption = 0,
@@ -77,7 +80,7 @@ def train(
                               tile_share=tile_share,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
                               iou_rank_weight=iou_rank_weight, centre_click_share=centre_click_share,
-                              init_weights=recorded_path(init),
+                              click_weight=click_weight, init_weights=recorded_path(init),
                               trainable=None if train_only == "all" else train_only, seed=seed,
                               precision=precision)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),

@@ -13,6 +13,8 @@ Iterative click simulation, as SAM and SAM-Med2D train:
   against each mask's real IoU;
 - a box alone is decoded by the frozen base decoder (``base_box_decoder``), as the shipped model does at
   inference so that boxes keep the base model's masks; the corrective rounds after it are trained;
+- ``click_weight``: each corrective round's mask is also held to every click given so far (the logit under a
+  click against its label), since in the mask loss a click's own pixel weighs next to nothing;
 - a few lone clicks on background teach the IoU head what is not an object: their 3 masks are scored
   against the best-overlapping labelled object (usually IoU 0), so SAM's point-grid everything mode can
   filter them by predicted IoU. Their masks get no loss: an unlabelled region may still be a structure.
@@ -123,6 +125,11 @@ class ClickTrainConfig:
     # chance that a lone first click is the object's centre (the interior point farthest from its boundary,
     # where annotators click first and the benchmark's point_center mode puts it) rather than a random pixel
     centre_click_share: float | None = None
+    # weight of a term that holds each corrective round's mask to every click given so far (binary cross-entropy
+    # of the logit under each click against its label, beside the mask loss): in the mask loss a click's own pixel
+    # weighs 1 of 65,536, and a decoder trained on it alone leaves a click that should move an edge where it was;
+    # None: no such term
+    click_weight: float | None = None
     seed: int = 0
     split_seed: int = 0
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
@@ -168,6 +175,8 @@ class ClickTrainConfig:
             check_number(self.iou_rank_weight, "--iou-rank-weight", minimum=0)
         if self.centre_click_share is not None:
             check_number(self.centre_click_share, "--centre-click-share", minimum=0, maximum=1)
+        if self.click_weight is not None:
+            check_number(self.click_weight, "--click-weight", minimum=0)
         if self.trainable is not None and self.trainable not in TRAINABLE[1:]:
             raise InputError(f"--train-only {self.trainable!r}: choose one of {', '.join(TRAINABLE)}")
         if self.trainable == "iou_head" and self.init_weights is None:
@@ -233,6 +242,21 @@ def iou_rank_loss(predicted_iou: Tensor, iou_target: Tensor) -> Tensor:
     """ListNet over a click's masks (K, M): cross-entropy of the predicted order against the real one."""
     target = torch.softmax(iou_target / IOU_RANK_TEMPERATURE, dim=1)
     return -(target * torch.log_softmax(predicted_iou / IOU_RANK_TEMPERATURE, dim=1)).sum(1).mean()
+
+
+def click_agreement_loss(logits: Tensor, points: np.ndarray, labels: np.ndarray) -> Tensor:
+    """Mean binary cross-entropy of the logit under each click (``logits`` (K, H, W), ``points`` (K, n, 2) x, y in
+    the logits' frame) against its label (``labels`` (K, n); -1, no click, is left out); 0 without clicks."""
+    keep = labels >= 0
+    if not keep.any():
+        return logits.sum() * 0
+    objects = np.nonzero(keep)[0]
+    height, width = logits.shape[-2:]
+    xs = np.clip(points[keep][:, 0].astype(np.int64), 0, width - 1)
+    ys = np.clip(points[keep][:, 1].astype(np.int64), 0, height - 1)
+    under = logits[torch.from_numpy(objects), torch.from_numpy(ys), torch.from_numpy(xs)]
+    target = torch.from_numpy(labels[keep].astype(np.float32)).to(logits.device)
+    return nn.functional.binary_cross_entropy_with_logits(under.float(), target)
 
 
 def real_iou(logits: Tensor, targets: Tensor) -> Tensor:
@@ -417,6 +441,8 @@ class ClickTask(TrainingTask):
                 loss = loss + losses.gather(1, best[:, None]).mean() + nn.functional.mse_loss(predicted_iou, iou_target)
                 if multimask and train and config.iou_rank_weight:
                     loss = loss + config.iou_rank_weight * iou_rank_loss(predicted_iou, iou_target)
+                if round_index > 0 and train and config.click_weight:
+                    loss = loss + config.click_weight * click_agreement_loss(chosen, prompts.points, prompts.labels)
                 trained_rounds += 1
             masks = (chosen.detach() > 0).cpu().numpy()
             dice_per_round.append([dice(m, o) for m, o in zip(masks, objects)])
