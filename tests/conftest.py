@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,7 @@ def _held_elsewhere(folder: Path) -> Iterator[int]:
 
 
 @pytest.fixture()
-def held_elsewhere() -> Callable[[Path], contextmanager]:
+def held_elsewhere() -> Callable[[Path], AbstractContextManager[int]]:
     """``with held_elsewhere(folder) as pid:`` another process writes into ``folder`` meanwhile."""
     return _held_elsewhere
 
