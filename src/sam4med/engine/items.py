@@ -3,7 +3,8 @@ failures as rows, show progress.
 
 The work for one image is a plain function of that image returning its result rows, kept apart from
 the loop, so that another executor (``engine.executors``: this process, or Ray actors) runs the same
-function; the loop stays the one writer. Rows stream to ``results.jsonl``, one
+function; the loop stays the one writer, and one process at a time writes a folder (a second is refused,
+:func:`sam4med.engine.runs.sole_writer`). Rows stream to ``results.jsonl``, one
 block per image written with one unbuffered write; every row carries ``dataset``, ``image`` and
 ``image_rows`` (the size of its block), so a block cut by a kill is found, dropped and redone, and
 running the same command again continues after the last finished image. Every row also keeps the sha256
