@@ -139,29 +139,16 @@ def _same_setting(key: str, existing: object, current: object) -> bool:
         return False
 
 
-_held: dict[Path, int] = {}  # the folders this process holds, with how many sole_writer blocks hold each
-
-
 @contextmanager
 def sole_writer(folder: Path, option: str = "--out") -> Iterator[None]:
-    """Hold ``folder`` while this process writes its rows or checkpoints: a second run into it, in another process,
-    is refused in one line, where both would append the same rows or train from the same checkpoint. The lock is
-    the operating system's (``flock``), so a killed run holds nothing; its file is removed once released. A file
-    system that cannot lock (some network mounts) leaves the folder unguarded, as before."""
-    key = folder.resolve()
-    if key in _held:  # this process holds it already (a step of a run that holds its folder)
-        _held[key] += 1
-        try:
-            yield
-        finally:
-            _held[key] -= 1
-        return
+    """Hold ``folder`` while this process writes its rows or checkpoints: a second run into it is refused in one
+    line, where both would append the same rows or train from the same checkpoint. The lock is the operating
+    system's (``flock``), so a killed run holds nothing; its file is removed once released. A file system that
+    cannot lock (some network mounts) leaves the folder unguarded, as before."""
     handle = _lock(folder / LOCK_FILE, option) if fcntl is not None else None
-    _held[key] = 1
     try:
         yield
     finally:
-        del _held[key]
         if handle is not None:
             with suppress(OSError):
                 (folder / LOCK_FILE).unlink()  # before the unlock: whoever locks next finds its own file
