@@ -14,10 +14,10 @@ from PIL import Image
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.onnx_predictor import choose_runtime, manifest_path, model_input, onnx_predictor, resize_bilinear
+from sam4med.engine.openvino_encoder import computes_bf16
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, center_point, tight_box
 from sam4med.engine.registry import model_spec
-from sam4med.engine.runtime import native_bf16
 
 from conftest import make_ellipse_image
 
@@ -161,13 +161,13 @@ def test_the_openvino_encoder_in_bf16_is_recorded_and_keeps_the_masks(graphs, tm
     monkeypatch.setenv("SAM4MED_CACHE", str(tmp_path))
     image, mask = make_ellipse_image(240, 320, centre=(120, 160), radii=(50, 80))
     fp32, bf16 = (onnx_predictor("litemedsam-click", folder=graphs, openvino=True, bf16=flag) for flag in (False, True))
-    computed = "bf16" if native_bf16() else "fp32"
+    computed = "bf16" if computes_bf16() else "fp32"
     assert bf16.protocol == {**fp32.protocol, "precision": f"bf16 (encoder on openvino in {computed}, decoders fp32)"}
     for prompt, multimask in _prompts(mask):
         a, _ = fp32.prompt_masks(image, prompt, multimask)
         b, _ = bf16.prompt_masks(image, prompt, multimask)
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.97
-    if native_bf16():
+    if computes_bf16():
         assert 0 < np.abs(fp32.features - bf16.features).max() and any((tmp_path / "openvino" / "bf16").iterdir())
     with pytest.raises(InputError, match="^--precision bf16: on the exported graphs only with --runtime openvino$"):
         onnx_predictor("litemedsam-click", folder=graphs, bf16=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sam4med.engine.errors import InputError
-from sam4med.engine.runtime import native_bf16
+from sam4med.engine.openvino_encoder import computes_bf16
 from sam4med.engine.sam_model import SamModel
 
 from conftest import make_ellipse_image
@@ -40,14 +40,14 @@ def test_openvino_bf16_is_kept_apart_and_recorded_as_computed(litemedsam, tmp_pa
     image, _ = make_ellipse_image()
     fp32 = openvino_model(litemedsam).encode(image).features
     bf16_model = openvino_model(litemedsam, "bf16")
-    computed = "bf16" if native_bf16() else "fp32"
+    computed = "bf16" if computes_bf16() else "fp32"
     recorded = f"bf16 (encoder on openvino in {computed}, decoder under torch autocast)"
     assert bf16_model.protocol()["precision"] == recorded
     assert bf16_model._compiled_encoder is None  # recording the protocol compiles nothing
     features = bf16_model.encode(image).features
     assert bf16_model.protocol()["precision"] == recorded
     similarity = float(torch.nn.functional.cosine_similarity(features.flatten(), fp32.flatten(), dim=0))
-    if native_bf16():  # a graph compiled for one precision must not be loaded for the other (one cache folder each)
+    if computes_bf16():  # a graph compiled for one precision must not be loaded for the other (one cache folder each)
         assert 0.99 < similarity < 1.0 and {p.name for p in (tmp_path / "openvino").iterdir()} == {"f32", "bf16"}
         torch.testing.assert_close(openvino_model(litemedsam).encode(image).features, fp32)
     else:

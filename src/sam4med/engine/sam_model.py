@@ -19,7 +19,7 @@ from sam4med.engine.decoder import supports as supports_shared_decoding
 from sam4med.engine.errors import InputError, check_image_array, missing_package
 from sam4med.engine.onnx_encoder import OnnxEncoder
 from sam4med.engine.onnx_predictor import onnx_runtime_available, openvino_available
-from sam4med.engine.openvino_encoder import OpenVinoEncoder
+from sam4med.engine.openvino_encoder import OpenVinoEncoder, computes_bf16
 from sam4med.engine.preprocessing import (
     ImageGeometry,
     from_model_frame,
@@ -30,7 +30,7 @@ from sam4med.engine.preprocessing import (
 )
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.registry import ModelSpec
-from sam4med.engine.runtime import native_bf16, precision_autocast, release_free_memory
+from sam4med.engine.runtime import precision_autocast, release_free_memory
 
 ENCODER_BACKENDS = ("torch", "onnx", "onnx-int8", "openvino")
 
@@ -231,9 +231,10 @@ class SamModel:
         return self._compiled_encoder
 
     def encoder_precision(self) -> str:
-        """What the OpenVINO encoder computes in: the model's precision where the CPU multiplies bf16 in hardware
-        (OpenVINO may refuse bf16 elsewhere), else fp32. Derived, so that recording it compiles nothing."""
-        return "bf16" if self.precision == "bf16" and native_bf16() else "fp32"
+        """What the OpenVINO encoder computes in: the model's precision where OpenVINO multiplies bf16 on this CPU
+        (asked of OpenVINO, which compiles the graph; it may refuse bf16 elsewhere), else fp32. Derived, so that
+        recording it compiles nothing."""
+        return "bf16" if self.precision == "bf16" and computes_bf16() else "fp32"
 
     def prompt_tensors(
         self, prompts: Sequence[Prompt], geometry: ImageGeometry
