@@ -130,3 +130,18 @@ def test_volume_window_options_are_named_and_a_constant_volume_is_flagged(tmp_pa
     with pytest.raises(AssertionError, match="the model was loaded"):  # flagged before the model loads
         segment_volume_file(never_loaded, str(volume), (1, 1, 0, 5, 5, 2), str(tmp_path / "labels.nii.gz"))
     assert "every voxel is 0.0; a volume without contrast" in capsys.readouterr().err
+
+
+def test_a_click_for_a_box_only_model_is_refused_by_the_api_too(tmp_path, litemedsam):
+    """The command refuses ``--point`` for LiteMedSAM before loading it; a Python caller gets the same line, not a
+    mask that ignores the click."""
+    from sam4med.engine.predictor import Predictor
+
+    from conftest import make_ellipse_image
+
+    image, _ = make_ellipse_image()
+    Image.fromarray(image).save(tmp_path / "image.png")
+    with pytest.raises(InputError, match=r"^--point: model litemedsam takes boxes only"):
+        segment_image_file(Predictor(litemedsam), tmp_path / "image.png", Prompt(points=[[60, 60]]),
+                           tmp_path / "mask.png")
+    assert not (tmp_path / "mask.png").exists()

@@ -488,3 +488,22 @@ def test_a_strip_thinner_than_one_embedding_token_is_flagged_in_a_folder_run_too
                                  EverythingSettings(points_per_side=4), show_progress=False)
     err = capsys.readouterr().err
     assert summary.computed == 2 and "strip.png: its shorter side becomes 0.8 px" in err and "ellipse.png" not in err
+
+
+def test_clicks_in_the_table_for_a_box_only_model_are_refused_naming_their_lines(tmp_path, folder, litemedsam):
+    """LiteMedSAM's mask ignores a click (one-click Dice near 0): a folder of such masks, exit 0, would pass for
+    its answer. The API refuses it as the command does, with nothing written."""
+    images, _ = folder
+    table = _table(tmp_path, "a.png,ellipse,75,55,225,145,,\n" + "".join(f"a.png,c{k},,,,,{150 + k} 100,\n"
+                                                                       for k in range(5)))
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=re.escape(f"{table}: points on line 3, 4, 5 and 2 more: model litemedsam "
+                                                   "takes boxes only (its mask would ignore the click)")):
+        segment_folder(Predictor(litemedsam), images, table, out, show_progress=False)
+    assert not out.exists()
+    result = CliRunner().invoke(app, ["segment-folder", str(images), "--prompts", str(table), "--out", str(out),
+                                      "--model", "litemedsam", "--runtime", "onnx"])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {table}: points on line 3, 4, 5 and 2 more")
+    assert not out.exists()
+    boxes = _table(tmp_path, "a.png,ellipse,75,55,225,145,,\n")  # boxes alone are what it takes
+    assert segment_folder(Predictor(litemedsam), images, boxes, out, show_progress=False).computed == 1

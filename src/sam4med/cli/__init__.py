@@ -95,7 +95,7 @@ def segment(
     """Segment one object in one image from a box and/or points."""
     from sam4med.engine.prompts import Prompt
     from sam4med.engine.registry import model_spec
-    from sam4med.engine.segment import segment_image_file
+    from sam4med.engine.segment import boxes_only, segment_image_file
 
     points = [_parse_point(p) for p in point or []]
     if label and len(label) != len(points):
@@ -106,8 +106,7 @@ def segment(
         given = " ".join(name for name, value in (("--box", box), ("--point", points), ("--label", label)) if value)
         raise InputError(f"{given or '--box, --point'}: {error}") from None
     if points and checkpoint is None and not model_spec(model).takes_point_prompts:  # a run's checkpoint may take them
-        raise InputError(f"--point: model {model} takes boxes only (its mask would ignore the click); clicks need a "
-                         "click-capable model (--model litemedsam-click)")
+        raise boxes_only("--point", model)
     predictor = _predictor_source(model, checkpoint, tile, halo, device, runtime, int8, precision, threads)
     mask = segment_image_file(predictor, image, prompt, out, overlay, mask_rule)
     typer.echo(f"{out}: {int(mask.sum())} foreground pixels")

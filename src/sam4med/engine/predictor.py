@@ -115,6 +115,10 @@ class Predictor:
         return self.model.spec.default_mask_rule
 
     @property
+    def takes_point_prompts(self) -> bool:
+        return self.model.spec.takes_point_prompts
+
+    @property
     def protocol(self) -> dict[str, object]:
         """What results made by this predictor record of it: the model's record (``SamModel.protocol``)."""
         return self.model.protocol()

@@ -31,6 +31,7 @@ class PromptMasks(Protocol):
     (``engine.onnx_predictor``), which starts without importing PyTorch."""
 
     default_mask_rule: str
+    takes_point_prompts: bool  # False: a box-only model, whose masks ignore clicks
     protocol: dict[str, object]  # the model's record: name, weights sha256, preprocessing (with every result)
 
     def prompt_masks(self, image: np.ndarray, prompt: Prompt, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -44,6 +45,13 @@ PredictorSource = PromptMasks | Callable[[], PromptMasks]
 
 def _ready(source: PredictorSource) -> PromptMasks:
     return source() if callable(source) else source
+
+
+def boxes_only(given: str, model: str) -> InputError:
+    """The one refusal of clicks for a box-only model: its mask would ignore them (LiteMedSAM's one-click Dice is
+    near 0), and a user would take that mask for the model's answer."""
+    return InputError(f"{given}: model {model} takes boxes only (its mask would ignore the click); clicks need a "
+                      "click-capable model (--model litemedsam-click)")
 
 
 def _check_box3d(box3d: Sequence[float], depth: int, size: tuple[int, int] | None = None,
@@ -156,6 +164,8 @@ def segment_image_file(predictor: PredictorSource, image_path: str | Path, promp
     except InputError as exc:
         raise InputError(f"{image_path}: {exc}") from None
     ready = _ready(predictor)
+    if prompt.points is not None and not ready.takes_point_prompts:
+        raise boxes_only("--point", str(ready.protocol["model"]))
     _warn_if_thin(image_path, pixels.shape[:2], ready.protocol)
     mask = segment_image(ready, pixels, prompt, mask_rule)
     for written in (out, overlay) if overlay else (out,):  # both folders before either file: a failure replaces nothing
@@ -207,6 +217,10 @@ def segment_folder(predictor: PredictorSource, folder: str | Path, prompts: str 
     maps = _label_map_paths(table, folder, prompts)
     check_unclaimed_outputs(out, PROTOCOL_FILE, maps.values())
     ready = _ready(predictor)
+    clicked = [row.line for rows in table.values() for row in rows if row.prompt.points is not None]
+    if clicked and not ready.takes_point_prompts:
+        lines = ", ".join(map(str, clicked[:3])) + (f" and {len(clicked) - 3} more" if len(clicked) > 3 else "")
+        raise boxes_only(f"{prompts}: points on line {lines}", str(ready.protocol["model"]))
     rule = mask_rule or ready.default_mask_rule
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-folder", "model": ready.protocol, "mask_rule": rule,
                                       "images": str(folder.resolve()),
