@@ -144,6 +144,7 @@ BAD_TRAINER_SETTINGS = [(["--learning-rate", value], "--learning-rate") for valu
     (["samaug", "train"], ["--split-seed", "-1"], "--split-seed"),
     (["samaug", "train"], ["--patience", "-1"], "--patience"),
     (["samunet", "train"], ["--patience", "-1"], "--patience"),
+    (["clicks", "train"], ["--patience", "-1"], "--patience"),
     (["samaug", "train"], ["--features", "0"], "--features"),
     (["samaug", "train"], ["--batch-size", "0"], "--batch-size"),
     (["samunet", "train"], ["--masks-per-image", "0"], "--masks-per-image"),

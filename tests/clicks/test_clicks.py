@@ -294,6 +294,17 @@ def test_the_click_term_takes_part_in_training(trained, tmp_path):
         replace(CONFIG, click_weight=-1.0).check()
 
 
+def test_patience_stops_a_run_whose_validation_stops_improving(trained, tmp_path):
+    """The shared loop's early stopping: at a learning rate too small to move a weight, validation Dice stays where
+    epoch 1 left it, so with a patience of 1 the run ends after epoch 2 of 4."""
+    data, run, _ = trained
+    config = replace(CONFIG, epochs=4, patience=1, learning_rate=1e-20)
+    result = train_clicks([data], tmp_path / "run", config, run / "embeddings", show_progress=False)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [row["val_dice"] for row in history] == [history[0]["val_dice"]] * 2
+    assert (result.epochs_run, result.best_epoch, result.stopped_early) == (2, 1, True)
+
+
 def test_centre_click_share_puts_lone_clicks_at_the_centre():
     objects = [np.zeros((64, 64), bool) for _ in range(2)]
     objects[0][10:30, 5:45] = True

@@ -217,6 +217,10 @@ def test_early_stopping_ends_a_run_after_patience_epochs_without_improvement_and
     assert (resumed.epochs_run, resumed.best_epoch, resumed.stopped_early) == (5, 2, True)
     without = fit(ScriptedValidationTask(), tmp_path / "without", {}, 7, seed=0, description="line", show_progress=False)
     assert (without.epochs_run, without.best_epoch, without.stopped_early) == (7, 7, False)
+    # a patience of 1 trains the first epoch (it once stopped a fresh run before any, as if epoch 0 had been best)
+    one = fit(ScriptedValidationTask(), tmp_path / "one", {}, 7, seed=0, description="line", show_progress=False,
+              patience=1)
+    assert (one.epochs_run, one.best_epoch, one.stopped_early) == (3, 2, True)
 
 
 class AutocastRecordingTask(LineTask):

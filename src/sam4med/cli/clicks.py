@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sam4med.cli.options import BackboneOption, DeviceOption, EncoderOption, EpochsOption, MaxTrainImagesOption, RunFolderOption
-from sam4med.cli.options import RayWorkersOption, SeedOption, ThreadsOption, TrainDataOption, TrainPrecisionOption
+from sam4med.cli.options import PatienceOption, RayWorkersOption, SeedOption, ThreadsOption, TrainDataOption, TrainPrecisionOption
 from sam4med.cli.options import echo_training_result, one_line_errors, recorded_path
 from sam4med.engine.runtime import configure_cpu
 
@@ -28,6 +28,7 @@ def train(
     images_per_step: Annotated[int, typer.Option(help="Images per step.")] = 2,
     objects_per_image: Annotated[int, typer.Option(help="Objects drawn from each image per step.")] = 4,
     epochs: EpochsOption = 10,
+    patience: PatienceOption = 0,
     learning_rate: Annotated[float, typer.Option(help="AdamW learning rate (times 0.8 each epoch).")] = 1e-4,
     max_train_images: MaxTrainImagesOption = 200,
     flips: Annotated[bool, typer.Option(help="Also train on mirror images (encoded once more).")] = True,
@@ -75,6 +76,7 @@ def train(
     configure_cpu(threads)
     config = ClickTrainConfig(backbone=backbone, rounds=rounds, steps_per_epoch=steps_per_epoch,
                               images_per_step=images_per_step, objects_per_image=objects_per_image, epochs=epochs,
+                              patience=patience or None,
                               learning_rate=learning_rate, max_train_images=max_train_images or None, flips=flips,
                               tile=tile or None, halo=halo, tiled=tuple(tiled), balance_datasets=balance_datasets,
                               tile_share=tile_share,

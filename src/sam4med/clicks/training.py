@@ -97,7 +97,8 @@ class ClickTrainConfig:
     images_per_step: int = 2
     objects_per_image: int = 4
     steps_per_epoch: int = 200
-    epochs: int = 10
+    epochs: int = 10  # at most, with a patience
+    patience: int | None = None  # stop after this many epochs without a better validation Dice
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     lr_gamma: float = 0.8  # per epoch
@@ -161,6 +162,7 @@ class ClickTrainConfig:
         check_seed(self.split_seed, "split_seed")
         check_limit(self.min_object_area, "min_object_area")
         check_limit(self.max_train_images, "--max-train-images")
+        check_limit(self.patience, "--patience")
         check_limit(self.max_val_images, "max_val_images")
         check_tiling(self.tile, self.halo)
         if self.tile is not None and not self.tiled:
@@ -565,4 +567,4 @@ def train_clicks(data: Sequence[str | Path], out: str | Path, config: ClickTrain
         meta["init_weights_sha256"] = file_sha256(Path(config.init_weights))
     task = ClickTask(config, backbone.network, backbone.spec.image_size, train, val, meta, base, backbone.device)
     return fit(task, out, asdict(config), config.epochs, config.seed, f"train clicks ({config.backbone})",
-               show_progress)
+               show_progress, config.patience)

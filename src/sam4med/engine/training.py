@@ -191,8 +191,9 @@ class TrainResult:
 
 
 def plateaued(loop: Mapping[str, float], patience: int | None) -> bool:
-    """Whether ``patience`` epochs have passed since the best validation Dice (never without a patience)."""
-    return bool(patience) and loop["epoch"] - loop["best_epoch"] >= patience  # type: ignore[operator]
+    """Whether ``patience`` epochs have passed since the best validation Dice (never without a patience, nor before
+    the first epoch has set a best)."""
+    return bool(patience) and loop["best_epoch"] >= 1 and loop["epoch"] - loop["best_epoch"] >= patience  # type: ignore[operator]
 
 
 def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int, seed: int,
