@@ -275,7 +275,7 @@ def test_click_agreement_loss_holds_the_mask_to_each_click_and_only_there():
     points = np.array([[[3.4, 2.6], [6.0, 6.0]], [[3.0, 2.0], [0.0, 0.0]]], dtype=np.float32)
     agreed = np.array([[1, 0], [0, -1]])  # a positive click on the object, negatives off it, one slot without a click
     loss = click_agreement_loss(logits, points, agreed)
-    assert float(loss) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(-4.0))), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(torch.nn.functional.softplus(torch.tensor(-4.0))), rel=1e-5)
     loss.backward()
     assert set(zip(*np.nonzero(logits.grad.numpy()))) == {(0, 2, 3), (0, 6, 6), (1, 2, 3)}
     disagreed = click_agreement_loss(logits.detach(), points, np.array([[0, 1], [1, -1]]))
