@@ -253,9 +253,9 @@ def click_agreement_loss(logits: Tensor, points: np.ndarray, labels: np.ndarray)
     if not keep.any():
         return logits.sum() * 0
     objects = np.nonzero(keep)[0]
+    clicked = points[keep].astype(np.int64)
     height, width = logits.shape[-2:]
-    xs = np.clip(points[keep][:, 0].astype(np.int64), 0, width - 1)
-    ys = np.clip(points[keep][:, 1].astype(np.int64), 0, height - 1)
+    xs, ys = np.clip(clicked[:, 0], 0, width - 1), np.clip(clicked[:, 1], 0, height - 1)
     under = logits[torch.from_numpy(objects), torch.from_numpy(ys), torch.from_numpy(xs)]
     target = torch.from_numpy(labels[keep].astype(np.float32)).to(logits.device)
     return nn.functional.binary_cross_entropy_with_logits(under.float(), target)
