@@ -9,7 +9,7 @@ from PIL import Image
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.prompts import Prompt
-from sam4med.engine.segment import segment_image, segment_image_file, segment_volume_file
+from sam4med.engine.segment import segment_image_file, segment_volume_file
 
 
 def never_loaded():
@@ -145,5 +145,3 @@ def test_a_click_for_a_box_only_model_is_refused_by_the_api_too(tmp_path, liteme
         segment_image_file(Predictor(litemedsam), tmp_path / "image.png", Prompt(points=[[60, 60]]),
                            tmp_path / "mask.png")
     assert not (tmp_path / "mask.png").exists()
-    with pytest.raises(InputError, match=r"^--point: model litemedsam takes boxes only"):  # an array, not a file
-        segment_image(Predictor(litemedsam), image, Prompt(box=[10, 10, 90, 90], points=[[60, 60]]))

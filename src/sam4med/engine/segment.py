@@ -88,8 +88,6 @@ def segment_image(predictor: PromptMasks, image: np.ndarray, prompt: Prompt, mas
 def segment_prompt(predictor: PromptMasks, image: np.ndarray, prompt: Prompt, mask_rule: str | None = None
                    ) -> tuple[np.ndarray, float]:
     """:func:`segment_image`'s mask and the model's predicted IoU for it."""
-    if prompt.points is not None and not predictor.takes_point_prompts:
-        raise boxes_only("--point", str(predictor.protocol["model"]))
     rule = mask_rule or predictor.default_mask_rule
     if rule == "oracle":
         rule = "iou"  # no ground truth here: the model's own ranking is the honest choice
@@ -166,6 +164,9 @@ def segment_image_file(predictor: PredictorSource, image_path: str | Path, promp
     except InputError as exc:
         raise InputError(f"{image_path}: {exc}") from None
     ready = _ready(predictor)
+    # refused here, not in segment_image: below the verbs it still decodes a click, to measure what a box-only model does
+    if prompt.points is not None and not ready.takes_point_prompts:
+        raise boxes_only("--point", str(ready.protocol["model"]))
     _warn_if_thin(image_path, pixels.shape[:2], ready.protocol)
     mask = segment_image(ready, pixels, prompt, mask_rule)
     for written in (out, overlay) if overlay else (out,):  # both folders before either file: a failure replaces nothing
