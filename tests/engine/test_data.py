@@ -143,15 +143,22 @@ def test_jpeg_reads_close_to_original(tmp_path):
     assert np.abs(image.astype(int) - smooth).mean() < 3
 
 
-def test_a_jpeg_with_an_exif_orientation_is_read_as_stored(tmp_path):
-    """Pixels, prompts and masks stay in the file's own frame, as the data sets' masks are drawn."""
+def test_a_jpeg_with_an_exif_orientation_is_read_as_stored_and_said_once(tmp_path, capsys):
+    """Pixels, prompts and masks stay in the file's own frame, as the data sets' masks are drawn; since viewers
+    show the photo turned, a box read off one would be misplaced: the user is told, once per file."""
     stored = np.zeros((40, 50, 3), np.uint8)
     stored[:10, :20] = 255
     exif = Image.Image.getexif(Image.new("RGB", (1, 1)))
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     Image.fromarray(stored).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    Image.fromarray(stored).save(tmp_path / "plain.jpg", quality=95)
     image = read_image(tmp_path / "turned.jpg")
     assert image.shape == (40, 50, 3) and image[:10, :20].mean() > 200 and image[30:, 30:].mean() < 50
+    read_image(tmp_path / "turned.jpg")
+    read_image(tmp_path / "plain.jpg")
+    err = capsys.readouterr().err
+    assert err.count("warning: ") == 1 and f"{tmp_path / 'turned.jpg'}: its EXIF orientation (6) is ignored" in err
+    assert "(50 wide, 40 high), which viewers show turned or mirrored" in err
 
 
 @pytest.mark.parametrize("ext", ["png", "jpg", "tif"])

@@ -9,7 +9,7 @@ from PIL import Image
 
 from sam4med.engine.errors import InputError
 from sam4med.engine.prompts import Prompt
-from sam4med.engine.segment import segment_image_file, segment_volume_file
+from sam4med.engine.segment import DeferredPredictor, segment_image_file, segment_volume_file
 
 
 def never_loaded():
@@ -144,4 +144,12 @@ def test_a_click_for_a_box_only_model_is_refused_by_the_api_too(tmp_path, liteme
     with pytest.raises(InputError, match=r"^--point: model litemedsam takes boxes only"):
         segment_image_file(Predictor(litemedsam), tmp_path / "image.png", Prompt(points=[[60, 60]]),
                            tmp_path / "mask.png")
+    # where the source knows the model's registry entry, before the model loads; where it cannot (a run's
+    # checkpoint may add clicks), once the model is made
+    with pytest.raises(InputError, match=r"^--point: model litemedsam takes boxes only"):
+        segment_image_file(DeferredPredictor(never_loaded, "litemedsam", False), tmp_path / "image.png",
+                           Prompt(points=[[60, 60]]), tmp_path / "mask.png")
+    with pytest.raises(InputError, match=r"^--point: model litemedsam takes boxes only"):
+        segment_image_file(DeferredPredictor(lambda: Predictor(litemedsam), "litemedsam", None),
+                           tmp_path / "image.png", Prompt(points=[[60, 60]]), tmp_path / "mask.png")
     assert not (tmp_path / "mask.png").exists()

@@ -19,7 +19,7 @@ from sam4med.cli import app
 from sam4med.engine.errors import InputError
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompt_table import prompts_digest, read_prompt_table
-from sam4med.engine.segment import _label_map_paths, segment_folder
+from sam4med.engine.segment import DeferredPredictor, _label_map_paths, segment_folder
 
 from conftest import make_ellipse_image
 
@@ -490,7 +490,8 @@ def test_a_strip_thinner_than_one_embedding_token_is_flagged_in_a_folder_run_too
     assert summary.computed == 2 and "strip.png: its shorter side becomes 0.8 px" in err and "ellipse.png" not in err
 
 
-def test_clicks_in_the_table_for_a_box_only_model_are_refused_naming_their_lines(tmp_path, folder, litemedsam):
+def test_clicks_in_the_table_for_a_box_only_model_are_refused_naming_their_lines(tmp_path, folder, litemedsam,
+                                                                                  monkeypatch):
     """LiteMedSAM's mask ignores a click (one-click Dice near 0): a folder of such masks, exit 0, would pass for
     its answer. The API refuses it as the command does, with nothing written."""
     images, _ = folder
@@ -500,7 +501,10 @@ def test_clicks_in_the_table_for_a_box_only_model_are_refused_naming_their_lines
     with pytest.raises(InputError, match=re.escape(f"{table}: points on line 3, 4, 5 and 2 more: model litemedsam "
                                                    "takes boxes only (its mask would ignore the click)")):
         segment_folder(Predictor(litemedsam), images, table, out, show_progress=False)
+    with pytest.raises(InputError, match=re.escape(f"{table}: points on line 3, 4, 5 and 2 more")):  # before it loads
+        segment_folder(DeferredPredictor(never_loaded, "litemedsam", False), images, table, out, show_progress=False)
     assert not out.exists()
+    monkeypatch.setattr("sam4med.engine.onnx_predictor.onnx_predictor", lambda *_, **__: never_loaded())  # the command too
     result = CliRunner().invoke(app, ["segment-folder", str(images), "--prompts", str(table), "--out", str(out),
                                       "--model", "litemedsam", "--runtime", "onnx"])
     assert result.exit_code == 2 and result.output.startswith(f"error: {table}: points on line 3, 4, 5 and 2 more")

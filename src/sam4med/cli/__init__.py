@@ -4,6 +4,7 @@ thin shell over one documented function (as micro-sam's are)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
     from sam4med.engine.items import ItemRunSummary
     from sam4med.engine.predictor import Predictor
-    from sam4med.engine.segment import PredictorSource, PromptMasks
+    from sam4med.engine.segment import DeferredPredictor, PromptMasks
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Segment Anything for medical images.",
                   cls=OneLineErrorsGroup)
@@ -94,8 +95,7 @@ def segment(
 ) -> None:
     """Segment one object in one image from a box and/or points."""
     from sam4med.engine.prompts import Prompt
-    from sam4med.engine.registry import model_spec
-    from sam4med.engine.segment import boxes_only, segment_image_file
+    from sam4med.engine.segment import segment_image_file
 
     points = [_parse_point(p) for p in point or []]
     if label and len(label) != len(points):
@@ -105,35 +105,39 @@ def segment(
     except InputError as error:  # name the options the prompt came from
         given = " ".join(name for name, value in (("--box", box), ("--point", points), ("--label", label)) if value)
         raise InputError(f"{given or '--box, --point'}: {error}") from None
-    if points and checkpoint is None and not model_spec(model).takes_point_prompts:  # a run's checkpoint may take them
-        raise boxes_only("--point", model)
     predictor = _predictor_source(model, checkpoint, tile, halo, device, runtime, int8, precision, threads)
     mask = segment_image_file(predictor, image, prompt, out, overlay, mask_rule)
     typer.echo(f"{out}: {int(mask.sum())} foreground pixels")
 
 
 def _predictor_source(model: str, checkpoint: Path | None, tile: int, halo: int, device: str | None, runtime: str,
-                      int8: bool, precision: str, threads: int | None) -> PredictorSource:
+                      int8: bool, precision: str, threads: int | None) -> DeferredPredictor:
     """How ``segment`` and ``segment-folder`` make their predictor once every argument is checked: on ONNX
     Runtime alone where it serves (``choose_runtime``), else on PyTorch."""
     from sam4med.engine.errors import check_tiling
     from sam4med.engine.onnx_predictor import check_encoder_graph, choose_runtime, onnx_predictor
     from sam4med.engine.registry import model_spec
+    from sam4med.engine.segment import DeferredPredictor
 
     check_tiling(tile or None, halo)
     check_threads(threads)
-    chosen = choose_runtime(runtime, model_spec(model), checkpoint, device, tile, precision)
+    spec = model_spec(model)
+    chosen = choose_runtime(runtime, spec, checkpoint, device, tile, precision)
     if chosen in ("onnx", "openvino"):
         check_encoder_graph(int8, chosen == "openvino")  # before anything is read or exported
         configure_cpu()
         if runtime != "auto" or int8:
-            return lambda: onnx_predictor(model, threads, int8=int8, openvino=chosen == "openvino",
-                                          bf16=precision == "bf16")
-        return lambda: _onnx_or_torch(model, threads)
-    if int8:
+            make = partial(onnx_predictor, model, threads, int8=int8, openvino=chosen == "openvino",
+                           bf16=precision == "bf16")
+        else:
+            make = partial(_onnx_or_torch, model, threads)
+    elif int8:
         raise InputError("--int8: only on the ONNX Runtime path (--runtime auto or onnx, without --checkpoint, "
                          "--device, --tile or --precision bf16)")
-    return _torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads)
+    else:
+        make = _torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads)
+    # a run's checkpoint may add clicks to a box-only model: then only the made predictor tells
+    return DeferredPredictor(make, model, None if checkpoint else spec.takes_point_prompts)
 
 
 def _onnx_or_torch(model: str, threads: int | None) -> PromptMasks:

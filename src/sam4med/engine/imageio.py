@@ -147,11 +147,30 @@ def _stored_pixels(path: Path, expand_palette: bool) -> np.ndarray:
         return _medical_pixels(path)
     try:
         with _opened(path) as image:
+            _say_if_turned(image, path)
             if expand_palette and image.mode in ("P", "PA"):
                 return np.asarray(image.convert("RGB"))
             return _pixels(image, path)
     except _TiffPilCannotRead:
         return _tiff_pixels(path)
+
+
+_EXIF_ORIENTATION = 0x0112
+_TURNED_SAID: set[Path] = set()
+
+
+def _say_if_turned(image: Image.Image, path: Path) -> None:
+    """Viewers and browsers turn a photo by its EXIF orientation; sam4med keeps the pixels as stored, as ITK,
+    scikit-image and data sets' masks do. Said once per file: a box or click read off a viewer would be misplaced,
+    and a mask would not lie over the picture the viewer shows."""
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    if orientation not in (1, None) and path not in _TURNED_SAID:
+        _TURNED_SAID.add(path)
+        from sam4med.engine.runs import warn
+
+        warn(f"{path}: its EXIF orientation ({orientation}) is ignored: pixel coordinates (prompts, masks) are "
+             f"those of the image as stored ({image.width} wide, {image.height} high), which viewers show turned "
+             "or mirrored")
 
 
 def _is_medical(path: Path) -> bool:

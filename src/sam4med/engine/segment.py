@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -38,6 +39,19 @@ class PromptMasks(Protocol):
         """Masks (M, H, W) of one prompt on ``image`` and their predicted IoUs (M,)."""
 
 
+@dataclass(frozen=True)
+class DeferredPredictor:
+    """A predictor made on first call, with what its registry entry already tells: so that clicks for a box-only
+    model are refused before the model loads, as every other bad argument is."""
+
+    make: Callable[[], PromptMasks]
+    model: str
+    takes_point_prompts: bool | None  # None: only the made predictor tells (a run's checkpoint may add clicks)
+
+    def __call__(self) -> PromptMasks:
+        return self.make()
+
+
 # A predictor, or a function that makes one: called only once every argument and input file is checked,
 # so that a bad argument never waits for a model to load.
 PredictorSource = PromptMasks | Callable[[], PromptMasks]
@@ -52,6 +66,18 @@ def boxes_only(given: str, model: str) -> InputError:
     near 0), and a user would take that mask for the model's answer."""
     return InputError(f"{given}: model {model} takes boxes only (its mask would ignore the click); clicks need a "
                       "click-capable model (--model litemedsam-click)")
+
+
+def _ready_for(source: PredictorSource, clicks: str | None) -> PromptMasks:
+    """The predictor, once ``clicks`` (what gave them, None: no click) are known to be followed: refused before
+    the model loads where the source tells whether it takes them (a predictor or a :class:`DeferredPredictor`),
+    else as soon as it is made."""
+    if clicks and isinstance(source, DeferredPredictor) and source.takes_point_prompts is False:
+        raise boxes_only(clicks, source.model)
+    ready = _ready(source)
+    if clicks and not ready.takes_point_prompts:
+        raise boxes_only(clicks, str(ready.protocol["model"]))
+    return ready
 
 
 def _check_box3d(box3d: Sequence[float], depth: int, size: tuple[int, int] | None = None,
@@ -163,10 +189,8 @@ def segment_image_file(predictor: PredictorSource, image_path: str | Path, promp
         prompt.check_inside(pixels.shape[:2])
     except InputError as exc:
         raise InputError(f"{image_path}: {exc}") from None
-    ready = _ready(predictor)
     # refused here, not in segment_image: below the verbs it still decodes a click, to measure what a box-only model does
-    if prompt.points is not None and not ready.takes_point_prompts:
-        raise boxes_only("--point", str(ready.protocol["model"]))
+    ready = _ready_for(predictor, "--point" if prompt.points is not None else None)
     _warn_if_thin(image_path, pixels.shape[:2], ready.protocol)
     mask = segment_image(ready, pixels, prompt, mask_rule)
     for written in (out, overlay) if overlay else (out,):  # both folders before either file: a failure replaces nothing
@@ -217,11 +241,9 @@ def segment_folder(predictor: PredictorSource, folder: str | Path, prompts: str 
                 writes=["masks"])
     maps = _label_map_paths(table, folder, prompts)
     check_unclaimed_outputs(out, PROTOCOL_FILE, maps.values())
-    ready = _ready(predictor)
     clicked = [row.line for rows in table.values() for row in rows if row.prompt.points is not None]
-    if clicked and not ready.takes_point_prompts:
-        lines = ", ".join(map(str, clicked[:3])) + (f" and {len(clicked) - 3} more" if len(clicked) > 3 else "")
-        raise boxes_only(f"{prompts}: points on line {lines}", str(ready.protocol["model"]))
+    lines = ", ".join(map(str, clicked[:3])) + (f" and {len(clicked) - 3} more" if len(clicked) > 3 else "")
+    ready = _ready_for(predictor, f"{prompts}: points on line {lines}" if clicked else None)
     rule = mask_rule or ready.default_mask_rule
     claim_folder(out, PROTOCOL_FILE, {"task": "segment-folder", "model": ready.protocol, "mask_rule": rule,
                                       "images": str(folder.resolve()),
