@@ -73,6 +73,24 @@ def test_a_spreadsheets_header_is_read_whatever_its_case_spaces_and_byte_order_m
     assert row.label == "polyp" and row.prompt.box.tolist() == [1, 2, 30, 40]
 
 
+@pytest.mark.parametrize(("text", "encoding"), [
+    ("image;label;x0;y0;x1;y1;points;labels\r\na.png;polyp;1;2;30;40;\"3 4;5 6\";\"1;0\"\r\n", "utf-8"),  # Excel, decimal comma
+    ("image\tlabel\tx0\ty0\tx1\ty1\tpoints\tlabels\r\na.png\tpolyp\t1\t2\t30\t40\t3 4;5 6\t1;0\r\n", "utf-16"),
+])
+def test_a_spreadsheets_semicolon_or_tab_table_in_utf8_or_utf16_reads_as_the_comma_one(tmp_path, text, encoding):
+    """Excel writes ';' where the comma is the decimal mark, and tabs in UTF-16 as "Unicode text": the same
+    prompts as the comma-separated table (a cell holding the separator is quoted, as the points here)."""
+    path = tmp_path / "prompts.csv"
+    path.write_text(text, encoding=encoding, newline="")
+    [row] = read_prompt_table(path)["a.png"]
+    assert row.label == "polyp" and row.prompt.box.tolist() == [1, 2, 30, 40]
+    assert row.prompt.points.tolist() == [[3, 4], [5, 6]] and row.prompt.labels.tolist() == [1, 0]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("image,label,x0,y0,x1,y1\na.png,l\xe9sion,1,2,30,40\n".encode("latin-1"))
+    with pytest.raises(InputError, match=f"^{re.escape(str(latin))}: not UTF-8 text .*save the table as CSV UTF-8"):
+        read_prompt_table(latin)
+
+
 def test_any_edit_of_an_images_prompts_changes_its_digest_even_below_the_recorded_rounding(tmp_path):
     """The digest decides which images a re-run segments again: an edit smaller than the record's 0.01 px
     rounding, a label, or a click's sign is still an edit."""

@@ -10,10 +10,13 @@ background, all foreground when left out), or both; ``label`` names the object (
     case01.png,polyp,120,80,260,210,,
     case02.png,nucleus,,,,,41 57,
     case02.png,nucleus,,,,,90 12;95 20,1;0
+
+A spreadsheet's table separated by semicolons or tabs (its header tells), in UTF-8 or UTF-16, is read too.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -45,17 +48,33 @@ def read_prompt_table(path: str | Path) -> dict[str, list[PromptRow]]:
     image is read: a bad row is an InputError naming the file and the line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's byte-order mark is not part of the header
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(f"{path}: no such prompt table") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         raise InputError(f"{path}: cannot read the prompt table ({one_line(error)})") from None
+    # a spreadsheet's byte-order mark is not part of the header; UTF-16 is what "Unicode text" saves
+    encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({one_line(error)}); save the table as CSV UTF-8") from None
     # quoted cells may hold line breaks; strict: a quote left open is an error, not the rest of the file in one cell
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text), strict=True)
     try:
         return _read_rows(path, reader)
     except csv.Error as error:
         raise InputError(f"{path}: not CSV after line {reader.line_num} ({one_line(error)}; a quote left open?)") from None
+
+
+def _delimiter(text: str) -> str:
+    """The header's separator: a comma, or where the header has none, the semicolon that spreadsheets write
+    where the comma is the decimal mark, or the tab of "Unicode text"."""
+    header = text.split("\n", 1)[0]
+    for delimiter in (",", ";", "\t"):
+        if delimiter in header:
+            return delimiter
+    return ","
 
 
 def _read_rows(path: Path, reader: csv.DictReader) -> dict[str, list[PromptRow]]:
