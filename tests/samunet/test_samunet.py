@@ -153,6 +153,7 @@ def test_comparison_trains_both_methods_and_scores_three_rows(tmp_path):
     assert sorted(in_domain["row"]) == ["decoder", "samunet", "zero_shot"] and (in_domain["count"] > 0).all()
     unseen = table[table["setting"] == "left_out"]
     assert set(unseen["dataset"]) == {"unseen"} and (unseen["count"] == 2).all() and len(unseen) == 3
+    assert (unseen["images"] == 2).all() and (in_domain["images"] <= in_domain["count"]).all()
     zero_shot = in_domain.set_index("row").loc["zero_shot", "mean"]
     assert zero_shot > 0.8  # LiteMedSAM segments clean ellipses from their boxes
     scores = pd.read_csv(tmp_path / "cmp" / "scores.csv")

@@ -123,8 +123,9 @@ def run_comparison(train_data: Sequence[str | Path], left_out_data: Sequence[str
     scores = pd.concat(frames, ignore_index=True)
     with atomic_path(out / "scores.csv") as temporary:
         scores.to_csv(temporary, index=False)
-    table = (scores.groupby(["setting", "dataset", "modality", "row"])["dice"]
-             .agg(["mean", "std", "count"]).reset_index())
+    table = (scores.groupby(["setting", "dataset", "modality", "row"])
+             .agg(mean=("dice", "mean"), std=("dice", "std"), count=("dice", "count"), images=("image", "nunique"))
+             .reset_index())  # count: objects scored; images: how many they came from
     with atomic_path(out / "table.csv") as temporary:
         table.to_csv(temporary, index=False)
     write_json(out / PROTOCOL_FILE, {"config": asdict(config), "train_data": [str(d) for d in train_data],
