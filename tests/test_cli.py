@@ -165,6 +165,8 @@ def test_bad_trainer_settings_stop_before_anything_is_written(tmp_path, verb, ar
     (["eval", "benchmark", "--data", "d", "--out", "o", "--threads", "abc"], "error: --threads: "),
     (["eval", "benchmark", "--data", "d"], "error: --out: missing"),
     (["segment", "image.png", "--out", "m.png", "--box", "1", "2", "3"], "error: --box: requires 4"),
+    (["segment", "image.png", "--out", "m.png", "--box", "1,2,3,4"],  # written as --point is
+     "error: --box: requires 4 arguments, separated by spaces (not commas)"),
     (["segment", "image.png", "--out", "m.png", "--box", "1", "2", "3", "x"], "error: --box: "),
     (["segment", "--no-such-option"], "error: --no-such-option: no such option"),
     (["segment", "image.png", "extra", "--out", "m.png", "--box", "1", "2", "3", "4"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -54,6 +55,8 @@ def usage_error_line(error: Exception) -> str:
     name = opts[0] if opts else getattr(error, "option_name", None)  # an option used wrongly, or unknown
     if name:
         message = message.replace(f"Option '{name}' ", "").replace(f"No such option: {name}", "no such option")
+        if re.fullmatch(r"requires \d+ arguments\.?", message):  # `--box 1,2,3,4`, as `--point 1,2` is written
+            message = f"{message.rstrip('.')}, separated by spaces (not commas)"
         return f"{name}: {message}"
     return f"arguments: {message}" if message.startswith("Got unexpected extra argument") else message
 
