@@ -69,9 +69,9 @@ def boxes_only(given: str, model: str) -> InputError:
 
 
 def _ready_for(source: PredictorSource, clicks: str | None) -> PromptMasks:
-    """The predictor, once ``clicks`` (what gave them, None: no click) are known to be followed: refused before
-    the model loads where the source tells whether it takes them (a predictor or a :class:`DeferredPredictor`),
-    else as soon as it is made."""
+    """The predictor, once ``clicks`` (what gave them; None: no click) are known to be followed: a box-only model's
+    refused before it loads where the source knows (a :class:`DeferredPredictor` from a registry entry), else as
+    soon as it is made."""
     if clicks and isinstance(source, DeferredPredictor) and source.takes_point_prompts is False:
         raise boxes_only(clicks, source.model)
     ready = _ready(source)
