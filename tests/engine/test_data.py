@@ -188,8 +188,11 @@ def test_a_data_sets_layout_folders_are_inputs_that_no_output_may_enter(tmp_path
 def test_unknown_extension_and_missing_file(tmp_path):
     with pytest.raises(InputError, match=r"image.gif: unknown image extension"):
         read_image(tmp_path / "image.gif")
-    with pytest.raises(InputError, match=r"missing.png: no such file"):
+    with pytest.raises(InputError, match=r"missing.png: no such file$"):
         read_image(tmp_path / "missing.png")
+    save(RGB, tmp_path / "case.png")  # a table written where names ignore case
+    with pytest.raises(InputError, match=r"Case.PNG: no such file \(case.png is there: names are case-sensitive"):
+        read_image(tmp_path / "Case.PNG")
     os.mkfifo(tmp_path / "pipe.png")  # read, it would block; /dev/zero would never end
     (tmp_path / "zero.png").symlink_to("/dev/zero")
     for name in ("pipe.png", "zero.png"):

@@ -174,7 +174,18 @@ def not_there(path: Path, what: str = "file") -> str:
         return "not a regular file (a device, a pipe or a socket)"
     if path.is_symlink():
         return f"a symbolic link to {path.readlink()}, where there is no {what}"
-    return f"no such {what}"
+    return f"no such {what}" + _other_case(path)
+
+
+def _other_case(path: Path) -> str:
+    """A name that differs only in case, said beside "no such file": a table or a list written on Windows or a Mac,
+    whose file systems ignore case, names ``A.PNG`` for ``a.png``."""
+    try:
+        twins = sorted(entry.name for entry in path.parent.iterdir()
+                       if entry.name.lower() == path.name.lower() and entry.name != path.name)
+    except OSError:  # no such folder, or one that cannot be listed
+        return ""
+    return f" ({twins[0]} is there: names are case-sensitive here)" if twins else ""
 
 
 def check_not_a_file(folder: Path, option: str = "--out") -> None:
