@@ -160,7 +160,9 @@ def speed(folder: Path, model_name: str, images: int, repeats: int, encoder: str
             click_ms.append(timed(lambda: client.post("/api/images/0/segment", json={
                 "object": 0, "box": box, "points": [[x, y]], "labels": [0]})))
         session.wait_for_prefetch()
-    return {"open_first_s": first, "open_new_s": cold, "open_prefetched_s": prefetched, "open_cached_s": cached,
+        everything_s = timed(lambda: client.post("/api/images/0/everything", json={}))  # the page's Everything (A)
+        found = len(client.post("/api/images/0/everything", json={}).json()["objects"])
+    return {"everything_s": everything_s, "everything_objects": found, "open_first_s": first, "open_new_s": cold, "open_prefetched_s": prefetched, "open_cached_s": cached,
             "box_to_mask_ms": 1000 * statistics.median(box_ms), "click_to_mask_ms": 1000 * statistics.median(click_ms),
             "image": samples[0].id, "size": f"{mask.shape[0]}x{mask.shape[1]}"}
 
@@ -204,7 +206,8 @@ def report_speed(figures: dict[str, float], model: str, options: str) -> None:
           f"open first {figures['open_first_s']:.2f} s, "
           f"open new {figures['open_new_s']:.2f} s, "
           f"after prefetch {figures['open_prefetched_s']:.2f} s, cached {figures['open_cached_s']:.2f} s; "
-          f"box to mask {figures['box_to_mask_ms']:.0f} ms, click to mask {figures['click_to_mask_ms']:.0f} ms (median)")
+          f"box to mask {figures['box_to_mask_ms']:.0f} ms, click to mask {figures['click_to_mask_ms']:.0f} ms (median); "
+          f"everything {figures['everything_s']:.2f} s ({figures['everything_objects']} objects)")
 
 
 if __name__ == "__main__":

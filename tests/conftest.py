@@ -140,3 +140,18 @@ def small_blobs(size: int = 1024, count: int = 12, seed: int = 0) -> tuple[np.nd
         image[mask] = rng.normal(190, 12, (int(mask.sum()), 3))
         masks.append(mask)
     return image.clip(0, 255).astype(np.uint8), masks
+
+
+def write_three_blobs(folder: Path) -> list[np.ndarray]:
+    """``folder/a.png``: a noisy image with three ellipses of different brightness; their masks."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(60, 10, (240, 320, 3))
+    truths = []
+    for cy, cx, ry, rx, value in [(70, 80, 30, 40, 200), (160, 220, 35, 28, 170), (170, 80, 22, 22, 140)]:
+        mask = np.zeros((240, 320), bool)
+        mask[ellipse(cy, cx, ry, rx, shape=mask.shape)] = True
+        image[mask] = rng.normal(value, 10, (int(mask.sum()), 3))
+        truths.append(mask)
+    folder.mkdir()
+    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / "a.png")
+    return truths

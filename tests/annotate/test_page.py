@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_images
+from conftest import write_images, write_three_blobs
 from PIL import Image
 
 from sam4med.annotate.server import create_app
@@ -158,6 +158,34 @@ def page_text(browser, url: str) -> str:
     text = page.inner_text("#progress-text")
     page.close()
     return text
+
+
+def test_everything_fills_the_page_and_a_click_selects_one_in_a_real_browser(browser, tmp_path, click_model):
+    """Three objects: one boxed by hand, then Everything (A) adds the two others, a click with the box tool selects
+    one of them, and saving writes the three as one label image."""
+    truths = write_three_blobs(tmp_path / "blobs")
+    with serving(AnnotationSession(tmp_path / "blobs", click_model, prefetch=False)) as url:
+        page = browser.new_page(viewport={"width": 1200, "height": 760})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url)
+        page.wait_for_selector("#stage[data-ready='0']", timeout=60_000)
+        [boxed] = draw_box(page, truths[0])
+        page.keyboard.press("a")
+        page.wait_for_selector("#stage[data-found='2']", timeout=120_000)
+        areas = object_areas(page)
+        assert areas[0] == boxed and len(areas) == 3 and min(areas) > 0
+        ys, xs = np.nonzero(truths[2])
+        page.mouse.click(*page_point(page, xs.mean(), ys.mean()))  # the box tool, no drag: selects the object there
+        selected = page.eval_on_selector_all("#objects li", "items => items.findIndex(i => i.classList.contains('selected'))")
+        page.keyboard.press("s")
+        page.wait_for_selector("#stage[data-saved='0']", timeout=30_000)
+        labels = np.asarray(Image.open(tmp_path / "blobs" / "masks" / "a.png"))
+        scores = [max(dice(labels == value, truth) for value in np.unique(labels) if value) for truth in truths]
+        assert min(scores) >= 0.9, scores
+        assert dice(labels == selected + 1, truths[2]) >= 0.9  # the object clicked is the one selected
+        assert not errors, errors
+        page.close()
 
 
 def test_a_volume_slice_boxed_and_propagated_in_a_real_browser(browser, tmp_path, click_model):

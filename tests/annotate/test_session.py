@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import make_ellipse_image, small_blobs, write_images
+from conftest import make_ellipse_image, small_blobs, write_images, write_three_blobs
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -157,6 +157,10 @@ def test_a_refused_save_keeps_no_earlier_version(client, folder, monkeypatch):
     ("post", "/api/images/0/save", {"objects": [{"label": "a\x00", "mask": "AAAA"}]}, 422, "control characters"),
     ("post", "/api/images/0/save", {"objects": [{"label": "   ", "mask": "AAAA"}]}, 422, "needs a visible character"),
     ("post", "/api/images/0/propagate", {"label": "\t", "mask": "AAAA"}, 422, "label: Value error"),
+    ("post", "/api/images/0/everything", {"taken": "%%%"}, 400, "taken: mask is not base64"),
+    ("post", "/api/images/0/everything", {"taken": png64(np.ones((5, 5), bool))}, 400,
+     "objects on the page: mask is 5x5 but the image is 160x200"),
+    ("post", "/api/images/7/everything", {}, 404, "no image 7"),
 ])
 def test_bad_requests_get_a_json_error_and_nothing_outside_the_folder(client, folder, method, path, body, status,
                                                                       message):
@@ -383,6 +387,32 @@ def test_a_data_sets_jpeg_mask_is_shown_kept_and_replaced_by_one_png(tmp_path, c
     assert sorted(p.name for p in (tmp_path / "polyps" / "masks").iterdir()) == ["case0.png"]
     assert [p.suffix for p in (tmp_path / "polyps" / ".sam4med" / "history").iterdir()] == [".jpg"]
     assert load_dataset(tmp_path / "polyps").samples[0].mask_path.name == "case0.png"
+
+
+def test_everything_finds_the_objects_not_on_the_page_and_a_click_corrects_one(tmp_path, click_model):
+    truths = write_three_blobs(tmp_path / "blobs")
+    client = TestClient(create_app(AnnotationSession(tmp_path / "blobs", click_model, prefetch=False)))
+    found = client.post("/api/images/0/everything", json={}).json()["objects"]
+    masks = [mask_of(o["mask"]) for o in found]
+    assert sum(m.astype(int) for m in masks).max() == 1  # one object a pixel, as a label image holds them
+    for o, mask in zip(found, masks):
+        assert o["box"] == [int(v) for v in box_of(mask)] and o["area"] == int(mask.sum())
+    best = [max(dice(m, truth) for m in masks) for truth in truths]
+    assert min(best) >= 0.9, best
+
+    taken = truths[0] | truths[2]  # two objects already drawn: only the third is found, none overlaps them
+    found = client.post("/api/images/0/everything", json={"taken": png64(taken)}).json()["objects"]
+    masks = [mask_of(o["mask"]) for o in found]
+    assert masks and not any((m & taken).any() for m in masks)
+    assert max(dice(m, truths[1]) for m in masks) >= 0.9
+
+    # the page keeps a found object's box as its prompt: a click on it is decoded with that box
+    [found_one] = [o for o, m in zip(found, masks) if dice(m, truths[1]) >= 0.9]
+    ys, xs = np.nonzero(truths[1])
+    clicked = client.post("/api/images/0/segment", json={"object": 5, "box": found_one["box"],
+                                                         "points": [[float(xs.mean()), float(ys.mean())]],
+                                                         "labels": [1]}).json()
+    assert dice(mask_of(clicked["mask"]), truths[1]) >= 0.9
 
 
 def test_a_large_image_annotated_on_tiles_segments_small_objects_and_prefetches_every_tile(tmp_path, click_model):

@@ -15,6 +15,7 @@ from hypothesis.extra.numpy import arrays
 
 from sam4med.engine.everything import (
     EverythingSettings,
+    claim_pixels,
     generate_masks,
     mask_nms,
     grid_points,
@@ -101,6 +102,26 @@ def test_mask_nms_keeps_the_best_of_duplicates_and_nested_objects():
                   ProposedMask.from_mask(small, 0.8, 0.9, prompt)]
     kept = mask_nms(candidates, 0.7)
     assert [c.predicted_iou for c in kept] == [0.95, 0.8]
+
+
+@settings(max_examples=60, deadline=None)
+@given(masks=st.lists(arrays(bool, (12, 14)), min_size=0, max_size=5), taken=arrays(bool, (12, 14)),
+       scores=st.lists(st.floats(0.01, 1.0), min_size=5, max_size=5), min_visible=st.floats(0.0, 1.0))
+def test_claimed_pixels_go_to_one_kept_mask_each_best_score_first_and_never_to_taken_ones(masks, taken, scores,
+                                                                                          min_visible):
+    prompt = Prompt(box=[0, 0, 1, 1])
+    proposals = [ProposedMask.from_mask(m, score, 1.0, prompt) for m, score in zip(masks, scores) if m.any()]
+    claimed = claim_pixels(proposals, (12, 14), min_visible, taken)
+    assert claimed.labels.shape == (12, 14) and not claimed.labels[taken].any()
+    assert set(np.unique(claimed.labels)) <= set(range(len(claimed.kept) + 1))
+    for value, i in enumerate(claimed.kept, start=1):
+        own = claimed.labels == value
+        assert own.any() and not (own & ~proposals[i].mask).any()
+        assert own.sum() == claimed.visible[i] >= min_visible * proposals[i].area
+        earlier = [j for j in claimed.kept if proposals[j].score > proposals[i].score]
+        assert not any((own & proposals[j].mask).any() for j in earlier)  # a better kept mask had those pixels
+    dropped = set(range(len(proposals))) - set(claimed.kept)
+    assert all(claimed.visible[i] == 0 or claimed.visible[i] < min_visible * proposals[i].area for i in dropped)
 
 
 def test_everything_mode_with_box_proposals_finds_separate_objects(litemedsam):

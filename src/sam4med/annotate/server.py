@@ -72,6 +72,10 @@ class ForgetRequest(BaseModel):
     object: int = Field(ge=0)
 
 
+class EverythingRequest(BaseModel):
+    taken: str | None = None  # base64 PNG: the pixels of the objects on the page, which found objects leave out
+
+
 def create_app(session: AnnotationSession) -> FastAPI:
     """The page, its files and the JSON API over one session."""
     # max_body_size counts a body as it streams in, which a chunked request (no Content-Length) needs
@@ -159,6 +163,15 @@ def create_app(session: AnnotationSession) -> FastAPI:
     def forget(index: int, request: ForgetRequest) -> dict[str, object]:
         session.forget(index, request.object)
         return {"index": index, "object": request.object}
+
+    @app.post("/api/images/{index}/everything")
+    def everything(index: int, request: EverythingRequest) -> dict[str, object]:
+        start = time.perf_counter()
+        taken = None if request.taken is None else decode_mask_png(_unbase64(request.taken, "taken"), "taken")
+        found = session.everything(index, taken)
+        return {"objects": [{"mask": _png64(o.mask), "box": list(o.box), "area": int(o.mask.sum()),
+                             "iou": round(o.predicted_iou, 4), "stability": round(o.stability, 4)} for o in found],
+                "seconds": round(time.perf_counter() - start, 3)}
 
     def objects_of(sent: list[ObjectMask]) -> list[SavedObject]:
         return [SavedObject(o.label, decode_mask_png(_unbase64(o.mask, f"object '{o.label}'"), f"object '{o.label}'"))

@@ -320,6 +320,17 @@ def decode_mask_png(data: bytes, what: str) -> np.ndarray:
 
 
 @dataclass
+class AutoObject:
+    """An object everything mode found on a frame: its pixels, its tight box (x0, y0, x1, y1, inclusive) and the
+    model's scores of the mask it came from."""
+
+    mask: np.ndarray  # HxW bool
+    box: tuple[int, int, int, int]
+    predicted_iou: float
+    stability: float
+
+
+@dataclass
 class _OpenFrame:
     index: int
     shape: tuple[int, int]
@@ -432,6 +443,30 @@ class AnnotationSession:
             mask, iou, self._open.rounds[object_id] = correct(self.predictor, prompt, previous,
                                                               "iou" if rule == "oracle" else rule, self.correction)
             return mask, iou
+
+    def everything(self, index: int, taken: np.ndarray | None = None) -> list[AutoObject]:
+        """Every object everything mode finds on the frame (the model's point grid, or box proposals for a box-only
+        model; on tiles when the session tiles), as ``segment-everything`` labels an image, leaving out the pixels
+        ``taken`` (HxW bool: the objects on the page). Each comes with its mask's tight box, so a click on it
+        corrects it as a click on a drawn box's mask does."""
+        from sam4med.engine.everything import EverythingSettings, claim_pixels, everything_masks
+        from sam4med.engine.segment import MIN_VISIBLE
+
+        with self._lock:
+            self.open(index)
+            assert self._open is not None
+            if taken is not None and taken.shape != self._open.shape:
+                raise InputError(f"objects on the page: mask is {hw(taken.shape)} but the image is "
+                                 f"{hw(self._open.shape)}")
+            proposals = everything_masks(self.predictor, EverythingSettings())
+            instances = claim_pixels(proposals, self._open.shape, MIN_VISIBLE, taken)
+        objects = []
+        for value, i in enumerate(instances.kept, start=1):
+            mask = instances.labels == value
+            ys, xs = np.nonzero(mask)
+            objects.append(AutoObject(mask, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())),
+                                      proposals[i].predicted_iou, proposals[i].stability))
+        return objects
 
     def forget(self, index: int, object_id: int) -> None:
         """Start an object afresh (cleared or deleted on the page): its next click ignores earlier masks."""

@@ -316,8 +316,16 @@ def grid_candidates(predictor: Predictor, settings: EverythingSettings) -> list[
 
 def generate_masks(predictor: Predictor, image: np.ndarray, settings: EverythingSettings | None = None) -> list[ProposedMask]:
     """All masks of everything mode for one image, best score first."""
-    settings = (settings or EverythingSettings()).resolved(predictor.model.spec)
     predictor.set_image(image)
+    return everything_masks(predictor, settings)
+
+
+def everything_masks(predictor: Predictor, settings: EverythingSettings | None = None) -> list[ProposedMask]:
+    """All masks of everything mode for the image ``predictor`` holds (the annotator's open frame), best
+    score first."""
+    settings = (settings or EverythingSettings()).resolved(predictor.model.spec)
+    image = predictor.image
+    assert image is not None, "set_image first"
     size = image.shape[:2]
     predictor.encode_all()  # every region is visited: its encodes come before any decoder's batches
     if settings.method == "points":
@@ -330,3 +338,35 @@ def generate_masks(predictor: Predictor, image: np.ndarray, settings: Everything
     if settings.refine_boxes:
         candidates = _refine(predictor, candidates, settings)
     return mask_nms(candidates, settings.nms_thresh)
+
+
+@dataclass
+class InstanceMap:
+    """Everything mode's masks as one label image: ``labels`` holds value k for ``masks[kept[k - 1]]``."""
+
+    labels: np.ndarray  # (H, W) int32, 0 = background
+    kept: list[int]  # indices into the masks given, in label order
+    visible: list[int]  # pixels each mask given kept (all of them, kept or not)
+
+
+def claim_pixels(masks: Sequence[ProposedMask], shape: tuple[int, int], min_visible: float,
+                 taken: np.ndarray | None = None) -> InstanceMap:
+    """Give each pixel one object, as an instance label map must: masks claim pixels best score first (predicted
+    IoU x stability), a pixel staying with the first mask that claims it, and a mask left with less than
+    ``min_visible`` of its own area is dropped, its pixels background. ``taken`` (H, W) bool: pixels already
+    claimed (objects a person drew), which no mask gets."""
+    order = sorted(range(len(masks)), key=lambda i: masks[i].score, reverse=True)
+    claimed = np.zeros(shape, np.int32)
+    if taken is not None:
+        claimed[taken] = -1
+    visible = [0] * len(masks)
+    for i in order:
+        x0, y0, x1, y1 = masks[i].box
+        window = claimed[y0:y1, x0:x1]
+        free = masks[i].crop & (window == 0)
+        window[free] = i + 1
+        visible[i] = int(free.sum())
+    kept = [i for i in order if visible[i] > 0 and visible[i] >= min_visible * masks[i].area]
+    renumber = np.zeros(len(masks) + 2, np.int32)  # index -1 (taken) -> 0
+    renumber[np.asarray(kept, dtype=np.int64) + 1] = np.arange(1, len(kept) + 1)
+    return InstanceMap(renumber[claimed], kept, visible)

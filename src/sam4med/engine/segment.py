@@ -298,7 +298,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: s
     ``min_visible``, the image folder). Resumable (an image whose file has changed is done again; another folder's
     images into the same ``out`` are refused); an image that cannot be read is an error row and the run goes on.
     """
-    from sam4med.engine.everything import EverythingSettings, generate_masks
+    from sam4med.engine.everything import EverythingSettings, claim_pixels, generate_masks
     from sam4med.engine.items import RESULTS_FILE, WorkItem, finished_outputs, run_items
     from sam4med.engine.runs import PROTOCOL_FILE, check_unclaimed_outputs, claim_folder
 
@@ -323,22 +323,15 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: s
     def segment_one(item: WorkItem) -> list[dict]:
         pixels = read_image(item.sample.image_path)
         _warn_if_thin(item.sample.image_path, pixels.shape[:2], ready.protocol)
-        ranked = sorted(generate_masks(ready, pixels, resolved), key=lambda p: p.score, reverse=True)
-        claimed = np.zeros(pixels.shape[:2], np.int32)
-        visible = []
-        for value, proposal in enumerate(ranked, start=1):
-            x0, y0, x1, y1 = proposal.box
-            window = claimed[y0:y1, x0:x1]
-            free = proposal.crop & (window == 0)
-            window[free] = value
-            visible.append(int(free.sum()))
-        kept = [i for i, p in enumerate(ranked) if visible[i] >= min_visible * p.area][: np.iinfo(np.uint16).max]
-        renumber = np.zeros(len(ranked) + 1, np.uint16)
-        renumber[np.asarray(kept, dtype=np.int64) + 1] = np.arange(1, len(kept) + 1)  # kept may be empty
-        _write_label_map(out / maps[item.sample.id], renumber[claimed])
-        rows = [{"dataset": dataset.name, "image": item.sample.id, "object": value, "area": ranked[i].area,
-                 "visible": visible[i], "box": list(ranked[i].box), "predicted_iou": round(ranked[i].predicted_iou, 4),
-                 "stability": round(ranked[i].stability, 4)} for value, i in enumerate(kept, start=1)]
+        proposals = generate_masks(ready, pixels, resolved)
+        instances = claim_pixels(proposals, pixels.shape[:2], min_visible)
+        kept = instances.kept[: np.iinfo(np.uint16).max]
+        _write_label_map(out / maps[item.sample.id], np.where(instances.labels <= len(kept), instances.labels, 0)
+                         .astype(np.uint16))
+        rows = [{"dataset": dataset.name, "image": item.sample.id, "object": value, "area": proposals[i].area,
+                 "visible": instances.visible[i], "box": list(proposals[i].box),
+                 "predicted_iou": round(proposals[i].predicted_iou, 4), "stability": round(proposals[i].stability, 4)}
+                for value, i in enumerate(kept, start=1)]
         return rows or [{"dataset": dataset.name, "image": item.sample.id, "object": None, "area": 0}]
 
     return run_items([WorkItem(dataset, sample) for sample in dataset.samples], segment_one, out / RESULTS_FILE,

@@ -67,14 +67,37 @@ function maskToPng(mask) {
 
 const area = (mask) => mask.reduce((sum, v) => sum + v, 0);
 
+// an object's bounds [x0, y0, x1, y1] (inclusive) or null: drawing visits only them, so a page of a hundred
+// found nuclei draws in the time of one image, not of a hundred
+function boundsOf(mask) {
+  const { width } = state.info;
+  let x0 = Infinity, y0 = Infinity, x1 = -1, y1 = -1;
+  for (let i = 0; i < mask.length; i++) {
+    if (!mask[i]) continue;
+    const x = i % width, y = (i - x) / width;
+    if (x < x0) x0 = x;
+    if (x > x1) x1 = x;
+    if (y < y0) y0 = y;
+    y1 = y;
+  }
+  return x1 < 0 ? null : [x0, y0, x1, y1];
+}
+
+function setMask(object, mask) {
+  object.mask = mask;
+  object.bounds = boundsOf(mask);
+}
+
 // --- objects, undo and redo ----------------------------------------------------------------
 function newObject(label, mask) {
   const id = state.nextObjectId++;
   const { width, height } = state.info;
-  return {
+  const object = {
     id, label: label || `object ${id + 1}`, colour: COLOURS[id % COLOURS.length],
-    mask: mask || new Uint8Array(width * height), prompt: { box: null, points: [], labels: [] },
+    prompt: { box: null, points: [], labels: [] }, found: false,
   };
+  setMask(object, mask || new Uint8Array(width * height));
+  return object;
 }
 
 function snapshot() {
@@ -116,13 +139,22 @@ async function segment(object, refine) {
   if (prompt.points.length) { body.points = prompt.points; body.labels = prompt.labels; }
   status("segmenting…");
   const result = await api(`/api/images/${state.index}/segment`, body);
-  object.mask = await pngToMask(result.mask);
+  setMask(object, await pngToMask(result.mask));
+  object.found = false;  // a prompt of its own now: its box is drawn like any other
   render();
   status(`${object.label}: ${result.area} px, predicted IoU ${result.iou.toFixed(3)}, ${Math.round(result.seconds * 1000)} ms`);
 }
 
+// a click with the box tool that draws no box selects the object under it (the last drawn, on top)
+function selectAt(x, y) {
+  const i = Math.floor(y) * state.info.width + Math.floor(x);
+  for (let k = state.objects.length - 1; k >= 0; k--) {
+    if (state.objects[k].mask[i]) { state.selected = k; render(); return; }
+  }
+}
+
 async function addBox(x0, y0, x1, y1) {
-  if (Math.abs(x1 - x0) < 2 || Math.abs(y1 - y0) < 2) return;
+  if (Math.abs(x1 - x0) < 2 || Math.abs(y1 - y0) < 2) { selectAt(x0, y0); return; }
   remember();
   const object = selected();
   object.prompt = { box: [Math.min(x0, x1), Math.min(y0, y1), Math.max(x0, x1), Math.max(y0, y1)], points: [], labels: [] };
@@ -145,12 +177,38 @@ function paint(x, y, value) {
   const object = selected();
   const { width, height } = state.info;
   const r = Number($("brush-size").value);
-  for (let yy = Math.max(0, Math.floor(y - r)); yy <= Math.min(height - 1, Math.ceil(y + r)); yy++) {
-    for (let xx = Math.max(0, Math.floor(x - r)); xx <= Math.min(width - 1, Math.ceil(x + r)); xx++) {
+  const [left, top] = [Math.max(0, Math.floor(x - r)), Math.max(0, Math.floor(y - r))];
+  const [right, bottom] = [Math.min(width - 1, Math.ceil(x + r)), Math.min(height - 1, Math.ceil(y + r))];
+  for (let yy = top; yy <= bottom; yy++) {
+    for (let xx = left; xx <= right; xx++) {
       if ((xx - x) ** 2 + (yy - y) ** 2 <= r * r) object.mask[yy * width + xx] = value;
     }
   }
+  if (value) {  // the brush can only widen the bounds; the eraser leaves them as they were (still holding the mask)
+    const b = object.bounds;
+    object.bounds = b ? [Math.min(b[0], left), Math.min(b[1], top), Math.max(b[2], right), Math.max(b[3], bottom)]
+                      : [left, top, right, bottom];
+  }
   render();
+}
+
+async function findEverything() {
+  const { width, height } = state.info;
+  const taken = new Uint8Array(width * height);
+  for (const object of state.objects) for (let i = 0; i < taken.length; i++) taken[i] |= object.mask[i];
+  status("finding every object (everything mode)…");
+  const result = await api(`/api/images/${state.index}/everything`, area(taken) ? { taken: maskToPng(taken) } : {});
+  remember();
+  for (const found of result.objects) {
+    const object = newObject(null, await pngToMask(found.mask));
+    object.prompt.box = found.box;  // a click on it corrects it as on the mask of this box
+    object.found = true;
+    state.objects.push(object);
+  }
+  render();
+  status(`everything mode found ${result.objects.length} more object(s) in ${result.seconds.toFixed(1)} s` +
+         (result.objects.length ? "; click one to correct it, × to drop it" : ""));
+  $("stage").dataset.found = String(result.objects.length);
 }
 
 // --- drawing -------------------------------------------------------------------------------
@@ -162,10 +220,14 @@ function render() {
   const pixels = context.createImageData(width, height);
   const alpha = Math.round(2.55 * Number($("opacity").value));
   for (const object of state.objects) {
+    if (!object.bounds) continue;
     const [r, g, b] = [1, 3, 5].map((i) => parseInt(object.colour.slice(i, i + 2), 16));
-    for (let i = 0; i < object.mask.length; i++) {
-      if (object.mask[i]) {
-        pixels.data[4 * i] = r; pixels.data[4 * i + 1] = g; pixels.data[4 * i + 2] = b; pixels.data[4 * i + 3] = alpha;
+    const [x0, y0, x1, y1] = object.bounds;
+    for (let y = y0; y <= y1; y++) {
+      for (let i = y * width + x0; i <= y * width + x1; i++) {
+        if (object.mask[i]) {
+          pixels.data[4 * i] = r; pixels.data[4 * i + 1] = g; pixels.data[4 * i + 2] = b; pixels.data[4 * i + 3] = alpha;
+        }
       }
     }
   }
@@ -175,7 +237,7 @@ function render() {
     const p = object.prompt;
     context.strokeStyle = object.colour;
     context.lineWidth = k === state.selected ? 2 * line : line;
-    if (p.box) context.strokeRect(p.box[0], p.box[1], p.box[2] - p.box[0], p.box[3] - p.box[1]);
+    if (p.box && (!object.found || k === state.selected)) context.strokeRect(p.box[0], p.box[1], p.box[2] - p.box[0], p.box[3] - p.box[1]);
     p.points.forEach(([x, y], i) => {
       context.beginPath();
       context.arc(x, y, 4 * line, 0, 2 * Math.PI);
@@ -229,6 +291,7 @@ function renderObjects() {
     item.append(swatch, name, pixels, remove);
     item.onclick = () => { state.selected = k; render(); };
     list.append(item);
+    if (k === state.selected) item.scrollIntoView({ block: "nearest" });  // selected on the image, among many
   });
 }
 
@@ -410,13 +473,14 @@ function bind() {
     if (state.selected < 0) return;
     remember();
     const object = state.objects[state.selected];
-    object.mask = new Uint8Array(object.mask.length);
+    setMask(object, new Uint8Array(object.mask.length));
     object.prompt = { box: null, points: [], labels: [] };
     api(`/api/images/${state.index}/forget`, { object: object.id }).catch(() => {});
     render();
   };
   $("save").onclick = () => guarded(save);
   $("propagate").onclick = () => guarded(propagateObject);
+  $("everything").onclick = () => guarded(findEverything);
   $("accept").onclick = () => guarded(async () => { await save(); const next = neighbour(1); if (next >= 0) await openImage(next); });
   $("add-object").onclick = () => { remember(); state.objects.push(newObject()); state.selected = state.objects.length - 1; render(); };
   $("fit").onclick = fit;
@@ -442,7 +506,7 @@ function bind() {
     const actions = {
       b: () => setTool("box"), p: () => setTool("positive"), n: () => setTool("negative"),
       r: () => setTool("brush"), e: () => setTool("eraser"), o: () => $("add-object").click(), c: () => $("clear").click(),
-      s: () => $("save").click(), enter: () => $("accept").click(), f: fit,
+      a: () => $("everything").click(), s: () => $("save").click(), enter: () => $("accept").click(), f: fit,
       v: () => { if (state.volume) $("propagate").click(); },
       arrowleft: () => $("prev").click(), arrowright: () => $("next").click(),
       " ": () => { state.spaceDown = true; },
