@@ -429,7 +429,8 @@ class AnnotationSession:
 
     def segment(self, index: int, object_id: int, prompt: Prompt, refine: bool = True) -> tuple[np.ndarray, float]:
         """The mask of one object for its whole current prompt; with ``refine`` the object's previous logits
-        go in too, so each click (the prompt's last point) corrects the last mask as ``correction`` allows.
+        go in too, so each click (the prompt's last point) corrects the last mask as ``correction`` allows (an
+        object whose last mask the session does not hold has it decoded from its prompt before the click).
         Returns the mask and the model's IoU estimate."""
         if prompt.points is not None and not self.takes_clicks:
             raise InputError(f"model {self.model.spec.name} takes boxes only; clicks need a click-capable model "
@@ -439,9 +440,14 @@ class AnnotationSession:
             assert self._open is not None
             prompt.check_inside(self._open.shape)
             rule = self.model.spec.default_mask_rule
-            previous = self._open.rounds.get(object_id) if refine and prompt.points is not None else None
-            mask, iou, self._open.rounds[object_id] = correct(self.predictor, prompt, previous,
-                                                              "iou" if rule == "oracle" else rule, self.correction)
+            rule = "iou" if rule == "oracle" else rule
+            clicked = refine and prompt.points is not None
+            previous = self._open.rounds.get(object_id) if clicked else None
+            if clicked and previous is None and (earlier := prompt.before_last_point()) is not None:
+                # no mask held for it (an object everything mode found, or one undone): its prompt before this
+                # click is decoded first, so the click corrects that mask as it would have when it was made
+                _, _, previous = correct(self.predictor, earlier, None, rule, self.correction)
+            mask, iou, self._open.rounds[object_id] = correct(self.predictor, prompt, previous, rule, self.correction)
             return mask, iou
 
     def everything(self, index: int, taken: np.ndarray | None = None) -> list[AutoObject]:

@@ -91,6 +91,15 @@ class Prompt:
             labels = np.concatenate([self.labels, labels])
         return Prompt(points, labels, self.box)
 
+    def before_last_point(self) -> Prompt | None:
+        """The prompt as it was before its last click (None without clicks, or if that click was all of it)."""
+        if self.points is None:
+            return None
+        if len(self.points) == 1:
+            return None if self.box is None else Prompt(box=self.box)
+        assert self.labels is not None
+        return Prompt(self.points[:-1], self.labels[:-1], self.box)
+
     def to_record(self) -> dict[str, list]:
         record: dict[str, list] = {}
         if self.points is not None:
