@@ -19,7 +19,14 @@ annotator reaches Dice 0.90 with
 - sam4med, clicks only: a click at the object's innermost point, then corrective clicks alike;
 - a polygon: the fewest vertices of the object's outline, simplified (Douglas-Peucker) as far as Dice
   stays >= 0.90, each vertex one click.
-An object sam4med never brings to 0.90 counts its cap (2 + rounds, or 1 + rounds) and is reported.
+- with --everything, Everything first (the page's A): everything mode's objects for the whole image, pixels claimed
+  best score first (engine.everything.claim_pixels); an object whose best-matching found object has Dice >= 0.90
+  costs no click, one with Dice >= 0.5 costs the corrective clicks that bring it to 0.90, decoded as the page
+  does (its found box's mask, then clicks; at most --rounds), and one never found (Dice < 0.5) costs what a box and
+  clicks cost. Per image, the found objects that match no true object (Dice < 0.5) are counted: each is one click
+  to drop, and the key press itself is one.
+An object sam4med never brings to 0.90 counts its cap (2 + rounds, or 1 + rounds; rounds for a found one) and is
+reported.
 The table (per data set: means and the ratio polygon vertices / sam4med clicks) goes to OUT/effort.csv.
 """
 
@@ -39,6 +46,7 @@ from skimage.draw import polygon as fill_polygon
 from skimage.measure import approximate_polygon, find_contours
 
 from sam4med.engine.datasets import load_dataset
+from sam4med.engine.everything import EverythingSettings, claim_pixels, everything_masks
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.interactive import CORRECTIONS, run_interactive
 from sam4med.engine.metrics import dice
@@ -47,6 +55,7 @@ from sam4med.engine.objects import object_labels
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, center_point, tight_box
 from sam4med.engine.runtime import configure_cpu
+from sam4med.engine.segment import MIN_VISIBLE
 
 TARGET = 0.90
 
@@ -75,8 +84,33 @@ def polygon_vertices(mask: np.ndarray, target: float = TARGET) -> int:
     return max(best, 3)
 
 
+def everything_first(predictor: Predictor, gt: np.ndarray, found: list[tuple[np.ndarray, list[float]]],
+                     by_box: tuple[int, bool], rounds: int, rng: np.random.Generator, mask_rule: str,
+                     correction: str) -> tuple[int, bool, float]:
+    """Clicks to bring ``gt`` to the target from the page's found objects (mask, tight box), whether it got
+    there, and the Dice of its best-matching found object; ``by_box``: the clicks and outcome of a drawn box."""
+    scores = [dice(mask, gt) for mask, _ in found]
+    best = int(np.argmax(scores)) if scores else -1
+    if best < 0 or scores[best] < 0.5:  # never found: drawn as without Everything
+        return by_box[0], by_box[1], max(scores, default=0.0)
+    if scores[best] >= TARGET:
+        return 0, True, scores[best]
+    corrected = run_interactive(predictor, gt, Prompt(box=found[best][1]), rounds, rng, "largest", mask_rule,
+                                correction)  # type: ignore[arg-type]
+    reached = [k for k, value in enumerate(corrected.dice_per_round) if k >= 1 and value >= TARGET]
+    return (reached[0], True, scores[best]) if reached else (rounds, False, scores[best])
+
+
+def found_objects(predictor: Predictor, shape: tuple[int, int]) -> list[tuple[np.ndarray, list[float]]]:
+    """What the page's Everything adds to an empty page: each object's mask and tight box."""
+    proposals = everything_masks(predictor, EverythingSettings())
+    claimed = claim_pixels(proposals, shape, MIN_VISIBLE)
+    masks = [claimed.labels == value for value in range(1, len(claimed.kept) + 1)]
+    return [(mask, [float(v) for v in tight_box(mask)]) for mask in masks]
+
+
 def effort(data: list[Path], model_name: str, max_images: int, min_area: int, rounds: int,
-           max_objects: int, correction: str = "auto") -> pd.DataFrame:
+           max_objects: int, correction: str = "auto", with_everything: bool = False) -> pd.DataFrame:
     model = load_model(model_name)
     predictor = Predictor(model)
     rng = np.random.default_rng(0)
@@ -89,6 +123,11 @@ def effort(data: list[Path], model_name: str, max_images: int, min_area: int, ro
             if len(ids) > max_objects:  # a seeded draw, as the benchmark's --max-objects
                 ids = sorted(np.random.default_rng([0, len(rows)]).choice(ids, max_objects, replace=False).tolist())
             predictor.set_image(image)
+            found = found_objects(predictor, mask.shape[:2]) if with_everything else []
+            if with_everything:  # found objects no true object (of any size) matches: one click each to drop
+                every_object = object_labels(mask, min_area=1)[0]
+                truths = [every_object == value for value in np.unique(every_object) if value]
+                spurious = sum(max((dice(m, t) for t in truths), default=0.0) < 0.5 for m, _ in found)
             for object_id in ids:
                 gt = labels == object_id
                 by_box = run_interactive(predictor, gt, Prompt(box=tight_box(gt)), rounds, rng, "largest",
@@ -103,6 +142,11 @@ def effort(data: list[Path], model_name: str, max_images: int, min_area: int, ro
                 if by_clicks is not None:
                     row.update(click_clicks=by_clicks.clicks_to_reach(TARGET),
                                click_reached=max(by_clicks.dice_per_round) >= TARGET)
+                if with_everything:
+                    clicks, reached, found_dice = everything_first(
+                        predictor, gt, found, (row["box_clicks"], row["box_reached"]), rounds, rng, model.spec.default_mask_rule, correction)
+                    row.update(found_clicks=clicks, found_reached=reached, found_dice=found_dice,
+                               image_found=len(found), image_spurious=spurious)
                 rows.append(row)
         print(f"{dataset.name}: {sum(r['dataset'] == dataset.name for r in rows)} objects", file=sys.stderr)
     return pd.DataFrame(rows)
@@ -117,6 +161,13 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
                                               click_reached=("click_reached", "mean"))
         table = table.join(clicks)
         table["polygon_per_click"] = table.polygon_vertices / table.click_clicks
+    if "found_clicks" in frame:
+        found = frame.groupby("dataset").agg(found_clicks=("found_clicks", "mean"),
+                                             found_reached=("found_reached", "mean"),
+                                             found_at_target=("found_clicks", lambda c: float((c == 0).mean())))
+        images = frame.drop_duplicates(["dataset", "image"]).groupby("dataset").agg(
+            found_per_image=("image_found", "mean"), spurious_per_image=("image_spurious", "mean"))
+        table = table.join(found).join(images)
     return table.reset_index()
 
 
@@ -182,6 +233,8 @@ def main() -> None:
                         help="how a corrective click changes the mask (the annotator's --correction)")
     parser.add_argument("--skip-effort", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--everything", action="store_true",
+                        help="also the effort from Everything first (the page's A; everything mode on each image)")
     args = parser.parse_args()
     configure_cpu(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +244,7 @@ def main() -> None:
     if args.skip_effort:
         return
     frame = effort(args.data, args.model, args.max_images, args.min_area, args.rounds, args.max_objects,
-                   args.correction)
+                   args.correction, args.everything)
     frame.to_csv(args.out / "effort_objects.csv", index=False)
     table = summarise(frame)
     table.to_csv(args.out / "effort.csv", index=False)
