@@ -197,7 +197,12 @@ async function findEverything() {
   const taken = new Uint8Array(width * height);
   for (const object of state.objects) for (let i = 0; i < taken.length; i++) taken[i] |= object.mask[i];
   status("finding every object (everything mode)…");
-  const result = await api(`/api/images/${state.index}/everything`, area(taken) ? { taken: maskToPng(taken) } : {});
+  const index = state.index;
+  const result = await api(`/api/images/${index}/everything`, area(taken) ? { taken: maskToPng(taken) } : {});
+  if (state.index !== index) {  // another image was opened meanwhile: these objects are not its
+    status(`everything mode's objects of ${state.images[index].id} were left out: another image is open`, true);
+    return;
+  }
   remember();
   for (const found of result.objects) {
     const object = newObject(null, await pngToMask(found.mask));
