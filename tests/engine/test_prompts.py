@@ -125,6 +125,10 @@ def test_prompt_validation():
     prompt = Prompt(box=[1, 2, 3, 4]).add_point((2, 3), 0)
     assert prompt.structure == "box=True,points=1"
     assert prompt.to_record() == {"points": [[2.0, 3.0]], "labels": [0], "box": [1.0, 2.0, 3.0, 4.0]}
+    assert prompt.before_last_point().to_record() == {"box": [1.0, 2.0, 3.0, 4.0]}
+    two = prompt.add_point((4, 5), 1).before_last_point()
+    assert two.to_record() == prompt.to_record()
+    assert Prompt(points=[(2, 3)]).before_last_point() is None and Prompt(box=[1, 2, 3, 4]).before_last_point() is None
 
 
 def test_prompt_rejects_nan_and_unknown_labels():
