@@ -19,9 +19,8 @@ annotator reaches Dice 0.90 with
 - sam4med, clicks only: a click at the object's innermost point, then corrective clicks alike;
 - a polygon: the fewest vertices of the object's outline, simplified (Douglas-Peucker) as far as Dice
   stays >= 0.90, each vertex one click.
-- with --everything, Everything first (the page's A): everything mode's objects for the whole image, pixels claimed
-  best score first (engine.everything.claim_pixels); an object whose best-matching found object has Dice >= 0.90
-  costs no click, one with Dice >= 0.5 costs the corrective clicks that bring it to 0.90, decoded as the page
+- with --everything, Everything first (the page's A): the objects the page's own code finds on the whole image
+  (annotate.session.find_objects); an object whose best-matching found object has Dice >= 0.90 costs no click, one with Dice >= 0.5 costs the corrective clicks that bring it to 0.90, decoded as the page
   does (its found box's mask, then clicks; at most --rounds), and one never found (Dice < 0.5) costs what a box and
   clicks cost. Per image, the found objects that match no true object (Dice < 0.5) are counted: each is one click
   to drop, and the key press itself is one.
@@ -45,8 +44,8 @@ import pandas as pd
 from skimage.draw import polygon as fill_polygon
 from skimage.measure import approximate_polygon, find_contours
 
+from sam4med.annotate.session import find_objects
 from sam4med.engine.datasets import load_dataset
-from sam4med.engine.everything import EverythingSettings, claim_pixels, everything_masks
 from sam4med.engine.imageio import load_pair
 from sam4med.engine.interactive import CORRECTIONS, run_interactive
 from sam4med.engine.metrics import dice
@@ -55,7 +54,6 @@ from sam4med.engine.objects import object_labels
 from sam4med.engine.predictor import Predictor
 from sam4med.engine.prompts import Prompt, center_point, tight_box
 from sam4med.engine.runtime import configure_cpu
-from sam4med.engine.segment import MIN_VISIBLE
 
 TARGET = 0.90
 
@@ -101,14 +99,6 @@ def everything_first(predictor: Predictor, gt: np.ndarray, found: list[tuple[np.
     return (reached[0], True, scores[best]) if reached else (rounds, False, scores[best])
 
 
-def found_objects(predictor: Predictor, shape: tuple[int, int]) -> list[tuple[np.ndarray, list[float]]]:
-    """What the page's Everything adds to an empty page: each object's mask and tight box."""
-    proposals = everything_masks(predictor, EverythingSettings())
-    claimed = claim_pixels(proposals, shape, MIN_VISIBLE)
-    masks = [claimed.labels == value for value in range(1, len(claimed.kept) + 1)]
-    return [(mask, [float(v) for v in tight_box(mask)]) for mask in masks]
-
-
 def effort(data: list[Path], model_name: str, max_images: int, min_area: int, rounds: int,
            max_objects: int, correction: str = "auto", with_everything: bool = False) -> pd.DataFrame:
     model = load_model(model_name)
@@ -123,7 +113,7 @@ def effort(data: list[Path], model_name: str, max_images: int, min_area: int, ro
             if len(ids) > max_objects:  # a seeded draw, as the benchmark's --max-objects
                 ids = sorted(np.random.default_rng([0, len(rows)]).choice(ids, max_objects, replace=False).tolist())
             predictor.set_image(image)
-            found = found_objects(predictor, mask.shape[:2]) if with_everything else []
+            found = [(o.mask, list(o.box)) for o in find_objects(predictor)] if with_everything else []
             if with_everything:  # found objects no true object (of any size) matches: one click each to drop
                 every_object = object_labels(mask, min_area=1)[0]
                 truths = [every_object == value for value in np.unique(every_object) if value]

@@ -25,7 +25,7 @@ from PIL import Image
 from sam4med.engine.datasets import IMAGE_EXTENSIONS, image_extension, image_id
 from sam4med.engine.errors import InputError, hw, path_component, resolved
 from sam4med.engine.imageio import read_image, read_intensities, read_labels, read_mask
-from sam4med.engine.predictor import EmbeddingCache
+from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.interactive import Correction, Round, correct
 from sam4med.engine.prompts import Prompt
 from sam4med.engine.runs import atomic_path, write_bytes_atomic, write_json
@@ -330,6 +330,26 @@ class AutoObject:
     stability: float
 
 
+def find_objects(predictor: Predictor, taken: np.ndarray | None = None) -> list[AutoObject]:
+    """Every object everything mode finds on the image ``predictor`` holds (the model's point grid, or box proposals
+    for a box-only model; on tiles for a tiled predictor), as ``segment-everything`` labels an image, leaving out the
+    pixels ``taken`` (HxW bool: the objects on the page). Each comes with its mask's tight box, so a click on it
+    corrects it as a click on a drawn box's mask does."""
+    from sam4med.engine.everything import EverythingSettings, claim_pixels, everything_masks
+    from sam4med.engine.segment import MIN_VISIBLE
+
+    assert predictor.image is not None
+    proposals = everything_masks(predictor, EverythingSettings())
+    instances = claim_pixels(proposals, predictor.image.shape[:2], MIN_VISIBLE, taken)
+    objects = []
+    for value, i in enumerate(instances.kept, start=1):
+        mask = instances.labels == value
+        ys, xs = np.nonzero(mask)
+        objects.append(AutoObject(mask, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())),
+                                  proposals[i].predicted_iou, proposals[i].stability))
+    return objects
+
+
 @dataclass
 class _OpenFrame:
     index: int
@@ -451,28 +471,14 @@ class AnnotationSession:
             return mask, iou
 
     def everything(self, index: int, taken: np.ndarray | None = None) -> list[AutoObject]:
-        """Every object everything mode finds on the frame (the model's point grid, or box proposals for a box-only
-        model; on tiles when the session tiles), as ``segment-everything`` labels an image, leaving out the pixels
-        ``taken`` (HxW bool: the objects on the page). Each comes with its mask's tight box, so a click on it
-        corrects it as a click on a drawn box's mask does."""
-        from sam4med.engine.everything import EverythingSettings, claim_pixels, everything_masks
-        from sam4med.engine.segment import MIN_VISIBLE
-
+        """:func:`find_objects` on the frame: what the page's Everything adds."""
         with self._lock:
             self.open(index)
             assert self._open is not None
             if taken is not None and taken.shape != self._open.shape:
                 raise InputError(f"objects on the page: mask is {hw(taken.shape)} but the image is "
                                  f"{hw(self._open.shape)}")
-            proposals = everything_masks(self.predictor, EverythingSettings())
-            instances = claim_pixels(proposals, self._open.shape, MIN_VISIBLE, taken)
-        objects = []
-        for value, i in enumerate(instances.kept, start=1):
-            mask = instances.labels == value
-            ys, xs = np.nonzero(mask)
-            objects.append(AutoObject(mask, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())),
-                                      proposals[i].predicted_iou, proposals[i].stability))
-        return objects
+            return find_objects(self.predictor, taken)
 
     def forget(self, index: int, object_id: int) -> None:
         """Start an object afresh (cleared or deleted on the page): its next click ignores earlier masks."""
