@@ -177,7 +177,8 @@ def test_everything_fills_the_page_and_a_click_selects_one_in_a_real_browser(bro
         assert areas[0] == boxed and len(areas) == 3 and min(areas) > 0
         ys, xs = np.nonzero(truths[2])
         page.mouse.click(*page_point(page, xs.mean(), ys.mean()))  # the box tool, no drag: selects the object there
-        selected = page.eval_on_selector_all("#objects li", "items => items.findIndex(i => i.classList.contains('selected'))")
+        selected = page.eval_on_selector_all("#objects li",
+                                             "items => items.findIndex(i => i.classList.contains('selected'))")
         page.keyboard.press("s")
         page.wait_for_selector("#stage[data-saved='0']", timeout=30_000)
         labels = np.asarray(Image.open(tmp_path / "blobs" / "masks" / "a.png"))
