@@ -27,7 +27,7 @@ from sam4med.engine.errors import InputError, hw, path_component, resolved
 from sam4med.engine.imageio import read_image, read_intensities, read_labels, read_mask
 from sam4med.engine.predictor import EmbeddingCache, Predictor
 from sam4med.engine.interactive import Correction, Round, correct
-from sam4med.engine.prompts import Prompt
+from sam4med.engine.prompts import Prompt, tight_box
 from sam4med.engine.runs import atomic_path, write_bytes_atomic, write_json
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.segment import propagate
@@ -344,9 +344,8 @@ def find_objects(predictor: Predictor, taken: np.ndarray | None = None) -> list[
     objects = []
     for value, i in enumerate(instances.kept, start=1):
         mask = instances.labels == value
-        ys, xs = np.nonzero(mask)
-        objects.append(AutoObject(mask, (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())),
-                                  proposals[i].predicted_iou, proposals[i].stability))
+        x0, y0, x1, y1 = (int(v) for v in tight_box(mask))
+        objects.append(AutoObject(mask, (x0, y0, x1, y1), proposals[i].predicted_iou, proposals[i].stability))
     return objects
 
 
