@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from sam4med.engine.checkpoints import read_trained_checkpoint, save_checkpoint
@@ -214,110 +214,147 @@ def fit(task: TrainingTask, out: Path, config: Mapping[str, object], epochs: int
         claim_folder(out, CONFIG_FILE, config)
     with sole_writer(out) if group.leader else nullcontext():  # a second run would train from the same last.pt
         barrier(group)
-        return _fit(task, out, config, epochs, seed, description, show_progress, patience, checkpoint_minutes,
-                    precision, group)
+        run = _Run(task, out, {"kind": task.kind, "config": dict(config), "meta": task.checkpoint_meta()}, group,
+                   precision, checkpoint_minutes)
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                      TimeElapsedColumn(), disable=not (show_progress and group.leader)) as progress:
+            log = _EpochLog(progress, progress.add_task(description, total=None, status=""), description,
+                            show_progress and not progress.console.is_terminal)  # a log file (nohup, a batch job)
+            loop = run.train(epochs, seed, patience, log)
+    return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"],
+                       plateaued(loop, patience) and loop["epoch"] < epochs)
 
 
-def _fit(task: TrainingTask, out: Path, config: dict[str, object], epochs: int, seed: int, description: str,
-         show_progress: bool, patience: int | None, checkpoint_minutes: float, precision: str,
-         group: Processes) -> TrainResult:
-    """:func:`fit`'s epochs, once ``out`` is claimed and held."""
-    loop = {"epoch": 0, "best_val_dice": -1.0, "best_epoch": -1, "seconds": 0.0}
-    last_path = out / LAST_FILE
-    if last_path.is_file():
-        resume = read_trained_checkpoint(last_path, task.kind)["resume"]
-        task.module.load_state_dict(resume["module"])
-        task.optimizer.load_state_dict(resume["optimizer"])
-        task.scheduler.load_state_dict(resume["scheduler"])
-        loop = resume["loop"]
-        if loop["best_epoch"] >= 1 and not (out / BEST_FILE).is_file():  # written before last.pt: moved or deleted
-            raise InputError(f"{out / BEST_FILE}: missing, though {LAST_FILE} records epoch {loop['best_epoch']} as "
-                             "the best; put it back, or train again into another --out")
-    if group.leader:
-        _keep_history(out / HISTORY_FILE, loop)
-    record = {"kind": task.kind, "config": dict(config), "meta": task.checkpoint_meta()}
-    model = wrap(_TaskLoss(task), group, task.unused_parameters)
-    task.module.train()
-    partial = loop.pop("partial", None)  # the epoch a mid-epoch last.pt was saved in
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeElapsedColumn(), disable=not (show_progress and group.leader)) as progress:
-        bar = progress.add_task(description, total=None, status="")
+@dataclass
+class _EpochLog:
+    """Where a run reports: the progress bar, and one printed line per epoch when the output is no terminal."""
+
+    progress: Progress
+    bar: TaskID
+    description: str
+    print_epochs: bool
+
+
+@dataclass
+class _Run:
+    """A claimed run folder and what each of its epochs needs: the task, the part of every checkpoint that stays
+    the same (kind, config, meta), the processes, the steps' arithmetic and how often a long epoch is saved."""
+
+    task: TrainingTask
+    out: Path
+    record: dict[str, object]
+    group: Processes
+    precision: str
+    checkpoint_minutes: float
+
+    def train(self, epochs: int, seed: int, patience: int | None, log: _EpochLog) -> dict:
+        """The epochs from where ``last.pt`` left off; the loop state at the end (epoch, best, seconds)."""
+        loop = self.resume()
+        model = wrap(_TaskLoss(self.task), self.group, self.task.unused_parameters)
+        self.task.module.train()
+        partial = loop.pop("partial", None)  # the epoch a mid-epoch last.pt was saved in
         for epoch in range(loop["epoch"], epochs):
             if plateaued(loop, patience):
                 break
             start = time.perf_counter()
             seed_everything(seed * 100_003 + epoch)
-            batches = task.batches(epoch, np.random.default_rng([seed, epoch]))
-            done, losses, carried = (0, [], 0.0) if partial is None else \
-                (partial["steps"], list(partial["losses"]), partial["seconds"])
-            progress.update(bar, total=epochs * len(batches), completed=epoch * len(batches) + done)
-            saved = time.perf_counter()
-            for step, batch in enumerate(batches, 1):
-                if step <= done:  # trained before the kill: drawn again (the draws stay in step), not trained
-                    if step == done:
-                        set_random_states(partial["random"])
-                    continue
-                losses.append(_train_step(task, model, batch, group, precision))
-                if not math.isfinite(losses[-1]):  # stop before a checkpoint keeps the broken weights
-                    raise InputError(f"{out}: the training loss became {losses[-1]} at epoch {epoch + 1}, step "
-                                     f"{step}; lower --learning-rate (the run keeps epoch {loop['epoch']})")
-                progress.update(bar, advance=1, status=f"loss {losses[-1]:.3f}")
-                if step < len(batches) and leaders_value(time.perf_counter() - saved >= 60 * checkpoint_minutes,
-                                                         group):
-                    if group.leader:
-                        _save_last(task, out, record, {**loop, "partial": {
-                            "steps": step, "losses": losses, "random": random_states(),
-                            "seconds": carried + time.perf_counter() - start}})
-                    saved = time.perf_counter()
+            batches = self.task.batches(epoch, np.random.default_rng([seed, epoch]))
+            done = 0 if partial is None else partial["steps"]
+            log.progress.update(log.bar, total=epochs * len(batches), completed=epoch * len(batches) + done)
+            losses, carried = self.train_epoch(model, batches, epoch, loop, partial, start, log)
             partial = None
-            task.scheduler.step()
-            if group.leader:
-                task.module.eval()
-                val_dice = task.validate()
-                task.module.train()
-                if not math.isfinite(val_dice):  # a mean over no object: nothing to pick the best epoch by
-                    raise InputError(f"{out / SPLIT_FILE}: the validation images hold no object to score (validation "
-                                     f"Dice {val_dice}): their masks are empty, too small or unreadable (a warning "
-                                     "above names each unreadable one); mend them, or give more images")
+            self.task.scheduler.step()
+            if self.group.leader:
+                val_dice = self.validate()
             elapsed = carried + time.perf_counter() - start
             loop["seconds"] += elapsed
             loop["epoch"] = epoch + 1
-            if group.leader:
-                _end_epoch(task, out, record, loop, val_dice, float(np.mean(losses)), round(elapsed, 2))
-                progress.update(bar, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
-                if show_progress and not progress.console.is_terminal:  # a log file (nohup, a batch job): no bar
-                    progress.console.print(f"{description}: epoch {epoch + 1}/{epochs}, loss {np.mean(losses):.4f}, "
-                                           f"validation Dice {val_dice:.4f} (best {loop['best_val_dice']:.4f} at "
-                                           f"epoch {loop['best_epoch']}), {elapsed / 60:.1f} min",
-                                           highlight=False, soft_wrap=True)
-            loop = leaders_value(loop, group)  # rank 0's validation decides; also waits for its checkpoint
-    return TrainResult(out, loop["best_val_dice"], loop["best_epoch"], loop["seconds"], loop["epoch"],
-                       plateaued(loop, patience) and loop["epoch"] < epochs)
+            if self.group.leader:
+                self.end_epoch(loop, val_dice, float(np.mean(losses)), round(elapsed, 2))
+                log.progress.update(log.bar, status=f"loss {np.mean(losses):.3f} val Dice {val_dice:.3f}")
+                if log.print_epochs:
+                    log.progress.console.print(
+                        f"{log.description}: epoch {epoch + 1}/{epochs}, loss {np.mean(losses):.4f}, validation Dice "
+                        f"{val_dice:.4f} (best {loop['best_val_dice']:.4f} at epoch {loop['best_epoch']}), "
+                        f"{elapsed / 60:.1f} min", highlight=False, soft_wrap=True)
+            loop = leaders_value(loop, self.group)  # rank 0's validation decides; also waits for its checkpoint
+        return loop
 
+    def resume(self) -> dict:
+        """The loop state ``last.pt`` holds, with the task's module, optimiser and schedule put back (a fresh state
+        when there is none); ``history.jsonl`` made to agree with it."""
+        loop = {"epoch": 0, "best_val_dice": -1.0, "best_epoch": -1, "seconds": 0.0}
+        last_path = self.out / LAST_FILE
+        if last_path.is_file():
+            resume = read_trained_checkpoint(last_path, self.task.kind)["resume"]
+            self.task.module.load_state_dict(resume["module"])
+            self.task.optimizer.load_state_dict(resume["optimizer"])
+            self.task.scheduler.load_state_dict(resume["scheduler"])
+            loop = resume["loop"]
+            if loop["best_epoch"] >= 1 and not (self.out / BEST_FILE).is_file():  # written before last.pt: moved
+                raise InputError(f"{self.out / BEST_FILE}: missing, though {LAST_FILE} records epoch "
+                                 f"{loop['best_epoch']} as the best; put it back, or train again into another --out")
+        if self.group.leader:
+            _keep_history(self.out / HISTORY_FILE, loop)
+        return loop
 
-def _end_epoch(task: TrainingTask, out: Path, record: dict[str, object], loop: dict, val_dice: float, loss: float,
-               seconds: float) -> None:
-    """Best and last checkpoints and the history row of an epoch (rank 0's work)."""
-    if val_dice > loop["best_val_dice"]:
-        loop.update(best_val_dice=val_dice, best_epoch=loop["epoch"])
-        save_checkpoint(out / BEST_FILE, {**record, "weights": task.trained_weights(), "epoch": loop["epoch"],
-                                          "val_dice": val_dice})
-    row = {"epoch": loop["epoch"], "loss": loss, "val_dice": val_dice, "lr": task.scheduler.get_last_lr()[0],
-           "seconds": seconds}
-    # history first: a kill before last.pt is written leaves a row that the rerun drops and redoes
-    append_jsonl(out / HISTORY_FILE, row)
-    loop["history"] = [*loop.get("history", []), row]  # last.pt keeps the rows too: a cut file is written back
-    _save_last(task, out, record, loop, val_dice)
+    def train_epoch(self, model: nn.Module, batches: Batches, epoch: int, loop: dict, partial: dict | None,
+                    start: float, log: _EpochLog) -> tuple[list[float], float]:
+        """One epoch's steps; its losses and the seconds it had trained before a kill. The steps a mid-epoch
+        ``last.pt`` records (``partial``) are drawn again, so the draws stay in step, but not trained."""
+        done, losses, carried = (0, [], 0.0) if partial is None else \
+            (partial["steps"], list(partial["losses"]), partial["seconds"])
+        saved = time.perf_counter()
+        for step, batch in enumerate(batches, 1):
+            if step <= done:
+                if step == done:
+                    set_random_states(partial["random"])  # type: ignore[index]
+                continue
+            losses.append(_train_step(self.task, model, batch, self.group, self.precision))
+            if not math.isfinite(losses[-1]):  # stop before a checkpoint keeps the broken weights
+                raise InputError(f"{self.out}: the training loss became {losses[-1]} at epoch {epoch + 1}, step "
+                                 f"{step}; lower --learning-rate (the run keeps epoch {loop['epoch']})")
+            log.progress.update(log.bar, advance=1, status=f"loss {losses[-1]:.3f}")
+            if step < len(batches) and leaders_value(time.perf_counter() - saved >= 60 * self.checkpoint_minutes,
+                                                     self.group):
+                if self.group.leader:
+                    self.save_last({**loop, "partial": {"steps": step, "losses": losses, "random": random_states(),
+                                                        "seconds": carried + time.perf_counter() - start}})
+                saved = time.perf_counter()
+        return losses, carried
 
+    def validate(self) -> float:
+        """The task's validation Dice in eval mode (rank 0's work); refused when there was nothing to score."""
+        self.task.module.eval()
+        val_dice = self.task.validate()
+        self.task.module.train()
+        if not math.isfinite(val_dice):  # a mean over no object: nothing to pick the best epoch by
+            raise InputError(f"{self.out / SPLIT_FILE}: the validation images hold no object to score (validation "
+                             f"Dice {val_dice}): their masks are empty, too small or unreadable (a warning above "
+                             "names each unreadable one); mend them, or give more images")
+        return val_dice
 
-def _save_last(task: TrainingTask, out: Path, record: dict[str, object], loop: dict,
-               val_dice: float | None = None) -> None:
-    """``last.pt``: everything to resume, at an epoch's end or (``loop["partial"]``) in its course."""
-    save_checkpoint(out / LAST_FILE, {**record, "weights": task.trained_weights(), "epoch": loop["epoch"],
-                                      "val_dice": val_dice,
-                                      "resume": {"module": task.module.state_dict(),
-                                                 "optimizer": task.optimizer.state_dict(),
-                                                 "scheduler": task.scheduler.state_dict(), "loop": loop}})
+    def end_epoch(self, loop: dict, val_dice: float, loss: float, seconds: float) -> None:
+        """Best and last checkpoints and the history row of an epoch (rank 0's work)."""
+        if val_dice > loop["best_val_dice"]:
+            loop.update(best_val_dice=val_dice, best_epoch=loop["epoch"])
+            save_checkpoint(self.out / BEST_FILE, {**self.record, "weights": self.task.trained_weights(),
+                                                   "epoch": loop["epoch"], "val_dice": val_dice})
+        row = {"epoch": loop["epoch"], "loss": loss, "val_dice": val_dice,
+               "lr": self.task.scheduler.get_last_lr()[0], "seconds": seconds}
+        # history first: a kill before last.pt is written leaves a row that the rerun drops and redoes
+        append_jsonl(self.out / HISTORY_FILE, row)
+        loop["history"] = [*loop.get("history", []), row]  # last.pt keeps the rows too: a cut file is written back
+        self.save_last(loop, val_dice)
+
+    def save_last(self, loop: dict, val_dice: float | None = None) -> None:
+        """``last.pt``: everything to resume, at an epoch's end or (``loop["partial"]``) in its course."""
+        save_checkpoint(self.out / LAST_FILE, {**self.record, "weights": self.task.trained_weights(),
+                                               "epoch": loop["epoch"], "val_dice": val_dice,
+                                               "resume": {"module": self.task.module.state_dict(),
+                                                          "optimizer": self.task.optimizer.state_dict(),
+                                                          "scheduler": self.task.scheduler.state_dict(),
+                                                          "loop": loop}})
 
 
 def _keep_history(path: Path, loop: dict) -> None:
