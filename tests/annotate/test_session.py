@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -399,6 +400,7 @@ def test_everything_finds_the_objects_not_on_the_page_and_a_click_corrects_one(t
         assert o["box"] == [int(v) for v in box_of(mask)] and o["area"] == int(mask.sum())
     best = [max(dice(m, truth) for m in masks) for truth in truths]
     assert min(best) >= 0.9, best
+    assert client.get("/api/everything/progress").json() == {"image": 0, "done": 1, "total": 1}  # one region
 
     taken = truths[0] | truths[2]  # two objects already drawn: only the third is found, none overlaps them
     found = client.post("/api/images/0/everything", json={"taken": png64(taken)}).json()["objects"]
@@ -419,6 +421,36 @@ def test_everything_finds_the_objects_not_on_the_page_and_a_click_corrects_one(t
     assert np.array_equal(mask_of(clicked["mask"]), mask_of(drawn["mask"]))
     assert not np.array_equal(mask_of(clicked["mask"]), mask_of(fresh["mask"]))  # a box + click decoded at once
     assert dice(mask_of(clicked["mask"]), truths[1]) >= 0.85
+
+
+def test_everythings_progress_is_answered_while_it_runs(tmp_path, click_model, monkeypatch):
+    """On tiles Everything takes minutes, and the page asks how far it is meanwhile: the session answers without
+    waiting for the run, which holds the session until it ends."""
+    import sam4med.annotate.session as session_module
+
+    write_three_blobs(tmp_path / "blobs")
+    release, reported = threading.Event(), threading.Event()
+
+    def two_of_nine_tiles(predictor, taken=None, progress=None):
+        progress(2, 9)
+        reported.set()
+        assert release.wait(60)
+        return []
+
+    monkeypatch.setattr(session_module, "find_objects", two_of_nine_tiles)
+    client = TestClient(create_app(AnnotationSession(tmp_path / "blobs", click_model, prefetch=False)))
+    assert client.get("/api/everything/progress").json() == {"image": None, "done": 0, "total": None}
+    answers = []
+    running = threading.Thread(target=lambda: answers.append(client.post("/api/images/0/everything", json={})))
+    running.start()
+    try:
+        assert reported.wait(60)
+        assert client.get("/api/everything/progress").json() == {"image": 0, "done": 2, "total": 9}
+        assert not answers  # still running
+    finally:
+        release.set()
+        running.join(60)
+    assert answers[0].status_code == 200 and answers[0].json()["objects"] == []
 
 
 def test_a_large_image_annotated_on_tiles_segments_small_objects_and_prefetches_every_tile(tmp_path, click_model):

@@ -132,8 +132,8 @@ def test_everything_mode_lays_its_grid_on_every_tile_and_finds_small_objects_the
                                                                                                      monkeypatch):
     """Blobs on points of the tiles' grids (8 per 256 px core: every 32 px from 16) that lie between the
     points of the whole image's grid (8 per 512 px: every 64 px from 32). Every tile is encoded before the first
-    decode, so no encoder's activations sit on top of a tile's decoding."""
-    from sam4med.engine.everything import EverythingSettings, generate_masks
+    decode, so no encoder's activations sit on top of a tile's decoding; each tile done is reported."""
+    from sam4med.engine.everything import EverythingSettings, everything_masks
 
     rng = np.random.default_rng(3)
     image = rng.normal(50, 12, (512, 512, 3))
@@ -146,13 +146,16 @@ def test_everything_mode_lays_its_grid_on_every_tile_and_finds_small_objects_the
     image = image.clip(0, 255).astype(np.uint8)
     settings = EverythingSettings(method="points", points_per_side=8)
     tiled = TiledPredictor(click_model, tile=256, halo=32)
-    found, calls = {}, encoder_and_decoder_calls(monkeypatch)
+    found, heard, calls = {}, {}, encoder_and_decoder_calls(monkeypatch)
     for name, predictor in (("whole", Predictor(click_model)), ("tiled", tiled)):
         calls.clear()
-        proposals = generate_masks(predictor, image, settings)
+        heard[name] = []
+        predictor.set_image(image)
+        proposals = everything_masks(predictor, settings, lambda done, total: heard[name].append((done, total)))
         found[name] = [max((dice(p.mask, m) for p in proposals), default=0.0) for m in masks]
     assert calls[:4] == ["encode"] * 4 and "encode" not in calls[4:] and calls.count("decode") >= 4
     assert tiled.grid_regions() == [(t.core, t.extent) for t in tiles((512, 512), 256, 32)]
+    assert heard == {"whole": [(1, 1)], "tiled": [(1, 4), (2, 4), (3, 4), (4, 4)]}  # what the annotator shows
     assert min(found["tiled"]) > 0.6 and max(found["whole"]) < 0.5, found
 
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -32,6 +33,9 @@ from sam4med.engine.runs import atomic_path, write_bytes_atomic, write_json
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.segment import propagate
 from sam4med.engine.tiling import make_predictor
+
+if TYPE_CHECKING:  # engine.everything is imported when Everything is first asked for
+    from sam4med.engine.everything import RegionProgress
 from sam4med.engine.volumes import VOLUME_SUFFIXES, read_label_volume, read_volume, window, write_label_volume
 
 TOOL_FOLDER = ".sam4med"
@@ -330,16 +334,17 @@ class AutoObject:
     stability: float
 
 
-def find_objects(predictor: Predictor, taken: np.ndarray | None = None) -> list[AutoObject]:
+def find_objects(predictor: Predictor, taken: np.ndarray | None = None,
+                 progress: RegionProgress | None = None) -> list[AutoObject]:
     """Every object everything mode finds on the image ``predictor`` holds (the model's point grid, or box proposals
     for a box-only model; on tiles for a tiled predictor), as ``segment-everything`` labels an image, leaving out the
     pixels ``taken`` (HxW bool: the objects on the page). Each comes with its mask's tight box, so a click on it
-    corrects it as a click on a drawn box's mask does."""
+    corrects it as a click on a drawn box's mask does. ``progress`` hears of each region (tile) of the grid done."""
     from sam4med.engine.everything import EverythingSettings, claim_pixels, everything_masks
     from sam4med.engine.segment import MIN_VISIBLE
 
     assert predictor.image is not None
-    proposals = everything_masks(predictor, EverythingSettings())
+    proposals = everything_masks(predictor, EverythingSettings(), progress)
     instances = claim_pixels(proposals, predictor.image.shape[:2], MIN_VISIBLE, taken)
     objects = []
     for value, i in enumerate(instances.kept, start=1):
@@ -372,6 +377,8 @@ class AnnotationSession:
         self._lock = threading.RLock()
         self._open: _OpenFrame | None = None
         self._prefetching: threading.Thread | None = None
+        # the last Everything's image and grid regions (tiles) done of all, read without the lock while it runs
+        self.everything_progress: dict[str, int | None] | None = None
 
     # --- the frame list --------------------------------------------------------------------
     @property
@@ -477,7 +484,12 @@ class AnnotationSession:
             if taken is not None and taken.shape != self._open.shape:
                 raise InputError(f"objects on the page: mask is {hw(taken.shape)} but the image is "
                                  f"{hw(self._open.shape)}")
-            return find_objects(self.predictor, taken)
+
+            def heard(done: int, total: int) -> None:
+                self.everything_progress = {"image": index, "done": done, "total": total}
+
+            self.everything_progress = {"image": index, "done": 0, "total": None}
+            return find_objects(self.predictor, taken, heard)
 
     def forget(self, index: int, object_id: int) -> None:
         """Start an object afresh (cleared or deleted on the page): its next click ignores earlier masks."""

@@ -17,7 +17,7 @@ windows of different scales often return the same object with slightly different
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -36,6 +36,7 @@ from sam4med.engine.registry import ModelSpec
 from sam4med.engine.sam_model import Decoded
 
 Method = Literal["auto", "points", "boxes"]
+RegionProgress = Callable[[int, int], None]  # (regions done, regions in all), after each region of the point grid
 EVERYTHING_METHODS = ("auto", "points", "boxes")
 CHUNK_LOGITS_BYTES = 32 * 2**20  # full-size float32 logits upscaled at once
 
@@ -290,27 +291,32 @@ def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: Every
     return kept
 
 
-def grid_candidates(predictor: Predictor, settings: EverythingSettings) -> list[ProposedMask]:
+def grid_candidates(predictor: Predictor, settings: EverythingSettings,
+                    progress: RegionProgress | None = None) -> list[ProposedMask]:
     """The point grid's masks that pass the thresholds, region by region (``Predictor.grid_regions``: the
     whole image, or each tile, decoded and filtered in its own frame). As in SAM's generator on crops, area
     fractions are of the region, and a mask that touches its region's extent where that is not the image's
-    border is dropped: the tile cut it, and the tile holding its centre sees it whole."""
+    border is dropped: the tile cut it, and the tile holding its centre sees it whole. ``progress`` hears of
+    each region done (a large image on tiles takes minutes)."""
     assert predictor.image is not None
     height, width = predictor.image.shape[:2]
     kept: list[ProposedMask] = []
-    for core, extent in predictor.grid_regions():
+    regions = predictor.grid_regions()
+    for done, (core, extent) in enumerate(regions, start=1):
         x0, y0 = extent[:2]
         local_core = (core[0] - x0, core[1] - y0, core[2] - x0, core[3] - y0)
         candidates = candidate_masks(predictor.region_predictor(extent), grid_prompts([local_core], settings),
                                      settings, multimask=True, region_area=(core[2] - core[0]) * (core[3] - core[1]))
         if not candidates or extent == (0, 0, width, height):
             kept += candidates
-            continue
-        boxes = torch.tensor([c.box for c in candidates], dtype=torch.float32)  # in the tile's frame
-        cut = is_box_near_crop_edge(boxes, list(extent), [0, 0, width, height], atol=1.0).tolist()
-        kept += [replace(c, box=(c.box[0] + x0, c.box[1] + y0, c.box[2] + x0, c.box[3] + y0), shape=(height, width),
-                         prompt=c.prompt.moved(x0, y0))
-                 for c, drop in zip(candidates, cut) if not drop]
+        else:
+            boxes = torch.tensor([c.box for c in candidates], dtype=torch.float32)  # in the tile's frame
+            cut = is_box_near_crop_edge(boxes, list(extent), [0, 0, width, height], atol=1.0).tolist()
+            kept += [replace(c, box=(c.box[0] + x0, c.box[1] + y0, c.box[2] + x0, c.box[3] + y0),
+                             shape=(height, width), prompt=c.prompt.moved(x0, y0))
+                     for c, drop in zip(candidates, cut) if not drop]
+        if progress is not None:
+            progress(done, len(regions))
     return kept
 
 
@@ -320,16 +326,17 @@ def generate_masks(predictor: Predictor, image: np.ndarray, settings: Everything
     return everything_masks(predictor, settings)
 
 
-def everything_masks(predictor: Predictor, settings: EverythingSettings | None = None) -> list[ProposedMask]:
+def everything_masks(predictor: Predictor, settings: EverythingSettings | None = None,
+                     progress: RegionProgress | None = None) -> list[ProposedMask]:
     """All masks of everything mode for the image ``predictor`` holds (the annotator's open frame), best
-    score first."""
+    score first; ``progress`` hears of each region of the point grid done (box proposals are one pass)."""
     settings = (settings or EverythingSettings()).resolved(predictor.model.spec)
     image = predictor.image
     assert image is not None, "set_image first"
     size = image.shape[:2]
     predictor.encode_all()  # every region is visited: its encodes come before any decoder's batches
     if settings.method == "points":
-        candidates = box_nms(grid_candidates(predictor, settings), settings.nms_thresh)
+        candidates = box_nms(grid_candidates(predictor, settings, progress), settings.nms_thresh)
         return sorted(candidates, key=lambda c: c.score, reverse=True)
     boxes = window_boxes(size, settings.box_scales, settings.box_overlap)
     boxes += region_boxes(image, settings.region_proposals, settings.min_area_fraction)

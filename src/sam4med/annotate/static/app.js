@@ -192,13 +192,25 @@ function paint(x, y, value) {
   render();
 }
 
+// On tiles Everything takes minutes: the status line counts the tiles done until the answer comes.
+async function withProgress(index, request) {
+  let waiting = true;
+  const poll = setInterval(async () => {
+    const progress = await api("/api/everything/progress").catch(() => null);
+    if (waiting && progress && progress.image === index && progress.total > 1)
+      status(`finding every object (everything mode): ${progress.done} of ${progress.total} tiles done…`);
+  }, 1000);
+  try { return await request; } finally { waiting = false; clearInterval(poll); }
+}
+
 async function findEverything() {
   const { width, height } = state.info;
   const taken = new Uint8Array(width * height);
   for (const object of state.objects) for (let i = 0; i < taken.length; i++) taken[i] |= object.mask[i];
   status("finding every object (everything mode)…");
   const index = state.index;
-  const result = await api(`/api/images/${index}/everything`, area(taken) ? { taken: maskToPng(taken) } : {});
+  const result = await withProgress(index, api(`/api/images/${index}/everything`,
+                                               area(taken) ? { taken: maskToPng(taken) } : {}));
   if (state.index !== index) {  // another image was opened meanwhile: these objects are not its
     status(`everything mode's objects of ${state.images[index].id} were left out: another image is open`, true);
     return;
