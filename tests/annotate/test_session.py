@@ -350,6 +350,8 @@ def test_a_volume_slice_by_slice_with_propagation(tmp_path, click_model):
                                                            "first": 2, "last": 9}).json()
     assert (reached["first"], reached["last"]) == (2, 9)
     assert sum(i["annotated"] for i in reached["images"]) == 8
+    # what the page showed meanwhile, at the end: slices 6-9 and 4-2, of the 7 there were at most
+    assert client.get("/api/progress").json() == {"task": "propagate", "image": 5, "done": 7, "total": 7}
     written = tmp_path / "scan" / "masks" / "disc.nii.gz"
     labels = sitk.ReadImage(str(written))
     assert labels.GetSpacing() == pytest.approx((0.8, 0.8, 2.5)) and labels.GetOrigin() == pytest.approx((10, -5, 3))
@@ -400,7 +402,7 @@ def test_everything_finds_the_objects_not_on_the_page_and_a_click_corrects_one(t
         assert o["box"] == [int(v) for v in box_of(mask)] and o["area"] == int(mask.sum())
     best = [max(dice(m, truth) for m in masks) for truth in truths]
     assert min(best) >= 0.9, best
-    assert client.get("/api/everything/progress").json() == {"image": 0, "done": 1, "total": 1}  # one region
+    assert client.get("/api/progress").json() == {"task": "everything", "image": 0, "done": 1, "total": 1}
 
     taken = truths[0] | truths[2]  # two objects already drawn: only the third is found, none overlaps them
     found = client.post("/api/images/0/everything", json={"taken": png64(taken)}).json()["objects"]
@@ -423,7 +425,7 @@ def test_everything_finds_the_objects_not_on_the_page_and_a_click_corrects_one(t
     assert dice(mask_of(clicked["mask"]), truths[1]) >= 0.85
 
 
-def test_everythings_progress_is_answered_while_it_runs(tmp_path, click_model, monkeypatch):
+def test_a_long_requests_progress_is_answered_while_it_runs(tmp_path, click_model, monkeypatch):
     """On tiles Everything takes minutes, and the page asks how far it is meanwhile: the session answers without
     waiting for the run, which holds the session until it ends."""
     import sam4med.annotate.session as session_module
@@ -439,13 +441,13 @@ def test_everythings_progress_is_answered_while_it_runs(tmp_path, click_model, m
 
     monkeypatch.setattr(session_module, "find_objects", two_of_nine_tiles)
     client = TestClient(create_app(AnnotationSession(tmp_path / "blobs", click_model, prefetch=False)))
-    assert client.get("/api/everything/progress").json() == {"image": None, "done": 0, "total": None}
+    assert client.get("/api/progress").json() == {"task": None, "image": None, "done": 0, "total": None}
     answers = []
     running = threading.Thread(target=lambda: answers.append(client.post("/api/images/0/everything", json={})))
     running.start()
     try:
         assert reported.wait(60)
-        assert client.get("/api/everything/progress").json() == {"image": 0, "done": 2, "total": 9}
+        assert client.get("/api/progress").json() == {"task": "everything", "image": 0, "done": 2, "total": 9}
         assert not answers  # still running
     finally:
         release.set()

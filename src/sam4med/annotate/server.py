@@ -132,10 +132,11 @@ def create_app(session: AnnotationSession) -> FastAPI:
                 "volume": session.frames.volume,
                 "images": listing, "annotated": sum(bool(i["annotated"]) for i in listing), "total": len(listing)}
 
-    @app.get("/api/everything/progress")
-    def everything_progress() -> dict[str, object]:
-        """What the page shows while Everything runs: its image and the grid regions (tiles) done of all."""
-        return session.everything_progress or {"image": None, "done": 0, "total": None}
+    @app.get("/api/progress")
+    def progress() -> dict[str, object]:
+        """What the page shows while a long request runs: which (everything, propagate), on which image, and its
+        steps done of all (tiles, slices)."""
+        return session.progress or {"task": None, "image": None, "done": 0, "total": None}
 
     @app.get("/api/images/{index}")
     def describe(index: int) -> dict[str, object]:

@@ -15,10 +15,10 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -33,9 +33,6 @@ from sam4med.engine.runs import atomic_path, write_bytes_atomic, write_json
 from sam4med.engine.sam_model import SamModel
 from sam4med.engine.segment import propagate
 from sam4med.engine.tiling import make_predictor
-
-if TYPE_CHECKING:  # engine.everything is imported when Everything is first asked for
-    from sam4med.engine.everything import RegionProgress
 from sam4med.engine.volumes import VOLUME_SUFFIXES, read_label_volume, read_volume, window, write_label_volume
 
 TOOL_FOLDER = ".sam4med"
@@ -335,7 +332,7 @@ class AutoObject:
 
 
 def find_objects(predictor: Predictor, taken: np.ndarray | None = None,
-                 progress: RegionProgress | None = None) -> list[AutoObject]:
+                 progress: Callable[[int, int], None] | None = None) -> list[AutoObject]:
     """Every object everything mode finds on the image ``predictor`` holds (the model's point grid, or box proposals
     for a box-only model; on tiles for a tiled predictor), as ``segment-everything`` labels an image, leaving out the
     pixels ``taken`` (HxW bool: the objects on the page). Each comes with its mask's tight box, so a click on it
@@ -377,8 +374,8 @@ class AnnotationSession:
         self._lock = threading.RLock()
         self._open: _OpenFrame | None = None
         self._prefetching: threading.Thread | None = None
-        # the last Everything's image and grid regions (tiles) done of all, read without the lock while it runs
-        self.everything_progress: dict[str, int | None] | None = None
+        # how far the last long request (Everything, a propagation) is: read without the lock while it runs
+        self.progress: dict[str, object] | None = None
 
     # --- the frame list --------------------------------------------------------------------
     @property
@@ -484,12 +481,17 @@ class AnnotationSession:
             if taken is not None and taken.shape != self._open.shape:
                 raise InputError(f"objects on the page: mask is {hw(taken.shape)} but the image is "
                                  f"{hw(self._open.shape)}")
+            return find_objects(self.predictor, taken, self._progress_of("everything", index))
 
-            def heard(done: int, total: int) -> None:
-                self.everything_progress = {"image": index, "done": done, "total": total}
+    def _progress_of(self, task: str, index: int) -> Callable[[int, int], None]:
+        """A long request starts: ``progress`` says so, and the function returned keeps it up to date (steps done
+        of all: the grid's tiles, the slices)."""
+        self.progress = {"task": task, "image": index, "done": 0, "total": None}
 
-            self.everything_progress = {"image": index, "done": 0, "total": None}
-            return find_objects(self.predictor, taken, heard)
+        def heard(done: int, total: int) -> None:
+            self.progress = {"task": task, "image": index, "done": done, "total": total}
+
+        return heard
 
     def forget(self, index: int, object_id: int) -> None:
         """Start an object afresh (cleared or deleted on the page): its next click ignores earlier masks."""
@@ -515,7 +517,8 @@ class AnnotationSession:
             raise InputError(f"slices {first} to {last}: must hold slice {index} and lie within 0..{depth - 1}")
         with self._lock:
             masks = propagate(self.predictor, self.frames.slices(), index, obj.mask, (first, last),
-                              mask_rule=self.model.spec.default_mask_rule)
+                              mask_rule=self.model.spec.default_mask_rule,
+                              progress=self._progress_of("propagate", index))
             self._open = None  # the predictor now holds another slice's embedding
             self.frames.write_object(obj.label, masks)
         reached = np.flatnonzero(masks.any(axis=(1, 2)))

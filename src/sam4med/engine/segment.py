@@ -148,14 +148,17 @@ def propagate(
     limits: tuple[int, int] | None = None,
     margin: int = 2,
     mask_rule: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Carry one object's ``mask`` on slice ``start`` to its neighbours: each slice is prompted with the box
     of the previous slice's mask (plus ``margin`` pixels), outwards to both ends of ``limits`` (first and
     last slice, inclusive; default the whole stack); a direction stops once a slice comes back empty.
-    Returns the masks of all slices (depth, H, W), ``mask`` itself on ``start``."""
+    Returns the masks of all slices (depth, H, W), ``mask`` itself on ``start``. ``progress`` hears of each
+    slice done, of the most there can be (every slice of ``limits`` but ``start``)."""
     low, high = limits if limits is not None else (0, len(slices) - 1)
     labels = np.zeros((len(slices), *mask.shape), dtype=bool)
     labels[start] = mask
+    done = 0
     for step, stop in ((1, high), (-1, low)):
         previous = mask
         for z in range(start + step, stop + step, step):
@@ -163,6 +166,9 @@ def propagate(
                 break
             labels[z] = segment_image(predictor, _rgb(slices[z]), Prompt(box=tight_box(previous, margin)), mask_rule)
             previous = labels[z]
+            done += 1
+            if progress is not None:
+                progress(done, high - low)
     return labels
 
 

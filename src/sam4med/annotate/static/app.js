@@ -192,13 +192,14 @@ function paint(x, y, value) {
   render();
 }
 
-// On tiles Everything takes minutes: the status line counts the tiles done until the answer comes.
-async function withProgress(index, request) {
+// Everything on tiles and a propagation through a volume take minutes: until the answer comes, the status line
+// counts the steps (tiles, slices) done, as the server reports them for this task on this image.
+async function withProgress(task, index, describe, request) {
   let waiting = true;
   const poll = setInterval(async () => {
-    const progress = await api("/api/everything/progress").catch(() => null);
-    if (waiting && progress && progress.image === index && progress.total > 1)
-      status(`finding every object (everything mode): ${progress.done} of ${progress.total} tiles done…`);
+    const progress = await api("/api/progress").catch(() => null);
+    if (waiting && progress && progress.task === task && progress.image === index && progress.total > 1)
+      status(describe(progress.done, progress.total));
   }, 1000);
   try { return await request; } finally { waiting = false; clearInterval(poll); }
 }
@@ -209,8 +210,9 @@ async function findEverything() {
   for (const object of state.objects) for (let i = 0; i < taken.length; i++) taken[i] |= object.mask[i];
   status("finding every object (everything mode)…");
   const index = state.index;
-  const result = await withProgress(index, api(`/api/images/${index}/everything`,
-                                               area(taken) ? { taken: maskToPng(taken) } : {}));
+  const result = await withProgress(
+    "everything", index, (done, total) => `finding every object (everything mode): ${done} of ${total} tiles done…`,
+    api(`/api/images/${index}/everything`, area(taken) ? { taken: maskToPng(taken) } : {}));
   if (state.index !== index) {  // another image was opened meanwhile: these objects are not its
     status(`everything mode's objects of ${state.images[index].id} were left out: another image is open`, true);
     return;
@@ -418,10 +420,12 @@ async function propagateObject() {
   }
   const object = state.objects[state.selected];
   status(`${object.label}: propagating through the volume…`);
-  const result = await api(`/api/images/${state.index}/propagate`, {
-    label: object.label, mask: maskToPng(object.mask),
-    first: Number($("first-slice").value), last: Number($("last-slice").value),
-  });
+  const result = await withProgress(
+    "propagate", state.index, (done, total) => `${object.label}: propagating, ${done} of at most ${total} slices…`,
+    api(`/api/images/${state.index}/propagate`, {
+      label: object.label, mask: maskToPng(object.mask),
+      first: Number($("first-slice").value), last: Number($("last-slice").value),
+    }));
   state.images = result.images;
   renderList();
   status(`${object.label}: carried to slices ${result.first}–${result.last} (${result.slices} slices) and saved`);
