@@ -475,13 +475,14 @@ class AnnotationSession:
 
     def everything(self, index: int, taken: np.ndarray | None = None) -> list[AutoObject]:
         """:func:`find_objects` on the frame: what the page's Everything adds."""
+        heard = self._progress_of("everything", index)  # before the wait for the session and the image's encoding
         with self._lock:
             self.open(index)
             assert self._open is not None
             if taken is not None and taken.shape != self._open.shape:
                 raise InputError(f"objects on the page: mask is {hw(taken.shape)} but the image is "
                                  f"{hw(self._open.shape)}")
-            return find_objects(self.predictor, taken, self._progress_of("everything", index))
+            return find_objects(self.predictor, taken, heard)
 
     def _progress_of(self, task: str, index: int) -> Callable[[int, int], None]:
         """A long request starts: ``progress`` says so, and the function returned keeps it up to date (steps done
@@ -515,10 +516,10 @@ class AnnotationSession:
         first, last = (0 if first is None else first), (depth - 1 if last is None else last)
         if not 0 <= first <= self.check(index) <= last < depth:
             raise InputError(f"slices {first} to {last}: must hold slice {index} and lie within 0..{depth - 1}")
+        heard = self._progress_of("propagate", index)
         with self._lock:
             masks = propagate(self.predictor, self.frames.slices(), index, obj.mask, (first, last),
-                              mask_rule=self.model.spec.default_mask_rule,
-                              progress=self._progress_of("propagate", index))
+                              mask_rule=self.model.spec.default_mask_rule, progress=heard)
             self._open = None  # the predictor now holds another slice's embedding
             self.frames.write_object(obj.label, masks)
         reached = np.flatnonzero(masks.any(axis=(1, 2)))
