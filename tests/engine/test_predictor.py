@@ -163,8 +163,11 @@ def test_volume_propagates_a_box_from_the_middle_slice(litemedsam):
         slices.append(image[..., 0])
         truth.append(mask)
     ys, xs = np.nonzero(truth[3])
-    labels = segment_volume(Predictor(litemedsam), slices, (xs.min(), ys.min(), 1, xs.max(), ys.max(), 5))
+    heard = []
+    labels = segment_volume(Predictor(litemedsam), slices, (xs.min(), ys.min(), 1, xs.max(), ys.max(), 5),
+                            progress=lambda done, total: heard.append((done, total)))
     assert labels.shape == (7, 96, 96)
+    assert heard == [(1, 4), (2, 4), (3, 4), (4, 4)]  # slices 4, 5, then 2, 1: every slice of 1..5 but the middle
     assert not labels[0].any() and not labels[6].any()
     for z in range(1, 6):
         assert dice(labels[z], truth[z]) > 0.9, z

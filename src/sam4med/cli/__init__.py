@@ -260,10 +260,16 @@ def segment_volume(
     from sam4med.engine.errors import check_tiling
     from sam4med.engine.segment import segment_volume_file
 
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     check_tiling(tile or None, halo)
     check_threads(threads)
-    labels = segment_volume_file(_torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads),
-                                 volume, box3d, out, axis, (lower_percentile, upper_percentile))
+    with Progress(TextColumn("propagate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:  # a CT of hundreds of slices takes minutes
+        slices_done = bar.add_task("propagate", total=None)
+        labels = segment_volume_file(_torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads),
+                                     volume, box3d, out, axis, (lower_percentile, upper_percentile),
+                                     lambda done, total: bar.update(slices_done, completed=done, total=total))
     typer.echo(f"{out}: {int(labels.sum())} foreground voxels in "
                f"{int(labels.any(axis=tuple(a for a in range(3) if a != axis)).sum())} slices")
 

@@ -128,16 +128,17 @@ def segment_volume(
     box3d: Sequence[float],
     margin: int = 2,
     mask_rule: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Segment one object in a stack of 8-bit slices from a 3D box (x0, y0, z0, x1, y1, z1).
 
     As LiteMedSAM's 3D inference does: the middle slice of the box's z range is segmented with
-    the 2D box, then carried outwards to both ends of the range by :func:`propagate`.
+    the 2D box, then carried outwards to both ends of the range by :func:`propagate` (``progress``: its).
     """
     x0, y0, z0, x1, y1, z1 = _check_box3d(box3d, len(slices))
     middle = int(round((z0 + z1) / 2))
     first = segment_image(predictor, _rgb(slices[middle]), Prompt(box=[x0, y0, x1, y1]), mask_rule)
-    return propagate(predictor, slices, middle, first, (int(z0), int(z1)), margin, mask_rule)
+    return propagate(predictor, slices, middle, first, (int(z0), int(z1)), margin, mask_rule, progress)
 
 
 def propagate(
@@ -409,9 +410,11 @@ def _write_label_map(path: Path, labels: np.ndarray) -> None:
 
 
 def segment_volume_file(predictor: PredictorSource, volume_path: str | Path, box3d: Sequence[float], out: str | Path,
-                        axis: int = 0, percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+                        axis: int = 0, percentiles: tuple[float, float] = (0.5, 99.5),
+                        progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Segment one object of a volume file from a 3D box whose z is the index along ``axis`` of the
-    (z, y, x) array (0 axial, 1 coronal, 2 sagittal); write the label volume on the image's grid.
+    (z, y, x) array (0 axial, 1 coronal, 2 sagittal); write the label volume on the image's grid. ``progress``
+    hears of each slice the propagation has done, of the most it can do.
 
     Output, axis, volume and box are checked before ``predictor`` is made (when it is a function)."""
     volume_path, out = Path(volume_path), Path(out)
@@ -429,7 +432,7 @@ def segment_volume_file(predictor: PredictorSource, volume_path: str | Path, box
              "means nothing")
     stack = list(slices(window(image.array, *percentiles), axis))
     _check_box3d(box3d, len(stack), stack[0].shape[:2] if stack else None, axis)
-    labels = segment_volume(_ready(predictor), stack, box3d)
+    labels = segment_volume(_ready(predictor), stack, box3d, progress=progress)
     labels = np.moveaxis(labels, 0, axis)
     out.parent.mkdir(parents=True, exist_ok=True)  # as segment does for its mask
     write_label_volume(labels.astype(np.uint8), image, out)
