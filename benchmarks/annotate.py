@@ -22,8 +22,9 @@ annotator reaches Dice 0.90 with
 - with --everything, Everything first (the page's A): the objects the page's own code finds on the whole image
   (annotate.session.find_objects); an object whose best-matching found object has Dice >= 0.90 costs no click,
   one with Dice >= 0.5 costs the corrective clicks that bring it to 0.90, decoded as the page does (its found
-  box's mask, then clicks; at most --rounds), and one never found (Dice < 0.5) costs what a box and clicks cost. Per image, the found objects that match no true object (Dice < 0.5) are counted: each is one click
-  to drop, and the key press itself is one.
+  box's mask, then clicks; at most --rounds), and one never found (Dice < 0.5) costs what a box and clicks cost.
+  Per image, the found objects that match no true object (Dice < 0.5) are counted: each is one click to drop, and
+  the key press itself is one.
 An object sam4med never brings to 0.90 counts its cap (2 + rounds, or 1 + rounds; rounds for a found one) and is
 reported.
 The table (per data set: means and the ratio polygon vertices / sam4med clicks) goes to OUT/effort.csv.
@@ -113,8 +114,9 @@ def effort(data: list[Path], model_name: str, max_images: int, min_area: int, ro
             if len(ids) > max_objects:  # a seeded draw, as the benchmark's --max-objects
                 ids = sorted(np.random.default_rng([0, len(rows)]).choice(ids, max_objects, replace=False).tolist())
             predictor.set_image(image)
-            found = [(o.mask, list(o.box)) for o in find_objects(predictor)] if with_everything else []
-            if with_everything:  # found objects no true object (of any size) matches: one click each to drop
+            if with_everything:
+                found = [(o.mask, list(o.box)) for o in find_objects(predictor)]
+                # found objects no true object (of any size) matches: one click each to drop
                 every_object = object_labels(mask, min_area=1)[0]
                 truths = [every_object == value for value in np.unique(every_object) if value]
                 spurious = sum(max((dice(m, t) for t in truths), default=0.0) < 0.5 for m, _ in found)

@@ -36,7 +36,6 @@ from sam4med.engine.registry import ModelSpec
 from sam4med.engine.sam_model import Decoded
 
 Method = Literal["auto", "points", "boxes"]
-RegionProgress = Callable[[int, int], None]  # (regions done, regions in all), after each region of the point grid
 EVERYTHING_METHODS = ("auto", "points", "boxes")
 CHUNK_LOGITS_BYTES = 32 * 2**20  # full-size float32 logits upscaled at once
 
@@ -292,7 +291,7 @@ def candidate_masks(predictor: Predictor, prompts: list[Prompt], settings: Every
 
 
 def grid_candidates(predictor: Predictor, settings: EverythingSettings,
-                    progress: RegionProgress | None = None) -> list[ProposedMask]:
+                    progress: Callable[[int, int], None] | None = None) -> list[ProposedMask]:
     """The point grid's masks that pass the thresholds, region by region (``Predictor.grid_regions``: the
     whole image, or each tile, decoded and filtered in its own frame). As in SAM's generator on crops, area
     fractions are of the region, and a mask that touches its region's extent where that is not the image's
@@ -327,7 +326,7 @@ def generate_masks(predictor: Predictor, image: np.ndarray, settings: Everything
 
 
 def everything_masks(predictor: Predictor, settings: EverythingSettings | None = None,
-                     progress: RegionProgress | None = None) -> list[ProposedMask]:
+                     progress: Callable[[int, int], None] | None = None) -> list[ProposedMask]:
     """All masks of everything mode for the image ``predictor`` holds (the annotator's open frame), best
     score first; ``progress`` hears of each region of the point grid done (box proposals are one pass)."""
     settings = (settings or EverythingSettings()).resolved(predictor.model.spec)
