@@ -83,6 +83,21 @@ def test_an_overlay_that_fails_while_written_leaves_an_existing_mask_as_it_was(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["image.png", "mask.png"]  # no temporary left behind
 
 
+def test_an_image_without_contrast_is_flagged_and_still_segmented(tmp_path, click_model, capsys):
+    """A blank frame (a constant 16-bit image is windowed to one value) gives a mask that means nothing: said."""
+    from sam4med.engine.predictor import Predictor
+
+    Image.fromarray(np.full((64, 80), 4000, np.uint16)).save(tmp_path / "blank.png")
+    mask = segment_image_file(Predictor(click_model), tmp_path / "blank.png", Prompt(box=[0, 0, 79, 63]),
+                              tmp_path / "mask.png")
+    assert mask.shape == (64, 80) and (tmp_path / "mask.png").is_file()
+    assert capsys.readouterr().err == (f"warning: {tmp_path / 'blank.png'}: every pixel is [0, 0, 0]; an image without "
+                                       "contrast gives a mask that means nothing\n")
+    Image.fromarray(np.tile(np.arange(80, dtype=np.uint16) * 50, (64, 1))).save(tmp_path / "ramp.png")
+    segment_image_file(Predictor(click_model), tmp_path / "ramp.png", Prompt(box=[0, 0, 79, 63]), tmp_path / "mask.png")
+    assert capsys.readouterr().err == ""
+
+
 def test_an_image_thinner_than_one_embedding_token_at_the_models_size_is_flagged(tmp_path, click_model, capsys):
     """A 4000 x 12 strip is 0.8 px wide at 256: no mask can follow it, and the runtimes differ on it."""
     from sam4med.engine.predictor import Predictor
@@ -93,7 +108,7 @@ def test_an_image_thinner_than_one_embedding_token_at_the_models_size_is_flagged
     segment_image_file(Predictor(click_model), tmp_path / "strip.png", Prompt(box=[0, 500, 11, 2500]),
                        tmp_path / "mask.png")
     assert "strip.png: its shorter side becomes 0.8 px at the model's 256 px input" in capsys.readouterr().err
-    Image.fromarray(strip[:1000:4]).save(tmp_path / "shorter.png")  # 250 x 12: 12 px wide at 256
+    Image.fromarray(strip[750:1750:4]).save(tmp_path / "shorter.png")  # 250 x 12: 12 px wide at 256
     segment_image_file(Predictor(click_model), str(tmp_path / "shorter.png"), Prompt(box=[0, 50, 11, 200]),
                        str(tmp_path / "mask.png"))  # the Python functions take str paths as well
     assert capsys.readouterr().err == ""

@@ -266,10 +266,11 @@ def segment_volume(
     check_threads(threads)
     with Progress(TextColumn("propagate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   transient=True) as bar:  # a CT of hundreds of slices takes minutes
-        slices_done = bar.add_task("propagate", total=None)
+        slices_done = bar.add_task("propagate", total=None, visible=False)  # shown from the first slice, not the load
         labels = segment_volume_file(_torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads),
                                      volume, box3d, out, axis, (lower_percentile, upper_percentile),
-                                     lambda done, total: bar.update(slices_done, completed=done, total=total))
+                                     lambda done, total: bar.update(slices_done, completed=done, total=total,
+                                                                    visible=True))
     typer.echo(f"{out}: {int(labels.sum())} foreground voxels in "
                f"{int(labels.any(axis=tuple(a for a in range(3) if a != axis)).sum())} slices")
 

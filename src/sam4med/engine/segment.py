@@ -198,7 +198,7 @@ def segment_image_file(predictor: PredictorSource, image_path: str | Path, promp
         raise InputError(f"{image_path}: {exc}") from None
     # refused here, not in segment_image: below the verbs it still decodes a click, to measure what a box-only model does
     ready = _ready_for(predictor, "--point" if prompt.points is not None else None)
-    _warn_if_thin(image_path, pixels.shape[:2], ready.protocol)
+    _warn_if_unusable(image_path, pixels, ready.protocol)
     mask = segment_image(ready, pixels, prompt, mask_rule)
     for written in (out, overlay) if overlay else (out,):  # both folders before either file: a failure replaces nothing
         written.parent.mkdir(parents=True, exist_ok=True)
@@ -211,13 +211,18 @@ def segment_image_file(predictor: PredictorSource, image_path: str | Path, promp
     return mask
 
 
-def _warn_if_thin(image_path: Path, size: tuple[int, int], protocol: dict[str, object]) -> None:
-    """Say so when the image's shorter side shrinks below one embedding token (a 64th of the model's input) as
-    its longer side is scaled to the input: no mask can follow such a strip, and runtimes differ on it."""
+def _warn_if_unusable(image_path: Path, pixels: np.ndarray, protocol: dict[str, object]) -> None:
+    """Say so when no mask can mean anything on the image: every pixel alike (a blank frame, a constant 16-bit
+    image windowed to one value), or its shorter side shrinking below one embedding token (a 64th of the model's
+    input) as its longer side is scaled to the input, where no mask can follow the strip and runtimes differ."""
+    values = pixels.reshape(-1, pixels.shape[2] if pixels.ndim == 3 else 1)
+    if values.size and (values == values[0]).all():
+        warn(f"{image_path}: every pixel is {values[0].tolist()}; an image without contrast gives a mask that means "
+             "nothing")
     side = protocol.get("image_size")
     if protocol.get("resize") != "longest_side" or "tiling" in protocol or not isinstance(side, int):
         return
-    thin = min(size) * side / max(size)
+    thin = min(pixels.shape[:2]) * side / max(pixels.shape[:2])
     if thin < side / 64:
         warn(f"{image_path}: its shorter side becomes {thin:.1f} px at the model's {side} px input, less than one "
              "embedding token: the mask cannot follow it (crop the image around the object)")
@@ -265,7 +270,7 @@ def segment_folder(predictor: PredictorSource, folder: str | Path, prompts: str 
 
     def segment_one(item: WorkItem) -> list[dict]:
         pixels = read_image(item.sample.image_path)
-        _warn_if_thin(item.sample.image_path, pixels.shape[:2], ready.protocol)
+        _warn_if_unusable(item.sample.image_path, pixels, ready.protocol)
         labels = np.zeros(pixels.shape[:2], np.uint16 if len(table[item.sample.id]) > 255 else np.uint8)
         rows = []
         for value, entry in enumerate(table[item.sample.id], start=1):
@@ -329,7 +334,7 @@ def segment_everything(predictor: Predictor | Callable[[], Predictor], folder: s
 
     def segment_one(item: WorkItem) -> list[dict]:
         pixels = read_image(item.sample.image_path)
-        _warn_if_thin(item.sample.image_path, pixels.shape[:2], ready.protocol)
+        _warn_if_unusable(item.sample.image_path, pixels, ready.protocol)
         proposals = generate_masks(ready, pixels, resolved)
         instances = claim_pixels(proposals, pixels.shape[:2], min_visible)
         kept = instances.kept[: np.iinfo(np.uint16).max]
