@@ -485,8 +485,9 @@ def test_files_of_a_folder_that_are_not_images_are_named_when_left_out(tmp_path,
     assert capsys.readouterr().err == f"warning: {tmp_path}: 2 file(s) left out, not images by name or content (b.gif, notes.txt)\n"
 
 
-def test_a_strip_thinner_than_one_embedding_token_is_flagged_in_a_folder_run_too(tmp_path, click_model, capsys):
-    """Both folder verbs say which image no mask can follow (as the one-image verb does), and go on."""
+def test_a_strip_or_a_blank_image_is_flagged_in_a_folder_run_too(tmp_path, click_model, capsys):
+    """Both folder verbs say which image no mask can follow or mean anything on (as the one-image verb does), and
+    go on."""
     from sam4med.engine.everything import EverythingSettings
     from sam4med.engine.segment import segment_everything
 
@@ -497,15 +498,17 @@ def test_a_strip_thinner_than_one_embedding_token_is_flagged_in_a_folder_run_too
     Image.fromarray(strip).save(images / "strip.png")
     image, _ = make_ellipse_image(200, 300, centre=(100, 150), radii=(40, 70), seed=0)
     Image.fromarray(image).save(images / "ellipse.png")
-    table = _table(tmp_path, "strip.png,,0,500,11,2500,,\nellipse.png,,80,30,220,170,,\n")
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(images / "blank.png")
+    table = _table(tmp_path, "strip.png,,0,500,11,2500,,\nellipse.png,,80,30,220,170,,\nblank.png,,8,8,40,40,,\n")
     summary = segment_folder(Predictor(click_model), images, table, tmp_path / "boxes", show_progress=False)
     err = capsys.readouterr().err
-    assert summary.computed == 2 and "strip.png: its shorter side becomes 0.8 px at the model's 256 px input" in err
-    assert "ellipse.png" not in err
+    assert summary.computed == 3 and "strip.png: its shorter side becomes 0.8 px at the model's 256 px input" in err
+    assert "blank.png: every pixel is [90, 90, 90]; an image without contrast" in err and "ellipse.png" not in err
     summary = segment_everything(Predictor(click_model), tmp_path, tmp_path / "everything",
                                  EverythingSettings(points_per_side=4), show_progress=False)
     err = capsys.readouterr().err
-    assert summary.computed == 2 and "strip.png: its shorter side becomes 0.8 px" in err and "ellipse.png" not in err
+    assert summary.computed == 3 and "strip.png: its shorter side becomes 0.8 px" in err and "ellipse.png" not in err
+    assert "blank.png: every pixel is [90, 90, 90]" in err
 
 
 def test_clicks_in_the_table_for_a_box_only_model_are_refused_naming_their_lines(tmp_path, folder, litemedsam,
