@@ -257,10 +257,10 @@ def segment_volume(
     threads: ThreadsOption = None,
 ) -> None:
     """Segment one object in a volume from a 3D box, propagated slice by slice from the middle."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from sam4med.engine.errors import check_tiling
     from sam4med.engine.segment import segment_volume_file
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     check_tiling(tile or None, halo)
     check_threads(threads)

@@ -212,10 +212,11 @@ def segment_image_file(predictor: PredictorSource, image_path: str | Path, promp
 
 
 def _warn_if_unusable(image_path: Path, pixels: np.ndarray, protocol: dict[str, object]) -> None:
-    """Say so when no mask can mean anything on the image: every pixel alike (a blank frame, a constant 16-bit
-    image windowed to one value), or its shorter side shrinking below one embedding token (a 64th of the model's
-    input) as its longer side is scaled to the input, where no mask can follow the strip and runtimes differ."""
-    values = pixels.reshape(-1, pixels.shape[2] if pixels.ndim == 3 else 1)
+    """Say so when no mask can mean anything on the image (HxWx3, as ``read_image`` gives it): every pixel alike (a
+    blank frame, a constant 16-bit image windowed to one value), or its shorter side shrinking below one embedding
+    token (a 64th of the model's input) as its longer side is scaled to the input, where no mask can follow the
+    strip and runtimes differ."""
+    values = pixels.reshape(-1, pixels.shape[-1])
     if values.size and (values == values[0]).all():
         warn(f"{image_path}: every pixel is {values[0].tolist()}; an image without contrast gives a mask that means "
              "nothing")
