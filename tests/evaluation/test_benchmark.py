@@ -128,9 +128,12 @@ def test_cli_benchmark_report_and_segment(tmp_path):
     runner = CliRunner()
     out = tmp_path / "results"
     result = runner.invoke(app, ["eval", "benchmark", "--data", str(data), "--out", str(out), "--modes", "box,everything",
-                                 "--max-images", "1", "--device", "cpu"])
+                                 "--max-images", "1", "--device", "cpu", "--points-per-side", "8",
+                                 "--pred-iou-thresh", "0.5"])
     assert result.exit_code == 0, result.output
     assert "mean Dice" in result.output
+    everything = json.loads((out / "protocol.json").read_text())["everything"]
+    assert (everything["method"], everything["points_per_side"], everything["pred_iou_thresh"]) == ("points", 8, 0.5)
     result = runner.invoke(app, ["eval", "report", str(out)])
     assert result.exit_code == 0, result.output
     html = (out / "report.html").read_text(encoding="utf-8")
@@ -158,6 +161,8 @@ def test_cli_benchmark_report_and_segment(tmp_path):
         (["eval", "report", "{tmp}"], "no results.jsonl"),
         (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--modes", "points999999999"], "at most 100"),
         (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--rounds", "100000000"], "--rounds 100000000"),
+        (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--points-per-side", "0"], "--points-per-side 0"),
+        (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--stability-thresh", "2"], "--stability-thresh 2"),
         (["eval", "benchmark", "--data", "{data}", "--out", "{data}"], "--out"),
         (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--modes", "box,box"], "--modes: box given more"),
         (["eval", "benchmark", "--data", "{data}", "--out", "{tmp}/r", "--modes", ","], "--modes: give at least one"),

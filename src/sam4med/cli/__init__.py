@@ -20,8 +20,11 @@ from sam4med.cli.options import (
     HaloOption,
     ModelOption,
     OneLineErrorsGroup,
+    PointsPerSideOption,
     PrecisionOption,
+    PredIouThreshOption,
     SegmentMaskRuleOption,
+    StabilityThreshOption,
     ThreadsOption,
     TileOption,
     exit_if_every_image_failed,
@@ -208,11 +211,9 @@ def segment_everything(
     model: ModelOption = DEFAULT_MODEL,
     checkpoint: CheckpointOption = None,
     everything_method: EverythingMethodOption = "auto",
-    points_per_side: Annotated[int, typer.Option(help="Point grid: points per side of the image (or tile).")] = 16,
-    pred_iou_thresh: Annotated[Optional[float], typer.Option(help="Keep masks of predicted IoU at least this; "
-                                                                  "default: the model's.")] = None,
-    stability_thresh: Annotated[Optional[float], typer.Option(help="Keep masks of stability score at least this; "
-                                                                   "default: the model's.")] = None,
+    points_per_side: PointsPerSideOption = 16,
+    pred_iou_thresh: PredIouThreshOption = None,
+    stability_thresh: StabilityThreshOption = None,
     min_visible: Annotated[Optional[float], typer.Option(help="Drop a mask once less than this share of it is left "
                                                               "to it (masks claim pixels best score first); default: "
                                                               "engine.segment.MIN_VISIBLE, 0.8.")] = None,

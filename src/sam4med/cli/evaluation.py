@@ -18,8 +18,11 @@ from sam4med.cli.options import (
     HaloOption,
     MaxImagesOption,
     ModelOption,
+    PointsPerSideOption,
+    PredIouThreshOption,
     RayOption,
     RayWorkersOption,
+    StabilityThreshOption,
     ThreadsOption,
     TileOption,
     one_line_errors,
@@ -56,6 +59,9 @@ def benchmark(
     max_objects: Annotated[int, typer.Option(help="Objects per image, drawn by seed when more (0: all).")] = 20,
     max_images: MaxImagesOption = 0,
     everything_method: EverythingMethodOption = "auto",
+    points_per_side: PointsPerSideOption = 16,
+    pred_iou_thresh: PredIouThreshOption = None,
+    stability_thresh: StabilityThreshOption = None,
     split: Annotated[Optional[str], typer.Option(help="Only this side (test, val, train) of the group-aware "
                                                       "70/10/20 split the trainers use (seed 0).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache folder (re-runs skip the encoder).")] = None,
@@ -90,7 +96,8 @@ def benchmark(
         halo=halo,
         prompts=PromptSettings(jitter, jitter_unit, jitter_kind, points_sampler, negative_region,  # type: ignore[arg-type]
                                interactive_start, rounds, click_rule, correction),
-        everything=EverythingSettings(method=everything_method),  # type: ignore[arg-type]
+        everything=EverythingSettings(method=everything_method, points_per_side=points_per_side,  # type: ignore[arg-type]
+                                      pred_iou_thresh=pred_iou_thresh, stability_thresh=stability_thresh),
     )
     results = run_benchmark(data, out, config, device=device, cache_dir=cache_dir, encoder_backend=encoder,
                             executor=executor, precision=precision)

@@ -135,6 +135,12 @@ TrainPrecisionOption = Annotated[str, typer.Option(help="fp32, or bf16: each tra
                                                         "AMX.")]
 EverythingMethodOption = Annotated[str, typer.Option(help="Everything mode's proposals: auto (the model's own "
                                                           "choice), points (SAM's grid) or boxes.")]
+PointsPerSideOption = Annotated[int, typer.Option(help="Everything mode's point grid: points per side of the image "
+                                                        "(or tile).")]
+PredIouThreshOption = Annotated[Optional[float], typer.Option(help="Everything mode keeps masks of predicted IoU at "
+                                                                   "least this; default: the model's.")]
+StabilityThreshOption = Annotated[Optional[float], typer.Option(help="Everything mode keeps masks of stability score "
+                                                                     "at least this; default: the model's.")]
 EpochsOption = Annotated[int, typer.Option(help="Training epochs (at most, with --patience).")]
 PatienceOption = Annotated[int, typer.Option(help="Stop early after this many epochs without a better validation "
                                                   "Dice (0: train every epoch).")]
