@@ -6,6 +6,7 @@ file such as a radiograph, or a one-slice NIfTI, MetaImage or NRRD file) with Si
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -254,6 +255,11 @@ def _opened(path: Path) -> Iterator[Image.Image]:
                 yield image
     except InputError:
         raise
+    except Image.DecompressionBombError as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+        raise InputError(f"{path}: {size}, more than the {2 * Image.MAX_IMAGE_PIXELS:,} an image may have (Pillow's "
+                         "guard against decompression bombs); cut it into smaller images") from exc
     except Exception as exc:  # PIL and tifffile raise many types for corrupt files
         if isinstance(exc, UnidentifiedImageError) and path.suffix.lower() in _TIFF_SUFFIXES:
             raise _TiffPilCannotRead from exc
