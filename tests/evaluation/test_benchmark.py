@@ -219,6 +219,7 @@ def test_cli_segment_volume_along_an_axis(tmp_path):
     result = CliRunner().invoke(app, ["segment-volume", str(path), "--axis", "2", "--out", str(out), "--device", "cpu",
                                       "--box3d", str(xs.min()), str(ys.min()), "3", str(xs.max()), str(ys.max()), "8"])
     assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"{out}: "), result.output  # one line, no blank one left by a hidden bar
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0
     assert labels.shape == volume.shape
     truth = np.zeros_like(labels)

@@ -258,6 +258,7 @@ def segment_volume(
     threads: ThreadsOption = None,
 ) -> None:
     """Segment one object in a volume from a 3D box, propagated slice by slice from the middle."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sam4med.engine.errors import check_tiling
@@ -265,8 +266,9 @@ def segment_volume(
 
     check_tiling(tile or None, halo)
     check_threads(threads)
-    with Progress(TextColumn("propagate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:  # a CT of hundreds of slices takes minutes
+    console = Console()
+    with Progress(TextColumn("propagate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+                  transient=True, disable=not console.is_terminal) as bar:  # a CT of hundreds of slices takes minutes
         slices_done = bar.add_task("propagate", total=None, visible=False)  # shown from the first slice, not the load
         labels = segment_volume_file(_torch_predictor_source(model, checkpoint, tile, halo, device, precision, threads),
                                      volume, box3d, out, axis, (lower_percentile, upper_percentile),
