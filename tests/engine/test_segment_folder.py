@@ -91,6 +91,19 @@ def test_a_spreadsheets_semicolon_or_tab_table_in_utf8_or_utf16_reads_as_the_com
         read_prompt_table(latin)
 
 
+def test_a_semicolon_tables_decimal_commas_are_read_as_its_spreadsheet_wrote_them(tmp_path):
+    """A spreadsheet that separates cells with ';' writes 45,5 for 45.5; a click's x and y are then separated
+    by a space, and a lone 'x,y' pair still reads as x and y. A comma-separated table has no decimal comma."""
+    path = tmp_path / "prompts.csv"
+    path.write_text('image;x0;y0;x1;y1;points;labels\na.png;1,5;-0,5;30,25;40;"60,5 50;3,4";"1;0"\n', encoding="utf-8")
+    [row] = read_prompt_table(path)["a.png"]
+    assert row.prompt.box.tolist() == [1.5, -0.5, 30.25, 40]
+    assert row.prompt.points.tolist() == [[60.5, 50], [3, 4]]
+    path.write_text('image,x0,y0,x1,y1\na.png,"1,5",2,30,40\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"line 2: x0 '1,5': not a number"):
+        read_prompt_table(path)
+
+
 def test_any_edit_of_an_images_prompts_changes_its_digest_even_below_the_recorded_rounding(tmp_path):
     """The digest decides which images a re-run segments again: an edit smaller than the record's 0.01 px
     rounding, a label, or a click's sign is still an edit."""

@@ -11,7 +11,8 @@ background, all foreground when left out), or both; ``label`` names the object (
     case02.png,nucleus,,,,,41 57,
     case02.png,nucleus,,,,,90 12;95 20,1;0
 
-A spreadsheet's table separated by semicolons or tabs (its header tells), in UTF-8 or UTF-16, is read too.
+A spreadsheet's table separated by semicolons or tabs (its header tells), in UTF-8 or UTF-16, is read too,
+with the decimal comma such a spreadsheet writes (``45,5``; a click's x and y then separated by a space).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -60,9 +62,10 @@ def read_prompt_table(path: str | Path) -> dict[str, list[PromptRow]]:
     except UnicodeDecodeError as error:
         raise InputError(f"{path}: not UTF-8 text ({one_line(error)}); save the table as CSV UTF-8") from None
     # quoted cells may hold line breaks; strict: a quote left open is an error, not the rest of the file in one cell
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_delimiter(text), strict=True)
+    delimiter = _delimiter(text)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
-        return _read_rows(path, reader)
+        return _read_rows(path, reader, decimal_comma=delimiter != ",")
     except csv.Error as error:
         raise InputError(f"{path}: not CSV after line {reader.line_num} ({one_line(error)}; a quote left open?)") from None
 
@@ -77,7 +80,7 @@ def _delimiter(text: str) -> str:
     return ","
 
 
-def _read_rows(path: Path, reader: csv.DictReader) -> dict[str, list[PromptRow]]:
+def _read_rows(path: Path, reader: csv.DictReader, decimal_comma: bool) -> dict[str, list[PromptRow]]:
     columns = [c.strip().lower() for c in reader.fieldnames or []]  # "Image" or " x0" from a spreadsheet too
     if "" in columns:
         raise InputError(f"{path}: column {columns.index('') + 1} of the header has no name")
@@ -99,7 +102,7 @@ def _read_rows(path: Path, reader: csv.DictReader) -> dict[str, list[PromptRow]]
             continue
         try:
             image = _image_key(cells.get("image", ""))
-            prompt = _prompt(cells)
+            prompt = _prompt(cells, decimal_comma)
         except InputError as error:
             raise InputError(f"{path}: line {line}: {error}") from None
         rows = table.setdefault(image, [])
@@ -133,16 +136,16 @@ def _image_key(value: str) -> str:
     return parts.as_posix()
 
 
-def _prompt(cells: dict[str, str]) -> Prompt:
+def _prompt(cells: dict[str, str], decimal_comma: bool) -> Prompt:
     box_cells = [cells.get(c, "") for c in BOX_COLUMNS]
     box = None
     if any(box_cells):
         if not all(box_cells):
             raise InputError("a box needs all of x0, y0, x1, y1")
-        box = [_number(v, name) for v, name in zip(box_cells, BOX_COLUMNS)]
+        box = [_number(v, name, decimal_comma) for v, name in zip(box_cells, BOX_COLUMNS)]
     points = labels = None
     if cells.get("points"):
-        points = [_pair(p) for p in cells["points"].split(";") if p.strip()]
+        points = [_pair(p, decimal_comma) for p in cells["points"].split(";") if p.strip()]
     if cells.get("labels"):
         if points is None:
             raise InputError("'labels' given without 'points'")
@@ -150,9 +153,14 @@ def _prompt(cells: dict[str, str]) -> Prompt:
     return Prompt(points=points, labels=labels, box=box)
 
 
-def _number(text: str, what: str) -> float:
-    """A plain decimal number; Python's own extras (``1_0`` for 10, digits of other scripts) are refused, since a
-    spreadsheet would not read them as the same number."""
+DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
+
+
+def _number(text: str, what: str, decimal_comma: bool) -> float:
+    """A plain decimal number (with ``decimal_comma``, ``45,5`` too); Python's own extras (``1_0`` for 10, digits
+    of other scripts) are refused, since a spreadsheet would not read them as the same number."""
+    if decimal_comma and DECIMAL_COMMA.fullmatch(text):
+        text = text.replace(",", ".")
     try:
         if "_" in text or not text.isascii():
             raise ValueError(text)
@@ -161,11 +169,14 @@ def _number(text: str, what: str) -> float:
         raise InputError(f"{what} '{text}': not a number") from None
 
 
-def _pair(text: str) -> tuple[float, float]:
-    values = text.replace(",", " ").split()
+def _pair(text: str, decimal_comma: bool) -> tuple[float, float]:
+    """``x y`` or ``x,y``; in a table with the decimal comma, ``60,5 50`` is (60.5, 50)."""
+    values = text.split()
+    if not (decimal_comma and len(values) == 2 and all(DECIMAL_COMMA.fullmatch(v) for v in values if "," in v)):
+        values = text.replace(",", " ").split()
     if len(values) != 2:
         raise InputError(f"point '{text.strip()}': expected 'x y'")
-    return _number(values[0], "point x"), _number(values[1], "point y")
+    return _number(values[0], "point x", decimal_comma), _number(values[1], "point y", decimal_comma)
 
 
 def _label(text: str) -> int:
