@@ -153,6 +153,7 @@ BAD_TRAINER_SETTINGS = [(["--learning-rate", value], "--learning-rate") for valu
     (["clicks", "train"], ["--iou-rank-weight", "-1"], "--iou-rank-weight"),
     (["clicks", "train"], ["--iou-rank-weight", "nan"], "--iou-rank-weight"),
     (["clicks", "train"], ["--centre-click-share", "1.5"], "--centre-click-share"),
+    (["clicks", "train"], ["--first-round-share", "-0.1"], "--first-round-share"),
 ])
 def test_bad_trainer_settings_stop_before_anything_is_written(tmp_path, verb, arguments, named):
     result = CliRunner().invoke(app, [*verb, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),

@@ -23,7 +23,8 @@ from PIL import Image
 from sam4med.clicks.embeddings import EmbeddedImage, embedded_images, load_embedding
 from sam4med.clicks.loading import export_prompt_weights
 from sam4med.clicks.training import (ClickTrainConfig, ImageSampler, background_points, best_object_iou,
-                                     click_agreement_loss, first_prompts, iou_rank_loss, train_clicks)
+                                     click_agreement_loss, first_prompts, iou_rank_loss, rollout_loss,
+                                     train_clicks)
 from sam4med.engine.checkpoints import file_sha256
 from sam4med.engine.errors import InputError
 from sam4med.engine.everything import EverythingSettings
@@ -266,6 +267,19 @@ def test_iou_rank_loss_rewards_the_real_order_whatever_the_level():
     predicted = torch.tensor([[0.5, 0.5, 0.5]], requires_grad=True)
     iou_rank_loss(predicted, real).backward()
     assert predicted.grad[0].argmin() == 1  # gradient descent raises the best mask's prediction most
+
+
+def test_first_round_share_weighs_the_first_prompts_mask_against_the_corrections():
+    """Every trained round weighs the same by default; with a share, the first prompt's round carries it and the
+    corrections split the rest, unless the first round was not trained (a box the base decoder answered)."""
+    losses = [torch.tensor(v) for v in (1.0, 2.0, 3.0, 4.0)]
+    assert rollout_loss(losses, True, None).item() == pytest.approx(2.5)
+    assert rollout_loss(losses, True, 0.5).item() == pytest.approx(0.5 * 1 + 0.5 * 3)
+    assert rollout_loss(losses, True, 1.0).item() == pytest.approx(1.0)
+    assert rollout_loss(losses, False, 0.5).item() == pytest.approx(2.5)  # the first of them is a correction
+    assert rollout_loss(losses[:1], True, 0.5).item() == pytest.approx(1.0)  # no corrections: the first alone
+    with pytest.raises(InputError, match="--first-round-share 1.5"):
+        replace(CONFIG, first_round_share=1.5).check()
 
 
 def test_click_agreement_loss_holds_the_mask_to_each_click_and_only_there():

@@ -57,6 +57,9 @@ def train(
     click_weight: Annotated[Optional[float], typer.Option(help="Weight of a term holding each corrected mask to "
                                                           "every click given (the logit under a click against its "
                                                           "label); default: the mask loss alone.")] = None,
+    first_round_share: Annotated[Optional[float], typer.Option(help="Share of each rollout's loss carried by the "
+                                                               "first prompt's mask, the rest split over the "
+                                                               "corrective rounds; default: every round the same.")] = None,
     init: Annotated[Optional[Path], typer.Option(help="Start from these prompt weights (an exported .pt or a "
                                                  "run's checkpoint), e.g. src/sam4med/weights/litemedsam_click.pt.")] = None,
     seed: SeedOption = 0,
@@ -82,7 +85,8 @@ def train(
                               tile_share=tile_share,
                               background_clicks=background_clicks, base_box_decoder=base_box_decoder,
                               iou_rank_weight=iou_rank_weight, centre_click_share=centre_click_share,
-                              click_weight=click_weight, init_weights=recorded_path(init),
+                              click_weight=click_weight, first_round_share=first_round_share,
+                              init_weights=recorded_path(init),
                               trainable=None if train_only == "all" else train_only, seed=seed,
                               precision=precision)
     echo_training_result(out, train_clicks(data, out, config, embeddings, encoder, device=device, executor=executor),

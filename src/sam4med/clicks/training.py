@@ -15,6 +15,9 @@ Iterative click simulation, as SAM and SAM-Med2D train:
   inference so that boxes keep the base model's masks; the corrective rounds after it are trained;
 - ``click_weight``: each corrective round's mask is also held to every click given so far (the logit under a
   click against its label), since in the mask loss a click's own pixel weighs next to nothing;
+- ``first_round_share``: the share of a rollout's loss that its first prompt's mask carries (the rest split evenly
+  over the corrective rounds); by default every trained round weighs the same, so more rounds weigh a lone
+  click's mask less;
 - a few lone clicks on background teach the IoU head what is not an object: their 3 masks are scored
   against the best-overlapping labelled object (usually IoU 0), so SAM's point-grid everything mode can
   filter them by predicted IoU. Their masks get no loss: an unlabelled region may still be a structure.
@@ -131,6 +134,9 @@ class ClickTrainConfig:
     # weighs 1 of 65,536, and a decoder trained on it alone leaves a click that should move an edge where it was;
     # None: no such term
     click_weight: float | None = None
+    # share of a rollout's loss carried by the first prompt's mask, the rest split evenly over the corrective
+    # rounds; None: every trained round weighs the same (1 / (rounds + 1) for the first)
+    first_round_share: float | None = None
     seed: int = 0
     split_seed: int = 0
     fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FRACTIONS))
@@ -179,6 +185,8 @@ class ClickTrainConfig:
             check_number(self.centre_click_share, "--centre-click-share", minimum=0, maximum=1)
         if self.click_weight is not None:
             check_number(self.click_weight, "--click-weight", minimum=0)
+        if self.first_round_share is not None:
+            check_number(self.first_round_share, "--first-round-share", minimum=0, maximum=1)
         if self.trainable is not None and self.trainable not in TRAINABLE[1:]:
             raise InputError(f"--train-only {self.trainable!r}: choose one of {', '.join(TRAINABLE)}")
         if self.trainable == "iou_head" and self.init_weights is None:
@@ -259,6 +267,15 @@ def click_agreement_loss(logits: Tensor, points: np.ndarray, labels: np.ndarray)
     under = logits[torch.from_numpy(objects), torch.from_numpy(ys), torch.from_numpy(xs)]
     target = torch.from_numpy(labels[keep].astype(np.float32)).to(logits.device)
     return nn.functional.binary_cross_entropy_with_logits(under.float(), target)
+
+
+def rollout_loss(round_losses: Sequence[Tensor], first_trained: bool, first_round_share: float | None) -> Tensor:
+    """A rollout's loss from its trained rounds' losses: their mean, or with ``first_round_share`` (and the first
+    prompt's round trained, and corrections after it) that share for the first and the rest evenly over the others."""
+    if first_round_share is None or not first_trained or len(round_losses) < 2:
+        return torch.stack(list(round_losses)).mean()
+    corrections = torch.stack(list(round_losses[1:])).mean()
+    return first_round_share * round_losses[0] + (1 - first_round_share) * corrections
 
 
 def real_iou(logits: Tensor, targets: Tensor) -> Tensor:
@@ -413,7 +430,8 @@ class ClickTask(TrainingTask):
     def _rollout(self, features: Tensor, objects: list[np.ndarray], prompts: ObjectPrompts, lone_click: bool,
                  rng: np.random.Generator, train: bool, rounds: int | None = None,
                  base_first: bool = False) -> tuple[Tensor, list[list[float]]]:
-        """The first prompts, then corrective rounds; returns the mean loss and each round's Dice per object.
+        """The first prompts, then corrective rounds; returns the loss (:func:`rollout_loss`) and each round's Dice
+        per object.
 
         ``lone_click``: the first prompt is one click, decoded to 3 masks (the best one is kept).
         ``base_first``: the first prompt is a box alone, decoded by the frozen base decoder when there is one."""
@@ -421,8 +439,7 @@ class ClickTask(TrainingTask):
         rounds = config.rounds if rounds is None else rounds
         targets = torch.from_numpy(np.stack(objects)).float()[:, None].to(self.device)
         mask_input = None
-        loss = torch.zeros((), device=self.device)
-        trained_rounds = 0
+        round_losses = []
         dice_per_round = []
         for round_index in range(rounds + 1):
             multimask = lone_click and round_index == 0
@@ -440,19 +457,22 @@ class ClickTask(TrainingTask):
                     best = losses.argmin(1)
                 chosen = logits[torch.arange(len(objects), device=self.device), best]
                 iou_target = real_iou(logits.detach(), targets)
-                loss = loss + losses.gather(1, best[:, None]).mean() + nn.functional.mse_loss(predicted_iou, iou_target)
+                loss = losses.gather(1, best[:, None]).mean() + nn.functional.mse_loss(predicted_iou, iou_target)
                 if multimask and train and config.iou_rank_weight:
                     loss = loss + config.iou_rank_weight * iou_rank_loss(predicted_iou, iou_target)
                 if round_index > 0 and train and config.click_weight:
                     loss = loss + config.click_weight * click_agreement_loss(chosen, prompts.points, prompts.labels)
-                trained_rounds += 1
+                round_losses.append(loss)
             masks = (chosen.detach() > 0).cpu().numpy()
             dice_per_round.append([dice(m, o) for m, o in zip(masks, objects)])
             if round_index < rounds:
                 rule = "largest" if not train or rng.random() < 0.5 else "random"
                 prompts.add_clicks([error_click(m, o, rng, rule) for m, o in zip(masks, objects)])  # type: ignore[arg-type]
                 mask_input = chosen.detach()[:, None]
-        return loss / max(trained_rounds, 1), dice_per_round
+        if not round_losses:
+            return torch.zeros((), device=self.device), dice_per_round
+        first_trained = not (base_first and self.base is not None)
+        return rollout_loss(round_losses, first_trained, config.first_round_share), dice_per_round
 
     @torch.no_grad()
     def validate(self, max_objects: int = 4) -> float:
