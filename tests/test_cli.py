@@ -194,7 +194,8 @@ def test_an_unknown_everything_method_is_one_line():
 
 @pytest.mark.parametrize(("option", "value"), [("--tile", "-5"), ("--figures", "-1"), ("--region-proposals", "-3"),
                                                ("--region-proposals", "0"),
-                                               ("--max-images", "-2")])
+                                               ("--max-images", "-2"), ("--points-per-side", "0"),
+                                               ("--stability-thresh", "1.5")])
 def test_bad_priors_settings_stop_before_anything_is_written(tmp_path, option, value):
     result = CliRunner().invoke(app, ["samaug", "priors", "--data", str(tmp_path / "data"), "--out",
                                       str(tmp_path / "priors"), option, value])

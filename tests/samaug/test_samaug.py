@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -25,7 +26,9 @@ from sam4med.engine.metrics import paired_bootstrap
 from sam4med.samaug.experiment import images_used, run_experiment, summarise, write_curves
 from sam4med.samaug.inputs import augment, compose_input, input_channels
 from sam4med.engine.tiling import tile_boxes
-from sam4med.samaug.priors import PriorSettings, Priors, priors_from_masks, settings_key
+from sam4med.engine.registry import model_spec
+from sam4med.samaug.priors import (PriorSettings, Priors, prior_settings, priors_from_masks, samaug_everything_settings,
+                                   settings_key)
 from sam4med.samaug.store import PriorStore, generate_priors
 from sam4med.engine.datasets import load_dataset
 from sam4med.engine.splits import training_split
@@ -187,6 +190,17 @@ def test_priors_only_for_the_images_an_experiment_uses(tmp_path, litemedsam):
     assert summary.computed == len(used)
     store = PriorStore(tmp_path / "priors" / "ellipses")
     assert {f"img{i:02d}" for i in range(10) if store.path(f"img{i:02d}").is_file()} == used
+
+
+def test_priors_take_samaugs_generator_unless_a_grid_or_threshold_is_given():
+    """SAMAug's 32 x 32 grid and the model's point-grid thresholds by default (the record, and so the priors
+    folder, of earlier runs unchanged); a grid or threshold given replaces that one setting alone."""
+    spec = model_spec("litemedsam-click")
+    samaug = prior_settings("litemedsam-click").everything
+    assert samaug == samaug_everything_settings(spec) and samaug.points_per_side == 32
+    assert (samaug.pred_iou_thresh, samaug.stability_thresh) == spec.point_grid_thresholds
+    other = prior_settings("litemedsam-click", points_per_side=16, pred_iou_thresh=0.3).everything
+    assert other == replace(samaug, points_per_side=16, pred_iou_thresh=0.3)
 
 
 @pytest.mark.parametrize(("options", "message"), [({"figures_per_dataset": -1}, "--figures -1: must be an integer >= 0"),

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from sam4med.cli.options import CheckpointOption, DeviceOption, EncoderOption, EpochsOption, EverythingMethodOption
-from sam4med.cli.options import MaxImagesOption, PatienceOption, PrecisionOption
+from sam4med.cli.options import MaxImagesOption, PatienceOption, PrecisionOption, PredIouThreshOption, StabilityThreshOption
 from sam4med.cli.options import MaxTrainImagesOption, ModelOption, RayOption, RayWorkersOption, RunFolderOption, SeedOption
 from sam4med.cli.options import ThreadsOption, TrainPrecisionOption
 from sam4med.cli.options import TrainDataOption, echo_training_result, exit_if_every_image_failed, one_line_errors
@@ -32,6 +32,10 @@ def priors(
     tile: Annotated[int, typer.Option(help="Run everything mode on tiles of at most this size in px (0: whole image).")] = 0,
     region_proposals: Annotated[Optional[int], typer.Option(help="Box mode: region proposals per image (default 16).")] = None,
     everything_method: EverythingMethodOption = "auto",
+    points_per_side: Annotated[Optional[int], typer.Option(help="Point grid: points per side of the image (or "
+                                                           "tile); default: SAMAug's 32.")] = None,
+    pred_iou_thresh: PredIouThreshOption = None,
+    stability_thresh: StabilityThreshOption = None,
     figures: Annotated[int, typer.Option(help="Figures of image / priors / augmented input per data set.")] = 4,
     max_images: MaxImagesOption = 0,
     encoder: EncoderOption = "torch",
@@ -49,7 +53,8 @@ def priors(
 
     executor = make_executor(ray, ray_workers, threads)
     configure_cpu(None if ray else threads)
-    settings = prior_settings(model, weight, normalise, tile or None, region_proposals, everything_method)
+    settings = prior_settings(model, weight, normalise, tile or None, region_proposals, everything_method,
+                              points_per_side, pred_iou_thresh, stability_thresh)
     summaries = []
     for summary in generate_priors(data, out, model, checkpoint, settings, device, figures, max_images or None,
                                    encoder_backend=encoder, executor=executor, precision=precision):

@@ -63,9 +63,11 @@ class PriorSettings:
 
 
 def prior_settings(model: str, weight: str = "stability", normalise: bool = False, tile: int | None = None,
-                   region_proposals: int | None = None, method: str = "auto") -> PriorSettings:
+                   region_proposals: int | None = None, method: str = "auto", points_per_side: int | None = None,
+                   pred_iou_thresh: float | None = None, stability_thresh: float | None = None) -> PriorSettings:
     """Prior settings for a registered model: SAMAug's generator where its everything mode is the point
-    grid; ``method`` points or boxes overrides the model's own choice."""
+    grid; ``method`` points or boxes overrides the model's own choice, and the grid and thresholds given
+    override SAMAug's (to try other generators; the priors folder records them)."""
     if weight not in WEIGHTS:
         raise InputError(f"--weight {weight!r}: choose one of {', '.join(WEIGHTS)}")
     if method not in EVERYTHING_METHODS:
@@ -78,6 +80,10 @@ def prior_settings(model: str, weight: str = "stability", normalise: bool = Fals
     everything = samaug_everything_settings(spec if method == "auto" else replace(spec, everything_method=method))
     if region_proposals is not None:
         everything = replace(everything, region_proposals=region_proposals)
+    given = {"points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,
+             "stability_thresh": stability_thresh}
+    everything = replace(everything, **{name: value for name, value in given.items() if value is not None})
+    everything.check()
     return PriorSettings(weight=weight, normalise=normalise, tile=tile, everything=everything)  # type: ignore[arg-type]
 
 
